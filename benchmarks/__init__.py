@@ -1,0 +1,1 @@
+"""Benchmarks: the product against its anchors on the same machine and workload."""

@@ -1,0 +1,1 @@
+"""Rosetta: PostgreSQL change-data-capture pipelines orchestrated by Dagster."""

@@ -1,0 +1,1 @@
+"""Pure-Python cores of Rosetta. Nothing in this package imports Dagster."""

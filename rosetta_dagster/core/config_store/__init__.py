@@ -1,0 +1,22 @@
+"""The config store (``config_db``): runtime state of pipelines, backfills and monitors."""
+
+from rosetta_dagster.core.config_store.migrations import apply_migrations, load_migrations
+from rosetta_dagster.core.config_store.repository import (
+    BackfillJob,
+    BackfillStatus,
+    ConfigStore,
+    Pipeline,
+    PipelineState,
+    PipelineStatus,
+)
+
+__all__ = [
+    "BackfillJob",
+    "BackfillStatus",
+    "ConfigStore",
+    "Pipeline",
+    "PipelineState",
+    "PipelineStatus",
+    "apply_migrations",
+    "load_migrations",
+]

@@ -1,0 +1,412 @@
+"""Typed access to the config store tables. Every method borrows one pooled connection."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from psycopg2.extras import Json, RealDictCursor
+
+from rosetta_dagster.core.config_store.migrations import (
+    Migration,
+    apply_migrations,
+    current_version,
+)
+from rosetta_dagster.core.errors import ConfigStoreError
+from rosetta_dagster.core.pool import ResilientConnectionPool
+
+
+class PipelineStatus(StrEnum):
+    """Desired status, set by users."""
+
+    START = "START"
+    PAUSE = "PAUSE"
+
+
+class PipelineState(StrEnum):
+    """Observed state of the streaming run."""
+
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    ERROR = "ERROR"
+
+
+class BackfillStatus(StrEnum):
+    PENDING = "PENDING"
+    QUEUED = "QUEUED"
+    EXECUTING = "EXECUTING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    id: int
+    name: str
+    source: str
+    destinations: list[str]
+    tables: list[str]
+    status: PipelineStatus
+    state: PipelineState
+    last_error: str | None
+    last_error_at: datetime | None
+    last_start_at: datetime | None
+    heartbeat_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Pipeline:
+        return cls(
+            id=row["id"],
+            name=row["name"],
+            source=row["source"],
+            destinations=list(row["destinations"]),
+            tables=list(row["tables"]),
+            status=PipelineStatus(row["status"]),
+            state=PipelineState(row["state"] or PipelineState.PAUSED),
+            last_error=row["last_error"],
+            last_error_at=row["last_error_at"],
+            last_start_at=row["last_start_at"],
+            heartbeat_at=row["heartbeat_at"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+
+@dataclass(frozen=True)
+class BackfillJob:
+    id: int
+    pipeline: str
+    table_name: str
+    filter: list[dict[str, Any]]
+    status: BackfillStatus
+    count_record: int
+    total_record: int | None
+    resume_position: Any
+    attempts: int
+    error: str | None
+    run_id: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> BackfillJob:
+        return cls(
+            id=row["id"],
+            pipeline=row["pipeline"],
+            table_name=row["table_name"],
+            filter=list(row["filter"]),
+            status=BackfillStatus(row["status"]),
+            count_record=row["count_record"],
+            total_record=row["total_record"],
+            resume_position=row["resume_position"],
+            attempts=row["attempts"],
+            error=row["error"],
+            run_id=row["run_id"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+
+_PIPELINE_SELECT = """
+    SELECT p.id, p.name, p.source, p.destinations, p.tables, p.status, p.created_at,
+           p.updated_at, m.state, m.last_error, m.last_error_at, m.last_start_at, m.heartbeat_at
+    FROM pipelines p LEFT JOIN pipeline_metadata m ON m.pipeline_id = p.id
+"""
+
+_BACKFILL_SELECT = """
+    SELECT j.*, p.name AS pipeline
+    FROM backfill_jobs j JOIN pipelines p ON p.id = j.pipeline_id
+"""
+
+_TERMINAL_BACKFILL_STATUSES = (
+    BackfillStatus.COMPLETED,
+    BackfillStatus.FAILED,
+    BackfillStatus.CANCELLED,
+)
+
+
+class ConfigStore:
+    """Repository over the config store, backed by a :class:`ResilientConnectionPool`."""
+
+    def __init__(self, pool: ResilientConnectionPool) -> None:
+        self.pool = pool
+
+    def _query(self, query: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self.pool.connection() as conn, conn.cursor(cursor_factory=RealDictCursor) as cur:
+            cur.execute(query, params)
+            return [dict(row) for row in cur.fetchall()] if cur.description else []
+
+    # -- schema ----------------------------------------------------------------------------
+
+    def upgrade(self) -> list[Migration]:
+        with self.pool.connection() as conn:
+            return apply_migrations(conn)
+
+    def schema_version(self) -> int:
+        with self.pool.connection() as conn:
+            return current_version(conn)
+
+    # -- pipelines -------------------------------------------------------------------------
+
+    def upsert_pipeline(
+        self,
+        name: str,
+        *,
+        source: str,
+        destinations: Sequence[str],
+        tables: Sequence[str],
+        status: PipelineStatus | None = None,
+    ) -> Pipeline:
+        """Create or update a pipeline's declaration; ``status`` is kept unless given."""
+        self._query(
+            """
+            WITH upserted AS (
+                INSERT INTO pipelines (name, source, destinations, tables, status)
+                VALUES (%(name)s, %(source)s, %(destinations)s, %(tables)s,
+                        coalesce(%(status)s, 'PAUSE'))
+                ON CONFLICT (name) DO UPDATE SET
+                    source = EXCLUDED.source,
+                    destinations = EXCLUDED.destinations,
+                    tables = EXCLUDED.tables,
+                    status = coalesce(%(status)s, pipelines.status),
+                    updated_at = now()
+                RETURNING id
+            )
+            INSERT INTO pipeline_metadata (pipeline_id) SELECT id FROM upserted
+            ON CONFLICT (pipeline_id) DO NOTHING
+            """,
+            {
+                "name": name,
+                "source": source,
+                "destinations": Json(list(destinations)),
+                "tables": Json(list(tables)),
+                "status": None if status is None else PipelineStatus(status).value,
+            },
+        )
+        return self.get_pipeline(name)
+
+    def find_pipeline(self, name: str) -> Pipeline | None:
+        rows = self._query(_PIPELINE_SELECT + " WHERE p.name = %s", (name,))
+        return Pipeline.from_row(rows[0]) if rows else None
+
+    def get_pipeline(self, name: str) -> Pipeline:
+        pipeline = self.find_pipeline(name)
+        if pipeline is None:
+            raise ConfigStoreError(f"Pipeline '{name}' does not exist in the config store.")
+        return pipeline
+
+    def list_pipelines(self) -> list[Pipeline]:
+        return [Pipeline.from_row(row) for row in self._query(_PIPELINE_SELECT + " ORDER BY p.name")]
+
+    def set_pipeline_status(self, name: str, status: PipelineStatus | str) -> Pipeline:
+        try:
+            desired = PipelineStatus(str(status).upper())
+        except ValueError:
+            raise ConfigStoreError(
+                f"Pipeline status must be START or PAUSE, got '{status}'."
+            ) from None
+        rows = self._query(
+            "UPDATE pipelines SET status = %s, updated_at = now() WHERE name = %s RETURNING id",
+            (desired.value, name),
+        )
+        if not rows:
+            raise ConfigStoreError(f"Pipeline '{name}' does not exist in the config store.")
+        return self.get_pipeline(name)
+
+    def record_pipeline_state(
+        self,
+        name: str,
+        state: PipelineState,
+        *,
+        error: str | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        """Record the observed state; RUNNING also stamps last_start_at and the heartbeat."""
+        state = PipelineState(state)
+        rows = self._query(
+            """
+            UPDATE pipeline_metadata m SET
+                state = %(state)s,
+                last_error = CASE WHEN %(state)s = 'ERROR' THEN %(error)s ELSE m.last_error END,
+                last_error_at = CASE WHEN %(state)s = 'ERROR' THEN now() ELSE m.last_error_at END,
+                last_start_at = CASE WHEN %(state)s = 'RUNNING' THEN now() ELSE m.last_start_at END,
+                heartbeat_at = CASE WHEN %(state)s = 'RUNNING' THEN now() ELSE m.heartbeat_at END,
+                run_id = coalesce(%(run_id)s, m.run_id),
+                updated_at = now()
+            FROM pipelines p
+            WHERE p.id = m.pipeline_id AND p.name = %(name)s
+            RETURNING m.pipeline_id
+            """,
+            {"state": state.value, "error": error, "run_id": run_id, "name": name},
+        )
+        if not rows:
+            raise ConfigStoreError(f"Pipeline '{name}' does not exist in the config store.")
+
+    def heartbeat(self, name: str) -> None:
+        self._query(
+            """
+            UPDATE pipeline_metadata m SET heartbeat_at = now()
+            FROM pipelines p WHERE p.id = m.pipeline_id AND p.name = %s
+            """,
+            (name,),
+        )
+
+    # -- backfill jobs ---------------------------------------------------------------------
+
+    def create_backfill_job(
+        self, pipeline: str, table_name: str, filter: Sequence[dict[str, Any]] = ()
+    ) -> BackfillJob:
+        rows = self._query(
+            """
+            INSERT INTO backfill_jobs (pipeline_id, table_name, filter)
+            SELECT id, %s, %s FROM pipelines WHERE name = %s
+            RETURNING id
+            """,
+            (table_name, Json(list(filter)), pipeline),
+        )
+        if not rows:
+            raise ConfigStoreError(f"Pipeline '{pipeline}' does not exist in the config store.")
+        return self.get_backfill_job(rows[0]["id"])
+
+    def get_backfill_job(self, job_id: int) -> BackfillJob:
+        rows = self._query(_BACKFILL_SELECT + " WHERE j.id = %s", (job_id,))
+        if not rows:
+            raise ConfigStoreError(f"Backfill job {job_id} does not exist in the config store.")
+        return BackfillJob.from_row(rows[0])
+
+    def list_backfill_jobs(
+        self, *, pipeline: str | None = None, status: BackfillStatus | None = None
+    ) -> list[BackfillJob]:
+        rows = self._query(
+            _BACKFILL_SELECT
+            + """
+            WHERE (%(pipeline)s::text IS NULL OR p.name = %(pipeline)s)
+              AND (%(status)s::text IS NULL OR j.status = %(status)s)
+            ORDER BY j.id
+            """,
+            {"pipeline": pipeline, "status": None if status is None else BackfillStatus(status)},
+        )
+        return [BackfillJob.from_row(row) for row in rows]
+
+    def claim_pending_backfill_jobs(self, limit: int = 10) -> list[BackfillJob]:
+        """Move up to ``limit`` PENDING jobs to QUEUED and return them.
+
+        ``FOR UPDATE SKIP LOCKED`` lets several claimers run at once without ever handing the
+        same job to two of them.
+        """
+        rows = self._query(
+            """
+            WITH claimed AS (
+                SELECT id FROM backfill_jobs
+                WHERE status = 'PENDING'
+                ORDER BY created_at, id
+                LIMIT %s
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE backfill_jobs j SET status = 'QUEUED', updated_at = now()
+            FROM claimed WHERE j.id = claimed.id
+            RETURNING j.id
+            """,
+            (limit,),
+        )
+        return [self.get_backfill_job(row["id"]) for row in sorted(rows, key=lambda r: r["id"])]
+
+    def update_backfill_progress(
+        self,
+        job_id: int,
+        *,
+        count_record: int,
+        total_record: int | None = None,
+        resume_position: Any = None,
+    ) -> None:
+        self._query(
+            """
+            UPDATE backfill_jobs SET
+                count_record = %s,
+                total_record = coalesce(%s, total_record),
+                resume_position = coalesce(%s, resume_position),
+                updated_at = now()
+            WHERE id = %s
+            """,
+            (
+                count_record,
+                total_record,
+                None if resume_position is None else Json(resume_position),
+                job_id,
+            ),
+        )
+
+    def set_backfill_status(
+        self,
+        job_id: int,
+        status: BackfillStatus,
+        *,
+        error: str | None = None,
+        run_id: str | None = None,
+    ) -> BackfillJob:
+        status = BackfillStatus(status)
+        rows = self._query(
+            """
+            UPDATE backfill_jobs SET
+                status = %(status)s,
+                error = %(error)s,
+                run_id = coalesce(%(run_id)s, run_id),
+                attempts = attempts + CASE WHEN %(status)s = 'EXECUTING' THEN 1 ELSE 0 END,
+                started_at = CASE WHEN %(status)s = 'EXECUTING' THEN now() ELSE started_at END,
+                finished_at = CASE WHEN %(status)s = ANY(%(terminal)s) THEN now() ELSE NULL END,
+                updated_at = now()
+            WHERE id = %(id)s
+            RETURNING id
+            """,
+            {
+                "status": status.value,
+                "error": error,
+                "run_id": run_id,
+                "terminal": [s.value for s in _TERMINAL_BACKFILL_STATUSES],
+                "id": job_id,
+            },
+        )
+        if not rows:
+            raise ConfigStoreError(f"Backfill job {job_id} does not exist in the config store.")
+        return self.get_backfill_job(job_id)
+
+    # -- monitoring ------------------------------------------------------------------------
+
+    def record_flow(self, pipeline: str, destination: str, table_name: str, count: int) -> None:
+        """Append one batch's applied record count for a destination table."""
+        self._query(
+            """
+            INSERT INTO data_flow_record_monitoring (pipeline_id, destination, table_name,
+                                                     record_count)
+            SELECT id, %s, %s, %s FROM pipelines WHERE name = %s
+            """,
+            (destination, table_name, count, pipeline),
+        )
+
+    def record_wal_reading(
+        self,
+        *,
+        source: str,
+        slot_name: str,
+        status: str,
+        pipeline: str | None = None,
+        current_lsn: str | None = None,
+        confirmed_flush_lsn: str | None = None,
+        retained_wal_bytes: int | None = None,
+        lag_bytes: int | None = None,
+    ) -> None:
+        self._query(
+            """
+            INSERT INTO wal_monitor (source, slot_name, pipeline_id, current_lsn,
+                                     confirmed_flush_lsn, retained_wal_bytes, lag_bytes, status)
+            VALUES (%s, %s, (SELECT id FROM pipelines WHERE name = %s), %s, %s, %s, %s, %s)
+            """,
+            (source, slot_name, pipeline, current_lsn, confirmed_flush_lsn, retained_wal_bytes,
+             lag_bytes, status),
+        )

@@ -1,0 +1,1 @@
+"""Platform area: the config store and its connection pool."""

@@ -1,0 +1,73 @@
+"""Dagster resource wrapping the resilient connection pool to the config store."""
+
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg2.extensions
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field, PrivateAttr
+
+from rosetta_dagster.core.config_store import ConfigStore
+from rosetta_dagster.core.pool import PoolSettings, PoolStats, ResilientConnectionPool
+
+
+class ConfigStoreResource(ConfigurableResource):
+    """The config store (``config_db``) behind a :class:`ResilientConnectionPool`.
+
+    The pool opens when a run step or sensor tick starts using the resource (with the
+    checklist's retry/backoff) and closes when it finishes; pending migrations are applied on
+    open, so every process sees the current schema.
+    """
+
+    database_url: str = Field(description="PostgreSQL URL of config_db (CONFIG_DATABASE_URL).")
+    max_conn: int | None = Field(
+        default=None, description="Pool size; defaults to PIPELINE_POOL_MAX_CONN, else 10."
+    )
+    statement_timeout_ms: int = Field(default=30_000)
+    checkout_timeout_s: float = Field(default=30.0)
+    init_attempts: int = Field(default=5)
+    apply_migrations: bool = Field(default=True)
+
+    _pool: ResilientConnectionPool | None = PrivateAttr(default=None)
+
+    def pool_settings(self) -> PoolSettings:
+        overrides: dict[str, object] = {
+            "statement_timeout_ms": self.statement_timeout_ms,
+            "checkout_timeout_s": self.checkout_timeout_s,
+            "init_attempts": self.init_attempts,
+        }
+        if self.max_conn is not None:
+            overrides["max_conn"] = self.max_conn
+        return PoolSettings.from_env(**overrides)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        pool = ResilientConnectionPool(
+            self.database_url, self.pool_settings(), label="config_db", setting="CONFIG_DATABASE_URL"
+        ).open()
+        self._pool = pool
+        if self.apply_migrations:
+            ConfigStore(pool).upgrade()
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    @property
+    def pool(self) -> ResilientConnectionPool:
+        if self._pool is None:
+            raise RuntimeError("ConfigStoreResource is used outside of a Dagster execution.")
+        return self._pool
+
+    @property
+    def store(self) -> ConfigStore:
+        return ConfigStore(self.pool)
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg2.extensions.connection]:
+        with self.pool.connection() as conn:
+            yield conn
+
+    def stats(self) -> PoolStats:
+        return self.pool.stats()

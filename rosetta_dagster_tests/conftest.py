@@ -1,0 +1,60 @@
+"""Shared fixtures: one throwaway PostgreSQL cluster per session, a fresh database per test."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rosetta_dagster.core.local_postgres import LocalPostgresCluster
+
+TEST_PASSWORD = "s3cret-Test-Pw"
+
+
+@pytest.fixture(scope="session")
+def pg_root() -> Iterator[Path]:
+    """A directory other users can traverse (pytest's tmp dirs are 0700 under root)."""
+    root = Path(tempfile.mkdtemp(prefix="rosetta-tests-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(pg_root: Path) -> Iterator[LocalPostgresCluster]:
+    cluster = LocalPostgresCluster(pg_root / "shared", password=TEST_PASSWORD).start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def dedicated_cluster(pg_root: Path) -> Iterator[LocalPostgresCluster]:
+    """A cluster of the test's own, for tests that stop, crash or restart the server."""
+    cluster = LocalPostgresCluster(
+        pg_root / f"dedicated-{uuid.uuid4().hex[:8]}", password=TEST_PASSWORD
+    ).start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def database_url(pg_cluster: LocalPostgresCluster) -> Iterator[str]:
+    """URL of a fresh, empty database on the shared cluster."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    url = pg_cluster.create_database(name)
+    yield url
+    pg_cluster.drop_database(name)
+
+
+@pytest.fixture
+def no_secrets_logged(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Capture logs at INFO and fail the test if the test password appears in any of them."""
+    caplog.set_level(logging.INFO)
+    yield caplog
+    leaked = [r.getMessage() for r in caplog.records if TEST_PASSWORD in r.getMessage()]
+    assert not leaked, f"password leaked into logs: {leaked}"

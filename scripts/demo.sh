@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set everything up, start local PostgreSQL (config store + Dagster storage) and `dagster dev`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+exec .venv/bin/rosetta dev "$@"
