@@ -1,0 +1,1 @@
+"""Applying change events to destination PostgreSQL databases (no Dagster import)."""

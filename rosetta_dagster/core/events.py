@@ -1,0 +1,47 @@
+"""Decoded Debezium change events."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from rosetta_dagster.core.pipeline_config import TableRef
+
+HEARTBEAT_TOPIC_PREFIX = "__debezium-heartbeat"
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    """One row change. ``op`` is c(reate), u(pdate), d(elete), r(ead: snapshot) or t(runcate)."""
+
+    table: TableRef
+    op: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    source_ts_ms: int | None = None
+    lsn: int | None = None
+
+    @property
+    def is_delete(self) -> bool:
+        return self.op == "d"
+
+    @property
+    def row(self) -> dict[str, Any]:
+        """The values that identify the row: ``after``, or ``before`` for a delete."""
+        values = self.before if self.op == "d" else self.after
+        return values or {}
+
+
+def decode_event(value: str) -> ChangeEvent:
+    """Parse one Debezium JSON envelope (schemas disabled)."""
+    payload = json.loads(value)
+    source = payload["source"]
+    return ChangeEvent(
+        table=TableRef(source["schema"], source["table"]),
+        op=payload["op"],
+        before=payload.get("before"),
+        after=payload.get("after"),
+        source_ts_ms=source.get("ts_ms"),
+        lsn=source.get("lsn"),
+    )

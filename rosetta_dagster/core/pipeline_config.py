@@ -1,0 +1,293 @@
+"""Loading and validating ``rosetta.yaml``: sources, destinations and pipelines.
+
+Secrets are written as ``${ENV_VAR}`` references and resolved from the environment; a literal
+password in the file is refused. Every error is one sentence naming the file, the entry and
+the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import yaml
+
+from rosetta_dagster.core.errors import RosettaError
+
+CONFIG_PATH_ENV = "ROSETTA_CONFIG"
+DEFAULT_CONFIG_FILE = "rosetta.yaml"
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+
+
+class PipelineConfigError(RosettaError):
+    """rosetta.yaml is missing, malformed or inconsistent."""
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: str, line: int) -> None:
+        super().__init__(key)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise _DuplicateKeyError(str(key), key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+@dataclass(frozen=True)
+class TableRef:
+    schema: str
+    name: str
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @classmethod
+    def parse(cls, text: str) -> TableRef:
+        parts = text.split(".")
+        if len(parts) != 2 or not all(_IDENTIFIER.match(p) for p in parts):
+            raise ValueError(text)
+        return cls(parts[0], parts[1])
+
+
+@dataclass(frozen=True)
+class PostgresEndpoint:
+    """A PostgreSQL database Rosetta reads from or writes to."""
+
+    name: str
+    host: str
+    port: int
+    database: str
+    user: str
+    password: str | None = field(repr=False, default=None)
+
+    def dsn(self) -> str:
+        if self.password is None:
+            raise PipelineConfigError(f"The password of '{self.name}' has not been resolved.")
+        return (
+            f"postgresql://{quote(self.user, safe='')}:{quote(self.password, safe='')}@"
+            f"{self.host}:{self.port}/{quote(self.database, safe='')}"
+        )
+
+    @property
+    def description(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}/{self.database}"
+
+
+@dataclass(frozen=True)
+class Destination(PostgresEndpoint):
+    schema: str = "public"
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """Debezium engine tunables; defaults measured on a 2-core machine (see README)."""
+
+    max_batch_size: int = 8192
+    max_queue_size: int = 32768
+    poll_interval_ms: int = 100
+    offset_flush_interval_ms: int = 1000
+    heartbeat_interval_ms: int = 10_000
+    jvm_max_heap: str = "512m"
+    snapshot_mode: str = "initial"
+
+
+@dataclass(frozen=True)
+class PipelineDefinition:
+    name: str
+    source: PostgresEndpoint
+    destinations: tuple[Destination, ...]
+    tables: tuple[TableRef, ...]
+    settings: StreamSettings = StreamSettings()
+
+    @property
+    def slot_name(self) -> str:
+        return f"rosetta_{self.name}"
+
+    @property
+    def publication_name(self) -> str:
+        return f"rosetta_{self.name}"
+
+
+@dataclass(frozen=True)
+class RosettaConfig:
+    path: Path
+    pipelines: dict[str, PipelineDefinition]
+
+    def pipeline(self, name: str) -> PipelineDefinition:
+        try:
+            return self.pipelines[name]
+        except KeyError:
+            raise PipelineConfigError(
+                f"{self.path}: pipeline '{name}' is not declared."
+            ) from None
+
+
+def config_path(environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    return Path(environ.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_FILE).resolve()
+
+
+class _Reader:
+    """Validates one section entry, producing errors that name file, entry and field."""
+
+    def __init__(self, path: Path, where: str, data: Any, environ: Mapping[str, str] | None):
+        self.path, self.where, self.environ = path, where, environ
+        if not isinstance(data, dict):
+            self.fail("", "must be a mapping")
+        self.data: dict[str, Any] = data
+
+    def fail(self, key: str, problem: str) -> None:
+        field_part = f" field '{key}'" if key else ""
+        raise PipelineConfigError(f"{self.path}: {self.where}{field_part} {problem}.")
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self.data.get(key, default)
+        if value is None:
+            self.fail(key, "is required")
+        if not isinstance(value, str | int) or isinstance(value, bool) or str(value) == "":
+            self.fail(key, "must be a non-empty string")
+        return str(value)
+
+    def integer(self, key: str, default: int, minimum: int = 1) -> int:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(key, f"must be an integer >= {minimum}")
+        return int(value)
+
+    def secret(self, key: str) -> str | None:
+        """``${VAR}`` reference resolved from the environment (None when not resolving)."""
+        raw = self.text(key)
+        match = _ENV_REFERENCE.fullmatch(raw)
+        if match is None:
+            self.fail(key, "must be an ${ENV_VAR} reference, not a literal secret")
+        if self.environ is None:
+            return None
+        variable = match.group(1)
+        if variable not in self.environ:
+            self.fail(key, f"refers to the environment variable {variable}, which is not set")
+        return self.environ[variable]
+
+    def endpoint_kwargs(self, name: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "host": self.text("host"),
+            "port": self.integer("port", 5432),
+            "database": self.text("database"),
+            "user": self.text("user"),
+            "password": self.secret("password"),
+        }
+
+
+def load_config(
+    path: Path | str | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    resolve_secrets: bool = True,
+) -> RosettaConfig:
+    """Load and validate the pipeline file.
+
+    With ``resolve_secrets=False`` secrets stay unresolved (for building Dagster definitions
+    on a machine without them); the streaming run resolves them and fails clearly if missing.
+    """
+    path = Path(path).resolve() if path else config_path(environ)
+    environ = (os.environ if environ is None else environ) if resolve_secrets else None
+    try:
+        document = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (safe loader)
+    except _DuplicateKeyError as exc:
+        raise PipelineConfigError(
+            f"{path}: '{exc.key}' is declared twice (line {exc.line}); names must be unique."
+        ) from None
+    except FileNotFoundError:
+        raise PipelineConfigError(
+            f"{path}: file not found (set {CONFIG_PATH_ENV} to the pipeline file)."
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise PipelineConfigError(f"{path}: not valid YAML{where}.") from None
+    top = _Reader(path, "the file", document or {}, environ)
+
+    sources: dict[str, PostgresEndpoint] = {}
+    for name, data in (top.data.get("sources") or {}).items():
+        reader = _Reader(path, f"source '{name}'", data, environ)
+        sources[name] = PostgresEndpoint(**reader.endpoint_kwargs(name))
+
+    destinations: dict[str, Destination] = {}
+    for name, data in (top.data.get("destinations") or {}).items():
+        reader = _Reader(path, f"destination '{name}'", data, environ)
+        schema = reader.text("schema", "public")
+        if not _IDENTIFIER.match(schema):
+            reader.fail("schema", f"'{schema}' is not a valid schema name")
+        destinations[name] = Destination(**reader.endpoint_kwargs(name), schema=schema)
+
+    raw_pipelines = top.data.get("pipelines")
+    if not isinstance(raw_pipelines, dict) or not raw_pipelines:
+        top.fail("pipelines", "must declare at least one pipeline")
+    pipelines: dict[str, PipelineDefinition] = {}
+    for name, data in raw_pipelines.items():
+        reader = _Reader(path, f"pipeline '{name}'", data, environ)
+        if not isinstance(name, str) or not _NAME.match(name):
+            reader.fail("", "has an invalid name: use lowercase letters, digits and _ (max 40)")
+        source_name = reader.text("source")
+        if source_name not in sources:
+            reader.fail("source", f"names the unknown source '{source_name}'")
+        destination_names = data.get("destinations")
+        if not isinstance(destination_names, list) or not destination_names:
+            reader.fail("destinations", "must list at least one destination")
+        for destination_name in destination_names:
+            if destination_name not in destinations:
+                reader.fail("destinations", f"names the unknown destination '{destination_name}'")
+        raw_tables = data.get("tables")
+        if not isinstance(raw_tables, list) or not raw_tables:
+            reader.fail("tables", "must list at least one schema.table")
+        tables = []
+        for raw in raw_tables:
+            try:
+                tables.append(TableRef.parse(str(raw)))
+            except ValueError:
+                reader.fail("tables", f"has '{raw}', which is not a schema.table name")
+        if len(set(tables)) != len(tables):
+            reader.fail("tables", "lists a table twice")
+        stream = _Reader(path, f"pipeline '{name}' streaming", data.get("streaming") or {}, None)
+        settings = StreamSettings(
+            max_batch_size=stream.integer("max_batch_size", StreamSettings.max_batch_size),
+            max_queue_size=stream.integer("max_queue_size", StreamSettings.max_queue_size),
+            poll_interval_ms=stream.integer("poll_interval_ms", StreamSettings.poll_interval_ms),
+            offset_flush_interval_ms=stream.integer(
+                "offset_flush_interval_ms", StreamSettings.offset_flush_interval_ms
+            ),
+            heartbeat_interval_ms=stream.integer(
+                "heartbeat_interval_ms", StreamSettings.heartbeat_interval_ms
+            ),
+            jvm_max_heap=stream.text("jvm_max_heap", StreamSettings.jvm_max_heap),
+        )
+        if settings.max_queue_size <= settings.max_batch_size:
+            stream.fail("max_queue_size", "must be larger than max_batch_size")
+        if not re.fullmatch(r"\d+[kmgKMG]?", settings.jvm_max_heap):
+            stream.fail("jvm_max_heap", "must look like 512m or 1g")
+        pipelines[name] = PipelineDefinition(
+            name=name,
+            source=sources[source_name],
+            destinations=tuple(destinations[d] for d in destination_names),
+            tables=tuple(tables),
+            settings=settings,
+        )
+    return RosettaConfig(path=path, pipelines=pipelines)

@@ -1,0 +1,247 @@
+"""A streaming session: Debezium capture + apply to every destination + config-store bookkeeping.
+
+Pure Python (no Dagster). The Dagster op creates a session, calls :meth:`StreamingSession.run`
+and passes a ``tick`` callback for observations; the CLI does the same without Dagster.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg2
+from psycopg2 import sql
+
+from rosetta_dagster.core.apply.applier import PostgresApplier
+from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema
+from rosetta_dagster.core.capture.engine import DebeziumCapture, offsets_file
+from rosetta_dagster.core.config_store import ConfigStore, PipelineState
+from rosetta_dagster.core.dsn import mask_secrets, summarize_connection_error
+from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
+from rosetta_dagster.core.events import ChangeEvent
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
+from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
+
+logger = logging.getLogger("rosetta.streaming")
+
+HEARTBEAT_INTERVAL_S = 5.0
+
+
+@dataclass
+class TableProgress:
+    events_applied: int = 0
+    last_source_ts_ms: int | None = None
+
+
+@dataclass
+class StreamProgress:
+    """Counters the op turns into observations; updated by the engine thread."""
+
+    started_at: float = field(default_factory=time.monotonic)
+    batches: int = 0
+    events_applied: int = 0
+    last_batch_at: float | None = None
+    tables: dict[TableRef, TableProgress] = field(default_factory=dict)
+
+    def lag_seconds(self, table: TableRef) -> float | None:
+        progress = self.tables.get(table)
+        if progress is None or progress.last_source_ts_ms is None:
+            return None
+        return max(0.0, time.time() - progress.last_source_ts_ms / 1000)
+
+
+class StreamingSession:
+    """Streams one pipeline until stopped, failing loudly and recording its state."""
+
+    def __init__(
+        self,
+        pipeline: PipelineDefinition,
+        *,
+        offsets_dir: Path,
+        config_store: ConfigStore | None = None,
+        run_id: str | None = None,
+        log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
+    ) -> None:
+        self.pipeline = pipeline
+        self.offsets_path = offsets_file(offsets_dir, pipeline.name)
+        self.config_store = config_store
+        self.run_id = run_id
+        self.log = log
+        self.progress = StreamProgress()
+        self._progress_lock = threading.Lock()
+        self._schemas: dict[TableRef, TableSchema] = {}
+        self._appliers: list[PostgresApplier] = []
+        self._pools: list[ResilientConnectionPool] = []
+        self._capture: DebeziumCapture | None = None
+
+    # -- preparation -----------------------------------------------------------------------
+
+    def _source_connection(self) -> psycopg2.extensions.connection:
+        source = self.pipeline.source
+        try:
+            return psycopg2.connect(source.dsn(), connect_timeout=10, application_name="rosetta")
+        except psycopg2.OperationalError as exc:
+            raise DatabaseConnectionError(
+                f"Pipeline {self.pipeline.name}: could not connect to source {source.name} at "
+                f"{source.description}: {summarize_connection_error(exc)}."
+            ) from None
+
+    def _read_schema(self, table: TableRef) -> TableSchema:
+        conn = self._source_connection()
+        try:
+            return read_table_schema(conn, table, f"source {self.pipeline.source.name}")
+        finally:
+            conn.close()
+
+    def prepare(self) -> dict[TableRef, TableSchema]:
+        """Check the source, create the publication and destination tables. No rows move yet."""
+        conn = self._source_connection()
+        try:
+            where = f"source {self.pipeline.source.name}"
+            self._schemas = {t: read_table_schema(conn, t, where) for t in self.pipeline.tables}
+            self._ensure_publication(conn)
+        finally:
+            conn.close()
+        for destination in self.pipeline.destinations:
+            pool = ResilientConnectionPool(
+                destination.dsn(),
+                PoolSettings.from_env(max_conn=2, init_attempts=3, statement_timeout_ms=0),
+                label=f"destination {destination.name}",
+                setting=f"destination {destination.name}",
+            ).open()
+            self._pools.append(pool)
+            applier = PostgresApplier(
+                pool, destination.schema, self._read_schema, name=destination.name
+            )
+            applier.prepare(self._schemas.values())
+            self._appliers.append(applier)
+        return self._schemas
+
+    def _ensure_publication(self, conn: psycopg2.extensions.connection) -> None:
+        """The publication must exist before Debezium creates the slot; keep its tables exact."""
+        name = self.pipeline.publication_name
+        tables = sql.SQL(", ").join(
+            sql.Identifier(t.schema, t.name) for t in self.pipeline.tables
+        )
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
+            if cursor.fetchone() is None:
+                cursor.execute(
+                    sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(name), tables)
+                )
+                self.log.info("Created publication %s", name)
+            else:
+                cursor.execute(
+                    sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(name), tables)
+                )
+        conn.commit()
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _on_batch(self, events: Sequence[ChangeEvent]) -> None:
+        results = [applier.apply(events) for applier in self._appliers]
+        counts = results[0].events_by_table if results else {}
+        now = time.monotonic()
+        last_ts: dict[TableRef, int] = {}
+        for event in events:
+            if event.source_ts_ms is not None:
+                last_ts[event.table] = event.source_ts_ms
+        with self._progress_lock:
+            progress = self.progress
+            progress.batches += 1
+            progress.events_applied += len(events)
+            progress.last_batch_at = now
+            for table, count in counts.items():
+                table_progress = progress.tables.setdefault(table, TableProgress())
+                table_progress.events_applied += count
+                if table in last_ts:
+                    table_progress.last_source_ts_ms = last_ts[table]
+        if self.config_store is not None:
+            for destination in self.pipeline.destinations:
+                for table, count in counts.items():
+                    self.config_store.record_flow(
+                        self.pipeline.name, destination.name, table.qualified, count
+                    )
+
+    def run(
+        self,
+        tick: Callable[[StreamProgress], None] | None = None,
+        *,
+        tick_interval_s: float = 30.0,
+        stop_when: Callable[[StreamProgress], bool] | None = None,
+    ) -> StreamProgress:
+        """Stream until terminated (any BaseException in this thread) or ``stop_when`` is true.
+
+        The engine runs in its own thread; this thread only waits, heartbeats and ticks, so a
+        termination signal lands here and closes the engine cleanly before re-raising.
+        """
+        try:
+            if not self._appliers:
+                self.prepare()
+            self._capture = DebeziumCapture(self.pipeline, self.offsets_path, self._on_batch)
+            self._record_state(PipelineState.RUNNING)
+            self.log.info(
+                "Streaming pipeline %s: %d table(s) from %s to %s (offsets %s)",
+                self.pipeline.name,
+                len(self.pipeline.tables),
+                self.pipeline.source.name,
+                ", ".join(d.name for d in self.pipeline.destinations),
+                self.offsets_path,
+            )
+            self._capture.start()
+            next_heartbeat = next_tick = time.monotonic()
+            while self._capture.wait(1.0):
+                now = time.monotonic()
+                if now >= next_heartbeat and self.config_store is not None:
+                    self.config_store.heartbeat(self.pipeline.name)
+                    next_heartbeat = now + HEARTBEAT_INTERVAL_S
+                if tick is not None and now >= next_tick:
+                    tick(self.progress)
+                    next_tick = now + tick_interval_s
+                if stop_when is not None and stop_when(self.progress):
+                    break
+            self._stop_capture()
+            self._capture.raise_if_failed()
+            if tick is not None:
+                tick(self.progress)
+            self._record_state(PipelineState.PAUSED)
+            return self.progress
+        except BaseException as exc:
+            self._stop_capture()
+            if isinstance(exc, Exception):
+                self._record_error(exc)
+            else:
+                self.log.info("Pipeline %s stopped: %s", self.pipeline.name, type(exc).__name__)
+                self._record_state(PipelineState.PAUSED)
+            raise
+        finally:
+            for pool in self._pools:
+                pool.close()
+            self._pools.clear()
+            self._appliers.clear()
+
+    def _stop_capture(self) -> None:
+        if self._capture is not None and self._capture.running:
+            self.log.info("Closing the Debezium engine of %s (flushing offsets)", self.pipeline.name)
+            self._capture.stop()
+
+    def _record_state(self, state: PipelineState) -> None:
+        if self.config_store is not None:
+            self.config_store.record_pipeline_state(self.pipeline.name, state, run_id=self.run_id)
+
+    def _record_error(self, exc: Exception) -> None:
+        message = mask_secrets(str(exc)) if isinstance(exc, RosettaError) else mask_secrets(
+            f"Pipeline {self.pipeline.name} failed: {type(exc).__name__}: {exc}"
+        )
+        self.log.error("%s", message)
+        if self.config_store is not None:
+            try:
+                self.config_store.record_pipeline_state(
+                    self.pipeline.name, PipelineState.ERROR, error=message, run_id=self.run_id
+                )
+            except RosettaError as store_error:  # the original error matters more
+                self.log.error("Could not record the error in the config store: %s", store_error)
