@@ -50,6 +50,16 @@ def fetch(url: str, statement: str | sql.Composable) -> list[tuple[object, ...]]
     return rows
 
 
+def count_rows(url: str, table: str) -> int:
+    """Rows in ``schema.table``; -1 while the table does not exist yet."""
+    schema, name = table.split(".")
+    try:
+        rows = fetch(url, sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name)))
+    except psycopg2.errors.UndefinedTable:
+        return -1
+    return int(rows[0][0])  # type: ignore[call-overload]
+
+
 def table_fingerprint(url: str, schema: str, table: str, key: str = "id") -> tuple[int, str]:
     """Row count and an ordered checksum over every column's text form."""
     rows = fetch(

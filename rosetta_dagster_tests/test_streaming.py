@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from rosetta_dagster.core.capture.engine import CaptureError
+from rosetta_dagster.core.config_store import ConfigStore, PipelineState
+from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
+from rosetta_dagster.core.pipeline_config import PipelineDefinition
+from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster_tests.streaming_support import (
     StreamingEnv,
+    count_rows,
     execute,
     fetch,
     new_streaming_env,
@@ -47,3 +54,250 @@ def test_existing_rows_inserts_updates_deletes_converge(env: StreamingEnv) -> No
         wait_until(lambda: env.converged("public.orders"), message="the changes")
     assert fetch(env.destination_url, "SELECT count(*) FROM replica.orders") == [(800 - 114,)]
     assert os.path.getsize(env.offsets_dir / "e2e.dat") > 0
+
+
+TYPED_TABLE = """
+CREATE TYPE public.mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TABLE public.typed (
+    id bigint PRIMARY KEY,
+    i2 smallint, i4 integer, i8 bigint,
+    n38 numeric(38,10), nu numeric,
+    r4 real, f8 double precision,
+    b boolean, tx text, vc varchar(20), ch char(5), by bytea,
+    d date, tm time, ts timestamp, tstz timestamptz(6), iv interval,
+    u uuid, j json, jb jsonb, ia integer[], ta text[], m public.mood,
+    ip inet, ci cidr, mo money,
+    ttz timetz, bits bit(8), vb bit varying(16)
+)
+"""
+
+TYPED_ROWS = [
+    """INSERT INTO public.typed VALUES (1, 1, 2, 3, 12345678901234567890.0123456789,
+       0.000000000000000000000000000001, 1.1, 3.141592653589793, true,
+       E'tab\\there\\nnew \\\\ "q" ü 🐘', 'varchar', 'ch', '\\x00deadbeef00',
+       '2024-02-29', '23:59:59.999999', '2024-01-01 10:00:00.123456',
+       '2024-06-30 23:59:59.999999+05:30', '1 year 2 mons 3 days 04:05:06.789',
+       'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{"a" : [1, 2],  "b": null}', '{"z": {"y": 1}}',
+       '{1,NULL,3}', '{"x,y","q\\"z",NULL,""}', 'happy', '2001:db8::1/64', '10.0.0.0/8',
+       '-12.34', '10:00:00+02', B'00000101', B'101')""",
+    """INSERT INTO public.typed VALUES (2, -32768, -2147483648, -9223372036854775808,
+       -0.0000000001, 'NaN', 'NaN', '-Infinity', false, '', 'x', 'abcde', '\\x',
+       '1900-01-01', '00:00:00', '1900-01-01 00:00:00.000001', '1970-01-01 00:00:00+00',
+       '-1 days +02:03:04.5', '00000000-0000-0000-0000-000000000000', '[]', '[]', '{}', '{}',
+       'sad', '127.0.0.1', '192.168.0.0/16', '0', '00:00:00+00', B'11111111', B'1')""",
+    "INSERT INTO public.typed (id, r4, f8) VALUES (3, 'Infinity', 'Infinity')",
+    "INSERT INTO public.typed (id) VALUES (4)",
+]
+
+# Columns Debezium cannot deliver exactly (see README "Type fidelity"): timetz arrives
+# normalized to UTC and bit varying loses leading zeros. They are checked separately below.
+EXACT_COLUMNS = (
+    "id, i2, i4, i8, n38, nu, r4, f8, b, tx, vc, ch, by, d, tm, ts, tstz, iv, u, j, jb, ia, ta, "
+    "m::text, ip, ci, mo, bits"
+)
+
+
+def _typed_rows(url: str, schema: str) -> list[tuple[object, ...]]:
+    """Every exact column as PostgreSQL's own text (so NaN equals NaN)."""
+    as_text = "(" + EXACT_COLUMNS.replace(", ", ")::text, (") + ")::text"
+    return fetch(url, f"SELECT {as_text} FROM {schema}.typed ORDER BY id")  # noqa: S608
+
+
+def test_type_fidelity_for_snapshot_and_streamed_rows(env: StreamingEnv) -> None:
+    execute(env.source_url, TYPED_TABLE, TYPED_ROWS[0], TYPED_ROWS[2])
+    session = StreamingSession(env.pipeline("typed", ["public.typed"]), offsets_dir=env.offsets_dir)
+    with streaming(session):
+        wait_until(lambda: count_rows(env.destination_url, "replica.typed") == 2)
+        execute(env.source_url, TYPED_ROWS[1], TYPED_ROWS[3])
+        execute(env.source_url, "UPDATE public.typed SET tx = tx || '!', ia = ia || 4 WHERE id = 1")
+        wait_until(lambda: _typed_rows(env.source_url, "public")
+                   == _typed_rows(env.destination_url, "replica"), message="typed rows")
+    rows = _typed_rows(env.destination_url, "replica")
+    assert len(rows) == 4 and rows == _typed_rows(env.source_url, "public")
+    assert rows[1][5:8] == ("NaN", "NaN", "-Infinity")
+    # timetz: the same instant, expressed in UTC.
+    assert fetch(env.destination_url, "SELECT ttz::text FROM replica.typed WHERE id = 1") == [
+        ("08:00:00+00",)
+    ]
+    assert fetch(env.destination_url, "SELECT vb::text FROM replica.typed ORDER BY id") == [
+        ("101",), ("1",), (None,), (None,)
+    ]
+    # Destination types equal the source's.
+    types = ("SELECT column_name, data_type, numeric_precision, numeric_scale FROM "
+             "information_schema.columns WHERE table_schema = %s AND table_name = 'typed' ORDER BY 1")
+    assert fetch(env.source_url, types.replace("%s", "'public'")) == fetch(
+        env.destination_url, types.replace("%s", "'replica'")
+    )
+
+
+def test_unchanged_toast_value_is_kept_when_another_column_changes(env: StreamingEnv) -> None:
+    execute(
+        env.source_url,
+        "CREATE TABLE public.docs (id int PRIMARY KEY, body text, n int)",
+        # ~32 kB of random hex: stored out of line (TOAST), not compressible inline.
+        "INSERT INTO public.docs SELECT g.i, (SELECT string_agg(md5(random()::text || s.j || g.i), '') "
+        "FROM generate_series(1, 1000) s(j)), 0 FROM generate_series(1, 3) g(i)",
+    )
+    session = StreamingSession(env.pipeline("toast", ["public.docs"]), offsets_dir=env.offsets_dir)
+    with streaming(session):
+        wait_until(lambda: env.converged("public.docs"), message="the snapshot")
+        execute(env.source_url, "UPDATE public.docs SET n = n + 1")
+        wait_until(lambda: fetch(env.destination_url, "SELECT sum(n) FROM replica.docs") == [(3,)])
+        assert env.converged("public.docs")
+        assert session.progress.unchanged_toast_values == 3  # the placeholder really arrived
+    assert fetch(env.destination_url, "SELECT min(length(body)) FROM replica.docs") == [(32000,)]
+    assert fetch(
+        env.destination_url,
+        "SELECT count(*) FROM replica.docs WHERE body LIKE '%__debezium_unavailable_value%'",
+    ) == [(0,)]
+
+
+def test_added_column_and_truncate_are_applied(env: StreamingEnv) -> None:
+    execute(
+        env.source_url,
+        "CREATE TABLE public.items (id int PRIMARY KEY, name text)",
+        "INSERT INTO public.items SELECT g, 'i' || g FROM generate_series(1, 50) g",
+    )
+    session = StreamingSession(env.pipeline("evolve", ["public.items"]), offsets_dir=env.offsets_dir)
+    with streaming(session):
+        wait_until(lambda: env.converged("public.items"), message="the snapshot")
+        execute(
+            env.source_url,
+            "ALTER TABLE public.items ADD COLUMN colour text DEFAULT 'red'",
+            "ALTER TABLE public.items ADD COLUMN weight numeric(6,2)",
+            "INSERT INTO public.items VALUES (51, 'new', 'blue', 1.25)",
+            "UPDATE public.items SET weight = 2 WHERE id = 2",
+        )
+        wait_until(lambda: env.converged("public.items"), message="the added columns")
+        execute(
+            env.source_url,
+            "TRUNCATE public.items",
+            "INSERT INTO public.items VALUES (100, 'after truncate', 'green', 3)",
+        )
+        wait_until(lambda: env.converged("public.items"), message="the truncate")
+    assert fetch(env.destination_url, "SELECT id, colour FROM replica.items") == [(100, "green")]
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[ConfigStore]:
+    pool = ResilientConnectionPool(database_url, PoolSettings(max_conn=3)).open()
+    config_store = ConfigStore(pool)
+    config_store.upgrade()
+    yield config_store
+    pool.close()
+
+
+def _register(store: ConfigStore, pipeline: PipelineDefinition) -> None:
+    store.upsert_pipeline(
+        pipeline.name,
+        source=pipeline.source.name,
+        destinations=[d.name for d in pipeline.destinations],
+        tables=[t.qualified for t in pipeline.tables],
+    )
+
+
+def test_restart_resumes_from_offsets_without_a_new_snapshot(
+    env: StreamingEnv, store: ConfigStore
+) -> None:
+    execute(
+        env.source_url,
+        "CREATE TABLE public.ledger (id int PRIMARY KEY, v int)",
+        "INSERT INTO public.ledger SELECT g, g FROM generate_series(1, 300) g",
+    )
+    pipeline = env.pipeline("resume", ["public.ledger"])
+    _register(store, pipeline)
+    first = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
+    with streaming(first):
+        wait_until(lambda: env.converged("public.ledger"), message="the snapshot")
+        assert store.get_pipeline("resume").state is PipelineState.RUNNING
+    assert first.progress.events_applied == 300
+    assert store.get_pipeline("resume").state is PipelineState.PAUSED
+    slot_active = "SELECT active FROM pg_replication_slots WHERE slot_name = 'rosetta_resume'"
+    assert fetch(env.source_url, slot_active) == [(False,)]
+
+    # Changes made while nothing streams are picked up from the slot on restart.
+    execute(env.source_url, "INSERT INTO public.ledger VALUES (301, 1)",
+            "UPDATE public.ledger SET v = 0 WHERE id <= 10", "DELETE FROM public.ledger WHERE id = 300")
+    second = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
+    with streaming(second):
+        wait_until(lambda: env.converged("public.ledger"), message="the resumed stream")
+    assert second.progress.events_applied == 12  # no snapshot: only the 12 new changes
+    flows = fetch(env.cluster.dsn(store.pool.target.params["dbname"]),
+                  "SELECT sum(record_count) FROM data_flow_record_monitoring")
+    assert flows == [(312,)]
+
+
+@pytest.mark.parametrize(
+    ("setup", "tables", "password", "expected"),
+    [
+        (
+            "CREATE TABLE public.ok (id int PRIMARY KEY)",
+            ["public.ok"],
+            "wrong-password",
+            "Pipeline bad_password: could not connect to source src at postgres@127.0.0.1:{port}/"
+            '{source_db}: password authentication failed for user "postgres".',
+        ),
+        (
+            "CREATE TABLE public.ok (id int PRIMARY KEY)",
+            ["public.ok", "public.missing"],
+            None,
+            "Table public.missing does not exist in source src.",
+        ),
+        (
+            "CREATE TABLE public.nokey (id int, v text)",
+            ["public.nokey"],
+            None,
+            "Table public.nokey in source src has no primary key; Rosetta needs one to apply "
+            "updates and deletes exactly.",
+        ),
+    ],
+    ids=["bad_password", "missing_table", "no_primary_key"],
+)
+def test_bad_input_fails_with_one_clear_sentence_and_writes_nothing(
+    env: StreamingEnv, store: ConfigStore, request: pytest.FixtureRequest,
+    setup: str, tables: list[str], password: str | None, expected: str,
+) -> None:
+    execute(env.source_url, setup)
+    name = request.node.callspec.id
+    pipeline = env.pipeline(name, tables)
+    if password is not None:
+        source = dataclasses.replace(pipeline.source, password=password)
+        pipeline = dataclasses.replace(pipeline, source=source)
+    _register(store, pipeline)
+    session = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
+    with pytest.raises(RosettaError) as raised:
+        session.run()
+    message = expected.format(port=env.cluster.port, source_db=env.source_db)
+    assert str(raised.value) == message
+    state = store.get_pipeline(name)
+    assert state.state is PipelineState.ERROR
+    assert state.last_error == message
+    assert "wrong-password" not in message and env.cluster.password not in message
+    assert fetch(env.destination_url, "SELECT count(*) FROM pg_tables WHERE schemaname = 'replica'") \
+        == [(0,)]
+
+
+def test_connector_failure_fails_the_session_with_the_connectors_message(
+    env: StreamingEnv, store: ConfigStore
+) -> None:
+    """A failure only the connector sees (no REPLICATION privilege) must not end as success."""
+    execute(
+        env.cluster.dsn(),
+        "DROP ROLE IF EXISTS rosetta_norepl",
+        "CREATE ROLE rosetta_norepl LOGIN PASSWORD 'norepl-pw'",
+        f"GRANT CREATE ON DATABASE {env.source_db} TO rosetta_norepl",
+    )
+    execute(env.source_url, "CREATE TABLE public.fragile (id int PRIMARY KEY)",
+            "ALTER TABLE public.fragile OWNER TO rosetta_norepl")
+    pipeline = env.pipeline("fragile", ["public.fragile"])
+    source = dataclasses.replace(pipeline.source, user="rosetta_norepl", password="norepl-pw")
+    pipeline = dataclasses.replace(pipeline, source=source)
+    _register(store, pipeline)
+    session = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
+    with pytest.raises(CaptureError) as raised:
+        session.run()
+    message = str(raised.value)
+    assert message.startswith("Pipeline fragile: the Debezium connector stopped: ")
+    assert "REPLICATION" in message.upper() and "norepl-pw" not in message
+    state = store.get_pipeline("fragile")
+    assert state.state is PipelineState.ERROR and state.last_error == message

@@ -45,6 +45,7 @@ class StreamProgress:
     batches: int = 0
     events_applied: int = 0
     last_batch_at: float | None = None
+    unchanged_toast_values: int = 0
     tables: dict[TableRef, TableProgress] = field(default_factory=dict)
 
     def lag_seconds(self, table: TableRef) -> float | None:
@@ -155,6 +156,7 @@ class StreamingSession:
             progress.batches += 1
             progress.events_applied += len(events)
             progress.last_batch_at = now
+            progress.unchanged_toast_values += sum(r.unchanged_toast_values for r in results)
             for table, count in counts.items():
                 table_progress = progress.tables.setdefault(table, TableProgress())
                 table_progress.events_applied += count

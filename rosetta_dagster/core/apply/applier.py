@@ -68,6 +68,7 @@ class BatchResult:
     rows_written: int
     truncates: int
     max_source_ts_ms: int | None
+    unchanged_toast_values: int  # placeholders seen and kept at the destination's value
 
 
 class PostgresApplier:
@@ -86,6 +87,7 @@ class PostgresApplier:
         self.schema_source = schema_source
         self.name = name
         self._plans: dict[TableRef, _TablePlan] = {}
+        self._unchanged_toast_values = 0
 
     # -- schema ----------------------------------------------------------------------------
 
@@ -164,6 +166,7 @@ class PostgresApplier:
         rows_written = 0
         truncates = 0
         max_ts: int | None = None
+        self._unchanged_toast_values = 0
         with self.pool.connection() as conn:
             pending: dict[TableRef, dict[tuple[Any, ...], ChangeEvent]] = {}
             for event in events:
@@ -186,7 +189,7 @@ class PostgresApplier:
                 per_table.pop(key, None)  # re-insert so dict order follows the latest event
                 per_table[key] = event
             rows_written += self._flush(conn, pending)
-        return BatchResult(counts, rows_written, truncates, max_ts)
+        return BatchResult(counts, rows_written, truncates, max_ts, self._unchanged_toast_values)
 
     def _truncate(self, conn: psycopg2.extensions.connection, table: TableRef) -> None:
         with conn.cursor() as cursor:
@@ -228,6 +231,7 @@ class PostgresApplier:
                 if value is None or (delete and name not in key_columns):
                     fields.append(COPY_NULL)
                 elif is_unavailable(value):
+                    self._unchanged_toast_values += 1
                     unchanged.append(name)
                     fields.append(COPY_NULL)
                 else:

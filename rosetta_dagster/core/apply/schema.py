@@ -35,6 +35,9 @@ class Column:
     type_modifier: int  # atttypmod: the n of bit(n), -1 when absent
     enum_name: str | None = None
     enum_labels: tuple[str, ...] = ()
+    # Constant default of a column added to a populated table: existing rows read it without
+    # any WAL event, so the destination column must be added with the same default.
+    missing_default: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,10 @@ _COLUMNS_QUERY = """
            coalesce(elem.typtype, t.typtype),
            CASE WHEN coalesce(elem.typtype, t.typtype) = 'e'
                 THEN (SELECT array_agg(e.enumlabel ORDER BY e.enumsortorder)
-                      FROM pg_enum e WHERE e.enumtypid = coalesce(elem.oid, t.oid)) END
+                      FROM pg_enum e WHERE e.enumtypid = coalesce(elem.oid, t.oid)) END,
+           CASE WHEN a.atthasmissing THEN pg_get_expr(d.adbin, d.adrelid) END
     FROM pg_attribute a
+    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
     JOIN pg_type t ON t.oid = a.atttypid
     LEFT JOIN pg_type elem ON elem.oid = t.typelem AND t.typcategory = 'A'
     WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
@@ -92,7 +97,7 @@ def read_table_schema(conn: psycopg2.extensions.connection, table: TableRef, whe
         relation = _regclass(table).as_string(conn)
         cursor.execute(_COLUMNS_QUERY, (relation,))
         columns = []
-        for name, type_sql, base, is_array, typmod, typtype, labels in cursor.fetchall():
+        for name, type_sql, base, is_array, typmod, typtype, labels, missing in cursor.fetchall():
             enum = typtype == "e"
             if not enum and base not in SUPPORTED_BASE_TYPES:
                 raise SchemaError(
@@ -108,6 +113,7 @@ def read_table_schema(conn: psycopg2.extensions.connection, table: TableRef, whe
                     type_modifier=typmod,
                     enum_name=base if enum else None,
                     enum_labels=tuple(labels or ()),
+                    missing_default=missing,
                 )
             )
         cursor.execute(_PRIMARY_KEY_QUERY, (relation,))
@@ -153,10 +159,23 @@ def ensure_destination_table(
                 target, sql.SQL(", ").join(definitions)
             )
         )
+        cursor.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+            "AND NOT attisdropped",
+            (target.as_string(conn),),
+        )
+        existing = {row[0] for row in cursor.fetchall()}
         for column in schema.columns:
+            if column.name in existing:
+                continue
+            default = sql.SQL("")
+            if column.missing_default is not None:
+                # A constant expression read from the source catalog (atthasmissing), not input.
+                default = sql.SQL(" DEFAULT {}").format(sql.SQL(column.missing_default))
             cursor.execute(
-                sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-                    target, sql.Identifier(column.name), destination_type(column, target_schema)
+                sql.SQL("ALTER TABLE {} ADD COLUMN {} {}{}").format(
+                    target, sql.Identifier(column.name), destination_type(column, target_schema),
+                    default,
                 )
             )
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import jpype
+import jpype.config
 
 from rosetta_dagster.core.errors import RosettaError
 
@@ -57,6 +58,9 @@ def ensure_jvm(max_heap: str = "512m") -> None:
     if jpype.isJVMStarted():
         return
     path = _libjvm_path()
+    # Debezium leaves non-daemon Java threads behind; destroying the JVM at interpreter exit
+    # would wait for them forever. Offsets are flushed by closing the engine, not by exit.
+    jpype.config.destroy_jvm = False
     options = [
         "-Xrs",  # leave SIGINT/SIGTERM to Python so it can close the engine
         f"-Xmx{max_heap}",
