@@ -9,18 +9,23 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Sequence
 
 from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
+from rosetta_dagster.core.pipeline_config import RosettaConfig, load_config
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
-from rosetta_dagster.local_stack import CONFIG_DB, LocalStack
+from rosetta_dagster.core.streaming import StreamingSession
+from rosetta_dagster.local_stack import LocalStack
 from rosetta_dagster.settings import (
     CONFIG_DATABASE_URL_ENV,
     PROJECT_ROOT,
     config_database_url,
     local_state_dir,
+    offsets_dir,
 )
 
 logger = logging.getLogger("rosetta.cli")
@@ -85,12 +90,46 @@ def _reset_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _launch_when_ready(url: str, job_name: str, child: subprocess.Popen[bytes]) -> None:
+    """Submit the demo's streaming run through the webserver, like the UI's Launch button."""
+    from dagster_graphql import DagsterGraphQLClient
+
+    host, port = url.removeprefix("http://").split(":")
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and child.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/server_info", timeout=2):
+                break
+        except OSError:
+            time.sleep(1)
+    client = DagsterGraphQLClient(host, port_number=int(port))
+    # Submit exactly once, after the code location has loaded: a submission sent while it
+    # loads may time out on the client yet still create a run.
+    status_query = "{ workspaceOrError { ... on Workspace { locationEntries { loadStatus } } } }"
+    while time.monotonic() < deadline and child.poll() is None:
+        try:
+            entries = client._execute(status_query)["workspaceOrError"]["locationEntries"]
+        except Exception:  # noqa: BLE001 - the webserver may still be starting
+            entries = []
+        if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+            break
+        time.sleep(1)
+    try:
+        run_id = client.submit_job_execution(job_name)
+    except Exception as exc:  # noqa: BLE001 - the demo goes on; the UI can launch it
+        print(f"Could not launch {job_name} ({exc}); launch it from the UI (Jobs > {job_name}).",
+              flush=True)
+        return
+    print(f"Launched {job_name}: {url}/runs/{run_id}", flush=True)
+
+
 def _cmd_dev(args: argparse.Namespace) -> int:
     stack = LocalStack(local_state_dir())
     cluster = stack.up()
-    config_url = cluster.dsn(CONFIG_DB)
+    environment = stack.environment(cluster)
     store = ConfigStore(
-        ResilientConnectionPool(config_url, PoolSettings.from_env(max_conn=2)).open()
+        ResilientConnectionPool(environment[CONFIG_DATABASE_URL_ENV], PoolSettings.from_env(max_conn=2))
+        .open()
     )
     try:
         store.upgrade()
@@ -102,19 +141,19 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-    env = {
-        **os.environ,
-        CONFIG_DATABASE_URL_ENV: config_url,
-        "DAGSTER_HOME": str(stack.dagster_home),
-    }
+    url = f"http://127.0.0.1:{port}"
     print(f"Config store migrated (schema version {version}) on 127.0.0.1:{cluster.port}.")
-    print(f"Dagster UI: http://127.0.0.1:{port}  (Ctrl-C stops Dagster and the local PostgreSQL)",
+    print(f"Dagster UI: {url}  (Ctrl-C stops Dagster and the local PostgreSQL)", flush=True)
+    example = "INSERT INTO test_table VALUES (1001, 'test data', now())"  # noqa: S608 (shown to users)
+    print(f"Try it: source {stack.root / 'env.sh'} && psql \"$DEMO_SOURCE_URL\" -c \"{example}\"",
           flush=True)
     command = [
         sys.executable, "-m", "dagster", "dev",
         "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port),
     ]
-    child = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, preexec_fn=_reset_signals)
+    child = subprocess.Popen(
+        command, env={**os.environ, **environment}, cwd=PROJECT_ROOT, preexec_fn=_reset_signals
+    )
 
     def forward(signum: int, _frame: object) -> None:
         child.send_signal(signum)
@@ -122,10 +161,66 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     try:
+        if not args.no_stream:
+            _launch_when_ready(url, "stream_demo", child)
         return child.wait()
     finally:
         if not args.keep_postgres:
             stack.down()
+
+
+def _load_pipelines() -> RosettaConfig:
+    return load_config()
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    """Stream one pipeline in the foreground (what the Dagster op does, without Dagster)."""
+    pipeline = _load_pipelines().pipeline(args.pipeline)
+    store = _config_store(args)
+    store.upgrade()
+    store.upsert_pipeline(
+        pipeline.name,
+        source=pipeline.source.name,
+        destinations=[d.name for d in pipeline.destinations],
+        tables=[t.qualified for t in pipeline.tables],
+    )
+
+    def terminate(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # lands in the waiting thread, which closes the engine
+
+    signal.signal(signal.SIGTERM, terminate)
+    session = StreamingSession(pipeline, offsets_dir=offsets_dir(), config_store=store)
+    try:
+        session.run(tick=lambda p: logger.info("Pipeline %s: %d events applied", pipeline.name,
+                                               p.events_applied))
+    except KeyboardInterrupt:
+        print(f"Pipeline {pipeline.name} stopped.")
+    finally:
+        store.pool.close()
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    store = _config_store(args)
+    try:
+        if args.pipeline_command == "sync":
+            for pipeline in _load_pipelines().pipelines.values():
+                store.upsert_pipeline(
+                    pipeline.name,
+                    source=pipeline.source.name,
+                    destinations=[d.name for d in pipeline.destinations],
+                    tables=[t.qualified for t in pipeline.tables],
+                )
+        elif args.pipeline_command in ("start", "pause"):
+            pipeline = store.set_pipeline_status(args.name, args.pipeline_command.upper())
+            print(f"Pipeline {pipeline.name}: status {pipeline.status.value}")
+            return 0
+        for pipeline in store.list_pipelines():
+            print(f"{pipeline.name}\t{pipeline.status.value}\t{pipeline.state.value}\t"
+                  f"{pipeline.last_error or ''}")
+    finally:
+        store.pool.close()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev", help="Start local PostgreSQL, migrate, run `dagster dev`.")
     dev.add_argument("--port", type=int, default=3000, help="Dagster UI port (default 3000).")
     dev.add_argument("--keep-postgres", action="store_true", help="Leave PostgreSQL running.")
+    dev.add_argument("--no-stream", action="store_true", help="Do not launch stream_demo.")
     dev.set_defaults(func=_cmd_dev)
+
+    stream = commands.add_parser("stream", help="Stream one pipeline in the foreground.")
+    stream.add_argument("pipeline")
+    stream.add_argument("--database-url", help=f"Defaults to ${CONFIG_DATABASE_URL_ENV}.")
+    stream.set_defaults(func=_cmd_stream)
+
+    pipeline = commands.add_parser("pipeline", help="Pipelines in the config store.")
+    pipeline.add_argument("--database-url", help=f"Defaults to ${CONFIG_DATABASE_URL_ENV}.")
+    pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True)
+    pipeline_commands.add_parser("list", help="List pipelines with status and state.")
+    pipeline_commands.add_parser("sync", help="Write rosetta.yaml's pipelines to the store.")
+    for verb in ("start", "pause"):
+        sub = pipeline_commands.add_parser(verb, help=f"Set a pipeline's desired status to {verb}.")
+        sub.add_argument("name")
+    pipeline.set_defaults(func=_cmd_pipeline)
     return parser
 
 

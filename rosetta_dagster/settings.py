@@ -16,3 +16,8 @@ def config_database_url() -> str | None:
 def local_state_dir() -> Path:
     """Where the local demo keeps its PostgreSQL cluster and Dagster home (git-ignored)."""
     return Path(os.environ.get("ROSETTA_LOCAL_DIR", PROJECT_ROOT / "tmp" / "local")).resolve()
+
+
+def offsets_dir() -> Path:
+    """Debezium offset files live here as ``<pipeline>.dat`` (relative paths: the run's cwd)."""
+    return Path(os.environ.get("ROSETTA_OFFSETS_DIR", "tmp/offsets"))

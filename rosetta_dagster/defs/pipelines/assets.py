@@ -1,0 +1,42 @@
+"""Asset specs for a pipeline's source tables (external) and destination tables."""
+
+from dagster import AssetKey, AssetSpec
+
+from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
+
+
+def source_table_key(pipeline: PipelineDefinition, table: TableRef) -> AssetKey:
+    return AssetKey(["source", pipeline.source.name, table.schema, table.name])
+
+
+def destination_table_key(destination: Destination, table: TableRef) -> AssetKey:
+    return AssetKey(["destination", destination.name, destination.schema, table.name])
+
+
+def pipeline_asset_specs(pipeline: PipelineDefinition) -> list[AssetSpec]:
+    """Source tables upstream of each destination copy, grouped by pipeline."""
+    specs = []
+    for table in pipeline.tables:
+        source_key = source_table_key(pipeline, table)
+        specs.append(
+            AssetSpec(
+                source_key,
+                description=f"{table.qualified} in source {pipeline.source.name} "
+                f"({pipeline.source.host}:{pipeline.source.port}/{pipeline.source.database}).",
+                group_name=pipeline.name,
+                kinds={"postgres"},
+            )
+        )
+        for destination in pipeline.destinations:
+            specs.append(
+                AssetSpec(
+                    destination_table_key(destination, table),
+                    deps=[source_key],
+                    description=f"{destination.schema}.{table.name} in destination "
+                    f"{destination.name}, kept in sync by the stream_{pipeline.name} job.",
+                    group_name=pipeline.name,
+                    kinds={"postgres"},
+                    metadata={"rosetta/pipeline": pipeline.name},
+                )
+            )
+    return specs

@@ -1,0 +1,80 @@
+"""The streaming job of a pipeline: one long-running op that owns the JVM and the engine."""
+
+from dagster import (
+    AssetObservation,
+    JobDefinition,
+    MetadataValue,
+    OpExecutionContext,
+    job,
+    op,
+)
+
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, load_config
+from rosetta_dagster.core.streaming import StreamingSession, StreamProgress
+from rosetta_dagster.defs.pipelines.assets import destination_table_key
+from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+from rosetta_dagster.settings import offsets_dir
+
+PIPELINE_TAG = "rosetta/pipeline"
+OBSERVATION_INTERVAL_S = 30.0
+
+
+def _observe(context: OpExecutionContext, pipeline: PipelineDefinition, progress: StreamProgress) -> None:
+    """Periodic (not per-batch) progress: a log line and one observation per destination table."""
+    context.log.info(
+        "Pipeline %s: %d events applied in %d batches",
+        pipeline.name, progress.events_applied, progress.batches,
+    )
+    for table in pipeline.tables:
+        table_progress = progress.tables.get(table)
+        lag = progress.lag_seconds(table)
+        metadata = {
+            "events_applied": MetadataValue.int(table_progress.events_applied if table_progress else 0),
+            "lag_seconds": MetadataValue.float(round(lag, 3) if lag is not None else 0.0),
+        }
+        if table_progress is not None and table_progress.last_source_ts_ms is not None:
+            metadata["last_source_commit_ms"] = MetadataValue.int(table_progress.last_source_ts_ms)
+        for destination in pipeline.destinations:
+            context.log_event(
+                AssetObservation(asset_key=destination_table_key(destination, table), metadata=metadata)
+            )
+
+
+def build_stream_job(pipeline: PipelineDefinition) -> JobDefinition:
+    name = pipeline.name
+
+    @op(
+        name=f"debezium_stream_{name}",
+        description=f"Streams pipeline {name} with the Debezium engine until the run is terminated.",
+    )
+    def stream(context: OpExecutionContext, config_store: ConfigStoreResource) -> None:
+        # Secrets are resolved at run time, so the UI loads even where they are not set.
+        resolved = load_config().pipeline(name)
+        store = config_store.store
+        store.upsert_pipeline(
+            name,
+            source=resolved.source.name,
+            destinations=[d.name for d in resolved.destinations],
+            tables=[t.qualified for t in resolved.tables],
+        )
+        session = StreamingSession(
+            resolved,
+            offsets_dir=offsets_dir(),
+            config_store=store,
+            run_id=context.run_id,
+            log=context.log,  # type: ignore[arg-type]
+        )
+        session.run(
+            tick=lambda progress: _observe(context, resolved, progress),
+            tick_interval_s=OBSERVATION_INTERVAL_S,
+        )
+
+    @job(
+        name=f"stream_{name}",
+        description=f"Long-running Debezium stream of pipeline {name}; terminate it to stop cleanly.",
+        tags={PIPELINE_TAG: name},
+    )
+    def stream_job() -> None:
+        stream()
+
+    return stream_job
