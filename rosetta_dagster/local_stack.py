@@ -150,7 +150,7 @@ def write_dagster_instance_yaml(home: Path, cluster: LocalPostgresCluster, datab
             "class": "QueuedRunCoordinator",
             "config": {
                 "tag_concurrency_limits": [
-                    {"key": "rosetta/pipeline", "value": {"applyToUnique": True}, "limit": 1}
+                    {"key": "rosetta/pipeline", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
                 ]
             },
         },
