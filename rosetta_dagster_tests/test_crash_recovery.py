@@ -61,10 +61,13 @@ def test_kill_9_mid_load_then_restart_converges(pg_cluster: LocalPostgresCluster
     def load() -> None:
         for start in range(1001, ROWS + 1, 2000):
             execute(env.source_url,
-                    f"INSERT INTO public.events SELECT g, md5(g::text), 1 "  # noqa: S608
-                    f"FROM generate_series({start}, {start + 1999}) g",
-                    f"UPDATE public.events SET v = v + 1 WHERE id % 10 = 0 AND id < {start}",
-                    f"DELETE FROM public.events WHERE id % 97 = 0 AND id < {start}")
+                    "INSERT INTO public.events SELECT g, md5(g::text), 1 "
+                    "FROM generate_series(%s, %s + 1999) g",
+                    params=(start, start))
+            execute(env.source_url,
+                    "UPDATE public.events SET v = v + 1 WHERE id %% 10 = 0 AND id < %s",
+                    "DELETE FROM public.events WHERE id %% 97 = 0 AND id < %s",
+                    params=(start,))
 
     loader = threading.Thread(target=load)
     loader.start()
