@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dagster import DagsterInstance, Definitions, materialize
+import pytest
+from dagster import AssetKey, DagsterInstance, Definitions, materialize
 
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
-from rosetta_dagster.definitions import defs
+from rosetta_dagster.definitions import build_definitions, defs
 from rosetta_dagster.defs.platform.assets import config_db
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 from rosetta_dagster.local_stack import LocalStack
@@ -106,3 +107,58 @@ def test_cli_db_upgrade_and_status(database_url: str) -> None:
     status = _rosetta("db", "status", env=env)
     assert "schema version 1" in status.stdout
     assert TEST_PASSWORD not in upgrade.stdout + upgrade.stderr + status.stdout + status.stderr
+
+
+def _pipeline_file(tmp_path: Path, cluster: LocalPostgresCluster, source_db: str) -> Path:
+    endpoint = (f"{{host: 127.0.0.1, port: {cluster.port}, user: postgres, "
+                f"password: '${{TEST_PG_PASSWORD}}'")
+    path = tmp_path / "rosetta.yaml"
+    path.write_text(
+        f"sources:\n  src: {endpoint}, database: {source_db}}}\n"
+        f"destinations:\n  dst: {endpoint}, database: {source_db}, schema: replica}}\n"
+        "pipelines:\n  shop:\n    source: src\n    destinations: [dst]\n"
+        "    tables: [public.orders]\n"
+    )
+    return path
+
+
+def test_definitions_from_the_pipeline_file(
+    tmp_path: Path, pg_cluster: LocalPostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROSETTA_CONFIG", str(_pipeline_file(tmp_path, pg_cluster, "shop")))
+    monkeypatch.delenv("TEST_PG_PASSWORD", raising=False)  # secrets are not needed to load
+    built = build_definitions()
+    Definitions.validate_loadable(built)
+    repository = built.get_repository_def()
+    job = repository.get_job("stream_shop")
+    assert job.tags["rosetta/pipeline"] == "shop"
+    graph = repository.asset_graph
+    destination = AssetKey(["destination", "dst", "replica", "orders"])
+    assert graph.get(destination).parent_keys == {AssetKey(["source", "src", "public", "orders"])}
+
+
+def test_stream_job_failure_is_one_sentence_in_the_dagster_log(
+    tmp_path: Path, pg_cluster: LocalPostgresCluster, database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source_db = database_url.rsplit("/", 1)[1]
+    monkeypatch.setenv("ROSETTA_CONFIG", str(_pipeline_file(tmp_path, pg_cluster, source_db)))
+    monkeypatch.setenv("TEST_PG_PASSWORD", "wrong-pw")
+    job = build_definitions().get_repository_def().get_job("stream_shop")
+    instance = DagsterInstance.ephemeral()
+    result = job.execute_in_process(
+        resources={"config_store": ConfigStoreResource(database_url=database_url)},
+        raise_on_error=False,
+        instance=instance,
+    )
+    assert not result.success
+    expected = (f"Pipeline shop: could not connect to source src at postgres@127.0.0.1:"
+                f"{pg_cluster.port}/{source_db}: password authentication failed for user "
+                '"postgres".')
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    cause = failure.event_specific_data.error.cause
+    assert cause.cls_name == "DatabaseConnectionError"
+    assert cause.message.strip() == f"rosetta_dagster.core.errors.DatabaseConnectionError: {expected}"
+    log_lines = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert expected in log_lines  # the op's own ERROR line in the run's log
+    assert not any("wrong-pw" in line for line in log_lines)

@@ -1,0 +1,82 @@
+"""Loading rosetta.yaml: validation errors are one sentence naming file, entry and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rosetta_dagster.core.pipeline_config import PipelineConfigError, TableRef, load_config
+
+VALID = """
+sources:
+  shop: {host: 127.0.0.1, port: 5432, database: shop, user: rep, password: "${SHOP_PW}"}
+destinations:
+  wh: {host: 127.0.0.1, port: 5433, database: wh, user: ros, password: "${WH_PW}", schema: copy}
+pipelines:
+  orders:
+    source: shop
+    destinations: [wh]
+    tables: [public.orders, sales.customers]
+    streaming: {max_batch_size: 1024, jvm_max_heap: 256m}
+"""
+ENV = {"SHOP_PW": "shop-secret", "WH_PW": "wh-secret"}
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "rosetta.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_file_resolves_secrets_from_the_environment(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, VALID), ENV)
+    pipeline = config.pipeline("orders")
+    assert pipeline.tables == (TableRef("public", "orders"), TableRef("sales", "customers"))
+    assert pipeline.source.password == "shop-secret"
+    assert pipeline.destinations[0].schema == "copy"
+    assert pipeline.settings.max_batch_size == 1024 and pipeline.settings.jvm_max_heap == "256m"
+    assert pipeline.slot_name == pipeline.publication_name == "rosetta_orders"
+    assert "shop-secret" not in repr(pipeline)
+    unresolved = load_config(_write(tmp_path, VALID), {}, resolve_secrets=False)
+    assert unresolved.pipeline("orders").source.password is None
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("source: shop", "source: nope"),
+         "pipeline 'orders' field 'source' names the unknown source 'nope'."),
+        (("destinations: [wh]", "destinations: [wh, lake]"),
+         "pipeline 'orders' field 'destinations' names the unknown destination 'lake'."),
+        (("public.orders", "orders"),
+         "pipeline 'orders' field 'tables' has 'orders', which is not a schema.table name."),
+        (('"${SHOP_PW}"', "hunter2"),
+         "source 'shop' field 'password' must be an ${ENV_VAR} reference, not a literal secret."),
+        (('"${SHOP_PW}"', '"${MISSING_PW}"'),
+         "source 'shop' field 'password' refers to the environment variable MISSING_PW, "
+         "which is not set."),
+        (("  orders:\n", "  orders:\n    source: shop\n    destinations: [wh]\n    tables: [a.b]\n"
+                         "  orders:\n"),
+         "'orders' is declared twice (line"),
+        (("max_batch_size: 1024", "max_batch_size: lots"),
+         "pipeline 'orders' streaming field 'max_batch_size' must be an integer >= 1."),
+    ],
+    ids=["unknown_source", "unknown_destination", "bad_table", "literal_password",
+         "missing_env_var", "duplicate_pipeline", "bad_setting"],
+)
+def test_invalid_files_fail_with_one_clear_sentence(
+    tmp_path: Path, change: tuple[str, str], expected: str
+) -> None:
+    path = _write(tmp_path, VALID.replace(*change))
+    with pytest.raises(PipelineConfigError) as raised:
+        load_config(path, ENV)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+    assert "hunter2" not in message and "shop-secret" not in message
+
+
+def test_missing_file_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(PipelineConfigError, match="file not found .set ROSETTA_CONFIG"):
+        load_config(tmp_path / "absent.yaml", ENV)
