@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
-from rosetta_dagster.core.pipeline_config import RosettaConfig, load_config
+from rosetta_dagster.core.pipeline_config import load_config
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.local_stack import LocalStack
@@ -169,21 +169,12 @@ def _cmd_dev(args: argparse.Namespace) -> int:
             stack.down()
 
 
-def _load_pipelines() -> RosettaConfig:
-    return load_config()
-
-
 def _cmd_stream(args: argparse.Namespace) -> int:
     """Stream one pipeline in the foreground (what the Dagster op does, without Dagster)."""
-    pipeline = _load_pipelines().pipeline(args.pipeline)
+    pipeline = load_config().pipeline(args.pipeline)
     store = _config_store(args)
     store.upgrade()
-    store.upsert_pipeline(
-        pipeline.name,
-        source=pipeline.source.name,
-        destinations=[d.name for d in pipeline.destinations],
-        tables=[t.qualified for t in pipeline.tables],
-    )
+    store.sync_pipeline(pipeline)
 
     def terminate(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # lands in the waiting thread, which closes the engine
@@ -204,13 +195,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     store = _config_store(args)
     try:
         if args.pipeline_command == "sync":
-            for pipeline in _load_pipelines().pipelines.values():
-                store.upsert_pipeline(
-                    pipeline.name,
-                    source=pipeline.source.name,
-                    destinations=[d.name for d in pipeline.destinations],
-                    tables=[t.qualified for t in pipeline.tables],
-                )
+            for declared in load_config().pipelines.values():
+                store.sync_pipeline(declared)
         elif args.pipeline_command in ("start", "pause"):
             pipeline = store.set_pipeline_status(args.name, args.pipeline_command.upper())
             print(f"Pipeline {pipeline.name}: status {pipeline.status.value}")

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
+from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 
 TEST_PASSWORD = "s3cret-Test-Pw"
 
@@ -49,6 +51,16 @@ def database_url(pg_cluster: LocalPostgresCluster) -> Iterator[str]:
     url = pg_cluster.create_database(name)
     yield url
     pg_cluster.drop_database(name)
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[ConfigStore]:
+    """A migrated config store in a fresh database."""
+    pool = ResilientConnectionPool(database_url, PoolSettings(max_conn=4)).open()
+    config_store = ConfigStore(pool)
+    config_store.upgrade()
+    yield config_store
+    pool.close()
 
 
 @pytest.fixture

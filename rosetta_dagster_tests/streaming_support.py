@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
+import yaml
 from psycopg2 import sql
 
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
@@ -104,6 +106,29 @@ class StreamingEnv:
             tables=tuple(TableRef.parse(t) for t in tables),
             settings=StreamSettings(**{"heartbeat_interval_ms": 1000, **settings}),  # type: ignore[arg-type]
         )
+
+    def write_pipeline_file(
+        self, path: Path, name: str, tables: list[str], streaming: dict[str, object] | None = None
+    ) -> Path:
+        """rosetta.yaml for this env; the password is ${TEST_PG_PASSWORD} (see pipeline_env)."""
+        endpoint = {"host": "127.0.0.1", "port": self.cluster.port, "user": self.cluster.superuser,
+                    "password": "${TEST_PG_PASSWORD}"}
+        pipeline: dict[str, object] = {"source": "src", "destinations": ["dst"], "tables": tables}
+        if streaming:
+            pipeline["streaming"] = streaming
+        path.write_text(yaml.safe_dump({
+            "sources": {"src": {**endpoint, "database": self.source_db}},
+            "destinations": {"dst": {**endpoint, "database": self.destination_db,
+                                     "schema": "replica"}},
+            "pipelines": {name: pipeline},
+        }))
+        return path
+
+    def pipeline_env(self, pipeline_file: Path, config_url: str) -> dict[str, str]:
+        """Environment of a process that streams this env's pipelines."""
+        return {**os.environ, "ROSETTA_CONFIG": str(pipeline_file),
+                "ROSETTA_OFFSETS_DIR": str(self.offsets_dir), "CONFIG_DATABASE_URL": config_url,
+                "TEST_PG_PASSWORD": self.cluster.password}
 
     def converged(self, table: str, key: str = "id") -> bool:
         schema, name = table.split(".")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg2
@@ -18,7 +17,6 @@ from rosetta_dagster.core.config_store import (
     load_migrations,
 )
 from rosetta_dagster.core.errors import ConfigStoreError
-from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 
 EXPECTED_TABLES = {
     "schema_migrations",
@@ -30,13 +28,6 @@ EXPECTED_TABLES = {
 }
 
 
-@pytest.fixture
-def store(database_url: str) -> Iterator[ConfigStore]:
-    pool = ResilientConnectionPool(database_url, PoolSettings(max_conn=4)).open()
-    store = ConfigStore(pool)
-    store.upgrade()
-    yield store
-    pool.close()
 
 
 def _schema(database_url: str) -> list[tuple[str, str, str]]:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
-
-import yaml
 
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster_tests.streaming_support import (
@@ -29,23 +26,14 @@ def test_kill_9_mid_load_then_restart_converges(pg_cluster: LocalPostgresCluster
     pg_cluster.create_database(config_db)
     workdir = pg_root / f"crash-{env.source_db}"
     workdir.mkdir()
-    endpoint = {"host": "127.0.0.1", "port": pg_cluster.port, "user": pg_cluster.superuser,
-                "password": "${TEST_PG_PASSWORD}"}
-    (workdir / "rosetta.yaml").write_text(yaml.safe_dump({
-        "sources": {"src": {**endpoint, "database": env.source_db}},
-        "destinations": {"dst": {**endpoint, "database": env.destination_db, "schema": "replica"}},
-        "pipelines": {"crash": {"source": "src", "destinations": ["dst"],
-                                "tables": ["public.events"],
-                                "streaming": {"max_batch_size": 2048, "max_queue_size": 8192,
-                                              "heartbeat_interval_ms": 1000}}},
-    }))
+    pipeline_file = env.write_pipeline_file(
+        workdir / "rosetta.yaml", "crash", ["public.events"],
+        {"max_batch_size": 2048, "max_queue_size": 8192, "heartbeat_interval_ms": 1000},
+    )
     execute(env.source_url,
             "CREATE TABLE public.events (id bigint PRIMARY KEY, payload text, v int)",
             "INSERT INTO public.events SELECT g, md5(g::text), 0 FROM generate_series(1, 1000) g")
-    process_env = {**os.environ, "ROSETTA_CONFIG": str(workdir / "rosetta.yaml"),
-                   "ROSETTA_OFFSETS_DIR": str(env.offsets_dir),
-                   "CONFIG_DATABASE_URL": pg_cluster.dsn(config_db),
-                   "TEST_PG_PASSWORD": pg_cluster.password}
+    process_env = env.pipeline_env(pipeline_file, pg_cluster.dsn(config_db))
 
     def start_stream() -> subprocess.Popen[bytes]:
         return subprocess.Popen(

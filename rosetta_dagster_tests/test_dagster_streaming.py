@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from dagster_graphql import DagsterGraphQLClient
 
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster, find_free_port
@@ -67,25 +66,15 @@ def dagster_dev(env: StreamingEnv, pg_root: Path) -> Iterator[DagsterDev]:
     config_db = f"config_{env.source_db}"
     cluster.create_database(config_db)
     write_dagster_instance_yaml(workdir / "home", cluster, storage_db)
-    endpoint = {"host": "127.0.0.1", "port": cluster.port, "user": cluster.superuser,
-                "password": "${TEST_PG_PASSWORD}"}
-    (workdir / "rosetta.yaml").write_text(yaml.safe_dump({
-        "sources": {"src": {**endpoint, "database": env.source_db}},
-        "destinations": {"dst": {**endpoint, "database": env.destination_db, "schema": "replica"}},
-        "pipelines": {"orders": {"source": "src", "destinations": ["dst"],
-                                 "tables": ["public.orders"]}},
-    }))
+    pipeline_file = env.write_pipeline_file(workdir / "rosetta.yaml", "orders", ["public.orders"])
     port = find_free_port()
     log = workdir / "dagster-dev.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
          "-h", "127.0.0.1", "-p", str(port)],
         cwd=workdir, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "DAGSTER_HOME": str(workdir / "home"),
-             "CONFIG_DATABASE_URL": cluster.dsn(config_db),
-             "ROSETTA_CONFIG": str(workdir / "rosetta.yaml"),
-             "ROSETTA_OFFSETS_DIR": str(env.offsets_dir),
-             "TEST_PG_PASSWORD": cluster.password},
+        env={**env.pipeline_env(pipeline_file, cluster.dsn(config_db)),
+             "DAGSTER_HOME": str(workdir / "home")},
     )
     dev = DagsterDev(process, port, log)
     dev.config_url = cluster.dsn(config_db)  # type: ignore[attr-defined]

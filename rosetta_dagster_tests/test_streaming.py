@@ -14,7 +14,6 @@ from rosetta_dagster.core.config_store import ConfigStore, PipelineState
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
-from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster_tests.streaming_support import (
     StreamingEnv,
@@ -178,22 +177,10 @@ def test_added_column_and_truncate_are_applied(env: StreamingEnv) -> None:
     assert fetch(env.destination_url, "SELECT id, colour FROM replica.items") == [(100, "green")]
 
 
-@pytest.fixture
-def store(database_url: str) -> Iterator[ConfigStore]:
-    pool = ResilientConnectionPool(database_url, PoolSettings(max_conn=3)).open()
-    config_store = ConfigStore(pool)
-    config_store.upgrade()
-    yield config_store
-    pool.close()
 
 
 def _register(store: ConfigStore, pipeline: PipelineDefinition) -> None:
-    store.upsert_pipeline(
-        pipeline.name,
-        source=pipeline.source.name,
-        destinations=[d.name for d in pipeline.destinations],
-        tables=[t.qualified for t in pipeline.tables],
-    )
+    store.sync_pipeline(pipeline)
 
 
 def test_restart_resumes_from_offsets_without_a_new_snapshot(

@@ -16,6 +16,7 @@ from rosetta_dagster.core.config_store.migrations import (
     current_version,
 )
 from rosetta_dagster.core.errors import ConfigStoreError
+from rosetta_dagster.core.pipeline_config import PipelineDefinition
 from rosetta_dagster.core.pool import ResilientConnectionPool
 
 
@@ -190,6 +191,15 @@ class ConfigStore:
             },
         )
         return self.get_pipeline(name)
+
+    def sync_pipeline(self, pipeline: PipelineDefinition) -> Pipeline:
+        """Write a declared pipeline (from rosetta.yaml), keeping its desired status."""
+        return self.upsert_pipeline(
+            pipeline.name,
+            source=pipeline.source.name,
+            destinations=[d.name for d in pipeline.destinations],
+            tables=[t.qualified for t in pipeline.tables],
+        )
 
     def find_pipeline(self, name: str) -> Pipeline | None:
         rows = self._query(_PIPELINE_SELECT + " WHERE p.name = %s", (name,))

@@ -51,12 +51,7 @@ def build_stream_job(pipeline: PipelineDefinition) -> JobDefinition:
         # Secrets are resolved at run time, so the UI loads even where they are not set.
         resolved = load_config().pipeline(name)
         store = config_store.store
-        store.upsert_pipeline(
-            name,
-            source=resolved.source.name,
-            destinations=[d.name for d in resolved.destinations],
-            tables=[t.qualified for t in resolved.tables],
-        )
+        store.sync_pipeline(resolved)
         session = StreamingSession(
             resolved,
             offsets_dir=offsets_dir(),
