@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.dsn import mask_secrets
@@ -90,7 +90,7 @@ def _reset_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _launch_when_ready(url: str, job_name: str, child: subprocess.Popen[bytes]) -> None:
+def _launch_when_ready(url: str, job_name: str, child: subprocess.Popen[bytes]) -> Callable[[], None]:
     """Submit the demo's streaming run through the webserver, like the UI's Launch button."""
     from dagster_graphql import DagsterGraphQLClient
 
@@ -119,8 +119,22 @@ def _launch_when_ready(url: str, job_name: str, child: subprocess.Popen[bytes]) 
     except Exception as exc:  # noqa: BLE001 - the demo goes on; the UI can launch it
         print(f"Could not launch {job_name} ({exc}); launch it from the UI (Jobs > {job_name}).",
               flush=True)
-        return
+        return lambda: None
     print(f"Launched {job_name}: {url}/runs/{run_id}", flush=True)
+
+    def terminate() -> None:
+        """Stop the stream through Dagster so the engine flushes offsets and frees the slot."""
+        try:
+            client.terminate_run(run_id)
+            stop_by = time.monotonic() + 20
+            while time.monotonic() < stop_by:
+                if client.get_run_status(run_id).value in ("CANCELED", "FAILURE", "SUCCESS"):
+                    break
+                time.sleep(0.5)
+        except Exception:  # noqa: BLE001 - already ended, or the webserver is gone
+            pass
+
+    return terminate
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
@@ -155,14 +169,17 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         command, env={**os.environ, **environment}, cwd=PROJECT_ROOT, preexec_fn=_reset_signals
     )
 
+    stop_stream: Callable[[], None] = lambda: None  # noqa: E731
+
     def forward(signum: int, _frame: object) -> None:
+        stop_stream()
         child.send_signal(signum)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     try:
         if not args.no_stream:
-            _launch_when_ready(url, "stream_demo", child)
+            stop_stream = _launch_when_ready(url, "stream_demo", child)
         return child.wait()
     finally:
         if not args.keep_postgres:

@@ -124,11 +124,17 @@ class LocalStack:
             cluster.stop()
 
     def _write_dagster_yaml(self, cluster: LocalPostgresCluster) -> None:
-        write_dagster_instance_yaml(self.dagster_home, cluster, DAGSTER_DB)
+        write_dagster_instance_yaml(self.dagster_home, cluster, DAGSTER_DB, PASSWORD_ENV)
 
 
-def write_dagster_instance_yaml(home: Path, cluster: LocalPostgresCluster, database: str) -> Path:
-    """dagster.yaml for a local instance: Postgres storage, one streaming run per pipeline."""
+def write_dagster_instance_yaml(
+    home: Path, cluster: LocalPostgresCluster, database: str, password_env: str
+) -> Path:
+    """dagster.yaml for a local instance: Postgres storage, one streaming run per pipeline.
+
+    The password is an ``{env: ...}`` reference: Dagster passes the instance configuration to
+    its subprocesses on their command lines, where a literal password would be visible.
+    """
     home.mkdir(parents=True, exist_ok=True)
     instance = {
         "storage": {
@@ -137,7 +143,7 @@ def write_dagster_instance_yaml(home: Path, cluster: LocalPostgresCluster, datab
                     "hostname": "127.0.0.1",
                     "port": cluster.port,
                     "username": cluster.superuser,
-                    "password": cluster.password,
+                    "password": {"env": password_env},
                     "db_name": database,
                     # SQLAlchemy 2.1 maps plain postgresql:// to psycopg3, not installed here.
                     "scheme": "postgresql+psycopg2",

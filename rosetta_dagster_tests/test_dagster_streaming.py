@@ -65,7 +65,7 @@ def dagster_dev(env: StreamingEnv, pg_root: Path) -> Iterator[DagsterDev]:
     cluster.create_database(storage_db)
     config_db = f"config_{env.source_db}"
     cluster.create_database(config_db)
-    write_dagster_instance_yaml(workdir / "home", cluster, storage_db)
+    write_dagster_instance_yaml(workdir / "home", cluster, storage_db, "TEST_PG_PASSWORD")
     pipeline_file = env.write_pipeline_file(workdir / "rosetta.yaml", "orders", ["public.orders"])
     port = find_free_port()
     log = workdir / "dagster-dev.log"

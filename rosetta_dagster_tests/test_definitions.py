@@ -63,10 +63,14 @@ def test_resource_with_wrong_password_fails_with_one_clear_sentence(database_url
     assert TEST_PASSWORD not in text
 
 
-def test_local_stack_brings_up_config_db_and_dagster_postgres_storage(pg_root: Path) -> None:
+def test_local_stack_brings_up_config_db_and_dagster_postgres_storage(
+    pg_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     stack = LocalStack(pg_root / "local-stack")
     cluster: LocalPostgresCluster = stack.up()
     try:
+        assert cluster.password not in (stack.dagster_home / "dagster.yaml").read_text()
+        monkeypatch.setenv("ROSETTA_LOCAL_PG_PASSWORD", cluster.password)
         instance = DagsterInstance.from_config(str(stack.dagster_home))
         assert instance.get_runs() == []
         assert "PostgresRunStorage" in type(instance.run_storage).__name__
