@@ -171,15 +171,15 @@ def test_backfill_progress_and_status_lifecycle(store: ConfigStore) -> None:
 
 def test_flow_records_and_wal_readings(store: ConfigStore, database_url: str) -> None:
     store.upsert_pipeline("orders", source="shop", destinations=["w"], tables=["public.orders"])
-    store.record_flow("orders", "w", "public.orders", 128)
+    store.record_flows("orders", [("w", "public.orders", 128), ("lake", "public.orders", 128)])
     store.record_wal_reading(source="shop", slot_name="rosetta_orders", status="active",
                              pipeline="orders", current_lsn="0/16B3748",
                              confirmed_flush_lsn="0/16B3700", retained_wal_bytes=72,
                              lag_bytes=72)
     with psycopg2.connect(database_url) as conn, conn.cursor() as cursor:
         cursor.execute("SELECT destination, table_name, record_count FROM "
-                       "data_flow_record_monitoring")
-        assert cursor.fetchall() == [("w", "public.orders", 128)]
+                       "data_flow_record_monitoring ORDER BY destination")
+        assert cursor.fetchall() == [("lake", "public.orders", 128), ("w", "public.orders", 128)]
         cursor.execute("SELECT slot_name, retained_wal_bytes, status, pipeline_id IS NOT NULL "
                        "FROM wal_monitor")
         assert cursor.fetchall() == [("rosetta_orders", 72, "active", True)]

@@ -7,7 +7,6 @@ and passes a ``tick`` callback for observations; the CLI does the same without D
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,7 +72,6 @@ class StreamingSession:
         self.run_id = run_id
         self.log = log
         self.progress = StreamProgress()
-        self._progress_lock = threading.Lock()
         self._schemas: dict[TableRef, TableSchema] = {}
         self._appliers: list[PostgresApplier] = []
         self._pools: list[ResilientConnectionPool] = []
@@ -145,29 +143,27 @@ class StreamingSession:
 
     def _on_batch(self, events: Sequence[ChangeEvent]) -> None:
         results = [applier.apply(events) for applier in self._appliers]
-        counts = results[0].events_by_table if results else {}
-        now = time.monotonic()
-        last_ts: dict[TableRef, int] = {}
-        for event in events:
-            if event.source_ts_ms is not None:
-                last_ts[event.table] = event.source_ts_ms
-        with self._progress_lock:
-            progress = self.progress
-            progress.batches += 1
-            progress.events_applied += len(events)
-            progress.last_batch_at = now
-            progress.unchanged_toast_values += sum(r.unchanged_toast_values for r in results)
-            for table, count in counts.items():
-                table_progress = progress.tables.setdefault(table, TableProgress())
-                table_progress.events_applied += count
-                if table in last_ts:
-                    table_progress.last_source_ts_ms = last_ts[table]
+        # Every destination sees the same events: counts and times come from the first.
+        first = results[0]
+        progress = self.progress  # written only by the engine thread; read by ticks
+        progress.batches += 1
+        progress.events_applied += len(events)
+        progress.last_batch_at = time.monotonic()
+        progress.unchanged_toast_values += sum(r.unchanged_toast_values for r in results)
+        for table, count in first.events_by_table.items():
+            table_progress = progress.tables.setdefault(table, TableProgress())
+            table_progress.events_applied += count
+            if table in first.last_source_ts_ms:
+                table_progress.last_source_ts_ms = first.last_source_ts_ms[table]
         if self.config_store is not None:
-            for destination in self.pipeline.destinations:
-                for table, count in counts.items():
-                    self.config_store.record_flow(
-                        self.pipeline.name, destination.name, table.qualified, count
-                    )
+            self.config_store.record_flows(
+                self.pipeline.name,
+                [
+                    (destination.name, table.qualified, count)
+                    for destination in self.pipeline.destinations
+                    for table, count in first.events_by_table.items()
+                ],
+            )
 
     def run(
         self,

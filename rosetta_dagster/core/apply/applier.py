@@ -67,7 +67,7 @@ class BatchResult:
     events_by_table: dict[TableRef, int]
     rows_written: int
     truncates: int
-    max_source_ts_ms: int | None
+    last_source_ts_ms: dict[TableRef, int]  # source commit time of each table's last event
     unchanged_toast_values: int  # placeholders seen and kept at the destination's value
 
 
@@ -87,7 +87,6 @@ class PostgresApplier:
         self.schema_source = schema_source
         self.name = name
         self._plans: dict[TableRef, _TablePlan] = {}
-        self._unchanged_toast_values = 0
 
     # -- schema ----------------------------------------------------------------------------
 
@@ -162,34 +161,32 @@ class PostgresApplier:
 
     def apply(self, events: Sequence[ChangeEvent]) -> BatchResult:
         """Apply a batch in one transaction; raises (and rolls back) on any error."""
-        counts: dict[TableRef, int] = {}
-        rows_written = 0
-        truncates = 0
-        max_ts: int | None = None
-        self._unchanged_toast_values = 0
+        result = BatchResult({}, 0, 0, {}, 0)
+        counts = result.events_by_table
+        last_ts = result.last_source_ts_ms
         with self.pool.connection() as conn:
             pending: dict[TableRef, dict[tuple[Any, ...], ChangeEvent]] = {}
             for event in events:
                 counts[event.table] = counts.get(event.table, 0) + 1
-                if event.source_ts_ms is not None and (max_ts is None or event.source_ts_ms > max_ts):
-                    max_ts = event.source_ts_ms
+                if event.source_ts_ms is not None:
+                    last_ts[event.table] = event.source_ts_ms
                 if event.op == "t":
                     # Everything before the truncate must land first, in order.
-                    rows_written += self._flush(conn, pending)
+                    self._flush(conn, pending, result)
                     self._truncate(conn, event.table)
-                    truncates += 1
+                    result.truncates += 1
                     continue
                 plan = self._plans.get(event.table)
                 if plan is None or not plan.known_columns.issuperset(event.row):
-                    rows_written += self._flush(conn, pending)
+                    self._flush(conn, pending, result)
                     plan = self._refresh(conn, event.table)
                 row = event.row
                 key = tuple(row.get(k) for k in plan.schema.primary_key)
                 per_table = pending.setdefault(event.table, {})
                 per_table.pop(key, None)  # re-insert so dict order follows the latest event
                 per_table[key] = event
-            rows_written += self._flush(conn, pending)
-        return BatchResult(counts, rows_written, truncates, max_ts, self._unchanged_toast_values)
+            self._flush(conn, pending, result)
+        return result
 
     def _truncate(self, conn: psycopg2.extensions.connection, table: TableRef) -> None:
         with conn.cursor() as cursor:
@@ -200,21 +197,25 @@ class PostgresApplier:
         self,
         conn: psycopg2.extensions.connection,
         pending: dict[TableRef, dict[tuple[Any, ...], ChangeEvent]],
-    ) -> int:
-        written = 0
+        result: BatchResult,
+    ) -> None:
         for table, latest in pending.items():
             if latest:
-                written += self._merge(conn, self._plans[table], latest.values())
+                self._merge(conn, self._plans[table], latest.values(), result)
         pending.clear()
-        return written
 
     def _merge(
-        self, conn: psycopg2.extensions.connection, plan: _TablePlan, events: Iterable[ChangeEvent]
-    ) -> int:
+        self,
+        conn: psycopg2.extensions.connection,
+        plan: _TablePlan,
+        events: Iterable[ChangeEvent],
+        result: BatchResult,
+    ) -> None:
         buffer = io.StringIO()
         write = buffer.write
         key_columns = set(plan.schema.primary_key)
         rows = 0
+        unchanged_toast = 0
         for event in events:
             values = event.row
             delete = event.is_delete
@@ -231,7 +232,7 @@ class PostgresApplier:
                 if value is None or (delete and name not in key_columns):
                     fields.append(COPY_NULL)
                 elif is_unavailable(value):
-                    self._unchanged_toast_values += 1
+                    unchanged_toast += 1
                     unchanged.append(name)
                     fields.append(COPY_NULL)
                 else:
@@ -251,4 +252,5 @@ class PostgresApplier:
             cursor.copy_expert(plan.copy, buffer)
             cursor.execute(plan.merge)
             cursor.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(plan.stage_name)))
-        return rows
+        result.rows_written += rows
+        result.unchanged_toast_values += unchanged_toast

@@ -388,15 +388,22 @@ class ConfigStore:
 
     # -- monitoring ------------------------------------------------------------------------
 
-    def record_flow(self, pipeline: str, destination: str, table_name: str, count: int) -> None:
-        """Append one batch's applied record count for a destination table."""
+    def record_flows(self, pipeline: str, flows: Sequence[tuple[str, str, int]]) -> None:
+        """Append one batch's applied record counts, ``(destination, table, count)`` each."""
+        if not flows:
+            return
+        destinations, tables, counts = (list(column) for column in zip(*flows, strict=True))
         self._query(
             """
             INSERT INTO data_flow_record_monitoring (pipeline_id, destination, table_name,
                                                      record_count)
-            SELECT id, %s, %s, %s FROM pipelines WHERE name = %s
+            SELECT p.id, f.destination, f.table_name, f.record_count
+            FROM pipelines p,
+                 unnest(%s::text[], %s::text[], %s::bigint[])
+                     AS f(destination, table_name, record_count)
+            WHERE p.name = %s
             """,
-            (destination, table_name, count, pipeline),
+            (destinations, tables, counts, pipeline),
         )
 
     def record_wal_reading(
