@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 
 from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.dsn import mask_secrets
@@ -31,36 +32,35 @@ from rosetta_dagster.settings import (
 logger = logging.getLogger("rosetta.cli")
 
 
-def _config_store(args: argparse.Namespace) -> ConfigStore:
-    pool = ResilientConnectionPool(
-        args.database_url or config_database_url(),
-        PoolSettings.from_env(max_conn=2),
-        label="config_db",
-        setting="--database-url" if args.database_url else CONFIG_DATABASE_URL_ENV,
-    ).open()
-    return ConfigStore(pool)
+@contextmanager
+def _open_config_store(url: str | None, setting: str = CONFIG_DATABASE_URL_ENV) -> Iterator[ConfigStore]:
+    """A small pool to config_db for one command, closed when the command ends."""
+    with ResilientConnectionPool(
+        url, PoolSettings.from_env(max_conn=2), label="config_db", setting=setting
+    ) as pool:
+        yield ConfigStore(pool)
+
+
+def _config_store(args: argparse.Namespace) -> AbstractContextManager[ConfigStore]:
+    if args.database_url:
+        return _open_config_store(args.database_url, "--database-url")
+    return _open_config_store(config_database_url())
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    store = _config_store(args)
-    try:
+    with _config_store(args) as store:
         applied = store.upgrade()
         print(
             f"config_db at schema version {store.schema_version()} "
             f"({len(applied)} migration(s) applied now)."
         )
-    finally:
-        store.pool.close()
     return 0
 
 
 def _cmd_db_status(args: argparse.Namespace) -> int:
-    store = _config_store(args)
-    try:
+    with _config_store(args) as store:
         print(f"config_db at {store.pool.target.description}: schema version "
               f"{store.schema_version()}")
-    finally:
-        store.pool.close()
     return 0
 
 
@@ -141,15 +141,9 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     stack = LocalStack(local_state_dir())
     cluster = stack.up()
     environment = stack.environment(cluster)
-    store = ConfigStore(
-        ResilientConnectionPool(environment[CONFIG_DATABASE_URL_ENV], PoolSettings.from_env(max_conn=2))
-        .open()
-    )
-    try:
+    with _open_config_store(environment[CONFIG_DATABASE_URL_ENV]) as store:
         store.upgrade()
         version = store.schema_version()
-    finally:
-        store.pool.close()
     port = args.port
     if not _port_is_free(port):
         with socket.socket() as sock:
@@ -189,30 +183,29 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 def _cmd_stream(args: argparse.Namespace) -> int:
     """Stream one pipeline in the foreground (what the Dagster op does, without Dagster)."""
     pipeline = load_config().pipeline(args.pipeline)
-    store = _config_store(args)
-    store.upgrade()
-    store.sync_pipeline(pipeline)
 
     def terminate(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # lands in the waiting thread, which closes the engine
 
     signal.signal(signal.SIGTERM, terminate)
-    session = StreamingSession(pipeline, offsets_dir=offsets_dir(), config_store=store)
-    try:
-        session.run(tick=lambda p: logger.info("Pipeline %s: %d events applied", pipeline.name,
-                                               p.events_applied))
-    except KeyboardInterrupt:
-        print(f"Pipeline {pipeline.name} stopped.")
-    finally:
-        store.pool.close()
+    with _config_store(args) as store:
+        store.upgrade()
+        store.sync_pipeline(pipeline)
+        session = StreamingSession(pipeline, offsets_dir=offsets_dir(), config_store=store)
+        try:
+            session.run(tick=lambda p: logger.info("Pipeline %s: %d events applied",
+                                                   pipeline.name, p.events_applied))
+        except KeyboardInterrupt:
+            print(f"Pipeline {pipeline.name} stopped.")
     return 0
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    store = _config_store(args)
-    try:
+    with _config_store(args) as store:
+        store.upgrade()  # like every other starter of the config store
         if args.pipeline_command == "sync":
-            for declared in load_config().pipelines.values():
+            # Names only: syncing needs no secrets.
+            for declared in load_config(resolve_secrets=False).pipelines.values():
                 store.sync_pipeline(declared)
         elif args.pipeline_command in ("start", "pause"):
             pipeline = store.set_pipeline_status(args.name, args.pipeline_command.upper())
@@ -221,8 +214,6 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         for pipeline in store.list_pipelines():
             print(f"{pipeline.name}\t{pipeline.status.value}\t{pipeline.state.value}\t"
                   f"{pipeline.last_error or ''}")
-    finally:
-        store.pool.close()
     return 0
 
 

@@ -166,3 +166,18 @@ def test_stream_job_failure_is_one_sentence_in_the_dagster_log(
     log_lines = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert expected in log_lines  # the op's own ERROR line in the run's log
     assert not any("wrong-pw" in line for line in log_lines)
+
+
+def test_cli_pipeline_sync_start_pause_and_list(
+    tmp_path: Path, pg_cluster: LocalPostgresCluster, database_url: str
+) -> None:
+    env = {"CONFIG_DATABASE_URL": database_url,
+           "ROSETTA_CONFIG": str(_pipeline_file(tmp_path, pg_cluster, "shop"))}
+    synced = _rosetta("pipeline", "sync", env=env)
+    assert synced.stdout == "shop\tPAUSE\tPAUSED\t\n", synced.stderr
+    assert _rosetta("pipeline", "start", "shop", env=env).stdout == "Pipeline shop: status START\n"
+    assert _rosetta("pipeline", "list", env=env).stdout == "shop\tSTART\tPAUSED\t\n"
+    assert _rosetta("pipeline", "pause", "shop", env=env).stdout == "Pipeline shop: status PAUSE\n"
+    unknown = _rosetta("pipeline", "start", "nope", env=env)
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().endswith("Pipeline 'nope' does not exist in the config store.")
