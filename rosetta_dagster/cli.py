@@ -10,8 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
 from rosetta_dagster.core.config_store import ConfigStore
@@ -90,60 +89,45 @@ def _reset_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _launch_when_ready(url: str, job_name: str, child: subprocess.Popen[bytes]) -> Callable[[], None]:
-    """Submit the demo's streaming run through the webserver, like the UI's Launch button."""
+_ACTIVE_STREAM_RUNS = """
+query { runsOrError(filter: {tags: [{key: "rosetta/pipeline", value: "%s"}],
+                             statuses: [QUEUED, NOT_STARTED, STARTING, STARTED]}) {
+  ... on Runs { results { runId } } } }
+"""
+
+
+def _terminate_streams(url: str, pipeline: str) -> None:
+    """Stop the pipeline's runs through Dagster so the engine flushes offsets and frees the slot."""
     from dagster_graphql import DagsterGraphQLClient
 
     host, port = url.removeprefix("http://").split(":")
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and child.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/server_info", timeout=2):
-                break
-        except OSError:
-            time.sleep(1)
     client = DagsterGraphQLClient(host, port_number=int(port))
-    # Submit exactly once, after the code location has loaded: a submission sent while it
-    # loads may time out on the client yet still create a run.
-    status_query = "{ workspaceOrError { ... on Workspace { locationEntries { loadStatus } } } }"
-    while time.monotonic() < deadline and child.poll() is None:
-        try:
-            entries = client._execute(status_query)["workspaceOrError"]["locationEntries"]
-        except Exception:  # noqa: BLE001 - the webserver may still be starting
-            entries = []
-        if entries and all(e["loadStatus"] == "LOADED" for e in entries):
-            break
-        time.sleep(1)
     try:
-        run_id = client.submit_job_execution(job_name)
-    except Exception as exc:  # noqa: BLE001 - the demo goes on; the UI can launch it
-        print(f"Could not launch {job_name} ({exc}); launch it from the UI (Jobs > {job_name}).",
-              flush=True)
-        return lambda: None
-    print(f"Launched {job_name}: {url}/runs/{run_id}", flush=True)
-
-    def terminate() -> None:
-        """Stop the stream through Dagster so the engine flushes offsets and frees the slot."""
-        try:
-            client.terminate_run(run_id)
-            stop_by = time.monotonic() + 20
-            while time.monotonic() < stop_by:
-                if client.get_run_status(run_id).value in ("CANCELED", "FAILURE", "SUCCESS"):
-                    break
+        runs = client._execute(_ACTIVE_STREAM_RUNS % pipeline)["runsOrError"]["results"]
+        for run in runs:
+            client.terminate_run(run["runId"])
+        stop_by = time.monotonic() + 20
+        for run in runs:
+            while time.monotonic() < stop_by and client.get_run_status(run["runId"]).value not in (
+                "CANCELED", "FAILURE", "SUCCESS"
+            ):
                 time.sleep(0.5)
-        except Exception:  # noqa: BLE001 - already ended, or the webserver is gone
-            pass
-
-    return terminate
+    except Exception:  # noqa: BLE001 - nothing running, or the webserver is already gone
+        pass
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
     stack = LocalStack(local_state_dir())
     cluster = stack.up()
     environment = stack.environment(cluster)
+    demo = "demo"
     with _open_config_store(environment[CONFIG_DATABASE_URL_ENV]) as store:
         store.upgrade()
         version = store.schema_version()
+        for declared in load_config(stack.pipeline_file, resolve_secrets=False).pipelines.values():
+            store.sync_pipeline(declared)
+        # The supervisor sensor launches the stream once Dagster is up.
+        store.set_pipeline_status(demo, "PAUSE" if args.no_stream else "START")
     port = args.port
     if not _port_is_free(port):
         with socket.socket() as sock:
@@ -163,17 +147,18 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         command, env={**os.environ, **environment}, cwd=PROJECT_ROOT, preexec_fn=_reset_signals
     )
 
-    stop_stream: Callable[[], None] = lambda: None  # noqa: E731
-
     def forward(signum: int, _frame: object) -> None:
-        stop_stream()
+        # Pause first so the supervisor does not relaunch what is being stopped.
+        with _open_config_store(environment[CONFIG_DATABASE_URL_ENV]) as store:
+            store.set_pipeline_status(demo, "PAUSE")
+        _terminate_streams(url, demo)
         child.send_signal(signum)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     try:
         if not args.no_stream:
-            stop_stream = _launch_when_ready(url, "stream_demo", child)
+            print(f"The pipeline supervisor starts stream_{demo}: {url}/runs", flush=True)
         return child.wait()
     finally:
         if not args.keep_postgres:
@@ -245,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev = commands.add_parser("dev", help="Start local PostgreSQL, migrate, run `dagster dev`.")
     dev.add_argument("--port", type=int, default=3000, help="Dagster UI port (default 3000).")
     dev.add_argument("--keep-postgres", action="store_true", help="Leave PostgreSQL running.")
-    dev.add_argument("--no-stream", action="store_true", help="Do not launch stream_demo.")
+    dev.add_argument("--no-stream", action="store_true",
+                     help="Leave the demo pipeline paused (start it with `rosetta pipeline start demo`).")
     dev.set_defaults(func=_cmd_dev)
 
     stream = commands.add_parser("stream", help="Stream one pipeline in the foreground.")

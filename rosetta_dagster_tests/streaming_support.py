@@ -43,10 +43,12 @@ def execute(url: str, *statements: str, params: tuple[object, ...] = ()) -> None
     conn.close()
 
 
-def fetch(url: str, statement: str | sql.Composable) -> list[tuple[object, ...]]:
+def fetch(
+    url: str, statement: str | sql.Composable, params: tuple[object, ...] = ()
+) -> list[tuple[object, ...]]:
     conn = psycopg2.connect(url)
     with conn.cursor() as cursor:
-        cursor.execute(statement)
+        cursor.execute(statement, params or None)
         rows = cursor.fetchall()
     conn.close()
     return rows

@@ -1,20 +1,31 @@
-"""The streaming job launched and terminated through a real Dagster instance (dagster dev)."""
+"""Operating the streams through a real Dagster instance: `dagster dev` with its daemon running
+the supervisor, slot-guard and WAL-monitor sensors, real streaming runs, real PostgreSQL.
+
+One instance serves the module (starting it costs ~20 s); the tests run in file order and each
+leaves the `orders` pipeline streaming. The `broken` pipeline (unreachable source) is START from
+the beginning and must never disturb `orders`.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from dagster_graphql import DagsterGraphQLClient
 
+from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster, find_free_port
+from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.local_stack import write_dagster_instance_yaml
 from rosetta_dagster_tests.streaming_support import (
     StreamingEnv,
@@ -25,62 +36,134 @@ from rosetta_dagster_tests.streaming_support import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+ACTIVE = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"}
+SLOT_ACTIVE = "SELECT active FROM pg_replication_slots WHERE slot_name = 'rosetta_orders'"
+OPERATIONS = {
+    "supervisor_interval_seconds": 5,
+    "heartbeat_timeout_seconds": 20,
+    "restart_backoff_initial_seconds": 4,
+    "restart_backoff_max_seconds": 16,
+    "wal_monitor_interval_seconds": 10,
+}
 
 
-class DagsterDev:
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-        self.process, self.port, self.log = process, port, log
-        self.client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+@dataclass
+class Deployment:
+    env: StreamingEnv
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+    workdir: Path
+    config_url: str
+    storage_url: str
+    environment: dict[str, str]
 
-    def wait_loaded(self, timeout_s: float = 120) -> None:
-        query = "{ workspaceOrError { ... on Workspace { locationEntries { loadStatus } } } }"
+    @property
+    def client(self) -> DagsterGraphQLClient:
+        return DagsterGraphQLClient("127.0.0.1", port_number=self.port)
 
-        def loaded() -> bool:
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/server_info", timeout=2)
-                entries = self.client._execute(query)["workspaceOrError"]["locationEntries"]
-            except Exception:  # noqa: BLE001 - still starting
-                return False
-            return bool(entries) and all(e["loadStatus"] == "LOADED" for e in entries)
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
 
-        wait_until(loaded, timeout_s, "dagster dev to load the code location")
+    def runs(self, pipeline: str) -> list[tuple[str, str, float, float | None]]:
+        """(run id, status, created, ended) of the pipeline's streaming runs, oldest first."""
+        rows = fetch(
+            self.storage_url,
+            "SELECT r.run_id, r.status, extract(epoch FROM r.create_timestamp)::float8, "
+            "r.end_time FROM runs r JOIN run_tags t ON t.run_id = r.run_id "
+            "WHERE t.key = 'rosetta/pipeline' AND t.value = %s ORDER BY r.create_timestamp",
+            (pipeline,),
+        )
+        return [(str(a), str(b), float(c), None if d is None else float(d))  # type: ignore[arg-type]
+                for a, b, c, d in rows]
 
-    def status(self, run_id: str) -> str:
-        return self.client.get_run_status(run_id).value
+    def active_runs(self, pipeline: str) -> list[str]:
+        return [run_id for run_id, status, _, _ in self.runs(pipeline) if status in ACTIVE]
+
+    def streaming_run(self, pipeline: str) -> str:
+        """Wait for exactly one STARTED run whose pipeline reports RUNNING; return its id."""
+        def one_running() -> bool:
+            runs = [r for r in self.runs(pipeline) if r[1] in ACTIVE]
+            state = fetch(self.config_url, "SELECT m.state, m.run_id FROM pipeline_metadata m "
+                          "JOIN pipelines p ON p.id = m.pipeline_id WHERE p.name = %s", (pipeline,))
+            return (len(runs) == 1 and runs[0][1] == "STARTED"
+                    and state == [("RUNNING", runs[0][0])])
+
+        wait_until(one_running, 120, f"one running stream of {pipeline}")
+        return self.active_runs(pipeline)[0]
+
+    def rosetta(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "rosetta_dagster.cli", *args],
+                              env=self.environment, capture_output=True, text=True, timeout=60,
+                              check=True)
 
 
-@pytest.fixture
-def env(pg_cluster: LocalPostgresCluster, pg_root: Path) -> StreamingEnv:
-    return new_streaming_env(pg_cluster, pg_root)
-
-
-@pytest.fixture
-def dagster_dev(env: StreamingEnv, pg_root: Path) -> Iterator[DagsterDev]:
+def _pipeline_file(env: StreamingEnv, path: Path) -> None:
     cluster = env.cluster
+    endpoint = {"host": "127.0.0.1", "port": cluster.port, "user": cluster.superuser,
+                "password": "${TEST_PG_PASSWORD}"}
+    path.write_text(yaml.safe_dump({
+        "sources": {
+            "src": {**endpoint, "database": env.source_db},
+            # Nothing listens there: every run of `broken` fails at once.
+            "unreachable": {**endpoint, "port": find_free_port(), "database": "nowhere"},
+        },
+        "destinations": {
+            "dst": {**endpoint, "database": env.destination_db, "schema": "replica"},
+            "dst_broken": {**endpoint, "database": env.destination_db, "schema": "broken"},
+        },
+        "pipelines": {
+            "orders": {"source": "src", "destinations": ["dst"], "tables": ["public.orders"],
+                       "streaming": {"heartbeat_interval_ms": 1000}},
+            "broken": {"source": "unreachable", "destinations": ["dst_broken"],
+                       "tables": ["public.orders"]},
+        },
+        "operations": OPERATIONS,
+    }))
+
+
+@pytest.fixture(scope="module")
+def deployment(pg_cluster: LocalPostgresCluster, pg_root: Path) -> Iterator[Deployment]:
+    env = new_streaming_env(pg_cluster, pg_root)
+    execute(env.source_url,
+            "CREATE TABLE public.orders (id int PRIMARY KEY, amount numeric(10,2), note text)",
+            "INSERT INTO public.orders SELECT g, g, 'n' FROM generate_series(1, 200) g")
     workdir = pg_root / f"dagster-{env.source_db}"
     workdir.mkdir()
-    storage_db = f"dagster_{env.source_db}"
-    cluster.create_database(storage_db)
-    config_db = f"config_{env.source_db}"
-    cluster.create_database(config_db)
-    write_dagster_instance_yaml(workdir / "home", cluster, storage_db, "TEST_PG_PASSWORD")
-    pipeline_file = env.write_pipeline_file(workdir / "rosetta.yaml", "orders", ["public.orders"])
+    storage_db, config_db = f"dagster_{env.source_db}", f"config_{env.source_db}"
+    pg_cluster.create_database(storage_db)
+    pg_cluster.create_database(config_db)
+    write_dagster_instance_yaml(workdir / "home", pg_cluster, storage_db, "TEST_PG_PASSWORD")
+    pipeline_file = workdir / "rosetta.yaml"
+    _pipeline_file(env, pipeline_file)
+    config_url = pg_cluster.dsn(config_db)
+    environment = {**env.pipeline_env(pipeline_file, config_url),
+                   "DAGSTER_HOME": str(workdir / "home"),
+                   # Relative, as in the product: the checklist's log line names tmp/offsets/…
+                   "ROSETTA_OFFSETS_DIR": "tmp/offsets"}
+    with ResilientConnectionPool(config_url, PoolSettings.from_env(max_conn=1)) as pool:
+        store = ConfigStore(pool)
+        store.upgrade()
+        from rosetta_dagster.core.pipeline_config import load_config
+
+        for pipeline in load_config(pipeline_file, resolve_secrets=False).pipelines.values():
+            store.sync_pipeline(pipeline)
+        store.set_pipeline_status("broken", PipelineStatus.START)
     port = find_free_port()
     log = workdir / "dagster-dev.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
          "-h", "127.0.0.1", "-p", str(port)],
         cwd=workdir, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**env.pipeline_env(pipeline_file, cluster.dsn(config_db)),
-             "DAGSTER_HOME": str(workdir / "home")},
+        env=environment,
     )
-    dev = DagsterDev(process, port, log)
-    dev.config_url = cluster.dsn(config_db)  # type: ignore[attr-defined]
+    deployed = Deployment(env, process, port, log, workdir, config_url,
+                          pg_cluster.dsn(storage_db), environment)
     try:
-        yield dev
+        _wait_loaded(deployed)
+        yield deployed
     finally:
+        print(deployed.output()[-8000:])  # shown by pytest when a test of the module failed
         os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(30)
@@ -89,42 +172,169 @@ def dagster_dev(env: StreamingEnv, pg_root: Path) -> Iterator[DagsterDev]:
             process.wait(10)
 
 
-def test_terminating_the_run_cancels_cleanly_and_restart_does_not_resnapshot(
-    env: StreamingEnv, dagster_dev: DagsterDev
+def _wait_loaded(deployed: Deployment) -> None:
+    query = "{ workspaceOrError { ... on Workspace { locationEntries { loadStatus } } } }"
+
+    def loaded() -> bool:
+        assert deployed.process.poll() is None, deployed.output()[-3000:]
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{deployed.port}/server_info", timeout=2)
+            entries = deployed.client._execute(query)["workspaceOrError"]["locationEntries"]
+        except Exception:  # noqa: BLE001 - still starting
+            return False
+        return bool(entries) and all(e["loadStatus"] == "LOADED" for e in entries)
+
+    wait_until(loaded, 120, "dagster dev to load the code location")
+
+
+def _flows(deployed: Deployment) -> int:
+    rows = fetch(deployed.config_url, "SELECT coalesce(sum(f.record_count), 0) FROM "
+                 "data_flow_record_monitoring f JOIN pipelines p ON p.id = f.pipeline_id "
+                 "WHERE p.name = 'orders' AND f.destination = 'dst'")
+    return int(rows[0][0])  # type: ignore[call-overload]
+
+
+def _evaluations(seconds: float) -> None:
+    """Let the supervisor evaluate a few times."""
+    time.sleep(seconds)
+
+
+def test_start_launches_exactly_one_run_pause_terminates_it_and_start_resumes(
+    deployment: Deployment,
 ) -> None:
-    execute(env.source_url,
-            "CREATE TABLE public.orders (id int PRIMARY KEY, amount numeric(10,2), note text)",
-            "INSERT INTO public.orders SELECT g, g, 'n' FROM generate_series(1, 200) g")
-    dagster_dev.wait_loaded()
-    first = dagster_dev.client.submit_job_execution("stream_orders")
+    env = deployment.env
+    wait_until(lambda: "Pipeline manager started with 1 active pipelines" in deployment.output(),
+               60, "the supervisor's first evaluation")
+    assert deployment.runs("orders") == []
+
+    deployment.rosetta("pipeline", "start", "orders")
+    deployment.rosetta("pipeline", "start", "orders")  # twice, quickly: still one run
+    first = deployment.streaming_run("orders")
     wait_until(lambda: env.converged("public.orders"), 120, "the snapshot through Dagster")
     execute(env.source_url, "UPDATE public.orders SET note = 'updated' WHERE id <= 20",
             "DELETE FROM public.orders WHERE id > 190")
     wait_until(lambda: env.converged("public.orders"), 60, "streamed changes")
-    assert dagster_dev.status(first) == "STARTED"
-    config_url = dagster_dev.config_url  # type: ignore[attr-defined]
-    assert fetch(config_url, "SELECT m.state FROM pipeline_metadata m") == [("RUNNING",)]
+    _evaluations(2 * OPERATIONS["supervisor_interval_seconds"])
+    assert [r[0] for r in deployment.runs("orders")] == [first]
 
-    dagster_dev.client.terminate_run(first)
-    started = time.monotonic()
-    wait_until(lambda: dagster_dev.status(first) in TERMINAL, 30, "the run to end")
-    assert dagster_dev.status(first) == "CANCELED"
-    assert time.monotonic() - started < 10
-    slot = "SELECT active FROM pg_replication_slots WHERE slot_name = 'rosetta_orders'"
-    wait_until(lambda: fetch(env.source_url, slot) == [(False,)], 10, "the slot to be released")
-    assert fetch(config_url, "SELECT m.state FROM pipeline_metadata m") == [("PAUSED",)]
-    applied_first = fetch(config_url, "SELECT sum(record_count) FROM data_flow_record_monitoring")
-    assert applied_first == [(230,)]  # 200 snapshot rows + 20 updates + 10 deletes
-
-    # Changes while stopped; the next run resumes from the offsets: no second snapshot.
+    # Pause through the Dagster job (the launchpad's way); the supervisor terminates the run.
+    deployment.client.submit_job_execution(
+        "set_pipeline_status",
+        run_config={"ops": {"set_pipeline_status_op": {"config": {"pipeline": "orders",
+                                                                   "status": "PAUSE"}}}},
+    )
+    wait_until(lambda: deployment.active_runs("orders") == [], 60, "the paused run to stop")
+    assert deployment.runs("orders")[-1][1] == "CANCELED"
+    wait_until(lambda: fetch(env.source_url, SLOT_ACTIVE) == [(False,)], 10, "the slot's release")
+    assert _flows(deployment) == 230  # 200 snapshot rows + 20 updates + 10 deletes
     execute(env.source_url, "INSERT INTO public.orders VALUES (1000, 1, 'late')",
             "UPDATE public.orders SET amount = 0 WHERE id = 1")
-    second = dagster_dev.client.submit_job_execution("stream_orders")
+    _evaluations(2 * OPERATIONS["supervisor_interval_seconds"])
+    assert len(deployment.runs("orders")) == 1  # stays gone while paused
+
+    deployment.rosetta("pipeline", "start", "orders")
+    second = deployment.streaming_run("orders")
+    assert second != first
     wait_until(lambda: env.converged("public.orders"), 120, "the resumed stream")
-    total = fetch(config_url, "SELECT sum(record_count) FROM data_flow_record_monitoring")[0][0]
-    # A snapshot would add 201 rows. At-least-once delivery may replay the last streamed
-    # transactions whose commit was not yet confirmed (no heartbeat since), nothing more.
-    assert 232 <= total <= 262, total
-    dagster_dev.client.terminate_run(second)
-    wait_until(lambda: dagster_dev.status(second) in TERMINAL, 30, "the second run to end")
-    assert dagster_dev.status(second) == "CANCELED"
+    # Resumed from the offsets: a snapshot would add 201 rows. At-least-once delivery may
+    # replay the last transactions whose commit was not yet confirmed, nothing more.
+    assert 232 <= _flows(deployment) <= 262
+
+
+def _run_worker_pid(deployed: Deployment, run_id: str) -> int:
+    """The pid Dagster reports for the process executing the run's steps."""
+    rows = fetch(deployed.storage_url,
+                 "SELECT event FROM event_logs WHERE run_id = %s AND event LIKE %s",
+                 (run_id, "%Executing steps in process (pid: %"))
+    match = re.search(r"Executing steps in process \(pid: (\d+)\)", str(rows[0][0]))
+    assert match, rows
+    return int(match.group(1))
+
+
+def test_a_killed_run_is_replaced_and_a_hung_run_is_failed_by_its_stale_heartbeat(
+    deployment: Deployment,
+) -> None:
+    env = deployment.env
+    # kill -9: the code server sees its run process exit; the supervisor replaces the run.
+    killed = deployment.streaming_run("orders")
+    os.kill(_run_worker_pid(deployment, killed), signal.SIGKILL)
+    execute(env.source_url, "UPDATE public.orders SET note = 'after kill' WHERE id <= 50")
+    wait_until(lambda: killed not in deployment.active_runs("orders"), 90, "the killed run to end")
+    replacement = deployment.streaming_run("orders")
+    assert replacement != killed
+    wait_until(lambda: env.converged("public.orders"), 120, "the replacement run")
+
+    # A process that stops without anyone noticing (host lost, frozen): Dagster keeps the run
+    # STARTED; only the stale heartbeat gives it away. SIGSTOP makes exactly that.
+    hung_pid = _run_worker_pid(deployment, replacement)
+    os.kill(hung_pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: replacement not in deployment.active_runs("orders"), 120,
+                   "the supervisor to fail the silent run")
+    finally:
+        os.kill(hung_pid, signal.SIGKILL)  # now gone for good, as a lost host would be
+    statuses = {run_id: status for run_id, status, _, _ in deployment.runs("orders")}
+    assert statuses[replacement] == "FAILURE"
+    assert f"Streaming run {replacement} of pipeline orders stopped heartbeating" in (
+        deployment.output())
+    execute(env.source_url, "INSERT INTO public.orders VALUES (2000, 2, 'after hang')")
+    third = deployment.streaming_run("orders")
+    assert third not in (killed, replacement)
+    wait_until(lambda: env.converged("public.orders"), 120, "the run after the hang")
+
+
+def test_a_dropped_slot_deletes_the_stale_offset_and_the_resnapshot_converges(
+    deployment: Deployment,
+) -> None:
+    env = deployment.env
+    deployment.rosetta("pipeline", "pause", "orders")
+    wait_until(lambda: deployment.active_runs("orders") == [], 60, "the paused run to stop")
+    offsets = deployment.workdir / "tmp" / "offsets" / "orders.dat"
+    assert offsets.exists()
+    wait_until(lambda: fetch(env.source_url, SLOT_ACTIVE) == [(False,)], 10, "the slot's release")
+    execute(env.source_url, "SELECT pg_drop_replication_slot('rosetta_orders')",
+            "DELETE FROM public.orders WHERE id BETWEEN 100 AND 150",
+            "UPDATE public.orders SET note = 'while dropped' WHERE id < 10",
+            "INSERT INTO public.orders VALUES (3000, 3, 'while dropped')")
+    wait_until(lambda: not offsets.exists(), 60, "the slot guard to delete the stale offset")
+    output = deployment.output()
+    assert "Deleting stale offset file: tmp/offsets/orders.dat" in output
+    assert "Deleted stale offset. Debezium will start fresh with snapshot mode." in output
+    history = fetch(deployment.config_url, "SELECT offset_file, slot_name FROM offset_cleanups")
+    assert history == [("tmp/offsets/orders.dat", "rosetta_orders")]
+
+    deployment.rosetta("pipeline", "start", "orders")
+    deployment.streaming_run("orders")
+    wait_until(lambda: env.converged("public.orders"), 120, "the re-snapshot, deletions included")
+
+
+def test_an_unreachable_source_is_marked_error_and_backs_off_while_others_stream(
+    deployment: Deployment,
+) -> None:
+    env = deployment.env
+    execute(env.source_url, "INSERT INTO public.orders VALUES (4000, 4, 'still streaming')")
+    wait_until(lambda: env.converged("public.orders"), 60, "orders to keep streaming")
+    state = fetch(deployment.config_url, "SELECT m.state, m.last_error FROM pipeline_metadata m "
+                  "JOIN pipelines p ON p.id = m.pipeline_id WHERE p.name = 'broken'")
+    assert state[0][0] == "ERROR"
+    assert "could not connect to source unreachable" in str(state[0][1])
+    runs = [r for r in deployment.runs("broken") if r[1] not in ACTIVE]
+    assert len(runs) >= 3, runs
+    assert all(status == "FAILURE" for _, status, _, _ in runs)
+    # Each relaunch waited at least its backoff after the previous failure ended.
+    for attempt, (previous, following) in enumerate(zip(runs, runs[1:], strict=False), start=1):
+        backoff = min(OPERATIONS["restart_backoff_initial_seconds"] * 2 ** (attempt - 1),
+                      OPERATIONS["restart_backoff_max_seconds"])
+        assert previous[3] is not None
+        assert following[2] - previous[3] >= backoff - 0.5, (attempt, runs)
+
+
+def test_the_wal_monitor_stores_and_logs_readings_of_each_slot(deployment: Deployment) -> None:
+    def orders_reading() -> bool:
+        rows = fetch(deployment.config_url,
+                     "SELECT status, active, wal_status, retained_wal_bytes FROM wal_monitor "
+                     "WHERE slot_name = 'rosetta_orders' AND active ORDER BY id DESC LIMIT 1")
+        return bool(rows) and rows[0][0] == "OK" and rows[0][2] == "reserved"
+
+    wait_until(orders_reading, 60, "a WAL monitor reading of the active slot")
+    assert "slot rosetta_orders on source src: wal_size=" in deployment.output()

@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, DagsterInstance, Definitions, materialize
 
+from rosetta_dagster.core.config_store import load_migrations
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.definitions import build_definitions, defs
 from rosetta_dagster.defs.platform.assets import config_db
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 from rosetta_dagster.local_stack import LocalStack
 from rosetta_dagster_tests.conftest import TEST_PASSWORD
+
+LATEST = len(load_migrations())
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +46,7 @@ def test_config_db_asset_migrates_and_reports_pool_health(database_url: str) -> 
     )
     assert result.success
     metadata = result.asset_materializations_for_node("config_db")[0].metadata
-    assert metadata["schema_version"].value == 1
+    assert metadata["schema_version"].value == LATEST
     assert metadata["pool_init_attempts"].value == 1
     assert metadata["pool_max_conn"].value == 10
 
@@ -105,11 +108,12 @@ def test_cli_reports_a_bad_config_database_url_in_one_line(database_url: str) ->
 def test_cli_db_upgrade_and_status(database_url: str) -> None:
     env = {"CONFIG_DATABASE_URL": database_url}
     upgrade = _rosetta("db", "upgrade", env=env)
-    assert "schema version 1 (1 migration(s) applied now)" in upgrade.stdout, upgrade.stderr
+    expected = f"schema version {LATEST} ({LATEST} migration(s) applied now)"
+    assert expected in upgrade.stdout, upgrade.stderr
     again = _rosetta("db", "upgrade", env=env)
     assert "(0 migration(s) applied now)" in again.stdout
     status = _rosetta("db", "status", env=env)
-    assert "schema version 1" in status.stdout
+    assert f"schema version {LATEST}" in status.stdout
     assert TEST_PASSWORD not in upgrade.stdout + upgrade.stderr + status.stdout + status.stderr
 
 

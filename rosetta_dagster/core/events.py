@@ -21,6 +21,13 @@ class ChangeEvent:
     after: dict[str, Any] | None
     source_ts_ms: int | None = None
     lsn: int | None = None
+    # Debezium's source.snapshot: "first", "true", "last", "*_in_data_collection" while the
+    # initial snapshot runs; "false" (or "incremental") once streaming.
+    snapshot: str = "false"
+
+    @property
+    def from_snapshot(self) -> bool:
+        return self.snapshot not in ("false", "incremental")
 
     @property
     def is_delete(self) -> bool:
@@ -33,9 +40,15 @@ class ChangeEvent:
         return values or {}
 
 
-def decode_event(value: str) -> ChangeEvent:
-    """Parse one Debezium JSON envelope (schemas disabled)."""
+def decode_event(value: str) -> ChangeEvent | None:
+    """Parse one Debezium JSON envelope (schemas disabled); None for a logical message.
+
+    Logical messages (op ``m``) are the heartbeat action's ``pg_logical_emit_message``: they
+    move the slot forward but carry no row.
+    """
     payload = json.loads(value)
+    if payload.get("op") == "m":
+        return None
     source = payload["source"]
     return ChangeEvent(
         table=TableRef(source["schema"], source["table"]),
@@ -44,4 +57,5 @@ def decode_event(value: str) -> ChangeEvent:
         after=payload.get("after"),
         source_ts_ms=source.get("ts_ms"),
         lsn=source.get("lsn"),
+        snapshot=str(source.get("snapshot") or "false"),
     )

@@ -127,9 +127,47 @@ class PipelineDefinition:
 
 
 @dataclass(frozen=True)
+class OperationsSettings:
+    """How the Dagster daemon operates the streams (``operations:`` in rosetta.yaml)."""
+
+    supervisor_interval_seconds: int = 15
+    # A STARTED run whose pipeline heartbeat is older than this is treated as dead.
+    heartbeat_timeout_seconds: int = 60
+    restart_backoff_initial_seconds: int = 10
+    restart_backoff_max_seconds: int = 600
+    # A run that streamed at least this long resets its pipeline's restart backoff.
+    restart_backoff_reset_seconds: int = 300
+    wal_monitor_interval_seconds: int = 60
+    wal_warning_mb: int = 100  # checklist "Debezium WAL lag": warning > 100 MB
+    wal_critical_mb: int = 500  # critical > 500 MB
+
+    @property
+    def wal_warning_bytes(self) -> int:
+        return self.wal_warning_mb * 1024 * 1024
+
+    @property
+    def wal_critical_bytes(self) -> int:
+        return self.wal_critical_mb * 1024 * 1024
+
+
+# (minimum, maximum) of each operations setting; values outside are refused at load time.
+_OPERATIONS_RANGES = {
+    "supervisor_interval_seconds": (5, 3600),
+    "heartbeat_timeout_seconds": (10, 86400),
+    "restart_backoff_initial_seconds": (1, 3600),
+    "restart_backoff_max_seconds": (1, 86400),
+    "restart_backoff_reset_seconds": (10, 86400),
+    "wal_monitor_interval_seconds": (10, 3600),
+    "wal_warning_mb": (1, 1024 * 1024),
+    "wal_critical_mb": (1, 1024 * 1024),
+}
+
+
+@dataclass(frozen=True)
 class RosettaConfig:
     path: Path
     pipelines: dict[str, PipelineDefinition]
+    operations: OperationsSettings = OperationsSettings()
 
     def pipeline(self, name: str) -> PipelineDefinition:
         try:
@@ -166,10 +204,12 @@ class _Reader:
             self.fail(key, "must be a non-empty string")
         return str(value)
 
-    def integer(self, key: str, default: int, minimum: int = 1) -> int:
+    def integer(self, key: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
         value = self.data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             self.fail(key, f"must be an integer >= {minimum}")
+        if maximum is not None and value > maximum:
+            self.fail(key, f"must be an integer between {minimum} and {maximum}")
         return int(value)
 
     def secret(self, key: str) -> str | None:
@@ -290,4 +330,38 @@ def load_config(
             tables=tuple(tables),
             settings=settings,
         )
-    return RosettaConfig(path=path, pipelines=pipelines)
+    _refuse_shared_destination_tables(path, pipelines)
+    return RosettaConfig(path=path, pipelines=pipelines, operations=_operations(path, top))
+
+
+def _refuse_shared_destination_tables(path: Path, pipelines: Mapping[str, PipelineDefinition]) -> None:
+    """Two pipelines writing one destination table would undo each other's changes."""
+    writers: dict[tuple[str, str, str], str] = {}
+    for pipeline in pipelines.values():
+        for destination in pipeline.destinations:
+            for table in pipeline.tables:
+                target = (destination.name, destination.schema, table.name)
+                other = writers.setdefault(target, pipeline.name)
+                if other != pipeline.name:
+                    raise PipelineConfigError(
+                        f"{path}: pipelines '{other}' and '{pipeline.name}' both write "
+                        f"{destination.schema}.{table.name} in destination '{destination.name}'; "
+                        "give one of them another destination schema."
+                    )
+
+
+def _operations(path: Path, top: _Reader) -> OperationsSettings:
+    reader = _Reader(path, "operations", top.data.get("operations") or {}, None)
+    unknown = sorted(set(reader.data) - set(_OPERATIONS_RANGES))
+    if unknown:
+        reader.fail(unknown[0], "is not a known setting")
+    values = {
+        key: reader.integer(key, getattr(OperationsSettings, key), minimum, maximum)
+        for key, (minimum, maximum) in _OPERATIONS_RANGES.items()
+    }
+    settings = OperationsSettings(**values)
+    if settings.wal_critical_mb <= settings.wal_warning_mb:
+        reader.fail("wal_critical_mb", "must be larger than wal_warning_mb")
+    if settings.restart_backoff_max_seconds < settings.restart_backoff_initial_seconds:
+        reader.fail("restart_backoff_max_seconds", "must be at least restart_backoff_initial_seconds")
+    return settings

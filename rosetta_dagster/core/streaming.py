@@ -17,13 +17,19 @@ from psycopg2 import sql
 
 from rosetta_dagster.core.apply.applier import PostgresApplier
 from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema
-from rosetta_dagster.core.capture.engine import DebeziumCapture, offsets_file
+from rosetta_dagster.core.capture.engine import STALE_OFFSET_ERROR, DebeziumCapture, offsets_file
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
-from rosetta_dagster.core.dsn import mask_secrets, summarize_connection_error
-from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
+from rosetta_dagster.core.dsn import mask_secrets
+from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
+from rosetta_dagster.core.replication import (
+    delete_stale_offset,
+    missing_slot_reason,
+    slot_exists,
+    source_connection,
+)
 
 logger = logging.getLogger("rosetta.streaming")
 
@@ -76,35 +82,26 @@ class StreamingSession:
         self._appliers: list[PostgresApplier] = []
         self._pools: list[ResilientConnectionPool] = []
         self._capture: DebeziumCapture | None = None
+        self._resyncing = False
+        self._restarted_stale = False
 
     # -- preparation -----------------------------------------------------------------------
 
-    def _source_connection(self) -> psycopg2.extensions.connection:
-        source = self.pipeline.source
-        try:
-            return psycopg2.connect(source.dsn(), connect_timeout=10, application_name="rosetta")
-        except psycopg2.OperationalError as exc:
-            raise DatabaseConnectionError(
-                f"Pipeline {self.pipeline.name}: could not connect to source {source.name} at "
-                f"{source.description}: {summarize_connection_error(exc)}."
-            ) from None
-
     def _read_schema(self, table: TableRef) -> TableSchema:
-        conn = self._source_connection()
-        try:
+        with source_connection(self.pipeline) as conn:
             return read_table_schema(conn, table, f"source {self.pipeline.source.name}")
-        finally:
-            conn.close()
 
     def prepare(self) -> dict[TableRef, TableSchema]:
         """Check the source, create the publication and destination tables. No rows move yet."""
-        conn = self._source_connection()
-        try:
+        with source_connection(self.pipeline) as conn:
             where = f"source {self.pipeline.source.name}"
             self._schemas = {t: read_table_schema(conn, t, where) for t in self.pipeline.tables}
             self._ensure_publication(conn)
-        finally:
-            conn.close()
+            if not slot_exists(conn, self.pipeline.slot_name):
+                delete_stale_offset(
+                    self.pipeline, self.offsets_path, reason=missing_slot_reason(self.pipeline),
+                    config_store=self.config_store, log=self.log,
+                )
         for destination in self.pipeline.destinations:
             pool = ResilientConnectionPool(
                 destination.dsn(),
@@ -141,8 +138,25 @@ class StreamingSession:
 
     # -- running ---------------------------------------------------------------------------
 
-    def _on_batch(self, events: Sequence[ChangeEvent]) -> None:
-        results = [applier.apply(events) for applier in self._appliers]
+    def _on_batch(self, events: Sequence[ChangeEvent], streaming_seen: bool) -> None:
+        if self._resyncing:
+            # Snapshot events first (recording their keys), then reconcile as soon as the
+            # snapshot is known to be over, then whatever streamed after it.
+            cut = next((i for i, e in enumerate(events) if not e.from_snapshot), len(events))
+            snapshot_part, events = events[:cut], events[cut:]
+            if snapshot_part:
+                self._apply(snapshot_part, record_keys=True)
+            if events or streaming_seen or snapshot_part and snapshot_part[-1].snapshot == "last":
+                for applier in self._appliers:
+                    applier.finish_resync()
+                self._resyncing = False
+                self.log.info("Pipeline %s: snapshot complete; destinations reconciled",
+                              self.pipeline.name)
+        if events:
+            self._apply(events)
+
+    def _apply(self, events: Sequence[ChangeEvent], *, record_keys: bool = False) -> None:
+        results = [applier.apply(events, record_keys=record_keys) for applier in self._appliers]
         # Every destination sees the same events: counts and times come from the first.
         first = results[0]
         progress = self.progress  # written only by the engine thread; read by ticks
@@ -180,7 +194,7 @@ class StreamingSession:
         try:
             if not self._appliers:
                 self.prepare()
-            self._capture = DebeziumCapture(self.pipeline, self.offsets_path, self._on_batch)
+            self._start_capture()
             self._record_state(PipelineState.RUNNING)
             self.log.info(
                 "Streaming pipeline %s: %d table(s) from %s to %s (offsets %s)",
@@ -190,9 +204,12 @@ class StreamingSession:
                 ", ".join(d.name for d in self.pipeline.destinations),
                 self.offsets_path,
             )
-            self._capture.start()
             next_heartbeat = next_tick = time.monotonic()
-            while self._capture.wait(1.0):
+            while True:
+                assert self._capture is not None
+                if not self._capture.wait(1.0):
+                    if not self._restart_after_stale_offset():
+                        break
                 now = time.monotonic()
                 if now >= next_heartbeat and self.config_store is not None:
                     self.config_store.heartbeat(self.pipeline.name)
@@ -203,6 +220,7 @@ class StreamingSession:
                 if stop_when is not None and stop_when(self.progress):
                     break
             self._stop_capture()
+            assert self._capture is not None
             self._capture.raise_if_failed()
             if tick is not None:
                 tick(self.progress)
@@ -221,6 +239,32 @@ class StreamingSession:
                 pool.close()
             self._pools.clear()
             self._appliers.clear()
+
+    def _start_capture(self) -> None:
+        """Start the engine; without offsets it snapshots, and the destinations reconcile."""
+        fresh_snapshot = not self.offsets_path.exists() and self.pipeline.settings.snapshot_mode in (
+            "initial", "always", "when_needed"
+        )
+        if fresh_snapshot:
+            for applier in self._appliers:
+                applier.begin_resync()
+        self._resyncing = fresh_snapshot or any(a.resync_pending() for a in self._appliers)
+        self._capture = DebeziumCapture(self.pipeline, self.offsets_path, self._on_batch)
+        self._capture.start()
+
+    def _restart_after_stale_offset(self) -> bool:
+        """Debezium refused the stored offset: delete it and snapshot afresh, once."""
+        capture = self._capture
+        if capture is None or not capture.offset_no_longer_available or self._restarted_stale:
+            return False
+        self._restarted_stale = True
+        delete_stale_offset(
+            self.pipeline, self.offsets_path,
+            reason=f"Debezium: the last recorded offset is {STALE_OFFSET_ERROR}",
+            config_store=self.config_store, log=self.log,
+        )
+        self._start_capture()
+        return True
 
     def _stop_capture(self) -> None:
         if self._capture is not None and self._capture.running:

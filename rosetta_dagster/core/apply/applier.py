@@ -12,10 +12,19 @@ copies of the source.
 
 Unchanged TOAST values (``__debezium_unavailable_value``) are never written: those columns keep
 the destination's current value. Requires PostgreSQL 15+ on the destination (MERGE).
+
+Re-snapshots (first start, or after a dropped slot deleted the offsets) upsert every source row
+but cannot, by themselves, remove destination rows whose source row was deleted while nothing
+was streaming. During such a snapshot the applier records every snapshot key in a key table
+next to the destination table (same transaction as the MERGE); when the snapshot ends, rows
+whose key was not recorded are deleted and the key tables dropped (:meth:`finish_resync`).
+That point is exact: the snapshot is a consistent read, and streaming events are only applied
+after it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -56,6 +65,10 @@ class _TablePlan:
     create_stage: sql.Composed
     copy: sql.Composed
     merge: sql.Composed
+    keys_table: sql.Identifier
+    create_keys: sql.Composed
+    record_keys: sql.Composed
+    delete_unrecorded: sql.Composed
     known_columns: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +82,12 @@ class BatchResult:
     truncates: int
     last_source_ts_ms: dict[TableRef, int]  # source commit time of each table's last event
     unchanged_toast_values: int  # placeholders seen and kept at the destination's value
+
+
+def _keys_table_name(table: TableRef) -> str:
+    """Key table of a re-snapshot; hashed suffix keeps long names unique within 63 bytes."""
+    digest = hashlib.sha1(table.qualified.encode()).hexdigest()[:8]
+    return f"_rosetta_resync_{table.name[:30]}_{digest}"
 
 
 class PostgresApplier:
@@ -155,16 +174,89 @@ class PostgresApplier:
             values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in columns),
         )
         converters = [(c.name, converter_for(c)) for c in schema.columns]
-        return _TablePlan(schema, target, stage_name, converters, create_stage, copy, merge)
+        keys_table = sql.Identifier(self.target_schema, _keys_table_name(table))
+        key_columns = sql.SQL(", ").join(sql.Identifier(k) for k in schema.primary_key)
+        create_keys = sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
+            keys_table,
+            sql.SQL(", ").join(
+                sql.SQL("{} {}").format(
+                    sql.Identifier(k), destination_type(schema.column(k), self.target_schema)
+                )
+                for k in schema.primary_key
+            ),
+            key_columns,
+        )
+        record_keys = sql.SQL(
+            "INSERT INTO {keys} ({columns}) SELECT {columns} FROM {stage} WHERE {op} <> 'd' "
+            "ON CONFLICT DO NOTHING"
+        ).format(keys=keys_table, columns=key_columns, stage=stage, op=sql.Identifier(_OP))
+        delete_unrecorded = sql.SQL(
+            "DELETE FROM {target} AS t WHERE NOT EXISTS (SELECT 1 FROM {keys} AS k WHERE {match})"
+        ).format(
+            target=target,
+            keys=keys_table,
+            match=sql.SQL(" AND ").join(
+                sql.SQL("k.{0} = t.{0}").format(sql.Identifier(k)) for k in schema.primary_key
+            ),
+        )
+        return _TablePlan(
+            schema, target, stage_name, converters, create_stage, copy, merge,
+            keys_table, create_keys, record_keys, delete_unrecorded,
+        )
+
+    # -- re-snapshot reconciliation ---------------------------------------------------------
+
+    def begin_resync(self) -> None:
+        """Start recording snapshot keys (empty key tables for every prepared table)."""
+        with self.pool.connection() as conn, conn.cursor() as cursor:
+            for plan in self._plans.values():
+                cursor.execute(plan.create_keys)
+                cursor.execute(sql.SQL("TRUNCATE {}").format(plan.keys_table))
+
+    def resync_pending(self) -> bool:
+        """True when a re-snapshot began but its reconciliation has not run (e.g. a crash)."""
+        with self.pool.connection() as conn, conn.cursor() as cursor:
+            for plan in self._plans.values():
+                cursor.execute("SELECT to_regclass(%s)", (plan.keys_table.as_string(conn),))
+                row = cursor.fetchone()
+                if row is not None and row[0] is not None:
+                    return True
+        return False
+
+    def finish_resync(self) -> dict[TableRef, int]:
+        """Delete rows the snapshot did not contain; drop the key tables. One transaction."""
+        removed: dict[TableRef, int] = {}
+        with self.pool.connection() as conn, conn.cursor() as cursor:
+            for table, plan in self._plans.items():
+                cursor.execute(plan.create_keys)  # a table added meanwhile has none yet
+                cursor.execute(plan.delete_unrecorded)
+                removed[table] = cursor.rowcount
+                cursor.execute(sql.SQL("DROP TABLE {}").format(plan.keys_table))
+        for table, count in removed.items():
+            if count:
+                logger.info(
+                    "Destination %s: removed %d row(s) of %s that no longer exist in the source",
+                    self.name, count, table.qualified,
+                )
+        return removed
 
     # -- apply -----------------------------------------------------------------------------
 
-    def apply(self, events: Sequence[ChangeEvent]) -> BatchResult:
-        """Apply a batch in one transaction; raises (and rolls back) on any error."""
+    def apply(self, events: Sequence[ChangeEvent], *, record_keys: bool = False) -> BatchResult:
+        """Apply a batch in one transaction; raises (and rolls back) on any error.
+
+        ``record_keys``: the batch belongs to a re-snapshot (see :meth:`begin_resync`).
+        """
         result = BatchResult({}, 0, 0, {}, 0)
         counts = result.events_by_table
         last_ts = result.last_source_ts_ms
         with self.pool.connection() as conn:
+            if record_keys and events and events[0].snapshot == "first":
+                # Debezium (re)started the snapshot: keys of an interrupted attempt are void.
+                with conn.cursor() as cursor:
+                    for plan in self._plans.values():
+                        cursor.execute(plan.create_keys)
+                        cursor.execute(sql.SQL("TRUNCATE {}").format(plan.keys_table))
             pending: dict[TableRef, dict[tuple[Any, ...], ChangeEvent]] = {}
             for event in events:
                 counts[event.table] = counts.get(event.table, 0) + 1
@@ -172,20 +264,20 @@ class PostgresApplier:
                     last_ts[event.table] = event.source_ts_ms
                 if event.op == "t":
                     # Everything before the truncate must land first, in order.
-                    self._flush(conn, pending, result)
+                    self._flush(conn, pending, result, record_keys)
                     self._truncate(conn, event.table)
                     result.truncates += 1
                     continue
                 plan = self._plans.get(event.table)
                 if plan is None or not plan.known_columns.issuperset(event.row):
-                    self._flush(conn, pending, result)
+                    self._flush(conn, pending, result, record_keys)
                     plan = self._refresh(conn, event.table)
                 row = event.row
                 key = tuple(row.get(k) for k in plan.schema.primary_key)
                 per_table = pending.setdefault(event.table, {})
                 per_table.pop(key, None)  # re-insert so dict order follows the latest event
                 per_table[key] = event
-            self._flush(conn, pending, result)
+            self._flush(conn, pending, result, record_keys)
         return result
 
     def _truncate(self, conn: psycopg2.extensions.connection, table: TableRef) -> None:
@@ -198,10 +290,11 @@ class PostgresApplier:
         conn: psycopg2.extensions.connection,
         pending: dict[TableRef, dict[tuple[Any, ...], ChangeEvent]],
         result: BatchResult,
+        record_keys: bool,
     ) -> None:
         for table, latest in pending.items():
             if latest:
-                self._merge(conn, self._plans[table], latest.values(), result)
+                self._merge(conn, self._plans[table], latest.values(), result, record_keys)
         pending.clear()
 
     def _merge(
@@ -210,6 +303,7 @@ class PostgresApplier:
         plan: _TablePlan,
         events: Iterable[ChangeEvent],
         result: BatchResult,
+        record_keys: bool,
     ) -> None:
         buffer = io.StringIO()
         write = buffer.write
@@ -251,6 +345,9 @@ class PostgresApplier:
             cursor.execute(plan.create_stage)
             cursor.copy_expert(plan.copy, buffer)
             cursor.execute(plan.merge)
+            if record_keys:
+                cursor.execute(plan.create_keys)  # a table added during the snapshot
+                cursor.execute(plan.record_keys)
             cursor.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(plan.stage_name)))
         result.rows_written += rows
         result.unchanged_toast_values += unchanged_toast

@@ -25,7 +25,18 @@ from rosetta_dagster.core.pipeline_config import PipelineDefinition
 
 logger = logging.getLogger("rosetta.capture")
 
-BatchHandler = Callable[[Sequence[ChangeEvent]], None]
+# (row events, streaming_seen): streaming_seen is True when the batch held a heartbeat or a
+# logical message, which Debezium only produces once the snapshot (if any) has finished.
+BatchHandler = Callable[[Sequence[ChangeEvent], bool], None]
+
+STALE_OFFSET_ERROR = "no longer available on the server"
+
+# Keeps the slot's confirmed LSN moving while the captured tables are idle but the database is
+# busy: PostgreSQL 15+ skips empty transactions in pgoutput, so without an emitted message the
+# engine has nothing to confirm and the slot retains all WAL written meanwhile.
+HEARTBEAT_ACTION_QUERY = (
+    "SELECT pg_logical_emit_message(false, 'rosetta_heartbeat', now()::text)"
+)
 
 
 class CaptureError(RosettaError):
@@ -73,6 +84,7 @@ def connector_properties(
         "tombstones.on.delete": "false",
         "skipped.operations": "none",  # deliver TRUNCATE events too
         "heartbeat.interval.ms": str(settings.heartbeat_interval_ms),
+        "heartbeat.action.query": HEARTBEAT_ACTION_QUERY,
         "max.batch.size": str(settings.max_batch_size),
         "max.queue.size": str(settings.max_queue_size),
         "poll.interval.ms": str(settings.poll_interval_ms),
@@ -130,15 +142,21 @@ class DebeziumCapture:
         class _Handler(BasePythonChangeHandler):
             def handleJsonBatch(self, records: Any) -> None:  # noqa: N802 (Java callback name)
                 events = []
+                streaming_seen = False
                 for record in records:
                     value = record.value()
                     if value is None:
                         continue
                     if str(record.destination()).startswith(HEARTBEAT_TOPIC_PREFIX):
+                        streaming_seen = True
                         continue
-                    events.append(decode_event(str(value)))
-                if events:
-                    capture.on_batch(events)
+                    event = decode_event(str(value))
+                    if event is None:
+                        streaming_seen = True
+                    else:
+                        events.append(event)
+                if events or streaming_seen:
+                    capture.on_batch(events, streaming_seen)
 
         completion = _CompletionCallback()
 
@@ -191,6 +209,12 @@ class DebeziumCapture:
             deadline = time.monotonic() + timeout_s
             while self._thread.is_alive() and time.monotonic() < deadline:
                 self._thread.join(0.2)
+
+    @property
+    def offset_no_longer_available(self) -> bool:
+        """Debezium refused the stored offset: the slot no longer has that WAL position."""
+        completion = self._completion
+        return bool(completion and completion.message and STALE_OFFSET_ERROR in completion.message)
 
     def raise_if_failed(self) -> None:
         """After the engine stopped: raise the handler's or the connector's error, if any."""

@@ -59,6 +59,7 @@ class Pipeline:
     heartbeat_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    run_id: str | None = None  # the streaming run that last reported state or a heartbeat
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Pipeline:
@@ -76,6 +77,7 @@ class Pipeline:
             heartbeat_at=row["heartbeat_at"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            run_id=row["run_id"],
         )
 
 
@@ -116,7 +118,8 @@ class BackfillJob:
 
 _PIPELINE_SELECT = """
     SELECT p.id, p.name, p.source, p.destinations, p.tables, p.status, p.created_at,
-           p.updated_at, m.state, m.last_error, m.last_error_at, m.last_start_at, m.heartbeat_at
+           p.updated_at, m.state, m.last_error, m.last_error_at, m.last_start_at, m.heartbeat_at,
+           m.run_id
     FROM pipelines p LEFT JOIN pipeline_metadata m ON m.pipeline_id = p.id
 """
 
@@ -417,13 +420,51 @@ class ConfigStore:
         confirmed_flush_lsn: str | None = None,
         retained_wal_bytes: int | None = None,
         lag_bytes: int | None = None,
+        active: bool | None = None,
+        wal_status: str | None = None,
     ) -> None:
         self._query(
             """
             INSERT INTO wal_monitor (source, slot_name, pipeline_id, current_lsn,
-                                     confirmed_flush_lsn, retained_wal_bytes, lag_bytes, status)
-            VALUES (%s, %s, (SELECT id FROM pipelines WHERE name = %s), %s, %s, %s, %s, %s)
+                                     confirmed_flush_lsn, retained_wal_bytes, lag_bytes, status,
+                                     active, wal_status)
+            VALUES (%s, %s, (SELECT id FROM pipelines WHERE name = %s), %s, %s, %s, %s, %s, %s,
+                    %s)
             """,
             (source, slot_name, pipeline, current_lsn, confirmed_flush_lsn, retained_wal_bytes,
-             lag_bytes, status),
+             lag_bytes, status, active, wal_status),
+        )
+
+    def latest_wal_readings(self, limit_per_slot: int = 1) -> list[dict[str, Any]]:
+        return self._query(
+            """
+            SELECT * FROM (
+                SELECT w.*, p.name AS pipeline,
+                       row_number() OVER (PARTITION BY w.source, w.slot_name
+                                          ORDER BY w.checked_at DESC, w.id DESC) AS n
+                FROM wal_monitor w LEFT JOIN pipelines p ON p.id = w.pipeline_id
+            ) r WHERE n <= %s ORDER BY source, slot_name, checked_at DESC
+            """,
+            (limit_per_slot,),
+        )
+
+    def record_offset_cleanup(
+        self, *, pipeline: str, offset_file: str, slot_name: str, reason: str
+    ) -> None:
+        self._query(
+            """
+            INSERT INTO offset_cleanups (pipeline_id, offset_file, slot_name, reason)
+            VALUES ((SELECT id FROM pipelines WHERE name = %s), %s, %s, %s)
+            """,
+            (pipeline, offset_file, slot_name, reason),
+        )
+
+    def list_offset_cleanups(self, limit: int = 20) -> list[dict[str, Any]]:
+        return self._query(
+            """
+            SELECT c.id, p.name AS pipeline, c.offset_file, c.slot_name, c.reason, c.created_at
+            FROM offset_cleanups c LEFT JOIN pipelines p ON p.id = c.pipeline_id
+            ORDER BY c.created_at DESC, c.id DESC LIMIT %s
+            """,
+            (limit,),
         )

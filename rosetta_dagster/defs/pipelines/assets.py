@@ -13,9 +13,22 @@ def destination_table_key(destination: Destination, table: TableRef) -> AssetKey
     return AssetKey(["destination", destination.name, destination.schema, table.name])
 
 
+def replication_slot_key(pipeline: PipelineDefinition) -> AssetKey:
+    return AssetKey(["replication_slot", pipeline.name])
+
+
 def pipeline_asset_specs(pipeline: PipelineDefinition) -> list[AssetSpec]:
-    """Source tables upstream of each destination copy, grouped by pipeline."""
-    specs = []
+    """Source tables upstream of each destination copy, and the pipeline's slot, by pipeline."""
+    specs = [
+        AssetSpec(
+            replication_slot_key(pipeline),
+            description=f"Replication slot {pipeline.slot_name} on source {pipeline.source.name}; "
+            "the WAL monitor records its retained WAL as observations.",
+            group_name=pipeline.name,
+            kinds={"postgres"},
+            metadata={"rosetta/pipeline": pipeline.name, "slot_name": pipeline.slot_name},
+        )
+    ]
     for table in pipeline.tables:
         source_key = source_table_key(pipeline, table)
         specs.append(

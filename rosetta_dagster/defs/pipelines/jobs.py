@@ -1,10 +1,14 @@
 """The streaming job of a pipeline: one long-running op that owns the JVM and the engine."""
 
+from typing import Literal
+
 from dagster import (
     AssetObservation,
+    Config,
     JobDefinition,
     MetadataValue,
     OpExecutionContext,
+    in_process_executor,
     job,
     op,
 )
@@ -17,6 +21,10 @@ from rosetta_dagster.settings import offsets_dir
 
 PIPELINE_TAG = "rosetta/pipeline"
 OBSERVATION_INTERVAL_S = 30.0
+
+
+def stream_job_name(pipeline: str) -> str:
+    return f"stream_{pipeline}"
 
 
 def _observe(context: OpExecutionContext, pipeline: PipelineDefinition, progress: StreamProgress) -> None:
@@ -65,7 +73,10 @@ def build_stream_job(pipeline: PipelineDefinition) -> JobDefinition:
         )
 
     @job(
-        name=f"stream_{name}",
+        name=stream_job_name(name),
+        # One long-running op: running it in the run's own process means no extra step
+        # process (memory), and the run process is the one that streams and heartbeats.
+        executor_def=in_process_executor,
         description=f"Long-running Debezium stream of pipeline {name}; terminate it to stop cleanly.",
         tags={PIPELINE_TAG: name},
     )
@@ -73,3 +84,24 @@ def build_stream_job(pipeline: PipelineDefinition) -> JobDefinition:
         stream()
 
     return stream_job
+
+
+class PipelineStatusConfig(Config):
+    pipeline: str
+    status: Literal["START", "PAUSE"]
+
+
+@op(description="Sets a pipeline's desired status; the supervisor sensor acts on its next tick.")
+def set_pipeline_status_op(
+    context: OpExecutionContext, config: PipelineStatusConfig, config_store: ConfigStoreResource
+) -> None:
+    pipeline = config_store.store.set_pipeline_status(config.pipeline, config.status)
+    context.log.info("Pipeline %s: desired status %s", pipeline.name, pipeline.status.value)
+
+
+@job(
+    name="set_pipeline_status",
+    description="Start or pause a pipeline (same as `rosetta pipeline start|pause NAME`).",
+)
+def set_pipeline_status_job() -> None:
+    set_pipeline_status_op()

@@ -1,0 +1,204 @@
+"""A pipeline's replication slot on its source: readings for the WAL monitor, and the one
+situation in which a Debezium offset file is deleted (its slot is gone).
+
+Pure Python; the Dagster sensors and the streaming session both call into it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+from rosetta_dagster.core.config_store import ConfigStore
+from rosetta_dagster.core.dsn import summarize_connection_error
+from rosetta_dagster.core.errors import DatabaseConnectionError
+from rosetta_dagster.core.pipeline_config import OperationsSettings, PipelineDefinition
+
+logger = logging.getLogger("rosetta.replication")
+
+Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
+
+
+class WalSeverity(StrEnum):
+    OK = "OK"
+    WARNING = "WARNING"
+    CRITICAL = "CRITICAL"
+    MISSING = "MISSING"  # the pipeline has no slot on its source
+
+
+@dataclass(frozen=True)
+class SlotReading:
+    pipeline: str
+    source: str
+    slot_name: str
+    exists: bool
+    current_lsn: str
+    active: bool | None = None
+    wal_status: str | None = None  # reserved / extended / unreserved / lost
+    confirmed_flush_lsn: str | None = None
+    retained_wal_bytes: int | None = None  # current LSN - restart_lsn: WAL the slot pins
+    lag_bytes: int | None = None  # current LSN - confirmed_flush_lsn: not yet confirmed
+
+    def severity(self, operations: OperationsSettings) -> WalSeverity:
+        if not self.exists:
+            return WalSeverity.MISSING
+        retained = self.retained_wal_bytes or 0
+        if retained > operations.wal_critical_bytes:
+            return WalSeverity.CRITICAL
+        if retained > operations.wal_warning_bytes:
+            return WalSeverity.WARNING
+        return WalSeverity.OK
+
+
+def format_bytes(size: int | None) -> str:
+    if size is None:
+        return "n/a"
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def connect_source(pipeline: PipelineDefinition) -> psycopg2.extensions.connection:
+    source = pipeline.source
+    try:
+        conn = psycopg2.connect(source.dsn(), connect_timeout=10, application_name="rosetta")
+    except psycopg2.OperationalError as exc:
+        raise DatabaseConnectionError(
+            f"Pipeline {pipeline.name}: could not connect to source {source.name} at "
+            f"{source.description}: {summarize_connection_error(exc)}."
+        ) from None
+    conn.autocommit = True
+    return conn
+
+
+@contextmanager
+def source_connection(pipeline: PipelineDefinition) -> Iterator[psycopg2.extensions.connection]:
+    """An autocommit connection to the pipeline's source, closed after the block."""
+    conn = connect_source(pipeline)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def slot_exists(conn: psycopg2.extensions.connection, slot_name: str) -> bool:
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot_name,))
+        return cursor.fetchone() is not None
+
+
+def read_slot(conn: psycopg2.extensions.connection, pipeline: PipelineDefinition) -> SlotReading:
+    """One reading of the pipeline's own slot (by name, on its own source database)."""
+    with conn.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT pg_current_wal_lsn()::text, s.active, s.wal_status,
+                   s.confirmed_flush_lsn::text,
+                   pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint,
+                   pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint
+            FROM (SELECT 1) one
+            LEFT JOIN pg_replication_slots s ON s.slot_name = %s AND s.database = current_database()
+            """,
+            (pipeline.slot_name,),
+        )
+        row: Any = cursor.fetchone()
+    current_lsn, active, wal_status, confirmed, retained, lag = row
+    return SlotReading(
+        pipeline=pipeline.name,
+        source=pipeline.source.name,
+        slot_name=pipeline.slot_name,
+        exists=active is not None,
+        current_lsn=current_lsn,
+        active=active,
+        wal_status=wal_status,
+        confirmed_flush_lsn=confirmed,
+        retained_wal_bytes=retained,
+        lag_bytes=lag,
+    )
+
+
+def record_reading(
+    store: ConfigStore, reading: SlotReading, operations: OperationsSettings, log: Log = logger
+) -> WalSeverity:
+    """Store a reading in ``wal_monitor`` and log one line with its ``wal_size``."""
+    severity = reading.severity(operations)
+    store.record_wal_reading(
+        source=reading.source,
+        slot_name=reading.slot_name,
+        status=severity.value,
+        pipeline=reading.pipeline,
+        current_lsn=reading.current_lsn,
+        confirmed_flush_lsn=reading.confirmed_flush_lsn,
+        retained_wal_bytes=reading.retained_wal_bytes,
+        lag_bytes=reading.lag_bytes,
+        active=reading.active,
+        wal_status=reading.wal_status,
+    )
+    line = (
+        f"WAL monitor: pipeline {reading.pipeline} slot {reading.slot_name} on source "
+        f"{reading.source}: wal_size={format_bytes(reading.retained_wal_bytes)} "
+        f"unconfirmed={format_bytes(reading.lag_bytes)} active={reading.active} "
+        f"wal_status={reading.wal_status} -> {severity.value}"
+    )
+    if severity is WalSeverity.CRITICAL:
+        log.error("%s (critical above %d MB)", line, operations.wal_critical_mb)
+    elif severity is WalSeverity.WARNING:
+        log.warning("%s (warning above %d MB)", line, operations.wal_warning_mb)
+    else:
+        log.info("%s", line)
+    return severity
+
+
+def delete_stale_offset(
+    pipeline: PipelineDefinition,
+    offsets_path: Path,
+    *,
+    reason: str,
+    config_store: ConfigStore | None,
+    log: Log = logger,
+) -> bool:
+    """Delete the offset file of a pipeline whose slot is gone. The only deletion of offsets.
+
+    A stale offset would make Debezium resume from a position the new slot never had, silently
+    skipping every change in between; without it the engine takes a fresh snapshot.
+    """
+    if not offsets_path.exists():
+        return False
+    log.warning("Deleting stale offset file: %s", offsets_path)
+    offsets_path.unlink(missing_ok=True)
+    log.warning("Deleted stale offset. Debezium will start fresh with snapshot mode.")
+    if config_store is not None:
+        config_store.record_offset_cleanup(
+            pipeline=pipeline.name,
+            offset_file=str(offsets_path),
+            slot_name=pipeline.slot_name,
+            reason=reason,
+        )
+    return True
+
+
+def missing_slot_reason(pipeline: PipelineDefinition) -> str:
+    return (
+        f"replication slot {pipeline.slot_name} no longer exists on source {pipeline.source.name}"
+    )
+
+
+def reading_metadata(reading: SlotReading) -> Mapping[str, Any]:
+    """Numeric values of a reading (for plots); absent values are left out."""
+    values = {
+        "retained_wal_bytes": reading.retained_wal_bytes,
+        "unconfirmed_wal_bytes": reading.lag_bytes,
+        "active": None if reading.active is None else int(reading.active),
+    }
+    return {key: value for key, value in values.items() if value is not None}

@@ -1,0 +1,224 @@
+"""Dropped slots, stale offsets, re-snapshot reconciliation and idle-source protection,
+against real PostgreSQL and the real Debezium engine (no Dagster: the core the sensors call)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rosetta_dagster.core.config_store import ConfigStore
+from rosetta_dagster.core.local_postgres import LocalPostgresCluster
+from rosetta_dagster.core.pipeline_config import OperationsSettings
+from rosetta_dagster.core.replication import WalSeverity, read_slot, record_reading, source_connection
+from rosetta_dagster.core.streaming import StreamingSession
+from rosetta_dagster_tests.streaming_support import (
+    StreamingEnv,
+    count_rows,
+    execute,
+    fetch,
+    new_streaming_env,
+    streaming,
+    wait_until,
+)
+
+STALE_LINES = ("Deleting stale offset file: {path}",
+               "Deleted stale offset. Debezium will start fresh with snapshot mode.")
+
+
+@pytest.fixture
+def env(pg_cluster: LocalPostgresCluster, pg_root: Path) -> Iterator[StreamingEnv]:
+    environment = new_streaming_env(pg_cluster, pg_root)
+    yield environment
+    shutil.rmtree(environment.offsets_dir, ignore_errors=True)
+
+
+def _stream_until_converged(env: StreamingEnv, session: StreamingSession, table: str) -> None:
+    with streaming(session):
+        wait_until(lambda: env.converged(table), message=f"{table} to converge")
+
+
+def _stale_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "stale offset" in r.getMessage()]
+
+
+def test_dropped_slot_deletes_the_offset_and_the_new_snapshot_removes_deleted_rows(
+    env: StreamingEnv, store: ConfigStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    execute(env.source_url, "CREATE TABLE public.items (id int PRIMARY KEY, v text)",
+            "INSERT INTO public.items SELECT g, 'v' || g FROM generate_series(1, 500) g")
+    pipeline = env.pipeline("dropped", ["public.items"])
+    store.sync_pipeline(pipeline)
+    _stream_until_converged(env, StreamingSession(pipeline, offsets_dir=env.offsets_dir,
+                                                  config_store=store), "public.items")
+    offsets = env.offsets_dir / "dropped.dat"
+    assert offsets.exists()
+
+    # While nothing streams, the slot is dropped and the source changes: those changes are
+    # in no slot, so only a fresh snapshot can bring them, deletions included.
+    execute(env.source_url, "SELECT pg_drop_replication_slot('rosetta_dropped')",
+            "DELETE FROM public.items WHERE id % 10 = 0",
+            "UPDATE public.items SET v = 'changed' WHERE id % 7 = 0",
+            "INSERT INTO public.items VALUES (1000, 'new')")
+    caplog.set_level(logging.INFO)
+    session = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
+    _stream_until_converged(env, session, "public.items")
+
+    assert _stale_lines(caplog) == [line.format(path=offsets) for line in STALE_LINES]
+    assert count_rows(env.destination_url, "replica.items") == 451
+    assert session.progress.events_applied >= 451  # a full snapshot ran
+    history = store.list_offset_cleanups()
+    assert [(h["pipeline"], h["offset_file"], h["slot_name"]) for h in history] == [
+        ("dropped", str(offsets), "rosetta_dropped")
+    ]
+    assert "no longer exists" in history[0]["reason"]
+    assert not any(name.startswith("_rosetta_resync") for (name,) in fetch(
+        env.destination_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'replica'"))
+
+    # With the slot in place, a restart resumes: the offset is kept and nothing is re-read.
+    caplog.clear()
+    resumed = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
+    with streaming(resumed):
+        execute(env.source_url, "DELETE FROM public.items WHERE id = 1")
+        wait_until(lambda: env.converged("public.items"), message="the resumed stream")
+    assert _stale_lines(caplog) == []
+    assert resumed.progress.events_applied == 1
+    assert len(store.list_offset_cleanups()) == 1
+
+
+def test_a_snapshot_of_an_emptied_table_empties_the_destination(
+    env: StreamingEnv, store: ConfigStore
+) -> None:
+    """No snapshot record arrives at all; the first heartbeat ends the snapshot instead."""
+    execute(env.source_url, "CREATE TABLE public.gone (id int PRIMARY KEY)",
+            "INSERT INTO public.gone SELECT generate_series(1, 50)")
+    pipeline = env.pipeline("emptied", ["public.gone"])
+    store.sync_pipeline(pipeline)
+    _stream_until_converged(env, StreamingSession(pipeline, offsets_dir=env.offsets_dir,
+                                                  config_store=store), "public.gone")
+    execute(env.source_url, "SELECT pg_drop_replication_slot('rosetta_emptied')",
+            "DELETE FROM public.gone")
+    _stream_until_converged(env, StreamingSession(pipeline, offsets_dir=env.offsets_dir,
+                                                  config_store=store), "public.gone")
+    assert count_rows(env.destination_url, "replica.gone") == 0
+
+
+def test_an_offset_the_server_no_longer_has_is_replaced_by_a_fresh_snapshot(
+    env: StreamingEnv, store: ConfigStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The slot was dropped and re-created behind Rosetta's back (so the prepare check sees a
+    slot): Debezium refuses the old offset, and the outcome is the same as for a dropped slot."""
+    execute(env.source_url, "CREATE TABLE public.rows (id int PRIMARY KEY, v int)",
+            "INSERT INTO public.rows SELECT g, g FROM generate_series(1, 200) g")
+    pipeline = env.pipeline("recreated", ["public.rows"])
+    store.sync_pipeline(pipeline)
+    _stream_until_converged(env, StreamingSession(pipeline, offsets_dir=env.offsets_dir,
+                                                  config_store=store), "public.rows")
+    execute(env.source_url, "SELECT pg_drop_replication_slot('rosetta_recreated')",
+            "DELETE FROM public.rows WHERE id > 150", "UPDATE public.rows SET v = 0 WHERE id = 1",
+            "SELECT pg_create_logical_replication_slot('rosetta_recreated', 'pgoutput')")
+    caplog.set_level(logging.INFO)
+    _stream_until_converged(env, StreamingSession(pipeline, offsets_dir=env.offsets_dir,
+                                                  config_store=store), "public.rows")
+    offsets = env.offsets_dir / "recreated.dat"
+    assert _stale_lines(caplog) == [line.format(path=offsets) for line in STALE_LINES]
+    assert "no longer available on the server" in store.list_offset_cleanups()[0]["reason"]
+    assert count_rows(env.destination_url, "replica.rows") == 150
+
+
+def test_heartbeats_keep_the_slot_moving_while_only_other_tables_change(
+    env: StreamingEnv, store: ConfigStore
+) -> None:
+    execute(env.source_url, "CREATE TABLE public.quiet (id int PRIMARY KEY)",
+            "CREATE TABLE public.busy (id bigserial PRIMARY KEY, payload text)",
+            "INSERT INTO public.quiet VALUES (1)")
+    pipeline = env.pipeline("idle", ["public.quiet"])
+    store.sync_pipeline(pipeline)
+    operations = OperationsSettings(wal_warning_mb=16, wal_critical_mb=64)
+    session = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
+    with streaming(session):
+        wait_until(lambda: env.converged("public.quiet"), message="the snapshot")
+        # ~64 MB of WAL for a table the pipeline does not capture.
+        for _ in range(16):
+            execute(env.source_url,
+                    "INSERT INTO public.busy (payload) SELECT repeat('x', 300) "
+                    "FROM generate_series(1, 10000)")
+        written = fetch(env.source_url, "SELECT pg_current_wal_lsn()")[0][0]
+
+        def confirmed_past_writes() -> bool:
+            rows = fetch(env.source_url,
+                         "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots "
+                         "WHERE slot_name = 'rosetta_idle'", (written,))
+            return rows == [(True,)]
+
+        wait_until(confirmed_past_writes, timeout_s=30, message="the slot to confirm past the writes")
+        execute(env.source_url, "CHECKPOINT")
+        wait_until(lambda: _retained(env, pipeline) < 16 * 1024 * 1024, timeout_s=30,
+                   message="retained WAL to shrink below 16 MB")
+        with source_connection(pipeline) as conn:
+            reading = read_slot(conn, pipeline)
+        assert reading.exists and reading.active and reading.wal_status == "reserved"
+        assert record_reading(store, reading, operations) is WalSeverity.OK
+
+
+def _retained(env: StreamingEnv, pipeline: object) -> int:
+    execute(env.source_url, "CHECKPOINT")
+    rows = fetch(env.source_url, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
+                 "FROM pg_replication_slots WHERE slot_name = 'rosetta_idle'")
+    return int(rows[0][0])  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize(("warning_mb", "critical_mb", "severity", "passed", "check_severity"), [
+    (1, 100, "WARNING", False, "WARN"),
+    (1, 2, "CRITICAL", False, "ERROR"),
+    (100, 500, "OK", True, "WARN"),
+])
+def test_the_wal_monitor_sensor_reports_each_threshold_at_its_severity(
+    env: StreamingEnv, store: ConfigStore, database_url: str, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    warning_mb: int, critical_mb: int, severity: str, passed: bool, check_severity: str,
+) -> None:
+    from dagster import AssetCheckEvaluation, AssetObservation, DagsterInstance, build_sensor_context
+
+    from rosetta_dagster.core.pipeline_config import load_config
+    from rosetta_dagster.defs.pipelines.sensors import build_wal_monitor_sensor
+    from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+
+    # A slot nobody consumes, then ~4 MB of WAL: it retains all of it.
+    execute(env.source_url, "CREATE TABLE public.t (id int PRIMARY KEY)",
+            "SELECT pg_create_logical_replication_slot('rosetta_walpipe', 'pgoutput')",
+            "CREATE TABLE public.filler (payload text)",
+            "INSERT INTO public.filler SELECT repeat('x', 400) FROM generate_series(1, 8000)")
+    path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "walpipe", ["public.t"])
+    document = yaml.safe_load(path.read_text())
+    document["operations"] = {"wal_warning_mb": warning_mb, "wal_critical_mb": critical_mb}
+    path.write_text(yaml.safe_dump(document))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TEST_PG_PASSWORD", env.cluster.password)
+        config = load_config(path)
+        store.sync_pipeline(config.pipeline("walpipe"))  # the supervisor's job in a deployment
+        sensor = build_wal_monitor_sensor(config)
+        caplog.set_level(logging.INFO)
+        with build_sensor_context(
+            instance=DagsterInstance.ephemeral(),
+            resources={"config_store": ConfigStoreResource(database_url=database_url)},
+        ) as context:
+            result = sensor(context)
+    observation = next(e for e in result.asset_events if isinstance(e, AssetObservation))
+    assert observation.asset_key.path == ["replication_slot", "walpipe"]
+    retained = observation.metadata["retained_wal_bytes"].value
+    assert retained > 2 * 1024 * 1024
+    check = next(e for e in result.asset_events if isinstance(e, AssetCheckEvaluation))
+    assert (check.check_name, check.passed, check.severity.value) == (
+        "retained_wal", passed, check_severity)
+    assert check.metadata["warning_threshold_bytes"].value == warning_mb * 1024 * 1024
+    readings = store.latest_wal_readings()
+    assert [(r["pipeline"], r["slot_name"], r["status"], r["active"]) for r in readings] == [
+        ("walpipe", "rosetta_walpipe", severity, False)]
+    line = next(r for r in caplog.records if "wal_size=" in r.getMessage())
+    assert line.levelname == {"OK": "INFO", "WARNING": "WARNING", "CRITICAL": "ERROR"}[severity]
+    execute(env.source_url, "SELECT pg_drop_replication_slot('rosetta_walpipe')")
