@@ -330,11 +330,24 @@ def test_an_unreachable_source_is_marked_error_and_backs_off_while_others_stream
 
 
 def test_the_wal_monitor_stores_and_logs_readings_of_each_slot(deployment: Deployment) -> None:
+    deployment.rosetta("pipeline", "start", "orders")  # already streaming after the tests above
+    deployment.streaming_run("orders")
+
     def orders_reading() -> bool:
         rows = fetch(deployment.config_url,
                      "SELECT status, active, wal_status, retained_wal_bytes FROM wal_monitor "
-                     "WHERE slot_name = 'rosetta_orders' AND active ORDER BY id DESC LIMIT 1")
+                     "WHERE slot_name = 'rosetta_orders' ORDER BY id DESC LIMIT 1")
         return bool(rows) and rows[0][0] == "OK" and rows[0][2] == "reserved"
 
     wait_until(orders_reading, 60, "a WAL monitor reading of the active slot")
     assert "slot rosetta_orders on source src: wal_size=" in deployment.output()
+    events = dict(fetch(  # type: ignore[arg-type]
+        deployment.storage_url,
+        "SELECT dagster_event_type, count(*) FROM event_logs WHERE asset_key = %s "
+        "GROUP BY dagster_event_type", ('["replication_slot", "orders"]',)))
+    assert events.get("ASSET_OBSERVATION", 0) >= 1, (events, fetch(
+        deployment.storage_url, "SELECT DISTINCT asset_key, dagster_event_type FROM event_logs "
+        "WHERE asset_key IS NOT NULL"))
+    checks = fetch(deployment.storage_url,
+                   "SELECT asset_key, check_name, execution_status FROM asset_check_executions")
+    assert ('["replication_slot", "orders"]', "retained_wal", "SUCCEEDED") in checks, checks
