@@ -1,4 +1,4 @@
-"""The ``rosetta`` command line."""
+"""rosetta: PostgreSQL change-data-capture pipelines on Dagster (see README for every command)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
-from rosetta_dagster.core.config_store import ConfigStore
+from rosetta_dagster.core.config_store import BackfillStatus, ConfigStore
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
+from rosetta_dagster.core.filters import OPERATORS, FilterError, parse_filter
 from rosetta_dagster.core.pipeline_config import load_config
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.streaming import StreamingSession
@@ -83,6 +84,15 @@ def _port_is_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+def _free_or_any(port: int) -> int:
+    """``port`` if nothing listens there, else any free loopback port."""
+    if _port_is_free(port):
+        return port
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _reset_signals() -> None:
     # A shell's background job inherits SIGINT ignored; dagster dev must obey Ctrl-C/SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -128,14 +138,12 @@ def _cmd_dev(args: argparse.Namespace) -> int:
             store.sync_pipeline(declared)
         # The supervisor sensor launches the stream once Dagster is up.
         store.set_pipeline_status(demo, "PAUSE" if args.no_stream else "START")
-    port = args.port
-    if not _port_is_free(port):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+    port = _free_or_any(args.port)
+    api_port = _free_or_any(args.api_port)
     url = f"http://127.0.0.1:{port}"
     print(f"Config store migrated (schema version {version}) on 127.0.0.1:{cluster.port}.")
     print(f"Dagster UI: {url}  (Ctrl-C stops Dagster and the local PostgreSQL)", flush=True)
+    print(f"REST API: http://127.0.0.1:{api_port}/api/v1/pipelines  (OpenAPI: /docs)", flush=True)
     example = "INSERT INTO test_table VALUES (1001, 'test data', now())"  # noqa: S608 (shown to users)
     print(f"Try it: source {stack.root / 'env.sh'} && psql \"$DEMO_SOURCE_URL\" -c \"{example}\"",
           flush=True)
@@ -145,6 +153,10 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     ]
     child = subprocess.Popen(
         command, env={**os.environ, **environment}, cwd=PROJECT_ROOT, preexec_fn=_reset_signals
+    )
+    api = subprocess.Popen(
+        [sys.executable, "-m", "rosetta_dagster.cli", "api", "--port", str(api_port)],
+        env={**os.environ, **environment}, cwd=PROJECT_ROOT, preexec_fn=_reset_signals,
     )
 
     def forward(signum: int, _frame: object) -> None:
@@ -161,6 +173,8 @@ def _cmd_dev(args: argparse.Namespace) -> int:
             print(f"The pipeline supervisor starts stream_{demo}: {url}/runs", flush=True)
         return child.wait()
     finally:
+        api.terminate()
+        api.wait(10)
         if not args.keep_postgres:
             stack.down()
 
@@ -196,9 +210,45 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             pipeline = store.set_pipeline_status(args.name, args.pipeline_command.upper())
             print(f"Pipeline {pipeline.name}: status {pipeline.status.value}")
             return 0
+        elif args.pipeline_command == "status":
+            pipeline = store.get_pipeline(args.name)
+            for label, value in (
+                ("pipeline", pipeline.name), ("status", pipeline.status.value),
+                ("state", pipeline.state.value), ("run", pipeline.run_id or "-"),
+                ("heartbeat", pipeline.heartbeat_at or "-"),
+                ("last start", pipeline.last_start_at or "-"),
+                ("last error", pipeline.last_error or "-"),
+                ("tables", ", ".join(pipeline.tables)),
+                ("destinations", ", ".join(pipeline.destinations)),
+            ):
+                print(f"{label + ':':14}{value}")
+            return 0 if pipeline.state.value != "ERROR" else 1
         for pipeline in store.list_pipelines():
             print(f"{pipeline.name}\t{pipeline.status.value}\t{pipeline.state.value}\t"
                   f"{pipeline.last_error or ''}")
+    return 0
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _cmd_api(args: argparse.Namespace) -> int:
+    """Serve the REST API with uvicorn; loopback only unless a token protects it."""
+    import uvicorn
+
+    from rosetta_dagster.api.app import API_TOKEN_ENV, create_app
+
+    token = os.environ.get(API_TOKEN_ENV) or None
+    if args.host not in _LOOPBACK and token is None:
+        print(f"rosetta: refusing to serve the API on {args.host} without {API_TOKEN_ENV}; "
+              "set a token or bind to 127.0.0.1.", file=sys.stderr)
+        return 2
+    url = args.database_url or config_database_url()
+    if not url:
+        print(f"rosetta: set {CONFIG_DATABASE_URL_ENV} (or --database-url) to the config store.",
+              file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(url, token=token), host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -227,27 +277,116 @@ def build_parser() -> argparse.ArgumentParser:
         func=_cmd_local_down
     )
 
-    dev = commands.add_parser("dev", help="Start local PostgreSQL, migrate, run `dagster dev`.")
+    for command_name in ("dev", "demo"):
+        dev = commands.add_parser(
+            command_name, help="Start local PostgreSQL, migrate, run `dagster dev` and the API "
+            "(the demo pipeline streams)." + (" Same as `rosetta dev`." if command_name == "demo" else "")
+        )
+        _dev_arguments(dev)
+    return _add_operational_commands(commands, parser)
+
+
+def _dev_arguments(dev: argparse.ArgumentParser) -> None:
     dev.add_argument("--port", type=int, default=3000, help="Dagster UI port (default 3000).")
+    dev.add_argument("--api-port", type=int, default=8000, help="REST API port (default 8000).")
     dev.add_argument("--keep-postgres", action="store_true", help="Leave PostgreSQL running.")
     dev.add_argument("--no-stream", action="store_true",
                      help="Leave the demo pipeline paused (start it with `rosetta pipeline start demo`).")
     dev.set_defaults(func=_cmd_dev)
 
+
+
+def _parse_condition(text: str) -> dict[str, object]:
+    """'id >= 100' / 'status in a,b' / 'x between 1,5' / 'note is null' -> a filter condition."""
+    parts = text.split(None, 1)
+    if len(parts) < 2:
+        raise FilterError(f"--where '{text}': expected COLUMN OPERATOR [VALUE].")
+    column, rest = parts
+    for operator in sorted(OPERATORS, key=len, reverse=True):
+        if rest.lower() == operator or rest.lower().startswith(operator + " "):
+            raw = rest[len(operator):].strip()
+            break
+    else:
+        raise FilterError(f"--where '{text}': unknown operator; use one of {', '.join(OPERATORS)}.")
+    value: object = None
+    if OPERATORS[operator] in ("list", 2):
+        value = [v.strip() for v in raw.split(",")]
+    elif OPERATORS[operator] == 1:
+        value = raw
+    return {"column": column, "operator": operator, "value": value}
+
+
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    with _config_store(args) as store:
+        store.upgrade()
+        if args.backfill_command == "request":
+            pipeline = store.get_pipeline(args.pipeline)
+            if args.table not in pipeline.tables:
+                raise FilterError(f"Pipeline '{pipeline.name}' has no table '{args.table}' "
+                                  f"(it has {', '.join(pipeline.tables)}).")
+            conditions = parse_filter([_parse_condition(c) for c in args.where])
+            job = store.create_backfill_job(pipeline.name, args.table,
+                                            [c.as_dict() for c in conditions])
+            print(f"Backfill job {job.id}: {job.pipeline} {job.table_name} {job.status.value}")
+            return 0
+        if args.backfill_command == "cancel":
+            job = store.cancel_backfill_job(args.job_id)
+            print(f"Backfill job {job.id}: {job.status.value}")
+            return 0
+        status = BackfillStatus(args.status.upper()) if args.status else None
+        for job in store.list_backfill_jobs(pipeline=args.pipeline, status=status):
+            total = "?" if job.total_record is None else job.total_record
+            print(f"{job.id}\t{job.pipeline}\t{job.table_name}\t{job.status.value}\t"
+                  f"{job.count_record}/{total}\t{job.error or ''}")
+    return 0
+
+
+def _add_operational_commands(
+    commands: argparse._SubParsersAction, parser: argparse.ArgumentParser  # type: ignore[type-arg]
+) -> argparse.ArgumentParser:
+    database_help = f"Defaults to ${CONFIG_DATABASE_URL_ENV}."
     stream = commands.add_parser("stream", help="Stream one pipeline in the foreground.")
     stream.add_argument("pipeline")
-    stream.add_argument("--database-url", help=f"Defaults to ${CONFIG_DATABASE_URL_ENV}.")
+    stream.add_argument("--database-url", help=database_help)
     stream.set_defaults(func=_cmd_stream)
 
+    api = commands.add_parser("api", help="Serve the REST API (OpenAPI at /docs, /openapi.json).")
+    api.add_argument("--host", default="127.0.0.1", help="Bind address (default 127.0.0.1).")
+    api.add_argument("--port", type=int, default=8000, help="Port (default 8000).")
+    api.add_argument("--database-url", help=database_help)
+    api.set_defaults(func=_cmd_api)
+
     pipeline = commands.add_parser("pipeline", help="Pipelines in the config store.")
-    pipeline.add_argument("--database-url", help=f"Defaults to ${CONFIG_DATABASE_URL_ENV}.")
+    pipeline.add_argument("--database-url", help=database_help)
     pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True)
     pipeline_commands.add_parser("list", help="List pipelines with status and state.")
     pipeline_commands.add_parser("sync", help="Write rosetta.yaml's pipelines to the store.")
-    for verb in ("start", "pause"):
-        sub = pipeline_commands.add_parser(verb, help=f"Set a pipeline's desired status to {verb}.")
-        sub.add_argument("name")
+    for verb in ("start", "pause", "status"):
+        text = ("Show a pipeline's status, state, heartbeat and last error." if verb == "status"
+                else f"Set a pipeline's desired status to {verb.upper()}.")
+        pipeline_commands.add_parser(verb, help=text).add_argument("name")
     pipeline.set_defaults(func=_cmd_pipeline)
+
+    backfill = commands.add_parser("backfill", help="Backfill jobs (re-copies of source rows).")
+    backfill.add_argument("--database-url", help=database_help)
+    backfill_commands = backfill.add_subparsers(dest="backfill_command", required=True)
+    request = backfill_commands.add_parser(
+        "request", help="Queue a backfill job (PENDING) for one table of a pipeline."
+    )
+    request.add_argument("pipeline")
+    request.add_argument("table", help="schema.table, one of the pipeline's tables")
+    request.add_argument(
+        "--where", action="append", default=[], metavar="COLUMN OPERATOR [VALUE]",
+        help="A condition, repeatable (AND): 'id >= 100', 'status in a,b', "
+        "'created_at between 2024-01-01,2024-02-01', 'note is null'.",
+    )
+    listing = backfill_commands.add_parser("list", help="List backfill jobs.")
+    listing.add_argument("--pipeline")
+    listing.add_argument("--status")
+    backfill_commands.add_parser("cancel", help="Cancel a job that has not finished.").add_argument(
+        "job_id", type=int
+    )
+    backfill.set_defaults(func=_cmd_backfill)
     return parser
 
 

@@ -185,3 +185,30 @@ def test_cli_pipeline_sync_start_pause_and_list(
     unknown = _rosetta("pipeline", "start", "nope", env=env)
     assert unknown.returncode == 2
     assert unknown.stderr.strip().endswith("Pipeline 'nope' does not exist in the config store.")
+
+
+def test_cli_pipeline_status_and_backfill_request_list_cancel(
+    tmp_path: Path, pg_cluster: LocalPostgresCluster, database_url: str
+) -> None:
+    env = {"CONFIG_DATABASE_URL": database_url,
+           "ROSETTA_CONFIG": str(_pipeline_file(tmp_path, pg_cluster, "shop"))}
+    _rosetta("pipeline", "sync", env=env)
+    status = _rosetta("pipeline", "status", "shop", env=env)
+    assert status.returncode == 0, status.stderr
+    assert "status:       PAUSE" in status.stdout and "tables:       public.orders" in status.stdout
+
+    requested = _rosetta("backfill", "request", "shop", "public.orders", "--where", "id >= 10",
+                         "--where", "note = '; DROP TABLE x; --", "--where", "note is not null",
+                         env=env)
+    assert requested.stdout == "Backfill job 1: shop public.orders PENDING\n", requested.stderr
+    listed = _rosetta("backfill", "list", "--status", "pending", env=env)
+    assert listed.stdout == "1\tshop\tpublic.orders\tPENDING\t0/?\t\n"
+    assert _rosetta("backfill", "cancel", "1", env=env).stdout == "Backfill job 1: CANCELLED\n"
+
+    for args, message in (
+        (("public.nope",), "Pipeline 'shop' has no table 'public.nope' (it has public.orders)."),
+        (("public.orders", "--where", "id drop 1"), "--where 'id drop 1': unknown operator"),
+        (("public.orders", "--where", "id between 1"), "'between' needs a list of two values."),
+    ):
+        refused = _rosetta("backfill", "request", "shop", *args, env=env)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr

@@ -40,15 +40,23 @@ class ChangeEvent:
         return values or {}
 
 
-def decode_event(value: str) -> ChangeEvent | None:
-    """Parse one Debezium JSON envelope (schemas disabled); None for a logical message.
+@dataclass(frozen=True, slots=True)
+class PositionMarker:
+    """A heartbeat record or logical message: no row, but the stream has reached the source
+    time ``source_ts_ms``. Both only exist once the snapshot (if any) is over."""
+
+    source_ts_ms: int | None
+
+
+def decode_event(value: str) -> ChangeEvent | PositionMarker:
+    """Parse one Debezium JSON envelope (schemas disabled).
 
     Logical messages (op ``m``) are the heartbeat action's ``pg_logical_emit_message``: they
     move the slot forward but carry no row.
     """
     payload = json.loads(value)
     if payload.get("op") == "m":
-        return None
+        return PositionMarker(payload.get("source", {}).get("ts_ms"))
     source = payload["source"]
     return ChangeEvent(
         table=TableRef(source["schema"], source["table"]),
@@ -59,3 +67,8 @@ def decode_event(value: str) -> ChangeEvent | None:
         lsn=source.get("lsn"),
         snapshot=str(source.get("snapshot") or "false"),
     )
+
+
+def decode_heartbeat(value: str) -> PositionMarker:
+    """A Debezium heartbeat record's value: ``{"ts_ms": ...}``."""
+    return PositionMarker(json.loads(value).get("ts_ms"))

@@ -21,7 +21,7 @@ from rosetta_dagster.core.capture.engine import STALE_OFFSET_ERROR, DebeziumCapt
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
-from rosetta_dagster.core.events import ChangeEvent
+from rosetta_dagster.core.events import ChangeEvent, PositionMarker
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.replication import (
@@ -52,6 +52,12 @@ class StreamProgress:
     last_batch_at: float | None = None
     unchanged_toast_values: int = 0
     tables: dict[TableRef, TableProgress] = field(default_factory=dict)
+    # Source time of the newest change or heartbeat message applied: lag = now - this.
+    source_position_ms: int | None = None
+
+    def note_source_position(self, source_ts_ms: int) -> None:
+        if self.source_position_ms is None or source_ts_ms > self.source_position_ms:
+            self.source_position_ms = source_ts_ms
 
     def lag_seconds(self, table: TableRef) -> float | None:
         progress = self.tables.get(table)
@@ -138,7 +144,8 @@ class StreamingSession:
 
     # -- running ---------------------------------------------------------------------------
 
-    def _on_batch(self, events: Sequence[ChangeEvent], streaming_seen: bool) -> None:
+    def _on_batch(self, events: Sequence[ChangeEvent], marker: PositionMarker | None) -> None:
+        streaming_seen = marker is not None
         if self._resyncing:
             # Snapshot events first (recording their keys), then reconcile as soon as the
             # snapshot is known to be over, then whatever streamed after it.
@@ -154,6 +161,8 @@ class StreamingSession:
                               self.pipeline.name)
         if events:
             self._apply(events)
+        if marker is not None and marker.source_ts_ms is not None:
+            self.progress.note_source_position(marker.source_ts_ms)
 
     def _apply(self, events: Sequence[ChangeEvent], *, record_keys: bool = False) -> None:
         results = [applier.apply(events, record_keys=record_keys) for applier in self._appliers]
@@ -169,6 +178,7 @@ class StreamingSession:
             table_progress.events_applied += count
             if table in first.last_source_ts_ms:
                 table_progress.last_source_ts_ms = first.last_source_ts_ms[table]
+                progress.note_source_position(first.last_source_ts_ms[table])
         if self.config_store is not None:
             self.config_store.record_flows(
                 self.pipeline.name,
@@ -212,7 +222,7 @@ class StreamingSession:
                         break
                 now = time.monotonic()
                 if now >= next_heartbeat and self.config_store is not None:
-                    self.config_store.heartbeat(self.pipeline.name)
+                    self.config_store.heartbeat(self.pipeline.name, self.progress.source_position_ms)
                     next_heartbeat = now + HEARTBEAT_INTERVAL_S
                 if tick is not None and now >= next_tick:
                     tick(self.progress)

@@ -20,14 +20,20 @@ import jpype
 from rosetta_dagster.core.capture.jvm import ensure_jvm
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
-from rosetta_dagster.core.events import HEARTBEAT_TOPIC_PREFIX, ChangeEvent, decode_event
+from rosetta_dagster.core.events import (
+    HEARTBEAT_TOPIC_PREFIX,
+    ChangeEvent,
+    PositionMarker,
+    decode_event,
+    decode_heartbeat,
+)
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
 
 logger = logging.getLogger("rosetta.capture")
 
-# (row events, streaming_seen): streaming_seen is True when the batch held a heartbeat or a
-# logical message, which Debezium only produces once the snapshot (if any) has finished.
-BatchHandler = Callable[[Sequence[ChangeEvent], bool], None]
+# (row events, newest position marker of the batch or None). A marker (heartbeat record or
+# logical message) only exists once the snapshot, if any, has finished.
+BatchHandler = Callable[[Sequence[ChangeEvent], PositionMarker | None], None]
 
 STALE_OFFSET_ERROR = "no longer available on the server"
 
@@ -142,21 +148,21 @@ class DebeziumCapture:
         class _Handler(BasePythonChangeHandler):
             def handleJsonBatch(self, records: Any) -> None:  # noqa: N802 (Java callback name)
                 events = []
-                streaming_seen = False
+                marker: PositionMarker | None = None
                 for record in records:
                     value = record.value()
                     if value is None:
                         continue
                     if str(record.destination()).startswith(HEARTBEAT_TOPIC_PREFIX):
-                        streaming_seen = True
+                        marker = decode_heartbeat(str(value))
                         continue
                     event = decode_event(str(value))
-                    if event is None:
-                        streaming_seen = True
+                    if isinstance(event, PositionMarker):
+                        marker = event
                     else:
                         events.append(event)
-                if events or streaming_seen:
-                    capture.on_batch(events, streaming_seen)
+                if events or marker is not None:
+                    capture.on_batch(events, marker)
 
         completion = _CompletionCallback()
 

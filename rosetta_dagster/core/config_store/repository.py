@@ -261,13 +261,16 @@ class ConfigStore:
         if not rows:
             raise ConfigStoreError(f"Pipeline '{name}' does not exist in the config store.")
 
-    def heartbeat(self, name: str) -> None:
+    def heartbeat(self, name: str, source_position_ms: int | None = None) -> None:
+        """Stamp the pipeline alive; ``source_position_ms``: source time of the newest change
+        or heartbeat message applied (epoch milliseconds), for the replication lag."""
         self._query(
             """
-            UPDATE pipeline_metadata m SET heartbeat_at = now()
+            UPDATE pipeline_metadata m SET heartbeat_at = now(),
+                source_position_at = coalesce(to_timestamp(%s / 1000.0), m.source_position_at)
             FROM pipelines p WHERE p.id = m.pipeline_id AND p.name = %s
             """,
-            (name,),
+            (source_position_ms, name),
         )
 
     # -- backfill jobs ---------------------------------------------------------------------
@@ -287,11 +290,26 @@ class ConfigStore:
             raise ConfigStoreError(f"Pipeline '{pipeline}' does not exist in the config store.")
         return self.get_backfill_job(rows[0]["id"])
 
-    def get_backfill_job(self, job_id: int) -> BackfillJob:
+    def find_backfill_job(self, job_id: int) -> BackfillJob | None:
         rows = self._query(_BACKFILL_SELECT + " WHERE j.id = %s", (job_id,))
-        if not rows:
+        return BackfillJob.from_row(rows[0]) if rows else None
+
+    def get_backfill_job(self, job_id: int) -> BackfillJob:
+        job = self.find_backfill_job(job_id)
+        if job is None:
             raise ConfigStoreError(f"Backfill job {job_id} does not exist in the config store.")
-        return BackfillJob.from_row(rows[0])
+        return job
+
+    def cancel_backfill_job(self, job_id: int) -> BackfillJob:
+        """CANCELLED unless already finished (then unchanged); a running copy notices it."""
+        self._query(
+            """
+            UPDATE backfill_jobs SET status = 'CANCELLED', finished_at = now(), updated_at = now()
+            WHERE id = %s AND status <> ALL(%s)
+            """,
+            (job_id, [s.value for s in _TERMINAL_BACKFILL_STATUSES]),
+        )
+        return self.get_backfill_job(job_id)
 
     def list_backfill_jobs(
         self, *, pipeline: str | None = None, status: BackfillStatus | None = None
@@ -447,6 +465,34 @@ class ConfigStore:
             """,
             (limit_per_slot,),
         )
+
+    def metrics_snapshot(self) -> dict[str, list[dict[str, Any]]]:
+        """Aggregates for /metrics, in one connection checkout."""
+        with self.pool.connection() as conn, conn.cursor(cursor_factory=RealDictCursor) as cur:
+            cur.execute(
+                """
+                SELECT p.name AS pipeline, f.destination, f.table_name, sum(f.record_count) AS events
+                FROM data_flow_record_monitoring f JOIN pipelines p ON p.id = f.pipeline_id
+                GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+                """
+            )
+            flows = [dict(r) for r in cur.fetchall()]
+            cur.execute(
+                """
+                SELECT p.name, p.status, coalesce(m.state, 'PAUSED') AS state, m.source_position_at
+                FROM pipelines p LEFT JOIN pipeline_metadata m ON m.pipeline_id = p.id ORDER BY 1
+                """
+            )
+            pipelines = [dict(r) for r in cur.fetchall()]
+            cur.execute(
+                """
+                SELECT p.name AS pipeline, j.status, sum(j.count_record) AS rows
+                FROM backfill_jobs j JOIN pipelines p ON p.id = j.pipeline_id GROUP BY 1, 2
+                """
+            )
+            backfills = [dict(r) for r in cur.fetchall()]
+        return {"flows": flows, "pipelines": pipelines, "backfills": backfills,
+                "wal": self.latest_wal_readings()}
 
     def record_offset_cleanup(
         self, *, pipeline: str, offset_file: str, slot_name: str, reason: str
