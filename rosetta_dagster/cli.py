@@ -341,6 +341,18 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import json
+
+    from rosetta_dagster.validation import build_report, format_report
+
+    with _config_store(args) as store:
+        store.upgrade()
+        report = build_report(store, load_config())
+    print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
 def _add_operational_commands(
     commands: argparse._SubParsersAction, parser: argparse.ArgumentParser  # type: ignore[type-arg]
 ) -> argparse.ArgumentParser:
@@ -387,6 +399,13 @@ def _add_operational_commands(
         "job_id", type=int
     )
     backfill.set_defaults(func=_cmd_backfill)
+
+    validate = commands.add_parser(
+        "validate", help="Post-deployment validation from real data; exit 1 on an ERROR check."
+    )
+    validate.add_argument("--json", action="store_true", help="Machine-readable output.")
+    validate.add_argument("--database-url", help=database_help)
+    validate.set_defaults(func=_cmd_validate)
     return parser
 
 

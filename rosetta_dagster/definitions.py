@@ -6,14 +6,22 @@ platform assets load.
 
 import logging
 
-from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
+from dagster import (
+    AssetSelection,
+    DefaultScheduleStatus,
+    Definitions,
+    EnvVar,
+    ScheduleDefinition,
+    define_asset_job,
+)
 
 from rosetta_dagster.core.pipeline_config import config_path, load_config
 from rosetta_dagster.defs.pipelines.assets import pipeline_asset_specs
-from rosetta_dagster.defs.pipelines.checks import build_slot_checks
+from rosetta_dagster.defs.pipelines.checks import build_pipeline_checks
 from rosetta_dagster.defs.pipelines.jobs import build_stream_job, set_pipeline_status_job
 from rosetta_dagster.defs.pipelines.sensors import build_operation_sensors
 from rosetta_dagster.defs.platform.assets import config_db
+from rosetta_dagster.defs.platform.checks import config_store_pool_health
 from rosetta_dagster.defs.platform.logs import ensure_process_logging
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 
@@ -26,12 +34,30 @@ config_store_upgrade_job = define_asset_job(
 )
 
 
+# Runs every asset check (no materialization): the checklist's criteria on a schedule.
+health_checks_job = define_asset_job(
+    "replication_health_checks",
+    selection=AssetSelection.all_asset_checks(),
+    description="Evaluate every asset check: parity, lag, apply errors, slots, pool health.",
+)
+
+
+def health_check_schedule(interval_minutes: int) -> ScheduleDefinition:
+    cron = f"*/{interval_minutes} * * * *" if interval_minutes < 60 else "0 * * * *"
+    return ScheduleDefinition(
+        name="replication_health_checks_schedule", job=health_checks_job, cron_schedule=cron,
+        default_status=DefaultScheduleStatus.RUNNING,
+        description=f"Asset checks every {interval_minutes} minute(s) (health_check_interval_minutes).",
+    )
+
+
 def build_definitions() -> Definitions:
     ensure_process_logging()
     assets: list = [config_db]
     jobs: list = [config_store_upgrade_job, set_pipeline_status_job]
-    checks: list = []
+    checks: list = [config_store_pool_health]
     sensors: list = []
+    schedules: list = []
     path = config_path()
     if path.exists():
         config = load_config(path, resolve_secrets=False)
@@ -42,17 +68,20 @@ def build_definitions() -> Definitions:
                 spec for spec in pipeline_asset_specs(pipeline)
                 if spec.key not in {getattr(a, "key", None) for a in assets}
             )
-            checks.extend(build_slot_checks(pipeline))
+            checks.extend(build_pipeline_checks(pipeline))
             stream_jobs.append(build_stream_job(pipeline))
         jobs.extend(stream_jobs)
         sensors.extend(build_operation_sensors(config, stream_jobs))
+        schedules.append(health_check_schedule(config.operations.health_check_interval_minutes))
     else:
         logger.warning("No pipeline file at %s: only platform assets are loaded", path)
+        schedules.append(health_check_schedule(5))
     return Definitions(
         assets=assets,
         asset_checks=checks,
-        jobs=jobs,
+        jobs=[*jobs, health_checks_job],
         sensors=sensors,
+        schedules=schedules,
         resources={"config_store": ConfigStoreResource(database_url=EnvVar("CONFIG_DATABASE_URL"))},
     )
 

@@ -20,6 +20,7 @@ from rosetta_dagster.core.errors import ConfigStoreError
 
 EXPECTED_TABLES = {
     "schema_migrations",
+    "pool_events",
     "offset_cleanups",
     "pipelines",
     "pipeline_metadata",

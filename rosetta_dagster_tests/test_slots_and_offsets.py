@@ -182,15 +182,29 @@ def test_the_wal_monitor_sensor_reports_each_threshold_at_its_severity(
     caplog: pytest.LogCaptureFixture,
     warning_mb: int, critical_mb: int, severity: str, passed: bool, check_severity: str,
 ) -> None:
+    # A slot nobody consumes, then ~4 MB of WAL: it retains all of it. Slot names are per
+    # cluster, so each case drops it again (finally) for the next.
+    execute(env.source_url, "CREATE TABLE public.t (id int PRIMARY KEY)",
+            "SELECT pg_create_logical_replication_slot('rosetta_walpipe', 'pgoutput')")
+    try:
+        _evaluate_wal_monitor(env, store, database_url, tmp_path, caplog, warning_mb, critical_mb,
+                              severity, passed, check_severity)
+    finally:
+        execute(env.source_url, "SELECT pg_drop_replication_slot('rosetta_walpipe')")
+
+
+def _evaluate_wal_monitor(
+    env: StreamingEnv, store: ConfigStore, database_url: str, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    warning_mb: int, critical_mb: int, severity: str, passed: bool, check_severity: str,
+) -> None:
     from dagster import AssetCheckEvaluation, AssetObservation, DagsterInstance, build_sensor_context
 
     from rosetta_dagster.core.pipeline_config import load_config
     from rosetta_dagster.defs.pipelines.sensors import build_wal_monitor_sensor
     from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 
-    # A slot nobody consumes, then ~4 MB of WAL: it retains all of it.
-    execute(env.source_url, "CREATE TABLE public.t (id int PRIMARY KEY)",
-            "SELECT pg_create_logical_replication_slot('rosetta_walpipe', 'pgoutput')",
+    execute(env.source_url,
             "CREATE TABLE public.filler (payload text)",
             "INSERT INTO public.filler SELECT repeat('x', 400) FROM generate_series(1, 8000)")
     path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "walpipe", ["public.t"])
@@ -215,10 +229,9 @@ def test_the_wal_monitor_sensor_reports_each_threshold_at_its_severity(
     check = next(e for e in result.asset_events if isinstance(e, AssetCheckEvaluation))
     assert (check.check_name, check.passed, check.severity.value) == (
         "retained_wal", passed, check_severity)
-    assert check.metadata["warning_threshold_bytes"].value == warning_mb * 1024 * 1024
+    assert check.metadata["warning_threshold"].value == warning_mb * 1024 * 1024
     readings = store.latest_wal_readings()
     assert [(r["pipeline"], r["slot_name"], r["status"], r["active"]) for r in readings] == [
         ("walpipe", "rosetta_walpipe", severity, False)]
     line = next(r for r in caplog.records if "wal_size=" in r.getMessage())
     assert line.levelname == {"OK": "INFO", "WARNING": "WARNING", "CRITICAL": "ERROR"}[severity]
-    execute(env.source_url, "SELECT pg_drop_replication_slot('rosetta_walpipe')")

@@ -140,6 +140,13 @@ class OperationsSettings:
     wal_monitor_interval_seconds: int = 60
     wal_warning_mb: int = 100  # checklist "Debezium WAL lag": warning > 100 MB
     wal_critical_mb: int = 500  # critical > 500 MB
+    lag_warning_seconds: int = 60
+    lag_critical_seconds: int = 300
+    pool_warning_connections: int = 8  # checklist "Connection pool size": warning > 8 active
+    pool_critical_connections: int = 9  # critical > 9 active
+    parity_window_seconds: int = 30  # how long parity checks wait for rows in flight
+    parity_chunk_rows: int = 10_000
+    health_check_interval_minutes: int = 5
 
     @property
     def wal_warning_bytes(self) -> int:
@@ -160,6 +167,13 @@ _OPERATIONS_RANGES = {
     "wal_monitor_interval_seconds": (10, 3600),
     "wal_warning_mb": (1, 1024 * 1024),
     "wal_critical_mb": (1, 1024 * 1024),
+    "lag_warning_seconds": (1, 86400),
+    "lag_critical_seconds": (1, 86400),
+    "pool_warning_connections": (1, 10000),
+    "pool_critical_connections": (1, 10000),
+    "parity_window_seconds": (0, 3600),
+    "parity_chunk_rows": (100, 10_000_000),
+    "health_check_interval_minutes": (1, 1440),
 }
 
 
@@ -362,6 +376,10 @@ def _operations(path: Path, top: _Reader) -> OperationsSettings:
     settings = OperationsSettings(**values)
     if settings.wal_critical_mb <= settings.wal_warning_mb:
         reader.fail("wal_critical_mb", "must be larger than wal_warning_mb")
+    if settings.lag_critical_seconds <= settings.lag_warning_seconds:
+        reader.fail("lag_critical_seconds", "must be larger than lag_warning_seconds")
+    if settings.pool_critical_connections <= settings.pool_warning_connections:
+        reader.fail("pool_critical_connections", "must be larger than pool_warning_connections")
     if settings.restart_backoff_max_seconds < settings.restart_backoff_initial_seconds:
         reader.fail("restart_backoff_max_seconds", "must be at least restart_backoff_initial_seconds")
     return settings

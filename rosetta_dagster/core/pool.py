@@ -165,6 +165,7 @@ class ResilientConnectionPool:
         self._closed_connection_errors = 0
         self._checkout_timeouts = 0
         self._init_attempts = 0
+        self._reported: dict[str, int] = {}
 
     @property
     def label(self) -> str:
@@ -347,6 +348,23 @@ class ResilientConnectionPool:
                 checkout_timeouts=self._checkout_timeouts,
                 init_attempts=self._init_attempts,
             )
+
+    def take_unreported_events(self) -> list[tuple[str, int]]:
+        """``(kind, count)`` of health events since the previous call, for the config store:
+        ``init_retried`` (attempts beyond the first), ``dead_connection``, ``closed_connection``
+        and ``checkout_timeout``. Recorded by the owner while the pool works again."""
+        stats = self.stats()
+        current = {
+            "init_retried": max(0, stats.init_attempts - 1),
+            "dead_connection": stats.dead_detected,
+            "closed_connection": stats.closed_connection_errors,
+            "checkout_timeout": stats.checkout_timeouts,
+        }
+        with self._stats_lock:
+            events = [(kind, value - self._reported.get(kind, 0)) for kind, value in current.items()
+                      if value > self._reported.get(kind, 0)]
+            self._reported = current
+        return events
 
     def _count_created(self) -> None:
         with self._stats_lock:

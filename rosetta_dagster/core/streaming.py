@@ -223,6 +223,7 @@ class StreamingSession:
                 now = time.monotonic()
                 if now >= next_heartbeat and self.config_store is not None:
                     self.config_store.heartbeat(self.pipeline.name, self.progress.source_position_ms)
+                    self.config_store.flush_pool_events()
                     next_heartbeat = now + HEARTBEAT_INTERVAL_S
                 if tick is not None and now >= next_tick:
                     tick(self.progress)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,6 +62,7 @@ class Pipeline:
     created_at: datetime
     updated_at: datetime
     run_id: str | None = None  # the streaming run that last reported state or a heartbeat
+    source_position_at: datetime | None = None  # source time of the newest change applied
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Pipeline:
@@ -78,6 +81,7 @@ class Pipeline:
             created_at=row["created_at"],
             updated_at=row["updated_at"],
             run_id=row["run_id"],
+            source_position_at=row["source_position_at"],
         )
 
 
@@ -119,7 +123,7 @@ class BackfillJob:
 _PIPELINE_SELECT = """
     SELECT p.id, p.name, p.source, p.destinations, p.tables, p.status, p.created_at,
            p.updated_at, m.state, m.last_error, m.last_error_at, m.last_start_at, m.heartbeat_at,
-           m.run_id
+           m.run_id, m.source_position_at
     FROM pipelines p LEFT JOIN pipeline_metadata m ON m.pipeline_id = p.id
 """
 
@@ -493,6 +497,36 @@ class ConfigStore:
             backfills = [dict(r) for r in cur.fetchall()]
         return {"flows": flows, "pipelines": pipelines, "backfills": backfills,
                 "wal": self.latest_wal_readings()}
+
+    def flush_pool_events(self) -> int:
+        """Record the pool's unreported health events (see ``take_unreported_events``)."""
+        events = self.pool.take_unreported_events()
+        if events:
+            process = f"{socket.gethostname()}:{os.getpid()}"
+            kinds, counts = (list(c) for c in zip(*events, strict=True))
+            self._query(
+                """
+                INSERT INTO pool_events (process, pool, kind, count)
+                SELECT %s, %s, k, c FROM unnest(%s::text[], %s::int[]) AS e(k, c)
+                """,
+                (process, self.pool.label, kinds, counts),
+            )
+        return len(events)
+
+    def pool_event_counts(self, since_seconds: float) -> dict[str, int]:
+        rows = self._query(
+            "SELECT kind, sum(count)::int AS n FROM pool_events "
+            "WHERE created_at > now() - make_interval(secs => %s) GROUP BY kind",
+            (since_seconds,),
+        )
+        return {row["kind"]: row["n"] for row in rows}
+
+    def database_connections(self) -> int:
+        """Sessions on the config store's database (the checklist's pg_stat_activity count)."""
+        rows = self._query(
+            "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database()"
+        )
+        return rows[0]["n"]
 
     def record_offset_cleanup(
         self, *, pipeline: str, offset_file: str, slot_name: str, reason: str

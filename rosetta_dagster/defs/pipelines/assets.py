@@ -13,8 +13,9 @@ def destination_table_key(destination: Destination, table: TableRef) -> AssetKey
     return AssetKey(["destination", destination.name, destination.schema, table.name])
 
 
-def replication_slot_key(pipeline: PipelineDefinition) -> AssetKey:
-    return AssetKey(["replication_slot", pipeline.name])
+def replication_slot_key(pipeline: PipelineDefinition | str) -> AssetKey:
+    name = pipeline if isinstance(pipeline, str) else pipeline.name
+    return AssetKey(["replication_slot", name])
 
 
 def pipeline_asset_specs(pipeline: PipelineDefinition) -> list[AssetSpec]:

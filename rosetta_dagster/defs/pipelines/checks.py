@@ -1,69 +1,78 @@
-"""Asset checks on a pipeline's replication slot (the WAL monitor also emits them)."""
+"""Asset checks of a pipeline: parity, lag and apply errors on each destination table; the slot
+exists, is active and retains little WAL. Evaluated by the health-check schedule (and from the
+UI); the WAL monitor sensor also emits ``retained_wal``."""
+
+from collections.abc import Iterator
 
 from dagster import (
     AssetCheckEvaluation,
+    AssetCheckExecutionContext,
     AssetCheckResult,
     AssetChecksDefinition,
     AssetCheckSeverity,
+    AssetCheckSpec,
     AssetKey,
-    MetadataValue,
-    asset_check,
+    multi_asset_check,
 )
 
+from rosetta_dagster.core.health import CheckOutcome, CheckTarget, evaluate_pipeline, retained_wal
 from rosetta_dagster.core.pipeline_config import OperationsSettings, PipelineDefinition, load_config
-from rosetta_dagster.core.replication import SlotReading, WalSeverity, read_slot, source_connection
-from rosetta_dagster.defs.pipelines.assets import replication_slot_key
+from rosetta_dagster.core.replication import SlotReading
+from rosetta_dagster.defs.pipelines.assets import destination_table_key, replication_slot_key
+from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 
-RETAINED_WAL_CHECK = "retained_wal"
+TABLE_CHECKS = ("row_count_parity", "content_parity", "replication_lag", "apply_errors")
+SLOT_CHECKS = ("slot_active", "retained_wal")
+_SEVERITY = {"WARN": AssetCheckSeverity.WARN, "ERROR": AssetCheckSeverity.ERROR}
 
 
-def retained_wal_outcome(
-    reading: SlotReading, operations: OperationsSettings
-) -> tuple[bool, AssetCheckSeverity, dict[str, MetadataValue], str]:
-    """(passed, severity, metadata, description) of the checklist's "Debezium WAL lag" row."""
-    severity = reading.severity(operations)
-    metadata = {
-        "retained_wal_bytes": MetadataValue.int(reading.retained_wal_bytes or 0),
-        "warning_threshold_bytes": MetadataValue.int(operations.wal_warning_bytes),
-        "critical_threshold_bytes": MetadataValue.int(operations.wal_critical_bytes),
-    }
-    if severity is WalSeverity.MISSING:
-        description = f"Replication slot {reading.slot_name} does not exist on {reading.source}."
-        return False, AssetCheckSeverity.WARN, metadata, description
-    description = f"Slot {reading.slot_name} retains {reading.retained_wal_bytes} bytes of WAL."
-    if severity is WalSeverity.CRITICAL:
-        return False, AssetCheckSeverity.ERROR, metadata, description
-    return (severity is WalSeverity.OK), AssetCheckSeverity.WARN, metadata, description
+def check_result(outcome: CheckOutcome, asset_key: AssetKey) -> AssetCheckResult:
+    return AssetCheckResult(
+        asset_key=asset_key, check_name=outcome.name, passed=outcome.passed,
+        severity=_SEVERITY[outcome.severity], description=outcome.description,
+        metadata=outcome.metadata,
+    )
 
 
 def retained_wal_evaluation(reading: SlotReading, operations: OperationsSettings) -> AssetCheckEvaluation:
-    passed, severity, metadata, description = retained_wal_outcome(reading, operations)
+    """The WAL monitor's reading as a ``retained_wal`` check evaluation (sensor side)."""
+    outcome = retained_wal(reading, operations)
     return AssetCheckEvaluation(
-        asset_key=AssetKey(["replication_slot", reading.pipeline]),
-        check_name=RETAINED_WAL_CHECK,
-        passed=passed,
-        severity=severity,
-        metadata=metadata,
-        description=description,
+        asset_key=replication_slot_key(reading.pipeline), check_name=outcome.name,
+        passed=outcome.passed, severity=_SEVERITY[outcome.severity], metadata=outcome.metadata,
+        description=outcome.description,
     )
 
 
-def build_slot_checks(pipeline: PipelineDefinition) -> list[AssetChecksDefinition]:
+def build_pipeline_checks(pipeline: PipelineDefinition) -> list[AssetChecksDefinition]:
     name = pipeline.name
+    specs = [
+        AssetCheckSpec(check, asset=destination_table_key(destination, table))
+        for destination in pipeline.destinations
+        for table in pipeline.tables
+        for check in TABLE_CHECKS
+    ] + [AssetCheckSpec(check, asset=replication_slot_key(pipeline)) for check in SLOT_CHECKS]
 
-    @asset_check(
-        asset=replication_slot_key(pipeline),
-        name=RETAINED_WAL_CHECK,
-        description="WAL the slot retains: WARN above wal_warning_mb, ERROR above wal_critical_mb.",
+    @multi_asset_check(
+        specs=specs,
+        name=f"replication_health_{name}",
+        description=f"Parity, lag, apply errors and slot health of pipeline {name}.",
     )
-    def retained_wal() -> AssetCheckResult:
+    def replication_health(
+        context: AssetCheckExecutionContext, config_store: ConfigStoreResource
+    ) -> Iterator[AssetCheckResult]:
         config = load_config()
-        resolved = config.pipeline(name)
-        with source_connection(resolved) as conn:
-            reading = read_slot(conn, resolved)
-        passed, severity, metadata, description = retained_wal_outcome(reading, config.operations)
-        return AssetCheckResult(
-            passed=passed, severity=severity, metadata=metadata, description=description
-        )
+        stored = config_store.store.get_pipeline(name)
+        for target, outcome in evaluate_pipeline(config.pipeline(name), stored, config.operations):
+            context.log.info("%s %s: %s", target.label, outcome.name, outcome.description)
+            yield check_result(outcome, asset_key_of(target))
 
-    return [retained_wal]
+    return [replication_health]
+
+
+def asset_key_of(target: CheckTarget) -> AssetKey:
+    if target.kind == "destination_table" and target.destination and target.table:
+        return destination_table_key(target.destination, target.table)
+    if target.kind == "replication_slot" and target.pipeline:
+        return replication_slot_key(target.pipeline)
+    return AssetKey(["config_db"])

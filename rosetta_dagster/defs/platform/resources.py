@@ -9,6 +9,7 @@ from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from rosetta_dagster.core.config_store import ConfigStore
+from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.pool import PoolSettings, PoolStats, ResilientConnectionPool
 
 
@@ -51,6 +52,10 @@ class ConfigStoreResource(ConfigurableResource):
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         if self._pool is not None:
+            try:  # health events (retries, dead connections) for the pool checks
+                ConfigStore(self._pool).flush_pool_events()
+            except RosettaError as exc:
+                context.log.warning("Could not record pool health events: %s", exc)  # type: ignore[union-attr]
             self._pool.close()
             self._pool = None
 

@@ -1,0 +1,359 @@
+"""The checklist's success criteria and alert thresholds as checks over real data.
+
+Pure Python: the Dagster asset checks and ``rosetta validate`` both evaluate these. Every
+outcome carries the measured value and its threshold, so the UI can plot its history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2 import sql
+
+from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema
+from rosetta_dagster.core.config_store import ConfigStore, Pipeline, PipelineStatus
+from rosetta_dagster.core.pipeline_config import (
+    Destination,
+    OperationsSettings,
+    PipelineDefinition,
+    TableRef,
+)
+from rosetta_dagster.core.replication import (
+    SlotReading,
+    WalSeverity,
+    read_slot,
+    source_connection,
+)
+
+Severity = Literal["WARN", "ERROR"]
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    name: str
+    passed: bool
+    severity: Severity  # how bad a failure is (meaningless when passed)
+    description: str
+    metadata: dict[str, float | int | str] = field(default_factory=dict)
+
+
+def _threshold_outcome(
+    name: str, value: float, warning: float, critical: float, what: str, unit: str = ""
+) -> CheckOutcome:
+    """Fails WARN above ``warning`` and ERROR above ``critical``."""
+    metadata: dict[str, float | int | str] = {
+        "value": value, "warning_threshold": warning, "critical_threshold": critical,
+    }
+    if value > critical:
+        return CheckOutcome(name, False, "ERROR", f"{what} is {value:g}{unit} (> {critical:g}{unit}).",
+                            metadata)
+    if value > warning:
+        return CheckOutcome(name, False, "WARN", f"{what} is {value:g}{unit} (> {warning:g}{unit}).",
+                            metadata)
+    return CheckOutcome(name, True, "WARN", f"{what} is {value:g}{unit}.", metadata)
+
+
+# -- destination tables -------------------------------------------------------------------
+
+
+def _count(conn: psycopg2.extensions.connection, schema: str, table: str) -> int:
+    with conn.cursor() as cursor:
+        cursor.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table)))
+        return int(cursor.fetchone()[0])  # type: ignore[index]
+
+
+def row_count_parity(
+    source: psycopg2.extensions.connection,
+    destination: psycopg2.extensions.connection,
+    table: TableSchema,
+    destination_schema: str,
+    window_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> CheckOutcome:
+    """Counts equal, allowing rows in flight: re-counted each second for up to ``window_s``."""
+    deadline = time.monotonic() + window_s
+    while True:
+        source_rows = _count(source, table.table.schema, table.table.name)
+        destination_rows = _count(destination, destination_schema, table.table.name)
+        if source_rows == destination_rows or time.monotonic() >= deadline:
+            break
+        sleep(1.0)
+    difference = destination_rows - source_rows
+    metadata: dict[str, float | int | str] = {
+        "source_rows": source_rows, "destination_rows": destination_rows,
+        "difference": difference, "lag_window_seconds": window_s,
+    }
+    if difference == 0:
+        return CheckOutcome("row_count_parity", True, "ERROR",
+                            f"{source_rows} rows on both sides.", metadata)
+    return CheckOutcome(
+        "row_count_parity", False, "ERROR",
+        f"Source has {source_rows} rows, destination {destination_rows} (difference {difference:+d}) "
+        f"after waiting {window_s:g}s for rows in flight.", metadata,
+    )
+
+
+def _row_hashes(
+    conn: psycopg2.extensions.connection,
+    schema_name: str,
+    table: TableSchema,
+    after: tuple[Any, ...] | None,
+    through: tuple[Any, ...] | None,
+    limit: int | None,
+) -> list[tuple[tuple[Any, ...], str]]:
+    """``(key, md5 of the row's text)`` in key order, for keys in (after, through]."""
+    keys = sql.SQL(", ").join(sql.Identifier(k) for k in table.primary_key)
+    key_row = sql.SQL("ROW({})").format(keys)
+    conditions: list[sql.Composable] = []
+    params: list[Any] = []
+    if after is not None:
+        conditions.append(sql.SQL("{} > ROW({})").format(
+            key_row, sql.SQL(", ").join(sql.Placeholder() * len(after))))
+        params.extend(after)
+    if through is not None:
+        conditions.append(sql.SQL("{} <= ROW({})").format(
+            key_row, sql.SQL(", ").join(sql.Placeholder() * len(through))))
+        params.extend(through)
+    query = sql.SQL("SELECT {keys}, md5(ROW({columns})::text) FROM {table} {where} ORDER BY {keys}"
+                    ).format(
+        keys=keys,
+        columns=sql.SQL(", ").join(sql.Identifier(c) for c in table.column_names),
+        table=sql.Identifier(schema_name, table.table.name),
+        where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL(""),
+    )
+    if limit is not None:
+        query = query + sql.SQL(" LIMIT {}").format(sql.Literal(limit))
+    width = len(table.primary_key)
+    with conn.cursor() as cursor:
+        cursor.execute(query, params)
+        return [(tuple(row[:width]), row[width]) for row in cursor.fetchall()]
+
+
+def _digest(rows: Sequence[tuple[tuple[Any, ...], str]]) -> str:
+    return hashlib.md5("".join(h for _, h in rows).encode(), usedforsecurity=False).hexdigest()
+
+
+def content_parity(
+    source: psycopg2.extensions.connection,
+    destination: psycopg2.extensions.connection,
+    table: TableSchema,
+    destination_schema: str,
+    chunk_rows: int,
+    window_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> CheckOutcome:
+    """Ordered checksum over every column, chunk by chunk of primary keys on both sides.
+
+    A differing chunk is re-read for up to ``window_s`` (changes in flight); if it still differs
+    the first differing key range is reported.
+    """
+    after: tuple[Any, ...] | None = None
+    chunks = rows = 0
+    while True:
+        source_chunk = _row_hashes(source, table.table.schema, table, after, None, chunk_rows)
+        through = source_chunk[-1][0] if len(source_chunk) == chunk_rows else None
+        deadline = time.monotonic() + window_s
+        while True:
+            destination_chunk = _row_hashes(destination, destination_schema, table, after, through,
+                                            None)
+            if _digest(source_chunk) == _digest(destination_chunk) or time.monotonic() >= deadline:
+                break
+            sleep(1.0)
+            source_chunk = _row_hashes(source, table.table.schema, table, after, through, None)
+        if _digest(source_chunk) != _digest(destination_chunk):
+            first = _first_difference(source_chunk, destination_chunk)
+            metadata: dict[str, float | int | str] = {
+                "chunks_compared": chunks, "rows_compared": rows, "first_differing_key": str(first),
+                "range_start_exclusive": str(after), "range_end_inclusive": str(through),
+            }
+            return CheckOutcome(
+                "content_parity", False, "ERROR",
+                f"Rows differ in key range ({_fmt(after)}, {_fmt(through)}]; first differing key "
+                f"{_fmt(first)}.", metadata,
+            )
+        chunks += 1
+        rows += len(source_chunk)
+        if through is None:
+            return CheckOutcome("content_parity", True, "ERROR",
+                                f"{rows} rows identical in {chunks} chunk(s).",
+                                {"chunks_compared": chunks, "rows_compared": rows})
+        after = through
+
+
+def _first_difference(
+    source: Sequence[tuple[tuple[Any, ...], str]], destination: Sequence[tuple[tuple[Any, ...], str]]
+) -> tuple[Any, ...] | None:
+    source_map, destination_map = dict(source), dict(destination)
+    differing = [k for k in source_map.keys() | destination_map.keys()
+                 if source_map.get(k) != destination_map.get(k)]
+    return min(differing) if differing else None
+
+
+def _fmt(key: tuple[Any, ...] | None) -> str:
+    """A key for messages; None is an open end of the range."""
+    if key is None:
+        return "…"
+    return ", ".join(str(part) for part in key)
+
+
+def replication_lag(
+    pipeline: Pipeline, operations: OperationsSettings, now: datetime | None = None
+) -> CheckOutcome:
+    """Seconds between now and the source position last applied (heartbeat messages keep it
+    current on an idle source). Only judged while the pipeline is START."""
+    now = now or datetime.now(UTC)
+    if pipeline.status is not PipelineStatus.START:
+        return CheckOutcome("replication_lag", True, "WARN",
+                            f"Pipeline {pipeline.name} is paused: lag not judged.", {})
+    if pipeline.source_position_at is None:
+        return CheckOutcome("replication_lag", False, "WARN",
+                            f"Pipeline {pipeline.name} has not applied anything yet.", {})
+    lag = max(0.0, (now - pipeline.source_position_at).total_seconds())
+    return _threshold_outcome("replication_lag", round(lag, 1), operations.lag_warning_seconds,
+                              operations.lag_critical_seconds, "Replication lag", "s")
+
+
+def apply_errors(pipeline: Pipeline, since: datetime) -> CheckOutcome:
+    """No failed batch (the run records ERROR with the error) since ``since``."""
+    failed = pipeline.last_error_at is not None and pipeline.last_error_at > since
+    metadata: dict[str, float | int | str] = {"errors_since_last_evaluation": int(failed)}
+    if failed:
+        return CheckOutcome("apply_errors", False, "ERROR",
+                            f"Pipeline {pipeline.name} failed at "
+                            f"{pipeline.last_error_at:%Y-%m-%d %H:%M:%S}: {pipeline.last_error}",
+                            metadata)
+    return CheckOutcome("apply_errors", True, "ERROR", "No failed batch.", metadata)
+
+
+# -- replication slots ------------------------------------------------------------------
+
+
+def slot_active(reading: SlotReading, pipeline: Pipeline) -> CheckOutcome:
+    metadata: dict[str, float | int | str] = {"exists": int(reading.exists),
+                                              "active": int(bool(reading.active))}
+    if pipeline.status is not PipelineStatus.START:
+        return CheckOutcome("slot_active", True, "ERROR",
+                            f"Pipeline {pipeline.name} is paused: the slot may be inactive.", metadata)
+    if not reading.exists:
+        return CheckOutcome("slot_active", False, "ERROR",
+                            f"Slot {reading.slot_name} does not exist on {reading.source}.", metadata)
+    if not reading.active:
+        return CheckOutcome("slot_active", False, "WARN",
+                            f"Slot {reading.slot_name} exists but no stream reads it.", metadata)
+    return CheckOutcome("slot_active", True, "ERROR", f"Slot {reading.slot_name} is active.",
+                        metadata)
+
+
+def retained_wal(reading: SlotReading, operations: OperationsSettings) -> CheckOutcome:
+    """Checklist "Debezium WAL lag": WARN > wal_warning_mb, ERROR > wal_critical_mb."""
+    if reading.severity(operations) is WalSeverity.MISSING:
+        return CheckOutcome("retained_wal", False, "WARN",
+                            f"Replication slot {reading.slot_name} does not exist on {reading.source}.",
+                            {"value": 0, "warning_threshold": operations.wal_warning_bytes,
+                             "critical_threshold": operations.wal_critical_bytes})
+    return _threshold_outcome("retained_wal", reading.retained_wal_bytes or 0,
+                              operations.wal_warning_bytes, operations.wal_critical_bytes,
+                              f"WAL retained by {reading.slot_name}", " bytes")
+
+
+# -- the config store's pools --------------------------------------------------------------
+
+
+def pool_utilisation(store: ConfigStore, operations: OperationsSettings) -> CheckOutcome:
+    """Checklist "Connection pool size": sessions on config_db, WARN > 8, ERROR > 9."""
+    return _threshold_outcome("pool_utilisation", store.database_connections(),
+                              operations.pool_warning_connections,
+                              operations.pool_critical_connections, "Connections to config_db")
+
+
+def closed_connection_errors(store: ConfigStore) -> CheckOutcome:
+    """Checklist "Closed connection errors": WARN >= 1 per hour, ERROR >= 1 per minute."""
+    kinds = ("closed_connection", "dead_connection")
+    last_hour = sum(store.pool_event_counts(3600).get(k, 0) for k in kinds)
+    last_minute = sum(store.pool_event_counts(60).get(k, 0) for k in kinds)
+    metadata: dict[str, float | int | str] = {"last_hour": last_hour, "last_minute": last_minute,
+                                              "warning_threshold_per_hour": 1,
+                                              "critical_threshold_per_minute": 1}
+    if last_minute >= 1:
+        return CheckOutcome("closed_connection_errors", False, "ERROR",
+                            f"{last_minute} closed/dead connection(s) in the last minute.", metadata)
+    if last_hour >= 1:
+        return CheckOutcome("closed_connection_errors", False, "WARN",
+                            f"{last_hour} closed/dead connection(s) in the last hour.", metadata)
+    return CheckOutcome("closed_connection_errors", True, "WARN",
+                        "No closed or dead connections in the last hour.", metadata)
+
+
+def pool_initialised(store: ConfigStore) -> CheckOutcome:
+    """Pools open on their first attempt; WARN when one needed retries in the last hour."""
+    retries = store.pool_event_counts(3600).get("init_retried", 0)
+    metadata: dict[str, float | int | str] = {"init_retries_last_hour": retries}
+    if retries:
+        return CheckOutcome("pool_initialised", False, "WARN",
+                            f"Connection pools needed {retries} extra attempt(s) to initialise in "
+                            "the last hour.", metadata)
+    return CheckOutcome("pool_initialised", True, "WARN",
+                        "Connection pools initialised on their first attempt.", metadata)
+
+
+# -- everything, for the schedule and `rosetta validate` ----------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckTarget:
+    """What a check judges: a destination table, a pipeline's slot, or the config store."""
+
+    kind: Literal["destination_table", "replication_slot", "config_db"]
+    pipeline: str | None = None
+    destination: Destination | None = None
+    table: TableRef | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "destination_table" and self.destination and self.table:
+            return f"destination/{self.destination.name}/{self.destination.schema}/{self.table.name}"
+        if self.kind == "replication_slot":
+            return f"replication_slot/{self.pipeline}"
+        return "config_db"
+
+
+def evaluate_pipeline(
+    pipeline: PipelineDefinition, stored: Pipeline, operations: OperationsSettings
+) -> Iterator[tuple[CheckTarget, CheckOutcome]]:
+    """Every check of one pipeline (slot first, then each destination table)."""
+    since = datetime.now(UTC) - timedelta(minutes=operations.health_check_interval_minutes)
+    slot = CheckTarget("replication_slot", pipeline.name)
+    with source_connection(pipeline) as source:
+        reading = read_slot(source, pipeline)
+        yield slot, slot_active(reading, stored)
+        yield slot, retained_wal(reading, operations)
+        for destination in pipeline.destinations:
+            target = psycopg2.connect(destination.dsn(), connect_timeout=10,
+                                      application_name="rosetta-checks")
+            target.autocommit = True
+            try:
+                for table in pipeline.tables:
+                    where = CheckTarget("destination_table", pipeline.name, destination, table)
+                    schema = read_table_schema(source, table, f"source {pipeline.source.name}")
+                    yield where, row_count_parity(source, target, schema, destination.schema,
+                                                  operations.parity_window_seconds)
+                    yield where, content_parity(source, target, schema, destination.schema,
+                                                operations.parity_chunk_rows,
+                                                operations.parity_window_seconds)
+                    yield where, replication_lag(stored, operations)
+                    yield where, apply_errors(stored, since)
+            finally:
+                target.close()
+
+
+def evaluate_config_store(store: ConfigStore, operations: OperationsSettings) -> list[CheckOutcome]:
+    store.flush_pool_events()  # this process's own events count too
+    return [pool_utilisation(store, operations), closed_connection_errors(store),
+            pool_initialised(store)]

@@ -1,0 +1,259 @@
+"""The checklist's success criteria as checks, on a real replica streamed by the real engine:
+healthy, then each condition forced; `rosetta validate` on a healthy and a broken deployment."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg2
+import pytest
+import yaml
+
+from rosetta_dagster.core.config_store import ConfigStore, PipelineState, PipelineStatus
+from rosetta_dagster.core.health import (
+    CheckOutcome,
+    evaluate_config_store,
+    evaluate_pipeline,
+    replication_lag,
+)
+from rosetta_dagster.core.local_postgres import LocalPostgresCluster
+from rosetta_dagster.core.pipeline_config import OperationsSettings, PipelineDefinition, load_config
+from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
+from rosetta_dagster.core.streaming import StreamingSession
+from rosetta_dagster_tests.streaming_support import (
+    StreamingEnv,
+    execute,
+    fetch,
+    new_streaming_env,
+    streaming,
+    wait_until,
+)
+
+FAST = OperationsSettings(parity_window_seconds=1, parity_chunk_rows=100)
+
+
+@pytest.fixture
+def replica(pg_cluster: LocalPostgresCluster, pg_root: Path, store: ConfigStore
+            ) -> Iterator[tuple[StreamingEnv, PipelineDefinition]]:
+    """`public.items` (1,000 rows) streaming into the replica while the test runs."""
+    env = new_streaming_env(pg_cluster, pg_root)
+    execute(env.source_url, "CREATE TABLE public.items (id int PRIMARY KEY, v text, n numeric)",
+            "INSERT INTO public.items SELECT g, 'v' || g, g / 3.0 FROM generate_series(1, 1000) g")
+    pipeline = env.pipeline("checked", ["public.items"])
+    store.sync_pipeline(pipeline)
+    store.set_pipeline_status("checked", PipelineStatus.START)
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
+        wait_until(lambda: env.converged("public.items"), message="the snapshot")
+        wait_until(lambda: store.get_pipeline("checked").source_position_at is not None, 20,
+                   "a heartbeat with the source position")
+        yield env, pipeline
+    shutil.rmtree(env.offsets_dir, ignore_errors=True)
+    # Slot names are per cluster: free this one for the next test's replica.
+    inactive = "SELECT active FROM pg_replication_slots WHERE slot_name = 'rosetta_checked'"
+    wait_until(lambda: fetch(env.source_url, inactive) == [(False,)], 20, "the slot's release")
+    execute(env.source_url, "SELECT pg_drop_replication_slot('rosetta_checked')")
+
+
+def _outcomes(pipeline: PipelineDefinition, store: ConfigStore,
+              operations: OperationsSettings = FAST) -> dict[str, CheckOutcome]:
+    stored = store.get_pipeline(pipeline.name)
+    return {o.name: o for _, o in evaluate_pipeline(pipeline, stored, operations)}
+
+
+def test_every_check_passes_on_a_healthy_replica(replica: tuple[StreamingEnv, PipelineDefinition],
+                                                store: ConfigStore) -> None:
+    _, pipeline = replica
+    outcomes = _outcomes(pipeline, store)
+    assert set(outcomes) == {"slot_active", "retained_wal", "row_count_parity", "content_parity",
+                             "replication_lag", "apply_errors"}
+    failed = {name: o.description for name, o in outcomes.items() if not o.passed}
+    assert failed == {}
+    # 10 full chunks and the (empty) tail, where extra destination rows would show
+    assert outcomes["content_parity"].metadata == {"chunks_compared": 11, "rows_compared": 1000}
+    assert outcomes["row_count_parity"].metadata["source_rows"] == 1000
+    assert outcomes["retained_wal"].metadata["critical_threshold"] == 500 * 1024 * 1024
+
+
+def test_each_forced_condition_fails_at_its_severity(
+    replica: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore
+) -> None:
+    env, pipeline = replica
+    # A row changed behind the stream's back: content parity names the key range.
+    execute(env.destination_url, "UPDATE replica.items SET v = 'tampered' WHERE id = 456")
+    outcomes = _outcomes(pipeline, store)
+    content = outcomes["content_parity"]
+    assert (content.passed, content.severity) == (False, "ERROR")
+    assert content.description == "Rows differ in key range (400, 500]; first differing key 456."
+    assert outcomes["row_count_parity"].passed
+
+    execute(env.destination_url, "DELETE FROM replica.items WHERE id = 7")
+    counts = _outcomes(pipeline, store)["row_count_parity"]
+    assert (counts.passed, counts.severity) == (False, "ERROR")
+    assert counts.metadata["difference"] == -1
+
+    # Retained WAL above lowered thresholds: WARN, then ERROR.
+    wal = {o.name: o for _, o in evaluate_pipeline(
+        pipeline, store.get_pipeline("checked"),
+        dataclasses.replace(FAST, wal_warning_mb=0))}["retained_wal"]
+    assert (wal.passed, wal.severity) == (False, "WARN")
+
+    # Lag: the last applied source position is old.
+    stale = dataclasses.replace(store.get_pipeline("checked"),
+                                source_position_at=datetime.now(UTC) - timedelta(seconds=90))
+    lag = replication_lag(stale, FAST)
+    assert (lag.passed, lag.severity, lag.metadata["warning_threshold"]) == (False, "WARN", 60)
+    stale = dataclasses.replace(stale, source_position_at=datetime.now(UTC) - timedelta(hours=1))
+    assert replication_lag(stale, FAST).severity == "ERROR"
+
+    # A failed batch since the last evaluation.
+    store.record_pipeline_state("checked", PipelineState.ERROR, error="batch failed: disk full")
+    errors = _outcomes(pipeline, store)["apply_errors"]
+    assert (errors.passed, errors.severity) == (False, "ERROR")
+    assert "batch failed: disk full" in errors.description
+
+
+def _pool_outcomes(store: ConfigStore) -> dict[str, CheckOutcome]:
+    return {o.name: o for o in evaluate_config_store(store, OperationsSettings())}
+
+
+def test_pool_checks_see_killed_connections_saturation_and_retries(
+    store: ConfigStore, database_url: str, dedicated_cluster: LocalPostgresCluster
+) -> None:
+    assert all(o.passed for o in _pool_outcomes(store).values())
+
+    # Killed connections: the pool detects them on the next checkout.
+    with store.pool.connection() as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        store_pid = cursor.fetchone()[0]
+    execute(database_url, f"SELECT pg_terminate_backend({int(store_pid)})")
+    store.list_pipelines()  # dead connection detected, replaced
+    closed = _pool_outcomes(store)["closed_connection_errors"]
+    assert (closed.passed, closed.severity) == (False, "ERROR")  # >= 1 in the last minute
+    execute(database_url, "UPDATE pool_events SET created_at = now() - interval '10 minutes'")
+    closed = _pool_outcomes(store)["closed_connection_errors"]
+    assert (closed.passed, closed.severity, closed.metadata["last_hour"]) == (False, "WARN", 1)
+
+    # Saturation: sessions on config_db above 8, then above 9.
+    held = [psycopg2.connect(database_url) for _ in range(8)]
+    try:
+        utilisation = _pool_outcomes(store)["pool_utilisation"]
+        assert (utilisation.passed, utilisation.severity) == (False, "WARN"), utilisation
+        held += [psycopg2.connect(database_url) for _ in range(2)]
+        assert _pool_outcomes(store)["pool_utilisation"].severity == "ERROR"
+    finally:
+        for conn in held:
+            conn.close()
+
+    # A pool that needed a retry to initialise (its database started late) is reported.
+    dedicated_cluster.stop()
+    threading.Timer(1.0, dedicated_cluster.start).start()
+    late = ResilientConnectionPool(dedicated_cluster.dsn(), PoolSettings.from_env(max_conn=1),
+                                   sleep=lambda s: time.sleep(min(s, 2.0))).open()
+    try:
+        assert late.stats().init_attempts >= 2
+        events = late.take_unreported_events()
+        assert ("init_retried", late.stats().init_attempts - 1) in events
+    finally:
+        late.close()
+
+
+def _validate(env: StreamingEnv, config_url: str, path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rosetta_dagster.cli", "validate"],
+        env={**env.pipeline_env(path, config_url)}, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_rosetta_validate_passes_a_healthy_deployment_and_fails_a_broken_one(
+    replica: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore, database_url: str,
+    tmp_path: Path,
+) -> None:
+    env, _ = replica
+    path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "checked", ["public.items"],
+                                   streaming={"heartbeat_interval_ms": 1000})
+    document = yaml.safe_load(path.read_text())
+    document["operations"] = {"parity_window_seconds": 1, "parity_chunk_rows": 100}
+    path.write_text(yaml.safe_dump(document))
+    assert load_config(path, {"TEST_PG_PASSWORD": "x"}).operations.parity_window_seconds == 1
+
+    healthy = _validate(env, database_url, path)
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    for section in ("=== Connection Pool Health ===", "Connection pool initialized successfully",
+                    "=== Active Pipelines ===", "checked\tSTART\tRUNNING",
+                    "=== Database Connections ===", "=== Offset cleanup history ===",
+                    "PASS       destination/dst/replica/items content_parity", "OK"):
+        assert section in healthy.stdout, (section, healthy.stdout)
+
+    execute(env.destination_url, "UPDATE replica.items SET n = -1 WHERE id = 999")
+    broken = _validate(env, database_url, path)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert ("FAIL ERROR destination/dst/replica/items content_parity: Rows differ in key range "
+            "(900, 1000]") in broken.stdout
+    as_json = subprocess.run(
+        [sys.executable, "-m", "rosetta_dagster.cli", "validate", "--json"],
+        env={**env.pipeline_env(path, database_url)}, capture_output=True, text=True, timeout=120)
+    assert as_json.returncode == 1
+    report = yaml.safe_load(as_json.stdout)  # JSON is YAML
+    assert report["ok"] is False
+    assert env.cluster.password not in as_json.stdout + broken.stdout
+
+
+def test_the_definitions_expose_the_checks_on_the_expected_assets(
+    tmp_path: Path, pg_cluster: LocalPostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rosetta_dagster.definitions import build_definitions
+
+    env = StreamingEnv(pg_cluster, "src", "dst", tmp_path)
+    path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "shop", ["public.orders"])
+    monkeypatch.setenv("ROSETTA_CONFIG", str(path))
+    repository = build_definitions().get_repository_def()
+    keys = {(tuple(k.asset_key.path), k.name) for k in repository.asset_checks_defs_by_key}
+    table = ("destination", "dst", "replica", "orders")
+    assert keys == {
+        (("config_db",), "pool_utilisation"), (("config_db",), "closed_connection_errors"),
+        (("config_db",), "pool_initialised"),
+        (table, "row_count_parity"), (table, "content_parity"), (table, "replication_lag"),
+        (table, "apply_errors"),
+        (("replication_slot", "shop"), "slot_active"), (("replication_slot", "shop"), "retained_wal"),
+    }
+    assert [s.name for s in repository.schedule_defs] == ["replication_health_checks_schedule"]
+    assert repository.get_schedule_def("replication_health_checks_schedule").cron_schedule == \
+        "*/5 * * * *"
+
+
+def test_the_scheduled_check_job_records_results_in_dagster(
+    replica: tuple[StreamingEnv, PipelineDefinition], database_url: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The job the schedule launches, executed through Dagster on the streaming replica."""
+    from dagster import DagsterInstance
+
+    from rosetta_dagster.definitions import build_definitions
+
+    env, _ = replica
+    path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "checked", ["public.items"])
+    document = yaml.safe_load(path.read_text())
+    document["operations"] = {"parity_window_seconds": 1}
+    path.write_text(yaml.safe_dump(document))
+    for key, value in env.pipeline_env(path, database_url).items():
+        monkeypatch.setenv(key, value)
+    execute(env.destination_url, "UPDATE replica.items SET v = 'tampered' WHERE id = 3")
+    with DagsterInstance.ephemeral() as instance:
+        result = build_definitions().resolve_job_def("replication_health_checks").execute_in_process(
+            instance=instance, raise_on_error=False)
+    evaluations = {(tuple(e.asset_key.path), e.check_name): e
+                   for e in result.get_asset_check_evaluations()}
+    table = ("destination", "dst", "replica", "items")
+    assert evaluations[(table, "content_parity")].passed is False
+    assert evaluations[(table, "content_parity")].severity.value == "ERROR"
+    assert evaluations[(table, "row_count_parity")].passed is True
+    assert evaluations[(("replication_slot", "checked"), "slot_active")].passed is True
+    assert evaluations[(("config_db",), "pool_utilisation")].metadata["value"].value >= 1
