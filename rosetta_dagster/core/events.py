@@ -9,6 +9,8 @@ from typing import Any
 from rosetta_dagster.core.pipeline_config import TableRef
 
 HEARTBEAT_TOPIC_PREFIX = "__debezium-heartbeat"
+# pg_logical_emit_message prefix of backfill watermarks (see rosetta_dagster.core.backfill).
+BACKFILL_MESSAGE_PREFIX = "rosetta_backfill"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +50,20 @@ class PositionMarker:
     source_ts_ms: int | None
 
 
-def decode_event(value: str) -> ChangeEvent | PositionMarker:
+@dataclass(frozen=True, slots=True)
+class Watermark:
+    """A backfill chunk's low or high watermark, in the stream's commit order."""
+
+    job_id: int
+    chunk: int
+    kind: str  # "low" | "high"
+    table: TableRef
+    last_key: list[Any] | None = None  # high only: the chunk's last key (resume point)
+    rows: int = 0  # high only: rows staged for the chunk
+    source_ts_ms: int | None = None
+
+
+def decode_event(value: str) -> ChangeEvent | PositionMarker | Watermark:
     """Parse one Debezium JSON envelope (schemas disabled).
 
     Logical messages (op ``m``) are the heartbeat action's ``pg_logical_emit_message``: they
@@ -56,7 +71,17 @@ def decode_event(value: str) -> ChangeEvent | PositionMarker:
     """
     payload = json.loads(value)
     if payload.get("op") == "m":
-        return PositionMarker(payload.get("source", {}).get("ts_ms"))
+        ts_ms = payload.get("source", {}).get("ts_ms")
+        message = payload.get("message") or {}
+        if message.get("prefix") == BACKFILL_MESSAGE_PREFIX:
+            # binary.handling.mode=hex: the content arrives hex-encoded
+            body = json.loads(bytes.fromhex(message["content"]).decode())
+            return Watermark(
+                job_id=int(body["job"]), chunk=int(body["chunk"]), kind=body["kind"],
+                table=TableRef.parse(body["table"]), last_key=body.get("last_key"),
+                rows=int(body.get("rows", 0)), source_ts_ms=ts_ms,
+            )
+        return PositionMarker(ts_ms)
     source = payload["source"]
     return ChangeEvent(
         table=TableRef(source["schema"], source["table"]),

@@ -11,17 +11,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.applier import PostgresApplier
+from rosetta_dagster.core.apply.applier import PostgresApplier, backfill_staging_table
 from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema
 from rosetta_dagster.core.capture.engine import STALE_OFFSET_ERROR, DebeziumCapture, offsets_file
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
-from rosetta_dagster.core.events import ChangeEvent, PositionMarker
+from rosetta_dagster.core.events import ChangeEvent, PositionMarker, Watermark
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.replication import (
@@ -66,6 +67,22 @@ class StreamProgress:
         return max(0.0, time.time() - progress.last_source_ts_ms / 1000)
 
 
+@dataclass
+class _ChunkWindow:
+    """Keys of ``table`` the stream changed between a chunk's low and high watermarks."""
+
+    table: TableRef
+    keys: set[tuple[Any, ...]] = field(default_factory=set)
+    truncated: bool = False
+
+    def note(self, event: ChangeEvent, schemas: dict[TableRef, TableSchema]) -> None:
+        if event.op == "t":
+            self.truncated = True
+            return
+        row = event.row
+        self.keys.add(tuple(row.get(k) for k in schemas[event.table].primary_key))
+
+
 class StreamingSession:
     """Streams one pipeline until stopped, failing loudly and recording its state."""
 
@@ -90,6 +107,7 @@ class StreamingSession:
         self._capture: DebeziumCapture | None = None
         self._resyncing = False
         self._restarted_stale = False
+        self._windows: dict[tuple[int, int], _ChunkWindow] = {}
 
     # -- preparation -----------------------------------------------------------------------
 
@@ -144,8 +162,54 @@ class StreamingSession:
 
     # -- running ---------------------------------------------------------------------------
 
-    def _on_batch(self, events: Sequence[ChangeEvent], marker: PositionMarker | None) -> None:
-        streaming_seen = marker is not None
+    def _on_batch(
+        self, items: Sequence[ChangeEvent | Watermark], marker: PositionMarker | None
+    ) -> None:
+        """Apply a batch in stream order; backfill watermarks split it into segments."""
+        segment: list[ChangeEvent] = []
+        for item in items:
+            if isinstance(item, Watermark):
+                self._apply_events(segment, marker is not None)
+                segment = []
+                self._on_watermark(item)
+            else:
+                segment.append(item)
+                for window in self._windows.values():
+                    if window.table == item.table:
+                        window.note(item, self._schemas)
+        self._apply_events(segment, marker is not None)
+        if marker is not None and marker.source_ts_ms is not None:
+            self.progress.note_source_position(marker.source_ts_ms)
+
+    def _on_watermark(self, watermark: Watermark) -> None:
+        """DBLog: a chunk read between its low and high watermarks is applied at the high one,
+        minus the rows the stream changed in between (their streamed values are newer)."""
+        key = (watermark.job_id, watermark.chunk)
+        if watermark.kind == "low":
+            self._windows[key] = _ChunkWindow(watermark.table)
+            return
+        window = self._windows.pop(key, None)
+        if self.config_store is None:
+            return
+        if window is None:
+            # The low watermark was before this session's start position: the changed keys
+            # are unknown, so the chunk is read again.
+            self.log.info("Backfill %d chunk %d: low watermark not seen; asking for a re-read",
+                          watermark.job_id, watermark.chunk)
+            self.config_store.request_backfill_chunk_redo(watermark.job_id, watermark.chunk)
+            return
+        rows = 0
+        for index, applier in enumerate(self._appliers):
+            applied = applier.apply_backfill_chunk(
+                watermark.table, backfill_staging_table(watermark.job_id), watermark.chunk,
+                excluded=window.keys, skip_all=window.truncated,
+            )
+            rows = applied if index == 0 else rows
+        self.config_store.record_backfill_chunk(
+            watermark.job_id, watermark.chunk, last_key=watermark.last_key, rows=rows
+        )
+
+    def _apply_events(self, events: Sequence[ChangeEvent], streaming_seen: bool) -> None:
         if self._resyncing:
             # Snapshot events first (recording their keys), then reconcile as soon as the
             # snapshot is known to be over, then whatever streamed after it.
@@ -161,8 +225,6 @@ class StreamingSession:
                               self.pipeline.name)
         if events:
             self._apply(events)
-        if marker is not None and marker.source_ts_ms is not None:
-            self.progress.note_source_position(marker.source_ts_ms)
 
     def _apply(self, events: Sequence[ChangeEvent], *, record_keys: bool = False) -> None:
         results = [applier.apply(events, record_keys=record_keys) for applier in self._appliers]

@@ -84,6 +84,14 @@ class BatchResult:
     unchanged_toast_values: int  # placeholders seen and kept at the destination's value
 
 
+def backfill_staging_table(job_id: int) -> str:
+    """Destination table (in the target schema) where a backfill job stages its chunks."""
+    return f"_rosetta_backfill_{int(job_id)}"
+
+
+BACKFILL_CHUNK_COLUMN = "_rosetta_chunk"
+
+
 def _keys_table_name(table: TableRef) -> str:
     """Key table of a re-snapshot; hashed suffix keeps long names unique within 63 bytes."""
     digest = hashlib.sha1(table.qualified.encode()).hexdigest()[:8]
@@ -239,6 +247,77 @@ class PostgresApplier:
                     self.name, count, table.qualified,
                 )
         return removed
+
+    # -- backfill chunks (applied by the stream at their high watermark) --------------------
+
+    def apply_backfill_chunk(
+        self,
+        table: TableRef,
+        staging: str,
+        chunk: int,
+        *,
+        excluded: set[tuple[Any, ...]],
+        skip_all: bool = False,
+    ) -> int:
+        """Upsert the staged rows of ``chunk`` except ``excluded`` keys; drop them from staging.
+
+        Returns the rows written. One transaction; replaying it writes nothing (rows are gone).
+        """
+        plan = self._plans[table]
+        schema = plan.schema
+        stage = sql.Identifier(self.target_schema, staging)
+        columns = [sql.Identifier(c) for c in schema.column_names]
+        keys = [sql.Identifier(k) for k in schema.primary_key]
+        with self.pool.connection() as conn, conn.cursor() as cursor:
+            cursor.execute("SELECT to_regclass(%s)", (stage.as_string(conn),))
+            if cursor.fetchone()[0] is None:  # type: ignore[index]
+                return 0  # already applied and cleaned up (a replayed watermark)
+            written = 0
+            if not skip_all:
+                excluded_table = sql.Identifier(f"_rosetta_excluded_{plan.stage_name}")
+                cursor.execute(sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS"
+                ).format(excluded_table, sql.SQL(", ").join(
+                    sql.SQL("{} {}").format(sql.Identifier(k),
+                                            destination_type(schema.column(k), self.target_schema))
+                    for k in schema.primary_key)))
+                if excluded:
+                    converters = dict(plan.converters)
+                    buffer = io.StringIO()
+                    for key in excluded:
+                        buffer.write("\t".join(
+                            COPY_NULL if value is None else copy_field(converters[name](value))
+                            for name, value in zip(schema.primary_key, key, strict=True)
+                        ) + "\n")
+                    buffer.seek(0)
+                    cursor.copy_expert(sql.SQL("COPY {} FROM STDIN").format(excluded_table), buffer)
+                match = sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(k) for k in keys)
+                updates = [sql.SQL("{0} = s.{0}").format(sql.Identifier(c))
+                           for c in schema.column_names if c not in schema.primary_key]
+                cursor.execute(sql.SQL(
+                    "MERGE INTO {target} AS t USING ("
+                    " SELECT {columns} FROM {stage} AS s WHERE s.{chunk_column} = %s"
+                    " AND NOT EXISTS (SELECT 1 FROM {excluded} AS e WHERE {excluded_match})"
+                    ") AS s ON {match} {matched} "
+                    "WHEN NOT MATCHED THEN INSERT ({columns}) VALUES ({values})"
+                ).format(
+                    target=plan.target, stage=stage, columns=sql.SQL(", ").join(columns),
+                    chunk_column=sql.Identifier(BACKFILL_CHUNK_COLUMN), excluded=excluded_table,
+                    excluded_match=sql.SQL(" AND ").join(
+                        sql.SQL("e.{0} = s.{0}").format(k) for k in keys),
+                    match=match,
+                    matched=(sql.SQL("WHEN MATCHED THEN UPDATE SET {}").format(
+                        sql.SQL(", ").join(updates)) if updates
+                        else sql.SQL("WHEN MATCHED THEN DO NOTHING")),
+                    values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in columns),
+                ), (chunk,))
+                written = cursor.rowcount
+            cursor.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(
+                stage, sql.Identifier(BACKFILL_CHUNK_COLUMN)), (chunk,))
+        logger.info("Destination %s: backfill chunk %d of %s applied (%d rows, %d excluded%s)",
+                    self.name, chunk, table.qualified, written, len(excluded),
+                    ", table truncated meanwhile" if skip_all else "")
+        return written
 
     # -- apply -----------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from rosetta_dagster.core.events import (
     HEARTBEAT_TOPIC_PREFIX,
     ChangeEvent,
     PositionMarker,
+    Watermark,
     decode_event,
     decode_heartbeat,
 )
@@ -31,9 +32,10 @@ from rosetta_dagster.core.pipeline_config import PipelineDefinition
 
 logger = logging.getLogger("rosetta.capture")
 
-# (row events, newest position marker of the batch or None). A marker (heartbeat record or
-# logical message) only exists once the snapshot, if any, has finished.
-BatchHandler = Callable[[Sequence[ChangeEvent], PositionMarker | None], None]
+# (row events and backfill watermarks in stream order, newest position marker of the batch or
+# None). A marker (heartbeat record or logical message) only exists once the snapshot, if any,
+# has finished.
+BatchHandler = Callable[[Sequence[ChangeEvent | Watermark], PositionMarker | None], None]
 
 STALE_OFFSET_ERROR = "no longer available on the server"
 
@@ -147,7 +149,7 @@ class DebeziumCapture:
 
         class _Handler(BasePythonChangeHandler):
             def handleJsonBatch(self, records: Any) -> None:  # noqa: N802 (Java callback name)
-                events = []
+                events: list[ChangeEvent | Watermark] = []
                 marker: PositionMarker | None = None
                 for record in records:
                     value = record.value()
@@ -161,6 +163,8 @@ class DebeziumCapture:
                         marker = event
                     else:
                         events.append(event)
+                        if isinstance(event, Watermark):
+                            marker = PositionMarker(event.source_ts_ms)
                 if events or marker is not None:
                     capture.on_batch(events, marker)
 

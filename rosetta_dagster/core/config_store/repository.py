@@ -377,6 +377,34 @@ class ConfigStore:
             ),
         )
 
+    def record_backfill_chunk(
+        self, job_id: int, chunk: int, *, last_key: Any, rows: int
+    ) -> None:
+        """The stream applied ``chunk``: count its rows and move the resume point (once)."""
+        self._query(
+            """
+            UPDATE backfill_jobs SET
+                count_record = count_record + %(rows)s,
+                resume_position = jsonb_build_object('chunk', %(chunk)s::int,
+                                                   'last_key', %(last_key)s::jsonb),
+                updated_at = now()
+            WHERE id = %(id)s AND coalesce((resume_position ->> 'chunk')::int, 0) < %(chunk)s
+            """,
+            {"rows": rows, "chunk": chunk, "last_key": Json(last_key), "id": job_id},
+        )
+
+    def request_backfill_chunk_redo(self, job_id: int, chunk: int) -> None:
+        self._query(
+            """
+            UPDATE backfill_jobs SET
+                resume_position = coalesce(resume_position, '{}'::jsonb)
+                                  || jsonb_build_object('redo', %s::int),
+                updated_at = now()
+            WHERE id = %s
+            """,
+            (chunk, job_id),
+        )
+
     def set_backfill_status(
         self,
         job_id: int,
