@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import argparse
 import resource
-import shutil
-import tempfile
 import threading
 import time
-from pathlib import Path
 
-from rosetta_dagster.core.local_postgres import LocalPostgresCluster
+from benchmarks.support import benchmark_env
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster_tests.streaming_support import (
     count_rows,
     execute,
-    new_streaming_env,
     streaming,
     wait_until,
 )
@@ -35,11 +31,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8192)
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="rosetta-bench-"))
-    root.chmod(0o755)
-    cluster = LocalPostgresCluster(root / "pg", password="bench").start()
-    try:
-        env = new_streaming_env(cluster, root)
+    with benchmark_env() as env:
         execute(env.source_url, "CREATE TABLE public.bench (id bigint PRIMARY KEY, i int, "
                 "t text, n numeric(12,2), ts timestamptz)")
         pipeline = env.pipeline("bench", ["public.bench"], max_batch_size=args.batch_size,
@@ -72,9 +64,6 @@ def main() -> None:
         print(f"| W1 capacity | {events} | {elapsed:.1f} | {events / elapsed:,.0f} | "
               f"{cpu / events * 100_000:.1f} | {cpu_after.ru_maxrss / 1024:.0f} |")
         print(f"(threads alive: {threading.active_count()})")
-    finally:
-        cluster.destroy()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

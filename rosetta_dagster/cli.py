@@ -329,8 +329,10 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
                                             [c.as_dict() for c in conditions])
             print(f"Backfill job {job.id}: {job.pipeline} {job.table_name} {job.status.value}")
             return 0
-        if args.backfill_command == "cancel":
-            job = store.cancel_backfill_job(args.job_id)
+        if args.backfill_command in ("cancel", "retry"):
+            change = store.cancel_backfill_job if args.backfill_command == "cancel" else (
+                store.retry_backfill_job)
+            job = change(args.job_id)
             print(f"Backfill job {job.id}: {job.status.value}")
             return 0
         status = BackfillStatus(args.status.upper()) if args.status else None
@@ -398,6 +400,9 @@ def _add_operational_commands(
     backfill_commands.add_parser("cancel", help="Cancel a job that has not finished.").add_argument(
         "job_id", type=int
     )
+    backfill_commands.add_parser(
+        "retry", help="Queue a FAILED or CANCELLED job again (resumes after its last chunk)."
+    ).add_argument("job_id", type=int)
     backfill.set_defaults(func=_cmd_backfill)
 
     validate = commands.add_parser(

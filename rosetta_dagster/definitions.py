@@ -16,6 +16,8 @@ from dagster import (
 )
 
 from rosetta_dagster.core.pipeline_config import config_path, load_config
+from rosetta_dagster.defs.backfills.assets import build_backfill_asset
+from rosetta_dagster.defs.backfills.sensors import build_backfill_sensor
 from rosetta_dagster.defs.pipelines.assets import pipeline_asset_specs
 from rosetta_dagster.defs.pipelines.checks import build_pipeline_checks
 from rosetta_dagster.defs.pipelines.jobs import build_stream_job, set_pipeline_status_job
@@ -70,8 +72,10 @@ def build_definitions() -> Definitions:
             )
             checks.extend(build_pipeline_checks(pipeline))
             stream_jobs.append(build_stream_job(pipeline))
+            assets.append(build_backfill_asset(pipeline))
         jobs.extend(stream_jobs)
         sensors.extend(build_operation_sensors(config, stream_jobs))
+        sensors.append(build_backfill_sensor(config))
         schedules.append(health_check_schedule(config.operations.health_check_interval_minutes))
     else:
         logger.warning("No pipeline file at %s: only platform assets are loaded", path)

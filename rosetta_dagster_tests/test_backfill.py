@@ -222,3 +222,81 @@ def test_a_hostile_filter_value_is_only_a_value(
     assert (result.total, result.rows) == (0, 0)
     assert count_rows(env.source_url, "public.big") == 20000
     time.sleep(0)  # nothing else to wait for
+
+
+def test_the_sensor_queues_a_partition_run_and_materializing_it_completes_the_job(
+    streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore, database_url: str,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Through Dagster: sensor evaluation -> dynamic partition + run request -> the partition's
+    materialization copies the rows (the stream applies them) -> COMPLETED with counts."""
+    import logging
+
+    from dagster import DagsterInstance, build_sensor_context, materialize
+
+    from rosetta_dagster.core.pipeline_config import load_config
+    from rosetta_dagster.defs.backfills.assets import build_backfill_asset
+    from rosetta_dagster.defs.backfills.sensors import build_backfill_sensor
+    from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+
+    env, pipeline = streamed
+    path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "bf", ["public.big"])
+    for key, value in env.pipeline_env(path, database_url).items():
+        monkeypatch.setenv(key, value)
+    execute(env.destination_url, "DELETE FROM replica.big WHERE id > 15000")
+    job = store.create_backfill_job("bf", "public.big",
+                                    [{"column": "id", "operator": ">", "value": 15000}])
+    resources = {"config_store": ConfigStoreResource(database_url=database_url)}
+    config = load_config(path)
+    caplog.set_level(logging.INFO)
+    with DagsterInstance.ephemeral() as instance:
+        with build_sensor_context(instance=instance, resources=resources) as context:
+            result = build_backfill_sensor(config)(context)
+        assert "Successfully fetched 1 pending jobs" in caplog.text
+        (request,) = result.run_requests
+        assert (request.partition_key, request.run_key) == (str(job.id), f"backfill-{job.id}-attempt-1")
+        (added,) = result.dynamic_partitions_requests
+        assert (added.partitions_def_name, list(added.partition_keys)) == ("backfill_jobs_bf",
+                                                                          [str(job.id)])
+        assert store.get_backfill_job(job.id).status is BackfillStatus.QUEUED
+        instance.add_dynamic_partitions("backfill_jobs_bf", [str(job.id)])
+        outcome = materialize([build_backfill_asset(pipeline)], partition_key=str(job.id),
+                              instance=instance, resources=resources)
+    assert outcome.success
+    metadata = outcome.asset_materializations_for_node("backfill__bf")[0].metadata
+    assert metadata["rows"].value == 5000 and metadata["source_rows_matching"].value == 5000
+    assert metadata["rows_per_second"].value > 0
+    done = store.get_backfill_job(job.id)
+    assert (done.status, done.count_record, done.total_record) == (BackfillStatus.COMPLETED, 5000,
+                                                                    5000)
+    assert env.converged("public.big")
+
+
+def test_fetching_pending_jobs_survives_a_config_store_restart_with_the_exact_lines(
+    dedicated_cluster: LocalPostgresCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Checklist scenario 3: the connections are cut while the sensor fetches jobs."""
+    import logging
+
+    from rosetta_dagster.core.backfill import fetch_pending_jobs
+    from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
+
+    dedicated_cluster.create_database("config_db")
+    with ResilientConnectionPool(dedicated_cluster.dsn("config_db"),
+                                 PoolSettings.from_env(max_conn=2)) as pool:
+        store = ConfigStore(pool)
+        store.upgrade()
+        dedicated_cluster.stop()
+        restarted = threading.Timer(1.0, dedicated_cluster.start)
+        restarted.start()
+        caplog.set_level(logging.INFO, logger="rosetta.backfill")
+        try:
+            jobs = fetch_pending_jobs(store)
+        finally:
+            restarted.join()
+    lines = [r.getMessage() for r in caplog.records if r.name == "rosetta.backfill"]
+    assert lines[0].startswith("Database connection error fetching pending jobs (attempt 1/3): ")
+    assert dedicated_cluster.password not in lines[0]
+    assert lines[1] == "Retrying in 2s..."
+    assert lines[-1] == "Successfully fetched 0 pending jobs"
+    assert jobs == []

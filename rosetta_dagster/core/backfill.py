@@ -283,7 +283,7 @@ class BackfillRunner:
                 return False
             if job.status is BackfillStatus.CANCELLED:
                 raise BackfillCancelled(f"Backfill job {self.job_id} was cancelled.")
-            time.sleep(0.2)
+            time.sleep(0.05)
         raise self._fail(
             f"Backfill job {self.job_id}: pipeline {self.pipeline.name} did not apply chunk "
             f"{chunk} within {self.chunk_timeout_s:.0f}s; is its stream running?"

@@ -147,6 +147,10 @@ class OperationsSettings:
     parity_window_seconds: int = 30  # how long parity checks wait for rows in flight
     parity_chunk_rows: int = 10_000
     health_check_interval_minutes: int = 5
+    backfill_sensor_interval_seconds: int = 30
+    backfill_chunk_rows: int = 50_000
+    backfill_max_attempts: int = 3  # checklist: > 1 retry per job warns, > 2 is critical
+    backfill_partition_retention_days: int = 7
 
     @property
     def wal_warning_bytes(self) -> int:
@@ -174,6 +178,10 @@ _OPERATIONS_RANGES = {
     "parity_window_seconds": (0, 3600),
     "parity_chunk_rows": (100, 10_000_000),
     "health_check_interval_minutes": (1, 1440),
+    "backfill_sensor_interval_seconds": (5, 3600),
+    "backfill_chunk_rows": (100, 10_000_000),
+    "backfill_max_attempts": (1, 100),
+    "backfill_partition_retention_days": (1, 3650),
 }
 
 

@@ -377,6 +377,33 @@ class ConfigStore:
             ),
         )
 
+    def finished_backfill_job_ids(self, older_than_days: int) -> dict[str, list[int]]:
+        """Ids of jobs that ended more than ``older_than_days`` ago, by pipeline."""
+        rows = self._query(
+            """
+            SELECT p.name, array_agg(j.id ORDER BY j.id) AS ids
+            FROM backfill_jobs j JOIN pipelines p ON p.id = j.pipeline_id
+            WHERE j.status = ANY(%s) AND j.finished_at < now() - make_interval(days => %s)
+            GROUP BY p.name
+            """,
+            ([s.value for s in _TERMINAL_BACKFILL_STATUSES], older_than_days),
+        )
+        return {row["name"]: list(row["ids"]) for row in rows}
+
+    def retry_backfill_job(self, job_id: int) -> BackfillJob:
+        """A FAILED or CANCELLED job back to PENDING; it resumes from its last applied chunk."""
+        rows = self._query(
+            "UPDATE backfill_jobs SET status = 'PENDING', finished_at = NULL, updated_at = now() "
+            "WHERE id = %s AND status IN ('FAILED', 'CANCELLED') RETURNING id",
+            (job_id,),
+        )
+        if not rows:
+            job = self.get_backfill_job(job_id)
+            raise ConfigStoreError(
+                f"Backfill job {job_id} is {job.status.value}; only FAILED or CANCELLED jobs retry."
+            )
+        return self.get_backfill_job(job_id)
+
     def record_backfill_chunk(
         self, job_id: int, chunk: int, *, last_key: Any, rows: int
     ) -> None:
