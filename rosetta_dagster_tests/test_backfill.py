@@ -32,12 +32,14 @@ from rosetta_dagster_tests.streaming_support import (
 
 
 @pytest.fixture
-def streamed(pg_cluster: LocalPostgresCluster, pg_root: Path, store: ConfigStore
-             ) -> Iterator[tuple[StreamingEnv, PipelineDefinition]]:
-    """`public.big` (20,000 rows) streaming into the replica; slot dropped afterwards."""
+def streamed(request: pytest.FixtureRequest, pg_cluster: LocalPostgresCluster, pg_root: Path,
+             store: ConfigStore) -> Iterator[tuple[StreamingEnv, PipelineDefinition]]:
+    """`public.big` (20,000 rows unless parametrized) streaming into the replica."""
+    rows = getattr(request, "param", 20_000)
     env = new_streaming_env(pg_cluster, pg_root)
     execute(env.source_url, "CREATE TABLE public.big (id int PRIMARY KEY, v int, note text)",
-            "INSERT INTO public.big SELECT g, g, 'n' || g FROM generate_series(1, 20000) g")
+            "INSERT INTO public.big SELECT g, g, 'n' || g FROM generate_series(1, %s) g",
+            params=(rows,))
     pipeline = env.pipeline("bf", ["public.big"])
     store.sync_pipeline(pipeline)
     store.set_pipeline_status("bf", PipelineStatus.START)
@@ -79,6 +81,7 @@ def test_a_filtered_backfill_repairs_exactly_the_matching_rows(
                      "SELECT 1 FROM pg_tables WHERE tablename LIKE '_rosetta_backfill_%'")
 
 
+@pytest.mark.parametrize("streamed", [200_000], indirect=True)
 def test_a_backfill_racing_concurrent_updates_and_deletes_converges(
     streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore
 ) -> None:
@@ -89,11 +92,12 @@ def test_a_backfill_racing_concurrent_updates_and_deletes_converges(
         stop = threading.Event()
         writes = [0]
         thread = threading.Thread(target=_write_randomly,
-                                  args=(env.source_url, round_number, stop, writes), daemon=True)
+                                  args=(env.source_url, round_number, stop, writes, 200_000),
+                                  daemon=True)
         thread.start()
         try:
             job = store.create_backfill_job("bf", "public.big")
-            _runner(pipeline, store, job.id, chunk_rows=2500).run()
+            _runner(pipeline, store, job.id, chunk_rows=20_000).run()
         finally:
             stop.set()
             thread.join(30)
@@ -114,14 +118,16 @@ def _differences(env: StreamingEnv) -> list[tuple[object, object, object]]:
             if source.get(k) != target.get(k)]
 
 
-def _write_randomly(url: str, seed: int, stop: threading.Event, writes: list[int]) -> None:
+def _write_randomly(
+    url: str, seed: int, stop: threading.Event, writes: list[int], rows: int = 20_000
+) -> None:
     """Update 15 and delete 5 random rows, insert one, per transaction, until stopped."""
     conn = psycopg2.connect(url)
     conn.autocommit = True
     rng = random.Random(seed)
     with conn.cursor() as cursor:
         while not stop.is_set():
-            ids = [rng.randint(1, 20000) for _ in range(20)]
+            ids = [rng.randint(1, rows) for _ in range(20)]
             cursor.execute("UPDATE public.big SET v = v + 1, note = 'u' || v WHERE id = ANY(%s)",
                            (ids[:15],))
             cursor.execute("DELETE FROM public.big WHERE id = ANY(%s)", (ids[15:],))
@@ -266,6 +272,9 @@ def test_the_sensor_queues_a_partition_run_and_materializing_it_completes_the_jo
     metadata = outcome.asset_materializations_for_node("backfill__bf")[0].metadata
     assert metadata["rows"].value == 5000 and metadata["source_rows_matching"].value == 5000
     assert metadata["rows_per_second"].value > 0
+    checks = {e.check_name: e for e in outcome.get_asset_check_evaluations()}
+    assert checks["row_count"].passed and checks["row_count"].metadata["source_rows"].value == 5000
+    assert checks["retry_attempts"].passed and checks["retry_attempts"].metadata["value"].value == 1
     done = store.get_backfill_job(job.id)
     assert (done.status, done.count_record, done.total_record) == (BackfillStatus.COMPLETED, 5000,
                                                                     5000)

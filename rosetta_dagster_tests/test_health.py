@@ -224,6 +224,11 @@ def test_the_definitions_expose_the_checks_on_the_expected_assets(
         (table, "apply_errors"),
         (("replication_slot", "shop"), "slot_active"), (("replication_slot", "shop"), "retained_wal"),
     }
+    from dagster import AssetKey
+
+    backfill = repository.assets_defs_by_key[AssetKey(["backfill", "shop"])]
+    assert {(spec.name, spec.blocking) for spec in backfill.check_specs} == {
+        ("row_count", True), ("retry_attempts", False)}
     assert [s.name for s in repository.schedule_defs] == ["replication_health_checks_schedule"]
     assert repository.get_schedule_def("replication_health_checks_schedule").cron_schedule == \
         "*/5 * * * *"
@@ -257,3 +262,27 @@ def test_the_scheduled_check_job_records_results_in_dagster(
     assert evaluations[(table, "row_count_parity")].passed is True
     assert evaluations[(("replication_slot", "checked"), "slot_active")].passed is True
     assert evaluations[(("config_db",), "pool_utilisation")].metadata["value"].value >= 1
+
+
+def test_backfill_checks_fail_at_their_severity(
+    replica: tuple[StreamingEnv, PipelineDefinition]
+) -> None:
+    from psycopg2 import sql
+
+    from rosetta_dagster.core.health import backfill_retry_attempts, backfill_row_parity
+    from rosetta_dagster.core.pipeline_config import TableRef
+
+    assert backfill_retry_attempts(7, 1).passed
+    assert (backfill_retry_attempts(7, 2).passed, backfill_retry_attempts(7, 2).severity) == (
+        False, "WARN")
+    assert backfill_retry_attempts(7, 3).severity == "ERROR"
+
+    env, pipeline = replica
+    table = TableRef("public", "items")
+    condition = sql.SQL("{} <= %s").format(sql.Identifier("id"))
+    assert backfill_row_parity(pipeline, table, condition, [100], window_s=0).passed
+    execute(env.destination_url, "DELETE FROM replica.items WHERE id = 5")
+    missing = backfill_row_parity(pipeline, table, condition, [100], window_s=0)
+    assert (missing.passed, missing.severity) == (False, "ERROR")
+    assert missing.description == ("Destination dst has 99 rows matching the job's filter, "
+                                   "the source 100.")

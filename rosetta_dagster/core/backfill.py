@@ -93,6 +93,11 @@ class BackfillResult:
     total: int
     chunks: int
     seconds: float
+    attempts: int
+    table: TableRef
+    # The job's filter as SQL, for the row-count check after the copy.
+    filter_sql: sql.Composable
+    filter_params: list[Any]
 
     @property
     def rows_per_second(self) -> float:
@@ -189,7 +194,8 @@ class BackfillRunner:
         self.store.set_backfill_status(job.id, BackfillStatus.COMPLETED)
         self._drop_staging(schema)
         seconds = time.monotonic() - started
-        return BackfillResult(job.id, final.count_record, total, chunks, seconds)
+        return BackfillResult(job.id, final.count_record, total, chunks, seconds, job.attempts,
+                              table, where, list(params))
 
     def _open_destination(
         self, destination: Destination, schema: TableSchema

@@ -357,3 +357,48 @@ def evaluate_config_store(store: ConfigStore, operations: OperationsSettings) ->
     store.flush_pool_events()  # this process's own events count too
     return [pool_utilisation(store, operations), closed_connection_errors(store),
             pool_initialised(store)]
+
+
+# -- backfill jobs -------------------------------------------------------------------------------
+
+
+def backfill_retry_attempts(job_id: int, attempts: int) -> CheckOutcome:
+    """Checklist "Backfill retry attempts": WARN > 1 per job, ERROR > 2 per job."""
+    return _threshold_outcome("retry_attempts", attempts, 1, 2,
+                              f"Backfill job {job_id} attempts")
+
+
+def backfill_row_parity(
+    pipeline: PipelineDefinition, table: TableRef, conditions_sql: sql.Composable,
+    params: Sequence[Any], window_s: float, sleep: Callable[[float], None] = time.sleep,
+) -> CheckOutcome:
+    """After a backfill: every destination holds as many rows matching the job's filter as the
+    source (re-counted for ``window_s`` while changes are in flight)."""
+    def matching(conn: psycopg2.extensions.connection, schema: str) -> int:
+        with conn.cursor() as cursor:
+            cursor.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+                sql.Identifier(schema, table.name), conditions_sql), list(params))
+            return int(cursor.fetchone()[0])  # type: ignore[index]
+
+    with source_connection(pipeline) as source:
+        for destination in pipeline.destinations:
+            target = psycopg2.connect(destination.dsn(), connect_timeout=10)
+            target.autocommit = True
+            try:
+                deadline = time.monotonic() + window_s
+                while True:
+                    expected, copied = matching(source, table.schema), matching(target,
+                                                                                destination.schema)
+                    if expected == copied or time.monotonic() >= deadline:
+                        break
+                    sleep(1.0)
+            finally:
+                target.close()
+            metadata: dict[str, float | int | str] = {"source_rows": expected,
+                                                      "destination_rows": copied}
+            if expected != copied:
+                return CheckOutcome("row_count", False, "ERROR",
+                                    f"Destination {destination.name} has {copied} rows matching "
+                                    f"the job's filter, the source {expected}.", metadata)
+    return CheckOutcome("row_count", True, "ERROR",
+                        f"{expected} rows matching the job's filter on both sides.", metadata)

@@ -1,6 +1,7 @@
 """The backfill asset of a pipeline, partitioned by backfill job (one dynamic partition per job)."""
 
 from dagster import (
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
     AssetsDefinition,
@@ -12,7 +13,9 @@ from dagster import (
 )
 
 from rosetta_dagster.core.backfill import BackfillCancelled, BackfillError, BackfillRunner
+from rosetta_dagster.core.health import backfill_retry_attempts, backfill_row_parity
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, load_config
+from rosetta_dagster.defs.pipelines.checks import check_result
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 
 
@@ -27,8 +30,16 @@ def backfill_partitions_name(pipeline: str) -> str:
 def build_backfill_asset(pipeline: PipelineDefinition) -> AssetsDefinition:
     name = pipeline.name
 
+    key = backfill_asset_key(name)
+
     @asset(
-        key=backfill_asset_key(name),
+        key=key,
+        check_specs=[
+            AssetCheckSpec("row_count", asset=key, blocking=True, description=(
+                "Every destination holds as many rows matching the job's filter as the source.")),
+            AssetCheckSpec("retry_attempts", asset=key, description=(
+                "Attempts the job needed: WARN > 1, ERROR > 2 (checklist).")),
+        ],
         partitions_def=DynamicPartitionsDefinition(name=backfill_partitions_name(name)),
         group_name=name,
         kinds={"postgres"},
@@ -57,7 +68,12 @@ def build_backfill_asset(pipeline: PipelineDefinition) -> AssetsDefinition:
             raise
         context.log.info("Backfill job %d completed: %d rows in %.1fs (%.0f rows/s)", job_id,
                          result.rows, result.seconds, result.rows_per_second)
-        return MaterializeResult(metadata={
+        checks = [
+            backfill_row_parity(config.pipeline(name), result.table, result.filter_sql,
+                                result.filter_params, config.operations.parity_window_seconds),
+            backfill_retry_attempts(job_id, result.attempts),
+        ]
+        return MaterializeResult(check_results=[check_result(c, key) for c in checks], metadata={
             "job_id": MetadataValue.int(job_id),
             "rows": MetadataValue.int(result.rows),
             "source_rows_matching": MetadataValue.int(result.total),
