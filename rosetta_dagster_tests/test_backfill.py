@@ -309,3 +309,47 @@ def test_fetching_pending_jobs_survives_a_config_store_restart_with_the_exact_li
     assert lines[1] == "Retrying in 2s..."
     assert lines[-1] == "Successfully fetched 0 pending jobs"
     assert jobs == []
+
+
+def test_a_write_failure_fails_the_job_instead_of_completing_it(
+    streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore
+) -> None:
+    env, pipeline = streamed
+    job = store.create_backfill_job("bf", "public.big")
+    # The destination refuses the staged rows (here: a staging table nothing can enter).
+    execute(env.destination_url, f"CREATE TABLE replica._rosetta_backfill_{job.id} "
+            "(id int, v int, note text, _rosetta_chunk int NOT NULL CHECK (false))")
+    with pytest.raises(BackfillError, match="database error: .*check constraint"):
+        _runner(pipeline, store, job.id).run()
+    failed = store.get_backfill_job(job.id)
+    assert failed.status is BackfillStatus.FAILED and "check constraint" in (failed.error or "")
+    assert failed.count_record == 0
+
+
+def test_terminating_the_backfill_run_cancels_the_job(
+    streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore, database_url: str,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dagster import DagsterInstance, materialize
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    from rosetta_dagster.defs.backfills.assets import build_backfill_asset
+    from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+
+    env, pipeline = streamed
+    path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "bf", ["public.big"])
+    for key, value in env.pipeline_env(path, database_url).items():
+        monkeypatch.setenv(key, value)
+    job = store.create_backfill_job("bf", "public.big")
+
+    def interrupted(self: BackfillRunner, chunk: int) -> bool:
+        raise DagsterExecutionInterruptedError()  # what a terminated run raises in the step
+
+    monkeypatch.setattr(BackfillRunner, "_wait_applied", interrupted)
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("backfill_jobs_bf", [str(job.id)])
+        outcome = materialize([build_backfill_asset(pipeline)], partition_key=str(job.id),
+                              instance=instance, raise_on_error=False,
+                              resources={"config_store": ConfigStoreResource(database_url=database_url)})
+    assert not outcome.success
+    assert store.get_backfill_job(job.id).status is BackfillStatus.CANCELLED
