@@ -7,6 +7,7 @@ platform assets load.
 import logging
 
 from dagster import (
+    AssetChecksDefinition,
     AssetSelection,
     DefaultScheduleStatus,
     Definitions,
@@ -14,8 +15,9 @@ from dagster import (
     ScheduleDefinition,
     define_asset_job,
 )
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from rosetta_dagster.core.pipeline_config import config_path, load_config
+from rosetta_dagster.core.pipeline_config import OperationsSettings, config_path, load_config
 from rosetta_dagster.defs.backfills.assets import build_backfill_asset
 from rosetta_dagster.defs.backfills.sensors import build_backfill_sensor
 from rosetta_dagster.defs.pipelines.assets import pipeline_asset_specs
@@ -36,18 +38,25 @@ config_store_upgrade_job = define_asset_job(
 )
 
 
-# Runs every asset check (no materialization): the checklist's criteria on a schedule.
-health_checks_job = define_asset_job(
-    "replication_health_checks",
-    selection=AssetSelection.all_asset_checks(),
-    description="Evaluate every asset check: parity, lag, apply errors, slots, pool health.",
-)
+HEALTH_CHECKS_JOB = "replication_health_checks"
 
 
-def health_check_schedule(interval_minutes: int) -> ScheduleDefinition:
+def build_health_checks_job(checks: list[AssetChecksDefinition]) -> UnresolvedAssetJobDefinition:
+    """The standalone checks (parity, lag, slots, pools) without materializing anything; the
+    backfill asset's own checks run with its materializations instead."""
+    return define_asset_job(
+        HEALTH_CHECKS_JOB,
+        selection=AssetSelection.checks(*checks),
+        description="Evaluate the replication and pool health checks (no materialization).",
+    )
+
+
+def health_check_schedule(
+    job: UnresolvedAssetJobDefinition, interval_minutes: int
+) -> ScheduleDefinition:
     cron = f"*/{interval_minutes} * * * *" if interval_minutes < 60 else "0 * * * *"
     return ScheduleDefinition(
-        name="replication_health_checks_schedule", job=health_checks_job, cron_schedule=cron,
+        name="replication_health_checks_schedule", job=job, cron_schedule=cron,
         default_status=DefaultScheduleStatus.RUNNING,
         description=f"Asset checks every {interval_minutes} minute(s) (health_check_interval_minutes).",
     )
@@ -76,10 +85,12 @@ def build_definitions() -> Definitions:
         jobs.extend(stream_jobs)
         sensors.extend(build_operation_sensors(config, stream_jobs))
         sensors.append(build_backfill_sensor(config))
-        schedules.append(health_check_schedule(config.operations.health_check_interval_minutes))
+        interval = config.operations.health_check_interval_minutes
     else:
         logger.warning("No pipeline file at %s: only platform assets are loaded", path)
-        schedules.append(health_check_schedule(5))
+        interval = OperationsSettings.health_check_interval_minutes
+    health_checks_job = build_health_checks_job(checks)
+    schedules.append(health_check_schedule(health_checks_job, interval))
     return Definitions(
         assets=assets,
         asset_checks=checks,

@@ -209,12 +209,18 @@ def test_rosetta_validate_passes_a_healthy_deployment_and_fails_a_broken_one(
 def test_the_definitions_expose_the_checks_on_the_expected_assets(
     tmp_path: Path, pg_cluster: LocalPostgresCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from dagster import Definitions
+
     from rosetta_dagster.definitions import build_definitions
 
     env = StreamingEnv(pg_cluster, "src", "dst", tmp_path)
     path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "shop", ["public.orders"])
     monkeypatch.setenv("ROSETTA_CONFIG", str(path))
-    repository = build_definitions().get_repository_def()
+    definitions = build_definitions()
+    Definitions.validate_loadable(definitions)  # what the code server does: every job resolves
+    repository = definitions.get_repository_def()
+    for job_name in repository.job_names:
+        repository.get_job(job_name)
     keys = {(tuple(k.asset_key.path), k.name) for k in repository.asset_checks_defs_by_key}
     table = ("destination", "dst", "replica", "orders")
     assert keys == {
