@@ -238,7 +238,13 @@ def test_the_sensor_queues_a_partition_run_and_materializing_it_completes_the_jo
     materialization copies the rows (the stream applies them) -> COMPLETED with counts."""
     import logging
 
-    from dagster import DagsterInstance, build_sensor_context, materialize
+    from dagster import (
+        DagsterInstance,
+        Definitions,
+        build_sensor_context,
+        materialize,
+        partition_loading_context,
+    )
 
     from rosetta_dagster.core.pipeline_config import load_config
     from rosetta_dagster.defs.backfills.assets import build_backfill_asset
@@ -256,8 +262,17 @@ def test_the_sensor_queues_a_partition_run_and_materializing_it_completes_the_jo
     config = load_config(path)
     caplog.set_level(logging.INFO)
     with DagsterInstance.ephemeral() as instance:
-        with build_sensor_context(instance=instance, resources=resources) as context:
-            result = build_backfill_sensor(config)(context)
+        sensor = build_backfill_sensor(config)
+        # Known to the instance up front: outside the daemon, evaluate_tick validates partition
+        # keys against the instance before applying the tick's own partition requests.
+        instance.add_dynamic_partitions("backfill_jobs_bf", [str(job.id)])
+        definitions = Definitions(assets=[build_backfill_asset(pipeline)], sensors=[sensor],
+                                  resources=resources)
+        with build_sensor_context(instance=instance, definitions=definitions,
+                                  resources=resources) as context:
+            # evaluate_tick, as the daemon does: it also checks every request has a target.
+            with partition_loading_context(dynamic_partitions_store=instance):
+                result = sensor.evaluate_tick(context)
         assert "Successfully fetched 1 pending jobs" in caplog.text
         (request,) = result.run_requests
         assert (request.partition_key, request.run_key) == (str(job.id), f"backfill-{job.id}-attempt-1")
@@ -265,7 +280,13 @@ def test_the_sensor_queues_a_partition_run_and_materializing_it_completes_the_jo
         assert (added.partitions_def_name, list(added.partition_keys)) == ("backfill_jobs_bf",
                                                                           [str(job.id)])
         assert store.get_backfill_job(job.id).status is BackfillStatus.QUEUED
-        instance.add_dynamic_partitions("backfill_jobs_bf", [str(job.id)])
+        # A later tick requests the still-QUEUED job again under the same run key (a no-op
+        # for the daemon), so a tick that failed after claiming cannot strand it.
+        with build_sensor_context(instance=instance, definitions=definitions,
+                                  resources=resources) as context:
+            with partition_loading_context(dynamic_partitions_store=instance):
+                again = sensor.evaluate_tick(context)
+        assert [r.run_key for r in again.run_requests] == [request.run_key]
         outcome = materialize([build_backfill_asset(pipeline)], partition_key=str(job.id),
                               instance=instance, resources=resources)
     assert outcome.success
@@ -347,7 +368,6 @@ def test_terminating_the_backfill_run_cancels_the_job(
 
     monkeypatch.setattr(BackfillRunner, "_wait_applied", interrupted)
     with DagsterInstance.ephemeral() as instance:
-        instance.add_dynamic_partitions("backfill_jobs_bf", [str(job.id)])
         outcome = materialize([build_backfill_asset(pipeline)], partition_key=str(job.id),
                               instance=instance, raise_on_error=False,
                               resources={"config_store": ConfigStoreResource(database_url=database_url)})

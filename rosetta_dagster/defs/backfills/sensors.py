@@ -4,6 +4,7 @@ import logging
 
 from dagster import (
     AddDynamicPartitionsRequest,
+    AssetSelection,
     DefaultSensorStatus,
     DeleteDynamicPartitionsRequest,
     RunRequest,
@@ -28,6 +29,9 @@ def build_backfill_sensor(config: RosettaConfig) -> SensorDefinition:
 
     @sensor(
         name="backfill_jobs_sensor",
+        asset_selection=AssetSelection.assets(
+            *[backfill_asset_key(name) for name in config.pipelines]
+        ),
         minimum_interval_seconds=operations.backfill_sensor_interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
         description="Claims PENDING backfill jobs and runs each as a partition of its pipeline's "
@@ -40,7 +44,12 @@ def build_backfill_sensor(config: RosettaConfig) -> SensorDefinition:
         store = config_store.store
         requests: list[RunRequest] = []
         added: dict[str, list[str]] = {}
-        for job in fetch_pending_jobs(store, log):
+        claimed = fetch_pending_jobs(store, log)
+        # Jobs claimed on an earlier tick whose run was not created (that tick failed after
+        # claiming) are requested again; the run key makes a second request a no-op.
+        waiting = [j for j in store.list_backfill_jobs(status=BackfillStatus.QUEUED)
+                   if j.id not in {c.id for c in claimed}]
+        for job in [*claimed, *waiting]:
             if job.pipeline not in config.pipelines:
                 store.set_backfill_status(job.id, BackfillStatus.FAILED, error=(
                     f"Backfill job {job.id}: pipeline {job.pipeline} is not declared in "
