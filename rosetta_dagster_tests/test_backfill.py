@@ -368,6 +368,7 @@ def test_terminating_the_backfill_run_cancels_the_job(
 
     monkeypatch.setattr(BackfillRunner, "_wait_applied", interrupted)
     with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("backfill_jobs_bf", [str(job.id)])
         outcome = materialize([build_backfill_asset(pipeline)], partition_key=str(job.id),
                               instance=instance, raise_on_error=False,
                               resources={"config_store": ConfigStoreResource(database_url=database_url)})
