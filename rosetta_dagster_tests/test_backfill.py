@@ -48,7 +48,7 @@ def streamed(request: pytest.FixtureRequest, pg_cluster: LocalPostgresCluster, p
         yield env, pipeline
     shutil.rmtree(env.offsets_dir, ignore_errors=True)
     inactive = "SELECT active FROM pg_replication_slots WHERE slot_name = 'rosetta_bf'"
-    wait_until(lambda: fetch(env.source_url, inactive) == [(False,)], 20, "the slot's release")
+    wait_until(lambda: fetch(env.source_url, inactive) == [(False,)], 60, "the slot's release")
     execute(env.source_url, "SELECT pg_drop_replication_slot('rosetta_bf')")
 
 

@@ -58,7 +58,7 @@ def replica(pg_cluster: LocalPostgresCluster, pg_root: Path, store: ConfigStore
     shutil.rmtree(env.offsets_dir, ignore_errors=True)
     # Slot names are per cluster: free this one for the next test's replica.
     inactive = "SELECT active FROM pg_replication_slots WHERE slot_name = 'rosetta_checked'"
-    wait_until(lambda: fetch(env.source_url, inactive) == [(False,)], 20, "the slot's release")
+    wait_until(lambda: fetch(env.source_url, inactive) == [(False,)], 60, "the slot's release")
     execute(env.source_url, "SELECT pg_drop_replication_slot('rosetta_checked')")
 
 
@@ -77,7 +77,12 @@ def test_every_check_passes_on_a_healthy_replica(replica: tuple[StreamingEnv, Pi
     failed = {name: o.description for name, o in outcomes.items() if not o.passed}
     assert failed == {}
     # 10 full chunks and the (empty) tail, where extra destination rows would show
-    assert outcomes["content_parity"].metadata == {"chunks_compared": 11, "rows_compared": 1000}
+    assert outcomes["content_parity"].metadata == {"value": 0, "threshold": 0,
+                                                   "chunks_compared": 11, "rows_compared": 1000}
+    # Every outcome carries the measured value and its threshold(s), for the UI's plots.
+    for outcome in outcomes.values():
+        assert "value" in outcome.metadata, outcome.name
+        assert any(k.endswith("threshold") for k in outcome.metadata), outcome.name
     assert outcomes["row_count_parity"].metadata["source_rows"] == 1000
     assert outcomes["retained_wal"].metadata["critical_threshold"] == 500 * 1024 * 1024
 
@@ -139,7 +144,7 @@ def test_pool_checks_see_killed_connections_saturation_and_retries(
     assert (closed.passed, closed.severity) == (False, "ERROR")  # >= 1 in the last minute
     execute(database_url, "UPDATE pool_events SET created_at = now() - interval '10 minutes'")
     closed = _pool_outcomes(store)["closed_connection_errors"]
-    assert (closed.passed, closed.severity, closed.metadata["last_hour"]) == (False, "WARN", 1)
+    assert (closed.passed, closed.severity, closed.metadata["value"]) == (False, "WARN", 1)
 
     # Saturation: sessions on config_db above 8, then above 9.
     held = [psycopg2.connect(database_url) for _ in range(8)]

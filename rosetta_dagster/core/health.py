@@ -87,8 +87,9 @@ def row_count_parity(
         sleep(1.0)
     difference = destination_rows - source_rows
     metadata: dict[str, float | int | str] = {
-        "source_rows": source_rows, "destination_rows": destination_rows,
-        "difference": difference, "lag_window_seconds": window_s,
+        "value": abs(difference), "threshold": 0, "source_rows": source_rows,
+        "destination_rows": destination_rows, "difference": difference,
+        "lag_window_seconds": window_s,
     }
     if difference == 0:
         return CheckOutcome("row_count_parity", True, "ERROR",
@@ -170,7 +171,8 @@ def content_parity(
         if _digest(source_chunk) != _digest(destination_chunk):
             first = _first_difference(source_chunk, destination_chunk)
             metadata: dict[str, float | int | str] = {
-                "chunks_compared": chunks, "rows_compared": rows, "first_differing_key": str(first),
+                "value": 1, "threshold": 0, "chunks_compared": chunks, "rows_compared": rows,
+                "first_differing_key": str(first),
                 "range_start_exclusive": str(after), "range_end_inclusive": str(through),
             }
             return CheckOutcome(
@@ -183,7 +185,8 @@ def content_parity(
         if through is None:
             return CheckOutcome("content_parity", True, "ERROR",
                                 f"{rows} rows identical in {chunks} chunk(s).",
-                                {"chunks_compared": chunks, "rows_compared": rows})
+                                {"value": 0, "threshold": 0, "chunks_compared": chunks,
+                                 "rows_compared": rows})
         after = through
 
 
@@ -209,12 +212,16 @@ def replication_lag(
     """Seconds between now and the source position last applied (heartbeat messages keep it
     current on an idle source). Only judged while the pipeline is START."""
     now = now or datetime.now(UTC)
+    unmeasured: dict[str, float | int | str] = {
+        "value": 0, "warning_threshold": operations.lag_warning_seconds,
+        "critical_threshold": operations.lag_critical_seconds,
+    }
     if pipeline.status is not PipelineStatus.START:
         return CheckOutcome("replication_lag", True, "WARN",
-                            f"Pipeline {pipeline.name} is paused: lag not judged.", {})
+                            f"Pipeline {pipeline.name} is paused: lag not judged.", unmeasured)
     if pipeline.source_position_at is None:
         return CheckOutcome("replication_lag", False, "WARN",
-                            f"Pipeline {pipeline.name} has not applied anything yet.", {})
+                            f"Pipeline {pipeline.name} has not applied anything yet.", unmeasured)
     lag = max(0.0, (now - pipeline.source_position_at).total_seconds())
     return _threshold_outcome("replication_lag", round(lag, 1), operations.lag_warning_seconds,
                               operations.lag_critical_seconds, "Replication lag", "s")
@@ -223,7 +230,7 @@ def replication_lag(
 def apply_errors(pipeline: Pipeline, since: datetime) -> CheckOutcome:
     """No failed batch (the run records ERROR with the error) since ``since``."""
     failed = pipeline.last_error_at is not None and pipeline.last_error_at > since
-    metadata: dict[str, float | int | str] = {"errors_since_last_evaluation": int(failed)}
+    metadata: dict[str, float | int | str] = {"value": int(failed), "threshold": 0}
     if failed:
         return CheckOutcome("apply_errors", False, "ERROR",
                             f"Pipeline {pipeline.name} failed at "
@@ -236,8 +243,8 @@ def apply_errors(pipeline: Pipeline, since: datetime) -> CheckOutcome:
 
 
 def slot_active(reading: SlotReading, pipeline: Pipeline) -> CheckOutcome:
-    metadata: dict[str, float | int | str] = {"exists": int(reading.exists),
-                                              "active": int(bool(reading.active))}
+    metadata: dict[str, float | int | str] = {"value": int(bool(reading.active)), "threshold": 1,
+                                              "exists": int(reading.exists)}
     if pipeline.status is not PipelineStatus.START:
         return CheckOutcome("slot_active", True, "ERROR",
                             f"Pipeline {pipeline.name} is paused: the slot may be inactive.", metadata)
@@ -278,7 +285,7 @@ def closed_connection_errors(store: ConfigStore) -> CheckOutcome:
     kinds = ("closed_connection", "dead_connection")
     last_hour = sum(store.pool_event_counts(3600).get(k, 0) for k in kinds)
     last_minute = sum(store.pool_event_counts(60).get(k, 0) for k in kinds)
-    metadata: dict[str, float | int | str] = {"last_hour": last_hour, "last_minute": last_minute,
+    metadata: dict[str, float | int | str] = {"value": last_hour, "last_minute": last_minute,
                                               "warning_threshold_per_hour": 1,
                                               "critical_threshold_per_minute": 1}
     if last_minute >= 1:
@@ -294,7 +301,7 @@ def closed_connection_errors(store: ConfigStore) -> CheckOutcome:
 def pool_initialised(store: ConfigStore) -> CheckOutcome:
     """Pools open on their first attempt; WARN when one needed retries in the last hour."""
     retries = store.pool_event_counts(3600).get("init_retried", 0)
-    metadata: dict[str, float | int | str] = {"init_retries_last_hour": retries}
+    metadata: dict[str, float | int | str] = {"value": retries, "threshold": 0}
     if retries:
         return CheckOutcome("pool_initialised", False, "WARN",
                             f"Connection pools needed {retries} extra attempt(s) to initialise in "
@@ -394,8 +401,9 @@ def backfill_row_parity(
                     sleep(1.0)
             finally:
                 target.close()
-            metadata: dict[str, float | int | str] = {"source_rows": expected,
-                                                      "destination_rows": copied}
+            metadata: dict[str, float | int | str] = {
+                "value": abs(expected - copied), "threshold": 0, "source_rows": expected,
+                "destination_rows": copied}
             if expected != copied:
                 return CheckOutcome("row_count", False, "ERROR",
                                     f"Destination {destination.name} has {copied} rows matching "
