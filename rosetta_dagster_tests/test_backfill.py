@@ -7,7 +7,6 @@ import random
 import re
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -227,7 +226,6 @@ def test_a_hostile_filter_value_is_only_a_value(
     result = _runner(pipeline, store, job.id).run()
     assert (result.total, result.rows) == (0, 0)
     assert count_rows(env.source_url, "public.big") == 20000
-    time.sleep(0)  # nothing else to wait for
 
 
 def test_the_sensor_queues_a_partition_run_and_materializing_it_completes_the_job(

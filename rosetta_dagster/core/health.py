@@ -28,6 +28,7 @@ from rosetta_dagster.core.pipeline_config import (
 from rosetta_dagster.core.replication import (
     SlotReading,
     WalSeverity,
+    destination_connection,
     read_slot,
     source_connection,
 )
@@ -69,6 +70,19 @@ def _count(conn: psycopg2.extensions.connection, schema: str, table: str) -> int
         return int(cursor.fetchone()[0])  # type: ignore[index]
 
 
+def _counts_within_window(
+    count_source: Callable[[], int], count_destination: Callable[[], int], window_s: float,
+    sleep: Callable[[float], None],
+) -> tuple[int, int]:
+    """Both counts, re-taken each second until equal or ``window_s`` passed (rows in flight)."""
+    deadline = time.monotonic() + window_s
+    while True:
+        source_rows, destination_rows = count_source(), count_destination()
+        if source_rows == destination_rows or time.monotonic() >= deadline:
+            return source_rows, destination_rows
+        sleep(1.0)
+
+
 def row_count_parity(
     source: psycopg2.extensions.connection,
     destination: psycopg2.extensions.connection,
@@ -78,13 +92,9 @@ def row_count_parity(
     sleep: Callable[[float], None] = time.sleep,
 ) -> CheckOutcome:
     """Counts equal, allowing rows in flight: re-counted each second for up to ``window_s``."""
-    deadline = time.monotonic() + window_s
-    while True:
-        source_rows = _count(source, table.table.schema, table.table.name)
-        destination_rows = _count(destination, destination_schema, table.table.name)
-        if source_rows == destination_rows or time.monotonic() >= deadline:
-            break
-        sleep(1.0)
+    source_rows, destination_rows = _counts_within_window(
+        lambda: _count(source, table.table.schema, table.table.name),
+        lambda: _count(destination, destination_schema, table.table.name), window_s, sleep)
     difference = destination_rows - source_rows
     metadata: dict[str, float | int | str] = {
         "value": abs(difference), "threshold": 0, "source_rows": source_rows,
@@ -342,10 +352,7 @@ def evaluate_pipeline(
         yield slot, slot_active(reading, stored)
         yield slot, retained_wal(reading, operations)
         for destination in pipeline.destinations:
-            target = psycopg2.connect(destination.dsn(), connect_timeout=10,
-                                      application_name="rosetta-checks")
-            target.autocommit = True
-            try:
+            with destination_connection(pipeline, destination) as target:
                 for table in pipeline.tables:
                     where = CheckTarget("destination_table", pipeline.name, destination, table)
                     schema = read_table_schema(source, table, f"source {pipeline.source.name}")
@@ -356,8 +363,6 @@ def evaluate_pipeline(
                                                 operations.parity_window_seconds)
                     yield where, replication_lag(stored, operations)
                     yield where, apply_errors(stored, since)
-            finally:
-                target.close()
 
 
 def evaluate_config_store(store: ConfigStore, operations: OperationsSettings) -> list[CheckOutcome]:
@@ -389,18 +394,11 @@ def backfill_row_parity(
 
     with source_connection(pipeline) as source:
         for destination in pipeline.destinations:
-            target = psycopg2.connect(destination.dsn(), connect_timeout=10)
-            target.autocommit = True
-            try:
-                deadline = time.monotonic() + window_s
-                while True:
-                    expected, copied = matching(source, table.schema), matching(target,
-                                                                                destination.schema)
-                    if expected == copied or time.monotonic() >= deadline:
-                        break
-                    sleep(1.0)
-            finally:
-                target.close()
+            with destination_connection(pipeline, destination) as target:
+                expected, copied = _counts_within_window(
+                    lambda: matching(source, table.schema),
+                    lambda: matching(target, destination.schema),  # noqa: B023 - used at once
+                    window_s, sleep)
             metadata: dict[str, float | int | str] = {
                 "value": abs(expected - copied), "threshold": 0, "source_rows": expected,
                 "destination_rows": copied}

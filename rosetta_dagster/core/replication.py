@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -20,7 +21,12 @@ import psycopg2.extensions
 from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.dsn import summarize_connection_error
 from rosetta_dagster.core.errors import DatabaseConnectionError
-from rosetta_dagster.core.pipeline_config import OperationsSettings, PipelineDefinition
+from rosetta_dagster.core.pipeline_config import (
+    Destination,
+    OperationsSettings,
+    PipelineDefinition,
+    PostgresEndpoint,
+)
 
 logger = logging.getLogger("rosetta.replication")
 
@@ -69,27 +75,49 @@ def format_bytes(size: int | None) -> str:
     raise AssertionError("unreachable")
 
 
-def connect_source(pipeline: PipelineDefinition) -> psycopg2.extensions.connection:
-    source = pipeline.source
+def _connect(
+    pipeline: PipelineDefinition, role: str, endpoint: PostgresEndpoint
+) -> psycopg2.extensions.connection:
+    """An autocommit connection; a failure is one sentence naming pipeline, role and address."""
     try:
-        conn = psycopg2.connect(source.dsn(), connect_timeout=10, application_name="rosetta")
+        conn = psycopg2.connect(endpoint.dsn(), connect_timeout=10, application_name="rosetta")
     except psycopg2.OperationalError as exc:
         raise DatabaseConnectionError(
-            f"Pipeline {pipeline.name}: could not connect to source {source.name} at "
-            f"{source.description}: {summarize_connection_error(exc)}."
+            f"Pipeline {pipeline.name}: could not connect to {role} {endpoint.name} at "
+            f"{endpoint.description}: {summarize_connection_error(exc)}."
         ) from None
     conn.autocommit = True
     return conn
 
 
+def connect_source(pipeline: PipelineDefinition) -> psycopg2.extensions.connection:
+    return _connect(pipeline, "source", pipeline.source)
+
+
+def connect_destination(
+    pipeline: PipelineDefinition, destination: Destination
+) -> psycopg2.extensions.connection:
+    return _connect(pipeline, "destination", destination)
+
+
 @contextmanager
-def source_connection(pipeline: PipelineDefinition) -> Iterator[psycopg2.extensions.connection]:
-    """An autocommit connection to the pipeline's source, closed after the block."""
-    conn = connect_source(pipeline)
+def _closing(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.extensions.connection]:
     try:
         yield conn
     finally:
         conn.close()
+
+
+def source_connection(pipeline: PipelineDefinition) -> ContextManager[psycopg2.extensions.connection]:
+    """An autocommit connection to the pipeline's source, closed after the block."""
+    return _closing(connect_source(pipeline))
+
+
+def destination_connection(
+    pipeline: PipelineDefinition, destination: Destination
+) -> ContextManager[psycopg2.extensions.connection]:
+    """An autocommit connection to one of the pipeline's destinations, closed after the block."""
+    return _closing(connect_destination(pipeline, destination))
 
 
 def slot_exists(conn: psycopg2.extensions.connection, slot_name: str) -> bool:

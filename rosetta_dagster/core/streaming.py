@@ -174,9 +174,10 @@ class StreamingSession:
                 self._on_watermark(item)
             else:
                 segment.append(item)
-                for window in self._windows.values():
-                    if window.table == item.table:
-                        window.note(item, self._schemas)
+                if self._windows:  # only while a backfill chunk is being read
+                    for window in self._windows.values():
+                        if window.table == item.table:
+                            window.note(item, self._schemas)
         self._apply_events(segment, marker is not None)
         if marker is not None and marker.source_ts_ms is not None:
             self.progress.note_source_position(marker.source_ts_ms)
