@@ -3,7 +3,9 @@
 Correctness against the concurrent stream follows DBLog (Netflix; Debezium's incremental
 snapshots use the same idea). For each chunk of primary keys:
 
-1. a *low watermark* is written into the WAL (``pg_logical_emit_message``, transactional),
+1. a *low watermark* is written into the WAL (``pg_logical_emit_message``, transactional), and
+   the transactions in flight at that moment are waited for (see
+   :func:`_wait_for_transactions_in_flight`),
 2. the chunk is read from the source with ``COPY (SELECT ...) TO STDOUT`` and COPYed into a
    staging table in every destination,
 3. a *high watermark* is written.
@@ -43,7 +45,11 @@ from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
 from rosetta_dagster.core.events import BACKFILL_MESSAGE_PREFIX
 from rosetta_dagster.core.filters import compile_filter, parse_filter
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
-from rosetta_dagster.core.replication import source_connection
+from rosetta_dagster.core.replication import (
+    connect_destination,
+    destination_connection,
+    source_connection,
+)
 
 logger = logging.getLogger("rosetta.backfill")
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
@@ -109,6 +115,27 @@ def _emit_watermark(conn: psycopg2.extensions.connection, body: dict[str, Any]) 
         # Keys of any type travel as text; PostgreSQL casts them back when comparing.
         cursor.execute("SELECT pg_logical_emit_message(true, %s, %s)",
                        (BACKFILL_MESSAGE_PREFIX, json.dumps(body, default=str)))
+
+
+def _wait_for_transactions_in_flight(conn: psycopg2.extensions.connection) -> None:
+    """Wait until every transaction in progress right after the low watermark has ended.
+
+    A transaction can have its commit record in the WAL *before* the low watermark yet still be
+    invisible to a snapshot taken just after it (it has not left the proc array). The stream would
+    apply it before the window opens, and the chunk, read without it, would then overwrite it
+    with the older value. Once those transactions end, a new snapshot sees every change the WAL
+    orders before the low watermark.
+    """
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT array_agg(x)::text[] FROM pg_snapshot_xip(pg_current_snapshot()) x")
+        in_flight = cursor.fetchone()[0]  # type: ignore[index]
+        while in_flight:
+            cursor.execute(
+                "SELECT array_agg(x)::text[] FROM unnest(%s::xid8[]) x "
+                "WHERE pg_xact_status(x) = 'in progress'", (in_flight,))
+            in_flight = cursor.fetchone()[0]  # type: ignore[index]
+            if in_flight:
+                time.sleep(0.005)
 
 
 class BackfillRunner:
@@ -200,9 +227,7 @@ class BackfillRunner:
     def _open_destination(
         self, destination: Destination, schema: TableSchema
     ) -> psycopg2.extensions.connection:
-        conn = psycopg2.connect(destination.dsn(), connect_timeout=10,
-                                application_name="rosetta-backfill")
-        conn.autocommit = True
+        conn = connect_destination(self.pipeline, destination)
         staging = sql.Identifier(destination.schema, backfill_staging_table(self.job_id))
         with conn.cursor() as cursor:
             cursor.execute(sql.SQL(
@@ -246,6 +271,7 @@ class BackfillRunner:
             chunk += 1
             body = {"job": job.id, "chunk": chunk, "table": schema.table.qualified}
             _emit_watermark(source, {**body, "kind": "low"})
+            _wait_for_transactions_in_flight(source)
             upper_sql, upper_params = _through(schema, upper)
             buffer = io.StringIO()
             copy = sql.SQL(
@@ -297,14 +323,9 @@ class BackfillRunner:
 
     def _drop_staging(self, schema: TableSchema) -> None:
         for destination in self.pipeline.destinations:
-            conn = psycopg2.connect(destination.dsn(), connect_timeout=10)
-            conn.autocommit = True
-            try:
-                with conn.cursor() as cursor:
-                    cursor.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
-                        sql.Identifier(destination.schema, backfill_staging_table(self.job_id))))
-            finally:
-                conn.close()
+            with destination_connection(self.pipeline, destination) as conn, conn.cursor() as cur:
+                cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
+                    sql.Identifier(destination.schema, backfill_staging_table(self.job_id))))
 
 
 def _count(conn: psycopg2.extensions.connection, schema: TableSchema, where: sql.Composable,
