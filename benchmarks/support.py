@@ -1,15 +1,28 @@
-"""What every benchmark needs: a throwaway PostgreSQL cluster with a source and a destination."""
+"""What every benchmark needs: a throwaway PostgreSQL cluster with a source and a destination,
+the native logical replication anchor, and result lines the runner collects."""
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import psycopg2
+from psycopg2 import sql
 
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
-from rosetta_dagster_tests.streaming_support import StreamingEnv, new_streaming_env
+from rosetta_dagster_tests.streaming_support import StreamingEnv, execute, fetch, new_streaming_env
+
+# The W2 row shape of the issue: bigint pk, int, text, numeric(12,2), timestamptz, jsonb.
+W2_COLUMNS = ("id bigint PRIMARY KEY, i int, t text, n numeric(12,2), ts timestamptz, j jsonb")
+RESULT_PREFIX = "BENCHMARK_RESULT "
 
 
 @contextmanager
@@ -22,3 +35,101 @@ def benchmark_env() -> Iterator[StreamingEnv]:
     finally:
         cluster.destroy()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def emit(result: dict[str, Any]) -> None:
+    """One machine-readable line for ``benchmarks.run`` (and a readable copy for humans)."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def create_table(url: str, table: str, columns: str) -> None:
+    schema, name = table.split(".")
+    # Column definitions are this module's constants, not input.
+    execute(url, sql.SQL("CREATE TABLE {} (" + columns + ")").format(  # noqa: S608
+        sql.Identifier(schema, name)))
+
+
+def aggregate(url: str, table: str) -> tuple[Any, ...]:
+    """A cheap convergence probe (count and sums); the full fingerprint is checked once after."""
+    schema, name = table.split(".")
+    try:
+        return fetch(url, sql.SQL("SELECT count(*), sum(id), sum(i) FROM {}").format(
+            sql.Identifier(schema, name)))[0]
+    except psycopg2.errors.UndefinedTable:  # the pipeline has not created it yet
+        return (-1, None, None)
+
+
+def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.1) -> float:
+    """Seconds until ``predicate()`` held (polled every ``interval_s``)."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"not reached within {timeout_s}s")
+        time.sleep(interval_s)
+    return time.monotonic() - started
+
+
+class NativeSubscription:
+    """The anchor: a PostgreSQL publication + subscription of the same table into its own
+    database on the same cluster (slot created beforehand, as a same-cluster subscription
+    requires)."""
+
+    def __init__(self, env: StreamingEnv, table: str, columns: str, name: str = "native") -> None:
+        self.env, self.table, self.name = env, table, name
+        self.database = f"{env.destination_db}_{name}"
+        env.cluster.create_database(self.database)
+        self.url = env.cluster.dsn(self.database)
+        create_table(self.url, table, columns)
+        schema, relation = table.split(".")
+        execute(env.source_url, sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+            sql.Identifier(name), sql.Identifier(schema, relation)))
+        execute(env.source_url, "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
+                params=(name,))
+        conninfo = (f"host=127.0.0.1 port={env.cluster.port} dbname={env.source_db} "
+                    f"user={env.cluster.superuser} password={env.cluster.password}")
+        execute(self.url, sql.SQL(
+            "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} WITH (create_slot = false, "
+            "slot_name = {}, copy_data = false, enabled = false)").format(
+                sql.Identifier(name), sql.Literal(conninfo), sql.Identifier(name), sql.Literal(name)))
+
+    def enable(self) -> None:
+        self._alter("ENABLE")
+
+    def disable(self) -> None:
+        self._alter("DISABLE")
+
+    def _alter(self, action: str) -> None:
+        execute(self.url, sql.SQL("ALTER SUBSCRIPTION {} " + action).format(  # noqa: S608
+            sql.Identifier(self.name)))
+
+    def drop(self) -> None:
+        execute(self.url, sql.SQL("DROP SUBSCRIPTION {}").format(sql.Identifier(self.name)))
+
+
+def binary_copy_seconds(source_url: str, destination_url: str, table: str, columns: str) -> float:
+    """The anchor: COPY ... TO STDOUT (BINARY) then COPY ... FROM STDIN (BINARY) into an empty
+    table with the same primary key, through memory."""
+    schema, name = table.split(".")
+    copy_table = f"{schema}.{name}_copy"
+    execute(destination_url, sql.SQL("DROP TABLE IF EXISTS {}").format(
+        sql.Identifier(schema, f"{name}_copy")))
+    create_table(destination_url, copy_table, columns)
+    source, target = psycopg2.connect(source_url), psycopg2.connect(destination_url)
+    started = time.monotonic()
+    buffer = io.BytesIO()
+    with source.cursor() as cursor:
+        cursor.copy_expert(sql.SQL("COPY {} TO STDOUT (FORMAT binary)").format(
+            sql.Identifier(schema, name)).as_string(source), buffer)
+    buffer.seek(0)
+    with target.cursor() as cursor:
+        cursor.copy_expert(sql.SQL("COPY {} FROM STDIN (FORMAT binary)").format(
+            sql.Identifier(schema, f"{name}_copy")).as_string(target), buffer)
+    target.commit()
+    seconds = time.monotonic() - started
+    source.close()
+    target.close()
+    return seconds
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -34,7 +34,9 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 60, message: st
         time.sleep(0.2)
 
 
-def execute(url: str, *statements: str, params: tuple[object, ...] = ()) -> None:
+def execute(
+    url: str, *statements: str | sql.Composable, params: tuple[object, ...] = ()
+) -> None:
     conn = psycopg2.connect(url)
     conn.autocommit = True
     with conn.cursor() as cursor:

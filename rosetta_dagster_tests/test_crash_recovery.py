@@ -44,6 +44,9 @@ def test_kill_9_mid_load_then_restart_converges(pg_cluster: LocalPostgresCluster
 
     stream = start_stream()
     wait_until(lambda: count_rows(env.destination_url, "replica.events") == 1000, 120, "snapshot")
+    # The initial load precedes the engine's start: wait until a change streams through.
+    execute(env.source_url, "INSERT INTO public.events VALUES (0, 'ready', 0)")
+    wait_until(lambda: count_rows(env.destination_url, "replica.events") == 1001, 120, "streaming")
 
     # A large load in many transactions (inserts, updates, deletes) while the stream applies it.
     def load() -> None:

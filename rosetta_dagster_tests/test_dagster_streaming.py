@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dagster import EventLogEntry, deserialize_value
 from dagster_graphql import DagsterGraphQLClient
 
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
@@ -210,7 +211,16 @@ def test_start_launches_exactly_one_run_pause_terminates_it_and_start_resumes(
     deployment.rosetta("pipeline", "start", "orders")
     deployment.rosetta("pipeline", "start", "orders")  # twice, quickly: still one run
     first = deployment.streaming_run("orders")
-    wait_until(lambda: env.converged("public.orders"), 120, "the snapshot through Dagster")
+    wait_until(lambda: env.converged("public.orders"), 120, "the initial load through Dagster")
+    # The destination table's asset is materialized when its initial load completes.
+    (event,) = fetch(deployment.storage_url, "SELECT event FROM event_logs WHERE run_id = %s "
+                     "AND dagster_event_type = 'ASSET_MATERIALIZATION'", (first,))
+    materialization = deserialize_value(str(event[0]), EventLogEntry).asset_materialization
+    assert materialization is not None
+    assert materialization.asset_key.path[0] == "destination"
+    assert materialization.asset_key.path[-1] == "orders"
+    assert materialization.metadata["rows"].value == 200
+    assert materialization.metadata["load_mode"].value == "direct"
     execute(env.source_url, "UPDATE public.orders SET note = 'updated' WHERE id <= 20",
             "DELETE FROM public.orders WHERE id > 190")
     wait_until(lambda: env.converged("public.orders"), 60, "streamed changes")

@@ -17,7 +17,14 @@ from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import load_config
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.defs.pipelines.jobs import PIPELINE_TAG
-from rosetta_dagster_tests.streaming_support import fetch, new_streaming_env, streaming, wait_until
+from rosetta_dagster_tests.streaming_support import (
+    count_rows,
+    execute,
+    fetch,
+    new_streaming_env,
+    streaming,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -148,7 +155,12 @@ def test_the_source_init_script_gives_a_replicator_that_can_stream(
     store.sync_pipeline(pipeline)
     session = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
     with streaming(session):
-        wait_until(lambda: session.progress.events_applied >= 100, 90, "the snapshot")
+        # The initial load (slot with exported snapshot, COPY) works for this user ...
+        wait_until(lambda: count_rows(env.destination_url, "public.test_table") == 100, 90,
+                   "the initial load")
+        # ... and so does streaming a change through the engine.
+        execute(env.source_url, "INSERT INTO public.test_table (id, data) VALUES (1001, 'streamed')")
+        wait_until(lambda: session.progress.events_applied >= 1, 90, "a streamed change")
         # The heartbeat action query (pg_logical_emit_message) works for this user: with no
         # other writes, only its messages can move the slot past the current position.
         (position,) = fetch(env.source_url, "SELECT pg_current_wal_lsn()::text")[0]

@@ -36,6 +36,7 @@ def test_valid_file_resolves_secrets_from_the_environment(tmp_path: Path) -> Non
     assert pipeline.source.password == "shop-secret"
     assert pipeline.destinations[0].schema == "copy"
     assert pipeline.settings.max_batch_size == 1024 and pipeline.settings.jvm_max_heap == "256m"
+    assert pipeline.settings.initial_load == "copy"  # the default
     assert pipeline.slot_name == pipeline.publication_name == "rosetta_orders"
     assert "shop-secret" not in repr(pipeline)
     unresolved = load_config(_write(tmp_path, VALID), {}, resolve_secrets=False)
@@ -61,9 +62,14 @@ def test_valid_file_resolves_secrets_from_the_environment(tmp_path: Path) -> Non
          "'orders' is declared twice (line"),
         (("max_batch_size: 1024", "max_batch_size: lots"),
          "pipeline 'orders' streaming field 'max_batch_size' must be an integer >= 1."),
+        (("max_batch_size: 1024", "initial_load: rsync"),
+         "pipeline 'orders' streaming field 'initial_load' must be one of copy, debezium."),
+        (("max_batch_size: 1024", "initial_load_workers: 0"),
+         "pipeline 'orders' streaming field 'initial_load_workers' must be an integer >= 1."),
     ],
     ids=["unknown_source", "unknown_destination", "bad_table", "literal_password",
-         "missing_env_var", "duplicate_pipeline", "bad_setting"],
+         "missing_env_var", "duplicate_pipeline", "bad_setting", "bad_load_method",
+         "bad_load_workers"],
 )
 def test_invalid_files_fail_with_one_clear_sentence(
     tmp_path: Path, change: tuple[str, str], expected: str

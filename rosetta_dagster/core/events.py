@@ -23,6 +23,7 @@ class ChangeEvent:
     after: dict[str, Any] | None
     source_ts_ms: int | None = None
     lsn: int | None = None
+    xid: int | None = None  # source transaction id (32-bit, as in the WAL)
     # Debezium's source.snapshot: "first", "true", "last", "*_in_data_collection" while the
     # initial snapshot runs; "false" (or "incremental") once streaming.
     snapshot: str = "false"
@@ -90,6 +91,7 @@ def decode_event(value: str) -> ChangeEvent | PositionMarker | Watermark:
         after=payload.get("after"),
         source_ts_ms=source.get("ts_ms"),
         lsn=source.get("lsn"),
+        xid=source.get("txId"),
         snapshot=str(source.get("snapshot") or "false"),
     )
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extensions
+from psycopg2.extras import LogicalReplicationConnection
 
 from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.dsn import summarize_connection_error
@@ -76,22 +77,32 @@ def format_bytes(size: int | None) -> str:
 
 
 def _connect(
-    pipeline: PipelineDefinition, role: str, endpoint: PostgresEndpoint
+    pipeline: PipelineDefinition,
+    role: str,
+    endpoint: PostgresEndpoint,
+    connection_factory: type[psycopg2.extensions.connection] | None = None,
 ) -> psycopg2.extensions.connection:
     """An autocommit connection; a failure is one sentence naming pipeline, role and address."""
     try:
-        conn = psycopg2.connect(endpoint.dsn(), connect_timeout=10, application_name="rosetta")
+        conn = psycopg2.connect(endpoint.dsn(), connect_timeout=10, application_name="rosetta",
+                                connection_factory=connection_factory)
     except psycopg2.OperationalError as exc:
         raise DatabaseConnectionError(
             f"Pipeline {pipeline.name}: could not connect to {role} {endpoint.name} at "
             f"{endpoint.description}: {summarize_connection_error(exc)}."
         ) from None
-    conn.autocommit = True
+    if connection_factory is None:  # replication connections are autocommit by design
+        conn.autocommit = True
     return conn
 
 
 def connect_source(pipeline: PipelineDefinition) -> psycopg2.extensions.connection:
     return _connect(pipeline, "source", pipeline.source)
+
+
+def connect_source_replication(pipeline: PipelineDefinition) -> psycopg2.extensions.connection:
+    """A logical replication connection to the source (for CREATE_REPLICATION_SLOT)."""
+    return _connect(pipeline, "source", pipeline.source, LogicalReplicationConnection)
 
 
 def connect_destination(
@@ -124,6 +135,17 @@ def slot_exists(conn: psycopg2.extensions.connection, slot_name: str) -> bool:
     with conn.cursor() as cursor:
         cursor.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot_name,))
         return cursor.fetchone() is not None
+
+
+def slot_confirmed_lsn(conn: psycopg2.extensions.connection, slot_name: str) -> int | None:
+    """The slot's confirmed flush position as an integer LSN; None without such a slot."""
+    with conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots "
+            "WHERE slot_name = %s", (slot_name,),
+        )
+        row = cursor.fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def read_slot(conn: psycopg2.extensions.connection, pipeline: PipelineDefinition) -> SlotReading:

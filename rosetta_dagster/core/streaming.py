@@ -19,15 +19,25 @@ from psycopg2 import sql
 from rosetta_dagster.core.apply.applier import PostgresApplier, backfill_staging_table
 from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema
 from rosetta_dagster.core.capture.engine import STALE_OFFSET_ERROR, DebeziumCapture, offsets_file
+from rosetta_dagster.core.capture.offsets import read_offset_lsn, write_start_offset
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent, PositionMarker, Watermark
+from rosetta_dagster.core.initial_load import (
+    InitialLoader,
+    LoadState,
+    SnapshotVisibility,
+    TableLoadReport,
+    format_lsn,
+    load_state_file,
+)
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.replication import (
     delete_stale_offset,
     missing_slot_reason,
+    slot_confirmed_lsn,
     slot_exists,
     source_connection,
 )
@@ -55,6 +65,8 @@ class StreamProgress:
     tables: dict[TableRef, TableProgress] = field(default_factory=dict)
     # Source time of the newest change or heartbeat message applied: lag = now - this.
     source_position_ms: int | None = None
+    # Changes of a just-loaded table that its load's snapshot already contained.
+    fenced_events_skipped: int = 0
 
     def note_source_position(self, source_ts_ms: int) -> None:
         if self.source_position_ms is None or source_ts_ms > self.source_position_ms:
@@ -94,9 +106,12 @@ class StreamingSession:
         config_store: ConfigStore | None = None,
         run_id: str | None = None,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
+        on_table_loaded: Callable[[TableLoadReport], None] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.offsets_path = offsets_file(offsets_dir, pipeline.name)
+        self.load_state_path = load_state_file(offsets_dir, pipeline.name)
+        self.on_table_loaded = on_table_loaded
         self.config_store = config_store
         self.run_id = run_id
         self.log = log
@@ -108,6 +123,8 @@ class StreamingSession:
         self._resyncing = False
         self._restarted_stale = False
         self._windows: dict[tuple[int, int], _ChunkWindow] = {}
+        self._fences: dict[TableRef, SnapshotVisibility] = {}
+        self._next_heartbeat = time.monotonic()
 
     # -- preparation -----------------------------------------------------------------------
 
@@ -173,6 +190,8 @@ class StreamingSession:
                 segment = []
                 self._on_watermark(item)
             else:
+                if self._fences and self._fenced(item):
+                    continue
                 segment.append(item)
                 if self._windows:  # only while a backfill chunk is being read
                     for window in self._windows.values():
@@ -181,6 +200,14 @@ class StreamingSession:
         self._apply_events(segment, marker is not None)
         if marker is not None and marker.source_ts_ms is not None:
             self.progress.note_source_position(marker.source_ts_ms)
+
+    def _fenced(self, event: ChangeEvent) -> bool:
+        """A change the table's load already contains (its transaction is in the snapshot)."""
+        visibility = self._fences.get(event.table)
+        if visibility is None or event.xid is None or not visibility.includes(event.xid):
+            return False
+        self.progress.fenced_events_skipped += 1
+        return True
 
     def _on_watermark(self, watermark: Watermark) -> None:
         """DBLog: a chunk read between its low and high watermarks is applied at the high one,
@@ -277,17 +304,14 @@ class StreamingSession:
                 ", ".join(d.name for d in self.pipeline.destinations),
                 self.offsets_path,
             )
-            next_heartbeat = next_tick = time.monotonic()
+            next_tick = time.monotonic()
             while True:
                 assert self._capture is not None
                 if not self._capture.wait(1.0):
                     if not self._restart_after_stale_offset():
                         break
                 now = time.monotonic()
-                if now >= next_heartbeat and self.config_store is not None:
-                    self.config_store.heartbeat(self.pipeline.name, self.progress.source_position_ms)
-                    self.config_store.flush_pool_events()
-                    next_heartbeat = now + HEARTBEAT_INTERVAL_S
+                self._heartbeat_if_due()
                 if tick is not None and now >= next_tick:
                     tick(self.progress)
                     next_tick = now + tick_interval_s
@@ -314,8 +338,79 @@ class StreamingSession:
             self._pools.clear()
             self._appliers.clear()
 
+    def _heartbeat_if_due(self) -> None:
+        """Stamp the pipeline alive (the supervisor replaces runs that stop doing this)."""
+        now = time.monotonic()
+        if now >= self._next_heartbeat and self.config_store is not None:
+            self.config_store.heartbeat(self.pipeline.name, self.progress.source_position_ms)
+            self.config_store.flush_pool_events()
+            self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
+
+    def _initial_load(self) -> None:
+        """Copy what the stream does not cover yet: every table when there is no offset (first
+        start, dropped slot, interrupted load), else tables added since the last session."""
+        state = LoadState.read(self.load_state_path)
+        loader = InitialLoader(self.pipeline, self._schemas, log=self.log,
+                               on_table_loaded=self._table_loaded,
+                               on_wait=self._heartbeat_if_due)
+        tables = list(self.pipeline.tables)
+        offset_lsn = read_offset_lsn(self.offsets_path, self.pipeline)
+        self._delete_offset_behind_slot(offset_lsn)
+        if not self.offsets_path.exists():
+            self.log.info("Initial load of pipeline %s: %d table(s) by COPY under the new "
+                          "slot's snapshot", self.pipeline.name, len(tables))
+            fence = loader.load_with_pipeline_slot(tables)
+            state = LoadState(self.load_state_path, {t: fence for t in tables})
+            state.write()
+            # Last: the offset is what marks the load complete (see InitialLoader).
+            write_start_offset(self.offsets_path, self.pipeline, fence.consistent_lsn)
+        else:
+            if state is None:
+                # Streamed before loads were recorded here: every configured table is covered.
+                state = LoadState(self.load_state_path, {t: None for t in tables})
+            for table in set(state.tables) - set(tables):
+                del state.tables[table]  # removed: a later re-add loads it again
+            added = [t for t in tables if t not in state.tables]
+            if added:
+                self.log.info(
+                    "Initial load of pipeline %s: %s added; loading under a temporary slot's "
+                    "snapshot", self.pipeline.name, ", ".join(t.qualified for t in added),
+                )
+                fence = loader.load_with_temporary_slot(added)
+                state.tables.update({t: fence for t in added})
+            state.drop_passed_fences(offset_lsn)
+            state.write()
+        self._fences = {t: f.visibility for t, f in state.tables.items() if f is not None}
+
+    def _delete_offset_behind_slot(self, offset_lsn: int | None) -> None:
+        """Debezium's own stale-offset check needs a processed position, which an offset
+        written at a load's consistent point lacks: compare with the slot here instead."""
+        if offset_lsn is None:
+            return
+        with source_connection(self.pipeline) as conn:
+            confirmed = slot_confirmed_lsn(conn, self.pipeline.slot_name)
+        if confirmed is not None and confirmed > offset_lsn:
+            delete_stale_offset(
+                self.pipeline, self.offsets_path,
+                reason=(f"the last recorded offset ({format_lsn(offset_lsn)}) is "
+                        f"{STALE_OFFSET_ERROR} (slot {self.pipeline.slot_name} starts at "
+                        f"{format_lsn(confirmed)})"),
+                config_store=self.config_store, log=self.log,
+            )
+
+    def _table_loaded(self, report: TableLoadReport) -> None:
+        if self.config_store is not None:  # loaded rows count as records that flowed
+            self.config_store.record_flows(
+                self.pipeline.name, [(report.destination, report.table.qualified, report.rows)]
+            )
+        if self.on_table_loaded is not None:
+            self.on_table_loaded(report)
+
     def _start_capture(self) -> None:
         """Start the engine; without offsets it snapshots, and the destinations reconcile."""
+        copy_load = self.pipeline.settings.initial_load == "copy"
+        if copy_load:
+            self._initial_load()
         fresh_snapshot = not self.offsets_path.exists() and self.pipeline.settings.snapshot_mode in (
             "initial", "always", "when_needed"
         )
@@ -323,7 +418,8 @@ class StreamingSession:
             for applier in self._appliers:
                 applier.begin_resync()
         self._resyncing = fresh_snapshot or any(a.resync_pending() for a in self._appliers)
-        self._capture = DebeziumCapture(self.pipeline, self.offsets_path, self._on_batch)
+        self._capture = DebeziumCapture(self.pipeline, self.offsets_path, self._on_batch,
+                                        snapshot_mode="no_data" if copy_load else None)
         self._capture.start()
 
     def _restart_after_stale_offset(self) -> bool:

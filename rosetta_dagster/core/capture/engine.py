@@ -213,12 +213,31 @@ class DebeziumCapture:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Close the engine: offsets are committed and the replication slot is released."""
         self._stopping = True
-        if self._engine is not None:
-            self._engine.close()
+        deadline = time.monotonic() + timeout_s
+        # The engine refuses to close while its task is still starting (and does not exist
+        # before the thread builds it): retry until it accepts, else it would run on, holding
+        # the slot.
+        while not self._close_engine() and time.monotonic() < deadline:
+            time.sleep(0.2)
         if self._thread is not None:
-            deadline = time.monotonic() + timeout_s
             while self._thread.is_alive() and time.monotonic() < deadline:
                 self._thread.join(0.2)
+
+    def _close_engine(self) -> bool:
+        """Ask the Java engine to close; False when it cannot yet (not built or starting)."""
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        java_engine = getattr(self._engine, "_engine", None)
+        if java_engine is None:
+            return False
+        try:
+            java_engine.close()
+        except jpype.JException as exc:
+            if "while tasks are starting" in str(exc):
+                return False
+            logger.warning("Closing the engine of %s: %s", self.pipeline.name,
+                           mask_secrets(str(exc)))
+        return True
 
     @property
     def offset_no_longer_available(self) -> bool:
@@ -230,6 +249,12 @@ class DebeziumCapture:
         """After the engine stopped: raise the handler's or the connector's error, if any."""
         if self._run_error is not None:
             error = self._run_error
+            if self._stopping and "InterruptedException" in str(error):
+                # Closing the engine interrupted the batch being committed: its offset is not
+                # stored, so it is replayed on the next start (the apply is idempotent).
+                logger.info("Engine for %s closed during a batch; it will be replayed",
+                            self.pipeline.name)
+                return
             if isinstance(error, RosettaError):
                 raise error
             raise CaptureError(

@@ -3,6 +3,7 @@
 from typing import Literal
 
 from dagster import (
+    AssetMaterialization,
     AssetObservation,
     Config,
     JobDefinition,
@@ -13,6 +14,7 @@ from dagster import (
     op,
 )
 
+from rosetta_dagster.core.initial_load import TableLoadReport, format_lsn
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, load_config
 from rosetta_dagster.core.streaming import StreamingSession, StreamProgress
 from rosetta_dagster.defs.pipelines.assets import destination_table_key
@@ -48,6 +50,26 @@ def _observe(context: OpExecutionContext, pipeline: PipelineDefinition, progress
             )
 
 
+def _materialize_loaded_table(
+    context: OpExecutionContext, pipeline: PipelineDefinition, report: TableLoadReport
+) -> None:
+    """A destination table whose initial load completed now holds the source's rows."""
+    destination = next(d for d in pipeline.destinations if d.name == report.destination)
+    context.log_event(
+        AssetMaterialization(
+            asset_key=destination_table_key(destination, report.table),
+            description=f"Initial load of {report.table.qualified} by pipeline {pipeline.name}",
+            metadata={
+                "rows": MetadataValue.int(report.rows),
+                "seconds": MetadataValue.float(round(report.seconds, 3)),
+                "rows_per_second": MetadataValue.float(round(report.rows_per_second, 1)),
+                "load_mode": MetadataValue.text(report.mode),
+                "consistent_point": MetadataValue.text(format_lsn(report.consistent_lsn)),
+            },
+        )
+    )
+
+
 def build_stream_job(pipeline: PipelineDefinition) -> JobDefinition:
     name = pipeline.name
 
@@ -66,6 +88,7 @@ def build_stream_job(pipeline: PipelineDefinition) -> JobDefinition:
             config_store=store,
             run_id=context.run_id,
             log=context.log,  # type: ignore[arg-type]
+            on_table_loaded=lambda report: _materialize_loaded_table(context, resolved, report),
         )
         session.run(
             tick=lambda progress: _observe(context, resolved, progress),

@@ -1,0 +1,82 @@
+"""W2 initial load: a 1M-row table (bigint pk, int, text, numeric(12,2), timestamptz, jsonb)
+loaded by the pipeline's first start, next to a binary COPY pipe and Debezium's own snapshot
+of the same table on the same machine, in one run.
+
+The pipeline is timed from the session's start (slot creation included) to the moment its
+table load is reported complete; Debezium's snapshot from the session's start until the
+destination holds every row.
+
+    .venv/bin/python -m benchmarks.w2_initial_load [--rows 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from benchmarks.support import (
+    W2_COLUMNS,
+    benchmark_env,
+    binary_copy_seconds,
+    create_table,
+    emit,
+    log,
+    wait_for,
+)
+from rosetta_dagster.core.initial_load import TableLoadReport
+from rosetta_dagster.core.streaming import StreamingSession
+from rosetta_dagster_tests.streaming_support import count_rows, execute, streaming, table_fingerprint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--skip-debezium", action="store_true",
+                        help="leave out the (slow) Debezium snapshot anchor")
+    args = parser.parse_args()
+    with benchmark_env() as env:
+        create_table(env.source_url, "public.bench", W2_COLUMNS)
+        execute(env.source_url, "INSERT INTO public.bench SELECT g, g, md5(g::text), g / 7.0, "
+                "now(), jsonb_build_object('g', g, 'tag', 'w2') FROM generate_series(1, %s) g",
+                "VACUUM ANALYZE public.bench", params=(args.rows,))
+        result: dict[str, float | str] = {"workload": "W2", "rows": args.rows}
+
+        pipeline = env.pipeline("bench", ["public.bench"], initial_load_workers=args.workers)
+        loaded: list[tuple[float, TableLoadReport]] = []
+        session = StreamingSession(pipeline, offsets_dir=env.offsets_dir,
+                                   on_table_loaded=lambda r: loaded.append((time.monotonic(), r)))
+        started = time.monotonic()
+        with streaming(session):
+            wait_for(lambda: loaded, 1800)
+        rosetta_s = loaded[0][0] - started
+        assert table_fingerprint(env.source_url, "public", "bench") == table_fingerprint(
+            env.destination_url, "replica", "bench"), "the loaded table differs from the source"
+        result.update(rosetta_seconds=rosetta_s, rosetta_rows_per_s=args.rows / rosetta_s)
+        log(f"W2: initial load {rosetta_s:.2f} s")
+
+        copy_s = binary_copy_seconds(env.source_url, env.destination_url, "public.bench",
+                                     W2_COLUMNS)
+        result.update(copy_seconds=copy_s, copy_rows_per_s=args.rows / copy_s)
+        log(f"W2: binary COPY {copy_s:.2f} s")
+
+        if not args.skip_debezium:
+            destination = dataclasses.replace(pipeline.destinations[0], schema="debezium")
+            debezium = dataclasses.replace(
+                pipeline, name="dbz", destinations=(destination,),
+                settings=dataclasses.replace(pipeline.settings, initial_load="debezium"),
+            )
+            started = time.monotonic()
+            with streaming(StreamingSession(debezium, offsets_dir=env.offsets_dir)):
+                debezium_s = wait_for(
+                    lambda: count_rows(env.destination_url, "debezium.bench") == args.rows,
+                    3600, interval_s=0.5)
+            result.update(debezium_seconds=debezium_s,
+                          debezium_rows_per_s=args.rows / debezium_s)
+            log(f"W2: Debezium snapshot {debezium_s:.2f} s")
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
