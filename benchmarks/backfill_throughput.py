@@ -10,12 +10,8 @@ staging and the stream's chunk apply.
 from __future__ import annotations
 
 import argparse
-import io
-import time
 
-import psycopg2
-
-from benchmarks.support import benchmark_env
+from benchmarks.support import W2_COLUMNS, benchmark_env, binary_copy_seconds, create_table
 from rosetta_dagster.core.backfill import BackfillRunner
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
@@ -27,28 +23,6 @@ from rosetta_dagster_tests.streaming_support import (
     wait_until,
 )
 
-TABLE = ("CREATE TABLE public.bench (id bigint PRIMARY KEY, i int, t text, n numeric(12,2), "
-         "ts timestamptz, j jsonb)")
-
-
-def binary_copy_seconds(source_url: str, destination_url: str) -> float:
-    """COPY ... TO STDOUT (BINARY) piped into COPY ... FROM STDIN (BINARY) of an empty table."""
-    execute(destination_url, "DROP TABLE IF EXISTS public.bench_copy",
-            TABLE.replace("public.bench", "public.bench_copy"))
-    source, target = psycopg2.connect(source_url), psycopg2.connect(destination_url)
-    started = time.monotonic()
-    buffer = io.BytesIO()
-    with source.cursor() as cursor:
-        cursor.copy_expert("COPY public.bench TO STDOUT (FORMAT binary)", buffer)
-    buffer.seek(0)
-    with target.cursor() as cursor:
-        cursor.copy_expert("COPY public.bench_copy FROM STDIN (FORMAT binary)", buffer)
-    target.commit()
-    seconds = time.monotonic() - started
-    source.close()
-    target.close()
-    return seconds
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -59,7 +33,7 @@ def main() -> None:
     with benchmark_env() as env:
         cluster = env.cluster
         cluster.create_database("bench_config")
-        execute(env.source_url, TABLE)
+        create_table(env.source_url, "public.bench", W2_COLUMNS)
         pipeline = env.pipeline("bench", ["public.bench"])
         with ResilientConnectionPool(cluster.dsn("bench_config"),
                                      PoolSettings.from_env(max_conn=4)) as pool:
@@ -82,7 +56,8 @@ def main() -> None:
                 job = store.create_backfill_job("bench", "public.bench")
                 result = BackfillRunner(pipeline, store, job.id,
                                         chunk_rows=args.chunk_rows).run()
-            copy_seconds = binary_copy_seconds(env.source_url, env.destination_url)
+            copy_seconds = binary_copy_seconds(env, env.source_url, env.destination_url,
+                                               "public.bench", W2_COLUMNS)
         backfill_rate = result.rows / result.seconds
         copy_rate = args.rows / copy_seconds
         print(f"{'measure':28} {'rows':>9} {'seconds':>8} {'rows/s':>10}")

@@ -3,9 +3,10 @@ the native logical replication anchor, and result lines the runner collects."""
 
 from __future__ import annotations
 
-import io
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,29 +107,40 @@ class NativeSubscription:
         execute(self.url, sql.SQL("DROP SUBSCRIPTION {}").format(sql.Identifier(self.name)))
 
 
-def binary_copy_seconds(source_url: str, destination_url: str, table: str, columns: str) -> float:
-    """The anchor: COPY ... TO STDOUT (BINARY) then COPY ... FROM STDIN (BINARY) into an empty
-    table with the same primary key, through memory."""
+def binary_copy_seconds(
+    env: StreamingEnv, source_url: str, destination_url: str, table: str, columns: str
+) -> float:
+    """The anchor: ``psql -c "COPY t TO STDOUT (FORMAT binary)" | psql -c "COPY t_copy FROM STDIN
+    (FORMAT binary)"`` into an empty table with the same primary key."""
     schema, name = table.split(".")
-    copy_table = f"{schema}.{name}_copy"
     execute(destination_url, sql.SQL("DROP TABLE IF EXISTS {}").format(
         sql.Identifier(schema, f"{name}_copy")))
-    create_table(destination_url, copy_table, columns)
-    source, target = psycopg2.connect(source_url), psycopg2.connect(destination_url)
+    create_table(destination_url, f"{schema}.{name}_copy", columns)
+    conn = psycopg2.connect(source_url)
+    copy_out = sql.SQL("COPY {} TO STDOUT (FORMAT binary)").format(
+        sql.Identifier(schema, name)).as_string(conn)
+    copy_in = sql.SQL("COPY {} FROM STDIN (FORMAT binary)").format(
+        sql.Identifier(schema, f"{name}_copy")).as_string(conn)
+    conn.close()
+    psql = env.cluster.binaries.path("psql")
+
+    def command(url: str, statement: str) -> list[str]:
+        params = psycopg2.extensions.parse_dsn(url)
+        params.pop("password", None)  # given through PGPASSWORD, not the command line
+        conninfo = " ".join(f"{key}={value}" for key, value in params.items())
+        return [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo, "-c", statement]
+
+    process_env = {**os.environ, "PGPASSWORD": env.cluster.password}
     started = time.monotonic()
-    buffer = io.BytesIO()
-    with source.cursor() as cursor:
-        cursor.copy_expert(sql.SQL("COPY {} TO STDOUT (FORMAT binary)").format(
-            sql.Identifier(schema, name)).as_string(source), buffer)
-    buffer.seek(0)
-    with target.cursor() as cursor:
-        cursor.copy_expert(sql.SQL("COPY {} FROM STDIN (FORMAT binary)").format(
-            sql.Identifier(schema, f"{name}_copy")).as_string(target), buffer)
-    target.commit()
-    seconds = time.monotonic() - started
-    source.close()
-    target.close()
-    return seconds
+    reader = subprocess.Popen(command(source_url, copy_out), stdout=subprocess.PIPE,
+                              env=process_env)
+    writer = subprocess.run(command(destination_url, copy_in), stdin=reader.stdout,
+                            env=process_env, check=True, capture_output=True)
+    if reader.stdout is not None:
+        reader.stdout.close()
+    if reader.wait() != 0 or writer.returncode != 0:
+        raise RuntimeError("the binary COPY pipe failed")
+    return time.monotonic() - started
 
 
 def log(message: str) -> None:

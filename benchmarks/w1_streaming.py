@@ -49,10 +49,12 @@ def _write_workload(url: str, inserts: int, updates: int, deletes: int) -> int:
     return inserts + updates + deletes
 
 
-def capacity(env: StreamingEnv, inserts: int, updates: int, deletes: int) -> dict[str, float]:
+def capacity(
+    env: StreamingEnv, inserts: int, updates: int, deletes: int, **settings: object
+) -> dict[str, float]:
     create_table(env.source_url, "public.bench", W1_COLUMNS)
     native = NativeSubscription(env, "public.bench", W1_COLUMNS, name="native_w1")
-    pipeline = env.pipeline("bench", ["public.bench"])
+    pipeline = env.pipeline("bench", ["public.bench"], **settings)
     # First start: the (empty) initial load creates the slot; then the pipeline is paused.
     with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
         time.sleep(3)
@@ -114,19 +116,28 @@ class _VisibilityWatcher(threading.Thread):
         conn.close()
 
 
-def latency(env: StreamingEnv, rate: int, seconds: int) -> dict[str, float]:
+def latency(env: StreamingEnv, rate: int, seconds: int, **settings: object) -> dict[str, float]:
     create_table(env.source_url, "public.latency", LATENCY_COLUMNS)
     native = NativeSubscription(env, "public.latency", LATENCY_COLUMNS, name="native_lat")
     native.enable()
-    pipeline = env.pipeline("lat", ["public.latency"])
+    pipeline = env.pipeline("lat", ["public.latency"], **settings)
     session = StreamingSession(pipeline, offsets_dir=env.offsets_dir)
     commits = rate * seconds
     committed_at: dict[int, float] = {}
     with streaming(session):
-        # Warm-up: the engine is streaming once a first row arrives.
-        execute(env.source_url, "INSERT INTO public.latency VALUES (0, 0, now())")
-        wait_for(lambda: aggregate(env.destination_url, "replica.latency")[0] == 1, 120)
-        wait_for(lambda: aggregate(native.url, "public.latency")[0] == 1, 120)
+        # Warm-up: the engine is streaming once a row arrives through it (rows written before
+        # its slot existed arrive by the initial load's COPY instead).
+        warm_up = 0
+
+        def streamed() -> bool:
+            nonlocal warm_up
+            warm_up -= 1
+            execute(env.source_url, "INSERT INTO public.latency VALUES (%s, 0, now())",
+                    params=(warm_up,))
+            return session.progress.events_applied > 0
+
+        wait_for(streamed, 120, interval_s=0.5)
+        wait_for(lambda: aggregate(native.url, "public.latency")[0] == -warm_up, 120)
         watchers = [_VisibilityWatcher(env.destination_url, "replica.latency"),
                     _VisibilityWatcher(native.url, "public.latency")]
         for watcher in watchers:
@@ -151,6 +162,7 @@ def latency(env: StreamingEnv, rate: int, seconds: int) -> dict[str, float]:
         delays = sorted((watcher.seen_at[k] - committed_at[k]) * 1000 for k in committed_at)
         result[f"{label}_p50_ms"] = statistics.median(delays)
         result[f"{label}_p99_ms"] = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
+        log(f"W1 latency {label}: slowest {[round(d) for d in delays[-5:]]} ms")
     return result
 
 
@@ -161,10 +173,21 @@ def main() -> None:
     parser.add_argument("--deletes", type=int, default=20_000)
     parser.add_argument("--latency-rate", type=int, default=20)
     parser.add_argument("--latency-seconds", type=int, default=10)
+    parser.add_argument("--only", choices=["capacity", "latency"], help="run one part")
+    parser.add_argument("--poll-interval-ms", type=int, help="override the pipeline default")
+    parser.add_argument("--jvm-max-heap", help="override the pipeline default")
     args = parser.parse_args()
+    settings: dict[str, object] = {}
+    if args.poll_interval_ms is not None:
+        settings["poll_interval_ms"] = args.poll_interval_ms
+    if args.jvm_max_heap is not None:
+        settings["jvm_max_heap"] = args.jvm_max_heap
+    result: dict[str, float] = {}
     with benchmark_env() as env:
-        result = capacity(env, args.inserts, args.updates, args.deletes)
-        result.update(latency(env, args.latency_rate, args.latency_seconds))
+        if args.only != "latency":
+            result.update(capacity(env, args.inserts, args.updates, args.deletes, **settings))
+        if args.only != "capacity":
+            result.update(latency(env, args.latency_rate, args.latency_seconds, **settings))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     emit({"workload": "W1", **result})
 

@@ -56,7 +56,7 @@ def main() -> None:
         result.update(rosetta_seconds=rosetta_s, rosetta_rows_per_s=args.rows / rosetta_s)
         log(f"W2: initial load {rosetta_s:.2f} s")
 
-        copy_s = binary_copy_seconds(env.source_url, env.destination_url, "public.bench",
+        copy_s = binary_copy_seconds(env, env.source_url, env.destination_url, "public.bench",
                                      W2_COLUMNS)
         result.update(copy_seconds=copy_s, copy_rows_per_s=args.rows / copy_s)
         log(f"W2: binary COPY {copy_s:.2f} s")

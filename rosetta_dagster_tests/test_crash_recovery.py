@@ -72,7 +72,11 @@ def test_kill_9_mid_load_then_restart_converges(pg_cluster: LocalPostgresCluster
 
     restarted = start_stream()
     try:
-        wait_until(lambda: env.converged("public.events"), 180, "convergence after the crash")
+        try:
+            wait_until(lambda: env.converged("public.events"), 180, "convergence after the crash")
+        except AssertionError as exc:  # the stream's own account is what explains it
+            tail = "\n".join((workdir / "stream.log").read_text().splitlines()[-40:])
+            raise AssertionError(f"{exc}\n--- stream.log (tail) ---\n{tail}") from None
     finally:
         restarted.send_signal(signal.SIGTERM)
         restarted.wait(30)

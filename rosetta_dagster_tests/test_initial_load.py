@@ -16,6 +16,7 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
+from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.initial_load import LoadState, SnapshotVisibility, TableLoadReport
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import TableRef
@@ -240,3 +241,30 @@ def test_crash_during_the_initial_load_is_recovered_by_the_next_start(
                 "pg_replication_slots WHERE database = %s", params=(env.source_db,))
     assert [r.mode for r in reports] == ["swap"]  # the half-copied table was replaced whole
     assert any("exists without a recorded offset" in r.getMessage() for r in caplog.records)
+
+
+def test_slot_creation_waiting_on_an_open_transaction_keeps_heartbeating(
+    env: StreamingEnv, store: ConfigStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CREATE_REPLICATION_SLOT waits for transactions open on the source; the run must stay
+    alive for the supervisor meanwhile, and the load must see the transaction's rows after."""
+    _create_table(env.source_url, "waits", 100)
+    pipeline = env.pipeline("waits", ["public.waits"])
+    store.sync_pipeline(pipeline)
+    blocker = psycopg2.connect(env.source_url)
+    with blocker.cursor() as cursor:  # open, with a transaction id, until committed below
+        cursor.execute("INSERT INTO public.waits VALUES (101, 0, 'open transaction')")
+    caplog.set_level(logging.INFO, logger="rosetta")
+    session = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
+    try:
+        with streaming(session):
+            wait_until(lambda: any("waits for transactions open on source src" in r.getMessage()
+                                   for r in caplog.records), 30, "the waiting notice")
+            first_beat = store.get_pipeline("waits").heartbeat_at
+            wait_until(lambda: store.get_pipeline("waits").heartbeat_at != first_beat, 15,
+                       "a heartbeat while the slot waits")
+            blocker.commit()
+            _assert_identical(env, "waits")
+    finally:
+        blocker.close()
+    assert count_rows(env.destination_url, "replica.waits") == 101

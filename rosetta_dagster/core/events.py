@@ -6,9 +6,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from rosetta_dagster.core.pipeline_config import TableRef
 
-HEARTBEAT_TOPIC_PREFIX = "__debezium-heartbeat"
 # pg_logical_emit_message prefix of backfill watermarks (see rosetta_dagster.core.backfill).
 BACKFILL_MESSAGE_PREFIX = "rosetta_backfill"
 
@@ -68,10 +69,13 @@ def decode_event(value: str) -> ChangeEvent | PositionMarker | Watermark:
     """Parse one Debezium JSON envelope (schemas disabled).
 
     Logical messages (op ``m``) are the heartbeat action's ``pg_logical_emit_message``: they
-    move the slot forward but carry no row.
+    move the slot forward but carry no row; Debezium's heartbeat records (no ``op``) neither.
     """
-    payload = json.loads(value)
-    if payload.get("op") == "m":
+    payload = orjson.loads(value)
+    op = payload.get("op")
+    if op is None:  # a heartbeat record: {"ts_ms": ...}
+        return PositionMarker(payload.get("ts_ms"))
+    if op == "m":
         ts_ms = payload.get("source", {}).get("ts_ms")
         message = payload.get("message") or {}
         if message.get("prefix") == BACKFILL_MESSAGE_PREFIX:
@@ -94,8 +98,3 @@ def decode_event(value: str) -> ChangeEvent | PositionMarker | Watermark:
         xid=source.get("txId"),
         snapshot=str(source.get("snapshot") or "false"),
     )
-
-
-def decode_heartbeat(value: str) -> PositionMarker:
-    """A Debezium heartbeat record's value: ``{"ts_ms": ...}``."""
-    return PositionMarker(json.loads(value).get("ts_ms"))

@@ -59,8 +59,10 @@ _XID_SPACE = 1 << 32
 _PIPE_BUFFER = 1 << 20
 # Rows per page assumed when the table was never analyzed (reltuples = -1).
 _DEFAULT_ROWS_PER_PAGE = 60
-SLOT_RELEASE_WAIT_S = 15.0
+# As long as Debezium retries an active slot (slot.max.retries x slot.retry.delay.ms).
+SLOT_RELEASE_WAIT_S = 60.0
 PROGRESS_LOG_INTERVAL_S = 5.0
+SLOT_WAIT_NOTICE_S = 10.0
 
 
 class InitialLoadError(RosettaError):
@@ -315,15 +317,7 @@ class InitialLoader:
         """Create the slot; the snapshot stays importable while this connection is idle."""
         conn = connect_source_replication(self.pipeline)
         try:
-            with conn.cursor() as cursor:
-                cursor.execute(
-                    sql.SQL("CREATE_REPLICATION_SLOT {} {} LOGICAL pgoutput EXPORT_SNAPSHOT").format(
-                        sql.Identifier(slot), sql.SQL("TEMPORARY" if temporary else "")
-                    )
-                )
-                row = cursor.fetchone()
-            assert row is not None
-            _, consistent_point, snapshot_name, _ = row
+            _, consistent_point, snapshot_name, _ = self._create_slot(conn, slot, temporary)
             visibility = self._snapshot_visibility(snapshot_name)
             snapshot = _ExportedSnapshot(snapshot_name, parse_lsn(consistent_point), visibility)
             self.log.info(
@@ -333,6 +327,54 @@ class InitialLoader:
             yield snapshot
         finally:
             conn.close()
+
+    def _create_slot(
+        self, conn: psycopg2.extensions.connection, slot: str, temporary: bool
+    ) -> tuple[str, str, str, str]:
+        """CREATE_REPLICATION_SLOT waits for the source's open transactions to end, possibly
+        for long: run it in a helper thread so this one keeps heartbeating and can be
+        terminated (which cancels the command)."""
+        result: list[tuple[str, str, str, str]] = []
+        failure: list[BaseException] = []
+
+        def create() -> None:
+            try:
+                with conn.cursor() as cursor:
+                    cursor.execute(
+                        sql.SQL("CREATE_REPLICATION_SLOT {} {} LOGICAL pgoutput EXPORT_SNAPSHOT")
+                        .format(sql.Identifier(slot), sql.SQL("TEMPORARY" if temporary else ""))
+                    )
+                    result.append(cursor.fetchone())
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                failure.append(exc)
+
+        worker = threading.Thread(target=create, name=f"create-slot-{slot}", daemon=True)
+        worker.start()
+        started = time.monotonic()
+        told = False
+        try:
+            while worker.is_alive():
+                worker.join(1.0)
+                if self.on_wait is not None:
+                    self.on_wait()
+                if not told and time.monotonic() - started > SLOT_WAIT_NOTICE_S:
+                    told = True
+                    self.log.info(
+                        "Initial load of pipeline %s: creating slot %s waits for transactions "
+                        "open on source %s to finish", self.pipeline.name, slot,
+                        self.pipeline.source.name,
+                    )
+        except BaseException:
+            conn.cancel()
+            worker.join(10)
+            raise
+        if failure:
+            raise InitialLoadError(
+                f"Initial load of pipeline {self.pipeline.name}: creating replication slot {slot} "
+                f"on source {self.pipeline.source.name} failed: "
+                f"{mask_secrets(str(failure[0]).strip().splitlines()[0])}."
+            )
+        return result[0]
 
     def _snapshot_visibility(self, snapshot_name: str) -> SnapshotVisibility:
         with self._snapshot_transaction(snapshot_name) as conn, conn.cursor() as cursor:

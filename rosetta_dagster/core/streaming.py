@@ -19,7 +19,7 @@ from psycopg2 import sql
 from rosetta_dagster.core.apply.applier import PostgresApplier, backfill_staging_table
 from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema
 from rosetta_dagster.core.capture.engine import STALE_OFFSET_ERROR, DebeziumCapture, offsets_file
-from rosetta_dagster.core.capture.offsets import read_offset_lsn, write_start_offset
+from rosetta_dagster.core.capture.offsets import StoredOffset, read_offset, write_start_offset
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
@@ -354,8 +354,8 @@ class StreamingSession:
                                on_table_loaded=self._table_loaded,
                                on_wait=self._heartbeat_if_due)
         tables = list(self.pipeline.tables)
-        offset_lsn = read_offset_lsn(self.offsets_path, self.pipeline)
-        self._delete_offset_behind_slot(offset_lsn)
+        offset = read_offset(self.offsets_path, self.pipeline)
+        self._delete_offset_behind_slot(offset)
         if not self.offsets_path.exists():
             self.log.info("Initial load of pipeline %s: %d table(s) by COPY under the new "
                           "slot's snapshot", self.pipeline.name, len(tables))
@@ -378,15 +378,17 @@ class StreamingSession:
                 )
                 fence = loader.load_with_temporary_slot(added)
                 state.tables.update({t: fence for t in added})
-            state.drop_passed_fences(offset_lsn)
+            state.drop_passed_fences(offset.position if offset else None)
             state.write()
         self._fences = {t: f.visibility for t, f in state.tables.items() if f is not None}
 
-    def _delete_offset_behind_slot(self, offset_lsn: int | None) -> None:
+    def _delete_offset_behind_slot(self, offset: StoredOffset | None) -> None:
         """Debezium's own stale-offset check needs a processed position, which an offset
-        written at a load's consistent point lacks: compare with the slot here instead."""
-        if offset_lsn is None:
+        written at a load's consistent point lacks: compare that one with the slot here.
+        (Offsets the engine wrote are left to the engine's check.)"""
+        if offset is None or offset.processed_lsn is not None or offset.lsn is None:
             return
+        offset_lsn = offset.lsn
         with source_connection(self.pipeline) as conn:
             confirmed = slot_confirmed_lsn(conn, self.pipeline.slot_name)
         if confirmed is not None and confirmed > offset_lsn:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jpype
@@ -31,8 +32,20 @@ def offset_key(pipeline: PipelineDefinition) -> bytes:
     return json.dumps([f"rosetta-{pipeline.name}", partition], separators=(",", ":")).encode()
 
 
-def read_offset_lsn(path: Path, pipeline: PipelineDefinition) -> int | None:
-    """The LSN of the stored offset (last completely processed, else ``lsn``); None if absent."""
+@dataclass(frozen=True)
+class StoredOffset:
+    lsn: int | None
+    # Set by the engine once it processed an event; absent in an offset Rosetta wrote at a
+    # load's consistent point (nothing processed yet).
+    processed_lsn: int | None
+
+    @property
+    def position(self) -> int | None:
+        return self.processed_lsn if self.processed_lsn is not None else self.lsn
+
+
+def read_offset(path: Path, pipeline: PipelineDefinition) -> StoredOffset | None:
+    """The pipeline's stored offset; None when there is none."""
     if not path.exists():
         return None
     ensure_jvm(pipeline.settings.jvm_max_heap)
@@ -50,8 +63,9 @@ def read_offset_lsn(path: Path, pipeline: PipelineDefinition) -> int | None:
     for key in stored.keySet():
         if bytes(key) == wanted:
             value = json.loads(bytes(stored.get(key)).decode())
-            lsn = value.get("lsn_proc") or value.get("lsn")
-            return int(lsn) if lsn is not None else None
+            lsn, processed = value.get("lsn"), value.get("lsn_proc")
+            return StoredOffset(None if lsn is None else int(lsn),
+                                None if processed is None else int(processed))
     return None
 
 
