@@ -40,6 +40,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from rosetta_dagster.core.apply.bulk import BulkTableLoad
 from rosetta_dagster.core.apply.schema import TableSchema
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
@@ -206,14 +207,12 @@ class _PageRange:
 
 @dataclass
 class _TableCopy:
-    """One table into one destination: its ranges, mode and progress."""
+    """One table into one destination: its ranges, bulk load and progress."""
 
     destination: Destination
-    schema: TableSchema
+    bulk: BulkTableLoad
     ranges: list[_PageRange]
     pages: int
-    mode: str
-    binary: bool
     started: float = field(default_factory=time.monotonic)
     rows: int = 0
     pages_done: int = 0
@@ -221,21 +220,8 @@ class _TableCopy:
     last_logged: float = 0.0
 
     @property
-    def target_name(self) -> str:
-        if self.mode == "direct":
-            return self.schema.table.name
-        return _swap_table_name(self.schema.table)
-
-    def target(self) -> sql.Identifier:
-        return sql.Identifier(self.destination.schema, self.target_name)
-
-
-def _swap_table_name(table: TableRef) -> str:
-    # Postgres truncates identifiers at 63 bytes; keep the name unique per source table.
-    name = f"_rosetta_load_{table.name}"
-    if len(name.encode()) > 63:
-        name = f"_rosetta_load_{abs(hash(table.qualified)) % 10**12}"
-    return name
+    def schema(self) -> TableSchema:
+        return self.bulk.schema
 
 
 class InitialLoader:
@@ -457,40 +443,9 @@ class InitialLoader:
                                    (i + 1) * pages_per_range if i < count - 1 else None)
                         for i in range(count)
                     ]
-                    schema = self.schemas[table]
-                    copy = _TableCopy(
-                        destination, schema, ranges, pages,
-                        mode="direct" if self._is_empty(conn, destination, table) else "swap",
-                        binary=all(c.enum_name is None for c in schema.columns),
-                    )
-                    if copy.mode == "swap":
-                        self._create_swap_table(conn, copy)
-                    copies.append(copy)
+                    bulk = BulkTableLoad.begin(conn, destination.schema, self.schemas[table])
+                    copies.append(_TableCopy(destination, bulk, ranges, pages))
         return copies
-
-    @staticmethod
-    def _is_empty(
-        conn: psycopg2.extensions.connection, destination: Destination, table: TableRef
-    ) -> bool:
-        with conn.cursor() as cursor:
-            cursor.execute(
-                sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(
-                    sql.Identifier(destination.schema, table.name)
-                )
-            )
-            row = cursor.fetchone()
-        return bool(row and row[0])
-
-    @staticmethod
-    def _create_swap_table(conn: psycopg2.extensions.connection, copy: _TableCopy) -> None:
-        target = sql.Identifier(copy.destination.schema, copy.schema.table.name)
-        with conn.cursor() as cursor:
-            cursor.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(copy.target()))
-            cursor.execute(
-                sql.SQL("CREATE UNLOGGED TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(
-                    copy.target(), target
-                )
-            )
 
     def _copy_range(self, snapshot_name: str, copy: _TableCopy, page_range: _PageRange) -> int:
         """COPY one page range out of the snapshot into the destination; returns its rows."""
@@ -498,11 +453,11 @@ class InitialLoader:
             return 0
         table = copy.schema.table
         columns = sql.SQL(", ").join(sql.Identifier(c) for c in copy.schema.column_names)
-        options = sql.SQL(" (FORMAT binary)" if copy.binary else "")
+        options = sql.SQL(" (FORMAT binary)" if copy.bulk.binary else "")
         copy_out = sql.SQL("COPY (SELECT {} FROM {} WHERE {}) TO STDOUT{}").format(
             columns, sql.Identifier(table.schema, table.name), page_range.predicate(), options
         )
-        copy_in = sql.SQL("COPY {} ({}) FROM STDIN{}").format(copy.target(), columns, options)
+        copy_in = copy.bulk.copy_from_stdin()
         target = connect_destination(self.pipeline, copy.destination)
         try:
             target.autocommit = False
@@ -549,36 +504,24 @@ class InitialLoader:
                 min(percent, 99.0), copy.rows / elapsed if elapsed > 0 else 0.0,
             )
             return
-        if copy.mode == "swap":
-            self._swap_in(copy)
+        self._swap_in(copy)
         elapsed = time.monotonic() - copy.started
         report = TableLoadReport(
-            copy.destination.name, table, copy.rows, elapsed, copy.mode, snapshot.consistent_lsn
+            copy.destination.name, table, copy.rows, elapsed, copy.bulk.mode, snapshot.consistent_lsn
         )
         self.log.info(
             "Initial load of pipeline %s: %s -> %s complete: %d rows (100%%) in %.1f s, "
             "%.0f rows/s (%s)", self.pipeline.name, table.qualified, copy.destination.name,
-            report.rows, report.seconds, report.rows_per_second, copy.mode,
+            report.rows, report.seconds, report.rows_per_second, copy.bulk.mode,
         )
         if self.on_table_loaded is not None:
             self.on_table_loaded(report)
 
     def _swap_in(self, copy: _TableCopy) -> None:
-        """Replace the destination table's rows with the loaded ones in one transaction."""
-        target = sql.Identifier(copy.destination.schema, copy.schema.table.name)
-        columns = sql.SQL(", ").join(sql.Identifier(c) for c in copy.schema.column_names)
         conn = connect_destination(self.pipeline, copy.destination)
         try:
             conn.autocommit = False
-            with conn.cursor() as cursor:
-                cursor.execute(sql.SQL("TRUNCATE {}").format(target))
-                cursor.execute(
-                    sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(
-                        target, columns, columns, copy.target()
-                    )
-                )
-                cursor.execute(sql.SQL("DROP TABLE {}").format(copy.target()))
-            conn.commit()
+            copy.bulk.finish(conn)
         finally:
             conn.close()
 
