@@ -93,6 +93,7 @@ def connector_properties(
         "heartbeat.action.query": HEARTBEAT_ACTION_QUERY,
         "max.batch.size": str(settings.max_batch_size),
         "max.queue.size": str(settings.max_queue_size),
+        "max.queue.size.in.bytes": str(settings.max_queue_mb * 1024 * 1024),
         "poll.interval.ms": str(settings.poll_interval_ms),
         "errors.max.retries": "0",
     }

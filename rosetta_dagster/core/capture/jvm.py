@@ -53,7 +53,7 @@ def debezium_classpath() -> list[str]:
     return list(CLASS_PATHS)
 
 
-def ensure_jvm(max_heap: str = "512m") -> None:
+def ensure_jvm(max_heap: str = "256m") -> None:
     """Start the JVM once per process (JPype cannot restart it); later calls are no-ops."""
     if jpype.isJVMStarted():
         return
