@@ -558,20 +558,23 @@ def _pipe_copy(
     commits: the target sees an early end of data and would otherwise keep a partial range.
     """
     read_fd, write_fd = os.pipe()
+    # Both ends are file objects before the helper starts: whatever happens, closing the sink
+    # ends the feed (EOF) and closing the feed ends the sink (EPIPE), so neither side hangs.
+    feed = os.fdopen(read_fd, "rb", buffering=_PIPE_BUFFER)
+    sink = os.fdopen(write_fd, "wb", buffering=_PIPE_BUFFER)
     failure: list[BaseException] = []
 
     def produce() -> None:
         try:
-            with os.fdopen(write_fd, "wb", buffering=_PIPE_BUFFER) as sink:
-                with source.cursor() as cursor:
-                    cursor.copy_expert(copy_out, sink)
+            with sink, source.cursor() as cursor:
+                cursor.copy_expert(copy_out, sink)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
             failure.append(exc)
 
     producer = threading.Thread(target=produce, name="initial-load-copy-out", daemon=True)
     producer.start()
     try:
-        with os.fdopen(read_fd, "rb", buffering=_PIPE_BUFFER) as feed, target.cursor() as cursor:
+        with feed, target.cursor() as cursor:
             cursor.copy_expert(copy_in, feed, size=_PIPE_BUFFER)
             rows = cursor.rowcount
     finally:
