@@ -18,6 +18,7 @@ import threading
 import time
 
 import psycopg2
+from psycopg2 import sql
 
 from benchmarks.support import (
     NativeSubscription,
@@ -103,9 +104,11 @@ class _VisibilityWatcher(threading.Thread):
         conn = psycopg2.connect(self.url)
         conn.autocommit = True
         newest = 0
+        query = sql.SQL("SELECT coalesce(max(id), 0) FROM {}").format(
+            sql.Identifier(*self.table.split(".")))
         with conn.cursor() as cursor:
             while not self.stop.is_set():
-                cursor.execute(f"SELECT coalesce(max(id), 0) FROM {self.table}")  # noqa: S608
+                cursor.execute(query)
                 row = cursor.fetchone()
                 now = time.perf_counter()
                 current = int(row[0]) if row else 0

@@ -50,6 +50,9 @@ class _Writer:
         self.url, self.table = url, table
         self.next_id, self.existing = first_new_id, existing
         self.commits = 0
+        # WAL position just before each insert: an insert whose position is past a slot's
+        # consistent point committed after that slot's snapshot was taken.
+        self.insert_lsns: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -60,6 +63,10 @@ class _Writer:
         table = sql.Identifier(*self.table.split("."))
         with conn.cursor() as cursor:
             while not self._stop.is_set():
+                cursor.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
+                row = cursor.fetchone()
+                assert row is not None
+                self.insert_lsns.append(int(row[0]))
                 cursor.execute(sql.SQL("INSERT INTO {} VALUES (%s, 0, 'new')").format(table),
                                (self.next_id,))
                 self.next_id += 1
@@ -124,11 +131,13 @@ def test_rows_written_during_the_copy_are_neither_lost_nor_applied_twice(
                             initial_load_workers=2)
     reports: list[TableLoadReport] = []
     writes_when_loaded: list[int] = []
+    inserts_when_loaded: list[int] = []
     with _Writer(env.source_url, "public.busy", 200_001, 200_000) as writer:
 
         def loaded(report: TableLoadReport) -> None:
             reports.append(report)
             writes_when_loaded.append(writer.commits)
+            inserts_when_loaded.append(len(writer.insert_lsns))
 
         session = StreamingSession(pipeline, offsets_dir=env.offsets_dir, on_table_loaded=loaded)
         caplog.set_level(logging.INFO, logger="rosetta")
@@ -137,8 +146,12 @@ def test_rows_written_during_the_copy_are_neither_lost_nor_applied_twice(
             wait_until(lambda: writer.commits > writes_when_loaded[0] + 300, 60, "later writes")
             writer.__exit__()
             _assert_identical(env, "busy")
-    assert writes_when_loaded[0] > 0, "nothing was written while the table was being loaded"
     (report,) = reports
+    # Inserts committed after the slot's snapshot and before the load completed: written
+    # during the copy, so only the stream can have brought them.
+    during_copy = [lsn for lsn in writer.insert_lsns[:inserts_when_loaded[0]]
+                   if lsn > report.consistent_lsn]
+    assert during_copy, "nothing was written while the table was being copied"
     assert report.mode == "direct" and report.rows >= 200_000
     # The slot decodes exactly what its snapshot did not see: nothing to skip.
     assert session.progress.fenced_events_skipped == 0

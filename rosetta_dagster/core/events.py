@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,7 +79,7 @@ def decode_event(value: str) -> ChangeEvent | PositionMarker | Watermark:
         message = payload.get("message") or {}
         if message.get("prefix") == BACKFILL_MESSAGE_PREFIX:
             # binary.handling.mode=hex: the content arrives hex-encoded
-            body = json.loads(bytes.fromhex(message["content"]).decode())
+            body = orjson.loads(bytes.fromhex(message["content"]))
             return Watermark(
                 job_id=int(body["job"]), chunk=int(body["chunk"]), kind=body["kind"],
                 table=TableRef.parse(body["table"]), last_key=body.get("last_key"),

@@ -46,6 +46,7 @@ from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
 from rosetta_dagster.core.replication import (
+    Log,
     connect_destination,
     connect_source,
     connect_source_replication,
@@ -53,8 +54,6 @@ from rosetta_dagster.core.replication import (
 )
 
 logger = logging.getLogger("rosetta.initial_load")
-
-Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 _XID_SPACE = 1 << 32
 _PIPE_BUFFER = 1 << 20
@@ -153,9 +152,6 @@ class LoadState:
         partial.write_text(json.dumps(document, indent=1))
         os.replace(partial, self.path)
 
-    def delete(self) -> None:
-        self.path.unlink(missing_ok=True)
-
     def drop_passed_fences(self, stream_lsn: int | None) -> None:
         """A stream whose stored offset is at or past a load's consistent point can no longer
         deliver a transaction the load contained: the fence is no longer needed."""
@@ -216,8 +212,11 @@ class _TableCopy:
     started: float = field(default_factory=time.monotonic)
     rows: int = 0
     pages_done: int = 0
-    ranges_left: int = 0
+    ranges_left: int = field(init=False)
     last_logged: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.ranges_left = len(self.ranges)
 
     @property
     def schema(self) -> TableSchema:
@@ -249,10 +248,10 @@ class InitialLoader:
 
     # -- slots -----------------------------------------------------------------------------
 
-    def load_with_pipeline_slot(self, tables: Sequence[TableRef]) -> LoadFence:
+    def load_with_pipeline_slot(self, tables: Sequence[TableRef]) -> int:
         """First start (or re-sync): (re)create the pipeline's slot and copy ``tables``.
 
-        Returns the load's fence; its consistent point is where the stream must start.
+        Returns the slot's consistent point: where the stream must start.
         """
         slot = self.pipeline.slot_name
         conn = connect_source(self.pipeline)
@@ -288,7 +287,7 @@ class InitialLoader:
             conn.close()
         with self._exported_snapshot(slot, temporary=False) as snapshot:
             self._copy_tables(snapshot, tables)
-        return LoadFence(snapshot.visibility, snapshot.consistent_lsn)
+        return snapshot.consistent_lsn
 
     def load_with_temporary_slot(self, tables: Sequence[TableRef]) -> LoadFence:
         """Tables added to a pipeline that already streams: a temporary slot only for its
@@ -390,8 +389,7 @@ class InitialLoader:
         copies = self._plan(snapshot, tables)
         tasks = [(copy, page_range) for copy in copies for page_range in copy.ranges]
         for copy in copies:
-            copy.ranges_left = len(copy.ranges)
-            copy.started = time.monotonic()
+            copy.started = time.monotonic()  # planning (swap tables) is not copy time
         executor = ThreadPoolExecutor(
             max_workers=max(1, min(self.workers, len(tasks))),
             thread_name_prefix=f"initial-load-{self.pipeline.name}",
@@ -504,7 +502,8 @@ class InitialLoader:
                 min(percent, 99.0), copy.rows / elapsed if elapsed > 0 else 0.0,
             )
             return
-        self._swap_in(copy)
+        if copy.bulk.mode == "swap":
+            self._swap_in(copy)
         elapsed = time.monotonic() - copy.started
         report = TableLoadReport(
             copy.destination.name, table, copy.rows, elapsed, copy.bulk.mode, snapshot.consistent_lsn

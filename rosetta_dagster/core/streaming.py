@@ -19,7 +19,7 @@ from psycopg2 import sql
 from rosetta_dagster.core.apply.applier import PostgresApplier, backfill_staging_table
 from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema
 from rosetta_dagster.core.capture.engine import STALE_OFFSET_ERROR, DebeziumCapture, offsets_file
-from rosetta_dagster.core.capture.offsets import StoredOffset, read_offset, write_start_offset
+from rosetta_dagster.core.capture.offsets import read_offset, write_start_offset
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
@@ -143,6 +143,8 @@ class StreamingSession:
                     self.pipeline, self.offsets_path, reason=missing_slot_reason(self.pipeline),
                     config_store=self.config_store, log=self.log,
                 )
+            else:
+                self._delete_offset_behind_slot(conn)
         for destination in self.pipeline.destinations:
             pool = ResilientConnectionPool(
                 destination.dsn(),
@@ -354,17 +356,18 @@ class StreamingSession:
                                on_table_loaded=self._table_loaded,
                                on_wait=self._heartbeat_if_due)
         tables = list(self.pipeline.tables)
-        offset = read_offset(self.offsets_path, self.pipeline)
-        self._delete_offset_behind_slot(offset)
         if not self.offsets_path.exists():
             self.log.info("Initial load of pipeline %s: %d table(s) by COPY under the new "
                           "slot's snapshot", self.pipeline.name, len(tables))
-            fence = loader.load_with_pipeline_slot(tables)
-            state = LoadState(self.load_state_path, {t: fence for t in tables})
+            consistent_lsn = loader.load_with_pipeline_slot(tables)
+            # No fences: the stream starts at the slot's consistent point, and the slot decodes
+            # exactly the transactions its exported snapshot did not see.
+            state = LoadState(self.load_state_path, {t: None for t in tables})
             state.write()
             # Last: the offset is what marks the load complete (see InitialLoader).
-            write_start_offset(self.offsets_path, self.pipeline, fence.consistent_lsn)
+            write_start_offset(self.offsets_path, self.pipeline, consistent_lsn)
         else:
+            offset = read_offset(self.offsets_path, self.pipeline)
             if state is None:
                 # Streamed before loads were recorded here: every configured table is covered.
                 state = LoadState(self.load_state_path, {t: None for t in tables})
@@ -382,19 +385,18 @@ class StreamingSession:
             state.write()
         self._fences = {t: f.visibility for t, f in state.tables.items() if f is not None}
 
-    def _delete_offset_behind_slot(self, offset: StoredOffset | None) -> None:
+    def _delete_offset_behind_slot(self, conn: psycopg2.extensions.connection) -> None:
         """Debezium's own stale-offset check needs a processed position, which an offset
         written at a load's consistent point lacks: compare that one with the slot here.
         (Offsets the engine wrote are left to the engine's check.)"""
+        offset = read_offset(self.offsets_path, self.pipeline)
         if offset is None or offset.processed_lsn is not None or offset.lsn is None:
             return
-        offset_lsn = offset.lsn
-        with source_connection(self.pipeline) as conn:
-            confirmed = slot_confirmed_lsn(conn, self.pipeline.slot_name)
-        if confirmed is not None and confirmed > offset_lsn:
+        confirmed = slot_confirmed_lsn(conn, self.pipeline.slot_name)
+        if confirmed is not None and confirmed > offset.lsn:
             delete_stale_offset(
                 self.pipeline, self.offsets_path,
-                reason=(f"the last recorded offset ({format_lsn(offset_lsn)}) is "
+                reason=(f"the last recorded offset ({format_lsn(offset.lsn)}) is "
                         f"{STALE_OFFSET_ERROR} (slot {self.pipeline.slot_name} starts at "
                         f"{format_lsn(confirmed)})"),
                 config_store=self.config_store, log=self.log,
