@@ -70,3 +70,9 @@ def no_secrets_logged(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCa
     yield caplog
     leaked = [r.getMessage() for r in caplog.records if TEST_PASSWORD in r.getMessage()]
     assert not leaked, f"password leaked into logs: {leaked}"
+
+
+@pytest.fixture(params=["debezium", "pgoutput"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """The capture engine a streaming test runs with: both, unless the test names one."""
+    return str(request.param)

@@ -15,6 +15,7 @@ import psycopg2
 import yaml
 from psycopg2 import sql
 
+from rosetta_dagster.core.capture import PositionStore, capture_engine
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import (
     Destination,
@@ -85,6 +86,7 @@ class StreamingEnv:
     source_db: str
     destination_db: str
     offsets_dir: Path
+    engine: str = "debezium"
 
     @property
     def source_url(self) -> str:
@@ -108,8 +110,13 @@ class StreamingEnv:
                 Destination(name="dst", database=self.destination_db, schema="replica", **endpoint),
             ),
             tables=tuple(TableRef.parse(t) for t in tables),
-            settings=StreamSettings(**{"heartbeat_interval_ms": 1000, **settings}),  # type: ignore[arg-type]
+            settings=StreamSettings(**{"heartbeat_interval_ms": 1000, "engine": self.engine,  # type: ignore[arg-type]
+                                       **settings}),
         )
+
+    def positions(self, pipeline: PipelineDefinition) -> PositionStore:
+        """Where this env's engine keeps the pipeline's stream position."""
+        return capture_engine(self.engine).position_store(pipeline, self.offsets_dir)
 
     def write_pipeline_file(
         self, path: Path, name: str, tables: list[str], streaming: dict[str, object] | None = None
@@ -117,9 +124,8 @@ class StreamingEnv:
         """rosetta.yaml for this env; the password is ${TEST_PG_PASSWORD} (see pipeline_env)."""
         endpoint = {"host": "127.0.0.1", "port": self.cluster.port, "user": self.cluster.superuser,
                     "password": "${TEST_PG_PASSWORD}"}
-        pipeline: dict[str, object] = {"source": "src", "destinations": ["dst"], "tables": tables}
-        if streaming:
-            pipeline["streaming"] = streaming
+        pipeline: dict[str, object] = {"source": "src", "destinations": ["dst"], "tables": tables,
+                                       "streaming": {"engine": self.engine, **(streaming or {})}}
         path.write_text(yaml.safe_dump({
             "sources": {"src": {**endpoint, "database": self.source_db}},
             "destinations": {"dst": {**endpoint, "database": self.destination_db,
@@ -144,12 +150,14 @@ class StreamingEnv:
             return False
 
 
-def new_streaming_env(cluster: LocalPostgresCluster, root: Path) -> StreamingEnv:
+def new_streaming_env(
+    cluster: LocalPostgresCluster, root: Path, engine: str = "debezium"
+) -> StreamingEnv:
     suffix = uuid.uuid4().hex[:8]
     source_db, destination_db = f"src_{suffix}", f"dst_{suffix}"
     cluster.create_database(source_db)
     cluster.create_database(destination_db)
-    return StreamingEnv(cluster, source_db, destination_db, root / f"offsets-{suffix}")
+    return StreamingEnv(cluster, source_db, destination_db, root / f"offsets-{suffix}", engine)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ import pytest
 
 from rosetta_dagster.core.apply.applier import PostgresApplier
 from rosetta_dagster.core.apply.schema import read_table_schema
+from rosetta_dagster.core.capture.debezium.values import DEBEZIUM_VALUES
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
@@ -25,7 +26,7 @@ def applier(database_url: str) -> Iterator[PostgresApplier]:
     schema = read_table_schema(conn, TABLE, "test source")
     conn.close()
     pool = ResilientConnectionPool(database_url, PoolSettings(max_conn=2)).open()
-    applier = PostgresApplier(pool, "replica", lambda _table: schema)
+    applier = PostgresApplier(pool, "replica", lambda _table: schema, values=DEBEZIUM_VALUES)
     applier.prepare([schema])
     yield applier
     pool.close()

@@ -17,7 +17,7 @@ import pytest
 from psycopg2 import sql
 
 from rosetta_dagster.core.config_store import ConfigStore
-from rosetta_dagster.core.initial_load import LoadState, SnapshotVisibility, TableLoadReport
+from rosetta_dagster.core.initial_load import SnapshotVisibility, TableLoadReport
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.streaming import StreamingSession
@@ -34,8 +34,8 @@ from rosetta_dagster_tests.streaming_support import (
 
 
 @pytest.fixture
-def env(pg_cluster: LocalPostgresCluster, pg_root: Path) -> Iterator[StreamingEnv]:
-    environment = new_streaming_env(pg_cluster, pg_root)
+def env(pg_cluster: LocalPostgresCluster, pg_root: Path, engine: str) -> Iterator[StreamingEnv]:
+    environment = new_streaming_env(pg_cluster, pg_root, engine)
     yield environment
     wait_until(lambda: not fetch(environment.cluster.dsn(), "SELECT 1 FROM pg_replication_slots "
                                  "WHERE active AND database = %s", (environment.source_db,)), 60)
@@ -188,8 +188,9 @@ def test_table_added_to_a_streaming_pipeline_hands_off_exactly(env: StreamingEnv
     assert [r.table for r in reports] == [TableRef("public", "second")]
     # 5 transactions x 10 rows, all inside the snapshot: skipped, not applied a second time.
     assert session.progress.fenced_events_skipped == 50
-    state = LoadState.read(session.load_state_path)
-    assert state is not None and set(state.tables) == set(grown.tables)
+    stored = session.positions.read()
+    assert stored is not None and stored.loads is not None
+    assert set(stored.loads.tables) == set(grown.tables)
     # The pipeline's own slot is the only one left (the load's slot was temporary).
     slots = fetch(env.cluster.dsn(), "SELECT slot_name FROM pg_replication_slots WHERE database = %s",
                   (env.source_db,))
@@ -215,9 +216,9 @@ def test_resync_after_a_dropped_slot_swaps_in_a_fresh_copy(env: StreamingEnv) ->
 
 
 def test_crash_during_the_initial_load_is_recovered_by_the_next_start(
-    pg_cluster: LocalPostgresCluster, pg_root: Path, caplog: pytest.LogCaptureFixture
+    pg_cluster: LocalPostgresCluster, pg_root: Path, caplog: pytest.LogCaptureFixture, engine: str
 ) -> None:
-    env = new_streaming_env(pg_cluster, pg_root)
+    env = new_streaming_env(pg_cluster, pg_root, engine)
     workdir = pg_root / f"load-crash-{env.source_db}"
     workdir.mkdir()
     # Many small ranges copied one at a time: the load takes seconds, committing as it goes.
@@ -236,9 +237,9 @@ def test_crash_during_the_initial_load_is_recovered_by_the_next_start(
     stream.wait(10)
     copied = count_rows(env.destination_url, "replica.big")
     assert 0 < copied < 300_000, "the kill did not land during the load"
-    assert not (env.offsets_dir / "crashload.dat").exists()
-
     pipeline = env.pipeline("crashload", ["public.big"])
+    assert not env.positions(pipeline).exists()
+
     reports: list[TableLoadReport] = []
     session = StreamingSession(pipeline, offsets_dir=env.offsets_dir, on_table_loaded=reports.append)
     caplog.set_level(logging.INFO, logger="rosetta")

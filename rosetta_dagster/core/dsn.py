@@ -10,6 +10,24 @@ import psycopg2.extensions
 
 from rosetta_dagster.core.errors import DatabaseConfigError
 
+# Settings that change how values are written as text or read back from it. Every connection
+# whose values the product reads or writes as text pins them (PostgreSQL's own subscriber pins
+# DateStyle, IntervalStyle and extra_float_digits on its replication connection), so copies and
+# comparisons are exact whatever the servers are configured with.
+PINNED_SETTINGS = (
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+)
+
+
+def pinned_options(*extra: str) -> str:
+    """libpq ``options`` that pin :data:`PINNED_SETTINGS` (plus ``extra`` ``-c`` settings)."""
+    return " ".join([*(f"-c {name}={value}" for name, value in PINNED_SETTINGS), *extra])
+
+
 _URL_PASSWORD = re.compile(r"(?P<prefix>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
 _KEYWORD_PASSWORD = re.compile(r"(?P<prefix>password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _LIBPQ_SERVER_PREFIX = re.compile(r'^connection to server (at|on) .*? failed:\s*')

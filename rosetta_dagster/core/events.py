@@ -1,4 +1,4 @@
-"""Decoded Debezium change events."""
+"""Change events as every capture engine hands them to the streaming session."""
 
 from __future__ import annotations
 
@@ -11,6 +11,20 @@ from rosetta_dagster.core.pipeline_config import TableRef
 
 # pg_logical_emit_message prefix of backfill watermarks (see rosetta_dagster.core.backfill).
 BACKFILL_MESSAGE_PREFIX = "rosetta_backfill"
+# pg_logical_emit_message prefix of the heartbeat that keeps an idle slot moving.
+HEARTBEAT_MESSAGE_PREFIX = "rosetta_heartbeat"
+
+
+class _Unchanged:
+    """An unchanged TOAST value the source did not send: the destination keeps its value."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNCHANGED_TOAST"
+
+
+UNCHANGED_TOAST = _Unchanged()
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +41,9 @@ class ChangeEvent:
     # Debezium's source.snapshot: "first", "true", "last", "*_in_data_collection" while the
     # initial snapshot runs; "false" (or "incremental") once streaming.
     snapshot: str = "false"
+    # LSN of the transaction's commit record (engines that keep positions with the data):
+    # a destination whose position is past it already has this change.
+    commit_lsn: int | None = None
 
     @property
     def from_snapshot(self) -> bool:
@@ -64,36 +81,12 @@ class Watermark:
     source_ts_ms: int | None = None
 
 
-def decode_event(value: str) -> ChangeEvent | PositionMarker | Watermark:
-    """Parse one Debezium JSON envelope (schemas disabled).
-
-    Logical messages (op ``m``) are the heartbeat action's ``pg_logical_emit_message``: they
-    move the slot forward but carry no row; Debezium's heartbeat records (no ``op``) neither.
-    """
-    payload = orjson.loads(value)
-    op = payload.get("op")
-    if op is None:  # a heartbeat record: {"ts_ms": ...}
-        return PositionMarker(payload.get("ts_ms"))
-    if op == "m":
-        ts_ms = payload.get("source", {}).get("ts_ms")
-        message = payload.get("message") or {}
-        if message.get("prefix") == BACKFILL_MESSAGE_PREFIX:
-            # binary.handling.mode=hex: the content arrives hex-encoded
-            body = orjson.loads(bytes.fromhex(message["content"]))
-            return Watermark(
-                job_id=int(body["job"]), chunk=int(body["chunk"]), kind=body["kind"],
-                table=TableRef.parse(body["table"]), last_key=body.get("last_key"),
-                rows=int(body.get("rows", 0)), source_ts_ms=ts_ms,
-            )
-        return PositionMarker(ts_ms)
-    source = payload["source"]
-    return ChangeEvent(
-        table=TableRef(source["schema"], source["table"]),
-        op=payload["op"],
-        before=payload.get("before"),
-        after=payload.get("after"),
-        source_ts_ms=source.get("ts_ms"),
-        lsn=source.get("lsn"),
-        xid=source.get("txId"),
-        snapshot=str(source.get("snapshot") or "false"),
+def watermark_from_message(content: bytes, source_ts_ms: int | None) -> Watermark:
+    """A backfill watermark from its logical message's content (JSON, see core.backfill)."""
+    body = orjson.loads(content)
+    return Watermark(
+        job_id=int(body["job"]), chunk=int(body["chunk"]), kind=body["kind"],
+        table=TableRef.parse(body["table"]), last_key=body.get("last_key"),
+        rows=int(body.get("rows", 0)), source_ts_ms=source_ts_ms,
     )
+

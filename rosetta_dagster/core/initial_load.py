@@ -24,7 +24,6 @@ path, so nothing half-copied survives).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -34,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions
@@ -118,39 +117,31 @@ class LoadFence:
 
 @dataclass
 class LoadState:
-    """Which tables the stream covers and the fences of their loads (next to the offsets).
+    """Which tables the stream covers and the fences of their loads (kept with the position).
 
-    Written atomically; it is what tells a table added to the pipeline (not listed) from one
-    the stream has covered since its load.
+    It is what tells a table added to the pipeline (not listed) from one the stream has
+    covered since its load.
     """
 
-    path: Path
     tables: dict[TableRef, LoadFence | None] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, path: Path) -> LoadState | None:
-        if not path.exists():
-            return None
-        document = json.loads(path.read_text())
+    def from_document(cls, document: dict[str, Any]) -> LoadState:
         tables: dict[TableRef, LoadFence | None] = {}
         for name, fence in document.get("tables", {}).items():
             tables[TableRef.parse(name)] = None if fence is None else LoadFence(
                 SnapshotVisibility.parse(fence["snapshot"]), int(fence["consistent_lsn"])
             )
-        return cls(path, tables)
+        return cls(tables)
 
-    def write(self) -> None:
-        document = {"tables": {
+    def document(self) -> dict[str, Any]:
+        return {"tables": {
             table.qualified: None if fence is None else {
                 "snapshot": str(fence.visibility), "consistent_lsn": fence.consistent_lsn,
                 "consistent_point": format_lsn(fence.consistent_lsn),
             }
             for table, fence in sorted(self.tables.items(), key=lambda item: item[0].qualified)
         }}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps(document, indent=1))
-        os.replace(partial, self.path)
 
     def drop_passed_fences(self, stream_lsn: int | None) -> None:
         """A stream whose stored offset is at or past a load's consistent point can no longer
@@ -160,10 +151,6 @@ class LoadState:
         for table, fence in self.tables.items():
             if fence is not None and fence.consistent_lsn <= stream_lsn:
                 self.tables[table] = None
-
-
-def load_state_file(offsets_dir: Path, pipeline: str) -> Path:
-    return offsets_dir / f"{pipeline}.loads.json"
 
 
 @dataclass(frozen=True)

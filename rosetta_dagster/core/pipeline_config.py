@@ -97,15 +97,21 @@ class Destination(PostgresEndpoint):
 
 
 INITIAL_LOAD_METHODS = ("copy", "debezium")
+CAPTURE_ENGINES = ("debezium", "pgoutput")
 
 
 @dataclass(frozen=True)
 class StreamSettings:
-    """Debezium engine tunables; defaults measured on a 2-core machine (see README)."""
+    """Capture engine tunables; defaults measured on a 2-core machine (see README)."""
 
+    # "debezium": the embedded Debezium engine (offsets in a local file); "pgoutput": the slot
+    # read over the replication protocol, values kept as PostgreSQL's text, positions kept in
+    # the destinations.
+    engine: str = "debezium"
     max_batch_size: int = 8192
     max_queue_size: int = 32768
-    # Bounds the engine's queue by memory too, so wide rows cannot exhaust the JVM heap.
+    # Bounds the engine's queue by memory too, so wide rows cannot exhaust the JVM heap (with
+    # pgoutput: the decoded changes held in memory; larger transactions apply in pieces).
     max_queue_mb: int = 64
     # Debezium waits up to this long for a batch to fill: the floor of the latency (measured
     # p50/p99: 100 ms -> ~100/190 ms, 25 ms -> ~28/50 ms; capacity unchanged).
@@ -344,6 +350,7 @@ def load_config(
             reader.fail("tables", "lists a table twice")
         stream = _Reader(path, f"pipeline '{name}' streaming", data.get("streaming") or {}, None)
         settings = StreamSettings(
+            engine=stream.text("engine", StreamSettings.engine),
             max_batch_size=stream.integer("max_batch_size", StreamSettings.max_batch_size),
             max_queue_size=stream.integer("max_queue_size", StreamSettings.max_queue_size),
             max_queue_mb=stream.integer("max_queue_mb", StreamSettings.max_queue_mb, maximum=4096),
@@ -363,6 +370,10 @@ def load_config(
                 "initial_load_range_rows", StreamSettings.initial_load_range_rows, minimum=1000
             ),
         )
+        if settings.engine not in CAPTURE_ENGINES:
+            stream.fail("engine", f"must be one of {', '.join(CAPTURE_ENGINES)}")
+        if settings.engine == "pgoutput" and settings.initial_load != "copy":
+            stream.fail("initial_load", "must be copy with the pgoutput engine")
         if settings.initial_load not in INITIAL_LOAD_METHODS:
             stream.fail("initial_load", f"must be one of {', '.join(INITIAL_LOAD_METHODS)}")
         if settings.max_queue_size <= settings.max_batch_size:

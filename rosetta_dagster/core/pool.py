@@ -30,6 +30,7 @@ from rosetta_dagster.core.dsn import (
     DatabaseTarget,
     is_authentication_error,
     parse_database_url,
+    pinned_options,
     summarize_connection_error,
 )
 from rosetta_dagster.core.errors import (
@@ -214,7 +215,7 @@ class ResilientConnectionPool:
         kwargs = self.settings.connect_kwargs()
         options = self.target.params.get("options", "")
         kwargs["options"] = (
-            f"{options} -c statement_timeout={self.settings.statement_timeout_ms} -c TimeZone=UTC"
+            f"{options} {pinned_options(f'-c statement_timeout={self.settings.statement_timeout_ms}')}"
         ).strip()
         return _CountingThreadedPool(
             self.settings.min_conn,

@@ -12,15 +12,14 @@ from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg2
 import psycopg2.extensions
 from psycopg2.extras import LogicalReplicationConnection
 
 from rosetta_dagster.core.config_store import ConfigStore
-from rosetta_dagster.core.dsn import summarize_connection_error
+from rosetta_dagster.core.dsn import pinned_options, summarize_connection_error
 from rosetta_dagster.core.errors import DatabaseConnectionError
 from rosetta_dagster.core.pipeline_config import (
     Destination,
@@ -28,6 +27,9 @@ from rosetta_dagster.core.pipeline_config import (
     PipelineDefinition,
     PostgresEndpoint,
 )
+
+if TYPE_CHECKING:
+    from rosetta_dagster.core.capture import PositionStore
 
 logger = logging.getLogger("rosetta.replication")
 
@@ -85,6 +87,7 @@ def _connect(
     """An autocommit connection; a failure is one sentence naming pipeline, role and address."""
     try:
         conn = psycopg2.connect(endpoint.dsn(), connect_timeout=10, application_name="rosetta",
+                                options=pinned_options(), client_encoding="UTF8",
                                 connection_factory=connection_factory)
     except psycopg2.OperationalError as exc:
         raise DatabaseConnectionError(
@@ -212,26 +215,26 @@ def record_reading(
 
 def delete_stale_offset(
     pipeline: PipelineDefinition,
-    offsets_path: Path,
+    positions: PositionStore,
     *,
     reason: str,
     config_store: ConfigStore | None,
     log: Log = logger,
 ) -> bool:
-    """Delete the offset file of a pipeline whose slot is gone. The only deletion of offsets.
+    """Forget the stream position of a pipeline whose slot is gone. The only deletion of it.
 
-    A stale offset would make Debezium resume from a position the new slot never had, silently
-    skipping every change in between; without it the engine takes a fresh snapshot.
+    A stale position would make the stream resume from a position the new slot never had,
+    silently skipping every change in between; without it the pipeline loads afresh.
     """
-    if not offsets_path.exists():
+    if not positions.exists():
         return False
-    log.warning("Deleting stale offset file: %s", offsets_path)
-    offsets_path.unlink(missing_ok=True)
-    log.warning("Deleted stale offset. Debezium will start fresh with snapshot mode.")
+    log.warning("%s", positions.deleting_line)
+    positions.delete()
+    log.warning("%s", positions.deleted_line)
     if config_store is not None:
         config_store.record_offset_cleanup(
             pipeline=pipeline.name,
-            offset_file=str(offsets_path),
+            offset_file=positions.location,
             slot_name=pipeline.slot_name,
             reason=reason,
         )

@@ -1,7 +1,8 @@
-"""A streaming session: Debezium capture + apply to every destination + config-store bookkeeping.
+"""A streaming session: capture + apply to every destination + config-store bookkeeping.
 
 Pure Python (no Dagster). The Dagster op creates a session, calls :meth:`StreamingSession.run`
-and passes a ``tick`` callback for observations; the CLI does the same without Dagster.
+and passes a ``tick`` callback for observations; the CLI does the same without Dagster. The
+session does not know which capture engine runs: it talks to ``core.capture``'s interface.
 """
 
 from __future__ import annotations
@@ -17,20 +18,18 @@ import psycopg2
 from psycopg2 import sql
 
 from rosetta_dagster.core.apply.applier import PostgresApplier, backfill_staging_table
-from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema
-from rosetta_dagster.core.capture.engine import STALE_OFFSET_ERROR, DebeziumCapture, offsets_file
-from rosetta_dagster.core.capture.offsets import read_offset, write_start_offset
+from rosetta_dagster.core.apply.schema import SchemaError, TableSchema, read_table_schema
+from rosetta_dagster.core.capture import Capture, CaptureBatch, capture_engine
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
 from rosetta_dagster.core.dsn import mask_secrets
-from rosetta_dagster.core.errors import RosettaError
-from rosetta_dagster.core.events import ChangeEvent, PositionMarker, Watermark
+from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
+from rosetta_dagster.core.events import ChangeEvent, Watermark
 from rosetta_dagster.core.initial_load import (
     InitialLoader,
     LoadState,
     SnapshotVisibility,
     TableLoadReport,
     format_lsn,
-    load_state_file,
 )
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
@@ -45,6 +44,11 @@ from rosetta_dagster.core.replication import (
 logger = logging.getLogger("rosetta.streaming")
 
 HEARTBEAT_INTERVAL_S = 5.0
+# How often a destination that went down is tried again (engines with per-destination positions).
+DESTINATION_RETRY_S = 5.0
+STALE_OFFSET_ERROR = "no longer available on the server"
+# A destination that cannot be reached: others keep applying, it catches up from the slot.
+_UNREACHABLE = (DatabaseConnectionError, psycopg2.OperationalError, psycopg2.InterfaceError)
 
 
 @dataclass
@@ -109,8 +113,8 @@ class StreamingSession:
         on_table_loaded: Callable[[TableLoadReport], None] | None = None,
     ) -> None:
         self.pipeline = pipeline
-        self.offsets_path = offsets_file(offsets_dir, pipeline.name)
-        self.load_state_path = load_state_file(offsets_dir, pipeline.name)
+        self.engine = capture_engine(pipeline.settings.engine)
+        self.positions = self.engine.position_store(pipeline, offsets_dir)
         self.on_table_loaded = on_table_loaded
         self.config_store = config_store
         self.run_id = run_id
@@ -119,7 +123,9 @@ class StreamingSession:
         self._schemas: dict[TableRef, TableSchema] = {}
         self._appliers: list[PostgresApplier] = []
         self._pools: list[ResilientConnectionPool] = []
-        self._capture: DebeziumCapture | None = None
+        self._capture: Capture | None = None
+        # Destinations that became unreachable, with when to try them again.
+        self._down: dict[int, float] = {}
         self._resyncing = False
         self._restarted_stale = False
         self._windows: dict[tuple[int, int], _ChunkWindow] = {}
@@ -137,14 +143,15 @@ class StreamingSession:
         with source_connection(self.pipeline) as conn:
             where = f"source {self.pipeline.source.name}"
             self._schemas = {t: read_table_schema(conn, t, where) for t in self.pipeline.tables}
+            self._refuse_unsupported_columns()
             self._ensure_publication(conn)
             if not slot_exists(conn, self.pipeline.slot_name):
                 delete_stale_offset(
-                    self.pipeline, self.offsets_path, reason=missing_slot_reason(self.pipeline),
+                    self.pipeline, self.positions, reason=missing_slot_reason(self.pipeline),
                     config_store=self.config_store, log=self.log,
                 )
             else:
-                self._delete_offset_behind_slot(conn)
+                self._delete_position_behind_slot(conn)
         for destination in self.pipeline.destinations:
             pool = ResilientConnectionPool(
                 destination.dsn(),
@@ -154,11 +161,26 @@ class StreamingSession:
             ).open()
             self._pools.append(pool)
             applier = PostgresApplier(
-                pool, destination.schema, self._read_schema, name=destination.name
+                pool, destination.schema, self._read_schema, values=self.engine.values,
+                name=destination.name, tracking=self.positions.tracking(destination),
             )
             applier.prepare(self._schemas.values())
             self._appliers.append(applier)
         return self._schemas
+
+    def _refuse_unsupported_columns(self) -> None:
+        """Every column the engine cannot carry exactly, of every table, in one sentence,
+        before anything is written."""
+        refused = [
+            f"{schema.table.qualified}.{column.name} ({column.type_sql}): {reason}"
+            for schema in self._schemas.values() for column in schema.columns
+            if (reason := self.engine.values.refusal(column)) is not None
+        ]
+        if refused:
+            raise SchemaError(
+                f"Pipeline {self.pipeline.name} cannot replicate these columns exactly with the "
+                f"{self.engine.name} engine, so nothing was written: {'; '.join(refused)}."
+            )
 
     def _ensure_publication(self, conn: psycopg2.extensions.connection) -> None:
         """The publication must exist before Debezium creates the slot; keep its tables exact."""
@@ -181,14 +203,15 @@ class StreamingSession:
 
     # -- running ---------------------------------------------------------------------------
 
-    def _on_batch(
-        self, items: Sequence[ChangeEvent | Watermark], marker: PositionMarker | None
-    ) -> None:
-        """Apply a batch in stream order; backfill watermarks split it into segments."""
+    def _on_batch(self, batch: CaptureBatch) -> int | None:
+        """Apply a batch in stream order; backfill watermarks split it into segments.
+
+        Returns the position every destination has committed (for engines that confirm it)."""
         segment: list[ChangeEvent] = []
-        for item in items:
+        streaming_seen = batch.marker is not None
+        for item in batch.items:
             if isinstance(item, Watermark):
-                self._apply_events(segment, marker is not None)
+                self._apply_events(segment, streaming_seen)
                 segment = []
                 self._on_watermark(item)
             else:
@@ -199,9 +222,12 @@ class StreamingSession:
                     for window in self._windows.values():
                         if window.table == item.table:
                             window.note(item, self._schemas)
-        self._apply_events(segment, marker is not None)
-        if marker is not None and marker.source_ts_ms is not None:
-            self.progress.note_source_position(marker.source_ts_ms)
+        self._apply_events(segment, streaming_seen, position=batch.position,
+                           complete=batch.complete)
+        if batch.marker is not None and batch.marker.source_ts_ms is not None:
+            self.progress.note_source_position(batch.marker.source_ts_ms)
+        positions = [a.position for a in self._appliers]
+        return None if None in positions else min(positions)  # type: ignore[type-var]
 
     def _fenced(self, event: ChangeEvent) -> bool:
         """A change the table's load already contains (its transaction is in the snapshot)."""
@@ -239,7 +265,10 @@ class StreamingSession:
             watermark.job_id, watermark.chunk, last_key=watermark.last_key, rows=rows
         )
 
-    def _apply_events(self, events: Sequence[ChangeEvent], streaming_seen: bool) -> None:
+    def _apply_events(
+        self, events: Sequence[ChangeEvent], streaming_seen: bool, *,
+        position: int | None = None, complete: bool = True,
+    ) -> None:
         if self._resyncing:
             # Snapshot events first (recording their keys), then reconcile as soon as the
             # snapshot is known to be over, then whatever streamed after it.
@@ -253,11 +282,33 @@ class StreamingSession:
                 self._resyncing = False
                 self.log.info("Pipeline %s: snapshot complete; destinations reconciled",
                               self.pipeline.name)
-        if events:
-            self._apply(events)
+        if events or position is not None:
+            self._apply(events, position=position, complete=complete)
 
-    def _apply(self, events: Sequence[ChangeEvent], *, record_keys: bool = False) -> None:
-        results = [applier.apply(events, record_keys=record_keys) for applier in self._appliers]
+    def _apply(
+        self, events: Sequence[ChangeEvent], *, record_keys: bool = False,
+        position: int | None = None, complete: bool = True,
+    ) -> None:
+        results = []
+        for index, applier in enumerate(self._appliers):
+            if index in self._down:
+                continue
+            try:
+                results.append(applier.apply(events, record_keys=record_keys, position=position,
+                                             complete=complete))
+            except _UNREACHABLE as exc:
+                if applier.tracking is None or len(self._appliers) == 1:
+                    raise  # one position for all destinations: every one must keep up
+                self._down[index] = time.monotonic() + DESTINATION_RETRY_S
+                self.log.warning(
+                    "Pipeline %s: destination %s is unreachable (%s); the others keep applying "
+                    "and it catches up from the slot when it is back", self.pipeline.name,
+                    applier.name, mask_secrets(str(exc).strip().splitlines()[0]))
+        if not results:
+            raise DatabaseConnectionError(
+                f"Pipeline {self.pipeline.name}: every destination is unreachable.")
+        if not events:
+            return
         # Every destination sees the same events: counts and times come from the first.
         first = results[0]
         progress = self.progress  # written only by the engine thread; read by ticks
@@ -299,12 +350,14 @@ class StreamingSession:
             self._start_capture()
             self._record_state(PipelineState.RUNNING)
             self.log.info(
-                "Streaming pipeline %s: %d table(s) from %s to %s (offsets %s)",
+                "Streaming pipeline %s with the %s engine: %d table(s) from %s to %s "
+                "(position kept in %s)",
                 self.pipeline.name,
+                self.engine.name,
                 len(self.pipeline.tables),
                 self.pipeline.source.name,
                 ", ".join(d.name for d in self.pipeline.destinations),
-                self.offsets_path,
+                self.positions.location,
             )
             next_tick = time.monotonic()
             while True:
@@ -314,6 +367,8 @@ class StreamingSession:
                         break
                 now = time.monotonic()
                 self._heartbeat_if_due()
+                if self._down:
+                    self._retry_down_destinations(now)
                 if tick is not None and now >= next_tick:
                     tick(self.progress)
                     next_tick = now + tick_interval_s
@@ -335,6 +390,8 @@ class StreamingSession:
                 self._record_state(PipelineState.PAUSED)
             raise
         finally:
+            for applier in self._appliers:
+                applier.abort()  # a transaction left open inside a large source transaction
             for pool in self._pools:
                 pool.close()
             self._pools.clear()
@@ -349,28 +406,24 @@ class StreamingSession:
             self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
 
     def _initial_load(self) -> None:
-        """Copy what the stream does not cover yet: every table when there is no offset (first
-        start, dropped slot, interrupted load), else tables added since the last session."""
-        state = LoadState.read(self.load_state_path)
+        """Copy what the stream does not cover yet: every table when there is no position
+        (first start, dropped slot, interrupted load), else tables added since the last run."""
+        stored = self.positions.read()
         loader = InitialLoader(self.pipeline, self._schemas, log=self.log,
                                on_table_loaded=self._table_loaded,
                                on_wait=self._heartbeat_if_due)
         tables = list(self.pipeline.tables)
-        if not self.offsets_path.exists():
+        if stored is None:
             self.log.info("Initial load of pipeline %s: %d table(s) by COPY under the new "
                           "slot's snapshot", self.pipeline.name, len(tables))
             consistent_lsn = loader.load_with_pipeline_slot(tables)
             # No fences: the stream starts at the slot's consistent point, and the slot decodes
             # exactly the transactions its exported snapshot did not see.
-            state = LoadState(self.load_state_path, {t: None for t in tables})
-            state.write()
-            # Last: the offset is what marks the load complete (see InitialLoader).
-            write_start_offset(self.offsets_path, self.pipeline, consistent_lsn)
+            state = LoadState({t: None for t in tables})
+            self.positions.write_start(consistent_lsn, state)
         else:
-            offset = read_offset(self.offsets_path, self.pipeline)
-            if state is None:
-                # Streamed before loads were recorded here: every configured table is covered.
-                state = LoadState(self.load_state_path, {t: None for t in tables})
+            # Streamed before loads were recorded: every configured table is covered.
+            state = stored.loads or LoadState({t: None for t in tables})
             for table in set(state.tables) - set(tables):
                 del state.tables[table]  # removed: a later re-add loads it again
             added = [t for t in tables if t not in state.tables]
@@ -381,22 +434,20 @@ class StreamingSession:
                 )
                 fence = loader.load_with_temporary_slot(added)
                 state.tables.update({t: fence for t in added})
-            state.drop_passed_fences(offset.position if offset else None)
-            state.write()
+            state.drop_passed_fences(stored.position)
+            self.positions.write_loads(state)
         self._fences = {t: f.visibility for t, f in state.tables.items() if f is not None}
 
-    def _delete_offset_behind_slot(self, conn: psycopg2.extensions.connection) -> None:
-        """Debezium's own stale-offset check needs a processed position, which an offset
-        written at a load's consistent point lacks: compare that one with the slot here.
-        (Offsets the engine wrote are left to the engine's check.)"""
-        offset = read_offset(self.offsets_path, self.pipeline)
-        if offset is None or offset.processed_lsn is not None or offset.lsn is None:
-            return
+    def _delete_position_behind_slot(self, conn: psycopg2.extensions.connection) -> None:
+        """A slot that moved past the stored position has lost the changes in between."""
         confirmed = slot_confirmed_lsn(conn, self.pipeline.slot_name)
-        if confirmed is not None and confirmed > offset.lsn:
+        if confirmed is None or not self.positions.exists():
+            return
+        behind = self.positions.behind_slot(confirmed)
+        if behind is not None:
             delete_stale_offset(
-                self.pipeline, self.offsets_path,
-                reason=(f"the last recorded offset ({format_lsn(offset.lsn)}) is "
+                self.pipeline, self.positions,
+                reason=(f"the last recorded offset ({format_lsn(behind)}) is "
                         f"{STALE_OFFSET_ERROR} (slot {self.pipeline.slot_name} starts at "
                         f"{format_lsn(confirmed)})"),
                 config_store=self.config_store, log=self.log,
@@ -411,20 +462,53 @@ class StreamingSession:
             self.on_table_loaded(report)
 
     def _start_capture(self) -> None:
-        """Start the engine; without offsets it snapshots, and the destinations reconcile."""
+        """Start the engine; without a position it snapshots, and the destinations reconcile."""
         copy_load = self.pipeline.settings.initial_load == "copy"
         if copy_load:
             self._initial_load()
-        fresh_snapshot = not self.offsets_path.exists() and self.pipeline.settings.snapshot_mode in (
+        fresh_snapshot = not self.positions.exists() and self.pipeline.settings.snapshot_mode in (
             "initial", "always", "when_needed"
         )
         if fresh_snapshot:
             for applier in self._appliers:
                 applier.begin_resync()
         self._resyncing = fresh_snapshot or any(a.resync_pending() for a in self._appliers)
-        self._capture = DebeziumCapture(self.pipeline, self.offsets_path, self._on_batch,
-                                        snapshot_mode="no_data" if copy_load else None)
+        self._start_engine(snapshot_mode="no_data" if copy_load else None)
+
+    def _start_engine(self, snapshot_mode: str | None = None) -> None:
+        """Each destination resumes from its own committed position; the stream from the
+        lowest (engines that keep positions with the data)."""
+        positions = [a.read_position() for a in self._appliers if a.tracking is not None]
+        self._capture = self.engine.capture(
+            self.pipeline, self.positions, self._on_batch,
+            start_position=min(positions) if positions and None not in positions else None,  # type: ignore[type-var]
+            snapshot_mode=snapshot_mode,
+        )
         self._capture.start()
+
+    def _retry_down_destinations(self, now: float) -> None:
+        """A destination that is reachable again catches up: the stream restarts from the
+        lowest committed position and the others skip what they already have."""
+        due = [i for i, at in self._down.items() if now >= at]
+        if not due:
+            return
+        back = []
+        for index in due:
+            applier = self._appliers[index]
+            try:
+                applier.read_position()
+            except (*_UNREACHABLE, psycopg2.Error):
+                self._down[index] = now + DESTINATION_RETRY_S
+                continue
+            back.append(applier.name)
+            del self._down[index]
+        if back:
+            self.log.info("Pipeline %s: destination(s) %s reachable again; catching up from the "
+                          "slot", self.pipeline.name, ", ".join(back))
+            self._stop_capture()
+            assert self._capture is not None
+            self._capture.raise_if_failed()
+            self._start_engine()
 
     def _restart_after_stale_offset(self) -> bool:
         """Debezium refused the stored offset: delete it and snapshot afresh, once."""
@@ -433,7 +517,7 @@ class StreamingSession:
             return False
         self._restarted_stale = True
         delete_stale_offset(
-            self.pipeline, self.offsets_path,
+            self.pipeline, self.positions,
             reason=f"Debezium: the last recorded offset is {STALE_OFFSET_ERROR}",
             config_store=self.config_store, log=self.log,
         )
@@ -442,7 +526,8 @@ class StreamingSession:
 
     def _stop_capture(self) -> None:
         if self._capture is not None and self._capture.running:
-            self.log.info("Closing the Debezium engine of %s (flushing offsets)", self.pipeline.name)
+            self.log.info("Closing the %s capture of %s (position kept in %s)", self.engine.name,
+                          self.pipeline.name, self.positions.location)
             self._capture.stop()
 
     def _record_state(self, state: PipelineState) -> None:

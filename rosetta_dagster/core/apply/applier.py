@@ -27,21 +27,16 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg2.extensions
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.codecs import (
-    COPY_NULL,
-    Converter,
-    converter_for,
-    copy_field,
-    is_unavailable,
-)
 from rosetta_dagster.core.apply.schema import TableSchema, destination_type, ensure_destination_table
+from rosetta_dagster.core.apply.values import COPY_NULL, Converter, ValueCodec, copy_field
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import ResilientConnectionPool
@@ -84,6 +79,26 @@ class BatchResult:
     unchanged_toast_values: int  # placeholders seen and kept at the destination's value
 
 
+@dataclass(frozen=True)
+class PositionTracking:
+    """A destination table that holds the stream position of a pipeline, updated in the same
+    transaction as each batch (engines that keep their position with the data)."""
+
+    pipeline: str
+    table: sql.Identifier
+
+    def read(self, cursor: psycopg2.extensions.cursor) -> int | None:
+        cursor.execute(sql.SQL("SELECT position - '0/0'::pg_lsn FROM {} WHERE pipeline = %s")
+                       .format(self.table), (self.pipeline,))
+        row = cursor.fetchone()
+        return None if row is None else int(row[0])
+
+    def record(self, cursor: psycopg2.extensions.cursor, position: int) -> None:
+        cursor.execute(sql.SQL("UPDATE {} SET position = '0/0'::pg_lsn + %s::numeric, "
+                               "updated_at = now() WHERE pipeline = %s").format(self.table),
+                       (position, self.pipeline))
+
+
 def backfill_staging_table(job_id: int) -> str:
     """Destination table (in the target schema) where a backfill job stages its chunks."""
     return f"_rosetta_backfill_{int(job_id)}"
@@ -107,13 +122,23 @@ class PostgresApplier:
         target_schema: str,
         schema_source: SchemaSource,
         *,
+        values: ValueCodec,
         name: str = "destination",
+        tracking: PositionTracking | None = None,
     ) -> None:
         self.pool = pool
         self.target_schema = target_schema
         self.schema_source = schema_source
+        self.values = values
         self.name = name
+        self.tracking = tracking
+        # With tracking: the position this destination has committed (changes of transactions
+        # that committed before it are already here and are skipped).
+        self.position: int | None = None
         self._plans: dict[TableRef, _TablePlan] = {}
+        # A transaction left open by a batch piece (complete=False) until its last piece.
+        self._open: AbstractContextManager[psycopg2.extensions.connection] | None = None
+        self._open_conn: psycopg2.extensions.connection | None = None
 
     # -- schema ----------------------------------------------------------------------------
 
@@ -181,7 +206,7 @@ class PostgresApplier:
             columns=column_list,
             values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in columns),
         )
-        converters = [(c.name, converter_for(c)) for c in schema.columns]
+        converters = [(c.name, self.values.converter_for(c)) for c in schema.columns]
         keys_table = sql.Identifier(self.target_schema, _keys_table_name(table))
         key_columns = sql.SQL(", ").join(sql.Identifier(k) for k in schema.primary_key)
         create_keys = sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
@@ -321,15 +346,63 @@ class PostgresApplier:
 
     # -- apply -----------------------------------------------------------------------------
 
-    def apply(self, events: Sequence[ChangeEvent], *, record_keys: bool = False) -> BatchResult:
+    def read_position(self) -> int | None:
+        """Load this destination's committed position (tracking engines only)."""
+        if self.tracking is not None:
+            with self.pool.connection() as conn, conn.cursor() as cursor:
+                self.position = self.tracking.read(cursor)
+        return self.position
+
+    @contextmanager
+    def _transaction(self, complete: bool) -> Iterator[psycopg2.extensions.connection]:
+        """The batch's destination transaction; kept open across pieces until ``complete``."""
+        if self._open is None:
+            self._open = self.pool.connection()
+            self._open_conn = self._open.__enter__()
+        assert self._open_conn is not None
+        try:
+            yield self._open_conn
+        except BaseException as exc:
+            self._close_open(exc)
+            raise
+        if complete:
+            self._close_open(None)
+
+    def _close_open(self, exc: BaseException | None) -> None:
+        """Commit (no ``exc``) or roll back the open transaction and return its connection."""
+        context, self._open, self._open_conn = self._open, None, None
+        if context is not None:
+            context.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
+
+    def abort(self) -> None:
+        """Roll back a transaction left open by a batch piece (the stream stopped inside it)."""
+        if self._open is not None:
+            self._close_open(RuntimeError("stream stopped inside a transaction"))
+
+    def apply(
+        self,
+        events: Sequence[ChangeEvent],
+        *,
+        record_keys: bool = False,
+        position: int | None = None,
+        complete: bool = True,
+    ) -> BatchResult:
         """Apply a batch in one transaction; raises (and rolls back) on any error.
 
         ``record_keys``: the batch belongs to a re-snapshot (see :meth:`begin_resync`).
+        ``position``: recorded in the same transaction (with tracking). ``complete=False``:
+        a piece of a larger source transaction; the transaction stays open for the next piece.
         """
         result = BatchResult({}, 0, 0, {}, 0)
         counts = result.events_by_table
         last_ts = result.last_source_ts_ms
-        with self.pool.connection() as conn:
+        applied = self.position
+        if applied is not None and events and (events[0].commit_lsn or applied) < applied:
+            # Resumed behind this destination: what it has already committed is skipped.
+            events = [e for e in events if e.commit_lsn is None or e.commit_lsn >= applied]
+        if not events and position is None:
+            return result
+        with self._transaction(complete) as conn:
             if record_keys and events and events[0].snapshot == "first":
                 # Debezium (re)started the snapshot: keys of an interrupted attempt are void.
                 with conn.cursor() as cursor:
@@ -357,6 +430,13 @@ class PostgresApplier:
                 per_table.pop(key, None)  # re-insert so dict order follows the latest event
                 per_table[key] = event
             self._flush(conn, pending, result, record_keys)
+            if position is not None and self.tracking is not None and (
+                    applied is None or position > applied):
+                with conn.cursor() as cursor:
+                    self.tracking.record(cursor, position)
+        if position is not None and self.tracking is not None and complete and (
+                applied is None or position > applied):
+            self.position = position
         return result
 
     def _truncate(self, conn: psycopg2.extensions.connection, table: TableRef) -> None:
@@ -389,6 +469,7 @@ class PostgresApplier:
         key_columns = set(plan.schema.primary_key)
         rows = 0
         unchanged_toast = 0
+        is_unchanged = self.values.is_unchanged
         for event in events:
             values = event.row
             delete = event.is_delete
@@ -404,7 +485,7 @@ class PostgresApplier:
                 value = values[name]
                 if value is None or (delete and name not in key_columns):
                     fields.append(COPY_NULL)
-                elif is_unavailable(value):
+                elif is_unchanged(value):
                     unchanged_toast += 1
                     unchanged.append(name)
                     fields.append(COPY_NULL)

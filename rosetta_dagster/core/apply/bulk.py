@@ -16,6 +16,9 @@ from psycopg2 import sql
 
 from rosetta_dagster.core.apply.schema import TableSchema
 
+# PostgreSQL's FirstNormalObjectId: OIDs below it are the server's own (built-in) objects.
+FIRST_NORMAL_OID = 16384
+
 
 def _swap_table_name(schema: TableSchema) -> str:
     # Postgres truncates identifiers at 63 bytes; keep the name unique per source table.
@@ -60,9 +63,9 @@ class BulkTableLoad:
 
     @property
     def binary(self) -> bool:
-        """Binary COPY unless a column is an enum: its binary form does not survive a
-        different type OID on the destination (arrays carry the element type's OID)."""
-        return all(column.enum_name is None for column in self.schema.columns)
+        """Binary COPY when every column has a built-in type: the binary form of arrays and
+        composites carries type OIDs, which differ on the destination for any other type."""
+        return all(0 < column.type_oid < FIRST_NORMAL_OID for column in self.schema.columns)
 
     def copy_from_stdin(self) -> sql.Composed:
         columns = sql.SQL(", ").join(sql.Identifier(c) for c in self.schema.column_names)

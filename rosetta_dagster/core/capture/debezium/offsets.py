@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jpype
 
-from rosetta_dagster.core.capture.jvm import ensure_jvm
+from rosetta_dagster.core.capture.debezium.jvm import ensure_jvm
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
 

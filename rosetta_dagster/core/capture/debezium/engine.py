@@ -11,29 +11,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jpype
 
-from rosetta_dagster.core.capture.jvm import ensure_jvm
+from rosetta_dagster.core.capture import BatchHandler, CaptureBatch
+from rosetta_dagster.core.capture.debezium.events import decode_event
+from rosetta_dagster.core.capture.debezium.jvm import ensure_jvm
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import (
+    HEARTBEAT_MESSAGE_PREFIX,
     ChangeEvent,
     PositionMarker,
     Watermark,
-    decode_event,
 )
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
 
 logger = logging.getLogger("rosetta.capture")
-
-# (row events and backfill watermarks in stream order, newest position marker of the batch or
-# None). A marker (heartbeat record or logical message) only exists once the snapshot, if any,
-# has finished.
-BatchHandler = Callable[[Sequence[ChangeEvent | Watermark], PositionMarker | None], None]
 
 STALE_OFFSET_ERROR = "no longer available on the server"
 
@@ -41,16 +37,12 @@ STALE_OFFSET_ERROR = "no longer available on the server"
 # busy: PostgreSQL 15+ skips empty transactions in pgoutput, so without an emitted message the
 # engine has nothing to confirm and the slot retains all WAL written meanwhile.
 HEARTBEAT_ACTION_QUERY = (
-    "SELECT pg_logical_emit_message(false, 'rosetta_heartbeat', now()::text)"
+    f"SELECT pg_logical_emit_message(false, '{HEARTBEAT_MESSAGE_PREFIX}', now()::text)"
 )
 
 
 class CaptureError(RosettaError):
     """The Debezium connector or the batch handler failed."""
-
-
-def offsets_file(offsets_dir: Path, pipeline: str) -> Path:
-    return offsets_dir / f"{pipeline}.dat"
 
 
 def connector_properties(
@@ -164,7 +156,7 @@ class DebeziumCapture:
                         if isinstance(event, Watermark):
                             marker = PositionMarker(event.source_ts_ms)
                 if events or marker is not None:
-                    capture.on_batch(events, marker)
+                    capture.on_batch(CaptureBatch(events, marker))
 
         completion = _CompletionCallback()
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import math
-from collections.abc import Callable
 from typing import Any
 
 from rosetta_dagster.core.apply.schema import Column
+from rosetta_dagster.core.apply.values import Converter, ValueCodec
 from rosetta_dagster.core.errors import RosettaError
 
 # Debezium's value for an unchanged TOASTed column that the WAL record does not carry.
@@ -29,12 +29,8 @@ UNAVAILABLE_VALUE = "__debezium_unavailable_value"
 _UNAVAILABLE_HEX = UNAVAILABLE_VALUE.encode().hex()
 _UNAVAILABLE_BASE64 = base64.b64encode(UNAVAILABLE_VALUE.encode()).decode()
 
-COPY_NULL = "\\N"
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 _EPOCH_DATE = dt.date(1970, 1, 1)
 _EPOCH = dt.datetime(1970, 1, 1)
-
-Converter = Callable[[Any], str]
 
 
 class UnsupportedValueError(RosettaError):
@@ -140,6 +136,26 @@ def converter_for(column: Column) -> Converter:
     return convert_array
 
 
-def copy_field(text: str) -> str:
-    """Escape a text value for COPY ... FROM STDIN (text format)."""
-    return text.translate(_COPY_ESCAPES)
+# Base types whose Debezium JSON values the converters above turn into exact text.
+SUPPORTED_BASE_TYPES = frozenset(
+    {
+        "int2", "int4", "int8", "numeric", "float4", "float8", "bool", "text", "varchar",
+        "bpchar", "name", "bytea", "date", "time", "timetz", "timestamp", "timestamptz",
+        "interval", "uuid", "json", "jsonb", "inet", "cidr", "macaddr", "macaddr8", "money",
+        "bit", "varbit", "xml", "citext", "oid",
+    }
+)
+
+
+def refusal(column: Column) -> str | None:
+    if column.enum_name is not None or column.base_type in SUPPORTED_BASE_TYPES:
+        return None
+    if column.base_type in ("regclass", "regproc", "regprocedure", "regoper", "regoperator",
+                            "regnamespace", "regrole", "regcollation"):
+        return "its text names an object of the source database"
+    return ("Debezium does not carry this type exactly; the pgoutput engine does "
+            "(streaming.engine: pgoutput)")
+
+
+DEBEZIUM_VALUES = ValueCodec(converter_for=converter_for, is_unchanged=is_unavailable,
+                             refusal=refusal)

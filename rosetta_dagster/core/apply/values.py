@@ -1,0 +1,34 @@
+"""How captured values become COPY text, whichever engine captured them.
+
+Each engine hands the applier a :class:`ValueCodec`: a converter per destination column (chosen
+once per schema version, off the per-value path) and a test for the engine's "unchanged TOAST
+value" marker, which is never written (the column keeps the destination's value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rosetta_dagster.core.apply.schema import Column
+
+COPY_NULL = "\\N"
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+Converter = Callable[[Any], str]
+
+
+def copy_field(text: str) -> str:
+    """Escape a text value for COPY ... FROM STDIN (text format)."""
+    return text.translate(_COPY_ESCAPES)
+
+
+@dataclass(frozen=True)
+class ValueCodec:
+    """An engine's event values -> PostgreSQL text input, column by column."""
+
+    converter_for: Callable[[Column], Converter]
+    is_unchanged: Callable[[Any], bool]
+    # Why a column cannot be carried exactly by this engine (None: it can).
+    refusal: Callable[[Column], str | None]

@@ -1,0 +1,44 @@
+"""Debezium's JSON change envelopes (schemas disabled) decoded into change events."""
+
+from __future__ import annotations
+
+import orjson
+
+from rosetta_dagster.core.events import (
+    BACKFILL_MESSAGE_PREFIX,
+    ChangeEvent,
+    PositionMarker,
+    Watermark,
+    watermark_from_message,
+)
+from rosetta_dagster.core.pipeline_config import TableRef
+
+
+def decode_event(value: str) -> ChangeEvent | PositionMarker | Watermark:
+    """Parse one Debezium JSON envelope (schemas disabled).
+
+    Logical messages (op ``m``) are the heartbeat action's ``pg_logical_emit_message``: they
+    move the slot forward but carry no row; Debezium's heartbeat records (no ``op``) neither.
+    """
+    payload = orjson.loads(value)
+    op = payload.get("op")
+    if op is None:  # a heartbeat record: {"ts_ms": ...}
+        return PositionMarker(payload.get("ts_ms"))
+    if op == "m":
+        ts_ms = payload.get("source", {}).get("ts_ms")
+        message = payload.get("message") or {}
+        if message.get("prefix") == BACKFILL_MESSAGE_PREFIX:
+            # binary.handling.mode=hex: the content arrives hex-encoded
+            return watermark_from_message(bytes.fromhex(message["content"]), ts_ms)
+        return PositionMarker(ts_ms)
+    source = payload["source"]
+    return ChangeEvent(
+        table=TableRef(source["schema"], source["table"]),
+        op=payload["op"],
+        before=payload.get("before"),
+        after=payload.get("after"),
+        source_ts_ms=source.get("ts_ms"),
+        lsn=source.get("lsn"),
+        xid=source.get("txId"),
+        snapshot=str(source.get("snapshot") or "false"),
+    )

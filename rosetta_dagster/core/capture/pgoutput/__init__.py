@@ -1,0 +1,62 @@
+"""The pgoutput engine: the slot read over the replication protocol, values kept as the text
+PostgreSQL sent, positions committed in each destination with the data (nothing on local disk).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rosetta_dagster.core.apply.schema import Column
+from rosetta_dagster.core.apply.values import ValueCodec
+from rosetta_dagster.core.capture import BatchHandler, Capture, PositionStore
+from rosetta_dagster.core.capture.pgoutput.positions import DestinationPositions
+from rosetta_dagster.core.events import UNCHANGED_TOAST
+from rosetta_dagster.core.pipeline_config import PipelineDefinition
+
+
+def _as_sent(value: Any) -> str:
+    return value  # type: ignore[no-any-return]  # already the type's text output
+
+
+# Object-identifier types print the name of an object of the source database; the same text
+# would name another object (or none) on the destination. regtype, regconfig and
+# regdictionary name built-in objects as often as not and are carried.
+_NAMES_SOURCE_OBJECTS = frozenset({"regclass", "regproc", "regprocedure", "regoper",
+                                   "regoperator", "regnamespace", "regrole", "regcollation"})
+
+
+def _refusal(column: Column) -> str | None:
+    if column.base_type in _NAMES_SOURCE_OBJECTS:
+        return "its text names an object of the source database, which the destination lacks"
+    return None
+
+
+PGOUTPUT_VALUES = ValueCodec(converter_for=lambda column: _as_sent,
+                             is_unchanged=lambda value: value is UNCHANGED_TOAST,
+                             refusal=_refusal)
+
+
+class PgoutputEngine:
+    name = "pgoutput"
+    values = PGOUTPUT_VALUES
+
+    def position_store(self, pipeline: PipelineDefinition, offsets_dir: Path) -> PositionStore:
+        return DestinationPositions(pipeline)
+
+    def capture(
+        self,
+        pipeline: PipelineDefinition,
+        positions: PositionStore,
+        on_batch: BatchHandler,
+        *,
+        start_position: int | None,
+        snapshot_mode: str | None,
+    ) -> Capture:
+        from rosetta_dagster.core.capture.pgoutput.engine import PgoutputCapture
+
+        assert start_position is not None, "the pgoutput engine starts from a stored position"
+        return PgoutputCapture(pipeline, start_position, on_batch)
+
+
+PGOUTPUT = PgoutputEngine()

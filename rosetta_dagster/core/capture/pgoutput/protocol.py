@@ -1,0 +1,210 @@
+"""Decoding pgoutput messages (protocol version 1) into change events.
+
+Values stay exactly the text PostgreSQL sent (each type's output function, under the session
+settings the replication connection pins); they are never parsed. See "Logical Replication
+Message Formats" in the PostgreSQL documentation.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from rosetta_dagster.core.events import (
+    BACKFILL_MESSAGE_PREFIX,
+    UNCHANGED_TOAST,
+    ChangeEvent,
+    PositionMarker,
+    Watermark,
+    watermark_from_message,
+)
+from rosetta_dagster.core.pipeline_config import TableRef
+
+# PostgreSQL timestamps count microseconds from 2000-01-01; Unix ms of that instant.
+_PG_EPOCH_MS = 946_684_800_000
+
+_BEGIN = struct.Struct("!qqI")  # final LSN, commit time, xid
+_COMMIT = struct.Struct("!Bqqq")  # flags, commit LSN, end LSN, commit time
+_I32 = struct.Struct("!I")
+_I16 = struct.Struct("!H")
+_MESSAGE = struct.Struct("!Bq")  # flags, LSN
+
+
+class ProtocolError(Exception):
+    """A message this decoder does not understand (a bug or an unexpected server)."""
+
+
+@dataclass(frozen=True)
+class Relation:
+    table: TableRef
+    columns: tuple[str, ...]
+    key_flags: tuple[bool, ...]  # part of the replica identity
+
+
+@dataclass(frozen=True)
+class Begin:
+    commit_lsn: int  # LSN of the commit record
+    source_ts_ms: int
+    xid: int
+
+
+@dataclass(frozen=True)
+class Commit:
+    commit_lsn: int
+    end_lsn: int  # just past the commit record: where the stream resumes after this transaction
+    source_ts_ms: int
+
+
+@dataclass(frozen=True)
+class Message:
+    """A logical message (``pg_logical_emit_message``)."""
+
+    transactional: bool
+    lsn: int
+    prefix: str
+    content: bytes
+
+    def as_item(self, source_ts_ms: int | None) -> Watermark | PositionMarker:
+        if self.prefix == BACKFILL_MESSAGE_PREFIX:
+            return watermark_from_message(self.content, source_ts_ms)
+        return PositionMarker(source_ts_ms)
+
+
+Decoded = Begin | Commit | Message | list[ChangeEvent] | None
+
+
+def _cstring(data: memoryview, offset: int) -> tuple[str, int]:
+    end = bytes(data[offset:]).index(0) + offset
+    return bytes(data[offset:end]).decode(), end + 1
+
+
+class PgoutputDecoder:
+    """Stateful decoder of one replication stream (relations are announced once per session)."""
+
+    def __init__(self) -> None:
+        self.relations: dict[int, Relation] = {}
+        self._begin: Begin | None = None
+
+    def decode(self, payload: bytes) -> Decoded:
+        data = memoryview(payload)
+        kind = payload[0:1]
+        if kind == b"I" or kind == b"U" or kind == b"D":
+            return self._row(kind, data)
+        if kind == b"B":
+            final_lsn, ts, xid = _BEGIN.unpack_from(data, 1)
+            self._begin = Begin(final_lsn, _PG_EPOCH_MS + ts // 1000, xid)
+            return self._begin
+        if kind == b"C":
+            _, commit_lsn, end_lsn, ts = _COMMIT.unpack_from(data, 1)
+            self._begin = None
+            return Commit(commit_lsn, end_lsn, _PG_EPOCH_MS + ts // 1000)
+        if kind == b"R":
+            self._relation(data)
+            return None
+        if kind == b"T":
+            return self._truncate(data)
+        if kind == b"M":
+            flags, lsn = _MESSAGE.unpack_from(data, 1)
+            prefix, offset = _cstring(data, 1 + _MESSAGE.size)
+            (length,) = _I32.unpack_from(data, offset)
+            content = bytes(data[offset + 4: offset + 4 + length])
+            return Message(bool(flags & 1), lsn, prefix, content)
+        if kind in (b"Y", b"O"):  # type and origin announcements: nothing to apply
+            return None
+        raise ProtocolError(f"unexpected pgoutput message {kind!r}")
+
+    def _relation(self, data: memoryview) -> None:
+        (oid,) = _I32.unpack_from(data, 1)
+        namespace, offset = _cstring(data, 5)
+        name, offset = _cstring(data, offset)
+        offset += 1  # replica identity setting
+        (count,) = _I16.unpack_from(data, offset)
+        offset += 2
+        columns: list[str] = []
+        flags: list[bool] = []
+        for _ in range(count):
+            flag = data[offset]
+            column, offset = _cstring(data, offset + 1)
+            offset += 8  # type OID, type modifier
+            columns.append(column)
+            flags.append(bool(flag & 1))
+        self.relations[oid] = Relation(TableRef(namespace, name), tuple(columns), tuple(flags))
+
+    def _tuple(self, data: memoryview, offset: int, relation: Relation) -> tuple[dict[str, Any], int]:
+        (count,) = _I16.unpack_from(data, offset)
+        offset += 2
+        if count != len(relation.columns):
+            raise ProtocolError(
+                f"{relation.table.qualified}: a row with {count} columns, the relation has "
+                f"{len(relation.columns)}"
+            )
+        values: dict[str, Any] = {}
+        for name in relation.columns:
+            kind = data[offset]
+            offset += 1
+            if kind == 0x74:  # 't': text
+                (length,) = _I32.unpack_from(data, offset)
+                offset += 4
+                values[name] = str(data[offset: offset + length], "utf-8")
+                offset += length
+            elif kind == 0x6E:  # 'n': NULL
+                values[name] = None
+            elif kind == 0x75:  # 'u': unchanged TOAST value, not sent
+                values[name] = UNCHANGED_TOAST
+            else:
+                raise ProtocolError(f"{relation.table.qualified}: unexpected column kind {kind!r}")
+        return values, offset
+
+    def _row(self, kind: bytes, data: memoryview) -> list[ChangeEvent]:
+        (oid,) = _I32.unpack_from(data, 1)
+        relation = self.relations[oid]
+        begin = self._begin
+        if begin is None:
+            raise ProtocolError(f"a change of {relation.table.qualified} outside a transaction")
+        marker = data[5]
+        offset = 6
+        old: dict[str, Any] | None = None
+        if marker in (0x4B, 0x4F):  # 'K' old key / 'O' old row
+            old, offset = self._tuple(data, offset, relation)
+            if marker == 0x4B:  # only the replica identity columns carry values
+                old = {c: old[c] for c, key in zip(relation.columns, relation.key_flags,
+                                                   strict=True) if key}
+            if kind != b"D":
+                offset += 1  # the 'N' of the new row
+        elif kind == b"D":
+            raise ProtocolError(f"a delete of {relation.table.qualified} without its key")
+        common = {"source_ts_ms": begin.source_ts_ms, "xid": begin.xid,
+                  "commit_lsn": begin.commit_lsn}
+        if kind == b"D":
+            return [ChangeEvent(relation.table, "d", old, None, **common)]
+        new, _ = self._tuple(data, offset, relation)
+        if kind == b"I":
+            return [ChangeEvent(relation.table, "c", None, new, **common)]
+        events: list[ChangeEvent] = []
+        if old is not None:
+            if marker == 0x4F:  # a full old row fills in unchanged TOAST values
+                for name, value in new.items():
+                    if value is UNCHANGED_TOAST and old.get(name) is not UNCHANGED_TOAST:
+                        new[name] = old[name]
+            key_changed = any(old.get(c) != new.get(c) for c, key in
+                              zip(relation.columns, relation.key_flags, strict=True) if key)
+            if key_changed:  # the row moved to another key: the old one goes away
+                events.append(ChangeEvent(relation.table, "d", old, None, **common))
+        events.append(ChangeEvent(relation.table, "u", old, new, **common))
+        return events
+
+    def _truncate(self, data: memoryview) -> list[ChangeEvent]:
+        (count,) = _I32.unpack_from(data, 1)
+        offset = 6  # count + options
+        begin = self._begin
+        events = []
+        for _ in range(count):
+            (oid,) = _I32.unpack_from(data, offset)
+            offset += 4
+            events.append(ChangeEvent(
+                self.relations[oid].table, "t", None, None,
+                source_ts_ms=begin.source_ts_ms if begin else None,
+                xid=begin.xid if begin else None, commit_lsn=begin.commit_lsn if begin else None,
+            ))
+        return events
