@@ -87,6 +87,12 @@ class StreamingEnv:
     destination_db: str
     offsets_dir: Path
     engine: str = "debezium"
+    # Where the destination database lives, when not on the source's cluster.
+    destination_cluster: LocalPostgresCluster | None = None
+
+    @property
+    def target_cluster(self) -> LocalPostgresCluster:
+        return self.destination_cluster or self.cluster
 
     @property
     def source_url(self) -> str:
@@ -94,7 +100,7 @@ class StreamingEnv:
 
     @property
     def destination_url(self) -> str:
-        return self.cluster.dsn(self.destination_db)
+        return self.target_cluster.dsn(self.destination_db)
 
     def pipeline(self, name: str, tables: list[str], **settings: object) -> PipelineDefinition:
         endpoint = {
@@ -107,7 +113,8 @@ class StreamingEnv:
             name=name,
             source=PostgresEndpoint(name="src", database=self.source_db, **endpoint),
             destinations=(
-                Destination(name="dst", database=self.destination_db, schema="replica", **endpoint),
+                Destination(name="dst", database=self.destination_db, schema="replica",
+                            **{**endpoint, "port": self.target_cluster.port}),
             ),
             tables=tuple(TableRef.parse(t) for t in tables),
             settings=StreamSettings(**{"heartbeat_interval_ms": 1000, "engine": self.engine,  # type: ignore[arg-type]
@@ -128,8 +135,8 @@ class StreamingEnv:
                                        "streaming": {"engine": self.engine, **(streaming or {})}}
         path.write_text(yaml.safe_dump({
             "sources": {"src": {**endpoint, "database": self.source_db}},
-            "destinations": {"dst": {**endpoint, "database": self.destination_db,
-                                     "schema": "replica"}},
+            "destinations": {"dst": {**endpoint, "port": self.target_cluster.port,
+                                     "database": self.destination_db, "schema": "replica"}},
             "pipelines": {name: pipeline},
         }))
         return path
@@ -151,13 +158,15 @@ class StreamingEnv:
 
 
 def new_streaming_env(
-    cluster: LocalPostgresCluster, root: Path, engine: str = "debezium"
+    cluster: LocalPostgresCluster, root: Path, engine: str = "debezium",
+    destination_cluster: LocalPostgresCluster | None = None,
 ) -> StreamingEnv:
     suffix = uuid.uuid4().hex[:8]
     source_db, destination_db = f"src_{suffix}", f"dst_{suffix}"
     cluster.create_database(source_db)
-    cluster.create_database(destination_db)
-    return StreamingEnv(cluster, source_db, destination_db, root / f"offsets-{suffix}", engine)
+    (destination_cluster or cluster).create_database(destination_db)
+    return StreamingEnv(cluster, source_db, destination_db, root / f"offsets-{suffix}", engine,
+                        destination_cluster)
 
 
 @contextmanager

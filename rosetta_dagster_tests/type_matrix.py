@@ -1,0 +1,205 @@
+"""The type matrix: one source table per type family, filled with the values real data has.
+
+Shared by the engine tests: each family is a table ``public.m_<family> (id int PRIMARY KEY,
+n int, v <type>)`` so an update can leave the awkward column untouched (``n``) or change it
+(``v``). Values are compared as PostgreSQL's own text of the whole row under the pinned
+settings, so "equal" means exactly what the product promises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg2
+from psycopg2 import sql
+
+from rosetta_dagster.core.dsn import pinned_options
+
+USER_TYPES = """
+CREATE TYPE public.mood AS ENUM ('sad', 'ok', 'happy', 'it''s "complicated"');
+CREATE DOMAIN public.posint AS integer CHECK (VALUE > 0);
+CREATE DOMAIN public.mood_d AS public.mood;
+CREATE TYPE public.address AS (street text, zip int, tags text[], m public.mood);
+"""
+
+_CONTROL = "".join(chr(i) for i in range(1, 32)) + chr(127)
+_ALL_BYTES = "\\x" + bytes(range(256)).hex()
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    type_sql: str
+    values: tuple[str, ...]  # text input, as written by a user
+
+
+FAMILIES = (
+    Family("int", "int4", ("0", "-2147483648", "2147483647")),
+    Family("bigint", "int8", ("-9223372036854775808", "9223372036854775807")),
+    Family("smallint", "int2", ("-32768", "32767")),
+    Family("numeric", "numeric", ("NaN", "Infinity", "-Infinity", "-0.000000000000000000001",
+                                  "123456789012345678901234567890.123456789", "0.0000")),
+    Family("numeric_scaled", "numeric(12,2)", ("-9999999999.99", "0", "NaN")),
+    Family("real", "float4", ("NaN", "Infinity", "-Infinity", "-0", "1.4e-45", "3.4028235e38",
+                              "0.1")),
+    Family("double", "float8", ("NaN", "Infinity", "-Infinity", "-0", "4.9e-324",
+                                "1.7976931348623157e308", "0.1")),
+    Family("money", "money", ("-92233720368547758.08", "92233720368547758.07", "0")),
+    Family("bool", "bool", ("t", "f")),
+    Family("text", "text", ("", "it's \"quoted\" \\ back\\slash", "tab\tnew\nline\rcr",
+                            _CONTROL, "\\N", "NULL", "ü 🐘 中文", " leading and trailing ")),
+    Family("varchar", "varchar(20)", ("", "x", "🐘" * 20)),
+    Family("bpchar", "char(5)", ("a", "", "abcde")),
+    Family("char", '"char"', ("a", "\\", "\\377", "\\001")),
+    Family("name", "name", ("pg_catalog", "x" * 63)),
+    Family("bytea", "bytea", ("\\x", "\\x00", _ALL_BYTES)),
+    Family("date", "date", ("infinity", "-infinity", "4713-01-01 BC", "0001-01-01 BC",
+                            "2000-02-29", "5874897-12-31")),
+    Family("time", "time", ("00:00:00", "24:00:00", "23:59:59.999999")),
+    Family("timetz", "timetz", ("10:00:00+02", "23:59:59.999999-15:59", "00:00:00+15:59",
+                                "12:00:00-03:30")),
+    Family("timestamp", "timestamp", ("infinity", "-infinity", "4713-01-01 00:00:00 BC",
+                                      "294276-12-31 23:59:59.999999",
+                                      "2000-01-01 00:00:00.000001")),
+    Family("timestamptz", "timestamptz", ("infinity", "-infinity", "4713-01-01 00:00:00+00 BC",
+                                          "2024-06-30 23:59:59.999999+05:30",
+                                          "1900-01-01 00:00:00+00", "2000-01-01 00:00:00-12:34")),
+    Family("interval", "interval", ("-178000000 years", "1 year 2 mons 3 days 04:05:06.789",
+                                    "-1 days +02:03:04.5", "0", "1 mon -1 days",
+                                    "P1Y2M3DT4H5M6.000007S")),
+    Family("uuid", "uuid", ("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+                            "00000000-0000-0000-0000-000000000000")),
+    Family("json", "json", ('{"a":1,  "a" : 2}', " [ ] ", "null", '"\\u00e9 \\"q\\""')),
+    Family("jsonb", "jsonb", ('{"b": [1, {"c": null}], "a": "é"}', "[]", '"🐘"', "1e400")),
+    # The embedded PostgreSQL is built without libxml: xml columns exist, values cannot.
+    Family("xml", "xml", ()),
+    Family("bit", "bit(8)", ("00000101", "11111111")),
+    Family("varbit", "varbit", ("0001", "", "1010101010101010101")),
+    Family("inet", "inet", ("2001:db8::1/64", "192.168.0.1", "::ffff:1.2.3.4")),
+    Family("cidr", "cidr", ("10.0.0.0/8", "2001:db8::/32")),
+    Family("macaddr", "macaddr", ("08:00:2b:01:02:03",)),
+    Family("macaddr8", "macaddr8", ("08:00:2b:01:02:03:04:05",)),
+    Family("pg_lsn", "pg_lsn", ("0/0", "FFFFFFFF/FFFFFFFF", "16/B374D848")),
+    Family("tsvector", "tsvector", ("a:1A fat:2B,4C cat:5D", "", "'it''s':1 'wörd'")),
+    Family("tsquery", "tsquery", ("fat & (rat | !cat)", "'a' <-> 'b'")),
+    Family("point", "point", ("(1.5,-2)", "(NaN,Infinity)")),
+    Family("line", "line", ("{1,-1,0}",)),
+    Family("lseg", "lseg", ("[(0,0),(1,1)]",)),
+    Family("box", "box", ("(1,1),(0,0)",)),
+    Family("path", "path", ("[(0,0),(1,1),(2,0)]", "((0,0),(1,1))")),
+    Family("polygon", "polygon", ("((0,0),(1,1),(1,0))",)),
+    Family("circle", "circle", ("<(0,0),1.5>",)),
+    Family("int4range", "int4range", ("[1,10)", "empty", "(,)", "(,5]")),
+    Family("int8range", "int8range", ("[-9223372036854775808,0)",)),
+    Family("numrange", "numrange", ("[1.5,2.5]", "(,)")),
+    Family("daterange", "daterange", ("[-infinity,infinity)", "[2000-01-01,2000-01-01]", "empty")),
+    Family("tsrange", "tsrange", ('["4713-01-01 00:00:00 BC",infinity)',)),
+    Family("tstzrange", "tstzrange", ('["2000-01-01 00:00:00+00",)', "empty")),
+    Family("int4multirange", "int4multirange", ("{[1,3),[5,7)}", "{}")),
+    Family("datemultirange", "datemultirange", ("{[2000-01-01,2000-02-01),[-infinity,1999-01-01)}",)),
+    Family("tstzmultirange", "tstzmultirange", ('{["2000-01-01 00:00:00+00",infinity)}',)),
+    Family("pg_snapshot", "pg_snapshot", ("10:20:10,14,15",)),
+    Family("oid", "oid", ("0", "4294967295")),
+    Family("tid", "tid", ("(0,1)", "(4294967295,65535)")),
+    Family("xid8", "xid8", ("0", "18446744073709551615")),
+    Family("int_array", "int4[]", ("{{1,2},{3,4}}", "[0:2]={1,2,3}", "{}", "{NULL}",
+                                   "[-1:0][2:3]={{1,2},{3,4}}", "{{{1}}}")),
+    Family("text_array", "text[]", ('{{"a,b","c\\"d"},{NULL,""}}', '{"NULL",NULL}',
+                                    '{"back\\\\slash","new\nline"," "}', "{}")),
+    Family("numeric_array", "numeric[]", ("{NaN,Infinity,-Infinity,1.5}",)),
+    Family("timestamptz_array", "timestamptz[]",
+           ('{infinity,-infinity,"4713-01-01 00:00:00+00 BC","2000-01-01 00:00:00+00"}',)),
+    Family("date_array", "date[]", ("[3:4]={infinity,\"0001-01-01 BC\"}",)),
+    Family("uuid_array", "uuid[]", ("{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11,NULL}",)),
+    Family("bytea_array", "bytea[]", ('{"\\\\x00ff",NULL,"\\\\x"}',)),
+    Family("jsonb_array", "jsonb[]", ('{"{\\"a\\": 1}",null}',)),
+    Family("range_array", "int4range[]", ('{"[1,2)",empty}',)),
+    Family("enum", "public.mood", ("sad", "it's \"complicated\"")),
+    Family("enum_array", "public.mood[]", ('{sad,happy,NULL}', '{{sad},{ok}}')),
+    Family("domain", "public.posint", ("1", "2147483647")),
+    Family("domain_array", "public.posint[]", ("{1,2}", "[2:2]={3}")),
+    Family("domain_over_enum", "public.mood_d", ("ok",)),
+    Family("composite", "public.address", ("(,,,)", '("a,b ""q""",12345,"{x,y}",happy)',
+                                           '(" ",0,{},)')),
+    Family("composite_array", "public.address[]", ('{"(a,1,{},sad)",NULL,"(,,,)"}',)),
+)
+
+
+def pinned_connection(url: str) -> psycopg2.extensions.connection:
+    """A connection under the product's pinned settings (values read and written exactly)."""
+    conn = psycopg2.connect(url, options=pinned_options())
+    conn.autocommit = True
+    return conn
+
+
+def table_name(family: Family) -> str:
+    return f"m_{family.name}"
+
+
+def create_matrix(url: str) -> list[str]:
+    """Create and fill every family's table; returns their qualified names."""
+    conn = pinned_connection(url)
+    with conn.cursor() as cursor:
+        cursor.execute(USER_TYPES)
+        for family in FAMILIES:
+            table = sql.Identifier("public", table_name(family))
+            cursor.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, "
+                                   "v {})").format(table, sql.SQL(family.type_sql)))
+            insert_values(cursor, family, first_id=1)
+    conn.close()
+    return [f"public.{table_name(f)}" for f in FAMILIES]
+
+
+def insert_values(cursor: psycopg2.extensions.cursor, family: Family, first_id: int) -> None:
+    """Every value of the family plus a NULL, as literal text input."""
+    table = sql.Identifier("public", table_name(family))
+    for offset, value in enumerate((*family.values, None)):
+        cursor.execute(sql.SQL("INSERT INTO {} (id, v) VALUES (%s, %s::{})").format(
+            table, sql.SQL(family.type_sql)), (first_id + offset, value))
+
+
+def change_matrix(url: str) -> None:
+    """Streamed changes: inserts (literal and copied), updates that leave ``v`` untouched,
+    updates that change it, NULLs, deletes."""
+    conn = pinned_connection(url)
+    with conn.cursor() as cursor:
+        for family in FAMILIES:
+            table = sql.Identifier("public", table_name(family))
+            count = len(family.values) + 1
+            insert_values(cursor, family, first_id=1001)
+            cursor.execute(sql.SQL("INSERT INTO {0} (id, n, v) SELECT id + 2000, n, v FROM {0} "
+                                   "WHERE id < 1000").format(table))
+            cursor.execute(sql.SQL("UPDATE {} SET n = n + 1").format(table))
+            # Rotate the values of the first rows: every row gets another row's value.
+            cursor.execute(sql.SQL(
+                "UPDATE {0} AS t SET v = s.v FROM {0} AS s WHERE t.id < 1000 "
+                "AND s.id = t.id %% %s + 1").format(table), (count,))
+            cursor.execute(sql.SQL("UPDATE {} SET v = NULL WHERE id = 1001").format(table))
+            cursor.execute(sql.SQL("DELETE FROM {} WHERE id % 3 = 0").format(table))
+    conn.close()
+
+
+def rows_as_text(url: str, schema: str, table: str) -> list[tuple[int, str]]:
+    conn = pinned_connection(url)
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(sql.SQL("SELECT id, ROW(t.*)::text FROM {} AS t ORDER BY id").format(
+                sql.Identifier(schema, table)))
+            return [(int(i), str(text)) for i, text in cursor.fetchall()]
+    except psycopg2.errors.UndefinedTable:
+        return []
+    finally:
+        conn.close()
+
+
+def differences(source_url: str, destination_url: str, schema: str) -> list[str]:
+    """Every row that differs, as ``table id: source text != destination text``."""
+    found = []
+    for family in FAMILIES:
+        source = dict(rows_as_text(source_url, "public", table_name(family)))
+        destination = dict(rows_as_text(destination_url, schema, table_name(family)))
+        for key in sorted(set(source) | set(destination)):
+            if source.get(key) != destination.get(key):
+                found.append(f"{table_name(family)} id {key}: source {source.get(key)!r} != "
+                             f"destination {destination.get(key)!r}")
+    return found
