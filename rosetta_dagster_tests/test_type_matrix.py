@@ -48,8 +48,10 @@ def hostile_clusters(pg_root: Path) -> Iterator[tuple[LocalPostgresCluster, Loca
                                   settings=HOSTILE_SOURCE).start()
     destination = LocalPostgresCluster(pg_root / "pg18-hostile", password=TEST_PASSWORD,
                                        settings=HOSTILE_DESTINATION).start()
+    # Really in force (reset_val: psycopg2 itself switches its own sessions to ISO dates).
     for cluster, expected in ((source, "SQL, DMY"), (destination, "German, MDY")):
-        assert fetch(cluster.dsn(), "SHOW DateStyle") == [(expected,)]  # really in force
+        assert fetch(cluster.dsn(), "SELECT reset_val FROM pg_settings WHERE name = 'DateStyle'"
+                     ) == [(expected,)]
     yield source, destination
     source.destroy()
     destination.destroy()
