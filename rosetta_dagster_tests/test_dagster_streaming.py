@@ -118,6 +118,8 @@ def _pipeline_file(env: StreamingEnv, path: Path) -> None:
                        "streaming": {"heartbeat_interval_ms": 1000}},
             "broken": {"source": "unreachable", "destinations": ["dst_broken"],
                        "tables": ["public.orders"]},
+            "ledger": {"source": "src", "destinations": ["dst"], "tables": ["public.ledger"],
+                       "streaming": {"engine": "pgoutput", "heartbeat_interval_ms": 1000}},
         },
         "operations": OPERATIONS,
     }))
@@ -128,7 +130,10 @@ def deployment(pg_cluster: LocalPostgresCluster, pg_root: Path) -> Iterator[Depl
     env = new_streaming_env(pg_cluster, pg_root)
     execute(env.source_url,
             "CREATE TABLE public.orders (id int PRIMARY KEY, amount numeric(10,2), note text)",
-            "INSERT INTO public.orders SELECT g, g, 'n' FROM generate_series(1, 200) g")
+            "INSERT INTO public.orders SELECT g, g, 'n' FROM generate_series(1, 200) g",
+            "CREATE TABLE public.ledger (id int PRIMARY KEY, booked timestamptz, tags text[])",
+            "INSERT INTO public.ledger SELECT g, 'infinity', '{{a,b},{c,d}}' "
+            "FROM generate_series(1, 100) g")
     workdir = pg_root / f"dagster-{env.source_db}"
     workdir.mkdir()
     storage_db, config_db = f"dagster_{env.source_db}", f"config_{env.source_db}"
@@ -361,3 +366,33 @@ def test_the_wal_monitor_stores_and_logs_readings_of_each_slot(deployment: Deplo
     checks = fetch(deployment.storage_url,
                    "SELECT asset_key, check_name, execution_status FROM asset_check_executions")
     assert ('["replication_slot", "orders"]', "retained_wal", "SUCCEEDED") in checks, checks
+
+
+def test_a_pgoutput_pipeline_streams_through_the_same_job_and_stops_at_once(
+    deployment: Deployment,
+) -> None:
+    env = deployment.env
+    deployment.rosetta("pipeline", "start", "ledger")
+    run = deployment.streaming_run("ledger")
+    wait_until(lambda: env.converged("public.ledger"), 60, "the initial load of ledger")
+    execute(env.source_url,
+            "UPDATE public.ledger SET booked = '4713-01-01 00:00:00+00 BC', "
+            "tags = '[0:1]={x,y}' WHERE id <= 10", "DELETE FROM public.ledger WHERE id > 90")
+    wait_until(lambda: env.converged("public.ledger"), 60, "ledger's streamed changes")
+    lines = fetch(deployment.storage_url, "SELECT count(*) FROM event_logs WHERE run_id = %s "
+                  "AND event LIKE %s", (run, "%Streaming pipeline ledger with the pgoutput engine%"))
+    assert lines == [(1,)]
+    # Nothing on the host: the position is in the destination.
+    assert not (deployment.workdir / "tmp" / "offsets" / "ledger.dat").exists()
+    assert fetch(env.destination_url, "SELECT count(*) FROM replica._rosetta_positions "
+                 "WHERE pipeline = 'ledger'") == [(1,)]
+
+    deployment.rosetta("pipeline", "pause", "ledger")
+    asked = time.monotonic()
+    deployment.client.terminate_run(run)
+    wait_until(lambda: deployment.active_runs("ledger") == [], 30, "the terminated run to end")
+    print(f"pgoutput run terminated in {time.monotonic() - asked:.1f} s")
+    assert time.monotonic() - asked < 10
+    assert deployment.runs("ledger")[-1][1] == "CANCELED"
+    assert fetch(env.source_url, "SELECT active FROM pg_replication_slots "
+                 "WHERE slot_name = 'rosetta_ledger'") == [(False,)]

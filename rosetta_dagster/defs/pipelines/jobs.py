@@ -1,4 +1,4 @@
-"""The streaming job of a pipeline: one long-running op that owns the JVM and the engine."""
+"""The streaming job of a pipeline: one long-running op that owns the capture engine."""
 
 from typing import Literal
 
@@ -73,9 +73,11 @@ def _materialize_loaded_table(
 def build_stream_job(pipeline: PipelineDefinition) -> JobDefinition:
     name = pipeline.name
 
+    engine = pipeline.settings.engine
+
     @op(
-        name=f"debezium_stream_{name}",
-        description=f"Streams pipeline {name} with the Debezium engine until the run is terminated.",
+        name=f"{engine}_stream_{name}",
+        description=f"Streams pipeline {name} with the {engine} engine until the run is terminated.",
     )
     def stream(context: OpExecutionContext, config_store: ConfigStoreResource) -> None:
         # Secrets are resolved at run time, so the UI loads even where they are not set.
@@ -100,7 +102,7 @@ def build_stream_job(pipeline: PipelineDefinition) -> JobDefinition:
         # One long-running op: running it in the run's own process means no extra step
         # process (memory), and the run process is the one that streams and heartbeats.
         executor_def=in_process_executor,
-        description=f"Long-running Debezium stream of pipeline {name}; terminate it to stop cleanly.",
+        description=f"Long-running {engine} stream of pipeline {name}; terminate it to stop cleanly.",
         tags={PIPELINE_TAG: name},
     )
     def stream_job() -> None:
