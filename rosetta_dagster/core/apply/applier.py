@@ -357,8 +357,9 @@ class PostgresApplier:
     def _transaction(self, complete: bool) -> Iterator[psycopg2.extensions.connection]:
         """The batch's destination transaction; kept open across pieces until ``complete``."""
         if self._open is None:
-            self._open = self.pool.connection()
-            self._open_conn = self._open.__enter__()
+            context = self.pool.connection()
+            self._open_conn = context.__enter__()  # may raise: then nothing is open
+            self._open = context
         assert self._open_conn is not None
         try:
             yield self._open_conn
