@@ -16,7 +16,7 @@ from rosetta_dagster.core.backfill import BackfillRunner
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.streaming import StreamingSession
-from rosetta_dagster_tests.streaming_support import (
+from rosetta_dagster.harness import (
     count_rows,
     execute,
     streaming,

@@ -19,7 +19,7 @@ import psycopg2
 from psycopg2 import sql
 
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
-from rosetta_dagster_tests.streaming_support import StreamingEnv, execute, fetch, new_streaming_env
+from rosetta_dagster.harness import StreamingEnv, execute, fetch, new_streaming_env
 
 # The W2 row shape of the issue: bigint pk, int, text, numeric(12,2), timestamptz, jsonb.
 W2_COLUMNS = ("id bigint PRIMARY KEY, i int, t text, n numeric(12,2), ts timestamptz, j jsonb")
@@ -27,12 +27,12 @@ RESULT_PREFIX = "BENCHMARK_RESULT "
 
 
 @contextmanager
-def benchmark_env() -> Iterator[StreamingEnv]:
+def benchmark_env(engine: str = "debezium") -> Iterator[StreamingEnv]:
     root = Path(tempfile.mkdtemp(prefix="rosetta-bench-"))
     root.chmod(0o755)  # the server runs as its own OS user under root
     cluster = LocalPostgresCluster(root / "pg", password="bench").start()
     try:
-        yield new_streaming_env(cluster, root)
+        yield new_streaming_env(cluster, root, engine)
     finally:
         cluster.destroy()
         shutil.rmtree(root, ignore_errors=True)
@@ -50,12 +50,12 @@ def create_table(url: str, table: str, columns: str) -> None:
         sql.Identifier(schema, name)))
 
 
-def aggregate(url: str, table: str) -> tuple[Any, ...]:
+def aggregate(url: str, table: str, column: str = "i") -> tuple[Any, ...]:
     """A cheap convergence probe (count and sums); the full fingerprint is checked once after."""
     schema, name = table.split(".")
     try:
-        return fetch(url, sql.SQL("SELECT count(*), sum(id), sum(i) FROM {}").format(
-            sql.Identifier(schema, name)))[0]
+        return fetch(url, sql.SQL("SELECT count(*), sum(id), sum({}) FROM {}").format(
+            sql.Identifier(column), sql.Identifier(schema, name)))[0]
     except psycopg2.errors.UndefinedTable:  # the pipeline has not created it yet
         return (-1, None, None)
 

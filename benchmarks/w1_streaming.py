@@ -3,10 +3,11 @@
 Capacity: 200k inserts (1k-row transactions), 50k updates, 20k deletes are written while both
 the pipeline and a native subscription are paused; each is resumed in turn and timed until its
 destination equals the source. Latency: single-row commits at 20/s for 10 s while both stream;
-commit -> visible in each destination (polled every 2 ms). Resources: peak RSS of this process
-(it hosts the stream: JVM + Python) and its CPU seconds per 100k events during catch-up.
+commit -> visible in each destination (polled every 2 ms); and a restart's first applied change.
+Resources: peak RSS of this process (it hosts the stream: for Debezium JVM + Python) and its
+CPU seconds per 100k events during catch-up.
 
-    .venv/bin/python -m benchmarks.w1_streaming [--inserts 200000]
+    .venv/bin/python -m benchmarks.w1_streaming --engine pgoutput [--inserts 200000]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from benchmarks.support import (
     wait_for,
 )
 from rosetta_dagster.core.streaming import StreamingSession
-from rosetta_dagster_tests.streaming_support import StreamingEnv, execute, streaming, table_fingerprint
+from rosetta_dagster.harness import StreamingEnv, execute, streaming, table_fingerprint
 
 W1_COLUMNS = "id bigint PRIMARY KEY, i int, t text, n numeric(12,2), ts timestamptz"
 LATENCY_COLUMNS = "id bigint PRIMARY KEY, i int, committed_at timestamptz"
@@ -169,8 +170,26 @@ def latency(env: StreamingEnv, rate: int, seconds: int, **settings: object) -> d
     return result
 
 
+def start_to_first_change(env: StreamingEnv, **settings: object) -> dict[str, float]:
+    """Milliseconds from a (re)start of a pipeline whose slot exists to its first applied
+    change, the change committed right after the start."""
+    create_table(env.source_url, "public.startup", LATENCY_COLUMNS)
+    pipeline = env.pipeline("startup", ["public.startup"], **settings)
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
+        time.sleep(3)  # first start: the initial load creates the slot
+    session = StreamingSession(pipeline, offsets_dir=env.offsets_dir)
+    started = time.perf_counter()
+    with streaming(session):
+        execute(env.source_url, "INSERT INTO public.startup VALUES (1, 1, now())")
+        wait_for(lambda: session.progress.events_applied > 0, 120, interval_s=0.002)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+    log(f"W1: start -> first applied change {elapsed_ms:.0f} ms")
+    return {"start_to_first_change_ms": elapsed_ms}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--engine", choices=["debezium", "pgoutput"], default="debezium")
     parser.add_argument("--inserts", type=int, default=200_000)
     parser.add_argument("--updates", type=int, default=50_000)
     parser.add_argument("--deletes", type=int, default=20_000)
@@ -180,19 +199,20 @@ def main() -> None:
     parser.add_argument("--poll-interval-ms", type=int, help="override the pipeline default")
     parser.add_argument("--jvm-max-heap", help="override the pipeline default")
     args = parser.parse_args()
-    settings: dict[str, object] = {}
+    settings: dict[str, object] = {"engine": args.engine}
     if args.poll_interval_ms is not None:
         settings["poll_interval_ms"] = args.poll_interval_ms
     if args.jvm_max_heap is not None:
         settings["jvm_max_heap"] = args.jvm_max_heap
     result: dict[str, float] = {}
-    with benchmark_env() as env:
+    with benchmark_env(args.engine) as env:
         if args.only != "latency":
             result.update(capacity(env, args.inserts, args.updates, args.deletes, **settings))
         if args.only != "capacity":
             result.update(latency(env, args.latency_rate, args.latency_seconds, **settings))
+            result.update(start_to_first_change(env, **settings))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    emit({"workload": "W1", **result})
+    emit({"workload": "W1", "engine": args.engine, **result})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from benchmarks.support import (
 )
 from rosetta_dagster.core.initial_load import TableLoadReport
 from rosetta_dagster.core.streaming import StreamingSession
-from rosetta_dagster_tests.streaming_support import count_rows, execute, streaming, table_fingerprint
+from rosetta_dagster.harness import count_rows, execute, streaming, table_fingerprint
 
 
 def main() -> None:

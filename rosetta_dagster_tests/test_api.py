@@ -14,7 +14,7 @@ import pytest
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
 from rosetta_dagster.core.local_postgres import find_free_port
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, PostgresEndpoint, TableRef
-from rosetta_dagster_tests.streaming_support import wait_until
+from rosetta_dagster.harness import wait_until
 
 TOKEN = "test-token-0123456789"
 

@@ -13,7 +13,7 @@ from rosetta_dagster.core.capture.debezium.values import DEBEZIUM_VALUES
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
-from rosetta_dagster_tests.streaming_support import execute, fetch
+from rosetta_dagster.harness import execute, fetch
 
 TABLE = TableRef("public", "accounts")
 

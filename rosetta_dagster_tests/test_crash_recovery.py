@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
-from rosetta_dagster_tests.streaming_support import (
+from rosetta_dagster.harness import (
     count_rows,
     execute,
     fetch,

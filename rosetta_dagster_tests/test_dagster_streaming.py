@@ -27,14 +27,14 @@ from dagster_graphql import DagsterGraphQLClient
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster, find_free_port
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
-from rosetta_dagster.local_stack import write_dagster_instance_yaml
-from rosetta_dagster_tests.streaming_support import (
+from rosetta_dagster.harness import (
     StreamingEnv,
     execute,
     fetch,
     new_streaming_env,
     wait_until,
 )
+from rosetta_dagster.local_stack import write_dagster_instance_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACTIVE = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"}

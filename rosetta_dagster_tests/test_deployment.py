@@ -17,7 +17,7 @@ from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import load_config
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.defs.pipelines.jobs import PIPELINE_TAG
-from rosetta_dagster_tests.streaming_support import (
+from rosetta_dagster.harness import (
     count_rows,
     execute,
     fetch,

@@ -28,7 +28,7 @@ from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import OperationsSettings, PipelineDefinition, load_config
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.streaming import StreamingSession
-from rosetta_dagster_tests.streaming_support import (
+from rosetta_dagster.harness import (
     StreamingEnv,
     execute,
     fetch,

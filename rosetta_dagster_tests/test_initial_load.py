@@ -21,7 +21,7 @@ from rosetta_dagster.core.initial_load import SnapshotVisibility, TableLoadRepor
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.streaming import StreamingSession
-from rosetta_dagster_tests.streaming_support import (
+from rosetta_dagster.harness import (
     StreamingEnv,
     count_rows,
     execute,

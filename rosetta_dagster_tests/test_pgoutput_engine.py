@@ -20,8 +20,7 @@ import pytest
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import Destination
 from rosetta_dagster.core.streaming import StreamingSession
-from rosetta_dagster_tests.conftest import TEST_PASSWORD
-from rosetta_dagster_tests.streaming_support import (
+from rosetta_dagster.harness import (
     StreamingEnv,
     count_rows,
     execute,
@@ -31,6 +30,7 @@ from rosetta_dagster_tests.streaming_support import (
     table_fingerprint,
     wait_until,
 )
+from rosetta_dagster_tests.conftest import TEST_PASSWORD
 
 # Counts every row written into the destination table: a change applied twice shows as 2.
 APPLICATION_COUNTER = """
@@ -180,8 +180,18 @@ def test_a_destination_down_for_30_s_does_not_hold_back_the_other(
             assert _confirmed_flush(env, "rosetta_fanout") == held
             dedicated_cluster.start()
             time.sleep(3)  # writes go on after it is back
-        wait_until(lambda: env.converged("public.events") and far_converged(), 60,
-                   "the far destination to catch up from the slot")
+        try:
+            wait_until(lambda: env.converged("public.events") and far_converged(), 60,
+                       "the far destination to catch up from the slot")
+        except AssertionError as exc:
+            state = {"source": fetch(env.source_url, "SELECT count(*), max(id) FROM public.events"),
+                     "near": fetch(env.destination_url, "SELECT count(*), max(id) FROM replica.events"),
+                     "far": fetch(far_url, "SELECT count(*), max(id) FROM replica.events"),
+                     "positions": [fetch(u, "SELECT position FROM replica._rosetta_positions")
+                                   for u in (env.destination_url, far_url)],
+                     "slot": _confirmed_flush(env, "rosetta_fanout"),
+                     "capture running": session._capture is not None and session._capture.running}  # noqa: SLF001
+            raise AssertionError(f"{exc}: {state}") from None
     assert near_max > writer.next_id - 3000  # type: ignore[operator]  # kept up, not stalled
 
 

@@ -17,7 +17,7 @@ from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import OperationsSettings
 from rosetta_dagster.core.replication import WalSeverity, read_slot, record_reading, source_connection
 from rosetta_dagster.core.streaming import StreamingSession
-from rosetta_dagster_tests.streaming_support import (
+from rosetta_dagster.harness import (
     StreamingEnv,
     count_rows,
     execute,
@@ -140,7 +140,7 @@ def test_an_offset_the_server_no_longer_has_is_replaced_by_a_fresh_snapshot(
 
 
 def test_heartbeats_keep_the_slot_moving_while_only_other_tables_change(
-    env: StreamingEnv, store: ConfigStore
+    env: StreamingEnv, store: ConfigStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     execute(env.source_url, "CREATE TABLE public.quiet (id int PRIMARY KEY)",
             "CREATE TABLE public.busy (id bigserial PRIMARY KEY, payload text)",
@@ -172,6 +172,14 @@ def test_heartbeats_keep_the_slot_moving_while_only_other_tables_change(
             reading = read_slot(conn, pipeline)
         assert reading.exists and reading.active and reading.wal_status == "reserved"
         assert record_reading(store, reading, operations) is WalSeverity.OK
+    # The stored position kept up with the slot: a restart resumes, it does not re-sync.
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    execute(env.source_url, "INSERT INTO public.quiet VALUES (2)")
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
+        wait_until(lambda: env.converged("public.quiet"), message="the resumed stream")
+    assert _stale_lines(caplog) == []
+    assert not any("Initial load" in r.getMessage() for r in caplog.records)
 
 
 def _retained(env: StreamingEnv, pipeline: object) -> int:

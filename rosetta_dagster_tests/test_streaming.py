@@ -15,7 +15,7 @@ from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
 from rosetta_dagster.core.streaming import StreamingSession
-from rosetta_dagster_tests.streaming_support import (
+from rosetta_dagster.harness import (
     StreamingEnv,
     count_rows,
     execute,

@@ -16,8 +16,7 @@ import pytest
 
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster, PostgresBinaries
 from rosetta_dagster.core.streaming import StreamingSession
-from rosetta_dagster_tests.conftest import TEST_PASSWORD
-from rosetta_dagster_tests.streaming_support import (
+from rosetta_dagster.harness import (
     StreamingEnv,
     execute,
     fetch,
@@ -25,7 +24,8 @@ from rosetta_dagster_tests.streaming_support import (
     streaming,
     wait_until,
 )
-from rosetta_dagster_tests.type_matrix import change_matrix, create_matrix, differences
+from rosetta_dagster.harness.type_matrix import change_matrix, create_matrix, differences
+from rosetta_dagster_tests.conftest import TEST_PASSWORD
 
 SYSTEM_PG15 = Path("/usr/lib/postgresql/15/bin")
 

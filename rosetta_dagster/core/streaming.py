@@ -489,26 +489,28 @@ class StreamingSession:
     def _retry_down_destinations(self, now: float) -> None:
         """A destination that is reachable again catches up: the stream restarts from the
         lowest committed position and the others skip what they already have."""
-        due = [i for i, at in self._down.items() if now >= at]
-        if not due:
-            return
         back = []
-        for index in due:
-            applier = self._appliers[index]
+        for index, retry_at in list(self._down.items()):  # the engine thread adds entries
+            if now < retry_at:
+                continue
             try:
-                applier.read_position()
+                self._appliers[index].read_position()
             except (*_UNREACHABLE, psycopg2.Error):
                 self._down[index] = now + DESTINATION_RETRY_S
                 continue
-            back.append(applier.name)
+            back.append(index)
+        if not back:
+            return
+        self.log.info("Pipeline %s: destination(s) %s reachable again; catching up from the slot",
+                      self.pipeline.name, ", ".join(self._appliers[i].name for i in back))
+        # Stop first: until the stream restarts from its position, the returning destination
+        # must receive nothing (a newer batch would move its position past what it missed).
+        self._stop_capture()
+        assert self._capture is not None
+        self._capture.raise_if_failed()
+        for index in back:
             del self._down[index]
-        if back:
-            self.log.info("Pipeline %s: destination(s) %s reachable again; catching up from the "
-                          "slot", self.pipeline.name, ", ".join(back))
-            self._stop_capture()
-            assert self._capture is not None
-            self._capture.raise_if_failed()
-            self._start_engine()
+        self._start_engine()
 
     def _restart_after_stale_offset(self) -> bool:
         """Debezium refused the stored offset: delete it and snapshot afresh, once."""

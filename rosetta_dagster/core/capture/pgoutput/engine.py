@@ -215,11 +215,21 @@ class PgoutputCapture:
             unit = _Unit()
             begin: Begin | None = None
             last_position = self.start_position
-            sent = -1
-            next_feedback = next_heartbeat = time.monotonic()
+            # psycopg2 confirms the server's WAL end by itself on keepalives once everything
+            # received was confirmed (flushed >= the last message's start): that position is
+            # recorded in the destinations too, so no slot is ever ahead of them for long.
+            sent = last_data_start = 0
+            next_feedback = next_heartbeat = next_forward = time.monotonic()
             while not self._stopping.is_set():
                 message = cursor.read_message()
                 now = time.monotonic()
+                if message is not None:
+                    last_data_start = message.data_start
+                elif (begin is None and sent >= last_data_start and now >= next_forward
+                      and cursor.wal_end > last_position):
+                    last_position = cursor.wal_end
+                    self._put(_Unit(position=last_position), cursor)
+                    next_forward = now + _FEEDBACK_INTERVAL_S
                 if now >= next_feedback and sent != self._confirmed:
                     confirmed = self._confirmed
                     cursor.send_feedback(flush_lsn=confirmed, write_lsn=confirmed,
