@@ -96,7 +96,7 @@ def test_each_forced_condition_fails_at_its_severity(
     outcomes = _outcomes(pipeline, store)
     content = outcomes["content_parity"]
     assert (content.passed, content.severity) == (False, "ERROR")
-    assert content.description == "Rows differ in key range (400, 500]; first differing key 456."
+    assert content.description == "Rows differ in key range [401, 500]; first differing key 456."
     assert outcomes["row_count_parity"].passed
 
     execute(env.destination_url, "DELETE FROM replica.items WHERE id = 7")
@@ -201,7 +201,7 @@ def test_rosetta_validate_passes_a_healthy_deployment_and_fails_a_broken_one(
     broken = _validate(env, database_url, path)
     assert broken.returncode == 1, broken.stdout + broken.stderr
     assert ("FAIL ERROR destination/dst/replica/items content_parity: Rows differ in key range "
-            "(900, 1000]") in broken.stdout
+            "[901, 1000]; first differing key 999.") in broken.stdout
     as_json = subprocess.run(
         [sys.executable, "-m", "rosetta_dagster.cli", "validate", "--json"],
         env={**env.pipeline_env(path, database_url)}, capture_output=True, text=True, timeout=120)

@@ -14,7 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from rosetta_dagster.core.apply.schema import read_table_schema
+from rosetta_dagster.core.health import CheckOutcome, content_parity
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster, PostgresBinaries
+from rosetta_dagster.core.pipeline_config import TableRef
+from rosetta_dagster.core.replication import destination_connection, source_connection
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import (
     StreamingEnv,
@@ -24,7 +28,13 @@ from rosetta_dagster.harness import (
     streaming,
     wait_until,
 )
-from rosetta_dagster.harness.type_matrix import change_matrix, create_matrix, differences
+from rosetta_dagster.harness.type_matrix import (
+    change_matrix,
+    create_matrix,
+    differences,
+    pinned_connection,
+    rows_as_text,
+)
 from rosetta_dagster_tests.conftest import TEST_PASSWORD
 
 SYSTEM_PG15 = Path("/usr/lib/postgresql/15/bin")
@@ -87,3 +97,63 @@ def test_every_type_is_exact_through_load_and_stream(matrix_env: StreamingEnv) -
             raise AssertionError("destination differs:\n" + "\n".join(found[:40])) from None
     assert session.progress.events_applied > 0
     assert not differences(env.source_url, env.destination_url, "replica")
+
+
+SETTINGS_SENSITIVE = """
+CREATE TABLE public.sensitive (id int PRIMARY KEY, tstz timestamptz, ts timestamp, d date,
+    t time, iv interval, r real, f double precision, n numeric(20,6), b bytea, j jsonb,
+    ia int[], ta text[], tsa timestamptz[])
+"""
+SENSITIVE_ROW = ("INSERT INTO public.sensitive VALUES (%s, '2024-03-31 23:30:00.123456+05:45', "
+                 "'2024-12-25 08:00:00', '2024-02-29', '13:14:15.5', '1 day -02:00:03.25', "
+                 "1.1, 0.30000000000000004, 12345.678901, '\\x00ff7f5c', "
+                 "'{\"k\": [1.5, \"x\"]}', '{1,2,3}', '{a,\"b c\"}', "
+                 "'{\"2000-01-01 00:00:00+00\"}')")
+
+
+@pytest.mark.parametrize("engine", ["debezium", "pgoutput"])
+def test_exact_and_truthful_whatever_the_servers_settings(
+    hostile_clusters: tuple[LocalPostgresCluster, LocalPostgresCluster], pg_root: Path, engine: str
+) -> None:
+    """Ordinary values of the types whose text depends on settings, streamed between servers
+    that print them differently; the content check agrees with the data both ways."""
+    source, destination = hostile_clusters
+    env = new_streaming_env(source, pg_root, engine, destination_cluster=destination)
+    conn = pinned_connection(env.source_url)
+    with conn.cursor() as cursor:
+        cursor.execute(SETTINGS_SENSITIVE)
+        for key in (1, 2, 3):
+            cursor.execute(SENSITIVE_ROW, (key,))
+    pipeline = env.pipeline(f"settings_{engine}", ["public.sensitive"])
+
+    def equal() -> bool:
+        return rows_as_text(env.source_url, "public", "sensitive") == rows_as_text(
+            env.destination_url, "replica", "sensitive")
+
+    try:
+        with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
+            wait_until(equal, 60, "the initial load")
+            with conn.cursor() as cursor:
+                cursor.execute(SENSITIVE_ROW, (4,))
+                cursor.execute("UPDATE public.sensitive SET tstz = tstz + interval '1 minute', "
+                               "iv = iv * 2, f = f / 3, b = b || '\\x01', tsa = tsa || tstz "
+                               "WHERE id <= 2")
+                cursor.execute("DELETE FROM public.sensitive WHERE id = 3")
+            wait_until(equal, 60, "the streamed changes")
+    finally:
+        conn.close()
+        execute(source.dsn(), "SELECT pg_drop_replication_slot(slot_name) FROM "
+                "pg_replication_slots WHERE NOT active AND database = %s", params=(env.source_db,))
+    assert len(rows_as_text(env.destination_url, "replica", "sensitive")) == 3
+
+    def content() -> CheckOutcome:
+        with source_connection(pipeline) as src, destination_connection(
+                pipeline, pipeline.destinations[0]) as dst:
+            schema = read_table_schema(src, TableRef("public", "sensitive"), "source")
+            return content_parity(src, dst, schema, "replica", chunk_rows=100, window_s=0)
+
+    assert content().passed  # identical tables pass, though each server prints differently
+    execute(env.destination_url, "UPDATE replica.sensitive SET f = f + 1e-15 WHERE id = 2")
+    failed = content()
+    assert not failed.passed
+    assert failed.description == "Rows differ in key range [1, 4]; first differing key 2."

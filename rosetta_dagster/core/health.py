@@ -180,14 +180,17 @@ def content_parity(
             source_chunk = _row_hashes(source, table.table.schema, table, after, through, None)
         if _digest(source_chunk) != _digest(destination_chunk):
             first = _first_difference(source_chunk, destination_chunk)
+            # The keys the chunk really holds on either side: both ends are real keys.
+            keys = [key for key, _ in (*source_chunk, *destination_chunk)]
+            low, high = min(keys), max(keys)
             metadata: dict[str, float | int | str] = {
                 "value": 1, "threshold": 0, "chunks_compared": chunks, "rows_compared": rows,
-                "first_differing_key": str(first),
-                "range_start_exclusive": str(after), "range_end_inclusive": str(through),
+                "first_differing_key": _fmt(first),
+                "range_start": _fmt(low), "range_end": _fmt(high),
             }
             return CheckOutcome(
                 "content_parity", False, "ERROR",
-                f"Rows differ in key range ({_fmt(after)}, {_fmt(through)}]; first differing key "
+                f"Rows differ in key range [{_fmt(low)}, {_fmt(high)}]; first differing key "
                 f"{_fmt(first)}.", metadata,
             )
         chunks += 1
@@ -210,10 +213,10 @@ def _first_difference(
 
 
 def _fmt(key: tuple[Any, ...] | None) -> str:
-    """A key for messages; None is an open end of the range."""
+    """A key for messages (one column: the value; several: a tuple)."""
     if key is None:
-        return "…"
-    return ", ".join(str(part) for part in key)
+        return "none"
+    return str(key[0]) if len(key) == 1 else "(" + ", ".join(str(part) for part in key) + ")"
 
 
 def replication_lag(

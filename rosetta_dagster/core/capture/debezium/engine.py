@@ -19,7 +19,7 @@ import jpype
 from rosetta_dagster.core.capture import BatchHandler, CaptureBatch
 from rosetta_dagster.core.capture.debezium.events import decode_event
 from rosetta_dagster.core.capture.debezium.jvm import ensure_jvm
-from rosetta_dagster.core.dsn import mask_secrets
+from rosetta_dagster.core.dsn import mask_secrets, pinned_options
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import (
     HEARTBEAT_MESSAGE_PREFIX,
@@ -62,6 +62,10 @@ def connector_properties(
         "database.user": source.user,
         "database.password": source.password or "",
         "database.dbname": source.database,
+        # Passed to the JDBC driver of every connection Debezium opens, the replication one
+        # included: values are printed in the forms Debezium parses, whatever the server's
+        # DateStyle, IntervalStyle, TimeZone, float digits or bytea output.
+        "driver.options": pinned_options(),
         "topic.prefix": f"rosetta_{pipeline.name}",
         "plugin.name": "pgoutput",
         "slot.name": pipeline.slot_name,
