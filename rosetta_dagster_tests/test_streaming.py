@@ -308,3 +308,25 @@ def test_connector_failure_fails_the_session_with_the_connectors_message(
                               "rosetta_norepl@127.0.0.1:")
     assert "WAL sender" in message and "norepl-pw" not in message
     assert store.get_pipeline("fragile").last_error == message
+
+
+@pytest.mark.parametrize("engine", ["pgoutput"])  # the check is the same for both engines
+def test_money_is_refused_between_databases_with_different_lc_monetary(env: StreamingEnv) -> None:
+    execute(env.source_url, "CREATE TABLE public.prices (id int PRIMARY KEY, amount money, "
+            "amounts money[])", "INSERT INTO public.prices VALUES (1, 12.34, '{1,2}')")
+    execute(env.cluster.dsn(), f"ALTER DATABASE {env.source_db} SET lc_monetary = 'C'",
+            f"ALTER DATABASE {env.destination_db} SET lc_monetary = 'C.utf8'")
+    pipeline = env.pipeline("prices", ["public.prices"])
+    with pytest.raises(RosettaError) as raised:
+        StreamingSession(pipeline, offsets_dir=env.offsets_dir).run()
+    assert str(raised.value) == (
+        "Pipeline prices cannot replicate money columns (public.prices.amount, "
+        "public.prices.amounts) exactly: lc_monetary is C on source src and C.utf8 on "
+        "destination dst, so the same amount would mean another value; use the same "
+        "lc_monetary on both, so nothing was written.")
+    assert fetch(env.destination_url, "SELECT count(*) FROM pg_tables WHERE schemaname = 'replica'"
+                 ) == [(0,)]
+    # With the same lc_monetary the amounts are carried exactly.
+    execute(env.cluster.dsn(), f"ALTER DATABASE {env.destination_db} SET lc_monetary = 'C'")
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
+        wait_until(lambda: env.converged("public.prices"), message="the money table")

@@ -35,6 +35,7 @@ from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.replication import (
     delete_stale_offset,
+    destination_connection,
     missing_slot_reason,
     slot_confirmed_lsn,
     slot_exists,
@@ -99,6 +100,13 @@ class _ChunkWindow:
         self.keys.add(tuple(row.get(k) for k in schemas[event.table].primary_key))
 
 
+def _lc_monetary(conn: psycopg2.extensions.connection) -> str:
+    with conn.cursor() as cursor:
+        cursor.execute("SHOW lc_monetary")
+        row = cursor.fetchone()
+    return str(row[0]) if row else ""
+
+
 class StreamingSession:
     """Streams one pipeline until stopped, failing loudly and recording its state."""
 
@@ -144,6 +152,7 @@ class StreamingSession:
             where = f"source {self.pipeline.source.name}"
             self._schemas = {t: read_table_schema(conn, t, where) for t in self.pipeline.tables}
             self._refuse_unsupported_columns()
+            self._refuse_money_across_locales(conn)
             self._ensure_publication(conn)
             if not slot_exists(conn, self.pipeline.slot_name):
                 delete_stale_offset(
@@ -181,6 +190,26 @@ class StreamingSession:
                 f"Pipeline {self.pipeline.name} cannot replicate these columns exactly with the "
                 f"{self.engine.name} engine, so nothing was written: {'; '.join(refused)}."
             )
+
+    def _refuse_money_across_locales(self, source: psycopg2.extensions.connection) -> None:
+        """money is an integer whose text (and meaning: cents or yen) follows lc_monetary: it is
+        only carried between databases that use the same lc_monetary."""
+        columns = [f"{schema.table.qualified}.{column.name}" for schema in self._schemas.values()
+                   for column in schema.columns if column.type_ref and column.type_ref.uses("money")]
+        if not columns:
+            return
+        source_locale = _lc_monetary(source)
+        for destination in self.pipeline.destinations:
+            with destination_connection(self.pipeline, destination) as target:
+                target_locale = _lc_monetary(target)
+            if target_locale != source_locale:
+                raise SchemaError(
+                    f"Pipeline {self.pipeline.name} cannot replicate money columns "
+                    f"({', '.join(columns)}) exactly: lc_monetary is {source_locale} on source "
+                    f"{self.pipeline.source.name} and {target_locale} on destination "
+                    f"{destination.name}, so the same amount would mean another value; use the "
+                    "same lc_monetary on both, so nothing was written."
+                )
 
     def _ensure_publication(self, conn: psycopg2.extensions.connection) -> None:
         """The publication must exist before Debezium creates the slot; keep its tables exact."""

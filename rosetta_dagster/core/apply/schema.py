@@ -42,6 +42,14 @@ class TypeRef:
     user: UserType | None = None
     is_array: bool = False
 
+    def uses(self, type_name: str) -> bool:
+        """True when this type is ``type_name`` or is built from it (arrays, domains, composites)."""
+        if self.user is None:
+            return self.sql.removesuffix("[]") == type_name
+        if self.user.base is not None:
+            return self.user.base.uses(type_name)
+        return any(ref.uses(type_name) for _, ref in self.user.attributes)
+
     def destination(self, target_schema: str) -> sql.Composable:
         if self.user is None:
             return sql.SQL(self.sql)  # format_type() output of a built-in or extension type
