@@ -23,23 +23,22 @@ from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import StreamingEnv, execute, streaming
-from rosetta_dagster.harness.type_matrix import FAMILIES, USER_TYPES, pinned_connection, rows_as_text
+from rosetta_dagster.harness.type_matrix import (
+    families_for,
+    pinned_connection,
+    rows_as_text,
+    user_types_for,
+)
 
 TEMPLATES = 8  # distinct template rows the workload cycles through
-DOMAIN_OVER_ENUM = "CREATE DOMAIN public.mood_d AS public.mood;"
 
 
 def create_wide_table(env: StreamingEnv, engine: str) -> list[str]:
     """``public.wide`` with a column per family the engine carries; returns their names."""
     conn = pinned_connection(env.source_url)
     with conn.cursor() as cursor:
-        user_types = USER_TYPES
-        if engine == "debezium":
-            # Debezium's type registry fails on a domain over an enum anywhere in the database
-            # (NullPointerException at start), even when no captured column uses it.
-            user_types = user_types.replace(DOMAIN_OVER_ENUM, "")
-        cursor.execute(user_types)
-        families = [f for f in FAMILIES if user_types is USER_TYPES or "mood_d" not in f.type_sql]
+        families = families_for(engine)
+        cursor.execute(user_types_for(families))
         columns = [sql.SQL("{} {}").format(sql.Identifier(f"c_{f.name}"), sql.SQL(f.type_sql))
                    for f in families]
         for name in ("wide", "wide_template"):
@@ -47,7 +46,8 @@ def create_wide_table(env: StreamingEnv, engine: str) -> list[str]:
                            .format(sql.Identifier("public", name), sql.SQL(", ").join(columns)))
         schema = read_table_schema(conn, TableRef("public", "wide"), "benchmark source")
         values = capture_engine(engine).values
-        refused = [c.name for c in schema.columns if values.refusal(c) is not None]
+        refused = [c.name for c in schema.columns
+                   if values.refusal(c, c.name in schema.primary_key) is not None]
         for name in refused:
             for table in ("wide", "wide_template"):
                 cursor.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(

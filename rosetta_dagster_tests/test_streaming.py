@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 from rosetta_dagster.core.capture.debezium.engine import CaptureError
@@ -330,3 +331,33 @@ def test_money_is_refused_between_databases_with_different_lc_monetary(env: Stre
     execute(env.cluster.dsn(), f"ALTER DATABASE {env.destination_db} SET lc_monetary = 'C'")
     with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
         wait_until(lambda: env.converged("public.prices"), message="the money table")
+
+
+def test_null_stays_null_in_a_column_added_with_a_default(env: StreamingEnv) -> None:
+    """NULL, a value, and the column left out, before and after ADD COLUMN ... DEFAULT, in the
+    same transaction as the ALTER and in separate ones: the destination equals the source."""
+    execute(env.source_url, "CREATE TABLE public.flags (id int PRIMARY KEY, v text)",
+            "INSERT INTO public.flags SELECT g, 'v' || g FROM generate_series(1, 20) g")
+    session = StreamingSession(env.pipeline("flags", ["public.flags"]), offsets_dir=env.offsets_dir)
+    with streaming(session):
+        wait_until(lambda: env.converged("public.flags"), message="the initial load")
+        execute(env.source_url, "INSERT INTO public.flags VALUES (21, 'before the alter')",
+                "UPDATE public.flags SET v = 'updated before' WHERE id = 1")
+        conn = psycopg2.connect(env.source_url)
+        with conn, conn.cursor() as cursor:  # one transaction: the ALTER and rows using it
+            cursor.execute("ALTER TABLE public.flags ADD COLUMN flag text DEFAULT 'dflt'")
+            cursor.execute("INSERT INTO public.flags VALUES (22, 'same tx null', NULL)")
+            cursor.execute("INSERT INTO public.flags VALUES (23, 'same tx value', 'x')")
+            cursor.execute("INSERT INTO public.flags (id, v) VALUES (24, 'same tx left out')")
+            cursor.execute("UPDATE public.flags SET flag = NULL WHERE id = 2")
+        conn.close()
+        execute(env.source_url,
+                "INSERT INTO public.flags VALUES (25, 'later null', NULL)",
+                "INSERT INTO public.flags VALUES (26, 'later value', 'y')",
+                "INSERT INTO public.flags (id, v) VALUES (27, 'later left out')",
+                "UPDATE public.flags SET flag = NULL WHERE id IN (3, 23)",
+                "UPDATE public.flags SET v = 'flag untouched' WHERE id IN (4, 22)",
+                "UPDATE public.flags SET flag = 'z' WHERE id = 5")
+        wait_until(lambda: env.converged("public.flags"), message="the rows around the ALTER")
+    assert fetch(env.destination_url, "SELECT id FROM replica.flags WHERE flag IS NULL ORDER BY id"
+                 ) == [(2,), (3,), (22,), (23,), (25,)]

@@ -32,6 +32,7 @@ from rosetta_dagster.harness.type_matrix import (
     change_matrix,
     create_matrix,
     differences,
+    families_for,
     pinned_connection,
     rows_as_text,
 )
@@ -69,13 +70,13 @@ def hostile_clusters(pg_root: Path) -> Iterator[tuple[LocalPostgresCluster, Loca
 
 @pytest.fixture(params=["pg18", "pg15-hostile-settings"])
 def matrix_env(
-    request: pytest.FixtureRequest, pg_cluster: LocalPostgresCluster, pg_root: Path
+    request: pytest.FixtureRequest, pg_cluster: LocalPostgresCluster, pg_root: Path, engine: str
 ) -> Iterator[StreamingEnv]:
     if request.param == "pg18":
-        env = new_streaming_env(pg_cluster, pg_root, "pgoutput")
+        env = new_streaming_env(pg_cluster, pg_root, engine)
     else:
         source, destination = request.getfixturevalue("hostile_clusters")
-        env = new_streaming_env(source, pg_root, "pgoutput", destination_cluster=destination)
+        env = new_streaming_env(source, pg_root, engine, destination_cluster=destination)
     yield env
     execute(env.cluster.dsn(), "SELECT pg_drop_replication_slot(slot_name) FROM "
             "pg_replication_slots WHERE NOT active AND database = %s", params=(env.source_db,))
@@ -83,20 +84,23 @@ def matrix_env(
 
 def test_every_type_is_exact_through_load_and_stream(matrix_env: StreamingEnv) -> None:
     env = matrix_env
-    tables = create_matrix(env.source_url)
+    families = families_for(env.engine)
+    tables = create_matrix(env.source_url, families)
     session = StreamingSession(env.pipeline("matrix", tables), offsets_dir=env.offsets_dir)
+
+    def differing() -> list[str]:
+        return differences(env.source_url, env.destination_url, "replica", families)
+
     with streaming(session):
-        wait_until(lambda: not differences(env.source_url, env.destination_url, "replica"),
-                   timeout_s=60, message="the initial load to equal the source")
-        change_matrix(env.source_url)
+        wait_until(lambda: not differing(), timeout_s=60,
+                   message="the initial load to equal the source")
+        change_matrix(env.source_url, families)
         try:
-            wait_until(lambda: not differences(env.source_url, env.destination_url, "replica"),
-                       timeout_s=60, message="the streamed changes")
+            wait_until(lambda: not differing(), timeout_s=60, message="the streamed changes")
         except AssertionError:
-            found = differences(env.source_url, env.destination_url, "replica")
-            raise AssertionError("destination differs:\n" + "\n".join(found[:40])) from None
+            raise AssertionError("destination differs:\n" + "\n".join(differing()[:40])) from None
     assert session.progress.events_applied > 0
-    assert not differences(env.source_url, env.destination_url, "replica")
+    assert not differing()
 
 
 SETTINGS_SENSITIVE = """

@@ -183,7 +183,8 @@ class StreamingSession:
         refused = [
             f"{schema.table.qualified}.{column.name} ({column.type_sql}): {reason}"
             for schema in self._schemas.values() for column in schema.columns
-            if (reason := self.engine.values.refusal(column)) is not None
+            if (reason := self.engine.values.refusal(
+                column, column.name in schema.primary_key)) is not None
         ]
         if refused:
             raise SchemaError(
@@ -509,7 +510,7 @@ class StreamingSession:
         lowest (engines that keep positions with the data)."""
         positions = [a.read_position() for a in self._appliers if a.tracking is not None]
         self._capture = self.engine.capture(
-            self.pipeline, self.positions, self._on_batch,
+            self.pipeline, self.positions, self._on_batch, schemas=self._schemas,
             start_position=min(positions) if positions and None not in positions else None,  # type: ignore[type-var]
             snapshot_mode=snapshot_mode,
         )

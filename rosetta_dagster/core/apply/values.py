@@ -30,5 +30,6 @@ class ValueCodec:
 
     converter_for: Callable[[Column], Converter]
     is_unchanged: Callable[[Any], bool]
-    # Why a column cannot be carried exactly by this engine (None: it can).
-    refusal: Callable[[Column], str | None]
+    # Why a column (a primary key column when the flag is set) cannot be carried exactly by
+    # this engine (None: it can).
+    refusal: Callable[[Column, bool], str | None]

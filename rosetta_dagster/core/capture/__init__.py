@@ -14,14 +14,20 @@ COPY text.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from rosetta_dagster.core.apply.schema import TableSchema
 from rosetta_dagster.core.apply.values import ValueCodec
 from rosetta_dagster.core.events import ChangeEvent, PositionMarker, Watermark
-from rosetta_dagster.core.pipeline_config import CAPTURE_ENGINES, Destination, PipelineDefinition
+from rosetta_dagster.core.pipeline_config import (
+    CAPTURE_ENGINES,
+    Destination,
+    PipelineDefinition,
+    TableRef,
+)
 
 if TYPE_CHECKING:
     from rosetta_dagster.core.apply.applier import PositionTracking
@@ -123,6 +129,7 @@ class CaptureEngine(Protocol):
         positions: PositionStore,
         on_batch: BatchHandler,
         *,
+        schemas: Mapping[TableRef, TableSchema],
         start_position: int | None,
         snapshot_mode: str | None,
     ) -> Capture: ...

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from rosetta_dagster.core.apply.applier import PositionTracking
+from rosetta_dagster.core.apply.schema import TableSchema
 from rosetta_dagster.core.capture import BatchHandler, Capture, PositionStore, StoredPosition
 from rosetta_dagster.core.capture.debezium.values import DEBEZIUM_VALUES
 from rosetta_dagster.core.initial_load import LoadState
-from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
+from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
 
 
 def offsets_file(offsets_dir: Path, pipeline: str) -> Path:
@@ -109,13 +111,16 @@ class DebeziumEngine:
         positions: PositionStore,
         on_batch: BatchHandler,
         *,
+        schemas: Mapping[TableRef, TableSchema],
         start_position: int | None,
         snapshot_mode: str | None,
     ) -> Capture:
         from rosetta_dagster.core.capture.debezium.engine import DebeziumCapture
+        from rosetta_dagster.core.capture.debezium.reread import SourceReread
 
         assert isinstance(positions, OffsetFile)
-        return DebeziumCapture(pipeline, positions.path, on_batch, snapshot_mode=snapshot_mode)
+        return DebeziumCapture(pipeline, positions.path, on_batch, snapshot_mode=snapshot_mode,
+                               reread=SourceReread(schemas))
 
 
 DEBEZIUM = DebeziumEngine()

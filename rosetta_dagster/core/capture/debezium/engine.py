@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import jpype
+import psycopg2.extensions
 
 from rosetta_dagster.core.capture import BatchHandler, CaptureBatch
 from rosetta_dagster.core.capture.debezium.events import decode_event
 from rosetta_dagster.core.capture.debezium.jvm import ensure_jvm
+from rosetta_dagster.core.capture.debezium.reread import SourceReread
 from rosetta_dagster.core.dsn import mask_secrets, pinned_options
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import (
@@ -28,6 +30,7 @@ from rosetta_dagster.core.events import (
     Watermark,
 )
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
+from rosetta_dagster.core.replication import connect_source
 
 logger = logging.getLogger("rosetta.capture")
 
@@ -46,7 +49,8 @@ class CaptureError(RosettaError):
 
 
 def connector_properties(
-    pipeline: PipelineDefinition, offsets_path: Path, *, snapshot_mode: str | None = None
+    pipeline: PipelineDefinition, offsets_path: Path, *, snapshot_mode: str | None = None,
+    excluded_columns: str = "",
 ) -> dict[str, str]:
     """Debezium Postgres connector settings for a pipeline."""
     source = pipeline.source
@@ -76,6 +80,11 @@ def connector_properties(
             f"{t.schema}\\.{t.name}".replace("$", "\\$") for t in pipeline.tables
         ),
         "snapshot.mode": snapshot_mode or settings.snapshot_mode,
+        # Columns whose values Debezium cannot carry exactly: re-read from the source instead.
+        **({"column.exclude.list": excluded_columns} if excluded_columns else {}),
+        # A NULL stays NULL: Kafka's JSON converter would otherwise write the column's default
+        # (a column added with a DEFAULT) in its place.
+        "value.converter.replace.null.with.default": "false",
         "decimal.handling.mode": "string",
         "interval.handling.mode": "string",
         "binary.handling.mode": "hex",
@@ -124,8 +133,10 @@ class DebeziumCapture:
         on_batch: BatchHandler,
         *,
         snapshot_mode: str | None = None,
+        reread: SourceReread | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.reread = reread
         self.offsets_path = offsets_path
         self.on_batch = on_batch
         self.snapshot_mode = snapshot_mode
@@ -134,6 +145,7 @@ class DebeziumCapture:
         self._completion: _CompletionCallback | None = None
         self._run_error: BaseException | None = None
         self._stopping = False
+        self._source_conn: psycopg2.extensions.connection | None = None
 
     def start(self) -> None:
         ensure_jvm(self.pipeline.settings.jvm_max_heap)
@@ -159,6 +171,8 @@ class DebeziumCapture:
                         events.append(event)
                         if isinstance(event, Watermark):
                             marker = PositionMarker(event.source_ts_ms)
+                if capture.reread is not None and capture.reread.tables and events:
+                    events = capture.reread.fill(capture._source(), events)
                 if events or marker is not None:
                     capture.on_batch(CaptureBatch(events, marker))
 
@@ -179,7 +193,8 @@ class DebeziumCapture:
 
         self.offsets_path.parent.mkdir(parents=True, exist_ok=True)
         properties = connector_properties(
-            self.pipeline, self.offsets_path, snapshot_mode=self.snapshot_mode
+            self.pipeline, self.offsets_path, snapshot_mode=self.snapshot_mode,
+            excluded_columns=self.reread.exclude_list() if self.reread else "",
         )
         self._completion = completion
         self._engine = _Engine(properties=properties, handler=_Handler())
@@ -188,11 +203,20 @@ class DebeziumCapture:
         )
         self._thread.start()
 
+    def _source(self) -> psycopg2.extensions.connection:
+        """The engine thread's source connection for re-reads (opened on first use)."""
+        if self._source_conn is None or self._source_conn.closed:
+            self._source_conn = connect_source(self.pipeline)
+        return self._source_conn
+
     def _run(self) -> None:
         try:
             self._engine.run()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self._run_error = exc
+        finally:
+            if self._source_conn is not None:
+                self._source_conn.close()
 
     def wait(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s``; True while the engine is still running."""

@@ -4,15 +4,16 @@ PostgreSQL sent, positions committed in each destination with the data (nothing 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rosetta_dagster.core.apply.schema import Column
+from rosetta_dagster.core.apply.schema import Column, TableSchema
 from rosetta_dagster.core.apply.values import ValueCodec
 from rosetta_dagster.core.capture import BatchHandler, Capture, PositionStore
 from rosetta_dagster.core.capture.pgoutput.positions import DestinationPositions
 from rosetta_dagster.core.events import UNCHANGED_TOAST
-from rosetta_dagster.core.pipeline_config import PipelineDefinition
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 
 
 def _as_sent(value: Any) -> str:
@@ -26,7 +27,7 @@ _NAMES_SOURCE_OBJECTS = frozenset({"regclass", "regproc", "regprocedure", "regop
                                    "regoperator", "regnamespace", "regrole", "regcollation"})
 
 
-def _refusal(column: Column) -> str | None:
+def _refusal(column: Column, key: bool) -> str | None:
     if column.base_type in _NAMES_SOURCE_OBJECTS:
         return "its text names an object of the source database, which the destination lacks"
     return None
@@ -50,6 +51,7 @@ class PgoutputEngine:
         positions: PositionStore,
         on_batch: BatchHandler,
         *,
+        schemas: Mapping[TableRef, TableSchema],
         start_position: int | None,
         snapshot_mode: str | None,
     ) -> Capture:
