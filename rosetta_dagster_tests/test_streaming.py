@@ -361,3 +361,20 @@ def test_null_stays_null_in_a_column_added_with_a_default(env: StreamingEnv) -> 
         wait_until(lambda: env.converged("public.flags"), message="the rows around the ALTER")
     assert fetch(env.destination_url, "SELECT id FROM replica.flags WHERE flag IS NULL ORDER BY id"
                  ) == [(2,), (3,), (22,), (23,), (25,)]
+
+
+@pytest.mark.parametrize("engine", ["debezium"])
+def test_every_column_the_engine_cannot_carry_is_refused_in_one_message(env: StreamingEnv) -> None:
+    execute(env.source_url, "CREATE TABLE public.spans (id int4range PRIMARY KEY, n int)",
+            "CREATE TABLE public.refs (id int PRIMARY KEY, rc regclass, rp regproc, ok text)")
+    pipeline = env.pipeline("refused", ["public.spans", "public.refs"])
+    with pytest.raises(RosettaError) as raised:
+        StreamingSession(pipeline, offsets_dir=env.offsets_dir).run()
+    assert str(raised.value) == (
+        "Pipeline refused cannot replicate these columns exactly with the debezium engine, so "
+        "nothing was written: public.spans.id (int4range): a primary key column of a type "
+        "Debezium does not carry; the pgoutput engine does (streaming.engine: pgoutput); "
+        "public.refs.rc (regclass): its text names an object of the source database; "
+        "public.refs.rp (regproc): its text names an object of the source database.")
+    assert fetch(env.destination_url, "SELECT count(*) FROM pg_tables WHERE schemaname = 'replica'"
+                 ) == [(0,)]

@@ -35,10 +35,12 @@ from rosetta_dagster.harness.type_matrix import (
     families_for,
     pinned_connection,
     rows_as_text,
+    type_table,
 )
 from rosetta_dagster_tests.conftest import TEST_PASSWORD
 
 SYSTEM_PG15 = Path("/usr/lib/postgresql/15/bin")
+TYPE_TABLE_START, TYPE_TABLE_END = "<!-- type table: start -->", "<!-- type table: end -->"
 
 # Server settings that change how values are printed and parsed (issue: exact whatever the
 # servers' DateStyle, IntervalStyle, TimeZone, float digits and bytea output).
@@ -101,6 +103,12 @@ def test_every_type_is_exact_through_load_and_stream(matrix_env: StreamingEnv) -
             raise AssertionError("destination differs:\n" + "\n".join(differing()[:40])) from None
     assert session.progress.events_applied > 0
     assert not differing()
+    if env.engine == "pgoutput" and env.destination_cluster is None:
+        # Every family ran through both engines: the README's table must say what ran.
+        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+        table = readme.split(TYPE_TABLE_START)[1].split(TYPE_TABLE_END)[0].strip()
+        expected = type_table(env.source_url)
+        assert table == expected, f"README type table is out of date; it should read:\n{expected}"
 
 
 SETTINGS_SENSITIVE = """

@@ -219,3 +219,29 @@ def differences(
                 found.append(f"{table_name(family)} id {key}: source {source.get(key)!r} != "
                              f"destination {destination.get(key)!r}")
     return found
+
+
+def type_table(url: str) -> str:
+    """The README's type table, from the matrix's tables in ``url`` and each engine's own
+    classification of their columns (the matrix test proves every line exact)."""
+    from rosetta_dagster.core.apply.schema import read_table_schema
+    from rosetta_dagster.core.capture import capture_engine
+    from rosetta_dagster.core.pipeline_config import CAPTURE_ENGINES, TableRef
+
+    conn = pinned_connection(url)
+    lines = ["| family | type | " + " | ".join(CAPTURE_ENGINES) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in CAPTURE_ENGINES) + " |"]
+    for family in FAMILIES:
+        column = read_table_schema(conn, TableRef("public", table_name(family)), "matrix").column("v")
+        cells = []
+        for name in CAPTURE_ENGINES:
+            values = capture_engine(name).values
+            if family not in families_for(name):
+                cells.append("refused: the engine fails to start on a database that has it")
+            elif (reason := values.refusal(column, False)) is not None:
+                cells.append(f"refused: {reason}")
+            else:
+                cells.append("exact, re-read from the source" if values.reread(column) else "exact")
+        lines.append(f"| {family.name} | `{family.type_sql}` | " + " | ".join(cells) + " |")
+    conn.close()
+    return "\n".join(lines)

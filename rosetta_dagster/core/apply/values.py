@@ -33,3 +33,5 @@ class ValueCodec:
     # Why a column (a primary key column when the flag is set) cannot be carried exactly by
     # this engine (None: it can).
     refusal: Callable[[Column, bool], str | None]
+    # True when the engine's own value is not used: the column is re-read from the source.
+    reread: Callable[[Column], bool] = lambda column: False

@@ -199,4 +199,4 @@ def _converter(column: Column) -> Converter:
 
 
 DEBEZIUM_VALUES = ValueCodec(converter_for=_converter, is_unchanged=is_unavailable,
-                             refusal=refusal)
+                             refusal=refusal, reread=needs_reread)
