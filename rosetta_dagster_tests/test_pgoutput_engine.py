@@ -23,6 +23,7 @@ from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import (
     StreamingEnv,
     count_rows,
+    drop_slots,
     execute,
     fetch,
     new_streaming_env,
@@ -52,10 +53,7 @@ CREATE TRIGGER count_application AFTER INSERT OR UPDATE ON replica.events
 def env(pg_cluster: LocalPostgresCluster, pg_root: Path) -> Iterator[StreamingEnv]:
     environment = new_streaming_env(pg_cluster, pg_root, "pgoutput")
     yield environment
-    wait_until(lambda: not fetch(environment.cluster.dsn(), "SELECT 1 FROM pg_replication_slots "
-                                 "WHERE active AND database = %s", (environment.source_db,)), 60)
-    execute(environment.cluster.dsn(), "SELECT pg_drop_replication_slot(slot_name) FROM "
-            "pg_replication_slots WHERE database = %s", params=(environment.source_db,))
+    drop_slots(environment)
 
 
 class _Inserter:

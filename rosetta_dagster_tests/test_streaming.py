@@ -22,6 +22,7 @@ from rosetta_dagster.harness import (
     execute,
     fetch,
     new_streaming_env,
+    replica_tables,
     streaming,
     wait_until,
 )
@@ -268,8 +269,7 @@ def test_bad_input_fails_with_one_clear_sentence_and_writes_nothing(
     assert state.state is PipelineState.ERROR
     assert state.last_error == message
     assert "wrong-password" not in message and env.cluster.password not in message
-    assert fetch(env.destination_url, "SELECT count(*) FROM pg_tables WHERE schemaname = 'replica'") \
-        == [(0,)]
+    assert replica_tables(env) == 0
 
 
 @pytest.mark.parametrize("engine", ["debezium"])
@@ -325,8 +325,7 @@ def test_money_is_refused_between_databases_with_different_lc_monetary(env: Stre
         "public.prices.amounts) exactly: lc_monetary is C on source src and C.utf8 on "
         "destination dst, so the same amount would mean another value; use the same "
         "lc_monetary on both, so nothing was written.")
-    assert fetch(env.destination_url, "SELECT count(*) FROM pg_tables WHERE schemaname = 'replica'"
-                 ) == [(0,)]
+    assert replica_tables(env) == 0
     # With the same lc_monetary the amounts are carried exactly.
     execute(env.cluster.dsn(), f"ALTER DATABASE {env.destination_db} SET lc_monetary = 'C'")
     with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
@@ -376,5 +375,4 @@ def test_every_column_the_engine_cannot_carry_is_refused_in_one_message(env: Str
         "Debezium does not carry; the pgoutput engine does (streaming.engine: pgoutput); "
         "public.refs.rc (regclass): its text names an object of the source database; "
         "public.refs.rp (regproc): its text names an object of the source database.")
-    assert fetch(env.destination_url, "SELECT count(*) FROM pg_tables WHERE schemaname = 'replica'"
-                 ) == [(0,)]
+    assert replica_tables(env) == 0

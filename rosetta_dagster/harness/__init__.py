@@ -170,6 +170,22 @@ def new_streaming_env(
                         destination_cluster)
 
 
+def drop_slots(env: StreamingEnv, *, wait_s: float = 60) -> None:
+    """Drop the env's replication slots once their consumers let go (slot names are per
+    cluster: the next test may reuse them)."""
+    wait_until(lambda: not fetch(env.cluster.dsn(), "SELECT 1 FROM pg_replication_slots "
+                                 "WHERE active AND database = %s", (env.source_db,)), wait_s)
+    execute(env.cluster.dsn(), "SELECT pg_drop_replication_slot(slot_name) FROM "
+            "pg_replication_slots WHERE database = %s", params=(env.source_db,))
+
+
+def replica_tables(env: StreamingEnv) -> int:
+    """How many tables the destination's replica schema holds (0: nothing was written)."""
+    rows = fetch(env.destination_url,
+                 "SELECT count(*) FROM pg_tables WHERE schemaname = 'replica'")
+    return int(rows[0][0])  # type: ignore[call-overload]
+
+
 @contextmanager
 def streaming(session: StreamingSession) -> Iterator[threading.Thread]:
     """Run a session in a thread for the duration of the block, then stop it cleanly."""
