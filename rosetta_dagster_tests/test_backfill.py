@@ -21,6 +21,7 @@ from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import (
     StreamingEnv,
     count_rows,
+    drop_slots,
     execute,
     fetch,
     new_streaming_env,
@@ -32,10 +33,11 @@ from rosetta_dagster.harness import (
 
 @pytest.fixture
 def streamed(request: pytest.FixtureRequest, pg_cluster: LocalPostgresCluster, pg_root: Path,
-             store: ConfigStore) -> Iterator[tuple[StreamingEnv, PipelineDefinition]]:
-    """`public.big` (20,000 rows unless parametrized) streaming into the replica."""
+             store: ConfigStore, engine: str) -> Iterator[tuple[StreamingEnv, PipelineDefinition]]:
+    """`public.big` (20,000 rows unless parametrized) streaming into the replica (both engines:
+    the watermarks arrive as Debezium's message records or as pgoutput's logical messages)."""
     rows = getattr(request, "param", 20_000)
-    env = new_streaming_env(pg_cluster, pg_root)
+    env = new_streaming_env(pg_cluster, pg_root, engine)
     execute(env.source_url, "CREATE TABLE public.big (id int PRIMARY KEY, v int, note text)",
             "INSERT INTO public.big SELECT g, g, 'n' || g FROM generate_series(1, %s) g",
             params=(rows,))
@@ -46,9 +48,7 @@ def streamed(request: pytest.FixtureRequest, pg_cluster: LocalPostgresCluster, p
         wait_until(lambda: env.converged("public.big"), 120, "the snapshot")
         yield env, pipeline
     shutil.rmtree(env.offsets_dir, ignore_errors=True)
-    inactive = "SELECT active FROM pg_replication_slots WHERE slot_name = 'rosetta_bf'"
-    wait_until(lambda: fetch(env.source_url, inactive) == [(False,)], 60, "the slot's release")
-    execute(env.source_url, "SELECT pg_drop_replication_slot('rosetta_bf')")
+    drop_slots(env)
 
 
 def _runner(pipeline: PipelineDefinition, store: ConfigStore, job_id: int, **kwargs: object
