@@ -376,3 +376,15 @@ def test_every_column_the_engine_cannot_carry_is_refused_in_one_message(env: Str
         "public.refs.rc (regclass): its text names an object of the source database; "
         "public.refs.rp (regproc): its text names an object of the source database.")
     assert replica_tables(env) == 0
+    # A database Debezium cannot start on at all is refused before the initial load, too.
+    execute(env.source_url, "DROP TABLE public.spans, public.refs",
+            "CREATE TYPE public.level AS ENUM ('low', 'high')",
+            "CREATE DOMAIN public.level_d AS public.level",
+            "CREATE TABLE public.plain (id int PRIMARY KEY)")
+    with pytest.raises(RosettaError) as raised:
+        StreamingSession(env.pipeline("refused", ["public.plain"]), offsets_dir=env.offsets_dir).run()
+    assert str(raised.value) == (
+        "Pipeline refused cannot stream source src with the debezium engine, so nothing was "
+        "written: the source database has domains over enums (level_d), on which Debezium fails "
+        "when it starts; the pgoutput engine streams it (streaming.engine: pgoutput).")
+    assert replica_tables(env) == 0

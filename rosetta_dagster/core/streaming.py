@@ -152,6 +152,10 @@ class StreamingSession:
             where = f"source {self.pipeline.source.name}"
             self._schemas = {t: read_table_schema(conn, t, where) for t in self.pipeline.tables}
             self._refuse_unsupported_columns()
+            if (reason := self.engine.source_refusal(conn)) is not None:
+                raise SchemaError(f"Pipeline {self.pipeline.name} cannot stream source "
+                                  f"{self.pipeline.source.name} with the {self.engine.name} "
+                                  f"engine, so nothing was written: {reason}.")
             self._refuse_money_across_locales(conn)
             self._ensure_publication(conn)
             if not slot_exists(conn, self.pipeline.slot_name):

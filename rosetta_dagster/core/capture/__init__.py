@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import psycopg2.extensions
+
 from rosetta_dagster.core.apply.schema import TableSchema
 from rosetta_dagster.core.apply.values import ValueCodec
 from rosetta_dagster.core.events import ChangeEvent, PositionMarker, Watermark
@@ -120,6 +122,9 @@ class Capture(Protocol):
 class CaptureEngine(Protocol):
     name: str
     values: ValueCodec
+
+    def source_refusal(self, conn: psycopg2.extensions.connection) -> str | None:
+        """Why the engine cannot stream this source database at all (None: it can)."""
 
     def position_store(self, pipeline: PipelineDefinition, offsets_dir: Path) -> PositionStore: ...
 

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg2.extensions
+
 from rosetta_dagster.core.apply.applier import PositionTracking
 from rosetta_dagster.core.apply.schema import TableSchema
 from rosetta_dagster.core.capture import BatchHandler, Capture, PositionStore, StoredPosition
@@ -100,6 +102,20 @@ class OffsetFile:
 class DebeziumEngine:
     name = "debezium"
     values = DEBEZIUM_VALUES
+
+    def source_refusal(self, conn: psycopg2.extensions.connection) -> str | None:
+        """Debezium's type registry fails when it starts (a NullPointerException) on a database
+        that holds a domain over an enum, whether a captured table uses it or not."""
+        with conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT format_type(d.oid, NULL) FROM pg_type d JOIN pg_type b "
+                "ON b.oid = d.typbasetype WHERE d.typtype = 'd' AND b.typtype = 'e' ORDER BY 1")
+            domains = [row[0] for row in cursor.fetchall()]
+        if not domains:
+            return None
+        return (f"the source database has domains over enums ({', '.join(domains)}), on which "
+                "Debezium fails when it starts; the pgoutput engine streams it "
+                "(streaming.engine: pgoutput)")
 
     def position_store(self, pipeline: PipelineDefinition, offsets_dir: Path) -> PositionStore:
         return OffsetFile(pipeline, offsets_file(offsets_dir, pipeline.name),

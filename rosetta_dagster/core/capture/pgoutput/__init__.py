@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import psycopg2.extensions
+
 from rosetta_dagster.core.apply.schema import Column, TableSchema
 from rosetta_dagster.core.apply.values import ValueCodec
 from rosetta_dagster.core.capture import BatchHandler, Capture, PositionStore
@@ -41,6 +43,9 @@ PGOUTPUT_VALUES = ValueCodec(converter_for=lambda column: _as_sent,
 class PgoutputEngine:
     name = "pgoutput"
     values = PGOUTPUT_VALUES
+
+    def source_refusal(self, conn: psycopg2.extensions.connection) -> str | None:
+        return None
 
     def position_store(self, pipeline: PipelineDefinition, offsets_dir: Path) -> PositionStore:
         return DestinationPositions(pipeline)
