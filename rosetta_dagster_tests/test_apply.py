@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import psycopg2
 import pytest
 
-from rosetta_dagster.core.apply.applier import PostgresApplier
+from rosetta_dagster.core.apply.applier import ApplyError, PostgresApplier
 from rosetta_dagster.core.apply.schema import read_table_schema
 from rosetta_dagster.core.capture.debezium.values import DEBEZIUM_VALUES
 from rosetta_dagster.core.events import ChangeEvent
@@ -77,6 +77,10 @@ def test_truncate_splits_a_batch_in_order(applier: PostgresApplier, database_url
 def test_a_failing_batch_rolls_back_entirely(applier: PostgresApplier, database_url: str) -> None:
     applier.apply([_event("c", 1, "kept", 1)])
     bad = [_event("c", 5, "new", 5), _event("u", 1, "changed", "not a number")]  # type: ignore[arg-type]
-    with pytest.raises(psycopg2.errors.InvalidTextRepresentation):
+    with pytest.raises(ApplyError) as raised:
         applier.apply(bad)
     assert _rows(database_url) == [(1, "kept", 1)]
+    # Named by source table, key and column; never by the internal staging table.
+    assert str(raised.value) == (
+        "Destination destination: a change of public.accounts with key (id=1) could not be "
+        'applied at column balance: invalid input syntax for type integer: "not a number".')

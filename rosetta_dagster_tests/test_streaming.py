@@ -388,3 +388,24 @@ def test_every_column_the_engine_cannot_carry_is_refused_in_one_message(env: Str
         "written: the source database has domains over enums (level_d), on which Debezium fails "
         "when it starts; the pgoutput engine streams it (streaming.engine: pgoutput).")
     assert replica_tables(env) == 0
+
+
+@pytest.mark.parametrize("engine", ["pgoutput"])  # the applier's message, the same for both
+def test_a_change_the_destination_refuses_is_named_by_source_table_key_and_column(
+    env: StreamingEnv,
+) -> None:
+    execute(env.source_url, "CREATE TABLE public.notes (id int PRIMARY KEY, v text, n int)",
+            "INSERT INTO public.notes VALUES (1, 'ok', 1)")
+    pipeline = env.pipeline("refuses", ["public.notes"])
+    session = StreamingSession(pipeline, offsets_dir=env.offsets_dir)
+    with pytest.raises(RosettaError) as raised, streaming(session) as thread:
+        wait_until(lambda: env.converged("public.notes"), message="the initial load")
+        # Changed by hand on the destination: narrower than the source's values.
+        execute(env.destination_url, "ALTER TABLE replica.notes ALTER COLUMN v TYPE varchar(5)")
+        execute(env.source_url, "INSERT INTO public.notes VALUES (2, 'far too long', 2)",
+                "INSERT INTO public.notes VALUES (3, 'fine', 3)")
+        wait_until(lambda: not thread.is_alive(), message="the stream to stop on the change")
+    assert str(raised.value) == (
+        "Destination dst: a change of public.notes with key (id=2) could not be applied: value "
+        "too long for type character varying(5).")
+    assert "_rosetta_stage" not in str(raised.value)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -37,11 +38,20 @@ from psycopg2 import sql
 
 from rosetta_dagster.core.apply.schema import TableSchema, destination_type, ensure_destination_table
 from rosetta_dagster.core.apply.values import COPY_NULL, Converter, ValueCodec, copy_field
+from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import ResilientConnectionPool
 
 logger = logging.getLogger("rosetta.apply")
+
+# A change the destination refuses (bad value, constraint, permission): not a lost connection.
+_DATA_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError, psycopg2.ProgrammingError,
+                psycopg2.NotSupportedError, psycopg2.InternalError)
+
+
+class ApplyError(RosettaError):
+    """A change could not be applied; the message names source table, key and column."""
 
 _OP = "_rosetta_op"
 _UNCHANGED = "_rosetta_unchanged"
@@ -60,6 +70,7 @@ class _TablePlan:
     create_stage: sql.Composed
     copy: sql.Composed
     merge: sql.Composed
+    merge_one: sql.Composed
     keys_table: sql.Identifier
     create_keys: sql.Composed
     record_keys: sql.Composed
@@ -192,20 +203,27 @@ class PostgresApplier:
             if updates
             else sql.SQL("WHEN MATCHED THEN DO NOTHING")
         )
-        merge = sql.SQL(
-            "MERGE INTO {target} AS t USING {stage} AS s ON {match} "
-            "WHEN MATCHED AND s.{op} = 'd' THEN DELETE "
-            "{when_matched_update} "
-            "WHEN NOT MATCHED AND s.{op} <> 'd' THEN INSERT ({columns}) VALUES ({values})"
-        ).format(
-            target=target,
-            stage=stage,
-            match=match,
-            op=sql.Identifier(_OP),
-            when_matched_update=when_matched_update,
-            columns=column_list,
-            values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in columns),
-        )
+        def merge_using(rows: sql.Composable) -> sql.Composed:
+            return sql.SQL(
+                "MERGE INTO {target} AS t USING {rows} AS s ON {match} "
+                "WHEN MATCHED AND s.{op} = 'd' THEN DELETE "
+                "{when_matched_update} "
+                "WHEN NOT MATCHED AND s.{op} <> 'd' THEN INSERT ({columns}) VALUES ({values})"
+            ).format(
+                target=target,
+                rows=rows,
+                match=match,
+                op=sql.Identifier(_OP),
+                when_matched_update=when_matched_update,
+                columns=column_list,
+                values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in columns),
+            )
+
+        merge = merge_using(stage)
+        # One staged row, its key as parameters: finds the row a failing batch stops on.
+        merge_one = merge_using(sql.SQL("(SELECT * FROM {} WHERE ROW({}) = ROW({}))").format(
+            stage, sql.SQL(", ").join(sql.Identifier(k) for k in schema.primary_key),
+            sql.SQL(", ").join(sql.Placeholder() * len(schema.primary_key))))
         converters = [(c.name, self.values.converter_for(c)) for c in schema.columns]
         keys_table = sql.Identifier(self.target_schema, _keys_table_name(table))
         key_columns = sql.SQL(", ").join(sql.Identifier(k) for k in schema.primary_key)
@@ -233,7 +251,7 @@ class PostgresApplier:
             ),
         )
         return _TablePlan(
-            schema, target, stage_name, converters, create_stage, copy, merge,
+            schema, target, stage_name, converters, create_stage, copy, merge, merge_one,
             keys_table, create_keys, record_keys, delete_unrecorded,
         )
 
@@ -440,6 +458,39 @@ class PostgresApplier:
             self.position = position
         return result
 
+    def _failure(
+        self, cursor: psycopg2.extensions.cursor, exc: psycopg2.Error, plan: _TablePlan,
+        events: list[ChangeEvent],
+    ) -> str:
+        """One sentence naming the source table, the row's key and the column (never the
+        staging table): from the failing COPY line, or by merging the staged rows one by one
+        until one fails the same way."""
+        diag = exc.diag
+        culprit: ChangeEvent | None = None
+        copy_line = re.search(r", line (\d+)(?:, column (\S+?))?(?::|$)", diag.context or "")
+        if copy_line:
+            culprit = events[int(copy_line.group(1)) - 1]
+        else:
+            cursor.execute("ROLLBACK TO SAVEPOINT _rosetta_merge")
+            converters = dict(plan.converters)
+            for event in events:
+                key = [converters[k](event.row[k]) for k in plan.schema.primary_key]
+                try:
+                    cursor.execute("SAVEPOINT _rosetta_row")
+                    cursor.execute(plan.merge_one, key)
+                except psycopg2.Error:
+                    culprit = event
+                    break
+                cursor.execute("RELEASE SAVEPOINT _rosetta_row")
+        where = f"Destination {self.name}: a change of {plan.schema.table.qualified}"
+        if culprit is not None:
+            key_text = ", ".join(f"{k}={culprit.row.get(k)}" for k in plan.schema.primary_key)
+            where += f" with key ({key_text})"
+        column = (copy_line.group(2) if copy_line else None) or diag.column_name
+        detail = f" ({diag.message_detail})" if diag.message_detail and not copy_line else ""
+        return (f"{where} could not be applied" + (f" at column {column}" if column else "")
+                + f": {diag.message_primary or str(exc).strip()}{detail}.")
+
     def _truncate(self, conn: psycopg2.extensions.connection, table: TableRef) -> None:
         with conn.cursor() as cursor:
             cursor.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(self.target_schema, table.name)))
@@ -504,8 +555,12 @@ class PostgresApplier:
         buffer.seek(0)
         with conn.cursor() as cursor:
             cursor.execute(plan.create_stage)
-            cursor.copy_expert(plan.copy, buffer)
-            cursor.execute(plan.merge)
+            try:
+                cursor.copy_expert(plan.copy, buffer)
+                cursor.execute("SAVEPOINT _rosetta_merge")
+                cursor.execute(plan.merge)
+            except _DATA_ERRORS as exc:
+                raise ApplyError(self._failure(cursor, exc, plan, list(events))) from None
             if record_keys:
                 cursor.execute(plan.create_keys)  # a table added during the snapshot
                 cursor.execute(plan.record_keys)
