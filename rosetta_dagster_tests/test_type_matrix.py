@@ -9,19 +9,21 @@ differently from each other and from the defaults.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-from rosetta_dagster.core.apply.schema import read_table_schema
-from rosetta_dagster.core.health import CheckOutcome, content_parity
+from rosetta_dagster.core.backfill import BackfillRunner
+from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster, PostgresBinaries
-from rosetta_dagster.core.pipeline_config import TableRef
-from rosetta_dagster.core.replication import destination_connection, source_connection
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import (
     StreamingEnv,
+    drop_slots,
     execute,
     fetch,
     new_streaming_env,
@@ -44,27 +46,38 @@ TYPE_TABLE_START, TYPE_TABLE_END = "<!-- type table: start -->", "<!-- type tabl
 
 # Server settings that change how values are printed and parsed (issue: exact whatever the
 # servers' DateStyle, IntervalStyle, TimeZone, float digits and bytea output).
-HOSTILE_SOURCE = {"DateStyle": "'SQL, DMY'", "IntervalStyle": "'sql_standard'",
-                  "timezone": "'Asia/Kathmandu'", "extra_float_digits": "0",
-                  "bytea_output": "'escape'"}
-HOSTILE_DESTINATION = {"DateStyle": "'German, MDY'", "IntervalStyle": "'postgres_verbose'",
-                       "timezone": "'America/St_Johns'", "extra_float_digits": "-5"}
+# (source, destination) server settings: two combinations.
+HOSTILE_SETTINGS = {
+    "sql-dmy": ({"DateStyle": "'SQL, DMY'", "IntervalStyle": "'sql_standard'",
+                 "timezone": "'Asia/Kathmandu'", "extra_float_digits": "0",
+                 "bytea_output": "'escape'"},
+                {"DateStyle": "'German, MDY'", "IntervalStyle": "'postgres_verbose'",
+                 "timezone": "'America/St_Johns'", "extra_float_digits": "-5"}),
+    "iso-mdy": ({"DateStyle": "'ISO, MDY'", "IntervalStyle": "'iso_8601'",
+                 "timezone": "'Pacific/Chatham'", "bytea_output": "'hex'"},
+                {"DateStyle": "'Postgres, DMY'", "IntervalStyle": "'sql_standard'",
+                 "timezone": "'Asia/Kathmandu'", "extra_float_digits": "1",
+                 "bytea_output": "'escape'"}),
+}
 
 
-@pytest.fixture(scope="module")
-def hostile_clusters(pg_root: Path) -> Iterator[tuple[LocalPostgresCluster, LocalPostgresCluster]]:
+@pytest.fixture(scope="module", params=sorted(HOSTILE_SETTINGS))
+def hostile_clusters(
+    request: pytest.FixtureRequest, pg_root: Path
+) -> Iterator[tuple[LocalPostgresCluster, LocalPostgresCluster]]:
     """A PostgreSQL 15 source and a PostgreSQL 18 destination, each with odd settings."""
     if not (SYSTEM_PG15 / "postgres").exists():
         pytest.fail(f"PostgreSQL 15 server binaries are expected in {SYSTEM_PG15}")
-    source = LocalPostgresCluster(pg_root / "pg15-hostile", password=TEST_PASSWORD,
+    source_settings, destination_settings = HOSTILE_SETTINGS[request.param]
+    source = LocalPostgresCluster(pg_root / f"pg15-{request.param}", password=TEST_PASSWORD,
                                   binaries=PostgresBinaries(SYSTEM_PG15, "system"),
-                                  settings=HOSTILE_SOURCE).start()
-    destination = LocalPostgresCluster(pg_root / "pg18-hostile", password=TEST_PASSWORD,
-                                       settings=HOSTILE_DESTINATION).start()
+                                  settings=source_settings).start()
+    destination = LocalPostgresCluster(pg_root / f"pg18-{request.param}", password=TEST_PASSWORD,
+                                       settings=destination_settings).start()
     # Really in force (reset_val: psycopg2 itself switches its own sessions to ISO dates).
-    for cluster, expected in ((source, "SQL, DMY"), (destination, "German, MDY")):
+    for cluster, settings in ((source, source_settings), (destination, destination_settings)):
         assert fetch(cluster.dsn(), "SELECT reset_val FROM pg_settings WHERE name = 'DateStyle'"
-                     ) == [(expected,)]
+                     ) == [(settings["DateStyle"].strip("'"),)]
     yield source, destination
     source.destroy()
     destination.destroy()
@@ -125,10 +138,12 @@ SENSITIVE_ROW = ("INSERT INTO public.sensitive VALUES (%s, '2024-03-31 23:30:00.
 
 @pytest.mark.parametrize("engine", ["debezium", "pgoutput"])
 def test_exact_and_truthful_whatever_the_servers_settings(
-    hostile_clusters: tuple[LocalPostgresCluster, LocalPostgresCluster], pg_root: Path, engine: str
+    hostile_clusters: tuple[LocalPostgresCluster, LocalPostgresCluster], pg_root: Path, engine: str,
+    store: ConfigStore, database_url: str, tmp_path: Path,
 ) -> None:
     """Ordinary values of the types whose text depends on settings, streamed between servers
-    that print them differently; the content check agrees with the data both ways."""
+    that print them differently, repaired by a backfill; `rosetta validate` passes the
+    identical replica and fails one changed value."""
     source, destination = hostile_clusters
     env = new_streaming_env(source, pg_root, engine, destination_cluster=destination)
     conn = pinned_connection(env.source_url)
@@ -136,14 +151,27 @@ def test_exact_and_truthful_whatever_the_servers_settings(
         cursor.execute(SETTINGS_SENSITIVE)
         for key in (1, 2, 3):
             cursor.execute(SENSITIVE_ROW, (key,))
-    pipeline = env.pipeline(f"settings_{engine}", ["public.sensitive"])
+    name = f"settings_{engine}"
+    path = env.write_pipeline_file(tmp_path / "rosetta.yaml", name, ["public.sensitive"],
+                                   {"heartbeat_interval_ms": 1000})
+    document = yaml.safe_load(path.read_text())
+    document["operations"] = {"parity_window_seconds": 1}
+    path.write_text(yaml.safe_dump(document))
+    pipeline = env.pipeline(name, ["public.sensitive"])
+    store.sync_pipeline(pipeline)
+    store.set_pipeline_status(name, PipelineStatus.START)
 
     def equal() -> bool:
         return rows_as_text(env.source_url, "public", "sensitive") == rows_as_text(
             env.destination_url, "replica", "sensitive")
 
+    def validate() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "rosetta_dagster.cli", "validate"],
+                              env=env.pipeline_env(path, database_url), capture_output=True,
+                              text=True, timeout=120)
+
     try:
-        with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
+        with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
             wait_until(equal, 60, "the initial load")
             with conn.cursor() as cursor:
                 cursor.execute(SENSITIVE_ROW, (4,))
@@ -152,20 +180,21 @@ def test_exact_and_truthful_whatever_the_servers_settings(
                                "WHERE id <= 2")
                 cursor.execute("DELETE FROM public.sensitive WHERE id = 3")
             wait_until(equal, 60, "the streamed changes")
+            # Damaged behind the stream's back, repaired by a backfill of the whole table.
+            execute(env.destination_url, "DELETE FROM replica.sensitive WHERE id = 1",
+                    "UPDATE replica.sensitive SET iv = '0' WHERE id = 2")
+            job = store.create_backfill_job(name, "public.sensitive", [])
+            BackfillRunner(pipeline, store, job.id, chunk_timeout_s=60).run()
+            assert equal()
+            wait_until(lambda: store.get_pipeline(name).source_position_at is not None, 20,
+                       "a heartbeat with the source position")
+            healthy = validate()
+            assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+            execute(env.destination_url, "UPDATE replica.sensitive SET f = f + 1e-15 WHERE id = 2")
+            broken = validate()
+            assert broken.returncode == 1, broken.stdout + broken.stderr
+            assert ("content_parity: Rows differ in key range [1, 4]; first differing key 2."
+                    in broken.stdout), broken.stdout
     finally:
         conn.close()
-        execute(source.dsn(), "SELECT pg_drop_replication_slot(slot_name) FROM "
-                "pg_replication_slots WHERE NOT active AND database = %s", params=(env.source_db,))
-    assert len(rows_as_text(env.destination_url, "replica", "sensitive")) == 3
-
-    def content() -> CheckOutcome:
-        with source_connection(pipeline) as src, destination_connection(
-                pipeline, pipeline.destinations[0]) as dst:
-            schema = read_table_schema(src, TableRef("public", "sensitive"), "source")
-            return content_parity(src, dst, schema, "replica", chunk_rows=100, window_s=0)
-
-    assert content().passed  # identical tables pass, though each server prints differently
-    execute(env.destination_url, "UPDATE replica.sensitive SET f = f + 1e-15 WHERE id = 2")
-    failed = content()
-    assert not failed.passed
-    assert failed.description == "Rows differ in key range [1, 4]; first differing key 2."
+        drop_slots(env)
