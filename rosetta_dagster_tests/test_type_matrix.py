@@ -44,9 +44,9 @@ from rosetta_dagster_tests.conftest import TEST_PASSWORD
 SYSTEM_PG15 = Path("/usr/lib/postgresql/15/bin")
 TYPE_TABLE_START, TYPE_TABLE_END = "<!-- type table: start -->", "<!-- type table: end -->"
 
-# Server settings that change how values are printed and parsed (issue: exact whatever the
-# servers' DateStyle, IntervalStyle, TimeZone, float digits and bytea output).
-# (source, destination) server settings: two combinations.
+# (source, destination) server settings that change how values are printed and parsed: two
+# combinations (exact whatever the servers' DateStyle, IntervalStyle, TimeZone, float digits
+# and bytea output).
 HOSTILE_SETTINGS = {
     "sql-dmy": ({"DateStyle": "'SQL, DMY'", "IntervalStyle": "'sql_standard'",
                  "timezone": "'Asia/Kathmandu'", "extra_float_digits": "0",
@@ -61,26 +61,44 @@ HOSTILE_SETTINGS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(HOSTILE_SETTINGS))
-def hostile_clusters(
-    request: pytest.FixtureRequest, pg_root: Path
-) -> Iterator[tuple[LocalPostgresCluster, LocalPostgresCluster]]:
+Clusters = tuple[LocalPostgresCluster, LocalPostgresCluster]
+
+
+@pytest.fixture(scope="module")
+def hostile_pairs(pg_root: Path) -> Iterator[dict[str, Clusters]]:
+    """Started on first use, one pair per settings combination, shared by the module."""
+    pairs: dict[str, Clusters] = {}
+    yield pairs
+    for source, destination in pairs.values():
+        source.destroy()
+        destination.destroy()
+
+
+def _hostile_pair(pairs: dict[str, Clusters], pg_root: Path, name: str) -> Clusters:
     """A PostgreSQL 15 source and a PostgreSQL 18 destination, each with odd settings."""
+    if name in pairs:
+        return pairs[name]
     if not (SYSTEM_PG15 / "postgres").exists():
         pytest.fail(f"PostgreSQL 15 server binaries are expected in {SYSTEM_PG15}")
-    source_settings, destination_settings = HOSTILE_SETTINGS[request.param]
-    source = LocalPostgresCluster(pg_root / f"pg15-{request.param}", password=TEST_PASSWORD,
+    source_settings, destination_settings = HOSTILE_SETTINGS[name]
+    source = LocalPostgresCluster(pg_root / f"pg15-{name}", password=TEST_PASSWORD,
                                   binaries=PostgresBinaries(SYSTEM_PG15, "system"),
                                   settings=source_settings).start()
-    destination = LocalPostgresCluster(pg_root / f"pg18-{request.param}", password=TEST_PASSWORD,
+    destination = LocalPostgresCluster(pg_root / f"pg18-{name}", password=TEST_PASSWORD,
                                        settings=destination_settings).start()
+    pairs[name] = (source, destination)
     # Really in force (reset_val: psycopg2 itself switches its own sessions to ISO dates).
     for cluster, settings in ((source, source_settings), (destination, destination_settings)):
         assert fetch(cluster.dsn(), "SELECT reset_val FROM pg_settings WHERE name = 'DateStyle'"
                      ) == [(settings["DateStyle"].strip("'"),)]
-    yield source, destination
-    source.destroy()
-    destination.destroy()
+    return pairs[name]
+
+
+@pytest.fixture(params=sorted(HOSTILE_SETTINGS))
+def hostile_clusters(
+    request: pytest.FixtureRequest, hostile_pairs: dict[str, Clusters], pg_root: Path
+) -> Clusters:
+    return _hostile_pair(hostile_pairs, pg_root, request.param)
 
 
 @pytest.fixture(params=["pg18", "pg15-hostile-settings"])
@@ -90,7 +108,8 @@ def matrix_env(
     if request.param == "pg18":
         env = new_streaming_env(pg_cluster, pg_root, engine)
     else:
-        source, destination = request.getfixturevalue("hostile_clusters")
+        source, destination = _hostile_pair(request.getfixturevalue("hostile_pairs"), pg_root,
+                                            "sql-dmy")
         env = new_streaming_env(source, pg_root, engine, destination_cluster=destination)
     yield env
     execute(env.cluster.dsn(), "SELECT pg_drop_replication_slot(slot_name) FROM "
