@@ -183,7 +183,7 @@ class PostgresApplier:
         ] + [sql.SQL("{} text NOT NULL").format(sql.Identifier(_OP)),
              sql.SQL("{} text[]").format(sql.Identifier(_UNCHANGED))]
         create_stage = sql.SQL(
-            "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS"
+            "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT PRESERVE ROWS"
         ).format(stage, sql.SQL(", ").join(stage_columns))
         copy = sql.SQL("COPY {} ({}, {}, {}) FROM STDIN").format(
             stage, column_list, sql.Identifier(_OP), sql.Identifier(_UNCHANGED)
@@ -564,6 +564,8 @@ class PostgresApplier:
             if record_keys:
                 cursor.execute(plan.create_keys)  # a table added during the snapshot
                 cursor.execute(plan.record_keys)
-            cursor.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(plan.stage_name)))
+            # Small batches: DELETE (no new relation file, unlike TRUNCATE); large: TRUNCATE.
+            cursor.execute(sql.SQL("DELETE FROM {}" if rows < 1000 else "TRUNCATE {}").format(
+                sql.Identifier(plan.stage_name)))
         result.rows_written += rows
         result.unchanged_toast_values += unchanged_toast

@@ -1,17 +1,19 @@
 """Columns Debezium cannot carry exactly, re-read from the source by primary key.
 
-Such columns (see ``values.needs_reread``) are left out of Debezium's events
-(``column.exclude.list``), so the connector never converts them; for each batch the rows its
-events touch are read from the source in one query per table, as PostgreSQL's own text under
-the pinned settings. Consistency: the value read may be newer than the event's (the row changed
-again since); the destination then passes through that newer value earlier and converges when
-the later event is applied. An event whose row is gone from the source is dropped: its delete
-follows in the stream.
+Columns it never carries exactly (``values.always_reread``) are left out of its events
+(``column.exclude.list``), so the connector never converts them, and every event of their
+table is re-read. Dates and time stamps are carried in their ordinary range; an event with a
+value outside it (BC, ±infinity) has its row re-read. One query per table per batch, values as
+PostgreSQL's own text under the pinned settings.
+
+Consistency: the value read may be newer than the event's (the row changed again since); the
+destination then passes through that newer value earlier and converges when the later event is
+applied. An event whose row is gone from the source is dropped: its delete follows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +21,13 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from rosetta_dagster.core.apply.schema import TableSchema
-from rosetta_dagster.core.capture.debezium.values import SourceText, converter_for, needs_reread
+from rosetta_dagster.core.capture.debezium.values import (
+    SourceText,
+    always_reread,
+    converter_for,
+    needs_reread,
+    reread_when,
+)
 from rosetta_dagster.core.events import ChangeEvent, Watermark
 from rosetta_dagster.core.pipeline_config import TableRef
 
@@ -27,7 +35,15 @@ from rosetta_dagster.core.pipeline_config import TableRef
 @dataclass(frozen=True)
 class _TableReread:
     schema: TableSchema
-    columns: tuple[str, ...]  # re-read (left out of Debezium's events)
+    columns: tuple[str, ...]  # every column that may be re-read
+    excluded: tuple[str, ...]  # left out of Debezium's events: always re-read
+    checks: tuple[tuple[str, Callable[[Any], bool]], ...]  # ordinary-range tests of the others
+
+    def needed(self, event: ChangeEvent) -> bool:
+        after = event.after or {}
+        return bool(self.excluded) or any(
+            (value := after.get(name)) is not None and not ordinary(value)
+            for name, ordinary in self.checks)
 
     def query(self, keys: int) -> sql.Composed:
         """``WITH k(ord, key...) AS (VALUES ...) SELECT ord, column::text ... JOIN``."""
@@ -49,17 +65,22 @@ class _TableReread:
         )
 
 
-def reread_columns(schema: TableSchema) -> tuple[str, ...]:
-    return tuple(c.name for c in schema.columns
-                 if needs_reread(c) and c.name not in schema.primary_key)
+def _plan(schema: TableSchema) -> _TableReread | None:
+    columns = [c for c in schema.columns if c.name not in schema.primary_key and needs_reread(c)]
+    if not columns:
+        return None
+    checks = tuple((c.name, check) for c in columns
+                   if not always_reread(c) and (check := reread_when(c)) is not None)
+    return _TableReread(schema, tuple(c.name for c in columns),
+                        tuple(c.name for c in columns if always_reread(c)), checks)
 
 
 class SourceReread:
     """Fills the left-out columns of a batch's events from the source."""
 
     def __init__(self, schemas: Mapping[TableRef, TableSchema]) -> None:
-        self.tables = {table: _TableReread(schema, columns) for table, schema in schemas.items()
-                       if (columns := reread_columns(schema))}
+        self.tables = {table: plan for table, schema in schemas.items()
+                       if (plan := _plan(schema)) is not None}
         self._key_text = {table: [converter_for(plan.schema.column(k))
                                   for k in plan.schema.primary_key]
                           for table, plan in self.tables.items()}
@@ -70,7 +91,7 @@ class SourceReread:
             return name.replace(".", "\\.").replace("$", "\\$")
 
         return ",".join(f"{escaped(t.schema)}\\.{escaped(t.name)}\\.{escaped(c)}"
-                        for t, plan in self.tables.items() for c in plan.columns)
+                        for t, plan in self.tables.items() for c in plan.excluded)
 
     def fill(
         self, conn: psycopg2.extensions.connection, items: Sequence[ChangeEvent | Watermark]
@@ -78,7 +99,8 @@ class SourceReread:
         """The items with re-read values in place; events of rows gone are dropped."""
         wanted: dict[TableRef, dict[tuple[Any, ...], int]] = {}
         for item in items:
-            if isinstance(item, ChangeEvent) and item.table in self.tables and item.after:
+            if (isinstance(item, ChangeEvent) and item.table in self.tables and item.after
+                    and self.tables[item.table].needed(item)):
                 plan = self.tables[item.table]
                 key = tuple(item.after.get(k) for k in plan.schema.primary_key)
                 keys = wanted.setdefault(item.table, {})
@@ -99,9 +121,12 @@ class SourceReread:
         conn.rollback()  # read-only; do not keep a snapshot open
         kept: list[ChangeEvent | Watermark] = []
         for item in items:
-            if isinstance(item, ChangeEvent) and item.table in wanted and item.after:
-                plan = self.tables[item.table]
-                ordinal = wanted[item.table][tuple(item.after.get(k) for k in plan.schema.primary_key)]
+            key = (tuple(item.after.get(k) for k in self.tables[item.table].schema.primary_key)
+                   if isinstance(item, ChangeEvent) and item.table in wanted and item.after
+                   else None)
+            if key is not None and key in wanted[item.table]:  # type: ignore[union-attr]
+                plan = self.tables[item.table]  # type: ignore[union-attr]
+                ordinal = wanted[item.table][key]  # type: ignore[union-attr]
                 values = found[item.table].get(ordinal)
                 if values is None:
                     continue  # the row is gone from the source: its delete follows

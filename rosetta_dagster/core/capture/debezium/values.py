@@ -18,6 +18,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import math
+import re
+from collections.abc import Callable
 from typing import Any
 
 from rosetta_dagster.core.apply.schema import Column
@@ -157,12 +159,39 @@ SUPPORTED_BASE_TYPES = frozenset(
 )
 
 
-# Types Debezium carries, but not exactly for every value: BC years and ±infinity (dates and
-# time stamps), the offset (timetz), leading zeros (varbit), long names (name: NULL when
-# updated). Columns of these types, of arrays
-# (dimensions, lower bounds, NaN elements) and of types Debezium does not model are left out of
-# its events and re-read from the source by key (see reread.py).
-REREAD_BASE_TYPES = frozenset({"date", "timestamp", "timestamptz", "timetz", "varbit", "name"})
+# Types Debezium carries, but not exactly: the offset (timetz), leading zeros (varbit), long
+# values (name: NULL when updated). Columns of these types, of arrays (dimensions, lower bounds,
+# NaN elements) and of types Debezium does not model are left out of its events and re-read
+# from the source by key (see reread.py).
+REREAD_BASE_TYPES = frozenset({"timetz", "varbit", "name"})
+# Carried exactly in their ordinary range; a value outside it (BC years, ±infinity, years past
+# 9999) makes its row's columns be re-read from the source.
+_DAY_RANGE = (-719_162, 2_932_896)  # 0001-01-01 .. 9999-12-31, days since 1970-01-01
+_MICROSECOND_RANGE = (-62_135_596_800_000_000, 253_402_300_799_999_999)
+_ISO_YEAR_1_TO_9999 = re.compile(r"^(?!0000)\d{4}-")
+
+
+def _ordinary_day(value: Any) -> bool:
+    return isinstance(value, int) and _DAY_RANGE[0] <= value <= _DAY_RANGE[1]
+
+
+def _ordinary_microsecond(value: Any) -> bool:
+    return isinstance(value, int) and _MICROSECOND_RANGE[0] <= value <= _MICROSECOND_RANGE[1]
+
+
+def _ordinary_timestamptz(value: Any) -> bool:
+    return isinstance(value, str) and _ISO_YEAR_1_TO_9999.match(value) is not None
+
+
+ORDINARY_VALUE = {"date": _ordinary_day, "timestamp": _ordinary_microsecond,
+                  "timestamptz": _ordinary_timestamptz}
+
+
+def reread_when(column: Column) -> Callable[[Any], bool] | None:
+    """For a column Debezium carries in an ordinary range only: the test of a value."""
+    return None if column.is_array else ORDINARY_VALUE.get(column.base_type)
+
+
 _NAMES_SOURCE_OBJECTS = frozenset({"regclass", "regproc", "regprocedure", "regoper",
                                    "regoperator", "regnamespace", "regrole", "regcollation"})
 
@@ -173,9 +202,14 @@ class SourceText(str):
     __slots__ = ()
 
 
-def needs_reread(column: Column) -> bool:
+def always_reread(column: Column) -> bool:
     return (column.is_array or column.base_type in REREAD_BASE_TYPES
             or (column.enum_name is None and column.base_type not in SUPPORTED_BASE_TYPES))
+
+
+def needs_reread(column: Column) -> bool:
+    """Whether the column's value may come from the source instead of Debezium."""
+    return always_reread(column) or reread_when(column) is not None
 
 
 def refusal(column: Column, key: bool) -> str | None:
