@@ -146,13 +146,14 @@ def test_every_type_is_exact_through_load_and_stream(matrix_env: StreamingEnv) -
 SETTINGS_SENSITIVE = """
 CREATE TABLE public.sensitive (id int PRIMARY KEY, tstz timestamptz, ts timestamp, d date,
     t time, iv interval, r real, f double precision, n numeric(20,6), b bytea, j jsonb,
-    ia int[], ta text[], tsa timestamptz[])
+    ia int[], ta text[], tsa timestamptz[], tt timetz, iva interval[])
 """
 SENSITIVE_ROW = ("INSERT INTO public.sensitive VALUES (%s, '2024-03-31 23:30:00.123456+05:45', "
                  "'2024-12-25 08:00:00', '2024-02-29', '13:14:15.5', '1 day -02:00:03.25', "
                  "1.1, 0.30000000000000004, 12345.678901, '\\x00ff7f5c', "
                  "'{\"k\": [1.5, \"x\"]}', '{1,2,3}', '{a,\"b c\"}', "
-                 "'{\"2000-01-01 00:00:00+00\"}')")
+                 "'{\"2000-01-01 00:00:00+00\"}', '10:00:00.25+02', "
+                 "'{\"1 mon -2 days\",\"3 hours\"}')")
 
 
 @pytest.mark.parametrize("engine", ["debezium", "pgoutput"])
