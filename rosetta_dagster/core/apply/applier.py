@@ -150,6 +150,7 @@ class PostgresApplier:
         # A transaction left open by a batch piece (complete=False) until its last piece.
         self._open: AbstractContextManager[psycopg2.extensions.connection] | None = None
         self._open_conn: psycopg2.extensions.connection | None = None
+        self._spans_pieces = False  # the open transaction is one source transaction in pieces
 
     # -- schema ----------------------------------------------------------------------------
 
@@ -378,6 +379,7 @@ class PostgresApplier:
             context = self.pool.connection()
             self._open_conn = context.__enter__()  # may raise: then nothing is open
             self._open = context
+            self._spans_pieces = not complete
         assert self._open_conn is not None
         try:
             yield self._open_conn
@@ -564,8 +566,11 @@ class PostgresApplier:
             if record_keys:
                 cursor.execute(plan.create_keys)  # a table added during the snapshot
                 cursor.execute(plan.record_keys)
-            # Small batches: DELETE (no new relation file, unlike TRUNCATE); large: TRUNCATE.
-            cursor.execute(sql.SQL("DELETE FROM {}" if rows < 1000 else "TRUNCATE {}").format(
+            # Small batches: DELETE (no new relation file, unlike TRUNCATE). Large ones, and the
+            # pieces of one large transaction (dead rows would pile up until its commit and
+            # every later MERGE would scan them): TRUNCATE.
+            small = rows < 1000 and not self._spans_pieces
+            cursor.execute(sql.SQL("DELETE FROM {}" if small else "TRUNCATE {}").format(
                 sql.Identifier(plan.stage_name)))
         result.rows_written += rows
         result.unchanged_toast_values += unchanged_toast
