@@ -100,6 +100,12 @@ class _ChunkWindow:
         self.keys.add(tuple(row.get(k) for k in schemas[event.table].primary_key))
 
 
+def _lowest(positions: Sequence[int | None]) -> int | None:
+    """The position every destination has reached; None unless each has one."""
+    known = [p for p in positions if p is not None]
+    return min(known) if known and len(known) == len(positions) else None
+
+
 def _lc_monetary(conn: psycopg2.extensions.connection) -> str:
     with conn.cursor() as cursor:
         cursor.execute("SHOW lc_monetary")
@@ -260,8 +266,7 @@ class StreamingSession:
                            complete=batch.complete)
         if batch.marker is not None and batch.marker.source_ts_ms is not None:
             self.progress.note_source_position(batch.marker.source_ts_ms)
-        positions = [a.position for a in self._appliers]
-        return None if None in positions else min(positions)  # type: ignore[type-var]
+        return _lowest([a.position for a in self._appliers])
 
     def _fenced(self, event: ChangeEvent) -> bool:
         """A change the table's load already contains (its transaction is in the snapshot)."""
@@ -515,7 +520,7 @@ class StreamingSession:
         positions = [a.read_position() for a in self._appliers if a.tracking is not None]
         self._capture = self.engine.capture(
             self.pipeline, self.positions, self._on_batch, schemas=self._schemas,
-            start_position=min(positions) if positions and None not in positions else None,  # type: ignore[type-var]
+            start_position=_lowest(positions),
             snapshot_mode=snapshot_mode,
         )
         self._capture.start()

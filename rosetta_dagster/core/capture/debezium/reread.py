@@ -121,16 +121,15 @@ class SourceReread:
         conn.rollback()  # read-only; do not keep a snapshot open
         kept: list[ChangeEvent | Watermark] = []
         for item in items:
-            key = (tuple(item.after.get(k) for k in self.tables[item.table].schema.primary_key)
-                   if isinstance(item, ChangeEvent) and item.table in wanted and item.after
-                   else None)
-            if key is not None and key in wanted[item.table]:  # type: ignore[union-attr]
-                plan = self.tables[item.table]  # type: ignore[union-attr]
-                ordinal = wanted[item.table][key]  # type: ignore[union-attr]
-                values = found[item.table].get(ordinal)
-                if values is None:
-                    continue  # the row is gone from the source: its delete follows
-                for name, value in zip(plan.columns, values, strict=True):
-                    item.after[name] = None if value is None else SourceText(value)
+            if isinstance(item, ChangeEvent) and item.table in wanted and item.after:
+                plan = self.tables[item.table]
+                ordinal = wanted[item.table].get(
+                    tuple(item.after.get(k) for k in plan.schema.primary_key))
+                if ordinal is not None:
+                    values = found[item.table].get(ordinal)
+                    if values is None:
+                        continue  # the row is gone from the source: its delete follows
+                    for name, value in zip(plan.columns, values, strict=True):
+                        item.after[name] = None if value is None else SourceText(value)
             kept.append(item)
         return kept

@@ -19,6 +19,7 @@ import select
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg2
@@ -170,10 +171,10 @@ class PgoutputCapture:
 
     # -- threads ----------------------------------------------------------------------------
 
-    def _guard(self, target: object) -> object:
+    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             try:
-                target()  # type: ignore[operator]
+                target()
             except BaseException as exc:  # noqa: BLE001 - surfaced by raise_if_failed
                 if not self._stopping.is_set():
                     self._error = exc
