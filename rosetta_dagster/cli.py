@@ -339,7 +339,8 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
         for job in store.list_backfill_jobs(pipeline=args.pipeline, status=status):
             total = "?" if job.total_record is None else job.total_record
             print(f"{job.id}\t{job.pipeline}\t{job.table_name}\t{job.status.value}\t"
-                  f"{job.count_record}/{total}\t{job.error or ''}")
+                  f"{job.count_record}/{total}\t+{job.rows_inserted} ~{job.rows_updated} "
+                  f"-{job.rows_deleted}\t{job.error or ''}")
     return 0
 
 

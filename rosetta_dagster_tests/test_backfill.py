@@ -8,10 +8,12 @@ import re
 import shutil
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg2
 import pytest
+from psycopg2 import sql
 
 from rosetta_dagster.core.backfill import BackfillCancelled, BackfillError, BackfillRunner
 from rosetta_dagster.core.config_store import BackfillStatus, ConfigStore, PipelineStatus
@@ -29,6 +31,7 @@ from rosetta_dagster.harness import (
     table_fingerprint,
     wait_until,
 )
+from rosetta_dagster.harness.type_matrix import pinned_connection
 
 
 @pytest.fixture
@@ -87,7 +90,14 @@ def test_a_backfill_racing_concurrent_updates_and_deletes_converges(
     """The naive race: a chunk read before an update and written after it would put the old
     value back; a row deleted meanwhile would be resurrected. Repeated to shake timings."""
     env, pipeline = streamed
+    execute(env.source_url, "DELETE FROM public.big WHERE id BETWEEN 11 AND 15")
     for round_number in range(3):
+        # What an incident leaves: rows the source does not have, below, inside and above its
+        # key span (the writer only appends after the source's largest key).
+        wait_until(lambda: env.converged("public.big"), 60, "the stream before planting")
+        execute(env.destination_url,
+                "INSERT INTO replica.big SELECT g, 0, 'extra' FROM unnest(%s::int[]) g",
+                params=([-1 - round_number, 11, 13, 15, 10_000_000 + round_number],))
         stop = threading.Event()
         writes = [0]
         thread = threading.Thread(target=_write_randomly,
@@ -118,21 +128,143 @@ def _differences(env: StreamingEnv) -> list[tuple[object, object, object]]:
 
 
 def _write_randomly(
-    url: str, seed: int, stop: threading.Event, writes: list[int], rows: int = 20_000
+    url: str, seed: int, stop: threading.Event, writes: list[int], rows: int = 20_000,
+    low: int = 1,
 ) -> None:
-    """Update 15 and delete 5 random rows, insert one, per transaction, until stopped."""
+    """Update 15 and delete 5 random rows (ids ``low``..``rows``), insert one after the largest
+    key, per transaction, until stopped."""
     conn = psycopg2.connect(url)
     conn.autocommit = True
     rng = random.Random(seed)
     with conn.cursor() as cursor:
         while not stop.is_set():
-            ids = [rng.randint(1, rows) for _ in range(20)]
+            ids = [rng.randint(low, rows) for _ in range(20)]
             cursor.execute("UPDATE public.big SET v = v + 1, note = 'u' || v WHERE id = ANY(%s)",
                            (ids[:15],))
             cursor.execute("DELETE FROM public.big WHERE id = ANY(%s)", (ids[15:],))
             cursor.execute("INSERT INTO public.big SELECT max(id) + 1, 0, 'new' FROM public.big")
             writes[0] += 1
     conn.close()
+
+
+@contextmanager
+def _writing(url: str, low: int = 1, rows: int = 20_000) -> Iterator[list[int]]:
+    """A concurrent writer (see ``_write_randomly``) for the duration of the block."""
+    stop = threading.Event()
+    writes = [0]
+    thread = threading.Thread(target=_write_randomly, args=(url, 7, stop, writes, rows, low),
+                              daemon=True)
+    thread.start()
+    try:
+        yield writes
+    finally:
+        stop.set()
+        thread.join(30)
+    assert writes[0] > 5, "the writer must overlap the backfill"
+
+
+def _subset(url: str, schema: str, where: str) -> tuple[int, str]:
+    rows = fetch(url, f"SELECT count(*), md5(string_agg(t::text, E'\\n' ORDER BY id)) "  # noqa: S608
+                      f"FROM {schema}.big t WHERE {where}")
+    return int(rows[0][0]), str(rows[0][1])  # type: ignore[arg-type]
+
+
+def test_a_backfill_removes_what_the_source_no_longer_has_inside_and_outside_its_key_span(
+    streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore
+) -> None:
+    """Missing, stale and extra rows (below, inside and above the source's keys; matching the
+    filter or not): a filtered backfill repairs exactly the matching ones, a whole-table
+    backfill the rest, both while the source is written to."""
+    env, pipeline = streamed
+    execute(env.source_url, "DELETE FROM public.big WHERE id IN (5000, 15000)")
+    wait_until(lambda: env.converged("public.big"), 60, "the stream before the damage")
+    # v = id on the source, so the filter v <= 10000 matches ids 1..10000 (and the writer's
+    # inserts, v = 0). The writer never touches the planted keys.
+    execute(env.destination_url,
+            "DELETE FROM replica.big WHERE id IN (100, 12000)",
+            "UPDATE replica.big SET note = 'wrong' WHERE id IN (200, 13000)",
+            "INSERT INTO replica.big VALUES (-7, 1, 'below'), (0, 2, 'zero'), "
+            "(5000, 3, 'inside'), (15000, 99999, 'inside, not matching'), "
+            "(1000000, 4, 'above'), (1000001, 50000, 'above, not matching')")
+    job = store.create_backfill_job("bf", "public.big",
+                                    [{"column": "v", "operator": "<=", "value": 10000}])
+    with _writing(env.source_url, low=1000, rows=4000):
+        result = _runner(pipeline, store, job.id, chunk_rows=3000).run()
+    assert (result.inserted, result.updated, result.deleted) == (1, 1, 4)
+    finished = store.get_backfill_job(job.id)
+    assert (finished.rows_inserted, finished.rows_updated, finished.rows_deleted) == (1, 1, 4)
+    wait_until(lambda: _subset(env.source_url, "public", "v <= 10000")
+               == _subset(env.destination_url, "replica", "v <= 10000"), 60,
+               "the filtered rows to be equal")
+    # Outside the filter nothing was touched: the extras, the missing and the stale row stay.
+    assert fetch(env.destination_url, "SELECT id, note FROM replica.big WHERE id IN "
+                 "(12000, 13000, 15000, 1000001) ORDER BY id") == [
+        (13000, "wrong"), (15000, "inside, not matching"), (1000001, "above, not matching")]
+
+    execute(env.destination_url, "INSERT INTO replica.big VALUES (-100, 0, 'below'), "
+            "(2000000, 0, 'above')")
+    whole = store.create_backfill_job("bf", "public.big")
+    with _writing(env.source_url, low=1000, rows=4000):
+        result = _runner(pipeline, store, whole.id, chunk_rows=3000).run()
+    # 12000; 13000; 15000, 1000001, -100, 2000000
+    assert (result.inserted, result.updated, result.deleted) == (1, 1, 4)
+    wait_until(lambda: env.converged("public.big"), 60, "the whole table to be equal")
+    jobs = {line.split("\t")[0]: line for line in _backfill_list(store)}
+    assert "+1 ~1 -4" in jobs[str(job.id)]
+
+
+def _backfill_list(store: ConfigStore) -> list[str]:
+    return [f"{j.id}\t+{j.rows_inserted} ~{j.rows_updated} -{j.rows_deleted}"
+            for j in store.list_backfill_jobs(pipeline="bf")]
+
+
+def test_chunk_bounds_hold_for_hostile_keys(
+    pg_cluster: LocalPostgresCluster, pg_root: Path, store: ConfigStore, engine: str
+) -> None:
+    """Chunks bounded by ±infinity, BC, quotes, backslashes, newlines and emoji keys: every
+    bound travels as text and is cast back on each server, so nothing is skipped or kept."""
+    env = new_streaming_env(pg_cluster, pg_root, engine)
+    execute(env.source_url,
+            "CREATE TABLE public.odd (at timestamptz, label text, v numeric, PRIMARY KEY (at, label))",
+            "INSERT INTO public.odd SELECT at::timestamptz, label, CASE at WHEN '-infinity' "
+            "THEN 1.0 WHEN 'infinity' THEN 'NaN' ELSE -0.000 END FROM "
+            "unnest(ARRAY['-infinity', '4713-01-01 00:00:00+00 BC', '1999-12-31 23:59:59.999999+00',"
+            " 'infinity']) at, unnest(ARRAY['', 'quote''s', 'back\\slash', E'new\\nline', '😀', "
+            "E'tab\\there']) label")
+    pipeline = env.pipeline("odd", ["public.odd"])
+    store.sync_pipeline(pipeline)
+    store.set_pipeline_status("odd", PipelineStatus.START)
+    try:
+        with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
+            wait_until(lambda: _odd(env.destination_url, "replica")
+                       == _odd(env.source_url, "public"), 60, "odd's load")
+            execute(env.destination_url,
+                    "DELETE FROM replica.odd WHERE label = '😀' AND at = 'infinity'",
+                    "UPDATE replica.odd SET v = 1.00 WHERE at = '-infinity'",  # 1.0 is not 1.00
+                    "INSERT INTO replica.odd VALUES ('-infinity', 'back\\slash\\', 1), "
+                    "('4714-11-24 00:00:00+00 BC', 'before all', 2), "
+                    "('1999-12-31 23:59:59.999999+00', 'quote''s too', 3), ('infinity', '~', 4)")
+            job = store.create_backfill_job("odd", "public.odd")
+            result = _runner(pipeline, store, job.id, chunk_rows=5).run()
+            # One missing row, the six -infinity rows, the four planted ones.
+            assert (result.inserted, result.updated, result.deleted) == (1, 6, 4)
+            assert _odd(env.destination_url, "replica") == _odd(env.source_url, "public")
+    finally:
+        shutil.rmtree(env.offsets_dir, ignore_errors=True)
+        drop_slots(env)
+
+
+def _odd(url: str, schema: str) -> list[str]:
+    conn = pinned_connection(url)
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(sql.SQL("SELECT ROW(t.*)::text FROM {}.odd t").format(
+                sql.Identifier(schema)))
+            return sorted(row[0] for row in cursor.fetchall())
+    except psycopg2.errors.UndefinedTable:
+        return []  # not loaded yet
+    finally:
+        conn.close()
 
 
 def test_cancelling_stops_within_a_chunk(
@@ -253,7 +385,8 @@ def test_the_sensor_queues_a_partition_run_and_materializing_it_completes_the_jo
     path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "bf", ["public.big"])
     for key, value in env.pipeline_env(path, database_url).items():
         monkeypatch.setenv(key, value)
-    execute(env.destination_url, "DELETE FROM replica.big WHERE id > 15000")
+    execute(env.destination_url, "DELETE FROM replica.big WHERE id > 15000",
+            "INSERT INTO replica.big VALUES (15001, 0, 'stale'), (90000, 0, 'extra')")
     job = store.create_backfill_job("bf", "public.big",
                                     [{"column": "id", "operator": ">", "value": 15000}])
     resources = {"config_store": ConfigStoreResource(database_url=database_url)}
@@ -291,6 +424,8 @@ def test_the_sensor_queues_a_partition_run_and_materializing_it_completes_the_jo
     metadata = outcome.asset_materializations_for_node("backfill__bf")[0].metadata
     assert metadata["rows"].value == 5000 and metadata["source_rows_matching"].value == 5000
     assert metadata["rows_per_second"].value > 0
+    assert [metadata[f"rows_{kind}"].value for kind in ("inserted", "updated", "deleted")] == [
+        4999, 1, 1]
     checks = {e.check_name: e for e in outcome.get_asset_check_evaluations()}
     assert checks["row_count"].passed and checks["row_count"].metadata["source_rows"].value == 5000
     assert checks["retry_attempts"].passed and checks["retry_attempts"].metadata["value"].value == 1

@@ -202,7 +202,7 @@ def test_cli_pipeline_status_and_backfill_request_list_cancel(
                          env=env)
     assert requested.stdout == "Backfill job 1: shop public.orders PENDING\n", requested.stderr
     listed = _rosetta("backfill", "list", "--status", "pending", env=env)
-    assert listed.stdout == "1\tshop\tpublic.orders\tPENDING\t0/?\t\n"
+    assert listed.stdout == "1\tshop\tpublic.orders\tPENDING\t0/?\t+0 ~0 -0\t\n"
     assert _rosetta("backfill", "cancel", "1", env=env).stdout == "Backfill job 1: CANCELLED\n"
 
     for args, message in (

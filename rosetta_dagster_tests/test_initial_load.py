@@ -173,6 +173,12 @@ def test_table_added_to_a_streaming_pipeline_hands_off_exactly(env: StreamingEnv
     for _ in range(5):
         execute(env.source_url, "UPDATE public.second SET v = v + 1 WHERE id <= 10")
     execute(env.source_url, "UPDATE public.first SET v = 7 WHERE id = 1")
+    # The destination already has a `second` from an earlier life: rows the source never had
+    # (below and above its key span) and a stale one must not survive the load.
+    execute(env.destination_url,
+            "CREATE TABLE replica.second (id bigint PRIMARY KEY, v int, s text)",
+            "INSERT INTO replica.second VALUES (-1, 0, 'below'), (0, 0, 'zero'), "
+            "(1, 99, 'stale'), (1000000, 0, 'above')")
 
     grown = env.pipeline("grow", ["public.first", "public.second"])
     reports: list[TableLoadReport] = []

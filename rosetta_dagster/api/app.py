@@ -71,6 +71,9 @@ class BackfillOut(BaseModel):
     status: str
     count_record: int
     total_record: int | None
+    rows_inserted: int = Field(description="Destination rows the job inserted (all destinations).")
+    rows_updated: int = Field(description="Destination rows it rewrote because they differed.")
+    rows_deleted: int = Field(description="Destination rows it deleted: not in the source.")
     attempts: int
     error: str | None
     created_at: datetime
@@ -81,7 +84,8 @@ class BackfillOut(BaseModel):
         return cls(
             id=job.id, pipeline=job.pipeline, table=job.table_name, filter=job.filter,
             status=job.status.value, count_record=job.count_record, total_record=job.total_record,
-            attempts=job.attempts, error=job.error, created_at=job.created_at,
+            rows_inserted=job.rows_inserted, rows_updated=job.rows_updated,
+            rows_deleted=job.rows_deleted, attempts=job.attempts, error=job.error, created_at=job.created_at,
             updated_at=job.updated_at,
         )
 

@@ -11,9 +11,10 @@ snapshots use the same idea). For each chunk of primary keys:
 3. a *high watermark* is written.
 
 The streaming session sees both watermarks in commit order. Between them it records the keys of
-every change it applies to that table; at the high watermark it upserts the staged chunk
-*except* those keys (their streamed values are newer than the chunk's) and drops the chunk from
-staging, in one destination transaction. A row updated or deleted while the chunk was read can
+every change it applies to that table; at the high watermark it writes the staged rows that
+differ, deletes the destination rows in the chunk's key range (matching the job's filter) that
+the chunk does not have, both *except* those keys (their streamed values are newer than the
+chunk's), and drops the chunk from staging, in one destination transaction. A row updated or deleted while the chunk was read can
 therefore never be put back with an old value or resurrected, and changes after the high
 watermark are applied after the chunk, as usual. Rows move with COPY in and out and one set-wise
 MERGE per chunk; the apply runs in the stream, the copy here.
@@ -37,8 +38,12 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.applier import BACKFILL_CHUNK_COLUMN, backfill_staging_table
-from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema
+from rosetta_dagster.core.apply.applier import (
+    BACKFILL_CHUNK_COLUMN,
+    backfill_marks_table,
+    backfill_staging_table,
+)
+from rosetta_dagster.core.apply.schema import Column, TableSchema, key_range, read_table_schema
 from rosetta_dagster.core.config_store import BackfillJob, BackfillStatus, ConfigStore
 from rosetta_dagster.core.dsn import summarize_connection_error
 from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
@@ -101,6 +106,9 @@ class BackfillResult:
     seconds: float
     attempts: int
     table: TableRef
+    inserted: int  # destination rows written: new, rewritten (differed), deleted (not in source)
+    updated: int
+    deleted: int
     # The job's filter as SQL, for the row-count check after the copy.
     filter_sql: sql.Composable
     filter_params: list[Any]
@@ -222,7 +230,8 @@ class BackfillRunner:
         self._drop_staging(schema)
         seconds = time.monotonic() - started
         return BackfillResult(job.id, final.count_record, total, chunks, seconds, job.attempts,
-                              table, where, list(params))
+                              table, final.rows_inserted, final.rows_updated, final.rows_deleted,
+                              where, list(params))
 
     def _open_destination(
         self, destination: Destination, schema: TableSchema
@@ -232,9 +241,11 @@ class BackfillRunner:
         with conn.cursor() as cursor:
             cursor.execute(sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {staging} (LIKE {target}); "
-                "ALTER TABLE {staging} ADD COLUMN IF NOT EXISTS {chunk} integer NOT NULL"
+                "ALTER TABLE {staging} ADD COLUMN IF NOT EXISTS {chunk} integer NOT NULL; "
+                "CREATE TABLE IF NOT EXISTS {marks} (chunk integer PRIMARY KEY)"
             ).format(staging=staging, target=sql.Identifier(destination.schema, schema.table.name),
-                     chunk=sql.Identifier(BACKFILL_CHUNK_COLUMN)))
+                     chunk=sql.Identifier(BACKFILL_CHUNK_COLUMN),
+                     marks=sql.Identifier(destination.schema, backfill_marks_table(self.job_id))))
         return conn
 
     def _copy_chunks(
@@ -254,17 +265,19 @@ class BackfillRunner:
         if resume.get("final"):
             return chunk
         keys = sql.SQL(", ").join(sql.Identifier(k) for k in schema.primary_key)
+        keys_as_text = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k))
+                                          for k in schema.primary_key)
         columns = sql.SQL(", ").join(sql.Identifier(c) for c in schema.column_names)
         table = sql.Identifier(schema.table.schema, schema.table.name)
         chunks = 0
         while True:
             self._check_cancelled()
-            after = _after(schema, last_key)
-            bounds, bound_params = after
+            bounds, bound_params = key_range(schema, last_key, None, _source_type)
             cursor = source.cursor()
             cursor.execute(sql.SQL(
-                "SELECT {keys} FROM {table} WHERE ({where}) AND {bounds} ORDER BY {keys} "
-                "OFFSET %s LIMIT 1").format(keys=keys, table=table, where=where, bounds=bounds),
+                "SELECT {keys_as_text} FROM (SELECT {keys} FROM {table} WHERE ({where}) AND "
+                "{bounds} ORDER BY {keys} OFFSET %s LIMIT 1) AS upper_key").format(
+                    keys_as_text=keys_as_text, keys=keys, table=table, where=where, bounds=bounds),
                 [*params, *bound_params, self.chunk_rows - 1])
             upper_row = cursor.fetchone()
             upper = list(upper_row) if upper_row else None
@@ -272,23 +285,20 @@ class BackfillRunner:
             body = {"job": job.id, "chunk": chunk, "table": schema.table.qualified}
             _emit_watermark(source, {**body, "kind": "low"})
             _wait_for_transactions_in_flight(source)
-            upper_sql, upper_params = _through(schema, upper)
+            range_sql, range_params = key_range(schema, last_key, upper, _source_type)
             buffer = io.StringIO()
             copy = sql.SQL(
-                "COPY (SELECT {columns}, {chunk} FROM {table} WHERE ({where}) AND {bounds} AND "
-                "{upper}) TO STDOUT"
+                "COPY (SELECT {columns}, {chunk} FROM {table} WHERE ({where}) AND {range}) TO STDOUT"
             ).format(columns=columns, chunk=sql.Literal(chunk), table=table, where=where,
-                     bounds=bounds, upper=upper_sql)
-            cursor.copy_expert(cursor.mogrify(copy, [*params, *bound_params, *upper_params]).decode(),
-                               buffer)
+                     range=range_sql)
+            cursor.copy_expert(cursor.mogrify(copy, [*params, *range_params]).decode(), buffer)
             rows = buffer.getvalue().count("\n")
             for target, target_schema in targets:
-                buffer.seek(0)
-                with target.cursor() as target_cursor:
-                    target_cursor.copy_expert(sql.SQL("COPY {} ({}, {}) FROM STDIN").format(
-                        sql.Identifier(target_schema, backfill_staging_table(job.id)),
-                        columns, sql.Identifier(BACKFILL_CHUNK_COLUMN)), buffer)
-            _emit_watermark(source, {**body, "kind": "high", "last_key": upper, "rows": rows})
+                self._stage(target, target_schema, chunk, columns, buffer)
+            # The chunk covers last_key < key <= upper: the stream deletes what the destination
+            # has in that range and the source chunk has not.
+            _emit_watermark(source, {**body, "kind": "high", "after_key": last_key,
+                                     "last_key": upper, "rows": rows, "filter": job.filter})
             cursor.close()
             if not self._wait_applied(chunk):
                 chunk -= 1  # the stream asks for a re-read: same range again
@@ -302,6 +312,23 @@ class BackfillRunner:
             if upper is None:
                 return chunks
             last_key = upper
+
+    def _stage(self, target: psycopg2.extensions.connection, target_schema: str, chunk: int,
+               columns: sql.Composable, buffer: io.StringIO) -> None:
+        """Stage ``chunk`` in one destination and mark it staged (replacing a read made before
+        the stream asked for a re-read)."""
+        staging = sql.Identifier(target_schema, backfill_staging_table(self.job_id))
+        marks = sql.Identifier(target_schema, backfill_marks_table(self.job_id))
+        buffer.seek(0)
+        with target.cursor() as cursor:
+            cursor.execute("BEGIN")
+            cursor.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(
+                staging, sql.Identifier(BACKFILL_CHUNK_COLUMN)), (chunk,))
+            cursor.copy_expert(sql.SQL("COPY {} ({}, {}) FROM STDIN").format(
+                staging, columns, sql.Identifier(BACKFILL_CHUNK_COLUMN)), buffer)
+            cursor.execute(sql.SQL("INSERT INTO {} VALUES (%s) ON CONFLICT DO NOTHING").format(
+                marks), (chunk,))
+            cursor.execute("COMMIT")
 
     def _wait_applied(self, chunk: int) -> bool:
         """True once the stream applied ``chunk``; False when it asks for a re-read."""
@@ -324,8 +351,9 @@ class BackfillRunner:
     def _drop_staging(self, schema: TableSchema) -> None:
         for destination in self.pipeline.destinations:
             with destination_connection(self.pipeline, destination) as conn, conn.cursor() as cur:
-                cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
-                    sql.Identifier(destination.schema, backfill_staging_table(self.job_id))))
+                cur.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(
+                    sql.Identifier(destination.schema, backfill_staging_table(self.job_id)),
+                    sql.Identifier(destination.schema, backfill_marks_table(self.job_id))))
 
 
 def _count(conn: psycopg2.extensions.connection, schema: TableSchema, where: sql.Composable,
@@ -336,19 +364,5 @@ def _count(conn: psycopg2.extensions.connection, schema: TableSchema, where: sql
         return int(cursor.fetchone()[0])  # type: ignore[index]
 
 
-def _key_row(schema: TableSchema) -> sql.Composable:
-    return sql.SQL("ROW({})").format(sql.SQL(", ").join(sql.Identifier(k) for k in schema.primary_key))
-
-
-def _after(schema: TableSchema, key: list[Any] | None) -> tuple[sql.Composable, list[Any]]:
-    if key is None:
-        return sql.SQL("TRUE"), []
-    return sql.SQL("{} > ROW({})").format(
-        _key_row(schema), sql.SQL(", ").join(sql.Placeholder() * len(key))), list(key)
-
-
-def _through(schema: TableSchema, key: list[Any] | None) -> tuple[sql.Composable, list[Any]]:
-    if key is None:
-        return sql.SQL("TRUE"), []
-    return sql.SQL("{} <= ROW({})").format(
-        _key_row(schema), sql.SQL(", ").join(sql.Placeholder() * len(key))), list(key)
+def _source_type(column: Column) -> sql.Composable:
+    return sql.SQL(column.type_sql)

@@ -79,6 +79,11 @@ class Watermark:
     last_key: list[Any] | None = None  # high only: the chunk's last key (resume point)
     rows: int = 0  # high only: rows staged for the chunk
     source_ts_ms: int | None = None
+    # high only: the chunk covers after_key < key <= last_key (None: open); bounds_known is
+    # False for watermarks written before chunks carried their lower bound.
+    after_key: list[Any] | None = None
+    bounds_known: bool = False
+    row_filter: list[dict[str, Any]] | None = None  # high only: the job's filter
 
 
 def watermark_from_message(content: bytes, source_ts_ms: int | None) -> Watermark:
@@ -88,5 +93,7 @@ def watermark_from_message(content: bytes, source_ts_ms: int | None) -> Watermar
         job_id=int(body["job"]), chunk=int(body["chunk"]), kind=body["kind"],
         table=TableRef.parse(body["table"]), last_key=body.get("last_key"),
         rows=int(body.get("rows", 0)), source_ts_ms=source_ts_ms,
+        after_key=body.get("after_key"), bounds_known="after_key" in body,
+        row_filter=body.get("filter"),
     )
 

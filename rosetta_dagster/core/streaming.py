@@ -17,13 +17,14 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.applier import PostgresApplier, backfill_staging_table
+from rosetta_dagster.core.apply.applier import ChunkCounts, PostgresApplier
 from rosetta_dagster.core.apply.schema import SchemaError, TableSchema, read_table_schema
 from rosetta_dagster.core.capture import Capture, CaptureBatch, capture_engine
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
 from rosetta_dagster.core.events import ChangeEvent, Watermark
+from rosetta_dagster.core.filters import compile_filter, parse_filter
 from rosetta_dagster.core.initial_load import (
     InitialLoader,
     LoadState,
@@ -293,15 +294,20 @@ class StreamingSession:
                           watermark.job_id, watermark.chunk)
             self.config_store.request_backfill_chunk_redo(watermark.job_id, watermark.chunk)
             return
-        rows = 0
-        for index, applier in enumerate(self._appliers):
-            applied = applier.apply_backfill_chunk(
-                watermark.table, backfill_staging_table(watermark.job_id), watermark.chunk,
-                excluded=window.keys, skip_all=window.truncated,
+        schema = self._schemas[watermark.table]
+        # The job's filter, checked against the source's columns when the job started.
+        row_filter = compile_filter(parse_filter(watermark.row_filter), schema.column_names,
+                                    watermark.table.qualified, alias="t")
+        bounds = (watermark.after_key, watermark.last_key) if watermark.bounds_known else None
+        counts = ChunkCounts()
+        for applier in self._appliers:
+            counts += applier.apply_backfill_chunk(
+                watermark.table, watermark.job_id, watermark.chunk, excluded=window.keys,
+                skip_all=window.truncated, bounds=bounds, row_filter=row_filter,
             )
-            rows = applied if index == 0 else rows
         self.config_store.record_backfill_chunk(
-            watermark.job_id, watermark.chunk, last_key=watermark.last_key, rows=rows
+            watermark.job_id, watermark.chunk, last_key=watermark.last_key, rows=watermark.rows,
+            inserted=counts.inserted, updated=counts.updated, deleted=counts.deleted,
         )
 
     def _apply_events(

@@ -36,7 +36,12 @@ from typing import Any
 import psycopg2.extensions
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.schema import TableSchema, destination_type, ensure_destination_table
+from rosetta_dagster.core.apply.schema import (
+    TableSchema,
+    destination_type,
+    ensure_destination_table,
+    key_range,
+)
 from rosetta_dagster.core.apply.values import COPY_NULL, Converter, ValueCodec, copy_field
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent
@@ -116,6 +121,26 @@ def backfill_staging_table(job_id: int) -> str:
 
 
 BACKFILL_CHUNK_COLUMN = "_rosetta_chunk"
+
+
+def backfill_marks_table(job_id: int) -> str:
+    """Destination table listing a job's chunks that are staged and not yet applied."""
+    return f"_rosetta_backfill_{int(job_id)}_chunks"
+
+
+@dataclass
+class ChunkCounts:
+    """What applying one backfill chunk changed on one destination."""
+
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+
+    def __iadd__(self, other: ChunkCounts) -> ChunkCounts:
+        self.inserted += other.inserted
+        self.updated += other.updated
+        self.deleted += other.deleted
+        return self
 
 
 def _keys_table_name(table: TableRef) -> str:
@@ -297,71 +322,121 @@ class PostgresApplier:
     def apply_backfill_chunk(
         self,
         table: TableRef,
-        staging: str,
+        job_id: int,
         chunk: int,
         *,
         excluded: set[tuple[Any, ...]],
         skip_all: bool = False,
-    ) -> int:
-        """Upsert the staged rows of ``chunk`` except ``excluded`` keys; drop them from staging.
+        bounds: tuple[list[str | None] | None, list[str | None] | None] | None = None,
+        row_filter: tuple[sql.Composable, list[Any]] = (sql.SQL("TRUE"), []),
+    ) -> ChunkCounts:
+        """Make the destination's rows in the chunk's key range equal the staged chunk.
 
-        Returns the rows written. One transaction; replaying it writes nothing (rows are gone).
+        Staged rows that differ are written (identical ones are left alone), and destination
+        rows inside ``bounds`` (``after < key <= through``; None = open) that match
+        ``row_filter`` but are not in the chunk are deleted. Keys in ``excluded`` (changed by
+        the stream inside the chunk's window) are not touched: their streamed state is newer.
+        ``bounds`` None (unknown) deletes nothing. One transaction, which also consumes the
+        chunk's staged mark, so a replayed high watermark changes nothing.
         """
         plan = self._plans[table]
         schema = plan.schema
-        stage = sql.Identifier(self.target_schema, staging)
-        columns = [sql.Identifier(c) for c in schema.column_names]
+        stage = sql.Identifier(self.target_schema, backfill_staging_table(job_id))
+        marks = sql.Identifier(self.target_schema, backfill_marks_table(job_id))
+        chunk_column = sql.Identifier(BACKFILL_CHUNK_COLUMN)
         keys = [sql.Identifier(k) for k in schema.primary_key]
+        counts = ChunkCounts()
         with self.pool.connection() as conn, conn.cursor() as cursor:
-            cursor.execute("SELECT to_regclass(%s)", (stage.as_string(conn),))
+            cursor.execute("SELECT to_regclass(%s)", (marks.as_string(conn),))
             if cursor.fetchone()[0] is None:  # type: ignore[index]
-                return 0  # already applied and cleaned up (a replayed watermark)
-            written = 0
+                return counts  # the job finished and cleaned up (a replayed watermark)
+            cursor.execute(sql.SQL("DELETE FROM {} WHERE chunk = %s").format(marks), (chunk,))
+            if cursor.rowcount == 0:
+                return counts  # applied already (a replayed watermark)
             if not skip_all:
-                excluded_table = sql.Identifier(f"_rosetta_excluded_{plan.stage_name}")
+                excluded_table = self._load_excluded(cursor, plan, excluded)
+
+                def absent(alias: str, other: sql.Composable, extra: sql.Composable) -> sql.Composed:
+                    return sql.SQL("NOT EXISTS (SELECT 1 FROM {} AS x WHERE {}{})").format(
+                        other, sql.SQL(" AND ").join(
+                            sql.SQL("x.{0} = {1}.{0}").format(k, sql.Identifier(alias))
+                            for k in keys), extra)
+
+                in_chunk = sql.SQL(" AND x.{} = %s").format(chunk_column)
+                not_excluded_t = absent("t", excluded_table, sql.SQL(""))
+                if bounds is not None:
+                    key_sql, key_params = key_range(
+                        schema, *bounds, lambda c: destination_type(c, self.target_schema), "t")
+                    filter_sql, filter_params = row_filter
+                    cursor.execute(sql.SQL(
+                        "DELETE FROM {target} AS t WHERE {keys} AND ({filter}) AND {not_staged} "
+                        "AND {not_excluded}").format(
+                            target=plan.target, keys=key_sql, filter=filter_sql,
+                            not_staged=absent("t", stage, in_chunk),
+                            not_excluded=not_excluded_t),
+                        [*key_params, *filter_params, chunk])
+                    counts.deleted = cursor.rowcount
+                columns = [sql.Identifier(c) for c in schema.column_names]
+                updates = [c for c in schema.column_names if c not in schema.primary_key]
+                if updates:
+                    def image(alias: str) -> sql.Composed:
+                        return sql.SQL("ROW({})::record").format(sql.SQL(", ").join(
+                            sql.SQL("{}.{}").format(sql.Identifier(alias), c) for c in columns))
+
+                    # Binary image comparison: works for types without an equality operator
+                    # (json, point, ...) and tells -0 from 0 and 1.0 from 1.00.
+                    cursor.execute(sql.SQL(
+                        "UPDATE {target} AS t SET {sets} FROM {stage} AS s "
+                        "WHERE s.{chunk_column} = %s AND {match} AND NOT ({t_image} *= {s_image}) "
+                        "AND {not_excluded}").format(
+                            target=plan.target, stage=stage, chunk_column=chunk_column,
+                            sets=sql.SQL(", ").join(sql.SQL("{0} = s.{0}").format(
+                                sql.Identifier(c)) for c in updates),
+                            match=sql.SQL(" AND ").join(
+                                sql.SQL("t.{0} = s.{0}").format(k) for k in keys),
+                            t_image=image("t"), s_image=image("s"), not_excluded=not_excluded_t),
+                        (chunk,))
+                    counts.updated = cursor.rowcount
                 cursor.execute(sql.SQL(
-                    "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS"
-                ).format(excluded_table, sql.SQL(", ").join(
-                    sql.SQL("{} {}").format(sql.Identifier(k),
-                                            destination_type(schema.column(k), self.target_schema))
-                    for k in schema.primary_key)))
-                if excluded:
-                    converters = dict(plan.converters)
-                    buffer = io.StringIO()
-                    for key in excluded:
-                        buffer.write("\t".join(
-                            COPY_NULL if value is None else copy_field(converters[name](value))
-                            for name, value in zip(schema.primary_key, key, strict=True)
-                        ) + "\n")
-                    buffer.seek(0)
-                    cursor.copy_expert(sql.SQL("COPY {} FROM STDIN").format(excluded_table), buffer)
-                match = sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(k) for k in keys)
-                updates = [sql.SQL("{0} = s.{0}").format(sql.Identifier(c))
-                           for c in schema.column_names if c not in schema.primary_key]
-                cursor.execute(sql.SQL(
-                    "MERGE INTO {target} AS t USING ("
-                    " SELECT {columns} FROM {stage} AS s WHERE s.{chunk_column} = %s"
-                    " AND NOT EXISTS (SELECT 1 FROM {excluded} AS e WHERE {excluded_match})"
-                    ") AS s ON {match} {matched} "
-                    "WHEN NOT MATCHED THEN INSERT ({columns}) VALUES ({values})"
-                ).format(
-                    target=plan.target, stage=stage, columns=sql.SQL(", ").join(columns),
-                    chunk_column=sql.Identifier(BACKFILL_CHUNK_COLUMN), excluded=excluded_table,
-                    excluded_match=sql.SQL(" AND ").join(
-                        sql.SQL("e.{0} = s.{0}").format(k) for k in keys),
-                    match=match,
-                    matched=(sql.SQL("WHEN MATCHED THEN UPDATE SET {}").format(
-                        sql.SQL(", ").join(updates)) if updates
-                        else sql.SQL("WHEN MATCHED THEN DO NOTHING")),
-                    values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in columns),
-                ), (chunk,))
-                written = cursor.rowcount
-            cursor.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(
-                stage, sql.Identifier(BACKFILL_CHUNK_COLUMN)), (chunk,))
-        logger.info("Destination %s: backfill chunk %d of %s applied (%d rows, %d excluded%s)",
-                    self.name, chunk, table.qualified, written, len(excluded),
-                    ", table truncated meanwhile" if skip_all else "")
-        return written
+                    "INSERT INTO {target} ({columns}) SELECT {values} FROM {stage} AS s "
+                    "WHERE s.{chunk_column} = %s AND {not_present} AND {not_excluded}").format(
+                        target=plan.target, columns=sql.SQL(", ").join(columns),
+                        values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in columns),
+                        stage=stage, chunk_column=chunk_column,
+                        not_present=absent("s", plan.target, sql.SQL("")),
+                        not_excluded=absent("s", excluded_table, sql.SQL(""))),
+                    (chunk,))
+                counts.inserted = cursor.rowcount
+            cursor.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(stage, chunk_column),
+                           (chunk,))
+        logger.info("Destination %s: backfill chunk %d of %s applied (%d inserted, %d updated, "
+                    "%d deleted, %d keys left to the stream%s)", self.name, chunk,
+                    table.qualified, counts.inserted, counts.updated, counts.deleted,
+                    len(excluded), ", table truncated meanwhile" if skip_all else "")
+        return counts
+
+    def _load_excluded(self, cursor: psycopg2.extensions.cursor, plan: _TablePlan,
+                       excluded: set[tuple[Any, ...]]) -> sql.Identifier:
+        """A temporary table holding ``excluded`` keys (emptied at commit)."""
+        schema = plan.schema
+        table = sql.Identifier(f"_rosetta_excluded_{plan.stage_name}")
+        cursor.execute(sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS"
+        ).format(table, sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(k),
+                                    destination_type(schema.column(k), self.target_schema))
+            for k in schema.primary_key)))
+        if excluded:
+            converters = dict(plan.converters)
+            buffer = io.StringIO()
+            for key in excluded:
+                buffer.write("\t".join(
+                    COPY_NULL if value is None else copy_field(converters[name](value))
+                    for name, value in zip(schema.primary_key, key, strict=True)
+                ) + "\n")
+            buffer.seek(0)
+            cursor.copy_expert(sql.SQL("COPY {} FROM STDIN").format(table), buffer)
+        return table
 
     # -- apply -----------------------------------------------------------------------------
 

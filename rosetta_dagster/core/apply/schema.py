@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import psycopg2.extensions
@@ -216,6 +217,32 @@ def destination_type(column: Column, target_schema: str) -> sql.Composable:
     if column.type_ref is not None:
         return column.type_ref.destination(target_schema)
     return sql.SQL(column.type_sql)
+
+
+def key_range(
+    schema: TableSchema,
+    after: Sequence[str | None] | None,
+    through: Sequence[str | None] | None,
+    type_of: Callable[[Column], sql.Composable],
+    alias: str | None = None,
+) -> tuple[sql.Composable, list[str | None]]:
+    """``after < key <= through`` as SQL and parameters; a missing bound is open.
+
+    Bounds are key values in their text form, cast to the key columns' types on the server,
+    so every key type (infinity, BC, bytea, ...) round-trips exactly.
+    """
+    key = sql.SQL("ROW({})").format(sql.SQL(", ").join(
+        sql.Identifier(alias, k) if alias else sql.Identifier(k) for k in schema.primary_key))
+    parts: list[sql.Composable] = []
+    params: list[str | None] = []
+    for operator, bound in ((">", after), ("<=", through)):
+        if bound is None:
+            continue
+        values = sql.SQL(", ").join(
+            sql.SQL("%s::{}").format(type_of(schema.column(k))) for k in schema.primary_key)
+        parts.append(sql.SQL("{} " + operator + " ROW({})").format(key, values))
+        params.extend(bound)
+    return (sql.SQL(" AND ").join(parts) if parts else sql.SQL("TRUE")), params
 
 
 def user_types(schema: TableSchema) -> list[UserType]:

@@ -100,6 +100,10 @@ class BackfillJob:
     run_id: str | None
     created_at: datetime
     updated_at: datetime
+    # Destination rows the job inserted, rewrote (they differed) and deleted (not in the source).
+    rows_inserted: int = 0
+    rows_updated: int = 0
+    rows_deleted: int = 0
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> BackfillJob:
@@ -117,6 +121,9 @@ class BackfillJob:
             run_id=row["run_id"],
             created_at=row["created_at"],
             updated_at=row["updated_at"],
+            rows_inserted=row["rows_inserted"],
+            rows_updated=row["rows_updated"],
+            rows_deleted=row["rows_deleted"],
         )
 
 
@@ -405,19 +412,25 @@ class ConfigStore:
         return self.get_backfill_job(job_id)
 
     def record_backfill_chunk(
-        self, job_id: int, chunk: int, *, last_key: Any, rows: int
+        self, job_id: int, chunk: int, *, last_key: Any, rows: int, inserted: int = 0,
+        updated: int = 0, deleted: int = 0,
     ) -> None:
-        """The stream applied ``chunk``: count its rows and move the resume point (once)."""
+        """The stream applied ``chunk`` (``rows`` read from the source; what it changed on the
+        destinations): count them and move the resume point, once."""
         self._query(
             """
             UPDATE backfill_jobs SET
                 count_record = count_record + %(rows)s,
+                rows_inserted = rows_inserted + %(inserted)s,
+                rows_updated = rows_updated + %(updated)s,
+                rows_deleted = rows_deleted + %(deleted)s,
                 resume_position = jsonb_build_object('chunk', %(chunk)s::int,
                                                    'last_key', %(last_key)s::jsonb),
                 updated_at = now()
             WHERE id = %(id)s AND coalesce((resume_position ->> 'chunk')::int, 0) < %(chunk)s
             """,
-            {"rows": rows, "chunk": chunk, "last_key": Json(last_key), "id": job_id},
+            {"rows": rows, "chunk": chunk, "last_key": Json(last_key), "id": job_id,
+             "inserted": inserted, "updated": updated, "deleted": deleted},
         )
 
     def request_backfill_chunk_redo(self, job_id: int, chunk: int) -> None:

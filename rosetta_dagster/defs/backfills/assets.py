@@ -66,8 +66,10 @@ def build_backfill_asset(pipeline: PipelineDefinition) -> AssetsDefinition:
             # Run terminated (or the process is going down): the job stops here.
             store.cancel_backfill_job(job_id)
             raise
-        context.log.info("Backfill job %d completed: %d rows in %.1fs (%.0f rows/s)", job_id,
-                         result.rows, result.seconds, result.rows_per_second)
+        context.log.info("Backfill job %d completed: %d rows in %.1fs (%.0f rows/s); destination "
+                         "rows inserted %d, updated %d, deleted %d", job_id, result.rows,
+                         result.seconds, result.rows_per_second, result.inserted, result.updated,
+                         result.deleted)
         checks = [
             backfill_row_parity(config.pipeline(name), result.table, result.filter_sql,
                                 result.filter_params, config.operations.parity_window_seconds),
@@ -78,6 +80,9 @@ def build_backfill_asset(pipeline: PipelineDefinition) -> AssetsDefinition:
             "rows": MetadataValue.int(result.rows),
             "source_rows_matching": MetadataValue.int(result.total),
             "chunks": MetadataValue.int(result.chunks),
+            "rows_inserted": MetadataValue.int(result.inserted),
+            "rows_updated": MetadataValue.int(result.updated),
+            "rows_deleted": MetadataValue.int(result.deleted),
             "duration_seconds": MetadataValue.float(round(result.seconds, 3)),
             "rows_per_second": MetadataValue.float(round(result.rows_per_second, 1)),
         })
