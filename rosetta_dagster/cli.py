@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
 import logging
 import os
 import signal
@@ -12,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 from rosetta_dagster.core.config_store import BackfillStatus, ConfigStore
 from rosetta_dagster.core.dsn import mask_secrets
@@ -210,6 +213,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             pipeline = store.set_pipeline_status(args.name, args.pipeline_command.upper())
             print(f"Pipeline {pipeline.name}: status {pipeline.status.value}")
             return 0
+        elif args.pipeline_command == "skip":
+            return _skip(store, args)
         elif args.pipeline_command == "status":
             pipeline = store.get_pipeline(args.name)
             for label, value in (
@@ -218,6 +223,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
                 ("heartbeat", pipeline.heartbeat_at or "-"),
                 ("last start", pipeline.last_start_at or "-"),
                 ("last error", pipeline.last_error or "-"),
+                ("stopped on", _refused_line(pipeline.last_apply_error)),
+                ("parked", sum(n for p, _, _, n in store.parked_counts() if p == pipeline.name)),
                 ("tables", ", ".join(pipeline.tables)),
                 ("destinations", ", ".join(pipeline.destinations)),
             ):
@@ -226,6 +233,66 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         for pipeline in store.list_pipelines():
             print(f"{pipeline.name}\t{pipeline.status.value}\t{pipeline.state.value}\t"
                   f"{pipeline.last_error or ''}")
+    return 0
+
+
+def _refused_line(report: dict[str, Any] | None) -> str:
+    if not report:
+        return "-"
+    key = ", ".join(f"{k}={v}" for k, v in report["key"].items())
+    return (f"{report['operation']} of {report['table']} ({key}) at {report['position']} on "
+            f"{report['destination']}")
+
+
+def _skip(store: ConfigStore, args: argparse.Namespace) -> int:
+    """Skip exactly the change the pipeline stopped on, after the user confirmed it."""
+    pipeline = store.get_pipeline(args.name)
+    report = pipeline.last_apply_error
+    if not report:
+        print(f"rosetta: pipeline {args.name} did not stop on a refused change; nothing to skip.",
+              file=sys.stderr)
+        return 2
+    if report.get("position") != args.position:
+        print(f"rosetta: pipeline {args.name} stopped on the change at {report.get('position')}, "
+              f"not {args.position}; nothing skipped.", file=sys.stderr)
+        return 2
+    print(f"Pipeline {args.name} stopped on: {_refused_line(report)}")
+    print(f"  {report['message']}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("rosetta: confirm with --yes (no terminal to ask on); nothing skipped.",
+                  file=sys.stderr)
+            return 2
+        answer = input("Skip this change on that destination? It will never be applied. [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("Nothing skipped.")
+            return 1
+    who = args.by or os.environ.get("USER") or getpass.getuser()
+    skip_id = store.request_skip(args.name, report, who)
+    print(f"Skip {skip_id} recorded for pipeline {args.name} by {who}: the change is dropped "
+          f"when the pipeline streams again (rosetta pipeline start {args.name}).")
+    return 0
+
+
+def _cmd_parked(args: argparse.Namespace) -> int:
+    with _config_store(args) as store:
+        store.upgrade()
+        key = json.loads(args.key) if getattr(args, "key", None) else None
+        if key is not None and not isinstance(key, dict):
+            raise RosettaError('--key must be a JSON object such as {"id": "7"}.')
+        if args.parked_command == "list":
+            for row in store.list_parked(args.pipeline, args.table):
+                print(f"{row.id}\t{row.pipeline}\t{row.destination}\t{row.table_name}\t"
+                      f"{json.dumps(row.key)}\t{row.operation}\t{row.position or '-'}\t"
+                      f"{row.attempts}\t{row.error}")
+            return 0
+        if args.parked_command == "retry":
+            count = store.request_parked_retry(args.pipeline, args.table, key)
+            print(f"{count} parked change(s) of pipeline {args.pipeline} will be replayed in order "
+                  "by its stream; their keys stream again once they went through.")
+            return 0
+        count = store.discard_parked(args.pipeline, args.table, key)
+        print(f"Discarded {count} parked change(s) of pipeline {args.pipeline}.")
     return 0
 
 
@@ -345,8 +412,6 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    import json
-
     from rosetta_dagster.validation import build_report, format_report
 
     with _config_store(args) as store:
@@ -380,7 +445,29 @@ def _add_operational_commands(
         text = ("Show a pipeline's status, state, heartbeat and last error." if verb == "status"
                 else f"Set a pipeline's desired status to {verb.upper()}.")
         pipeline_commands.add_parser(verb, help=text).add_argument("name")
+    skip = pipeline_commands.add_parser(
+        "skip", help="Drop the change a pipeline stopped on (on_apply_error: stop), once.")
+    skip.add_argument("name")
+    skip.add_argument("--position", required=True,
+                      help="The source position of the change, as `pipeline status` shows it.")
+    skip.add_argument("--yes", action="store_true", help="Do not ask for confirmation.")
+    skip.add_argument("--by", help="Who skips it (default: the OS user), recorded.")
     pipeline.set_defaults(func=_cmd_pipeline)
+
+    parked = commands.add_parser(
+        "parked", help="Changes parked because a destination refused them (on_apply_error: park).")
+    parked.add_argument("--database-url", help=database_help)
+    parked_commands = parked.add_subparsers(dest="parked_command", required=True)
+    listing = parked_commands.add_parser("list", help="List parked changes, oldest first.")
+    listing.add_argument("--pipeline")
+    listing.add_argument("--table")
+    for verb, text in (("retry", "Replay parked changes in order and release their keys."),
+                       ("discard", "Delete parked changes; their keys stream again.")):
+        command = parked_commands.add_parser(verb, help=text)
+        command.add_argument("pipeline")
+        command.add_argument("--table", help="schema.table (default: every table)")
+        command.add_argument("--key", help='One key as JSON, e.g. \'{"id": "7"}\'.')
+    parked.set_defaults(func=_cmd_parked)
 
     backfill = commands.add_parser("backfill", help="Backfill jobs (re-copies of source rows).")
     backfill.add_argument("--database-url", help=database_help)

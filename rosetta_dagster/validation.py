@@ -34,14 +34,16 @@ def build_report(store: ConfigStore, config: RosettaConfig) -> dict[str, Any]:
     stats = store.pool.stats()
     checks = [_check_row("config_db", o) for o in evaluate_config_store(store, config.operations)]
     stored = {p.name: p for p in pipelines}
+    parked_counts = store.parked_counts()
     for name, pipeline in config.pipelines.items():
         if name not in stored:
             store.sync_pipeline(pipeline)
             stored[name] = store.get_pipeline(name)
         try:
             checks.extend(_check_row(target.label, outcome)
-                          for target, outcome in evaluate_pipeline(pipeline, stored[name],
-                                                                   config.operations))
+                          for target, outcome in evaluate_pipeline(
+                              pipeline, stored[name], config.operations,
+                              {(d, t): n for p, d, t, n in parked_counts if p == name}))
         except RosettaError as exc:  # e.g. an unreachable source: that is a failure, not a crash
             target = CheckTarget("replication_slot", name)
             checks.append(_check_row(target.label, CheckOutcome(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from rosetta_dagster.core.config_store import ConfigStore, PipelineState
+from rosetta_dagster.core.config_store import ConfigStore, ParkedRow, PipelineState
 from rosetta_dagster.core.local_postgres import find_free_port
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, PostgresEndpoint, TableRef
 from rosetta_dagster.harness import wait_until
@@ -185,3 +185,33 @@ def test_the_api_refuses_a_non_loopback_address_without_a_token(database_url: st
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 2
     assert "refusing to serve the API on 0.0.0.0 without ROSETTA_API_TOKEN" in output
+
+
+def test_refused_and_parked_changes_are_reported_and_handled(api: Api, store: ConfigStore) -> None:
+    report = {"pipeline": "orders", "destination": "warehouse", "table": "public.orders",
+              "key": {"id": "7"}, "operation": "update", "position": "0/16B3F28",
+              "source_time": "2026-11-30T10:00:00.000+00:00", "column": None,
+              "sqlstate": "23514", "message": 'new row violates check constraint "c"'}
+    store.record_apply_error("orders", report)
+    store.park_events("orders", [ParkedRow("warehouse", "public.orders", {"id": str(i)}, "insert",
+                                           "0/1", {"op": "c"}, "refused", "23514")
+                                 for i in (1, 1, 2)])
+    assert api.get("/api/v1/pipelines/orders").json()["stopped_on"] == report
+    parked = api.get("/api/v1/pipelines/orders/parked").json()
+    assert [(p["table"], p["key"], p["attempts"]) for p in parked] == [
+        ("public.orders", {"id": "1"}, 1), ("public.orders", {"id": "1"}, 1),
+        ("public.orders", {"id": "2"}, 1)]
+    metrics = api.get("/metrics").text
+    assert ('rosetta_parked_events{destination="warehouse",pipeline="orders",'
+            'table="public.orders"} 3.0') in metrics
+    assert 'rosetta_pipeline_stopped_on_refused_change{pipeline="orders"} 1.0' in metrics
+    assert api.post("/api/v1/pipelines/orders/parked/retry", {"key": {"id": "1"}},
+                    token=None).status_code == 401
+    assert api.post("/api/v1/pipelines/orders/parked/retry", {"key": {"id": "1"}}).json() == {
+        "count": 2}
+    assert [p.retry_requested_at is not None for p in store.list_parked("orders")] == [
+        True, True, False]
+    assert api.post("/api/v1/pipelines/orders/parked/discard",
+                    {"table": "public.orders", "key": {"id": "2"}}).json() == {"count": 1}
+    assert len(store.list_parked("orders")) == 2
+    assert api.get("/api/v1/pipelines/nope/parked").status_code == 404

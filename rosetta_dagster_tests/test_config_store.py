@@ -20,6 +20,8 @@ from rosetta_dagster.core.errors import ConfigStoreError
 
 EXPECTED_TABLES = {
     "schema_migrations",
+    "apply_skips",
+    "parked_events",
     "pool_events",
     "offset_cleanups",
     "pipelines",

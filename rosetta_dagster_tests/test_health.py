@@ -73,7 +73,7 @@ def test_every_check_passes_on_a_healthy_replica(replica: tuple[StreamingEnv, Pi
     _, pipeline = replica
     outcomes = _outcomes(pipeline, store)
     assert set(outcomes) == {"slot_active", "retained_wal", "row_count_parity", "content_parity",
-                             "replication_lag", "apply_errors"}
+                             "replication_lag", "apply_errors", "parked_events"}
     failed = {name: o.description for name, o in outcomes.items() if not o.passed}
     assert failed == {}
     # 10 full chunks and the (empty) tail, where extra destination rows would show
@@ -232,7 +232,7 @@ def test_the_definitions_expose_the_checks_on_the_expected_assets(
         (("config_db",), "pool_utilisation"), (("config_db",), "closed_connection_errors"),
         (("config_db",), "pool_initialised"),
         (table, "row_count_parity"), (table, "content_parity"), (table, "replication_lag"),
-        (table, "apply_errors"),
+        (table, "apply_errors"), (table, "parked_events"),
         (("replication_slot", "shop"), "slot_active"), (("replication_slot", "shop"), "retained_wal"),
     }
     from dagster import AssetKey

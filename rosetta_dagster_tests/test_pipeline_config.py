@@ -66,10 +66,14 @@ def test_valid_file_resolves_secrets_from_the_environment(tmp_path: Path) -> Non
          "pipeline 'orders' streaming field 'initial_load' must be one of copy, debezium."),
         (("max_batch_size: 1024", "initial_load_workers: 0"),
          "pipeline 'orders' streaming field 'initial_load_workers' must be an integer >= 1."),
+        (("max_batch_size: 1024", "on_apply_error: ignore"),
+         "pipeline 'orders' streaming field 'on_apply_error' must be one of stop, park."),
+        (("max_batch_size: 1024", "apply_retry_seconds: -1"),
+         "pipeline 'orders' streaming field 'apply_retry_seconds' must be an integer >= 0."),
     ],
     ids=["unknown_source", "unknown_destination", "bad_table", "literal_password",
          "missing_env_var", "duplicate_pipeline", "bad_setting", "bad_load_method",
-         "bad_load_workers"],
+         "bad_load_workers", "bad_apply_error_policy", "bad_apply_retry"],
 )
 def test_invalid_files_fail_with_one_clear_sentence(
     tmp_path: Path, change: tuple[str, str], expected: str

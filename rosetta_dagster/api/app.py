@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rosetta_dagster.core.config_store import BackfillJob, ConfigStore, Pipeline
+from rosetta_dagster.core.config_store import BackfillJob, ConfigStore, ParkedEvent, Pipeline
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.filters import OPERATORS, FilterError, parse_filter
@@ -41,6 +41,10 @@ class PipelineOut(BaseModel):
     tables: list[str]
     heartbeat_at: datetime | None
     last_start_at: datetime | None
+    stopped_on: dict[str, Any] | None = Field(
+        default=None, description="The change a destination refused that the pipeline stopped "
+        "on: pipeline, destination, table, key, operation, position, source_time, column, "
+        "sqlstate, message.")
 
     @classmethod
     def of(cls, pipeline: Pipeline) -> "PipelineOut":
@@ -49,7 +53,40 @@ class PipelineOut(BaseModel):
             state=pipeline.state.value, last_error=pipeline.last_error,
             destinations=pipeline.destinations, tables=pipeline.tables,
             heartbeat_at=pipeline.heartbeat_at, last_start_at=pipeline.last_start_at,
+            stopped_on=pipeline.last_apply_error,
         )
+
+
+class ParkedOut(BaseModel):
+    id: int
+    pipeline: str
+    destination: str
+    table: str
+    key: dict[str, Any]
+    operation: str
+    position: str | None
+    error: str
+    sqlstate: str | None
+    attempts: int
+    retry_requested_at: datetime | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, parked: ParkedEvent) -> "ParkedOut":
+        return cls(id=parked.id, pipeline=parked.pipeline, destination=parked.destination,
+                   table=parked.table_name, key=parked.key, operation=parked.operation,
+                   position=parked.position, error=parked.error, sqlstate=parked.sqlstate,
+                   attempts=parked.attempts, retry_requested_at=parked.retry_requested_at,
+                   created_at=parked.created_at)
+
+
+class ParkedSelection(BaseModel):
+    table: str | None = Field(default=None, description="schema.table (default: every table).")
+    key: dict[str, Any] | None = Field(default=None, description='One key, e.g. {"id": "7"}.')
+
+
+class ParkedChanged(BaseModel):
+    count: int = Field(description="Parked changes asked to replay, or discarded.")
 
 
 class FilterCondition(BaseModel):
@@ -130,6 +167,20 @@ class _ConfigStoreCollector:
                                max(0.0, now - pipeline["source_position_at"].timestamp()))
         yield up
         yield lag
+        stopped = GaugeMetricFamily(
+            "rosetta_pipeline_stopped_on_refused_change",
+            "1 while the pipeline is stopped on a change a destination refused.",
+            labels=["pipeline"])
+        for pipeline in metrics["pipelines"]:
+            stopped.add_metric([pipeline["name"]], 1.0 if pipeline["last_apply_error"] else 0.0)
+        yield stopped
+        parked = GaugeMetricFamily("rosetta_parked_events",
+                                   "Changes parked because a destination refused them.",
+                                   labels=["pipeline", "destination", "table"])
+        for row in metrics["parked"]:
+            parked.add_metric([row["pipeline"], row["destination"], row["table_name"]],
+                              float(row["count"]))
+        yield parked
         wal = GaugeMetricFamily("rosetta_retained_wal_bytes",
                                 "WAL retained by each pipeline's slot (latest WAL monitor reading).",
                                 labels=["pipeline", "source", "slot"])
@@ -251,6 +302,26 @@ def create_app(database_url: str, *, token: str | None = None) -> FastAPI:
     def pause_pipeline(name: str, config_store: Store) -> PipelineOut:
         """Desired status PAUSE; the supervisor sensor stops the stream on its next tick."""
         return set_status(config_store, name, "PAUSE")
+
+    @app.get("/api/v1/pipelines/{name}/parked", tags=["parked"])
+    def list_parked(name: str, config_store: Store, table: str | None = None) -> list[ParkedOut]:
+        """Changes parked for this pipeline, oldest first (on_apply_error: park)."""
+        pipeline_or_404(config_store, name)
+        return [ParkedOut.of(p) for p in config_store.list_parked(name, table)]
+
+    @app.post("/api/v1/pipelines/{name}/parked/retry", tags=["parked"],
+              dependencies=[Depends(require_token)])
+    def retry_parked(name: str, body: ParkedSelection, config_store: Store) -> ParkedChanged:
+        """Ask the stream to replay parked changes in order and release their keys."""
+        pipeline_or_404(config_store, name)
+        return ParkedChanged(count=config_store.request_parked_retry(name, body.table, body.key))
+
+    @app.post("/api/v1/pipelines/{name}/parked/discard", tags=["parked"],
+              dependencies=[Depends(require_token)])
+    def discard_parked(name: str, body: ParkedSelection, config_store: Store) -> ParkedChanged:
+        """Delete parked changes; their keys stream again."""
+        pipeline_or_404(config_store, name)
+        return ParkedChanged(count=config_store.discard_parked(name, body.table, body.key))
 
     @app.post("/api/v1/pipelines/{name}/backfills", tags=["backfills"], status_code=201,
               dependencies=[Depends(require_token)])

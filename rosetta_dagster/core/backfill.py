@@ -14,10 +14,11 @@ The streaming session sees both watermarks in commit order. Between them it reco
 every change it applies to that table; at the high watermark it writes the staged rows that
 differ, deletes the destination rows in the chunk's key range (matching the job's filter) that
 the chunk does not have, both *except* those keys (their streamed values are newer than the
-chunk's), and drops the chunk from staging, in one destination transaction. A row updated or deleted while the chunk was read can
-therefore never be put back with an old value or resurrected, and changes after the high
-watermark are applied after the chunk, as usual. Rows move with COPY in and out and one set-wise
-MERGE per chunk; the apply runs in the stream, the copy here.
+chunk's), and drops the chunk from staging, in one destination transaction. A row updated or
+deleted while the chunk was read can therefore never be put back with an old value or
+resurrected, and changes after the high watermark are applied after the chunk, as usual. Rows
+move with COPY in and out and three set-wise statements per chunk; the apply runs in the
+stream, the copy here.
 
 Progress (``count_record``, the resume point) is written by the stream when it applies a chunk,
 so a crashed backfill resumes after the last applied chunk. Backfills therefore need the

@@ -7,8 +7,9 @@ outcome carries the measured value and its threshold, so the UI can plot its his
 from __future__ import annotations
 
 import hashlib
+import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -17,6 +18,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from rosetta_dagster.core.apply.errors import RefusedChange
 from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema
 from rosetta_dagster.core.config_store import ConfigStore, Pipeline, PipelineStatus
 from rosetta_dagster.core.pipeline_config import (
@@ -240,16 +242,41 @@ def replication_lag(
                               operations.lag_critical_seconds, "Replication lag", "s")
 
 
-def apply_errors(pipeline: Pipeline, since: datetime) -> CheckOutcome:
-    """No failed batch (the run records ERROR with the error) since ``since``."""
+def apply_errors(pipeline: Pipeline, since: datetime, destination: str, table: TableRef
+                 ) -> CheckOutcome:
+    """ERROR when the pipeline stopped on a change of this table that this destination refused
+    (the report as metadata), or failed otherwise since ``since``."""
+    report = pipeline.last_apply_error
+    if report is not None:
+        refused = RefusedChange.from_dict(report)
+        if (refused.destination, refused.table) == (destination, table.qualified):
+            metadata: dict[str, float | int | str] = {"value": 1, "threshold": 0}
+            metadata.update({k: json.dumps(v) if isinstance(v, dict) else str(v)
+                             for k, v in report.items() if v is not None})
+            return CheckOutcome("apply_errors", False, "ERROR", refused.sentence(), metadata)
+        return CheckOutcome("apply_errors", True, "ERROR",
+                            f"Pipeline {pipeline.name} stopped on a change of {refused.table} "
+                            f"on {refused.destination}, not of this table.",
+                            {"value": 0, "threshold": 0})
     failed = pipeline.last_error_at is not None and pipeline.last_error_at > since
-    metadata: dict[str, float | int | str] = {"value": int(failed), "threshold": 0}
+    metadata = {"value": int(failed), "threshold": 0}
     if failed:
         return CheckOutcome("apply_errors", False, "ERROR",
                             f"Pipeline {pipeline.name} failed at "
                             f"{pipeline.last_error_at:%Y-%m-%d %H:%M:%S}: {pipeline.last_error}",
                             metadata)
     return CheckOutcome("apply_errors", True, "ERROR", "No failed batch.", metadata)
+
+
+def parked_events(pipeline: str, destination: str, table: TableRef, parked: int) -> CheckOutcome:
+    """ERROR while changes of this table wait parked for this destination."""
+    metadata: dict[str, float | int | str] = {"value": parked, "threshold": 0}
+    if parked:
+        return CheckOutcome("parked_events", False, "ERROR",
+                            f"{parked} change(s) of {table.qualified} are parked for destination "
+                            f"{destination}: `rosetta parked list --pipeline {pipeline}`, then "
+                            "retry or discard them.", metadata)
+    return CheckOutcome("parked_events", True, "ERROR", "Nothing parked.", metadata)
 
 
 # -- replication slots ------------------------------------------------------------------
@@ -345,9 +372,12 @@ class CheckTarget:
 
 
 def evaluate_pipeline(
-    pipeline: PipelineDefinition, stored: Pipeline, operations: OperationsSettings
+    pipeline: PipelineDefinition, stored: Pipeline, operations: OperationsSettings,
+    parked: Mapping[tuple[str, str], int] | None = None,
 ) -> Iterator[tuple[CheckTarget, CheckOutcome]]:
-    """Every check of one pipeline (slot first, then each destination table)."""
+    """Every check of one pipeline (slot first, then each destination table). ``parked``:
+    parked changes by (destination, table)."""
+    parked = parked or {}
     since = datetime.now(UTC) - timedelta(minutes=operations.health_check_interval_minutes)
     slot = CheckTarget("replication_slot", pipeline.name)
     with source_connection(pipeline) as source:
@@ -365,7 +395,9 @@ def evaluate_pipeline(
                                                 operations.parity_chunk_rows,
                                                 operations.parity_window_seconds)
                     yield where, replication_lag(stored, operations)
-                    yield where, apply_errors(stored, since)
+                    yield where, apply_errors(stored, since, destination.name, table)
+                    yield where, parked_events(pipeline.name, destination.name, table,
+                                               parked.get((destination.name, table.qualified), 0))
 
 
 def evaluate_config_store(store: ConfigStore, operations: OperationsSettings) -> list[CheckOutcome]:

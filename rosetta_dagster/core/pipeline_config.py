@@ -98,6 +98,7 @@ class Destination(PostgresEndpoint):
 
 INITIAL_LOAD_METHODS = ("copy", "debezium")
 CAPTURE_ENGINES = ("debezium", "pgoutput")
+APPLY_ERROR_POLICIES = ("stop", "park")
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,13 @@ class StreamSettings:
     initial_load: str = "copy"
     initial_load_workers: int = 2
     initial_load_range_rows: int = 250_000
+    # A change a destination refuses (constraint, type, permission): "stop" the pipeline on it
+    # (resume with `rosetta pipeline start` after fixing the destination, or skip it), or
+    # "park" it (and the key's later changes) in the config store and keep streaming.
+    on_apply_error: str = "stop"
+    # Transient destination errors (connection lost, restart, deadlock, timeouts, disk full)
+    # are retried in the run, same batch, with backoff, for this long before the run fails.
+    apply_retry_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -369,7 +377,13 @@ def load_config(
             initial_load_range_rows=stream.integer(
                 "initial_load_range_rows", StreamSettings.initial_load_range_rows, minimum=1000
             ),
+            on_apply_error=stream.text("on_apply_error", StreamSettings.on_apply_error),
+            apply_retry_seconds=stream.integer(
+                "apply_retry_seconds", StreamSettings.apply_retry_seconds, minimum=0
+            ),
         )
+        if settings.on_apply_error not in APPLY_ERROR_POLICIES:
+            stream.fail("on_apply_error", f"must be one of {', '.join(APPLY_ERROR_POLICIES)}")
         if settings.engine not in CAPTURE_ENGINES:
             stream.fail("engine", f"must be one of {', '.join(CAPTURE_ENGINES)}")
         if settings.engine == "pgoutput" and settings.initial_load != "copy":

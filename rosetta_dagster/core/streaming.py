@@ -18,6 +18,7 @@ import psycopg2
 from psycopg2 import sql
 
 from rosetta_dagster.core.apply.applier import ChunkCounts, PostgresApplier
+from rosetta_dagster.core.apply.refused import RefusedChanges
 from rosetta_dagster.core.apply.schema import SchemaError, TableSchema, read_table_schema
 from rosetta_dagster.core.capture import Capture, CaptureBatch, capture_engine
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
@@ -146,6 +147,7 @@ class StreamingSession:
         self._windows: dict[tuple[int, int], _ChunkWindow] = {}
         self._fences: dict[TableRef, SnapshotVisibility] = {}
         self._next_heartbeat = time.monotonic()
+        self.refused = RefusedChanges(pipeline, config_store, log)
 
     # -- preparation -----------------------------------------------------------------------
 
@@ -186,6 +188,7 @@ class StreamingSession:
             )
             applier.prepare(self._schemas.values())
             self._appliers.append(applier)
+        self.refused.load()
         return self._schemas
 
     def _refuse_unsupported_columns(self) -> None:
@@ -248,6 +251,7 @@ class StreamingSession:
         """Apply a batch in stream order; backfill watermarks split it into segments.
 
         Returns the position every destination has committed (for engines that confirm it)."""
+        self.refused.replay_requested(self._appliers)  # parked changes go before newer ones
         segment: list[ChangeEvent] = []
         streaming_seen = batch.marker is not None
         for item in batch.items:
@@ -338,11 +342,14 @@ class StreamingSession:
         for index, applier in enumerate(self._appliers):
             if index in self._down:
                 continue
+            # One position per destination: a lost one is taken out of rotation (below).
+            rotates = applier.tracking is not None and len(self._appliers) > 1
             try:
-                results.append(applier.apply(events, record_keys=record_keys, position=position,
-                                             complete=complete))
+                results.append(self.refused.apply(
+                    applier, events, record_keys=record_keys, position=position,
+                    complete=complete, unreachable_handled=rotates))
             except _UNREACHABLE as exc:
-                if applier.tracking is None or len(self._appliers) == 1:
+                if not rotates:
                     raise  # one position for all destinations: every one must keep up
                 self._down[index] = time.monotonic() + DESTINATION_RETRY_S
                 self.log.warning(
@@ -354,6 +361,9 @@ class StreamingSession:
                 f"Pipeline {self.pipeline.name}: every destination is unreachable.")
         if not events:
             return
+        if self.refused.stopped_on is not None and self.config_store is not None:
+            self.config_store.record_apply_error(self.pipeline.name, None)  # streamed past it
+            self.refused.stopped_on = None
         # Every destination sees the same events: counts and times come from the first.
         first = results[0]
         progress = self.progress  # written only by the engine thread; read by ticks

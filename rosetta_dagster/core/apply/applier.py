@@ -36,6 +36,7 @@ from typing import Any
 import psycopg2.extensions
 from psycopg2 import sql
 
+from rosetta_dagster.core.apply.errors import ApplyError, classify
 from rosetta_dagster.core.apply.schema import (
     TableSchema,
     destination_type,
@@ -43,20 +44,12 @@ from rosetta_dagster.core.apply.schema import (
     key_range,
 )
 from rosetta_dagster.core.apply.values import COPY_NULL, Converter, ValueCodec, copy_field
-from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import ResilientConnectionPool
 
 logger = logging.getLogger("rosetta.apply")
 
-# A change the destination refuses (bad value, constraint, permission): not a lost connection.
-_DATA_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError, psycopg2.ProgrammingError,
-                psycopg2.NotSupportedError, psycopg2.InternalError)
-
-
-class ApplyError(RosettaError):
-    """A change could not be applied; the message names source table, key and column."""
 
 _OP = "_rosetta_op"
 _UNCHANGED = "_rosetta_unchanged"
@@ -185,6 +178,36 @@ class PostgresApplier:
             for schema in schemas:
                 ensure_destination_table(conn, schema, self.target_schema)
                 self._plans[schema.table] = self._plan(schema)
+
+    # -- changes as text (reports, parked changes) ------------------------------------------
+
+    def key_text(self, event: ChangeEvent) -> dict[str, str | None]:
+        """The event's primary key in PostgreSQL's text form, by column."""
+        plan = self._plans.get(event.table)
+        if plan is None:
+            return {k: None if v is None else str(v) for k, v in event.row.items()}
+        converters = dict(plan.converters)
+        row = event.row
+        return {k: None if row.get(k) is None else converters[k](row[k])
+                for k in plan.schema.primary_key}
+
+    def event_as_text(self, event: ChangeEvent) -> dict[str, Any]:
+        """The change with every value in its text form (unchanged TOAST values left out, so a
+        replay keeps the destination's value), as JSON for the config store."""
+        plan = self._plans[event.table]
+        converters = dict(plan.converters)
+        is_unchanged = self.values.is_unchanged
+
+        def as_text(values: dict[str, Any] | None) -> dict[str, str | None] | None:
+            if values is None:
+                return None
+            return {name: None if value is None else converters[name](value)
+                    for name, value in values.items()
+                    if name in converters and not is_unchanged(value)}
+
+        return {"table": event.table.qualified, "op": event.op, "before": as_text(event.before),
+                "after": as_text(event.after), "source_ts_ms": event.source_ts_ms,
+                "lsn": event.lsn, "xid": event.xid, "commit_lsn": event.commit_lsn}
 
     def _refresh(self, conn: psycopg2.extensions.connection, table: TableRef) -> _TablePlan:
         schema = self.schema_source(table)
@@ -470,6 +493,11 @@ class PostgresApplier:
         if context is not None:
             context.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
 
+    @property
+    def in_transaction(self) -> bool:
+        """True while earlier pieces of one source transaction wait in an open transaction."""
+        return self._open is not None
+
     def abort(self) -> None:
         """Roll back a transaction left open by a batch piece (the stream stopped inside it)."""
         if self._open is not None:
@@ -538,7 +566,7 @@ class PostgresApplier:
     def _failure(
         self, cursor: psycopg2.extensions.cursor, exc: psycopg2.Error, plan: _TablePlan,
         events: list[ChangeEvent],
-    ) -> str:
+    ) -> ApplyError:
         """One sentence naming the source table, the row's key and the column (never the
         staging table): from the failing COPY line, or by merging the staged rows one by one
         until one fails the same way."""
@@ -565,8 +593,9 @@ class PostgresApplier:
             where += f" with key ({key_text})"
         column = (copy_line.group(2) if copy_line else None) or diag.column_name
         detail = f" ({diag.message_detail})" if diag.message_detail and not copy_line else ""
-        return (f"{where} could not be applied" + (f" at column {column}" if column else "")
-                + f": {diag.message_primary or str(exc).strip()}{detail}.")
+        reason = f"{diag.message_primary or str(exc).strip()}{detail}"
+        return ApplyError(f"{where} could not be applied" + (f" at column {column}" if column else "")
+                          + f": {reason}.", sqlstate=exc.pgcode, column=column, reason=reason)
 
     def _truncate(self, conn: psycopg2.extensions.connection, table: TableRef) -> None:
         with conn.cursor() as cursor:
@@ -636,8 +665,10 @@ class PostgresApplier:
                 cursor.copy_expert(plan.copy, buffer)
                 cursor.execute("SAVEPOINT _rosetta_merge")
                 cursor.execute(plan.merge)
-            except _DATA_ERRORS as exc:
-                raise ApplyError(self._failure(cursor, exc, plan, list(events))) from None
+            except psycopg2.Error as exc:
+                if classify(exc) != "data":
+                    raise
+                raise self._failure(cursor, exc, plan, list(events)) from None
             if record_keys:
                 cursor.execute(plan.create_keys)  # a table added during the snapshot
                 cursor.execute(plan.record_keys)

@@ -24,6 +24,13 @@ def copy_field(text: str) -> str:
     return text.translate(_COPY_ESCAPES)
 
 
+class SourceText(str):
+    """A value already in its PostgreSQL text form (under the pinned settings): re-read from
+    the source, or a parked change being replayed. Every engine's converters pass it as is."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True)
 class ValueCodec:
     """An engine's event values -> PostgreSQL text input, column by column."""

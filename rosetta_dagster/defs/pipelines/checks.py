@@ -21,7 +21,8 @@ from rosetta_dagster.core.replication import SlotReading
 from rosetta_dagster.defs.pipelines.assets import destination_table_key, replication_slot_key
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 
-TABLE_CHECKS = ("row_count_parity", "content_parity", "replication_lag", "apply_errors")
+TABLE_CHECKS = ("row_count_parity", "content_parity", "replication_lag", "apply_errors",
+                "parked_events")
 SLOT_CHECKS = ("slot_active", "retained_wal")
 _SEVERITY = {"WARN": AssetCheckSeverity.WARN, "ERROR": AssetCheckSeverity.ERROR}
 
@@ -62,8 +63,11 @@ def build_pipeline_checks(pipeline: PipelineDefinition) -> list[AssetChecksDefin
         context: AssetCheckExecutionContext, config_store: ConfigStoreResource
     ) -> Iterator[AssetCheckResult]:
         config = load_config()
-        stored = config_store.store.get_pipeline(name)
-        for target, outcome in evaluate_pipeline(config.pipeline(name), stored, config.operations):
+        store = config_store.store
+        stored = store.get_pipeline(name)
+        parked = {(d, t): n for p, d, t, n in store.parked_counts() if p == name}
+        for target, outcome in evaluate_pipeline(config.pipeline(name), stored, config.operations,
+                                                 parked):
             context.log.info("%s %s: %s", target.label, outcome.name, outcome.description)
             yield check_result(outcome, asset_key_of(target))
 

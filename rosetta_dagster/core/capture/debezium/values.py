@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rosetta_dagster.core.apply.schema import Column
-from rosetta_dagster.core.apply.values import Converter, ValueCodec
+from rosetta_dagster.core.apply.values import Converter, SourceText, ValueCodec
 from rosetta_dagster.core.errors import RosettaError
 
 # Debezium's value for an unchanged TOASTed column that the WAL record does not carry.
@@ -196,12 +196,6 @@ _NAMES_SOURCE_OBJECTS = frozenset({"regclass", "regproc", "regprocedure", "regop
                                    "regoperator", "regnamespace", "regrole", "regcollation"})
 
 
-class SourceText(str):
-    """A value re-read from the source as its own text (under the pinned settings)."""
-
-    __slots__ = ()
-
-
 def always_reread(column: Column) -> bool:
     return (column.is_array or column.base_type in REREAD_BASE_TYPES
             or (column.enum_name is None and column.base_type not in SUPPORTED_BASE_TYPES))
@@ -222,9 +216,9 @@ def refusal(column: Column, key: bool) -> str | None:
 
 
 def _converter(column: Column) -> Converter:
+    """Debezium's value converted, or text as it is: re-read from the source, or a parked
+    change replayed (both already PostgreSQL's text form)."""
     convert = converter_for(column)
-    if not needs_reread(column):
-        return convert
 
     def source_text_or_converted(value: Any) -> str:
         return value if type(value) is SourceText else convert(value)

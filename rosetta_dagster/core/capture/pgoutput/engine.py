@@ -247,7 +247,7 @@ class PgoutputCapture:
                     select.select([conn], [], [], _IDLE_WAIT_S)
                     continue
                 payload = message.payload
-                decoded = decoder.decode(payload)
+                decoded = decoder.decode(payload, message.data_start)
                 if type(decoded) is list:
                     unit.items.extend(decoded)
                     unit.size += (len(payload) + _ROW_OVERHEAD_BYTES) * _MEMORY_FACTOR

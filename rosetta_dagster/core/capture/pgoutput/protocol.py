@@ -86,11 +86,12 @@ class PgoutputDecoder:
         self.relations: dict[int, Relation] = {}
         self._begin: Begin | None = None
 
-    def decode(self, payload: bytes) -> Decoded:
+    def decode(self, payload: bytes, lsn: int | None = None) -> Decoded:
+        """One message; ``lsn`` is its WAL position (XLogData's start), kept on row changes."""
         data = memoryview(payload)
         kind = payload[0:1]
         if kind == b"I" or kind == b"U" or kind == b"D":
-            return self._row(kind, data)
+            return self._row(kind, data, lsn)
         if kind == b"B":
             final_lsn, ts, xid = _BEGIN.unpack_from(data, 1)
             self._begin = Begin(final_lsn, _PG_EPOCH_MS + ts // 1000, xid)
@@ -156,7 +157,7 @@ class PgoutputDecoder:
                 raise ProtocolError(f"{relation.table.qualified}: unexpected column kind {kind!r}")
         return values, offset
 
-    def _row(self, kind: bytes, data: memoryview) -> list[ChangeEvent]:
+    def _row(self, kind: bytes, data: memoryview, lsn: int | None) -> list[ChangeEvent]:
         (oid,) = _I32.unpack_from(data, 1)
         relation = self.relations[oid]
         begin = self._begin
@@ -175,7 +176,7 @@ class PgoutputDecoder:
         elif kind == b"D":
             raise ProtocolError(f"a delete of {relation.table.qualified} without its key")
         common = {"source_ts_ms": begin.source_ts_ms, "xid": begin.xid,
-                  "commit_lsn": begin.commit_lsn}
+                  "commit_lsn": begin.commit_lsn, "lsn": lsn}
         if kind == b"D":
             return [ChangeEvent(relation.table, "d", old, None, **common)]
         new, _ = self._tuple(data, offset, relation)

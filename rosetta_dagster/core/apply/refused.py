@@ -1,0 +1,312 @@
+"""Applying a batch when a destination may refuse some of it.
+
+Transient errors are retried, same batch, with backoff, for ``apply_retry_seconds``. A data
+error is isolated: the batch is split in halves (in stream order) until the one refused change
+is known, and everything before it is applied. Then the pipeline's ``on_apply_error`` policy:
+
+- ``stop``: the report (source table, key, operation, position, time, destination, column,
+  PostgreSQL's message) is recorded, the pipeline is set to PAUSE so nothing restarts it, and
+  the run fails with that sentence. Its position is not moved past the change, so the next start
+  resumes on it; ``rosetta pipeline skip`` drops exactly that change once a person confirmed.
+- ``park``: the change is stored whole in the config store and the stream goes on. Later
+  changes of the same key (same destination) are parked behind it, so an older value can never
+  overwrite a newer one. ``rosetta parked retry`` asks the stream to replay a key's changes in
+  order (before anything newer) and release the key; ``discard`` drops them.
+
+A source transaction larger than one batch (pgoutput pieces) is applied as one destination
+transaction; a refusal inside it cannot be split off and stops the run with the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rosetta_dagster.core.apply.applier import BatchResult, PostgresApplier
+from rosetta_dagster.core.apply.errors import (
+    OPERATIONS,
+    RefusedChange,
+    classify,
+    error_parts,
+    event_from_text,
+    format_lsn,
+)
+from rosetta_dagster.core.config_store import ConfigStore, ParkedRow, PipelineStatus
+from rosetta_dagster.core.errors import RosettaError
+from rosetta_dagster.core.events import ChangeEvent
+from rosetta_dagster.core.pipeline_config import PipelineDefinition
+
+logger = logging.getLogger("rosetta.apply")
+Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
+
+MAX_RETRY_DELAY_S = 30.0
+PARKED_POLL_S = 1.0
+
+
+class StoppedOnRefusedChange(RosettaError):  # noqa: N818 - an outcome the user acts on
+    """on_apply_error: stop — the pipeline stopped on a change a destination refused."""
+
+    def __init__(self, report: RefusedChange) -> None:
+        super().__init__(report.sentence() + " The pipeline is paused: fix the destination and "
+                         "run `rosetta pipeline start " + report.pipeline + "`, or skip this "
+                         "change with `rosetta pipeline skip " + report.pipeline +
+                         f" --position {report.position}`.")
+        self.report = report
+
+
+def _key_id(table: str, key: dict[str, Any]) -> tuple[str, str]:
+    return table, json.dumps(key, sort_keys=True)
+
+
+class RefusedChanges:
+    """Retry, isolation, stop/park and skips for one streaming session's destinations."""
+
+    def __init__(self, pipeline: PipelineDefinition, store: ConfigStore | None, log: Log,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.pipeline = pipeline
+        self.store = store
+        self.log = log
+        self.sleep = sleep
+        settings = pipeline.settings
+        self.park = settings.on_apply_error == "park" and store is not None
+        self.retry_s = settings.apply_retry_seconds
+        # destination -> keys with parked changes: (table, key JSON)
+        self._parked: dict[str, set[tuple[str, str]]] = {}
+        self._skips: list[dict[str, Any]] = []
+        self._next_poll = 0.0
+        self.stopped_on: dict[str, Any] | None = None  # the change the last run stopped on
+
+    def load(self) -> None:
+        """What the config store says before streaming: skips, parked keys, the last stop."""
+        if self.store is None:
+            return
+        self._skips = self.store.pending_skips(self.pipeline.name)
+        self.stopped_on = self.store.get_pipeline(self.pipeline.name).last_apply_error
+        self._refresh_parked()
+
+    # -- applying --------------------------------------------------------------------------
+
+    def apply(self, applier: PostgresApplier, events: Sequence[ChangeEvent], *,
+              record_keys: bool, position: int | None, complete: bool,
+              unreachable_handled: bool) -> BatchResult:
+        """Apply a batch to one destination, whatever it refuses (see the module docstring).
+
+        ``unreachable_handled``: the caller takes a lost destination out of rotation, so a
+        lost connection is raised at once instead of retried here.
+        """
+        if self._skips:
+            events = self._drop_skipped(applier, events)
+        if self._parked.get(applier.name):
+            events = self._park_behind(applier, events)
+        spanning = applier.in_transaction  # earlier pieces are in the open transaction
+        try:
+            return self._retrying(applier, lambda: applier.apply(
+                events, record_keys=record_keys, position=position, complete=complete),
+                spanning or unreachable_handled)
+        except Exception as exc:  # noqa: BLE001 - classified just below
+            if classify(exc) != "data" or spanning or not complete or record_keys:
+                if classify(exc) == "data" and events:
+                    self._note_unsplittable(applier, events, exc)
+                raise
+            return self._isolate(applier, list(events), position, exc)
+
+    def _retrying(self, applier: PostgresApplier, attempt: Callable[[], BatchResult],
+                  raise_at_once: bool) -> BatchResult:
+        deadline: float | None = None
+        tries = 0
+        while True:
+            try:
+                return attempt()
+            except Exception as exc:
+                if classify(exc) != "transient" or raise_at_once:
+                    raise
+                now = time.monotonic()
+                deadline = deadline if deadline is not None else now + self.retry_s
+                if now >= deadline:
+                    raise
+                tries += 1
+                delay = min(0.5 * 2 ** (tries - 1), MAX_RETRY_DELAY_S, deadline - now)
+                sqlstate, _, reason = error_parts(exc)
+                self.log.warning(
+                    "Pipeline %s: destination %s: transient error%s: %s; retrying the same "
+                    "batch in %.1f s (attempt %d, giving up %.0f s after the first error)",
+                    self.pipeline.name, applier.name, f" [SQLSTATE {sqlstate}]" if sqlstate else "",
+                    reason, delay, tries + 1, self.retry_s)
+                self.sleep(delay)
+
+    def _isolate(self, applier: PostgresApplier, events: list[ChangeEvent],
+                 position: int | None, first_refusal: BaseException) -> BatchResult:
+        remaining = events
+        refusal: BaseException | None = first_refusal
+        while remaining:
+            index, exc = self._first_refused(applier, remaining, refusal)
+            if index is None or exc is None:
+                break
+            event = remaining[index]
+            report = RefusedChange.of(self.pipeline.name, applier.name, event,
+                                      applier.key_text(event), exc)
+            if not self.park:
+                self._stop(report)
+            self.log.error("%s Parked with the key's later changes (on_apply_error: park).",
+                           report.sentence())
+            self._park(applier, [event], report)
+            remaining = self._park_behind(applier, remaining[index + 1:])
+            refusal = None
+        # Everything else is applied: now the batch's position moves.
+        return self._retrying(applier, lambda: applier.apply([], position=position), False)
+
+    def _first_refused(self, applier: PostgresApplier, events: list[ChangeEvent],
+                       refusal: BaseException | None) -> tuple[int | None, BaseException | None]:
+        """Apply ``events`` up to the first one the destination refuses: its index and error,
+        or None when all went through. ``refusal``: the error applying all of them gave."""
+        if refusal is None:
+            try:
+                self._retrying(applier, lambda: applier.apply(events), False)
+                return None, None
+            except Exception as exc:
+                if classify(exc) != "data":
+                    raise
+                refusal = exc
+        if len(events) == 1:
+            return 0, refusal
+        middle = len(events) // 2
+        index, exc = self._first_refused(applier, events[:middle], None)
+        if index is not None:
+            return index, exc
+        index, exc = self._first_refused(applier, events[middle:], None)
+        return (middle + index, exc) if index is not None else (None, None)
+
+    def _stop(self, report: RefusedChange) -> None:
+        if self.store is not None:
+            self.store.record_apply_error(self.pipeline.name, report.as_dict())
+            self.store.set_pipeline_status(self.pipeline.name, PipelineStatus.PAUSE)
+        raise StoppedOnRefusedChange(report)
+
+    def _note_unsplittable(self, applier: PostgresApplier, events: Sequence[ChangeEvent],
+                           exc: BaseException) -> None:
+        """A refusal inside one source transaction applied in pieces: recorded, not split."""
+        if self.store is None:
+            return
+        report = RefusedChange.of(self.pipeline.name, applier.name, events[0],
+                                  applier.key_text(events[0]), exc)
+        self.store.record_apply_error(self.pipeline.name, report.as_dict())
+
+    # -- skips -----------------------------------------------------------------------------
+
+    def _drop_skipped(self, applier: PostgresApplier, events: Sequence[ChangeEvent]
+                      ) -> list[ChangeEvent]:
+        kept = []
+        for event in events:
+            skip = self._matching_skip(applier, event)
+            if skip is None:
+                kept.append(event)
+                continue
+            self._skips.remove(skip)
+            assert self.store is not None
+            self.store.mark_skipped(skip["id"])
+            self.log.warning(
+                "Pipeline %s: skipped the %s of %s key %s at source position %s on destination "
+                "%s, as %s asked at %s", self.pipeline.name, skip["operation"], skip["table_name"],
+                json.dumps(skip["key"]), skip["position"], applier.name, skip["requested_by"],
+                skip["requested_at"].isoformat(timespec="seconds"))
+        return kept
+
+    def _matching_skip(self, applier: PostgresApplier, event: ChangeEvent) -> dict[str, Any] | None:
+        lsn = event.lsn if event.lsn is not None else event.commit_lsn
+        if lsn is None:
+            return None
+        position = format_lsn(lsn)
+        for skip in self._skips:
+            if (skip["destination"] == applier.name and skip["position"] == position
+                    and skip["table_name"] == event.table.qualified
+                    and skip["key"] == applier.key_text(event)):
+                return skip
+        return None
+
+    # -- parking ---------------------------------------------------------------------------
+
+    def _park_behind(self, applier: PostgresApplier, events: Sequence[ChangeEvent]
+                     ) -> list[ChangeEvent]:
+        """Changes of keys with parked changes go behind them; the rest is returned."""
+        parked = self._parked.get(applier.name)
+        if not parked:
+            return list(events)
+        kept: list[ChangeEvent] = []
+        behind: list[ChangeEvent] = []
+        for event in events:
+            if event.op != "t" and _key_id(event.table.qualified, applier.key_text(event)) in parked:
+                behind.append(event)
+            else:
+                kept.append(event)
+        if behind:
+            self._park(applier, behind, None)
+        return kept
+
+    def _park(self, applier: PostgresApplier, events: Sequence[ChangeEvent],
+              report: RefusedChange | None) -> None:
+        assert self.store is not None
+        rows = []
+        for event in events:
+            key = applier.key_text(event)
+            lsn = event.lsn if event.lsn is not None else event.commit_lsn
+            error = report.sentence() if report is not None else (
+                "parked behind an earlier refused change of the same key")
+            rows.append(ParkedRow(applier.name, event.table.qualified, key,
+                                  OPERATIONS.get(event.op, event.op),
+                                  format_lsn(lsn) if lsn is not None else None,
+                                  applier.event_as_text(event), error,
+                                  report.sqlstate if report is not None else None))
+            self._parked.setdefault(applier.name, set()).add(
+                _key_id(event.table.qualified, key))
+        self.store.park_events(self.pipeline.name, rows)
+
+    def _refresh_parked(self) -> None:
+        assert self.store is not None
+        parked: dict[str, set[tuple[str, str]]] = {}
+        for row in self.store.list_parked(self.pipeline.name):
+            parked.setdefault(row.destination, set()).add(_key_id(row.table_name, row.key))
+        self._parked = parked
+
+    def replay_requested(self, appliers: Sequence[PostgresApplier]) -> None:
+        """Replay the parked changes a person asked to retry, key by key, oldest first, and
+        release the keys that went through. Called by the stream between batches."""
+        if self.store is None or not self.park and not self._parked:
+            return
+        if any(a.in_transaction for a in appliers):
+            return  # inside a large source transaction: replay after its commit
+        now = time.monotonic()
+        if now < self._next_poll:
+            return
+        self._next_poll = now + PARKED_POLL_S
+        requested = self.store.list_parked(self.pipeline.name, retry_requested=True)
+        by_name = {a.name: a for a in appliers}
+        groups: dict[tuple[str, str, str], list[Any]] = {}
+        for row in requested:
+            groups.setdefault((row.destination, *_key_id(row.table_name, row.key)), []).append(row)
+        for (destination, table, key), rows in groups.items():
+            applier = by_name.get(destination)
+            if applier is None:
+                continue
+            # Positions are the key's past: replayed without them (a destination tracking its
+            # position would otherwise take them for changes it already has).
+            events = [event_from_text({**r.event, "commit_lsn": None}) for r in rows]
+            ids = [r.id for r in rows]
+            try:
+                self._retrying(applier, lambda a=applier, e=events: a.apply(e), False)
+            except Exception as exc:
+                if classify(exc) != "data":
+                    raise
+                sqlstate, _, reason = error_parts(exc)
+                self.store.parked_retry_failed(ids, reason, sqlstate)
+                self.log.error("Pipeline %s: replaying %d parked change(s) of %s key %s on "
+                               "destination %s failed again: %s", self.pipeline.name, len(ids),
+                               table, key, destination, reason)
+                continue
+            self.store.release_parked(ids)
+            self.log.info("Pipeline %s: replayed %d parked change(s) of %s key %s on destination "
+                          "%s; the key streams again", self.pipeline.name, len(ids), table, key,
+                          destination)
+        self._refresh_parked()
