@@ -5,6 +5,7 @@ The backfill runs for real: the pipeline streams, the copy goes through watermar
 staging and the stream's chunk apply.
 
     .venv/bin/python -m benchmarks.backfill_throughput [--rows 1000000] [--chunk-rows 50000]
+        [--engine debezium|pgoutput]
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--chunk-rows", type=int, default=50_000)
+    parser.add_argument("--engine", choices=("debezium", "pgoutput"), default="debezium",
+                        help="the stream that applies the chunks (watermarks from either)")
     args = parser.parse_args()
 
-    with benchmark_env() as env:
+    with benchmark_env(args.engine) as env:
         cluster = env.cluster
         cluster.create_database("bench_config")
         create_table(env.source_url, "public.bench", W2_COLUMNS)

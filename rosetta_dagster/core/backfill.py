@@ -27,10 +27,10 @@ pipeline's stream to run (START).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,11 +39,8 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.applier import (
-    BACKFILL_CHUNK_COLUMN,
-    backfill_marks_table,
-    backfill_staging_table,
-)
+from rosetta_dagster.core.apply.applier import backfill_chunk_table, backfill_marks_table
+from rosetta_dagster.core.apply.bulk import binary_copy, pipe_copy
 from rosetta_dagster.core.apply.schema import Column, TableSchema, key_range, read_table_schema
 from rosetta_dagster.core.config_store import BackfillJob, BackfillStatus, ConfigStore
 from rosetta_dagster.core.dsn import summarize_connection_error
@@ -136,7 +133,14 @@ def _wait_for_transactions_in_flight(conn: psycopg2.extensions.connection) -> No
     orders before the low watermark.
     """
     with conn.cursor() as cursor:
-        cursor.execute("SELECT array_agg(x)::text[] FROM pg_snapshot_xip(pg_current_snapshot()) x")
+        # Only this database's transactions can have changed the table (a destination on the
+        # same server, busy applying the previous chunk, must not hold the next one back).
+        cursor.execute(
+            "SELECT array_agg(x)::text[] FROM pg_snapshot_xip(pg_current_snapshot()) x "
+            "WHERE x::xid IN (SELECT backend_xid FROM pg_stat_activity "
+            "                 WHERE datname = current_database() AND backend_xid IS NOT NULL "
+            "                 UNION ALL SELECT transaction FROM pg_prepared_xacts "
+            "                 WHERE database = current_database())")
         in_flight = cursor.fetchone()[0]  # type: ignore[index]
         while in_flight:
             cursor.execute(
@@ -238,15 +242,12 @@ class BackfillRunner:
         self, destination: Destination, schema: TableSchema
     ) -> psycopg2.extensions.connection:
         conn = connect_destination(self.pipeline, destination)
-        staging = sql.Identifier(destination.schema, backfill_staging_table(self.job_id))
         with conn.cursor() as cursor:
-            cursor.execute(sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {staging} (LIKE {target}); "
-                "ALTER TABLE {staging} ADD COLUMN IF NOT EXISTS {chunk} integer NOT NULL; "
-                "CREATE TABLE IF NOT EXISTS {marks} (chunk integer PRIMARY KEY)"
-            ).format(staging=staging, target=sql.Identifier(destination.schema, schema.table.name),
-                     chunk=sql.Identifier(BACKFILL_CHUNK_COLUMN),
-                     marks=sql.Identifier(destination.schema, backfill_marks_table(self.job_id))))
+            # Unlogged, like the chunk tables: a server crash empties both together, and a
+            # chunk without its mark is read again (see the stream).
+            cursor.execute(sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} (chunk integer PRIMARY KEY)")
+                           .format(sql.Identifier(destination.schema,
+                                                  backfill_marks_table(self.job_id))))
         return conn
 
     def _copy_chunks(
@@ -270,66 +271,87 @@ class BackfillRunner:
                                           for k in schema.primary_key)
         columns = sql.SQL(", ").join(sql.Identifier(c) for c in schema.column_names)
         table = sql.Identifier(schema.table.schema, schema.table.name)
+        options = sql.SQL(" (FORMAT binary)" if binary_copy(schema) else "")
         chunks = 0
+
+        def issue(number: int, after: list[Any] | None, upper: list[Any] | None) -> None:
+            """Read chunk ``number`` (after < key <= upper) between its two watermarks."""
+            body = {"job": job.id, "chunk": number, "table": schema.table.qualified}
+            _emit_watermark(source, {**body, "kind": "low"})
+            _wait_for_transactions_in_flight(source)
+            range_sql, range_params = key_range(schema, after, upper, _source_type)
+            with source.cursor() as cursor:
+                copy_out = cursor.mogrify(sql.SQL(
+                    "COPY (SELECT {columns} FROM {table} WHERE ({where}) AND {range}) "
+                    "TO STDOUT{options}"
+                ).format(columns=columns, table=table, where=where, range=range_sql,
+                         options=options), [*params, *range_params]).decode()
+            rows = 0
+            for index, (target, target_schema) in enumerate(targets):
+                # Each destination reads the chunk itself, inside the same window.
+                staged = self._stage(source, copy_out, target, target_schema, schema, number,
+                                     columns, options)
+                rows = staged if index == 0 else rows
+            # The stream deletes what the destination has in the range and the chunk has not.
+            _emit_watermark(source, {**body, "kind": "high", "after_key": after,
+                                     "last_key": upper, "rows": rows, "filter": job.filter})
+
+        # One chunk is read and staged while the stream applies the one before it.
+        in_flight: deque[tuple[int, list[Any] | None, list[Any] | None]] = deque()
         while True:
             self._check_cancelled()
             bounds, bound_params = key_range(schema, last_key, None, _source_type)
-            cursor = source.cursor()
-            cursor.execute(sql.SQL(
-                "SELECT {keys_as_text} FROM (SELECT {keys} FROM {table} WHERE ({where}) AND "
-                "{bounds} ORDER BY {keys} OFFSET %s LIMIT 1) AS upper_key").format(
-                    keys_as_text=keys_as_text, keys=keys, table=table, where=where, bounds=bounds),
-                [*params, *bound_params, self.chunk_rows - 1])
-            upper_row = cursor.fetchone()
+            with source.cursor() as cursor:
+                cursor.execute(sql.SQL(
+                    "SELECT {keys_as_text} FROM (SELECT {keys} FROM {table} WHERE ({where}) AND "
+                    "{bounds} ORDER BY {keys} OFFSET %s LIMIT 1) AS upper_key").format(
+                        keys_as_text=keys_as_text, keys=keys, table=table, where=where,
+                        bounds=bounds),
+                    [*params, *bound_params, self.chunk_rows - 1])
+                upper_row = cursor.fetchone()
             upper = list(upper_row) if upper_row else None
             chunk += 1
-            body = {"job": job.id, "chunk": chunk, "table": schema.table.qualified}
-            _emit_watermark(source, {**body, "kind": "low"})
-            _wait_for_transactions_in_flight(source)
-            range_sql, range_params = key_range(schema, last_key, upper, _source_type)
-            buffer = io.StringIO()
-            copy = sql.SQL(
-                "COPY (SELECT {columns}, {chunk} FROM {table} WHERE ({where}) AND {range}) TO STDOUT"
-            ).format(columns=columns, chunk=sql.Literal(chunk), table=table, where=where,
-                     range=range_sql)
-            cursor.copy_expert(cursor.mogrify(copy, [*params, *range_params]).decode(), buffer)
-            rows = buffer.getvalue().count("\n")
-            for target, target_schema in targets:
-                self._stage(target, target_schema, chunk, columns, buffer)
-            # The chunk covers last_key < key <= upper: the stream deletes what the destination
-            # has in that range and the source chunk has not.
-            _emit_watermark(source, {**body, "kind": "high", "after_key": last_key,
-                                     "last_key": upper, "rows": rows, "filter": job.filter})
-            cursor.close()
-            if not self._wait_applied(chunk):
-                chunk -= 1  # the stream asks for a re-read: same range again
-                continue
-            chunks += 1
-            done = self.store.get_backfill_job(job.id).count_record
-            elapsed = max(time.monotonic() - started, 1e-6)
-            percent = 100.0 * done / total if total else 100.0
-            self.log.info("Backfill job %d: chunk %d applied, %d/%d rows (%.1f%%), %.0f rows/s",
-                          job.id, chunk, done, total, min(percent, 100.0), done / elapsed)
+            issue(chunk, last_key, upper)
+            in_flight.append((chunk, last_key, upper))
+            while len(in_flight) > (0 if upper is None else 1):
+                number, after, through = in_flight[0]
+                if not self._wait_applied(number):
+                    # The stream asks for a re-read (it did not see the low watermark): the same
+                    # range under a new number, so progress never goes back to an older chunk.
+                    in_flight.popleft()
+                    chunk += 1
+                    issue(chunk, after, through)
+                    in_flight.appendleft((chunk, after, through))
+                    continue
+                in_flight.popleft()
+                chunks += 1
+                done = self.store.get_backfill_job(job.id).count_record
+                elapsed = max(time.monotonic() - started, 1e-6)
+                percent = 100.0 * done / total if total else 100.0
+                self.log.info("Backfill job %d: chunk %d applied, %d/%d rows (%.1f%%), %.0f rows/s",
+                              job.id, number, done, total, min(percent, 100.0), done / elapsed)
             if upper is None:
                 return chunks
             last_key = upper
 
-    def _stage(self, target: psycopg2.extensions.connection, target_schema: str, chunk: int,
-               columns: sql.Composable, buffer: io.StringIO) -> None:
-        """Stage ``chunk`` in one destination and mark it staged (replacing a read made before
-        the stream asked for a re-read)."""
-        staging = sql.Identifier(target_schema, backfill_staging_table(self.job_id))
+    def _stage(self, source: psycopg2.extensions.connection, copy_out: str,
+               target: psycopg2.extensions.connection, target_schema: str, schema: TableSchema,
+               chunk: int, columns: sql.Composable, options: sql.Composable) -> int:
+        """Stream ``chunk`` from the source into its own unlogged table in one destination
+        (never held whole in memory) and mark it staged. Returns the rows staged."""
+        staging = sql.Identifier(target_schema, backfill_chunk_table(self.job_id, chunk))
         marks = sql.Identifier(target_schema, backfill_marks_table(self.job_id))
-        buffer.seek(0)
         with target.cursor() as cursor:
             cursor.execute("BEGIN")
-            cursor.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(
-                staging, sql.Identifier(BACKFILL_CHUNK_COLUMN)), (chunk,))
-            cursor.copy_expert(sql.SQL("COPY {} ({}, {}) FROM STDIN").format(
-                staging, columns, sql.Identifier(BACKFILL_CHUNK_COLUMN)), buffer)
+            cursor.execute(sql.SQL("DROP TABLE IF EXISTS {staging}; "
+                                   "CREATE UNLOGGED TABLE {staging} (LIKE {target})").format(
+                staging=staging, target=sql.Identifier(target_schema, schema.table.name)))
+            rows = pipe_copy(source, copy_out, target, sql.SQL("COPY {} ({}) FROM STDIN{}").format(
+                staging, columns, options).as_string(target))
             cursor.execute(sql.SQL("INSERT INTO {} VALUES (%s) ON CONFLICT DO NOTHING").format(
                 marks), (chunk,))
             cursor.execute("COMMIT")
+        return rows
 
     def _wait_applied(self, chunk: int) -> bool:
         """True once the stream applied ``chunk``; False when it asks for a re-read."""
@@ -350,11 +372,15 @@ class BackfillRunner:
         )
 
     def _drop_staging(self, schema: TableSchema) -> None:
+        """Drop the job's marks and any chunk table left (read again under another number)."""
+        prefix = f"_rosetta_backfill_{int(self.job_id)}_"
         for destination in self.pipeline.destinations:
             with destination_connection(self.pipeline, destination) as conn, conn.cursor() as cur:
-                cur.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(
-                    sql.Identifier(destination.schema, backfill_staging_table(self.job_id)),
-                    sql.Identifier(destination.schema, backfill_marks_table(self.job_id))))
+                cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s "
+                            "AND starts_with(tablename, %s)", (destination.schema, prefix))
+                for (name,) in cur.fetchall():
+                    cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
+                        sql.Identifier(destination.schema, name)))
 
 
 def _count(conn: psycopg2.extensions.connection, schema: TableSchema, where: sql.Composable,

@@ -39,7 +39,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.bulk import BulkTableLoad
+from rosetta_dagster.core.apply.bulk import BulkTableLoad, pipe_copy
 from rosetta_dagster.core.apply.schema import TableSchema
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
@@ -55,7 +55,6 @@ from rosetta_dagster.core.replication import (
 logger = logging.getLogger("rosetta.initial_load")
 
 _XID_SPACE = 1 << 32
-_PIPE_BUFFER = 1 << 20
 # Rows per page assumed when the table was never analyzed (reltuples = -1).
 _DEFAULT_ROWS_PER_PAGE = 60
 # As long as Debezium retries an active slot (slot.max.retries x slot.retry.delay.ms).
@@ -450,7 +449,7 @@ class InitialLoader:
             with self._snapshot_transaction(snapshot_name) as source:
                 self._track(source)
                 try:
-                    rows = _pipe_copy(source, copy_out.as_string(source), target,
+                    rows = pipe_copy(source, copy_out.as_string(source), target,
                                       copy_in.as_string(target))
                 finally:
                     self._untrack(source)
@@ -530,41 +529,3 @@ class InitialLoader:
                     conn.cancel()
                 except psycopg2.Error:
                     pass
-
-
-def _pipe_copy(
-    source: psycopg2.extensions.connection,
-    copy_out: str,
-    target: psycopg2.extensions.connection,
-    copy_in: str,
-) -> int:
-    """Stream COPY TO STDOUT of ``source`` into COPY FROM STDIN of ``target`` through a pipe.
-
-    The reading side runs in a helper thread. A source failure is re-raised before the caller
-    commits: the target sees an early end of data and would otherwise keep a partial range.
-    """
-    read_fd, write_fd = os.pipe()
-    # Both ends are file objects before the helper starts: whatever happens, closing the sink
-    # ends the feed (EOF) and closing the feed ends the sink (EPIPE), so neither side hangs.
-    feed = os.fdopen(read_fd, "rb", buffering=_PIPE_BUFFER)
-    sink = os.fdopen(write_fd, "wb", buffering=_PIPE_BUFFER)
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            with sink, source.cursor() as cursor:
-                cursor.copy_expert(copy_out, sink)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
-            failure.append(exc)
-
-    producer = threading.Thread(target=produce, name="initial-load-copy-out", daemon=True)
-    producer.start()
-    try:
-        with feed, target.cursor() as cursor:
-            cursor.copy_expert(copy_in, feed, size=_PIPE_BUFFER)
-            rows = cursor.rowcount
-    finally:
-        producer.join()
-    if failure:
-        raise failure[0]
-    return int(rows)

@@ -304,11 +304,21 @@ class StreamingSession:
                                     watermark.table.qualified, alias="t")
         bounds = (watermark.after_key, watermark.last_key) if watermark.bounds_known else None
         counts = ChunkCounts()
+        staged = True
         for applier in self._appliers:
-            counts += applier.apply_backfill_chunk(
+            applied = applier.apply_backfill_chunk(
                 watermark.table, watermark.job_id, watermark.chunk, excluded=window.keys,
                 skip_all=window.truncated, bounds=bounds, row_filter=row_filter,
             )
+            if applied is None:
+                staged = False
+            else:
+                counts += applied
+        if not staged:
+            # Applied already (a replayed watermark: the job's progress shows it and the
+            # request is moot), or the staged rows are gone: read the chunk again.
+            self.config_store.request_backfill_chunk_redo(watermark.job_id, watermark.chunk)
+            return
         self.config_store.record_backfill_chunk(
             watermark.job_id, watermark.chunk, last_key=watermark.last_key, rows=watermark.rows,
             inserted=counts.inserted, updated=counts.updated, deleted=counts.deleted,

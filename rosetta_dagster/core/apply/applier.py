@@ -108,12 +108,9 @@ class PositionTracking:
                        (position, self.pipeline))
 
 
-def backfill_staging_table(job_id: int) -> str:
-    """Destination table (in the target schema) where a backfill job stages its chunks."""
-    return f"_rosetta_backfill_{int(job_id)}"
-
-
-BACKFILL_CHUNK_COLUMN = "_rosetta_chunk"
+def backfill_chunk_table(job_id: int, chunk: int) -> str:
+    """Destination table (in the target schema) where a backfill job stages one chunk."""
+    return f"_rosetta_backfill_{int(job_id)}_{int(chunk)}"
 
 
 def backfill_marks_table(job_id: int) -> str:
@@ -352,7 +349,7 @@ class PostgresApplier:
         skip_all: bool = False,
         bounds: tuple[list[str | None] | None, list[str | None] | None] | None = None,
         row_filter: tuple[sql.Composable, list[Any]] = (sql.SQL("TRUE"), []),
-    ) -> ChunkCounts:
+    ) -> ChunkCounts | None:
         """Make the destination's rows in the chunk's key range equal the staged chunk.
 
         Staged rows that differ are written (identical ones are left alone), and destination
@@ -360,82 +357,95 @@ class PostgresApplier:
         ``row_filter`` but are not in the chunk are deleted. Keys in ``excluded`` (changed by
         the stream inside the chunk's window) are not touched: their streamed state is newer.
         ``bounds`` None (unknown) deletes nothing. One transaction, which also consumes the
-        chunk's staged mark, so a replayed high watermark changes nothing.
+        chunk's staged mark and drops its table, so a replayed high watermark changes nothing.
+        None: the chunk is not staged (already applied, or lost with the unlogged staging in a
+        server crash).
         """
         plan = self._plans[table]
         schema = plan.schema
-        stage = sql.Identifier(self.target_schema, backfill_staging_table(job_id))
+        stage = sql.Identifier(self.target_schema, backfill_chunk_table(job_id, chunk))
         marks = sql.Identifier(self.target_schema, backfill_marks_table(job_id))
-        chunk_column = sql.Identifier(BACKFILL_CHUNK_COLUMN)
         keys = [sql.Identifier(k) for k in schema.primary_key]
         counts = ChunkCounts()
         with self.pool.connection() as conn, conn.cursor() as cursor:
-            cursor.execute("SELECT to_regclass(%s)", (marks.as_string(conn),))
-            if cursor.fetchone()[0] is None:  # type: ignore[index]
-                return counts  # the job finished and cleaned up (a replayed watermark)
+            cursor.execute("SELECT to_regclass(%s), to_regclass(%s)",
+                           (marks.as_string(conn), stage.as_string(conn)))
+            if None in cursor.fetchone():  # type: ignore[operator]
+                return None  # applied already (a replayed watermark), or the job ended
             cursor.execute(sql.SQL("DELETE FROM {} WHERE chunk = %s").format(marks), (chunk,))
             if cursor.rowcount == 0:
-                return counts  # applied already (a replayed watermark)
+                return None
             if not skip_all:
-                excluded_table = self._load_excluded(cursor, plan, excluded)
-
-                def absent(alias: str, other: sql.Composable, extra: sql.Composable) -> sql.Composed:
-                    return sql.SQL("NOT EXISTS (SELECT 1 FROM {} AS x WHERE {}{})").format(
-                        other, sql.SQL(" AND ").join(
-                            sql.SQL("x.{0} = {1}.{0}").format(k, sql.Identifier(alias))
-                            for k in keys), extra)
-
-                in_chunk = sql.SQL(" AND x.{} = %s").format(chunk_column)
-                not_excluded_t = absent("t", excluded_table, sql.SQL(""))
-                if bounds is not None:
-                    key_sql, key_params = key_range(
-                        schema, *bounds, lambda c: destination_type(c, self.target_schema), "t")
-                    filter_sql, filter_params = row_filter
-                    cursor.execute(sql.SQL(
-                        "DELETE FROM {target} AS t WHERE {keys} AND ({filter}) AND {not_staged} "
-                        "AND {not_excluded}").format(
-                            target=plan.target, keys=key_sql, filter=filter_sql,
-                            not_staged=absent("t", stage, in_chunk),
-                            not_excluded=not_excluded_t),
-                        [*key_params, *filter_params, chunk])
-                    counts.deleted = cursor.rowcount
-                columns = [sql.Identifier(c) for c in schema.column_names]
-                updates = [c for c in schema.column_names if c not in schema.primary_key]
-                if updates:
-                    def image(alias: str) -> sql.Composed:
-                        return sql.SQL("ROW({})::record").format(sql.SQL(", ").join(
-                            sql.SQL("{}.{}").format(sql.Identifier(alias), c) for c in columns))
-
-                    # Binary image comparison: works for types without an equality operator
-                    # (json, point, ...) and tells -0 from 0 and 1.0 from 1.00.
-                    cursor.execute(sql.SQL(
-                        "UPDATE {target} AS t SET {sets} FROM {stage} AS s "
-                        "WHERE s.{chunk_column} = %s AND {match} AND NOT ({t_image} *= {s_image}) "
-                        "AND {not_excluded}").format(
-                            target=plan.target, stage=stage, chunk_column=chunk_column,
-                            sets=sql.SQL(", ").join(sql.SQL("{0} = s.{0}").format(
-                                sql.Identifier(c)) for c in updates),
-                            match=sql.SQL(" AND ").join(
-                                sql.SQL("t.{0} = s.{0}").format(k) for k in keys),
-                            t_image=image("t"), s_image=image("s"), not_excluded=not_excluded_t),
-                        (chunk,))
-                    counts.updated = cursor.rowcount
-                cursor.execute(sql.SQL(
-                    "INSERT INTO {target} ({columns}) SELECT {values} FROM {stage} AS s "
-                    "WHERE s.{chunk_column} = %s AND {not_present} AND {not_excluded}").format(
-                        target=plan.target, columns=sql.SQL(", ").join(columns),
-                        values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in columns),
-                        stage=stage, chunk_column=chunk_column,
-                        not_present=absent("s", plan.target, sql.SQL("")),
-                        not_excluded=absent("s", excluded_table, sql.SQL(""))),
-                    (chunk,))
-                counts.inserted = cursor.rowcount
-            cursor.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(stage, chunk_column),
-                           (chunk,))
+                counts = self._merge_chunk(cursor, plan, stage, keys, excluded, bounds, row_filter)
+            cursor.execute(sql.SQL("DROP TABLE {}").format(stage))
         logger.info("Destination %s: backfill chunk %d of %s applied (%d inserted, %d updated, "
                     "%d deleted, %d keys left to the stream%s)", self.name, chunk,
                     table.qualified, counts.inserted, counts.updated, counts.deleted,
                     len(excluded), ", table truncated meanwhile" if skip_all else "")
+        return counts
+
+    def _merge_chunk(
+        self, cursor: psycopg2.extensions.cursor, plan: _TablePlan, stage: sql.Identifier,
+        keys: list[sql.Identifier], excluded: set[tuple[Any, ...]],
+        bounds: tuple[list[str | None] | None, list[str | None] | None] | None,
+        row_filter: tuple[sql.Composable, list[Any]],
+    ) -> ChunkCounts:
+        schema = plan.schema
+        counts = ChunkCounts()
+        excluded_table = self._load_excluded(cursor, plan, excluded)
+
+        def absent(alias: str, other: sql.Composable) -> sql.Composed:
+            return sql.SQL("NOT EXISTS (SELECT 1 FROM {} AS x WHERE {})").format(
+                other, sql.SQL(" AND ").join(
+                    sql.SQL("x.{0} = {1}.{0}").format(k, sql.Identifier(alias)) for k in keys))
+
+        # A key range the destination has no rows in (the usual case when re-syncing what was
+        # lost): nothing to delete or compare, the chunk is inserted as it is.
+        occupied = True
+        if bounds is not None:
+            key_sql, key_params = key_range(
+                schema, *bounds, lambda c: destination_type(c, self.target_schema), "t")
+            cursor.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} AS t WHERE {})").format(
+                plan.target, key_sql), key_params)
+            occupied = bool(cursor.fetchone()[0])  # type: ignore[index]
+            if occupied:
+                filter_sql, filter_params = row_filter
+                cursor.execute(sql.SQL(
+                    "DELETE FROM {target} AS t WHERE {keys} AND ({filter}) AND {not_staged} "
+                    "AND {not_excluded}").format(
+                        target=plan.target, keys=key_sql, filter=filter_sql,
+                        not_staged=absent("t", stage), not_excluded=absent("t", excluded_table)),
+                    [*key_params, *filter_params])
+                counts.deleted = cursor.rowcount
+        columns = [sql.Identifier(c) for c in schema.column_names]
+        updates = [c for c in schema.column_names if c not in schema.primary_key]
+        if updates and occupied:
+            def image(alias: str) -> sql.Composed:
+                return sql.SQL("ROW({})::record").format(sql.SQL(", ").join(
+                    sql.SQL("{}.{}").format(sql.Identifier(alias), c) for c in columns))
+
+            # Binary image comparison: works for types without an equality operator (json,
+            # point, ...) and tells -0 from 0 and 1.0 from 1.00.
+            cursor.execute(sql.SQL(
+                "UPDATE {target} AS t SET {sets} FROM {stage} AS s "
+                "WHERE {match} AND NOT ({t_image} *= {s_image}) AND {not_excluded}").format(
+                    target=plan.target, stage=stage,
+                    sets=sql.SQL(", ").join(sql.SQL("{0} = s.{0}").format(
+                        sql.Identifier(c)) for c in updates),
+                    match=sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(k) for k in keys),
+                    t_image=image("t"), s_image=image("s"),
+                    not_excluded=absent("t", excluded_table)))
+            counts.updated = cursor.rowcount
+        cursor.execute(sql.SQL(
+            "INSERT INTO {target} ({columns}) SELECT {values} FROM {stage} AS s "
+            "WHERE {not_present}{not_excluded}").format(
+                target=plan.target, columns=sql.SQL(", ").join(columns),
+                values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in columns),
+                stage=stage,
+                not_present=absent("s", plan.target) if occupied else sql.SQL("TRUE"),
+                not_excluded=sql.SQL(" AND {}").format(absent("s", excluded_table))
+                if excluded else sql.SQL("")))
+        counts.inserted = cursor.rowcount
         return counts
 
     def _load_excluded(self, cursor: psycopg2.extensions.cursor, plan: _TablePlan,

@@ -9,6 +9,8 @@ that no longer exist in the source disappear.
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 
 import psycopg2.extensions
@@ -18,6 +20,13 @@ from rosetta_dagster.core.apply.schema import TableSchema
 
 # PostgreSQL's FirstNormalObjectId: OIDs below it are the server's own (built-in) objects.
 FIRST_NORMAL_OID = 16384
+_PIPE_BUFFER = 1 << 20
+
+
+def binary_copy(schema: TableSchema) -> bool:
+    """Binary COPY when every column has a built-in type: the binary form of arrays and
+    composites carries type OIDs, which differ on the destination for any other type."""
+    return all(0 < column.type_oid < FIRST_NORMAL_OID for column in schema.columns)
 
 
 def _swap_table_name(schema: TableSchema) -> str:
@@ -63,9 +72,7 @@ class BulkTableLoad:
 
     @property
     def binary(self) -> bool:
-        """Binary COPY when every column has a built-in type: the binary form of arrays and
-        composites carries type OIDs, which differ on the destination for any other type."""
-        return all(0 < column.type_oid < FIRST_NORMAL_OID for column in self.schema.columns)
+        return binary_copy(self.schema)
 
     def copy_from_stdin(self) -> sql.Composed:
         columns = sql.SQL(", ").join(sql.Identifier(c) for c in self.schema.column_names)
@@ -88,3 +95,41 @@ class BulkTableLoad:
             )
             cursor.execute(sql.SQL("DROP TABLE {}").format(self.copy_target))
         conn.commit()
+
+
+def pipe_copy(
+    source: psycopg2.extensions.connection,
+    copy_out: str,
+    target: psycopg2.extensions.connection,
+    copy_in: str,
+) -> int:
+    """Stream COPY TO STDOUT of ``source`` into COPY FROM STDIN of ``target`` through a pipe.
+
+    The reading side runs in a helper thread. A source failure is re-raised before the caller
+    commits: the target sees an early end of data and would otherwise keep a partial range.
+    """
+    read_fd, write_fd = os.pipe()
+    # Both ends are file objects before the helper starts: whatever happens, closing the sink
+    # ends the feed (EOF) and closing the feed ends the sink (EPIPE), so neither side hangs.
+    feed = os.fdopen(read_fd, "rb", buffering=_PIPE_BUFFER)
+    sink = os.fdopen(write_fd, "wb", buffering=_PIPE_BUFFER)
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with sink, source.cursor() as cursor:
+                cursor.copy_expert(copy_out, sink)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+            failure.append(exc)
+
+    producer = threading.Thread(target=produce, name="copy-out", daemon=True)
+    producer.start()
+    try:
+        with feed, target.cursor() as cursor:
+            cursor.copy_expert(copy_in, feed, size=_PIPE_BUFFER)
+            rows = cursor.rowcount
+    finally:
+        producer.join()
+    if failure:
+        raise failure[0]
+    return int(rows)
