@@ -11,6 +11,13 @@ staging and the stream's chunk apply.
 from __future__ import annotations
 
 import argparse
+import random
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg2
 
 from benchmarks.support import W2_COLUMNS, benchmark_env, binary_copy_seconds, create_table
 from rosetta_dagster.core.backfill import BackfillRunner
@@ -31,6 +38,8 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=50_000)
     parser.add_argument("--engine", choices=("debezium", "pgoutput"), default="debezium",
                         help="the stream that applies the chunks (watermarks from either)")
+    parser.add_argument("--writer-rate", type=int, default=1000,
+                        help="changes/s of the concurrent writer in the second measurement")
     args = parser.parse_args()
 
     with benchmark_env(args.engine) as env:
@@ -59,6 +68,13 @@ def main() -> None:
                 job = store.create_backfill_job("bench", "public.bench")
                 result = BackfillRunner(pipeline, store, job.id,
                                         chunk_rows=args.chunk_rows).run()
+                # Again over the full destination, with a writer changing rows meanwhile.
+                execute(env.destination_url, "TRUNCATE replica.bench")
+                with _writing(env.source_url, args.rows, args.writer_rate) as written:
+                    job = store.create_backfill_job("bench", "public.bench")
+                    busy = BackfillRunner(pipeline, store, job.id,
+                                          chunk_rows=args.chunk_rows).run()
+                wait_until(lambda: env.converged("public.bench"), 300, "convergence")
             copy_seconds = binary_copy_seconds(env, env.source_url, env.destination_url,
                                                "public.bench", W2_COLUMNS)
         backfill_rate = result.rows / result.seconds
@@ -68,6 +84,38 @@ def main() -> None:
               f"{backfill_rate:>10.0f}")
         print(f"{'binary COPY pipe':28} {args.rows:>9} {copy_seconds:>8.2f} {copy_rate:>10.0f}")
         print(f"ratio backfill / binary COPY: {backfill_rate / copy_rate:.2f} (target >= 0.5)")
+        label = f"backfill, writer {written[0] / busy.seconds:.0f}/s"
+        print(f"{label:28} {busy.rows:>9} {busy.seconds:>8.2f} {busy.rows / busy.seconds:>10.0f}"
+              f"  (ratio {busy.rows / busy.seconds / copy_rate:.2f}; destination == source after)")
+
+
+@contextmanager
+def _writing(url: str, rows: int, per_second: int) -> Iterator[list[int]]:
+    """Update random rows at about ``per_second`` changes per second for the block."""
+    stop = threading.Event()
+    written = [0]
+
+    def write() -> None:
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        rng = random.Random(1)
+        batch = max(1, per_second // 100)
+        with conn.cursor() as cursor:
+            while not stop.is_set():
+                started = time.monotonic()
+                cursor.execute("UPDATE public.bench SET i = i + 1 WHERE id = ANY(%s)",
+                               ([rng.randint(1, rows) for _ in range(batch)],))
+                written[0] += batch
+                time.sleep(max(0.0, 0.01 - (time.monotonic() - started)))
+        conn.close()
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    try:
+        yield written
+    finally:
+        stop.set()
+        thread.join(30)
 
 
 if __name__ == "__main__":

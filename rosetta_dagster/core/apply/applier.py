@@ -394,28 +394,38 @@ class PostgresApplier:
         counts = ChunkCounts()
         excluded_table = self._load_excluded(cursor, plan, excluded)
 
-        def absent(alias: str, other: sql.Composable) -> sql.Composed:
-            return sql.SQL("NOT EXISTS (SELECT 1 FROM {} AS x WHERE {})").format(
-                other, sql.SQL(" AND ").join(
-                    sql.SQL("x.{0} = {1}.{0}").format(k, sql.Identifier(alias)) for k in keys))
+        def in_range(alias: str) -> tuple[sql.Composable, list[Any]]:
+            """The chunk's key range on the destination table (lets every statement use the
+            primary key's index instead of scanning a table that grows chunk by chunk)."""
+            if bounds is None:
+                return sql.SQL("TRUE"), []
+            return key_range(schema, *bounds, lambda c: destination_type(c, self.target_schema),
+                             alias)
 
+        def absent(alias: str, other: sql.Composable,
+                   extra: sql.Composable | None = None) -> sql.Composed:
+            return sql.SQL("NOT EXISTS (SELECT 1 FROM {} AS x WHERE {}{})").format(
+                other, sql.SQL(" AND ").join(
+                    sql.SQL("x.{0} = {1}.{0}").format(k, sql.Identifier(alias)) for k in keys),
+                extra if extra is not None else sql.SQL(""))
+
+        t_range, t_params = in_range("t")
+        x_range, x_params = in_range("x")
         # A key range the destination has no rows in (the usual case when re-syncing what was
         # lost): nothing to delete or compare, the chunk is inserted as it is.
         occupied = True
         if bounds is not None:
-            key_sql, key_params = key_range(
-                schema, *bounds, lambda c: destination_type(c, self.target_schema), "t")
             cursor.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} AS t WHERE {})").format(
-                plan.target, key_sql), key_params)
+                plan.target, t_range), t_params)
             occupied = bool(cursor.fetchone()[0])  # type: ignore[index]
             if occupied:
                 filter_sql, filter_params = row_filter
                 cursor.execute(sql.SQL(
                     "DELETE FROM {target} AS t WHERE {keys} AND ({filter}) AND {not_staged} "
                     "AND {not_excluded}").format(
-                        target=plan.target, keys=key_sql, filter=filter_sql,
+                        target=plan.target, keys=t_range, filter=filter_sql,
                         not_staged=absent("t", stage), not_excluded=absent("t", excluded_table)),
-                    [*key_params, *filter_params])
+                    [*t_params, *filter_params])
                 counts.deleted = cursor.rowcount
         columns = [sql.Identifier(c) for c in schema.column_names]
         updates = [c for c in schema.column_names if c not in schema.primary_key]
@@ -428,13 +438,14 @@ class PostgresApplier:
             # point, ...) and tells -0 from 0 and 1.0 from 1.00.
             cursor.execute(sql.SQL(
                 "UPDATE {target} AS t SET {sets} FROM {stage} AS s "
-                "WHERE {match} AND NOT ({t_image} *= {s_image}) AND {not_excluded}").format(
-                    target=plan.target, stage=stage,
+                "WHERE {match} AND {keys} AND NOT ({t_image} *= {s_image}) "
+                "AND {not_excluded}").format(
+                    target=plan.target, stage=stage, keys=t_range,
                     sets=sql.SQL(", ").join(sql.SQL("{0} = s.{0}").format(
                         sql.Identifier(c)) for c in updates),
                     match=sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(k) for k in keys),
                     t_image=image("t"), s_image=image("s"),
-                    not_excluded=absent("t", excluded_table)))
+                    not_excluded=absent("t", excluded_table)), t_params)
             counts.updated = cursor.rowcount
         cursor.execute(sql.SQL(
             "INSERT INTO {target} ({columns}) SELECT {values} FROM {stage} AS s "
@@ -442,9 +453,10 @@ class PostgresApplier:
                 target=plan.target, columns=sql.SQL(", ").join(columns),
                 values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in columns),
                 stage=stage,
-                not_present=absent("s", plan.target) if occupied else sql.SQL("TRUE"),
+                not_present=absent("s", plan.target, sql.SQL(" AND {}").format(x_range))
+                if occupied else sql.SQL("TRUE"),
                 not_excluded=sql.SQL(" AND {}").format(absent("s", excluded_table))
-                if excluded else sql.SQL("")))
+                if excluded else sql.SQL("")), x_params if occupied else [])
         counts.inserted = cursor.rowcount
         return counts
 
