@@ -19,7 +19,13 @@ from contextlib import contextmanager
 
 import psycopg2
 
-from benchmarks.support import W2_COLUMNS, benchmark_env, binary_copy_seconds, create_table
+from benchmarks.support import (
+    W2_COLUMNS,
+    benchmark_env,
+    binary_copy_seconds,
+    create_table,
+    emit,
+)
 from rosetta_dagster.core.backfill import BackfillRunner
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
@@ -87,6 +93,10 @@ def main() -> None:
         label = f"backfill, writer {written[0] / busy.seconds:.0f}/s"
         print(f"{label:28} {busy.rows:>9} {busy.seconds:>8.2f} {busy.rows / busy.seconds:>10.0f}"
               f"  (ratio {busy.rows / busy.seconds / copy_rate:.2f}; destination == source after)")
+        emit({"workload": "backfill", "engine": args.engine, "rows": args.rows,
+              "chunk_rows": args.chunk_rows, "rosetta_rows_per_s": backfill_rate,
+              "copy_rows_per_s": copy_rate, "writer_changes_per_s": written[0] / busy.seconds,
+              "busy_rows_per_s": busy.rows / busy.seconds, "busy_converged": True})
 
 
 @contextmanager

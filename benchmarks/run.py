@@ -24,6 +24,7 @@ RESULTS_FILE = Path(__file__).with_name("RESULTS.md")
 # Targets per engine (the issue's, on this 2-core machine); not timed tests.
 TARGETS = {
     "initial_load_ratio": 0.8,
+    "backfill_ratio": 0.5,
     "debezium": {"events_per_s": 30_000, "p99_ms": 150, "rss_mb": 500},
     "pgoutput": {"events_per_s": 60_000, "native_ratio": 0.35, "p50_ms": 5, "p99_ms": 20,
                  "rss_mb": 120, "start_ms": 1000},
@@ -55,7 +56,8 @@ def _at_most(value: float, limit: float | None, unit: str) -> str:
     return "" if limit is None else f"<= {limit:,} {unit}: " + _verdict(value <= limit)
 
 
-def table(w1: dict[str, dict[str, Any]], w2: dict[str, Any], w3: dict[str, dict[str, Any]]) -> str:
+def table(w1: dict[str, dict[str, Any]], w2: dict[str, Any], w3: dict[str, dict[str, Any]],
+          backfill: dict[str, Any]) -> str:
     rows: list[tuple[str, ...]] = []
     for engine in ENGINES:
         run, targets = w1[engine], TARGETS[engine]
@@ -101,6 +103,17 @@ def table(w1: dict[str, dict[str, Any]], w2: dict[str, Any], w3: dict[str, dict[
         rows.append(("W2 vs Debezium snapshot", f"{w2['rosetta_rows_per_s']:,.0f} rows/s",
                      f"Debezium snapshot {w2['debezium_rows_per_s']:,.0f} rows/s",
                      f"{w2['rosetta_rows_per_s'] / w2['debezium_rows_per_s']:.1f}", ""))
+    ratio = backfill["rosetta_rows_per_s"] / backfill["copy_rows_per_s"]
+    rows.append((f"Backfill, whole table ({backfill['rows']:,} rows, {backfill['engine']} stream)",
+                 f"{backfill['rosetta_rows_per_s']:,.0f} rows/s",
+                 f"binary COPY pipe {backfill['copy_rows_per_s']:,.0f} rows/s", f"{ratio:.2f}",
+                 f">= {TARGETS['backfill_ratio']}x COPY: "
+                 + _verdict(ratio >= TARGETS["backfill_ratio"])))
+    rows.append((f"Backfill with a writer at {backfill['writer_changes_per_s']:,.0f} changes/s",
+                 f"{backfill['busy_rows_per_s']:,.0f} rows/s",
+                 f"binary COPY pipe {backfill['copy_rows_per_s']:,.0f} rows/s",
+                 f"{backfill['busy_rows_per_s'] / backfill['copy_rows_per_s']:.2f}",
+                 "destination == source after" if backfill["busy_converged"] else "**differs**"))
     lines = ["| measure | Rosetta | anchor | ratio | target |", "| --- | ---: | ---: | ---: | --- |"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join(lines)
@@ -119,11 +132,13 @@ def main() -> None:
     w3 = {e: _run("benchmarks.w3_types", "--engine", e, "--rows", args.wide_rows) for e in ENGINES}
     w2_args = ["--rows", args.rows] + (["--skip-debezium"] if args.skip_debezium else [])
     w2 = _run("benchmarks.w2_initial_load", *w2_args)
+    backfill = _run("benchmarks.backfill_throughput", "--rows", args.rows)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    report = f"Measured {stamp} on {_machine()}.\n\n{table(w1, w2, w3)}\n"
+    report = f"Measured {stamp} on {_machine()}.\n\n{table(w1, w2, w3, backfill)}\n"
     RESULTS_FILE.write_text(
         "# Benchmark results\n\nWritten by `./scripts/benchmark.sh`; raw numbers below.\n\n"
-        + report + "\n```json\n" + json.dumps({"W1": w1, "W2": w2, "W3": w3}, indent=1)
+        + report + "\n```json\n" + json.dumps({"W1": w1, "W2": w2, "W3": w3, "backfill": backfill},
+                                              indent=1)
         + "\n```\n"
     )
     print(report)
