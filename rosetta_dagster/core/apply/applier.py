@@ -73,6 +73,7 @@ class _TablePlan:
     create_keys: sql.Composed
     record_keys: sql.Composed
     delete_unrecorded: sql.Composed
+    copy_direct: sql.Composed  # new rows straight into the table
     known_columns: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -299,6 +300,7 @@ class PostgresApplier:
         return _TablePlan(
             schema, target, stage_name, converters, create_stage, copy, merge, merge_one,
             keys_table, create_keys, record_keys, delete_unrecorded,
+            sql.SQL("COPY {} ({}) FROM STDIN").format(target, column_list),
         )
 
     # -- re-snapshot reconciliation ---------------------------------------------------------
@@ -636,6 +638,22 @@ class PostgresApplier:
                 self._merge(conn, self._plans[table], latest.values(), result, record_keys)
         pending.clear()
 
+    @staticmethod
+    def _copy_direct(cursor: psycopg2.extensions.cursor, plan: _TablePlan,
+                     rows: io.StringIO) -> bool:
+        """COPY new rows into the table itself; False (nothing written) when it refuses."""
+        rows.seek(0)
+        cursor.execute("SAVEPOINT _rosetta_direct")
+        try:
+            cursor.copy_expert(plan.copy_direct, rows)
+        except psycopg2.Error as exc:
+            if classify(exc) == "transient":
+                raise
+            cursor.execute("ROLLBACK TO SAVEPOINT _rosetta_direct")
+            return False
+        cursor.execute("RELEASE SAVEPOINT _rosetta_direct")
+        return True
+
     def _merge(
         self,
         conn: psycopg2.extensions.connection,
@@ -644,8 +662,13 @@ class PostgresApplier:
         result: BatchResult,
         record_keys: bool,
     ) -> None:
+        events = list(events)
         buffer = io.StringIO()
         write = buffer.write
+        # Only new rows (the common case of an insert-heavy stream): COPY them straight into
+        # the table; a key already there, or any refusal, falls back to staging + MERGE, which
+        # upserts (or reports) exactly as before.
+        direct = io.StringIO() if not record_keys and all(e.op == "c" for e in events) else None
         key_columns = set(plan.schema.primary_key)
         rows = 0
         unchanged_toast = 0
@@ -671,17 +694,21 @@ class PostgresApplier:
                     fields.append(COPY_NULL)
                 else:
                     fields.append(copy_field(convert(value)))
-            fields.append("d" if delete else "u")
-            fields.append(
-                copy_field("{" + ",".join('"' + n.replace('"', '\\"') + '"' for n in unchanged) + "}")
-                if unchanged
-                else COPY_NULL
-            )
-            write("\t".join(fields))
+            line = "\t".join(fields)
+            if direct is not None:
+                direct.write(line)
+                direct.write("\n")
+            write(line)
+            write("\td\t" if delete else "\tu\t")
+            write(copy_field("{" + ",".join('"' + n.replace('"', '\\"') + '"' for n in unchanged)
+                             + "}") if unchanged else COPY_NULL)
             write("\n")
             rows += 1
         buffer.seek(0)
         with conn.cursor() as cursor:
+            if direct is not None and self._copy_direct(cursor, plan, direct):
+                result.rows_written += rows
+                return
             cursor.execute(plan.create_stage)
             try:
                 cursor.copy_expert(plan.copy, buffer)
