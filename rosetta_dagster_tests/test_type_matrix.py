@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from psycopg2 import sql
 
 from rosetta_dagster.core.backfill import BackfillRunner
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
@@ -116,11 +117,30 @@ def matrix_env(
             "pg_replication_slots WHERE NOT active AND database = %s", params=(env.source_db,))
 
 
-def test_every_type_is_exact_through_load_and_stream(matrix_env: StreamingEnv) -> None:
+def _damage(env: StreamingEnv, tables: list[str]) -> None:
+    """What an incident leaves on the destination: rows missing, rows wrong (NULL), and rows
+    the source never had (copies of hostile values under new keys)."""
+    for table in tables:
+        name = sql.Identifier("replica", table.split(".")[1])
+        execute(env.destination_url,
+                sql.SQL("DELETE FROM {} WHERE id % 4 = 1").format(name),
+                sql.SQL("UPDATE {} SET v = NULL WHERE id % 4 = 2").format(name),
+                sql.SQL("INSERT INTO {0} (id, n, v) SELECT id + 5000, n, v FROM {0} "
+                        "WHERE id < 4").format(name))
+
+
+def test_every_type_is_exact_through_load_and_stream(
+    matrix_env: StreamingEnv, store: ConfigStore
+) -> None:
+    """Initial load, streamed changes, a repairing backfill of every table and a re-sync after
+    a dropped slot, each leaving the destination equal to the source row by row, as text."""
     env = matrix_env
     families = families_for(env.engine)
     tables = create_matrix(env.source_url, families)
-    session = StreamingSession(env.pipeline("matrix", tables), offsets_dir=env.offsets_dir)
+    pipeline = env.pipeline("matrix", tables)
+    store.sync_pipeline(pipeline)
+    store.set_pipeline_status("matrix", PipelineStatus.START)
+    session = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
 
     def differing() -> list[str]:
         return differences(env.source_url, env.destination_url, "replica", families)
@@ -133,7 +153,19 @@ def test_every_type_is_exact_through_load_and_stream(matrix_env: StreamingEnv) -
             wait_until(lambda: not differing(), timeout_s=60, message="the streamed changes")
         except AssertionError:
             raise AssertionError("destination differs:\n" + "\n".join(differing()[:40])) from None
+        # Backfill: chunks of 3 rows, so chunk bounds and the compare/delete run on every type.
+        _damage(env, tables)
+        for table in tables:
+            job = store.create_backfill_job("matrix", table)
+            BackfillRunner(pipeline, store, job.id, chunk_rows=3, chunk_timeout_s=60).run()
+        assert not differing(), "after the backfills:\n" + "\n".join(differing()[:40])
     assert session.progress.events_applied > 0
+    # Re-sync: the slot is dropped while stopped and the destination damaged again.
+    execute(env.cluster.dsn(), "SELECT pg_drop_replication_slot(slot_name) FROM "
+            "pg_replication_slots WHERE NOT active AND database = %s", params=(env.source_db,))
+    _damage(env, tables)
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
+        wait_until(lambda: not differing(), timeout_s=120, message="the re-sync")
     assert not differing()
     if env.engine == "pgoutput" and env.destination_cluster is None:
         # Every family ran through both engines: the README's table must say what ran.

@@ -15,6 +15,15 @@ BACKFILL_MESSAGE_PREFIX = "rosetta_backfill"
 HEARTBEAT_MESSAGE_PREFIX = "rosetta_heartbeat"
 
 
+def parse_lsn(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
 class _Unchanged:
     """An unchanged TOAST value the source did not send: the destination keeps its value."""
 

@@ -43,6 +43,7 @@ from rosetta_dagster.core.apply.bulk import BulkTableLoad, pipe_copy
 from rosetta_dagster.core.apply.schema import TableSchema
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
+from rosetta_dagster.core.events import format_lsn, parse_lsn
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
 from rosetta_dagster.core.replication import (
     Log,
@@ -65,15 +66,6 @@ SLOT_WAIT_NOTICE_S = 10.0
 
 class InitialLoadError(RosettaError):
     """Creating the slot or copying a table failed; nothing was marked as loaded."""
-
-
-def parse_lsn(text: str) -> int:
-    high, low = text.split("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
-def format_lsn(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
 @dataclass(frozen=True)

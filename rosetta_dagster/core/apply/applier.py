@@ -75,9 +75,11 @@ class _TablePlan:
     delete_unrecorded: sql.Composed
     copy_direct: sql.Composed  # new rows straight into the table
     known_columns: frozenset[str] = field(init=False)
+    converter_of: dict[str, Converter] = field(init=False)  # by column name
 
     def __post_init__(self) -> None:
         self.known_columns = frozenset(self.schema.column_names)
+        self.converter_of = dict(self.converters)
 
 
 @dataclass
@@ -184,7 +186,7 @@ class PostgresApplier:
         plan = self._plans.get(event.table)
         if plan is None:
             return {k: None if v is None else str(v) for k, v in event.row.items()}
-        converters = dict(plan.converters)
+        converters = plan.converter_of
         row = event.row
         return {k: None if row.get(k) is None else converters[k](row[k])
                 for k in plan.schema.primary_key}
@@ -193,7 +195,7 @@ class PostgresApplier:
         """The change with every value in its text form (unchanged TOAST values left out, so a
         replay keeps the destination's value), as JSON for the config store."""
         plan = self._plans[event.table]
-        converters = dict(plan.converters)
+        converters = plan.converter_of
         is_unchanged = self.values.is_unchanged
 
         def as_text(values: dict[str, Any] | None) -> dict[str, str | None] | None:
@@ -474,7 +476,7 @@ class PostgresApplier:
                                     destination_type(schema.column(k), self.target_schema))
             for k in schema.primary_key)))
         if excluded:
-            converters = dict(plan.converters)
+            converters = plan.converter_of
             buffer = io.StringIO()
             for key in excluded:
                 buffer.write("\t".join(
@@ -601,7 +603,7 @@ class PostgresApplier:
             culprit = events[int(copy_line.group(1)) - 1]
         else:
             cursor.execute("ROLLBACK TO SAVEPOINT _rosetta_merge")
-            converters = dict(plan.converters)
+            converters = plan.converter_of
             for event in events:
                 key = [converters[k](event.row[k]) for k in plan.schema.primary_key]
                 try:

@@ -17,7 +17,7 @@ import psycopg2
 
 from rosetta_dagster.core.apply.values import SourceText
 from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
-from rosetta_dagster.core.events import ChangeEvent
+from rosetta_dagster.core.events import ChangeEvent, format_lsn
 from rosetta_dagster.core.pipeline_config import TableRef
 
 ErrorKind = Literal["transient", "data", "other"]
@@ -124,11 +124,10 @@ class RefusedChange:
     def of(cls, pipeline: str, destination: str, event: ChangeEvent,
            key: dict[str, str | None], exc: BaseException) -> RefusedChange:
         sqlstate, column, message = error_parts(exc)
-        lsn = event.lsn if event.lsn is not None else event.commit_lsn
         when = (datetime.datetime.fromtimestamp(event.source_ts_ms / 1000, datetime.UTC)
                 .isoformat(timespec="milliseconds") if event.source_ts_ms is not None else None)
         return cls(pipeline, destination, event.table.qualified, key,
-                   OPERATIONS.get(event.op, event.op), format_lsn(lsn) if lsn is not None else None,
+                   OPERATIONS.get(event.op, event.op), event_position(event),
                    when, column, sqlstate, message)
 
     def sentence(self) -> str:
@@ -149,16 +148,10 @@ class RefusedChange:
         return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})  # type: ignore[arg-type]
 
 
-def format_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
-
-
-def parse_lsn(text: str) -> int:
-    high, _, low = text.strip().partition("/")
-    try:
-        return (int(high, 16) << 32) + int(low, 16)
-    except ValueError:
-        raise RosettaError(f"'{text}' is not a position like 0/16B3F28.") from None
+def event_position(event: ChangeEvent) -> str | None:
+    """Where a change is in the source's WAL: its own LSN, else its transaction's commit."""
+    lsn = event.lsn if event.lsn is not None else event.commit_lsn
+    return format_lsn(lsn) if lsn is not None else None
 
 
 def event_from_text(data: dict[str, Any]) -> ChangeEvent:

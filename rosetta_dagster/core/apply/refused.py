@@ -32,7 +32,7 @@ from rosetta_dagster.core.apply.errors import (
     classify,
     error_parts,
     event_from_text,
-    format_lsn,
+    event_position,
 )
 from rosetta_dagster.core.config_store import ConfigStore, ParkedRow, PipelineStatus
 from rosetta_dagster.core.errors import RosettaError
@@ -107,8 +107,9 @@ class RefusedChanges:
                 events, record_keys=record_keys, position=position, complete=complete),
                 spanning or unreachable_handled)
         except Exception as exc:  # noqa: BLE001 - classified just below
-            if classify(exc) != "data" or spanning or not complete or record_keys:
-                if classify(exc) == "data" and events:
+            data = classify(exc) == "data"
+            if not data or spanning or not complete or record_keys:
+                if data and events:
                     self._note_unsplittable(applier, events, exc)
                 raise
             return self._isolate(applier, list(events), position, exc)
@@ -215,10 +216,9 @@ class RefusedChanges:
         return kept
 
     def _matching_skip(self, applier: PostgresApplier, event: ChangeEvent) -> dict[str, Any] | None:
-        lsn = event.lsn if event.lsn is not None else event.commit_lsn
-        if lsn is None:
+        position = event_position(event)
+        if position is None:
             return None
-        position = format_lsn(lsn)
         for skip in self._skips:
             if (skip["destination"] == applier.name and skip["position"] == position
                     and skip["table_name"] == event.table.qualified
@@ -251,12 +251,10 @@ class RefusedChanges:
         rows = []
         for event in events:
             key = applier.key_text(event)
-            lsn = event.lsn if event.lsn is not None else event.commit_lsn
             error = report.sentence() if report is not None else (
                 "parked behind an earlier refused change of the same key")
             rows.append(ParkedRow(applier.name, event.table.qualified, key,
-                                  OPERATIONS.get(event.op, event.op),
-                                  format_lsn(lsn) if lsn is not None else None,
+                                  OPERATIONS.get(event.op, event.op), event_position(event),
                                   applier.event_as_text(event), error,
                                   report.sqlstate if report is not None else None))
             self._parked.setdefault(applier.name, set()).add(
@@ -266,8 +264,8 @@ class RefusedChanges:
     def _refresh_parked(self) -> None:
         assert self.store is not None
         parked: dict[str, set[tuple[str, str]]] = {}
-        for row in self.store.list_parked(self.pipeline.name):
-            parked.setdefault(row.destination, set()).add(_key_id(row.table_name, row.key))
+        for destination, table, key in self.store.parked_keys(self.pipeline.name):
+            parked.setdefault(destination, set()).add(_key_id(table, key))
         self._parked = parked
 
     def replay_requested(self, appliers: Sequence[PostgresApplier]) -> None:

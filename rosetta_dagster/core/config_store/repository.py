@@ -386,6 +386,13 @@ class ConfigStore:
         )
         return [ParkedEvent.from_row(r) for r in rows]
 
+    def parked_keys(self, name: str) -> list[tuple[str, str, dict[str, Any]]]:
+        """``(destination, table, key)`` of every key with parked changes (not the changes)."""
+        rows = self._query(
+            "SELECT DISTINCT e.destination, e.table_name, e.key FROM parked_events e "
+            "JOIN pipelines p ON p.id = e.pipeline_id WHERE p.name = %s", (name,))
+        return [(r["destination"], r["table_name"], r["key"]) for r in rows]
+
     def parked_counts(self) -> list[tuple[str, str, str, int]]:
         """``(pipeline, destination, table, parked events)`` for everything parked."""
         rows = self._query(

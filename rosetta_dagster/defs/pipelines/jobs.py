@@ -14,7 +14,8 @@ from dagster import (
     op,
 )
 
-from rosetta_dagster.core.initial_load import TableLoadReport, format_lsn
+from rosetta_dagster.core.events import format_lsn
+from rosetta_dagster.core.initial_load import TableLoadReport
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, load_config
 from rosetta_dagster.core.streaming import StreamingSession, StreamProgress
 from rosetta_dagster.defs.pipelines.assets import destination_table_key

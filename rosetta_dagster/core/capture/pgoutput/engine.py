@@ -39,8 +39,8 @@ from rosetta_dagster.core.events import (
     ChangeEvent,
     PositionMarker,
     Watermark,
+    format_lsn,
 )
-from rosetta_dagster.core.initial_load import format_lsn
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
 from rosetta_dagster.core.replication import connect_source, connect_source_replication
 
