@@ -201,7 +201,9 @@ def test_restart_resumes_from_offsets_without_a_new_snapshot(
     first = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
     with streaming(first):
         wait_until(lambda: env.converged("public.ledger"), message="the snapshot")
-        assert store.get_pipeline("resume").state is PipelineState.RUNNING
+        # Recorded just after the capture started, which can be after the rows arrived.
+        wait_until(lambda: store.get_pipeline("resume").state is PipelineState.RUNNING, 10,
+                   "the RUNNING state")
     assert first.progress.events_applied == 0  # the 300 rows came by the initial load's COPY
     assert store.get_pipeline("resume").state is PipelineState.PAUSED
     slot_active = "SELECT active FROM pg_replication_slots WHERE slot_name = 'rosetta_resume'"
