@@ -16,10 +16,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-from rosetta_dagster.core.config_store import BackfillStatus, ConfigStore
+from rosetta_dagster.core.config_store import BackfillStatus, ConfigStore, Pipeline
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.filters import OPERATORS, FilterError, parse_filter
+from rosetta_dagster.core.notify import Notifier
 from rosetta_dagster.core.pipeline_config import load_config
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.streaming import StreamingSession
@@ -225,6 +226,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
                 ("last error", pipeline.last_error or "-"),
                 ("stopped on", _refused_line(pipeline.last_apply_error)),
                 ("parked", sum(n for p, _, _, n in store.parked_counts() if p == pipeline.name)),
+                ("lag", _lag_line(pipeline)),
                 ("tables", ", ".join(pipeline.tables)),
                 ("destinations", ", ".join(pipeline.destinations)),
             ):
@@ -242,6 +244,16 @@ def _refused_line(report: dict[str, Any] | None) -> str:
     key = ", ".join(f"{k}={v}" for k, v in report["key"].items())
     return (f"{report['operation']} of {report['table']} ({key}) at {report['position']} on "
             f"{report['destination']}")
+
+
+def _lag_line(pipeline: Pipeline) -> str:
+    lag = pipeline.lag
+    if lag is None or pipeline.lag_measured_at is None:
+        return "not measured yet"
+    when = f"measured {pipeline.lag_measured_at:%Y-%m-%d %H:%M:%S %Z}"
+    if lag.seconds is None:
+        return f"{lag.note} ({when})"
+    return f"{lag.seconds:.1f} s, {lag.bytes} bytes of WAL ({when})"
 
 
 def _skip(store: ConfigStore, args: argparse.Namespace) -> int:
@@ -294,6 +306,30 @@ def _cmd_parked(args: argparse.Namespace) -> int:
         count = store.discard_parked(args.pipeline, args.table, key)
         print(f"Discarded {count} parked change(s) of pipeline {args.pipeline}.")
     return 0
+
+
+def _cmd_notifications(args: argparse.Namespace) -> int:
+    with _config_store(args) as store:
+        store.upgrade()
+        if args.notifications_command == "list":
+            for row in reversed(store.list_notifications(args.limit, args.pipeline)):
+                outcome = "delivered" if row["delivered"] else f"failed ({row['error']})"
+                print(f"{row['created_at']:%Y-%m-%d %H:%M:%S}\t{row['channel']}\t"
+                      f"{row['transition']}\tattempt {row['attempt']}\t{outcome}\t{row['text']}")
+            return 0
+        settings = load_config().notifications
+        if not settings.channels:
+            raise RosettaError("rosetta.yaml declares no notification channels "
+                               "(notifications.channels).")
+        unknown = sorted(set(args.channel) - {c.name for c in settings.channels})
+        if unknown:
+            raise RosettaError(f"rosetta.yaml has no notification channel named '{unknown[0]}'.")
+        failed = 0
+        for delivery in Notifier(settings, store).send_test(args.channel):
+            failed += not delivery.delivered
+            print(f"{delivery.channel}: " + ("delivered" if delivery.delivered else
+                  f"failed after {delivery.attempts} attempt(s): {delivery.error}"))
+        return 1 if failed else 0
 
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -468,6 +504,20 @@ def _add_operational_commands(
         command.add_argument("--table", help="schema.table (default: every table)")
         command.add_argument("--key", help='One key as JSON, e.g. \'{"id": "7"}\'.')
     parked.set_defaults(func=_cmd_parked)
+
+    notifications = commands.add_parser(
+        "notifications", help="Alerts sent to the webhook channels of rosetta.yaml.")
+    notifications.add_argument("--database-url", help=database_help)
+    notification_commands = notifications.add_subparsers(dest="notifications_command",
+                                                         required=True)
+    listing = notification_commands.add_parser(
+        "list", help="Recent delivery attempts (notification_log), oldest first.")
+    listing.add_argument("--pipeline")
+    listing.add_argument("--limit", type=int, default=50)
+    notification_commands.add_parser(
+        "test", help="Send a test notification to every channel (or --channel NAME)."
+    ).add_argument("--channel", action="append", default=[])
+    notifications.set_defaults(func=_cmd_notifications)
 
     backfill = commands.add_parser("backfill", help="Backfill jobs (re-copies of source rows).")
     backfill.add_argument("--database-url", help=database_help)

@@ -18,6 +18,7 @@ from dagster import (
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from rosetta_dagster.core.pipeline_config import OperationsSettings, config_path, load_config
+from rosetta_dagster.defs.alerts.sensors import build_notification_sensor
 from rosetta_dagster.defs.backfills.assets import build_backfill_asset
 from rosetta_dagster.defs.backfills.sensors import build_backfill_sensor
 from rosetta_dagster.defs.pipelines.assets import pipeline_asset_specs
@@ -85,6 +86,7 @@ def build_definitions() -> Definitions:
         jobs.extend(stream_jobs)
         sensors.extend(build_operation_sensors(config, stream_jobs))
         sensors.append(build_backfill_sensor(config))
+        sensors.append(build_notification_sensor(config))
         interval = config.operations.health_check_interval_minutes
     else:
         logger.warning("No pipeline file at %s: only platform assets are loaded", path)

@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg2
@@ -24,6 +23,7 @@ from rosetta_dagster.core.health import (
     evaluate_pipeline,
     replication_lag,
 )
+from rosetta_dagster.core.lag import LagReading
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import OperationsSettings, PipelineDefinition, load_config
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
@@ -110,13 +110,14 @@ def test_each_forced_condition_fails_at_its_severity(
         dataclasses.replace(FAST, wal_warning_mb=0))}["retained_wal"]
     assert (wal.passed, wal.severity) == (False, "WARN")
 
-    # Lag: the last applied source position is old.
-    stale = dataclasses.replace(store.get_pipeline("checked"),
-                                source_position_at=datetime.now(UTC) - timedelta(seconds=90))
-    lag = replication_lag(stale, FAST)
+    # Lag: the oldest pending commit is old (measured for real in test_lag.py).
+    stored = store.get_pipeline("checked")
+    lag = replication_lag(stored, FAST, LagReading(90.0, 4096, pending_transactions=3))
     assert (lag.passed, lag.severity, lag.metadata["warning_threshold"]) == (False, "WARN", 60)
-    stale = dataclasses.replace(stale, source_position_at=datetime.now(UTC) - timedelta(hours=1))
-    assert replication_lag(stale, FAST).severity == "ERROR"
+    assert lag.metadata["lag_bytes"] == 4096
+    assert replication_lag(stored, FAST, LagReading(3600.0, 1)).severity == "ERROR"
+    unknown = replication_lag(stored, FAST, LagReading(None, 10, note="lag not measured: x"))
+    assert (unknown.passed, unknown.severity) == (False, "WARN")
 
     # A failed batch since the last evaluation.
     store.record_pipeline_state("checked", PipelineState.ERROR, error="batch failed: disk full")

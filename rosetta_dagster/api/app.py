@@ -8,7 +8,6 @@ No ``from __future__ import annotations`` here: FastAPI reads the endpoint annot
 """
 
 import hmac
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -45,6 +44,13 @@ class PipelineOut(BaseModel):
         default=None, description="The change a destination refused that the pipeline stopped "
         "on: pipeline, destination, table, key, operation, position, source_time, column, "
         "sqlstate, message.")
+    lag_seconds: float | None = Field(
+        default=None, description="Replication lag at the last measurement: 0 when nothing is "
+        "pending, else the age of the oldest source commit not yet applied (None: not measured).")
+    lag_bytes: int | None = Field(
+        default=None, description="Source WAL between its current position and the position "
+        "applied, at the last measurement.")
+    lag_measured_at: datetime | None = None
 
     @classmethod
     def of(cls, pipeline: Pipeline) -> "PipelineOut":
@@ -54,7 +60,25 @@ class PipelineOut(BaseModel):
             destinations=pipeline.destinations, tables=pipeline.tables,
             heartbeat_at=pipeline.heartbeat_at, last_start_at=pipeline.last_start_at,
             stopped_on=pipeline.last_apply_error,
+            lag_seconds=pipeline.lag.seconds if pipeline.lag else None,
+            lag_bytes=pipeline.lag.bytes if pipeline.lag else None,
+            lag_measured_at=pipeline.lag_measured_at,
         )
+
+
+class NotificationOut(BaseModel):
+    id: int
+    channel: str = Field(description="The channel's name in rosetta.yaml (never its URL).")
+    alert_key: str
+    pipeline: str | None
+    transition: Literal["FIRING", "REPEAT", "RESOLVED", "TEST"]
+    severity: str
+    text: str
+    attempt: int
+    delivered: bool
+    http_status: int | None
+    error: str | None
+    created_at: datetime
 
 
 class ParkedOut(BaseModel):
@@ -153,20 +177,34 @@ class _ConfigStoreCollector:
         yield events
         lag = GaugeMetricFamily(
             "rosetta_replication_lag_seconds",
-            "Seconds between now and the source position the pipeline last applied.",
+            "0 when nothing is pending, else the age of the oldest source commit not yet "
+            "applied (last measurement, see rosetta_replication_lag_measured_timestamp).",
             labels=["pipeline"],
         )
+        lag_bytes = GaugeMetricFamily(
+            "rosetta_replication_lag_bytes",
+            "Source WAL between its current position and the position applied.",
+            labels=["pipeline"],
+        )
+        measured = GaugeMetricFamily("rosetta_replication_lag_measured_timestamp",
+                                     "When the lag was last measured (Unix time).",
+                                     labels=["pipeline"])
         up = GaugeMetricFamily("rosetta_pipeline_running", "1 while the pipeline streams.",
                                labels=["pipeline", "status", "state"])
-        now = time.time()
         for pipeline in metrics["pipelines"]:
             up.add_metric([pipeline["name"], pipeline["status"], pipeline["state"]],
                           1.0 if pipeline["state"] == "RUNNING" else 0.0)
-            if pipeline["source_position_at"] is not None:
-                lag.add_metric([pipeline["name"]],
-                               max(0.0, now - pipeline["source_position_at"].timestamp()))
+            if pipeline["lag_measured_at"] is None:
+                continue
+            measured.add_metric([pipeline["name"]], pipeline["lag_measured_at"].timestamp())
+            if pipeline["lag_seconds"] is not None:
+                lag.add_metric([pipeline["name"]], float(pipeline["lag_seconds"]))
+            if pipeline["lag_bytes"] is not None:
+                lag_bytes.add_metric([pipeline["name"]], float(pipeline["lag_bytes"]))
         yield up
         yield lag
+        yield lag_bytes
+        yield measured
         stopped = GaugeMetricFamily(
             "rosetta_pipeline_stopped_on_refused_change",
             "1 while the pipeline is stopped on a change a destination refused.",
@@ -322,6 +360,13 @@ def create_app(database_url: str, *, token: str | None = None) -> FastAPI:
         """Delete parked changes; their keys stream again."""
         pipeline_or_404(config_store, name)
         return ParkedChanged(count=config_store.discard_parked(name, body.table, body.key))
+
+    @app.get("/api/v1/notifications", tags=["notifications"])
+    def list_notifications(config_store: Store, pipeline: str | None = None,
+                           limit: int = 50) -> list[NotificationOut]:
+        """Delivery attempts of alerts (notification_log), newest first."""
+        return [NotificationOut(**row)
+                for row in config_store.list_notifications(min(max(limit, 1), 1000), pipeline)]
 
     @app.post("/api/v1/pipelines/{name}/backfills", tags=["backfills"], status_code=201,
               dependencies=[Depends(require_token)])

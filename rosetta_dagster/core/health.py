@@ -6,6 +6,7 @@ outcome carries the measured value and its threshold, so the UI can plot its his
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -21,6 +22,8 @@ from psycopg2 import sql
 from rosetta_dagster.core.apply.errors import RefusedChange
 from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema
 from rosetta_dagster.core.config_store import ConfigStore, Pipeline, PipelineStatus
+from rosetta_dagster.core.errors import DatabaseConnectionError
+from rosetta_dagster.core.lag import LagReading, measure_lag
 from rosetta_dagster.core.pipeline_config import (
     Destination,
     OperationsSettings,
@@ -222,24 +225,49 @@ def _fmt(key: tuple[Any, ...] | None) -> str:
 
 
 def replication_lag(
-    pipeline: Pipeline, operations: OperationsSettings, now: datetime | None = None
+    pipeline: Pipeline, operations: OperationsSettings, reading: LagReading
 ) -> CheckOutcome:
-    """Seconds between now and the source position last applied (heartbeat messages keep it
-    current on an idle source). Only judged while the pipeline is START."""
-    now = now or datetime.now(UTC)
-    unmeasured: dict[str, float | int | str] = {
-        "value": 0, "warning_threshold": operations.lag_warning_seconds,
-        "critical_threshold": operations.lag_critical_seconds,
-    }
-    if pipeline.status is not PipelineStatus.START:
-        return CheckOutcome("replication_lag", True, "WARN",
-                            f"Pipeline {pipeline.name} is paused: lag not judged.", unmeasured)
-    if pipeline.source_position_at is None:
+    """The age of the oldest source commit the destinations do not have, 0 when none is
+    pending (core.lag). Judged only while the pipeline is START; measured always."""
+    if reading.seconds is None:
+        metadata: dict[str, float | int | str] = {
+            "value": 0, "warning_threshold": operations.lag_warning_seconds,
+            "critical_threshold": operations.lag_critical_seconds, **reading.as_metadata()}
         return CheckOutcome("replication_lag", False, "WARN",
-                            f"Pipeline {pipeline.name} has not applied anything yet.", unmeasured)
-    lag = max(0.0, (now - pipeline.source_position_at).total_seconds())
-    return _threshold_outcome("replication_lag", round(lag, 1), operations.lag_warning_seconds,
-                              operations.lag_critical_seconds, "Replication lag", "s")
+                            f"Replication lag of pipeline {pipeline.name} is unknown: "
+                            f"{reading.note}.", metadata)
+    lag = round(reading.seconds, 1)
+    outcome = _threshold_outcome("replication_lag", lag, operations.lag_warning_seconds,
+                                 operations.lag_critical_seconds, "Replication lag", "s")
+    outcome.metadata.update(reading.as_metadata())
+    if pipeline.status is not PipelineStatus.START:
+        return dataclasses.replace(
+            outcome, passed=True, severity="WARN",
+            description=f"Pipeline {pipeline.name} is paused: lag {lag:g}s "
+                        f"({reading.pending_transactions} pending transaction(s)) not judged.")
+    return outcome
+
+
+def pipeline_lag(conn: psycopg2.extensions.connection, pipeline: PipelineDefinition,
+                 stored: Pipeline) -> LagReading:
+    """Measure the lag of a pipeline now, against what its stream last reported applied."""
+    return measure_lag(conn, pipeline, stored.source_position_at, stored.applied_lsn)
+
+
+def measure_and_record_lag(
+    pipeline: PipelineDefinition, store: ConfigStore | None,
+    applied_at: datetime | None, applied_lsn: int | None,
+) -> LagReading:
+    """Measure on a connection of its own and keep the reading for /metrics and the API; a
+    source that cannot be reached gives an unmeasured reading, not an error."""
+    try:
+        with source_connection(pipeline) as conn:
+            reading = measure_lag(conn, pipeline, applied_at, applied_lsn)
+    except DatabaseConnectionError as exc:
+        reading = LagReading(None, None, note=f"lag not measured: {exc}")
+    if store is not None:
+        store.record_lag(pipeline.name, reading)
+    return reading
 
 
 def apply_errors(pipeline: Pipeline, since: datetime, destination: str, table: TableRef
@@ -382,6 +410,7 @@ def evaluate_pipeline(
     slot = CheckTarget("replication_slot", pipeline.name)
     with source_connection(pipeline) as source:
         reading = read_slot(source, pipeline)
+        lag = pipeline_lag(source, pipeline, stored)
         yield slot, slot_active(reading, stored)
         yield slot, retained_wal(reading, operations)
         for destination in pipeline.destinations:
@@ -394,7 +423,7 @@ def evaluate_pipeline(
                     yield where, content_parity(source, target, schema, destination.schema,
                                                 operations.parity_chunk_rows,
                                                 operations.parity_window_seconds)
-                    yield where, replication_lag(stored, operations)
+                    yield where, replication_lag(stored, operations, lag)
                     yield where, apply_errors(stored, since, destination.name, table)
                     yield where, parked_events(pipeline.name, destination.name, table,
                                                parked.get((destination.name, table.qualified), 0))

@@ -213,11 +213,38 @@ _OPERATIONS_RANGES = {
 }
 
 
+SEVERITIES = ("WARN", "ERROR")
+
+
+@dataclass(frozen=True)
+class NotificationChannel:
+    """A webhook that receives alerts (``notifications.channels`` in rosetta.yaml)."""
+
+    name: str
+    url: str | None  # from ${ENV_VAR}; None when secrets are not resolved. Never logged.
+    headers: tuple[tuple[str, str], ...] = ()
+    min_severity: str = "WARN"
+    pipelines: tuple[str, ...] = ()  # empty: every pipeline, and alerts of no pipeline
+
+    def accepts(self, severity: str, pipeline: str | None) -> bool:
+        if SEVERITIES.index(severity) < SEVERITIES.index(self.min_severity):
+            return False
+        return not self.pipelines or pipeline in self.pipelines
+
+
+@dataclass(frozen=True)
+class NotificationSettings:
+    channels: tuple[NotificationChannel, ...] = ()
+    dagster_ui_url: str | None = None  # links in alerts to the run or asset
+    repeat_minutes: int = 60  # a condition still failing is sent again at most this often
+
+
 @dataclass(frozen=True)
 class RosettaConfig:
     path: Path
     pipelines: dict[str, PipelineDefinition]
     operations: OperationsSettings = OperationsSettings()
+    notifications: NotificationSettings = NotificationSettings()
 
     def pipeline(self, name: str) -> PipelineDefinition:
         try:
@@ -402,7 +429,66 @@ def load_config(
             settings=settings,
         )
     _refuse_shared_destination_tables(path, pipelines)
-    return RosettaConfig(path=path, pipelines=pipelines, operations=_operations(path, top))
+    return RosettaConfig(path=path, pipelines=pipelines, operations=_operations(path, top),
+                         notifications=_notifications(path, top, environ, set(pipelines)))
+
+
+def _notifications(path: Path, top: _Reader, environ: Mapping[str, str] | None,
+                   pipelines: set[str]) -> NotificationSettings:
+    reader = _Reader(path, "notifications", top.data.get("notifications") or {}, environ)
+    unknown = sorted(set(reader.data) - {"channels", "dagster_ui_url", "repeat_minutes"})
+    if unknown:
+        reader.fail(unknown[0], "is not a known setting")
+    ui_url = reader.data.get("dagster_ui_url")
+    if ui_url is not None and not re.fullmatch(r"https?://\S+", str(ui_url)):
+        reader.fail("dagster_ui_url", "must be an http(s) URL")
+    entries = reader.data.get("channels") or []
+    if not isinstance(entries, list):
+        reader.fail("channels", "must be a list of webhook channels")
+    channels: list[NotificationChannel] = []
+    for index, data in enumerate(entries):
+        name = data.get("name", f"channel {index + 1}") if isinstance(data, dict) else index + 1
+        channel = _Reader(path, f"notification channel '{name}'", data, environ)
+        unknown = sorted(set(channel.data) - {"name", "url", "headers", "min_severity",
+                                              "pipelines"})
+        if unknown:
+            channel.fail(unknown[0], "is not a known setting")
+        headers = channel.data.get("headers") or {}
+        if not isinstance(headers, dict):
+            channel.fail("headers", "must be a mapping of header names to values")
+        severity = channel.text("min_severity", "WARN").upper()
+        if severity not in SEVERITIES:
+            channel.fail("min_severity", f"must be one of {', '.join(SEVERITIES)}")
+        names = channel.data.get("pipelines") or []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            channel.fail("pipelines", "must be a list of pipeline names")
+        for pipeline in names:
+            if pipeline not in pipelines:
+                channel.fail("pipelines", f"names the unknown pipeline '{pipeline}'")
+        channels.append(NotificationChannel(
+            name=str(name), url=channel.secret("url"),
+            headers=tuple((str(k), _resolve_references(channel, f"headers.{k}", str(v)))
+                          for k, v in headers.items()),
+            min_severity=severity, pipelines=tuple(names),
+        ))
+    if len({c.name for c in channels}) < len(channels):
+        reader.fail("channels", "must have unique names")
+    return NotificationSettings(
+        channels=tuple(channels), dagster_ui_url=str(ui_url).rstrip("/") if ui_url else None,
+        repeat_minutes=reader.integer("repeat_minutes", NotificationSettings.repeat_minutes,
+                                      maximum=7 * 24 * 60),
+    )
+
+
+def _resolve_references(reader: _Reader, key: str, value: str) -> str:
+    """``${VAR}`` references inside a value (a header such as ``Bearer ${TOKEN}``); kept
+    as written when secrets are not resolved."""
+    if reader.environ is None:
+        return value
+    for variable in _ENV_REFERENCE.findall(value):
+        if variable not in reader.environ:
+            reader.fail(key, f"refers to the environment variable {variable}, which is not set")
+    return _ENV_REFERENCE.sub(lambda m: reader.environ[m.group(1)], value)  # type: ignore[index]
 
 
 def _refuse_shared_destination_tables(path: Path, pipelines: Mapping[str, PipelineDefinition]) -> None:

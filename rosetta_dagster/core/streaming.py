@@ -47,6 +47,7 @@ from rosetta_dagster.core.replication import (
 logger = logging.getLogger("rosetta.streaming")
 
 HEARTBEAT_INTERVAL_S = 5.0
+POSITION_STAMP_S = 1.0  # a moved position is reported at most this often
 # How often a destination that went down is tried again (engines with per-destination positions).
 DESTINATION_RETRY_S = 5.0
 STALE_OFFSET_ERROR = "no longer available on the server"
@@ -74,16 +75,18 @@ class StreamProgress:
     source_position_ms: int | None = None
     # Changes of a just-loaded table that its load's snapshot already contained.
     fenced_events_skipped: int = 0
+    # Source LSN applied: what every destination committed (engines that keep positions with
+    # the data), else the newest change applied; with source_position_ms, for core.lag.
+    applied_lsn: int | None = None
 
     def note_source_position(self, source_ts_ms: int) -> None:
         if self.source_position_ms is None or source_ts_ms > self.source_position_ms:
             self.source_position_ms = source_ts_ms
 
-    def lag_seconds(self, table: TableRef) -> float | None:
-        progress = self.tables.get(table)
-        if progress is None or progress.last_source_ts_ms is None:
-            return None
-        return max(0.0, time.time() - progress.last_source_ts_ms / 1000)
+    def note_applied_lsn(self, lsn: int | None) -> None:
+        if lsn is not None and (self.applied_lsn is None or lsn > self.applied_lsn):
+            self.applied_lsn = lsn
+
 
 
 @dataclass
@@ -147,6 +150,8 @@ class StreamingSession:
         self._windows: dict[tuple[int, int], _ChunkWindow] = {}
         self._fences: dict[TableRef, SnapshotVisibility] = {}
         self._next_heartbeat = time.monotonic()
+        self._last_stamp = 0.0
+        self._stamped_position: tuple[int | None, int | None] = (None, None)
         self.refused = RefusedChanges(pipeline, config_store, log)
 
     # -- preparation -----------------------------------------------------------------------
@@ -271,7 +276,11 @@ class StreamingSession:
                            complete=batch.complete)
         if batch.marker is not None and batch.marker.source_ts_ms is not None:
             self.progress.note_source_position(batch.marker.source_ts_ms)
-        return _lowest([a.position for a in self._appliers])
+        committed = _lowest([a.position for a in self._appliers])
+        self.progress.note_applied_lsn(committed if committed is not None else max(
+            (i.lsn for i in batch.items if isinstance(i, ChangeEvent) and i.lsn is not None),
+            default=None))
+        return committed
 
     def _fenced(self, event: ChangeEvent) -> bool:
         """A change the table's load already contains (its transaction is in the snapshot)."""
@@ -463,12 +472,17 @@ class StreamingSession:
             self._appliers.clear()
 
     def _heartbeat_if_due(self) -> None:
-        """Stamp the pipeline alive (the supervisor replaces runs that stop doing this)."""
+        """Stamp the pipeline alive (the supervisor replaces runs that stop doing this), and
+        report a new applied position within a second (the lag is judged against it)."""
         now = time.monotonic()
-        if now >= self._next_heartbeat and self.config_store is not None:
-            self.config_store.heartbeat(self.pipeline.name, self.progress.source_position_ms)
+        progress = self.progress
+        position = (progress.source_position_ms, progress.applied_lsn)
+        moved = position != self._stamped_position and now >= self._last_stamp + POSITION_STAMP_S
+        if (now >= self._next_heartbeat or moved) and self.config_store is not None:
+            self.config_store.heartbeat(self.pipeline.name, *position)
             self.config_store.flush_pool_events()
             self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
+            self._stamped_position, self._last_stamp = position, now
 
     def _initial_load(self) -> None:
         """Copy what the stream does not cover yet: every table when there is no position

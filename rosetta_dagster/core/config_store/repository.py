@@ -18,6 +18,7 @@ from rosetta_dagster.core.config_store.migrations import (
     current_version,
 )
 from rosetta_dagster.core.errors import ConfigStoreError
+from rosetta_dagster.core.lag import LagReading
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
 from rosetta_dagster.core.pool import ResilientConnectionPool
 
@@ -65,6 +66,9 @@ class Pipeline:
     source_position_at: datetime | None = None  # source time of the newest change applied
     # The refused change the pipeline stopped on (core.apply.errors.RefusedChange.as_dict()).
     last_apply_error: dict[str, Any] | None = None
+    applied_lsn: int | None = None  # newest source position applied everywhere (heartbeat)
+    lag: LagReading | None = None  # the latest measurement (core.lag)
+    lag_measured_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Pipeline:
@@ -85,6 +89,10 @@ class Pipeline:
             run_id=row["run_id"],
             source_position_at=row["source_position_at"],
             last_apply_error=row.get("last_apply_error"),
+            applied_lsn=None if row.get("applied_lsn") is None else int(row["applied_lsn"]),
+            lag=(LagReading(row["lag_seconds"], row["lag_bytes"], note=row["lag_note"])
+                 if row.get("lag_measured_at") else None),
+            lag_measured_at=row.get("lag_measured_at"),
         )
 
 
@@ -133,7 +141,9 @@ class BackfillJob:
 _PIPELINE_SELECT = """
     SELECT p.id, p.name, p.source, p.destinations, p.tables, p.status, p.created_at,
            p.updated_at, m.state, m.last_error, m.last_error_at, m.last_start_at, m.heartbeat_at,
-           m.run_id, m.source_position_at, m.last_apply_error
+           m.run_id, m.source_position_at, m.last_apply_error,
+           m.applied_lsn - '0/0'::pg_lsn AS applied_lsn, m.lag_seconds, m.lag_bytes, m.lag_note,
+           m.lag_measured_at
     FROM pipelines p LEFT JOIN pipeline_metadata m ON m.pipeline_id = p.id
 """
 
@@ -309,16 +319,30 @@ class ConfigStore:
         if not rows:
             raise ConfigStoreError(f"Pipeline '{name}' does not exist in the config store.")
 
-    def heartbeat(self, name: str, source_position_ms: int | None = None) -> None:
+    def heartbeat(self, name: str, source_position_ms: int | None = None,
+                  applied_lsn: int | None = None) -> None:
         """Stamp the pipeline alive; ``source_position_ms``: source time of the newest change
-        or heartbeat message applied (epoch milliseconds), for the replication lag."""
+        or heartbeat message applied (epoch milliseconds), ``applied_lsn``: its position, both
+        for the replication lag (core.lag)."""
         self._query(
             """
             UPDATE pipeline_metadata m SET heartbeat_at = now(),
-                source_position_at = coalesce(to_timestamp(%s / 1000.0), m.source_position_at)
+                source_position_at = coalesce(to_timestamp(%s / 1000.0), m.source_position_at),
+                applied_lsn = coalesce('0/0'::pg_lsn + %s::numeric, m.applied_lsn)
             FROM pipelines p WHERE p.id = m.pipeline_id AND p.name = %s
             """,
-            (source_position_ms, name),
+            (source_position_ms, applied_lsn, name),
+        )
+
+    def record_lag(self, name: str, reading: LagReading) -> None:
+        """The latest lag measurement, for /metrics and the API."""
+        self._query(
+            """
+            UPDATE pipeline_metadata m SET lag_seconds = %s, lag_bytes = %s, lag_note = %s,
+                lag_measured_at = now()
+            FROM pipelines p WHERE p.id = m.pipeline_id AND p.name = %s
+            """,
+            (reading.seconds, reading.bytes, reading.note, name),
         )
 
     # -- refused changes (core.apply.errors) ------------------------------------------------
@@ -399,6 +423,14 @@ class ConfigStore:
             "SELECT p.name, e.destination, e.table_name, count(*) AS n FROM parked_events e "
             "JOIN pipelines p ON p.id = e.pipeline_id GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
         return [(r["name"], r["destination"], r["table_name"], int(r["n"])) for r in rows]
+
+    def parked_since(self) -> dict[tuple[str, str, str], tuple[int, datetime]]:
+        """``(pipeline, destination, table)`` -> (parked events, when the oldest was parked)."""
+        rows = self._query(
+            "SELECT p.name, e.destination, e.table_name, count(*) AS n, min(e.created_at) AS since "
+            "FROM parked_events e JOIN pipelines p ON p.id = e.pipeline_id GROUP BY 1, 2, 3")
+        return {(r["name"], r["destination"], r["table_name"]): (int(r["n"]), r["since"])
+                for r in rows}
 
     def request_parked_retry(self, name: str, table: str | None = None,
                              key: dict[str, Any] | None = None) -> int:
@@ -709,7 +741,7 @@ class ConfigStore:
             cur.execute(
                 """
                 SELECT p.name, p.status, coalesce(m.state, 'PAUSED') AS state, m.source_position_at,
-                       m.last_apply_error
+                       m.last_apply_error, m.lag_seconds, m.lag_bytes, m.lag_measured_at
                 FROM pipelines p LEFT JOIN pipeline_metadata m ON m.pipeline_id = p.id ORDER BY 1
                 """
             )
@@ -755,6 +787,41 @@ class ConfigStore:
             "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database()"
         )
         return rows[0]["n"]
+
+    # -- notifications (core.notify) ------------------------------------------------------------
+
+    def record_notification_attempt(
+        self, *, channel: str, dedupe_key: str, alert_key: str, pipeline: str | None,
+        transition: str, severity: str, text: str, attempt: int, delivered: bool,
+        http_status: int | None, error: str | None,
+    ) -> None:
+        self._query(
+            """
+            INSERT INTO notification_log (channel, dedupe_key, alert_key, pipeline, transition,
+                                          severity, text, attempt, delivered, http_status, error)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            """,
+            (channel, dedupe_key, alert_key, pipeline, transition, severity, text, attempt,
+             delivered, http_status, error),
+        )
+
+    def notification_delivered(self, dedupe_key: str) -> bool:
+        rows = self._query("SELECT 1 FROM notification_log WHERE dedupe_key = %s AND delivered "
+                           "LIMIT 1", (dedupe_key,))
+        return bool(rows)
+
+    def list_notifications(self, limit: int = 50, pipeline: str | None = None
+                           ) -> list[dict[str, Any]]:
+        """The latest delivery attempts, newest first."""
+        return self._query(
+            """
+            SELECT id, channel, alert_key, pipeline, transition, severity, text, attempt,
+                   delivered, http_status, error, created_at
+            FROM notification_log WHERE %(pipeline)s::text IS NULL OR pipeline = %(pipeline)s
+            ORDER BY id DESC LIMIT %(limit)s
+            """,
+            {"pipeline": pipeline, "limit": limit},
+        )
 
     def record_offset_cleanup(
         self, *, pipeline: str, offset_file: str, slot_name: str, reason: str

@@ -15,7 +15,15 @@ from dagster import (
     multi_asset_check,
 )
 
-from rosetta_dagster.core.health import CheckOutcome, CheckTarget, evaluate_pipeline, retained_wal
+from rosetta_dagster.core.config_store import Pipeline
+from rosetta_dagster.core.health import (
+    CheckOutcome,
+    CheckTarget,
+    evaluate_pipeline,
+    replication_lag,
+    retained_wal,
+)
+from rosetta_dagster.core.lag import LagReading
 from rosetta_dagster.core.pipeline_config import OperationsSettings, PipelineDefinition, load_config
 from rosetta_dagster.core.replication import SlotReading
 from rosetta_dagster.defs.pipelines.assets import destination_table_key, replication_slot_key
@@ -35,14 +43,27 @@ def check_result(outcome: CheckOutcome, asset_key: AssetKey) -> AssetCheckResult
     )
 
 
-def retained_wal_evaluation(reading: SlotReading, operations: OperationsSettings) -> AssetCheckEvaluation:
-    """The WAL monitor's reading as a ``retained_wal`` check evaluation (sensor side)."""
-    outcome = retained_wal(reading, operations)
+def check_evaluation(outcome: CheckOutcome, asset_key: AssetKey) -> AssetCheckEvaluation:
+    """An outcome reported from a sensor (not from the check's own op)."""
     return AssetCheckEvaluation(
-        asset_key=replication_slot_key(reading.pipeline), check_name=outcome.name,
-        passed=outcome.passed, severity=_SEVERITY[outcome.severity], metadata=outcome.metadata,
+        asset_key=asset_key, check_name=outcome.name, passed=outcome.passed,
+        severity=_SEVERITY[outcome.severity], metadata=outcome.metadata,
         description=outcome.description,
     )
+
+
+def retained_wal_evaluation(reading: SlotReading, operations: OperationsSettings) -> AssetCheckEvaluation:
+    """The WAL monitor's reading as a ``retained_wal`` check evaluation (sensor side)."""
+    return check_evaluation(retained_wal(reading, operations),
+                            replication_slot_key(reading.pipeline))
+
+
+def lag_evaluations(pipeline: PipelineDefinition, stored: Pipeline, lag: LagReading,
+                    operations: OperationsSettings) -> list[AssetCheckEvaluation]:
+    """The WAL monitor's lag measurement as ``replication_lag`` on each destination table."""
+    outcome = replication_lag(stored, operations, lag)
+    return [check_evaluation(outcome, destination_table_key(destination, table))
+            for destination in pipeline.destinations for table in pipeline.tables]
 
 
 def build_pipeline_checks(pipeline: PipelineDefinition) -> list[AssetChecksDefinition]:

@@ -1,5 +1,6 @@
 """The streaming job of a pipeline: one long-running op that owns the capture engine."""
 
+from datetime import UTC, datetime
 from typing import Literal
 
 from dagster import (
@@ -14,7 +15,9 @@ from dagster import (
     op,
 )
 
+from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.events import format_lsn
+from rosetta_dagster.core.health import measure_and_record_lag
 from rosetta_dagster.core.initial_load import TableLoadReport
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, load_config
 from rosetta_dagster.core.streaming import StreamingSession, StreamProgress
@@ -30,19 +33,27 @@ def stream_job_name(pipeline: str) -> str:
     return f"stream_{pipeline}"
 
 
-def _observe(context: OpExecutionContext, pipeline: PipelineDefinition, progress: StreamProgress) -> None:
-    """Periodic (not per-batch) progress: a log line and one observation per destination table."""
+def _observe(context: OpExecutionContext, pipeline: PipelineDefinition, progress: StreamProgress,
+             store: ConfigStore) -> None:
+    """Periodic (not per-batch) progress: a log line and one observation per destination table,
+    with the pipeline's replication lag measured on the source (core.lag)."""
+    applied_at = (datetime.fromtimestamp(progress.source_position_ms / 1000, UTC)
+                  if progress.source_position_ms is not None else None)
+    lag = measure_and_record_lag(pipeline, store, applied_at, progress.applied_lsn)
     context.log.info(
-        "Pipeline %s: %d events applied in %d batches",
+        "Pipeline %s: %d events applied in %d batches; replication lag %s",
         pipeline.name, progress.events_applied, progress.batches,
+        f"{lag.seconds:.1f}s, {lag.bytes} bytes" if lag.seconds is not None else lag.note,
     )
     for table in pipeline.tables:
         table_progress = progress.tables.get(table)
-        lag = progress.lag_seconds(table)
         metadata = {
             "events_applied": MetadataValue.int(table_progress.events_applied if table_progress else 0),
-            "lag_seconds": MetadataValue.float(round(lag, 3) if lag is not None else 0.0),
         }
+        if lag.seconds is not None:
+            metadata["lag_seconds"] = MetadataValue.float(round(lag.seconds, 3))
+        if lag.bytes is not None:
+            metadata["lag_bytes"] = MetadataValue.int(lag.bytes)
         if table_progress is not None and table_progress.last_source_ts_ms is not None:
             metadata["last_source_commit_ms"] = MetadataValue.int(table_progress.last_source_ts_ms)
         for destination in pipeline.destinations:
@@ -94,7 +105,7 @@ def build_stream_job(pipeline: PipelineDefinition) -> JobDefinition:
             on_table_loaded=lambda report: _materialize_loaded_table(context, resolved, report),
         )
         session.run(
-            tick=lambda progress: _observe(context, resolved, progress),
+            tick=lambda progress: _observe(context, resolved, progress, store),
             tick_interval_s=OBSERVATION_INTERVAL_S,
         )
 

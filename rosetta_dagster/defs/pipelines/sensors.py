@@ -4,7 +4,8 @@
   runs (stale heartbeat) are failed and replaced with a per-pipeline exponential backoff.
 - ``replication_slot_guard``: a pipeline whose slot is gone loses its stale offset file (its run
   is stopped first), so the next start snapshots afresh and reconciles the destinations.
-- ``wal_monitor``: retained WAL of every pipeline's slot, stored, logged and observed.
+- ``wal_monitor``: retained WAL of every pipeline's slot, stored, logged and observed, and
+  its replication lag measured (``replication_lag`` on each destination table).
 
 Every pipeline is handled on its own: one failing pipeline is logged and the others go on.
 """
@@ -32,6 +33,7 @@ from dagster._core.storage.dagster_run import RunRecord
 from rosetta_dagster.core.capture import capture_engine
 from rosetta_dagster.core.config_store import PipelineState
 from rosetta_dagster.core.errors import RosettaError
+from rosetta_dagster.core.health import measure_and_record_lag
 from rosetta_dagster.core.pipeline_config import (
     PipelineDefinition,
     RosettaConfig,
@@ -54,7 +56,7 @@ from rosetta_dagster.core.supervision import (
     decide,
 )
 from rosetta_dagster.defs.pipelines.assets import replication_slot_key
-from rosetta_dagster.defs.pipelines.checks import retained_wal_evaluation
+from rosetta_dagster.defs.pipelines.checks import lag_evaluations, retained_wal_evaluation
 from rosetta_dagster.defs.pipelines.jobs import PIPELINE_TAG, stream_job_name
 from rosetta_dagster.defs.platform.logs import TeeLogger
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
@@ -262,6 +264,11 @@ def build_wal_monitor_sensor(config: RosettaConfig) -> SensorDefinition:
             events.append(AssetObservation(asset_key=replication_slot_key(pipeline),
                                            metadata=metadata))
             events.append(retained_wal_evaluation(reading, current.operations))
+            # The lag too, paused pipelines included: a slot can fall behind while nobody reads.
+            stored = store.get_pipeline(pipeline.name)
+            lag = measure_and_record_lag(pipeline, store, stored.source_position_at,
+                                         stored.applied_lsn)
+            events.extend(lag_evaluations(pipeline, stored, lag, current.operations))
 
         _for_each_pipeline(list(current.pipelines.values()), log, monitor)
         return SensorResult(asset_events=events)

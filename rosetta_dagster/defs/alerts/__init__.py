@@ -1,0 +1,1 @@
+"""Alerts: the notification sensor."""
