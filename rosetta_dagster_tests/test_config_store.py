@@ -21,6 +21,9 @@ from rosetta_dagster.core.errors import ConfigStoreError
 EXPECTED_TABLES = {
     "schema_migrations",
     "apply_skips",
+    "notification_log",
+    "debezium_offsets",
+    "stream_load_states",
     "parked_events",
     "pool_events",
     "offset_cleanups",

@@ -1,4 +1,6 @@
-"""kill -9 of the process running the engine in the middle of a large load, then restart."""
+"""kill -9 of the process running the engine in the middle of a large load, then restart; with
+``offset_store: config_db`` the restart runs in another working directory with no local files
+(as on another host) and resumes without a new snapshot."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import pytest
 
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.harness import (
@@ -20,7 +24,10 @@ from rosetta_dagster.harness import (
 ROWS = 120_000
 
 
-def test_kill_9_mid_load_then_restart_converges(pg_cluster: LocalPostgresCluster, pg_root: Path) -> None:
+@pytest.mark.parametrize("offset_store", ["file", "config_db"])
+def test_kill_9_mid_load_then_restart_converges(
+    pg_cluster: LocalPostgresCluster, pg_root: Path, offset_store: str
+) -> None:
     env = new_streaming_env(pg_cluster, pg_root)
     config_db = f"config_{env.source_db}"
     pg_cluster.create_database(config_db)
@@ -28,21 +35,29 @@ def test_kill_9_mid_load_then_restart_converges(pg_cluster: LocalPostgresCluster
     workdir.mkdir()
     pipeline_file = env.write_pipeline_file(
         workdir / "rosetta.yaml", "crash", ["public.events"],
-        {"max_batch_size": 2048, "max_queue_size": 8192, "heartbeat_interval_ms": 1000},
+        {"max_batch_size": 2048, "max_queue_size": 8192, "heartbeat_interval_ms": 1000,
+         "offset_store": offset_store},
     )
     execute(env.source_url,
             "CREATE TABLE public.events (id bigint PRIMARY KEY, payload text, v int)",
             "INSERT INTO public.events SELECT g, md5(g::text), 0 FROM generate_series(1, 1000) g")
     process_env = env.pipeline_env(pipeline_file, pg_cluster.dsn(config_db))
+    restart_dir = workdir
+    if offset_store == "config_db":
+        # Offsets at the default relative tmp/offsets: each working directory has its own, and
+        # the restart's has none, as on another host or in a new container.
+        del process_env["ROSETTA_OFFSETS_DIR"]
+        restart_dir = pg_root / f"crash-elsewhere-{env.source_db}"
+        restart_dir.mkdir()
 
-    def start_stream() -> subprocess.Popen[bytes]:
+    def start_stream(cwd: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "rosetta_dagster.cli", "stream", "crash"],
-            cwd=workdir, env=process_env, stdout=(workdir / "stream.log").open("ab"),
+            cwd=cwd, env=process_env, stdout=(cwd / "stream.log").open("ab"),
             stderr=subprocess.STDOUT,
         )
 
-    stream = start_stream()
+    stream = start_stream(workdir)
     wait_until(lambda: count_rows(env.destination_url, "replica.events") == 1000, 120, "snapshot")
     # The initial load precedes the engine's start: wait until a change streams through.
     execute(env.source_url, "INSERT INTO public.events VALUES (0, 'ready', 0)")
@@ -70,12 +85,12 @@ def test_kill_9_mid_load_then_restart_converges(pg_cluster: LocalPostgresCluster
     loader.join()
     assert loading_at_kill, "the load finished before the kill: the crash was not mid-load"
 
-    restarted = start_stream()
+    restarted = start_stream(restart_dir)
     try:
         try:
             wait_until(lambda: env.converged("public.events"), 180, "convergence after the crash")
         except AssertionError as exc:  # the stream's own account is what explains it
-            tail = "\n".join((workdir / "stream.log").read_text().splitlines()[-40:])
+            tail = "\n".join((restart_dir / "stream.log").read_text().splitlines()[-40:])
             raise AssertionError(f"{exc}\n--- stream.log (tail) ---\n{tail}") from None
     finally:
         restarted.send_signal(signal.SIGTERM)
@@ -84,4 +99,12 @@ def test_kill_9_mid_load_then_restart_converges(pg_cluster: LocalPostgresCluster
     source_count = fetch(env.source_url, "SELECT count(*) FROM public.events")[0][0]
     assert count_rows(env.destination_url, "replica.events") == source_count
     log = (workdir / "stream.log").read_text()
-    assert pg_cluster.password not in log
+    restart_log = (restart_dir / "stream.log").read_text()
+    assert pg_cluster.password not in log + restart_log
+    if offset_store == "config_db":
+        assert "Initial load of pipeline crash" not in restart_log, "resumed without a snapshot"
+        assert "config_db debezium_offsets" in restart_log
+        assert not list(workdir.rglob("*.dat")) and not list(restart_dir.rglob("*.dat"))
+        # The engine itself keeps the row current (a processed position), one row per pipeline.
+        rows = fetch(pg_cluster.dsn(config_db), "SELECT offset_key, offset_val FROM debezium_offsets")
+        assert len(rows) == 1 and '"lsn_proc"' in str(rows[0][1]), rows

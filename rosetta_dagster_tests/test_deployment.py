@@ -127,6 +127,89 @@ def test_the_dagster_instance_and_workspace_match_the_services(tmp_path: Path) -
         assert "/opt/rosetta/deploy/workspace.yaml" in SERVICES[name]["command"]
 
 
+def _without_launcher(instance: dict[str, object]) -> dict[str, object]:
+    return {key: value for key, value in instance.items() if key != "run_launcher"}
+
+
+def test_the_docker_run_launcher_variant_runs_each_stream_in_its_own_container(
+    tmp_path: Path,
+) -> None:
+    from dagster._config import process_config
+    from dagster._core.instance.config import dagster_instance_config
+    from dagster_docker import DockerRunLauncher
+
+    variant = ROOT / "deploy" / "docker-launcher"
+    shutil.copy(variant / "dagster.yaml", tmp_path / "dagster.yaml")
+    dagster_instance_config(str(tmp_path))  # Dagster's own schema validation of the instance
+    instance = yaml.safe_load((variant / "dagster.yaml").read_text())
+    launcher = instance["run_launcher"]
+    assert (launcher["module"], launcher["class"]) == ("dagster_docker", "DockerRunLauncher")
+    result = process_config(DockerRunLauncher.config_type(), launcher["config"])  # its schema
+    assert result.success, result.errors
+    config = launcher["config"]
+    # Storage, run coordinator (one run per pipeline) and monitoring are the default stack's.
+    default = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())
+    assert _without_launcher(instance) == _without_launcher(default)
+    assert config["image"] == COMPOSE["x-rosetta"]["image"]
+    assert config["network"] == f"{COMPOSE['name']}_default"
+    assert config["container_kwargs"]["stop_timeout"] >= 30  # a stream closes cleanly first
+    # Every secret the variant's pipelines reference, and the config store, reach the runs as
+    # environment; no offsets volume: every pipeline keeps its offsets in config_db.
+    pipelines = (variant / "rosetta.yaml").read_text()
+    needed = set(re.findall(r"\$\{(\w+)\}", pipelines)) | {
+        "CONFIG_DATABASE_URL", "DAGSTER_PG_PASSWORD", "DAGSTER_HOME", "ROSETTA_CONFIG"}
+    assert needed <= set(config["env_vars"])
+    assert set(config["env_vars"]) <= set(_environment("compute"))
+    declared = load_config(variant / "rosetta.yaml", resolve_secrets=False).pipelines
+    assert declared and all(p.settings.offset_store == "config_db" for p in declared.values())
+    assert "ROSETTA_OFFSETS_DIR" not in config["env_vars"]
+    # The override gives the launching services the socket and this instance, and the image
+    # has the launcher installed.
+    override = yaml.safe_load((ROOT / "docker-compose.docker-launcher.yml").read_text())
+    for name in ("webserver", "daemon"):
+        volumes = override["services"][name]["volumes"]
+        assert "/var/run/docker.sock:/var/run/docker.sock" in volumes
+        assert ("./deploy/docker-launcher/dagster.yaml:/opt/dagster/home/dagster.yaml:ro"
+                in volumes)
+    for name in ROSETTA_SERVICES:
+        assert (override["services"][name]["environment"]["ROSETTA_CONFIG"]
+                == "/opt/rosetta/deploy/docker-launcher/rosetta.yaml")
+    assert 'pip install ".[docker]"' in (ROOT / "Dockerfile").read_text()
+    assert '"dagster-docker==0.29.27"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_the_helm_values_run_each_stream_in_its_own_pod() -> None:
+    from dagster._config import process_config
+    from dagster_k8s import K8sRunLauncher
+
+    values = yaml.safe_load((ROOT / "deploy" / "k8s" / "values.yaml").read_text())
+    launcher = values["runLauncher"]
+    assert launcher["type"] == "K8sRunLauncher"
+    k8s = launcher["config"]["k8sRunLauncher"]
+    # What the chart renders into the instance's run_launcher config (it adds the namespace,
+    # service account and instance config map itself), checked against the launcher's schema.
+    rendered = {
+        "instance_config_map": "dagster-instance", "service_account_name": "dagster",
+        "job_namespace": "dagster",
+        "env_secrets": [secret["name"] for secret in k8s["envSecrets"]],
+        "env_vars": k8s["envVars"],
+        "run_k8s_config": {"pod_spec_config": k8s["runK8sConfig"]["podSpecConfig"],
+                           "container_config": k8s["runK8sConfig"]["containerConfig"]},
+    }
+    result = process_config(K8sRunLauncher.config_type(), rendered)
+    assert result.success, result.errors
+    assert k8s["runK8sConfig"]["podSpecConfig"]["terminationGracePeriodSeconds"] >= 30
+    config_file = "/opt/rosetta/deploy/docker-launcher/rosetta.yaml"  # offset_store: config_db
+    assert f"ROSETTA_CONFIG={config_file}" in k8s["envVars"]
+    deployment = values["dagster-user-deployments"]["deployments"][0]
+    assert {"name": "ROSETTA_CONFIG", "value": config_file} in deployment["env"]
+    assert deployment["dagsterApiGrpcArgs"] == ["-m", "rosetta_dagster.definitions",
+                                                "--location-name", "rosetta"]
+    limits = values["runCoordinator"]["config"]["queuedRunCoordinator"]["tagConcurrencyLimits"]
+    assert limits == [{"key": PIPELINE_TAG, "value": {"applyLimitPerUniqueValue": True},
+                       "limit": 1}]
+
+
 def test_the_source_init_script_gives_a_replicator_that_can_stream(
     pg_cluster: LocalPostgresCluster, pg_root: Path, store: ConfigStore
 ) -> None:

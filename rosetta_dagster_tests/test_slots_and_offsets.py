@@ -50,21 +50,29 @@ def _expected_stale_lines(positions: PositionStore) -> list[str]:
     return [positions.deleting_line, positions.deleted_line]
 
 
+@pytest.mark.parametrize(("engine", "offset_store"), [
+    ("debezium", "file"), ("pgoutput", "file"), ("debezium", "config_db")])
 def test_dropped_slot_deletes_the_offset_and_the_new_snapshot_removes_deleted_rows(
-    env: StreamingEnv, store: ConfigStore, caplog: pytest.LogCaptureFixture
+    env: StreamingEnv, store: ConfigStore, caplog: pytest.LogCaptureFixture, offset_store: str,
+    database_url: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("CONFIG_DATABASE_URL", database_url)  # config_db offsets live there
     execute(env.source_url, "CREATE TABLE public.items (id int PRIMARY KEY, v text)",
             "INSERT INTO public.items SELECT g, 'v' || g FROM generate_series(1, 500) g")
-    pipeline = env.pipeline("dropped", ["public.items"])
+    pipeline = env.pipeline("dropped", ["public.items"], offset_store=offset_store)
     store.sync_pipeline(pipeline)
     _stream_until_converged(env, StreamingSession(pipeline, offsets_dir=env.offsets_dir,
                                                   config_store=store), "public.items")
     positions = env.positions(pipeline)
     assert positions.exists()
     if env.engine == "debezium":
+        where = (f" file: {env.offsets_dir / 'dropped.dat'}" if offset_store == "file" else
+                 ': config_db debezium_offsets key ["rosetta-dropped",{"server":"rosetta_dropped"}]')
         assert _expected_stale_lines(positions) == [
-            f"Deleting stale offset file: {env.offsets_dir / 'dropped.dat'}",
+            f"Deleting stale offset{where}",
             "Deleted stale offset. Debezium will start fresh with snapshot mode."]
+        assert list(env.offsets_dir.glob("*.dat")) == ([] if offset_store == "config_db" else
+                                                       [env.offsets_dir / "dropped.dat"])
 
     # While nothing streams, the slot is dropped and the source changes: those changes are
     # in no slot, so only a fresh snapshot can bring them, deletions included.
@@ -253,3 +261,41 @@ def _evaluate_wal_monitor(
         ("walpipe", "rosetta_walpipe", severity, False)]
     line = next(r for r in caplog.records if "wal_size=" in r.getMessage())
     assert line.levelname == {"OK": "INFO", "WARNING": "WARNING", "CRITICAL": "ERROR"}[severity]
+
+
+@pytest.mark.parametrize("engine", ["debezium"])  # pgoutput keeps positions in destinations
+def test_switching_the_offset_store_carries_the_position_over_both_ways(
+    env: StreamingEnv, store: ConfigStore, caplog: pytest.LogCaptureFixture, database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rosetta_dagster.core.capture.debezium.offset_table import OffsetTable
+
+    monkeypatch.setenv("CONFIG_DATABASE_URL", database_url)
+    execute(env.source_url, "CREATE TABLE public.items (id int PRIMARY KEY, v text)",
+            "INSERT INTO public.items SELECT g, 'v' || g FROM generate_series(1, 200) g")
+    in_file = env.pipeline("switched", ["public.items"])
+    in_table = env.pipeline("switched", ["public.items"], offset_store="config_db")
+    store.sync_pipeline(in_file)
+    _stream_until_converged(env, StreamingSession(in_file, offsets_dir=env.offsets_dir,
+                                                  config_store=store), "public.items")
+    offsets_file = env.offsets_dir / "switched.dat"
+    assert offsets_file.exists()
+    caplog.set_level(logging.INFO)
+    for round_, (pipeline, store_name) in enumerate(((in_table, "config_db"), (in_file, "file"))):
+        # Changes while nothing streams: only the slot has them.
+        execute(env.source_url, "UPDATE public.items SET v = %s WHERE id <= 10",
+                params=(f"round {round_}",))
+        execute(env.source_url, "INSERT INTO public.items VALUES (%s, 'new')",
+                params=(1000 + round_,))
+        caplog.clear()
+        session = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
+        _stream_until_converged(env, session, "public.items")
+        messages = [r.getMessage() for r in caplog.records]
+        moved = [m for m in messages if "moved its Debezium offset" in m]
+        assert len(moved) == 1 and f"(offset_store: {store_name})" in moved[0], messages
+        assert not any("Initial load of pipeline switched" in m for m in messages)
+        assert session.progress.events_applied == 11  # resumed where the other store stood
+        table = OffsetTable(in_table, database_url, env.positions(in_file))  # type: ignore[arg-type]
+        assert table.exists() == (store_name == "config_db")
+        assert offsets_file.exists() == (store_name == "file")
+    assert (env.offsets_dir / "switched.dat.moved-to-config-db").exists()  # kept, not read

@@ -99,6 +99,7 @@ class Destination(PostgresEndpoint):
 INITIAL_LOAD_METHODS = ("copy", "debezium")
 CAPTURE_ENGINES = ("debezium", "pgoutput")
 APPLY_ERROR_POLICIES = ("stop", "park")
+OFFSET_STORES = ("file", "config_db")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,9 @@ class StreamSettings:
     # read over the replication protocol, values kept as PostgreSQL's text, positions kept in
     # the destinations.
     engine: str = "debezium"
+    # Where the debezium engine keeps its offsets: "file" (<offsets_dir>/<pipeline>.dat on the
+    # host that streams) or "config_db" (the config store: a stream resumes on any host).
+    offset_store: str = "file"
     max_batch_size: int = 8192
     max_queue_size: int = 32768
     # Bounds the engine's queue by memory too, so wide rows cannot exhaust the JVM heap (with
@@ -386,6 +390,7 @@ def load_config(
         stream = _Reader(path, f"pipeline '{name}' streaming", data.get("streaming") or {}, None)
         settings = StreamSettings(
             engine=stream.text("engine", StreamSettings.engine),
+            offset_store=stream.text("offset_store", StreamSettings.offset_store),
             max_batch_size=stream.integer("max_batch_size", StreamSettings.max_batch_size),
             max_queue_size=stream.integer("max_queue_size", StreamSettings.max_queue_size),
             max_queue_mb=stream.integer("max_queue_mb", StreamSettings.max_queue_mb, maximum=4096),
@@ -413,6 +418,11 @@ def load_config(
             stream.fail("on_apply_error", f"must be one of {', '.join(APPLY_ERROR_POLICIES)}")
         if settings.engine not in CAPTURE_ENGINES:
             stream.fail("engine", f"must be one of {', '.join(CAPTURE_ENGINES)}")
+        if settings.offset_store not in OFFSET_STORES:
+            stream.fail("offset_store", f"must be one of {', '.join(OFFSET_STORES)}")
+        if settings.engine == "pgoutput" and settings.offset_store != "file":
+            stream.fail("offset_store", "applies to the debezium engine only (pgoutput keeps "
+                        "its positions in the destinations)")
         if settings.engine == "pgoutput" and settings.initial_load != "copy":
             stream.fail("initial_load", "must be copy with the pgoutput engine")
         if settings.initial_load not in INITIAL_LOAD_METHODS:

@@ -172,6 +172,7 @@ class StreamingSession:
                                   f"engine, so nothing was written: {reason}.")
             self._refuse_money_across_locales(conn)
             self._ensure_publication(conn)
+            self.positions.prepare(self.log)  # e.g. carry a position over after a store switch
             if not slot_exists(conn, self.pipeline.slot_name):
                 delete_stale_offset(
                     self.pipeline, self.positions, reason=missing_slot_reason(self.pipeline),

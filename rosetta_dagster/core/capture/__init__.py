@@ -71,6 +71,10 @@ class PositionStore(Protocol):
 
     location: str  # for log lines: a file path, or the destinations' position table
 
+    def prepare(self, log: Log) -> None:
+        """Before a stream uses the store: refuse settings it cannot work with, and carry over
+        (once, logged) a position the engine kept in another store before a switch."""
+
     def exists(self) -> bool:
         """Cheap: is any position stored (something a lost slot would make stale)?"""
 

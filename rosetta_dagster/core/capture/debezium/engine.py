@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import jpype
@@ -49,17 +49,17 @@ class CaptureError(RosettaError):
 
 
 def connector_properties(
-    pipeline: PipelineDefinition, offsets_path: Path, *, snapshot_mode: str | None = None,
-    excluded_columns: str = "",
+    pipeline: PipelineDefinition, offset_storage: Mapping[str, str], *,
+    snapshot_mode: str | None = None, excluded_columns: str = "",
 ) -> dict[str, str]:
-    """Debezium Postgres connector settings for a pipeline."""
+    """Debezium Postgres connector settings for a pipeline; ``offset_storage``: the offset
+    store's settings (file or config_db, from the pipeline's position store)."""
     source = pipeline.source
     settings = pipeline.settings
     return {
         "name": f"rosetta-{pipeline.name}",
         "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
-        "offset.storage": "org.apache.kafka.connect.storage.FileOffsetBackingStore",
-        "offset.storage.file.filename": str(offsets_path),
+        **offset_storage,
         "offset.flush.interval.ms": str(settings.offset_flush_interval_ms),
         "database.hostname": source.host,
         "database.port": str(source.port),
@@ -129,7 +129,7 @@ class DebeziumCapture:
     def __init__(
         self,
         pipeline: PipelineDefinition,
-        offsets_path: Path,
+        offset_storage: Mapping[str, str],
         on_batch: BatchHandler,
         *,
         snapshot_mode: str | None = None,
@@ -137,7 +137,7 @@ class DebeziumCapture:
     ) -> None:
         self.pipeline = pipeline
         self.reread = reread
-        self.offsets_path = offsets_path
+        self.offset_storage = offset_storage
         self.on_batch = on_batch
         self.snapshot_mode = snapshot_mode
         self._engine: Any = None
@@ -191,9 +191,8 @@ class DebeziumCapture:
                     .build()
                 )
 
-        self.offsets_path.parent.mkdir(parents=True, exist_ok=True)
         properties = connector_properties(
-            self.pipeline, self.offsets_path, snapshot_mode=self.snapshot_mode,
+            self.pipeline, self.offset_storage, snapshot_mode=self.snapshot_mode,
             excluded_columns=self.reread.exclude_list() if self.reread else "",
         )
         self._completion = completion

@@ -1,7 +1,8 @@
 """Debezium's stored offset of a pipeline, read and written the way the engine stores it.
 
-The engine keeps offsets in Kafka's ``FileOffsetBackingStore``: a Java-serialized
-``HashMap<byte[], byte[]>`` of JSON key -> JSON value. Writing the start offset ourselves lets
+With ``offset_store: file`` the engine keeps offsets in Kafka's ``FileOffsetBackingStore``: a
+Java-serialized ``HashMap<byte[], byte[]>`` of JSON key -> JSON value (``offset_table`` keeps the
+same key and value in the config store). Writing the start offset ourselves lets
 the stream begin exactly at the consistent point of a slot whose snapshot Rosetta copied (with
 no offset, Debezium would start at the server's current WAL position and skip what was written
 during the copy).
@@ -43,9 +44,33 @@ class StoredOffset:
     def position(self) -> int | None:
         return self.processed_lsn if self.processed_lsn is not None else self.lsn
 
+    def behind_slot(self, slot_confirmed_lsn: int) -> int | None:
+        """Debezium's own stale-offset check needs a processed position, which an offset
+        written at a load's consistent point lacks: that one is compared here. (Offsets the
+        engine wrote are left to the engine's check.)"""
+        if self.processed_lsn is not None or self.lsn is None:
+            return None
+        return self.lsn if slot_confirmed_lsn > self.lsn else None
 
-def read_offset(path: Path, pipeline: PipelineDefinition) -> StoredOffset | None:
-    """The pipeline's stored offset; None when there is none."""
+
+def parse_offset_value(value: bytes) -> StoredOffset:
+    """The positions in an offset value (the engine's JSON)."""
+    document = json.loads(value.decode())
+    lsn, processed = document.get("lsn"), document.get("lsn_proc")
+    return StoredOffset(None if lsn is None else int(lsn),
+                        None if processed is None else int(processed))
+
+
+def start_offset_value(lsn: int) -> bytes:
+    """An offset that makes the engine stream from ``lsn`` with nothing processed yet: only
+    ``lsn`` is set, and without ``lsn_proc``/``lsn_commit`` Debezium skips nothing it receives
+    from that position."""
+    return json.dumps({"lsn": lsn, "ts_usec": int(time.time() * 1_000_000)},
+                      separators=(",", ":")).encode()
+
+
+def read_offset_value(path: Path, pipeline: PipelineDefinition) -> bytes | None:
+    """The pipeline's offset value in an offsets file; None when there is none."""
     if not path.exists():
         return None
     ensure_jvm(pipeline.settings.jvm_max_heap)
@@ -62,23 +87,20 @@ def read_offset(path: Path, pipeline: PipelineDefinition) -> StoredOffset | None
     wanted = offset_key(pipeline)
     for key in stored.keySet():
         if bytes(key) == wanted:
-            value = json.loads(bytes(stored.get(key)).decode())
-            lsn, processed = value.get("lsn"), value.get("lsn_proc")
-            return StoredOffset(None if lsn is None else int(lsn),
-                                None if processed is None else int(processed))
+            return bytes(stored.get(key))
     return None
 
 
-def write_start_offset(path: Path, pipeline: PipelineDefinition, lsn: int) -> None:
-    """Store an offset that makes the engine stream from ``lsn`` with nothing processed yet.
+def read_offset(path: Path, pipeline: PipelineDefinition) -> StoredOffset | None:
+    """The pipeline's stored offset; None when there is none."""
+    value = read_offset_value(path, pipeline)
+    return None if value is None else parse_offset_value(value)
 
-    Only ``lsn`` is set: without ``lsn_proc``/``lsn_commit`` Debezium skips nothing it
-    receives from that position. Written to a temporary file and renamed, so a crash leaves
-    either no offset or a whole one.
-    """
+
+def write_offset_value(path: Path, pipeline: PipelineDefinition, value: bytes) -> None:
+    """Store the pipeline's offset value as the engine's file store does. Written to a
+    temporary file and renamed, so a crash leaves either no offset or a whole one."""
     ensure_jvm(pipeline.settings.jvm_max_heap)
-    value = json.dumps({"lsn": lsn, "ts_usec": int(time.time() * 1_000_000)},
-                       separators=(",", ":")).encode()
     stored = jpype.JClass("java.util.HashMap")()
     byte_array = jpype.JArray(jpype.JByte)
     stored.put(byte_array(offset_key(pipeline)), byte_array(value))

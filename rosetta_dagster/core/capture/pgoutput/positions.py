@@ -12,7 +12,7 @@ from psycopg2 import sql
 from psycopg2.extras import Json
 
 from rosetta_dagster.core.apply.applier import PositionTracking
-from rosetta_dagster.core.capture import StoredPosition
+from rosetta_dagster.core.capture import Log, StoredPosition
 from rosetta_dagster.core.events import format_lsn
 from rosetta_dagster.core.initial_load import LoadState
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
@@ -71,6 +71,9 @@ class DestinationPositions:
                 found[destination.name] = None if row is None else (
                     int(row[0]), LoadState.from_document(row[1]))
         return found
+
+    def prepare(self, log: Log) -> None:
+        """Nothing to carry over: positions only ever live in the destinations."""
 
     def exists(self) -> bool:
         return any(found is not None for found in self.read_each().values())
