@@ -86,3 +86,17 @@ def test_a_failing_batch_rolls_back_entirely(applier: PostgresApplier, database_
     assert str(raised.value) == (
         "Destination destination: a change of public.accounts with key (id=1) could not be "
         'applied at column balance: invalid input syntax for type integer: "not a number".')
+
+
+def test_a_row_escaped_whole_equals_the_row_escaped_field_by_field() -> None:
+    from rosetta_dagster.core.apply.values import COPY_NULL, ROW_NULL, copy_field, copy_row
+    from rosetta_dagster.core.events import UNCHANGED_TOAST
+
+    hostile = ["", "\\", "\\N", "a\tb", "line\nbreak\r\n", "\x01\x1f\x7f", "'\"", "🦀 é",
+               "{\"k\": \"v\\\\\"}", "{{a,b},{c,d}}", "-Infinity", " ", None]
+    rows = [hostile, list(reversed(hostile)), [None], ["only"], [None, None]]
+    for row in rows:
+        expected = "\t".join(COPY_NULL if v is None else copy_field(v) for v in row)
+        assert copy_row([ROW_NULL if v is None else v for v in row]) == expected
+    with pytest.raises(TypeError):  # the marker is not text: the field-by-field path takes it
+        copy_row(["1", UNCHANGED_TOAST])  # type: ignore[list-item]

@@ -28,7 +28,7 @@ import hashlib
 import io
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +43,14 @@ from rosetta_dagster.core.apply.schema import (
     ensure_destination_table,
     key_range,
 )
-from rosetta_dagster.core.apply.values import COPY_NULL, Converter, ValueCodec, copy_field
+from rosetta_dagster.core.apply.values import (
+    COPY_NULL,
+    ROW_NULL,
+    Converter,
+    ValueCodec,
+    copy_field,
+    copy_row,
+)
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import ResilientConnectionPool
@@ -76,10 +83,15 @@ class _TablePlan:
     copy_direct: sql.Composed  # new rows straight into the table
     known_columns: frozenset[str] = field(init=False)
     converter_of: dict[str, Converter] = field(init=False)  # by column name
+    column_names: tuple[str, ...] = field(init=False)  # in COPY order
+    key_of: Callable[[Mapping[str, Any]], tuple[Any, ...]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.known_columns = frozenset(self.schema.column_names)
         self.converter_of = dict(self.converters)
+        self.column_names = tuple(name for name, _ in self.converters)
+        key = self.schema.primary_key
+        self.key_of = lambda row: tuple(map(row.get, key))  # a row's primary key
 
 
 @dataclass
@@ -560,23 +572,31 @@ class PostgresApplier:
                         cursor.execute(plan.create_keys)
                         cursor.execute(sql.SQL("TRUNCATE {}").format(plan.keys_table))
             pending: dict[TableRef, dict[tuple[Any, ...], ChangeEvent]] = {}
+            # The table of the previous event, with its plan and pending rows: consecutive
+            # events of one table (the common case) look nothing up again.
+            table: TableRef | None = None
+            plan: _TablePlan | None = None
+            per_table: dict[tuple[Any, ...], ChangeEvent] = {}
             for event in events:
-                counts[event.table] = counts.get(event.table, 0) + 1
+                if event.table is not table or plan is None:  # identity: no hashing
+                    table = event.table
+                    plan, per_table = self._plans.get(table), pending.setdefault(table, {})
+                counts[table] = counts.get(table, 0) + 1
                 if event.source_ts_ms is not None:
-                    last_ts[event.table] = event.source_ts_ms
+                    last_ts[table] = event.source_ts_ms
                 if event.op == "t":
                     # Everything before the truncate must land first, in order.
                     self._flush(conn, pending, result, record_keys)
-                    self._truncate(conn, event.table)
+                    self._truncate(conn, table)
                     result.truncates += 1
+                    plan = None
                     continue
-                plan = self._plans.get(event.table)
-                if plan is None or not plan.known_columns.issuperset(event.row):
-                    self._flush(conn, pending, result, record_keys)
-                    plan = self._refresh(conn, event.table)
                 row = event.row
-                key = tuple(row.get(k) for k in plan.schema.primary_key)
-                per_table = pending.setdefault(event.table, {})
+                if plan is None or not plan.known_columns.issuperset(row):
+                    self._flush(conn, pending, result, record_keys)
+                    plan = self._refresh(conn, table)
+                    per_table = pending.setdefault(table, {})
+                key = plan.key_of(row)
                 per_table.pop(key, None)  # re-insert so dict order follows the latest event
                 per_table[key] = event
             self._flush(conn, pending, result, record_keys)
@@ -672,31 +692,47 @@ class PostgresApplier:
         # upserts (or reports) exactly as before.
         direct = io.StringIO() if not record_keys and all(e.op == "c" for e in events) else None
         key_columns = set(plan.schema.primary_key)
+        names = plan.column_names
         rows = 0
         unchanged_toast = 0
         is_unchanged = self.values.is_unchanged
+        whole_rows = self.values.text_as_sent
         for event in events:
             values = event.row
             delete = event.is_delete
-            fields = []
-            unchanged = []
-            for name, convert in plan.converters:
-                if name not in values:
-                    # Absent (added later on the source, or dropped): keep the current value.
-                    if not delete:
+            unchanged: list[str] = []
+            line: str | None = None
+            if whole_rows:
+                # Every column present as text or NULL: the row escaped in one call; anything
+                # else (an unchanged TOAST value, an absent column) takes the path below.
+                try:
+                    if delete:
+                        line = copy_row([v if n in key_columns and (v := values.get(n)) is not None
+                                         else ROW_NULL for n in names])
+                    else:
+                        line = copy_row([ROW_NULL if (v := values[n]) is None else v
+                                         for n in names])
+                except (KeyError, TypeError):
+                    line = None
+            if line is None:
+                fields = []
+                for name, convert in plan.converters:
+                    if name not in values:
+                        # Absent (added later on the source, or dropped): keep the current value.
+                        if not delete:
+                            unchanged.append(name)
+                        fields.append(COPY_NULL)
+                        continue
+                    value = values[name]
+                    if value is None or (delete and name not in key_columns):
+                        fields.append(COPY_NULL)
+                    elif is_unchanged(value):
+                        unchanged_toast += 1
                         unchanged.append(name)
-                    fields.append(COPY_NULL)
-                    continue
-                value = values[name]
-                if value is None or (delete and name not in key_columns):
-                    fields.append(COPY_NULL)
-                elif is_unchanged(value):
-                    unchanged_toast += 1
-                    unchanged.append(name)
-                    fields.append(COPY_NULL)
-                else:
-                    fields.append(copy_field(convert(value)))
-            line = "\t".join(fields)
+                        fields.append(COPY_NULL)
+                    else:
+                        fields.append(copy_field(convert(value)))
+                line = "\t".join(fields)
             if direct is not None:
                 direct.write(line)
                 direct.write("\n")

@@ -24,6 +24,22 @@ def copy_field(text: str) -> str:
     return text.translate(_COPY_ESCAPES)
 
 
+# One translate per row instead of one escape per value, for values that are PostgreSQL's own
+# text decoded as strict UTF-8 (ValueCodec.text_as_sent): such text never holds NUL (no
+# PostgreSQL text type can) nor a lone surrogate (strict decoding rejects them), so NUL joins
+# the fields (becoming the tab) and a lone surrogate stands for NULL (becoming \N).
+_ROW_SEPARATOR = "\x00"
+ROW_NULL = "\ud800"
+_ROW_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+                              _ROW_SEPARATOR: "\t", ROW_NULL: COPY_NULL})
+
+
+def copy_row(fields: list[str]) -> str:
+    """A COPY text line (without its newline) from text values, ``ROW_NULL`` for NULL; raises
+    TypeError when a value is not text (the caller then takes the field-by-field path)."""
+    return _ROW_SEPARATOR.join(fields).translate(_ROW_ESCAPES)
+
+
 class SourceText(str):
     """A value already in its PostgreSQL text form (under the pinned settings): re-read from
     the source, or a parked change being replayed. Every engine's converters pass it as is."""
@@ -42,3 +58,6 @@ class ValueCodec:
     refusal: Callable[[Column, bool], str | None]
     # True when the engine's own value is not used: the column is re-read from the source.
     reread: Callable[[Column], bool] = lambda column: False
+    # Every converter passes values through unchanged and values are str decoded as strict
+    # UTF-8 (or None / the unchanged marker): rows may be escaped whole (copy_row).
+    text_as_sent: bool = False

@@ -37,7 +37,7 @@ def _refusal(column: Column, key: bool) -> str | None:
 
 PGOUTPUT_VALUES = ValueCodec(converter_for=lambda column: _as_sent,
                              is_unchanged=lambda value: value is UNCHANGED_TOAST,
-                             refusal=_refusal)
+                             refusal=_refusal, text_as_sent=True)
 
 
 class PgoutputEngine:

@@ -88,10 +88,10 @@ class PgoutputDecoder:
 
     def decode(self, payload: bytes, lsn: int | None = None) -> Decoded:
         """One message; ``lsn`` is its WAL position (XLogData's start), kept on row changes."""
-        data = memoryview(payload)
         kind = payload[0:1]
         if kind == b"I" or kind == b"U" or kind == b"D":
-            return self._row(kind, data, lsn)
+            return self._row(kind, payload, lsn)
+        data = memoryview(payload)
         if kind == b"B":
             final_lsn, ts, xid = _BEGIN.unpack_from(data, 1)
             self._begin = Begin(final_lsn, _PG_EPOCH_MS + ts // 1000, xid)
@@ -132,7 +132,7 @@ class PgoutputDecoder:
             flags.append(bool(flag & 1))
         self.relations[oid] = Relation(TableRef(namespace, name), tuple(columns), tuple(flags))
 
-    def _tuple(self, data: memoryview, offset: int, relation: Relation) -> tuple[dict[str, Any], int]:
+    def _tuple(self, data: bytes, offset: int, relation: Relation) -> tuple[dict[str, Any], int]:
         (count,) = _I16.unpack_from(data, offset)
         offset += 2
         if count != len(relation.columns):
@@ -140,24 +140,26 @@ class PgoutputDecoder:
                 f"{relation.table.qualified}: a row with {count} columns, the relation has "
                 f"{len(relation.columns)}"
             )
-        values: dict[str, Any] = {}
-        for name in relation.columns:
+        values: list[Any] = []
+        append = values.append
+        unpack_length = _I32.unpack_from
+        for _ in range(count):
             kind = data[offset]
-            offset += 1
             if kind == 0x74:  # 't': text
-                (length,) = _I32.unpack_from(data, offset)
-                offset += 4
-                values[name] = str(data[offset: offset + length], "utf-8")
-                offset += length
+                (length,) = unpack_length(data, offset + 1)
+                offset += 5 + length
+                append(data[offset - length: offset].decode())
             elif kind == 0x6E:  # 'n': NULL
-                values[name] = None
+                append(None)
+                offset += 1
             elif kind == 0x75:  # 'u': unchanged TOAST value, not sent
-                values[name] = UNCHANGED_TOAST
+                append(UNCHANGED_TOAST)
+                offset += 1
             else:
                 raise ProtocolError(f"{relation.table.qualified}: unexpected column kind {kind!r}")
-        return values, offset
+        return dict(zip(relation.columns, values, strict=True)), offset
 
-    def _row(self, kind: bytes, data: memoryview, lsn: int | None) -> list[ChangeEvent]:
+    def _row(self, kind: bytes, data: bytes, lsn: int | None) -> list[ChangeEvent]:
         (oid,) = _I32.unpack_from(data, 1)
         relation = self.relations[oid]
         begin = self._begin
@@ -175,13 +177,12 @@ class PgoutputDecoder:
                 offset += 1  # the 'N' of the new row
         elif kind == b"D":
             raise ProtocolError(f"a delete of {relation.table.qualified} without its key")
-        common = {"source_ts_ms": begin.source_ts_ms, "xid": begin.xid,
-                  "commit_lsn": begin.commit_lsn, "lsn": lsn}
+        table, ts, xid, commit_lsn = relation.table, begin.source_ts_ms, begin.xid, begin.commit_lsn
         if kind == b"D":
-            return [ChangeEvent(relation.table, "d", old, None, **common)]
+            return [ChangeEvent(table, "d", old, None, ts, lsn, xid, "false", commit_lsn)]
         new, _ = self._tuple(data, offset, relation)
         if kind == b"I":
-            return [ChangeEvent(relation.table, "c", None, new, **common)]
+            return [ChangeEvent(table, "c", None, new, ts, lsn, xid, "false", commit_lsn)]
         events: list[ChangeEvent] = []
         if old is not None:
             if marker == 0x4F:  # a full old row fills in unchanged TOAST values
@@ -191,8 +192,8 @@ class PgoutputDecoder:
             key_changed = any(old.get(c) != new.get(c) for c, key in
                               zip(relation.columns, relation.key_flags, strict=True) if key)
             if key_changed:  # the row moved to another key: the old one goes away
-                events.append(ChangeEvent(relation.table, "d", old, None, **common))
-        events.append(ChangeEvent(relation.table, "u", old, new, **common))
+                events.append(ChangeEvent(table, "d", old, None, ts, lsn, xid, "false", commit_lsn))
+        events.append(ChangeEvent(table, "u", old, new, ts, lsn, xid, "false", commit_lsn))
         return events
 
     def _truncate(self, data: memoryview) -> list[ChangeEvent]:
