@@ -299,3 +299,42 @@ def test_switching_the_offset_store_carries_the_position_over_both_ways(
         assert table.exists() == (store_name == "config_db")
         assert offsets_file.exists() == (store_name == "file")
     assert (env.offsets_dir / "switched.dat.moved-to-config-db").exists()  # kept, not read
+
+
+@pytest.mark.parametrize("engine", ["debezium"])  # no stream runs: the guard alone
+def test_the_slot_guard_sensor_deletes_config_db_offsets_whose_slot_is_gone(
+    env: StreamingEnv, store: ConfigStore, database_url: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from dagster import DagsterInstance, build_sensor_context
+
+    from rosetta_dagster.core.capture.debezium.offsets import start_offset_value
+    from rosetta_dagster.core.pipeline_config import load_config
+    from rosetta_dagster.defs.pipelines.sensors import build_slot_guard_sensor
+    from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+
+    monkeypatch.setenv("CONFIG_DATABASE_URL", database_url)
+    monkeypatch.setenv("TEST_PG_PASSWORD", env.cluster.password)
+    monkeypatch.setenv("ROSETTA_OFFSETS_DIR", str(env.offsets_dir))
+    execute(env.source_url, "CREATE TABLE public.t (id int PRIMARY KEY)")
+    path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "guarded", ["public.t"],
+                                   {"offset_store": "config_db"})
+    config = load_config(path)
+    store.sync_pipeline(config.pipeline("guarded"))
+    positions = env.positions(config.pipeline("guarded"))
+    positions.write_value(start_offset_value(0x16B3748))  # type: ignore[attr-defined]
+    assert positions.exists()
+    caplog.set_level(logging.INFO)
+    with build_sensor_context(
+        instance=DagsterInstance.ephemeral(),
+        resources={"config_store": ConfigStoreResource(database_url=database_url)},
+    ) as context:
+        result = build_slot_guard_sensor(config)(context)
+    assert "Deleted stale offsets of guarded" in str(result.skip_message)
+    assert not positions.exists()
+    assert _stale_lines(caplog) == [
+        'Deleting stale offset: config_db debezium_offsets key '
+        '["rosetta-guarded",{"server":"rosetta_guarded"}]',
+        "Deleted stale offset. Debezium will start fresh with snapshot mode."]
+    assert [(h["pipeline"], h["offset_file"]) for h in store.list_offset_cleanups()] == [
+        ("guarded", positions.location)]
