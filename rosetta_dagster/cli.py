@@ -155,12 +155,17 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         sys.executable, "-m", "dagster", "dev",
         "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port),
     ]
+    # Own sessions: a terminal's Ctrl-C reaches only this process, which pauses the pipeline
+    # and stops its run through Dagster (cleanly, CANCELED) before stopping the rest; sent to
+    # the whole process group it would interrupt the run mid-batch.
     child = subprocess.Popen(
-        command, env={**os.environ, **environment}, cwd=PROJECT_ROOT, preexec_fn=_reset_signals
+        command, env={**os.environ, **environment}, cwd=PROJECT_ROOT, preexec_fn=_reset_signals,
+        start_new_session=True,
     )
     api = subprocess.Popen(
         [sys.executable, "-m", "rosetta_dagster.cli", "api", "--port", str(api_port)],
         env={**os.environ, **environment}, cwd=PROJECT_ROOT, preexec_fn=_reset_signals,
+        start_new_session=True,
     )
 
     def forward(signum: int, _frame: object) -> None:

@@ -70,6 +70,8 @@ def test_valid_file_resolves_secrets_from_the_environment(tmp_path: Path) -> Non
          "pipeline 'orders' streaming field 'on_apply_error' must be one of stop, park."),
         (("max_batch_size: 1024", "apply_retry_seconds: -1"),
          "pipeline 'orders' streaming field 'apply_retry_seconds' must be an integer >= 0."),
+        (("max_batch_size: 1024", "offset_stor: config_db"),
+         "pipeline 'orders' streaming field 'offset_stor' is not a known setting."),
         (("max_batch_size: 1024", "offset_store: s3"),
          "pipeline 'orders' streaming field 'offset_store' must be one of file, config_db."),
         (("max_batch_size: 1024", "offset_store: config_db, engine: pgoutput"),
@@ -78,8 +80,8 @@ def test_valid_file_resolves_secrets_from_the_environment(tmp_path: Path) -> Non
     ],
     ids=["unknown_source", "unknown_destination", "bad_table", "literal_password",
          "missing_env_var", "duplicate_pipeline", "bad_setting", "bad_load_method",
-         "bad_load_workers", "bad_apply_error_policy", "bad_apply_retry", "bad_offset_store",
-         "offset_store_with_pgoutput"],
+         "bad_load_workers", "bad_apply_error_policy", "bad_apply_retry", "misspelt_setting",
+         "bad_offset_store", "offset_store_with_pgoutput"],
 )
 def test_invalid_files_fail_with_one_clear_sentence(
     tmp_path: Path, change: tuple[str, str], expected: str

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -388,6 +388,9 @@ def load_config(
         if len(set(tables)) != len(tables):
             reader.fail("tables", "lists a table twice")
         stream = _Reader(path, f"pipeline '{name}' streaming", data.get("streaming") or {}, None)
+        unknown = sorted(set(stream.data) - {f.name for f in fields(StreamSettings)})
+        if unknown:  # a misspelt setting would otherwise be silently left at its default
+            stream.fail(unknown[0], "is not a known setting")
         settings = StreamSettings(
             engine=stream.text("engine", StreamSettings.engine),
             offset_store=stream.text("offset_store", StreamSettings.offset_store),
