@@ -146,3 +146,35 @@ def test_the_wal_monitor_reports_the_lag_of_a_paused_pipeline_on_each_table(
         assert float(line.split()[-1]) >= 1.0
         body = client.get("/api/v1/pipelines/walpipe").json()
         assert body["lag_seconds"] >= 1.0 and body["lag_bytes"] > 0
+
+
+@pytest.mark.parametrize("engine", ["pgoutput"])  # no stream runs: the engine does not matter
+def test_applied_changes_the_slot_was_not_told_about_are_not_pending(
+    env: StreamingEnv, store: ConfigStore
+) -> None:
+    """More applied-but-unconfirmed changes than the first peek decodes come before the one
+    pending commit: the peek grows until it finds it, and says 0 once it is applied too."""
+    from datetime import UTC, datetime
+
+    from rosetta_dagster.core.events import parse_lsn
+    from rosetta_dagster.core.lag import measure_lag
+    from rosetta_dagster.core.replication import source_connection
+
+    execute(env.source_url, "CREATE TABLE public.items (id int PRIMARY KEY)")
+    pipeline = env.pipeline("unconfirmed", ["public.items"])
+    execute(env.source_url, f"CREATE PUBLICATION {pipeline.publication_name} FOR TABLE public.items",
+            "SELECT pg_create_logical_replication_slot('rosetta_unconfirmed', 'pgoutput')",
+            "INSERT INTO public.items SELECT generate_series(1, 1500)",
+            "INSERT INTO public.items SELECT generate_series(1501, 3000)")
+    applied_at = datetime.now(UTC)
+    applied_lsn = parse_lsn(str(fetch(env.source_url, "SELECT pg_current_wal_lsn()")[0][0]))
+    execute(env.source_url, "INSERT INTO public.items VALUES (0)")
+    time.sleep(1.0)  # the pending commit's age
+    with source_connection(pipeline) as conn:
+        behind = measure_lag(conn, pipeline, applied_at, applied_lsn)
+        assert behind.pending_transactions == 1 and behind.seconds is not None
+        assert 0.9 <= behind.seconds < 10
+        caught_up = measure_lag(conn, pipeline, datetime.now(UTC),
+                                parse_lsn(str(fetch(env.source_url,
+                                                    "SELECT pg_current_wal_lsn()")[0][0])))
+        assert (caught_up.seconds, caught_up.pending_transactions) == (0.0, 0)

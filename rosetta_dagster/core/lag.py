@@ -24,9 +24,9 @@ import psycopg2.extensions
 
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
 
-# Changes decoded per measurement at most: past it the oldest pending commit is not looked for
-# (the pending part of a slot is normally far smaller; see ``LagReading.note``).
-PEEK_CHANGES_LIMIT = 200_000
+# Changes decoded per peek, growing only while the peek found nothing pending (applied changes
+# the slot has not been told about yet come first): a backlog costs the first few, not all.
+PEEK_CHANGE_LIMITS = (1_000, 20_000, 200_000)
 PEEK_TIMEOUT_MS = 15_000
 _POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _BEGIN = struct.Struct(">cqqI")  # 'B', final (commit) LSN, commit time (µs since 2000), xid
@@ -74,31 +74,32 @@ def measure_lag(
     applied = max(int(confirmed), applied_lsn or 0)
     lag_bytes = max(0, int(current) - applied)
     copy = f"rosettalag_{pid}"  # never a pipeline slot (rosetta_<pipeline>)
-    try:
-        begins, decoded = _peek_begins(conn, pipeline, copy)
-    except psycopg2.Error as exc:
-        # No free slot, a publication not created yet, a timeout: the bytes still stand.
-        reason = (exc.diag.message_primary or str(exc)).strip()
-        return LagReading(None, lag_bytes, note=f"lag not measured: {reason}")
-    pending = [
-        commit_at for commit_lsn, commit_at in begins
-        if (applied_lsn is None or commit_lsn > applied_lsn)
-        and (applied_at is None or commit_at > applied_at)
-    ]
     now = now or datetime.now(UTC)
-    if pending:
-        oldest = min(pending)
-        return LagReading(max(0.0, (now - oldest).total_seconds()), lag_bytes, oldest,
-                          len(pending))
-    if decoded >= PEEK_CHANGES_LIMIT:
-        return LagReading(None, lag_bytes, note=(
-            f"lag not measured: more than {PEEK_CHANGES_LIMIT} applied changes not yet "
-            "confirmed to the slot"))
-    return LagReading(0.0, lag_bytes)
+    for limit in PEEK_CHANGE_LIMITS:
+        try:
+            begins, decoded = _peek_begins(conn, pipeline, copy, limit)
+        except psycopg2.Error as exc:
+            # No free slot, a publication not created yet, a timeout: the bytes still stand.
+            reason = (exc.diag.message_primary or str(exc)).strip()
+            return LagReading(None, lag_bytes, note=f"lag not measured: {reason}")
+        pending = [
+            commit_at for commit_lsn, commit_at in begins
+            if (applied_lsn is None or commit_lsn > applied_lsn)
+            and (applied_at is None or commit_at > applied_at)
+        ]
+        if pending:
+            oldest = min(pending)
+            return LagReading(max(0.0, (now - oldest).total_seconds()), lag_bytes, oldest,
+                              len(pending))
+        if decoded < limit:  # the slot had nothing more to decode: nothing is pending
+            return LagReading(0.0, lag_bytes)
+    return LagReading(None, lag_bytes, note=(
+        f"lag not measured: more than {PEEK_CHANGE_LIMITS[-1]} applied changes not yet "
+        "confirmed to the slot"))
 
 
 def _peek_begins(
-    conn: psycopg2.extensions.connection, pipeline: PipelineDefinition, copy: str
+    conn: psycopg2.extensions.connection, pipeline: PipelineDefinition, copy: str, limit: int
 ) -> tuple[list[tuple[int, datetime]], int]:
     """(commit LSN, commit time) of each transaction the slot would send, and how many changes
     were decoded to find them; on a temporary copy of the slot, dropped before returning."""
@@ -112,7 +113,7 @@ def _peek_begins(
                 "FILTER (WHERE get_byte(data, 0) = 66), '{}') "
                 "FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, 'proto_version', '1', "
                 "'publication_names', %s)",
-                (copy, PEEK_CHANGES_LIMIT, pipeline.publication_name),
+                (copy, limit, pipeline.publication_name),
             )
             decoded, raw = cursor.fetchone()  # type: ignore[misc]
         finally:
