@@ -14,6 +14,7 @@ import pytest
 from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
+from rosetta_dagster.harness import StreamingEnv, drop_slots, new_streaming_env
 
 TEST_PASSWORD = "s3cret-Test-Pw"
 
@@ -76,3 +77,13 @@ def no_secrets_logged(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCa
 def engine(request: pytest.FixtureRequest) -> str:
     """The capture engine a streaming test runs with: both, unless the test names one."""
     return str(request.param)
+
+
+@pytest.fixture
+def env(pg_cluster: LocalPostgresCluster, pg_root: Path, engine: str) -> Iterator[StreamingEnv]:
+    """Fresh source and destination databases on the shared cluster for ``engine``; its offsets
+    directory and replication slots are removed afterwards (slot names are per cluster)."""
+    environment = new_streaming_env(pg_cluster, pg_root, engine)
+    yield environment
+    shutil.rmtree(environment.offsets_dir, ignore_errors=True)
+    drop_slots(environment)

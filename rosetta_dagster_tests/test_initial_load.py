@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg2
@@ -24,7 +23,6 @@ from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import (
     StreamingEnv,
     count_rows,
-    drop_slots,
     execute,
     fetch,
     new_streaming_env,
@@ -32,13 +30,6 @@ from rosetta_dagster.harness import (
     table_fingerprint,
     wait_until,
 )
-
-
-@pytest.fixture
-def env(pg_cluster: LocalPostgresCluster, pg_root: Path, engine: str) -> Iterator[StreamingEnv]:
-    environment = new_streaming_env(pg_cluster, pg_root, engine)
-    yield environment
-    drop_slots(environment)
 
 
 class _Writer:

@@ -4,37 +4,24 @@ the same figure from the check, the WAL monitor sensor, the stored reading and /
 
 from __future__ import annotations
 
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
 from rosetta_dagster.core.health import CheckOutcome, measure_and_record_lag, replication_lag
-from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import OperationsSettings, PipelineDefinition
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import (
     StreamingEnv,
-    drop_slots,
     execute,
     fetch,
-    new_streaming_env,
     streaming,
     wait_until,
 )
 
 OPERATIONS = OperationsSettings(lag_warning_seconds=3, lag_critical_seconds=30)
-
-
-@pytest.fixture
-def env(pg_cluster: LocalPostgresCluster, pg_root: Path, engine: str) -> Iterator[StreamingEnv]:
-    environment = new_streaming_env(pg_cluster, pg_root, engine)
-    yield environment
-    shutil.rmtree(environment.offsets_dir, ignore_errors=True)
-    drop_slots(environment)
 
 
 def _lag(pipeline: PipelineDefinition, store: ConfigStore) -> CheckOutcome:

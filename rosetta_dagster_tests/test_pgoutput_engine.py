@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg2
@@ -23,10 +22,8 @@ from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import (
     StreamingEnv,
     count_rows,
-    drop_slots,
     execute,
     fetch,
-    new_streaming_env,
     streaming,
     table_fingerprint,
     wait_until,
@@ -50,10 +47,8 @@ CREATE TRIGGER count_application AFTER INSERT OR UPDATE ON replica.events
 
 
 @pytest.fixture
-def env(pg_cluster: LocalPostgresCluster, pg_root: Path) -> Iterator[StreamingEnv]:
-    environment = new_streaming_env(pg_cluster, pg_root, "pgoutput")
-    yield environment
-    drop_slots(environment)
+def engine() -> str:
+    return "pgoutput"  # this module is about that engine (the shared ``env`` uses it)
 
 
 class _Inserter:

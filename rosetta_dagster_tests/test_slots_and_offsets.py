@@ -4,8 +4,6 @@ against real PostgreSQL and the real Debezium engine (no Dagster: the core the s
 from __future__ import annotations
 
 import logging
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,6 @@ import yaml
 
 from rosetta_dagster.core.capture import PositionStore
 from rosetta_dagster.core.config_store import ConfigStore
-from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import OperationsSettings
 from rosetta_dagster.core.replication import WalSeverity, read_slot, record_reading, source_connection
 from rosetta_dagster.core.streaming import StreamingSession
@@ -22,17 +19,9 @@ from rosetta_dagster.harness import (
     count_rows,
     execute,
     fetch,
-    new_streaming_env,
     streaming,
     wait_until,
 )
-
-
-@pytest.fixture
-def env(pg_cluster: LocalPostgresCluster, pg_root: Path, engine: str) -> Iterator[StreamingEnv]:
-    environment = new_streaming_env(pg_cluster, pg_root, engine)
-    yield environment
-    shutil.rmtree(environment.offsets_dir, ignore_errors=True)
 
 
 def _stream_until_converged(env: StreamingEnv, session: StreamingSession, table: str) -> None:

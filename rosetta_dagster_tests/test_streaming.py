@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg2
 import pytest
@@ -13,7 +11,6 @@ import pytest
 from rosetta_dagster.core.capture.debezium.engine import CaptureError
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
 from rosetta_dagster.core.errors import RosettaError
-from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import (
@@ -21,19 +18,10 @@ from rosetta_dagster.harness import (
     count_rows,
     execute,
     fetch,
-    new_streaming_env,
     replica_tables,
     streaming,
     wait_until,
 )
-
-
-@pytest.fixture
-def env(pg_cluster: LocalPostgresCluster, pg_root: Path, engine: str) -> Iterator[StreamingEnv]:
-    environment = new_streaming_env(pg_cluster, pg_root, engine)
-    yield environment
-    execute(environment.cluster.dsn(), "SELECT pg_drop_replication_slot(slot_name) FROM "
-            "pg_replication_slots WHERE NOT active AND database = %s", params=(environment.source_db,))
 
 
 def test_existing_rows_inserts_updates_deletes_converge(env: StreamingEnv) -> None:

@@ -248,12 +248,6 @@ def replication_lag(
     return outcome
 
 
-def pipeline_lag(conn: psycopg2.extensions.connection, pipeline: PipelineDefinition,
-                 stored: Pipeline) -> LagReading:
-    """Measure the lag of a pipeline now, against what its stream last reported applied."""
-    return measure_lag(conn, pipeline, stored.source_position_at, stored.applied_lsn)
-
-
 def measure_and_record_lag(
     pipeline: PipelineDefinition, store: ConfigStore | None,
     applied_at: datetime | None, applied_lsn: int | None,
@@ -410,7 +404,7 @@ def evaluate_pipeline(
     slot = CheckTarget("replication_slot", pipeline.name)
     with source_connection(pipeline) as source:
         reading = read_slot(source, pipeline)
-        lag = pipeline_lag(source, pipeline, stored)
+        lag = measure_lag(source, pipeline, stored.source_position_at, stored.applied_lsn)
         yield slot, slot_active(reading, stored)
         yield slot, retained_wal(reading, operations)
         for destination in pipeline.destinations:

@@ -16,6 +16,8 @@ Pure Python; the health checks, the WAL monitor sensor and ``rosetta validate`` 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -73,54 +75,61 @@ def measure_lag(
         return LagReading(None, None, note=f"replication slot {pipeline.slot_name} does not exist")
     applied = max(int(confirmed), applied_lsn or 0)
     lag_bytes = max(0, int(current) - applied)
-    copy = f"rosettalag_{pid}"  # never a pipeline slot (rosetta_<pipeline>)
     now = now or datetime.now(UTC)
-    for limit in PEEK_CHANGE_LIMITS:
-        try:
-            begins, decoded = _peek_begins(conn, pipeline, copy, limit)
-        except psycopg2.Error as exc:
-            # No free slot, a publication not created yet, a timeout: the bytes still stand.
-            reason = (exc.diag.message_primary or str(exc)).strip()
-            return LagReading(None, lag_bytes, note=f"lag not measured: {reason}")
-        pending = [
-            commit_at for commit_lsn, commit_at in begins
-            if (applied_lsn is None or commit_lsn > applied_lsn)
-            and (applied_at is None or commit_at > applied_at)
-        ]
-        if pending:
-            oldest = min(pending)
-            return LagReading(max(0.0, (now - oldest).total_seconds()), lag_bytes, oldest,
-                              len(pending))
-        if decoded < limit:  # the slot had nothing more to decode: nothing is pending
-            return LagReading(0.0, lag_bytes)
+    try:
+        with _slot_copy(conn, pipeline.slot_name, f"rosettalag_{pid}") as peek:
+            for limit in PEEK_CHANGE_LIMITS:
+                begins, decoded = peek(pipeline.publication_name, limit)
+                pending = [
+                    commit_at for commit_lsn, commit_at in begins
+                    if (applied_lsn is None or commit_lsn > applied_lsn)
+                    and (applied_at is None or commit_at > applied_at)
+                ]
+                if pending:
+                    oldest = min(pending)
+                    return LagReading(max(0.0, (now - oldest).total_seconds()), lag_bytes,
+                                      oldest, len(pending))
+                if decoded < limit:  # the slot had nothing more to decode: nothing pending
+                    return LagReading(0.0, lag_bytes)
+    except psycopg2.Error as exc:
+        # No free slot, a publication not created yet, a timeout: the bytes still stand.
+        reason = (exc.diag.message_primary or str(exc)).strip()
+        return LagReading(None, lag_bytes, note=f"lag not measured: {reason}")
     return LagReading(None, lag_bytes, note=(
         f"lag not measured: more than {PEEK_CHANGE_LIMITS[-1]} applied changes not yet "
         "confirmed to the slot"))
 
 
-def _peek_begins(
-    conn: psycopg2.extensions.connection, pipeline: PipelineDefinition, copy: str, limit: int
-) -> tuple[list[tuple[int, datetime]], int]:
-    """(commit LSN, commit time) of each transaction the slot would send, and how many changes
-    were decoded to find them; on a temporary copy of the slot, dropped before returning."""
+Peek = Callable[[str, int], tuple[list[tuple[int, datetime]], int]]
+
+
+@contextmanager
+def _slot_copy(conn: psycopg2.extensions.connection, slot: str, copy: str) -> Iterator[Peek]:
+    """A temporary copy of ``slot`` (dropped on leaving) and a peek at it: (commit LSN, commit
+    time) of the first transactions it would send, and how many changes were decoded. Peeking
+    consumes nothing, so one copy serves every peek of a measurement."""
     with conn.cursor() as cursor:
-        cursor.execute("SET statement_timeout = %s", (PEEK_TIMEOUT_MS,))
-        cursor.execute("SELECT pg_copy_logical_replication_slot(%s, %s, true)",
-                       (pipeline.slot_name, copy))
-        try:
+        def peek(publication: str, limit: int) -> tuple[list[tuple[int, datetime]], int]:
             cursor.execute(
                 "SELECT count(*), coalesce(array_agg(substring(data FROM 1 FOR 21)) "
                 "FILTER (WHERE get_byte(data, 0) = 66), '{}') "
                 "FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, 'proto_version', '1', "
                 "'publication_names', %s)",
-                (copy, limit, pipeline.publication_name),
+                (copy, limit, publication),
             )
             decoded, raw = cursor.fetchone()  # type: ignore[misc]
+            begins = []
+            for message in raw:
+                _, commit_lsn, commit_us, _ = _BEGIN.unpack(bytes(message))
+                begins.append((commit_lsn, _POSTGRES_EPOCH + timedelta(microseconds=commit_us)))
+            return begins, int(decoded)
+
+        cursor.execute("SET statement_timeout = %s", (PEEK_TIMEOUT_MS,))
+        try:
+            cursor.execute("SELECT pg_copy_logical_replication_slot(%s, %s, true)", (slot, copy))
+            try:
+                yield peek
+            finally:
+                cursor.execute("SELECT pg_drop_replication_slot(%s)", (copy,))
         finally:
-            cursor.execute("SELECT pg_drop_replication_slot(%s)", (copy,))
             cursor.execute("RESET statement_timeout")
-    begins = []
-    for message in raw:
-        _, commit_lsn, commit_us, _ = _BEGIN.unpack(bytes(message))
-        begins.append((commit_lsn, _POSTGRES_EPOCH + timedelta(microseconds=commit_us)))
-    return begins, int(decoded)

@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -241,7 +241,7 @@ class Notifier:
         """`rosetta notifications test`: one TEST notification to each (named) channel."""
         alert = Alert(key="test", severity="ERROR", kind="test", since=time.time(),
                       text="Rosetta test notification: this channel receives Rosetta's alerts.")
-        return [self.deliver(channel, Notification(replace(alert), TEST, alert.since))
+        return [self.deliver(channel, Notification(alert, TEST, alert.since))
                 for channel in self.settings.channels
                 if not channel_names or channel.name in channel_names]
 

@@ -88,7 +88,6 @@ class StreamProgress:
             self.applied_lsn = lsn
 
 
-
 @dataclass
 class _ChunkWindow:
     """Keys of ``table`` the stream changed between a chunk's low and high watermarks."""

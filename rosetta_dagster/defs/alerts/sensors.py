@@ -9,7 +9,8 @@ state, so a daemon restart neither loses nor repeats alerts.
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from dagster import (
     AssetCheckKey,
@@ -45,8 +46,10 @@ def _check_keys(pipeline: PipelineDefinition) -> Iterator[AssetCheckKey]:
         yield AssetCheckKey(replication_slot_key(pipeline), check)
 
 
-def check_alerts(context: SensorEvaluationContext, config: RosettaConfig) -> list[Alert]:
-    """The latest evaluation of each check, where it failed."""
+def check_alerts(context: SensorEvaluationContext, config: RosettaConfig,
+                 active: Mapping[str, Mapping[str, Any]]) -> list[Alert]:
+    """The latest evaluation of each check, where it failed; ``active``: what the cursor
+    already knows failing (its start is not looked up again)."""
     owner: dict[AssetCheckKey, str | None] = {
         AssetCheckKey(CONFIG_DB_KEY, check): None for check in POOL_CHECKS}
     for pipeline in config.pipelines.values():
@@ -65,10 +68,13 @@ def check_alerts(context: SensorEvaluationContext, config: RosettaConfig) -> lis
         asset = "/".join(key.asset_key.path)
         pipeline = owner[key]
         where = f"Pipeline {pipeline}: " if pipeline else ""
+        alert_key = f"check:{asset}:{key.name}"
+        known = active.get(alert_key)
+        since = (known["first_seen"] if known and known["severity"] == severity
+                 else _failing_since(context, key, record.create_timestamp, severity))
         alerts.append(Alert(
-            key=f"check:{asset}:{key.name}", severity=severity, kind="check",
-            pipeline=pipeline, asset=asset, check=key.name,
-            since=_failing_since(context, key, record.create_timestamp, severity),
+            key=alert_key, severity=severity, kind="check",
+            pipeline=pipeline, asset=asset, check=key.name, since=since,
             value=_scalar(metadata.get("value")),
             threshold=_scalar(threshold),
             text=f"{where}{key.name} on {asset}: {evaluation.description or 'failed'}",
@@ -119,7 +125,8 @@ def build_notification_sensor(
         store = config_store.store
         log = TeeLogger(notifications_logger, context.log)
         state = json.loads(context.cursor) if context.cursor else {}
-        alerts = check_alerts(context, current) + store_alerts(store, current.pipelines)
+        alerts = (check_alerts(context, current, state.get("active", {}))
+                  + store_alerts(store, current.pipelines))
         deliveries = Notifier(settings, store, log=log, outbox_retry_s=outbox_retry_s).evaluate(
             state, alerts)
         failed = sum(1 for d in deliveries if not d.delivered)

@@ -20,6 +20,11 @@ import psycopg2.extensions
 from rosetta_dagster.core.apply.applier import PositionTracking
 from rosetta_dagster.core.apply.schema import TableSchema
 from rosetta_dagster.core.capture import BatchHandler, Capture, Log, PositionStore, StoredPosition
+from rosetta_dagster.core.capture.debezium.offsets import (
+    StoredOffset,
+    parse_offset_value,
+    start_offset_value,
+)
 from rosetta_dagster.core.capture.debezium.values import DEBEZIUM_VALUES
 from rosetta_dagster.core.errors import DatabaseConnectionError
 from rosetta_dagster.core.initial_load import LoadState
@@ -38,8 +43,77 @@ def load_state_file(offsets_dir: Path, pipeline: str) -> Path:
     return offsets_dir / f"{pipeline}.loads.json"
 
 
+class DebeziumOffsets:
+    """What both offset stores share: the engine's offset value (its JSON) beside the load
+    state, and a position carried over from the other store after ``offset_store`` changed.
+    Subclasses say where the value and the load state are kept."""
+
+    pipeline: PipelineDefinition
+    deleted_line = "Deleted stale offset. Debezium will start fresh with snapshot mode."
+
+    @property
+    def location(self) -> str:
+        raise NotImplementedError
+
+    def value(self) -> bytes | None:
+        raise NotImplementedError
+
+    def write_value(self, value: bytes) -> None:
+        raise NotImplementedError
+
+    def loads(self) -> LoadState | None:
+        raise NotImplementedError
+
+    def write_loads(self, loads: LoadState) -> None:
+        raise NotImplementedError
+
+    def release(self) -> str | None:
+        """Give the position up once another store took it over; where it is kept, if it is."""
+        raise NotImplementedError
+
+    def offset(self) -> StoredOffset | None:
+        value = self.value()
+        return None if value is None else parse_offset_value(value)
+
+    def exists(self) -> bool:
+        return self.value() is not None
+
+    def read(self) -> StoredPosition | None:
+        offset = self.offset()
+        if offset is None:
+            return None
+        position = offset.position
+        return StoredPosition(position if position is not None else 0, self.loads())
+
+    def write_start(self, lsn: int, loads: LoadState) -> None:
+        self.write_loads(loads)
+        self.write_value(start_offset_value(lsn))  # last: the offset marks the load complete
+
+    def behind_slot(self, slot_confirmed_lsn: int) -> int | None:
+        offset = self.offset()
+        return None if offset is None else offset.behind_slot(slot_confirmed_lsn)
+
+    def tracking(self, destination: Destination) -> PositionTracking | None:
+        return None  # the engine commits its own offsets after each batch
+
+    def take_over(self, other: DebeziumOffsets, log: Log) -> None:
+        """Carry ``other``'s position over (once: ``other`` gives it up), logged: switching
+        stores is never a silent re-snapshot."""
+        value = other.value()
+        if value is None:
+            return
+        loads = other.loads()
+        if loads is not None:
+            self.write_loads(loads)
+        self.write_value(value)
+        kept = other.release()
+        log.warning("Pipeline %s: moved its Debezium offset from %s to %s (offset_store: %s)%s",
+                    self.pipeline.name, other.location, self.location,
+                    self.pipeline.settings.offset_store, f"; {kept}" if kept else "")
+
+
 @dataclass
-class OffsetFile:
+class OffsetFile(DebeziumOffsets):
     """The engine's offsets file (the marker of a completed load) and the load state beside it."""
 
     pipeline: PipelineDefinition
@@ -54,42 +128,23 @@ class OffsetFile:
     def deleting_line(self) -> str:
         return f"Deleting stale offset file: {self.path}"
 
-    @property
-    def deleted_line(self) -> str:
-        return "Deleted stale offset. Debezium will start fresh with snapshot mode."
-
     def exists(self) -> bool:
-        return self.path.exists()
+        return self.path.exists()  # without reading it (no JVM)
 
     def value(self) -> bytes | None:
         from rosetta_dagster.core.capture.debezium.offsets import read_offset_value
 
         return read_offset_value(self.path, self.pipeline)
 
-    def loads(self) -> LoadState | None:
-        if not self.loads_path.exists():
-            return None
-        return LoadState.from_document(json.loads(self.loads_path.read_text()))
-
-    def read(self) -> StoredPosition | None:
-        from rosetta_dagster.core.capture.debezium.offsets import parse_offset_value
-
-        value = self.value()
-        if value is None:
-            return None
-        position = parse_offset_value(value).position
-        return StoredPosition(position if position is not None else 0, self.loads())
-
     def write_value(self, value: bytes) -> None:
         from rosetta_dagster.core.capture.debezium.offsets import write_offset_value
 
         write_offset_value(self.path, self.pipeline, value)
 
-    def write_start(self, lsn: int, loads: LoadState) -> None:
-        from rosetta_dagster.core.capture.debezium.offsets import start_offset_value
-
-        self.write_loads(loads)
-        self.write_value(start_offset_value(lsn))  # last: the offset marks the load complete
+    def loads(self) -> LoadState | None:
+        if not self.loads_path.exists():
+            return None
+        return LoadState.from_document(json.loads(self.loads_path.read_text()))
 
     def write_loads(self, loads: LoadState) -> None:
         self.loads_path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,14 +158,14 @@ class OffsetFile:
         self.path.unlink(missing_ok=True)
         return True
 
-    def retire(self) -> Path:
-        """After its position moved to config_db: renamed (kept, no longer read)."""
+    def release(self) -> str:
+        """Renamed, kept for reference and no longer read."""
         kept = self.path.with_name(self.path.name + ".moved-to-config-db")
         os.replace(self.path, kept)
         if self.loads_path.exists():
             os.replace(self.loads_path, self.loads_path.with_name(
                 self.loads_path.name + ".moved-to-config-db"))
-        return kept
+        return f"the file is kept as {kept}"
 
     def engine_properties(self) -> dict[str, str]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,36 +173,16 @@ class OffsetFile:
                 "offset.storage.file.filename": str(self.path)}
 
     def prepare(self, log: Log) -> None:
-        """Carry a position kept in config_db over once (a pipeline switched back from
-        ``config_db``): never a silent re-snapshot."""
+        """Take over a position kept in config_db (a pipeline switched back to ``file``)."""
         from rosetta_dagster.core.capture.debezium.offset_table import OffsetTable
 
         url = config_database_url()
         if url is None or self.path.exists():
             return
-        table = OffsetTable(self.pipeline, url, self)
         try:
-            value = table.value()
-            loads = table.loads()
+            self.take_over(OffsetTable(self.pipeline, url, self), log)
         except (DatabaseConnectionError, psycopg2.errors.UndefinedTable):
             return  # no config store here, or one without Rosetta's tables: nothing to carry
-        if value is None:
-            return
-        if loads is not None:
-            self.write_loads(loads)
-        self.write_value(value)
-        table.delete()
-        log.warning("Pipeline %s: moved its Debezium offset from %s to %s (offset_store: file)",
-                    self.pipeline.name, table.location, self.location)
-
-    def behind_slot(self, slot_confirmed_lsn: int) -> int | None:
-        from rosetta_dagster.core.capture.debezium.offsets import read_offset
-
-        offset = read_offset(self.path, self.pipeline)
-        return None if offset is None else offset.behind_slot(slot_confirmed_lsn)
-
-    def tracking(self, destination: Destination) -> PositionTracking | None:
-        return None  # the engine commits its own offsets after each batch
 
 
 class DebeziumEngine:

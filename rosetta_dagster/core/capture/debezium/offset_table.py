@@ -23,21 +23,16 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2.extras import Json
 
-from rosetta_dagster.core.capture import Log, StoredPosition
-from rosetta_dagster.core.capture.debezium.offsets import (
-    StoredOffset,
-    offset_key,
-    parse_offset_value,
-    start_offset_value,
-)
+from rosetta_dagster.core.capture import Log
+from rosetta_dagster.core.capture.debezium import DebeziumOffsets
+from rosetta_dagster.core.capture.debezium.offsets import offset_key
 from rosetta_dagster.core.dsn import pinned_options, summarize_connection_error
 from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
 from rosetta_dagster.core.initial_load import LoadState
-from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
+from rosetta_dagster.core.pipeline_config import PipelineDefinition
 from rosetta_dagster.settings import CONFIG_DATABASE_URL_ENV
 
 if TYPE_CHECKING:
-    from rosetta_dagster.core.apply.applier import PositionTracking
     from rosetta_dagster.core.capture.debezium import OffsetFile
 
 OFFSET_TABLE = "debezium_offsets"
@@ -49,7 +44,7 @@ class OffsetStoreError(RosettaError):
 
 
 @dataclass
-class OffsetTable:
+class OffsetTable(DebeziumOffsets):
     """The pipeline's Debezium offset (and load state) in the config store."""
 
     pipeline: PipelineDefinition
@@ -67,10 +62,6 @@ class OffsetTable:
     @property
     def deleting_line(self) -> str:
         return f"Deleting stale offset: {self.location}"
-
-    @property
-    def deleted_line(self) -> str:
-        return "Deleted stale offset. Debezium will start fresh with snapshot mode."
 
     @contextmanager
     def _cursor(self) -> Iterator[psycopg2.extensions.cursor]:
@@ -100,26 +91,12 @@ class OffsetTable:
             row = cursor.fetchone()
         return None if row is None or row[0] is None else str(row[0]).encode()
 
-    def offset(self) -> StoredOffset | None:
-        value = self.value()
-        return None if value is None else parse_offset_value(value)
-
-    def exists(self) -> bool:
-        return self.value() is not None
-
     def loads(self) -> LoadState | None:
         with self._cursor() as cursor:
             cursor.execute("SELECT document FROM stream_load_states WHERE pipeline = %s",
                            (self.pipeline.name,))
             row = cursor.fetchone()
         return None if row is None else LoadState.from_document(row[0])
-
-    def read(self) -> StoredPosition | None:
-        offset = self.offset()
-        if offset is None:
-            return None
-        position = offset.position
-        return StoredPosition(position if position is not None else 0, self.loads())
 
     def write_value(self, value: bytes) -> None:
         """Replace the pipeline's offset row (as the engine's store does on a flush)."""
@@ -130,10 +107,6 @@ class OffsetTable:
                 f"INSERT INTO {OFFSET_TABLE} (id, offset_key, offset_val, record_insert_ts, "  # noqa: S608
                 "record_insert_seq) VALUES (%s, %s, %s, now(), 0)",
                 (str(uuid.uuid4()), self.key, value.decode()))
-
-    def write_start(self, lsn: int, loads: LoadState) -> None:
-        self.write_loads(loads)
-        self.write_value(start_offset_value(lsn))  # last: the offset marks the load complete
 
     def write_loads(self, loads: LoadState) -> None:
         with self._cursor() as cursor:
@@ -148,12 +121,8 @@ class OffsetTable:
                            (self.key,))
             return cursor.rowcount > 0
 
-    def behind_slot(self, slot_confirmed_lsn: int) -> int | None:
-        offset = self.offset()
-        return None if offset is None else offset.behind_slot(slot_confirmed_lsn)
-
-    def tracking(self, destination: Destination) -> PositionTracking | None:
-        return None  # the engine commits its own offsets after each batch
+    def release(self) -> None:
+        self.delete()
 
     def engine_properties(self) -> dict[str, str]:
         """The engine's JDBC offset store, narrowed to this pipeline's row. The credentials go
@@ -183,18 +152,8 @@ class OffsetTable:
         }
 
     def prepare(self, log: Log) -> None:
-        """Refuse a URL the engine cannot use, then carry a position kept in the offsets file
-        over once (a pipeline switched from ``file``): never a silent re-snapshot."""
+        """Refuse a URL the engine cannot use, then take over a position kept in the offsets
+        file (a pipeline switched to ``config_db``)."""
         self.engine_properties()
-        value = self.file.value()
-        if value is None or self.exists():
-            return
-        loads = self.file.loads()
-        if loads is not None:
-            self.write_loads(loads)
-        self.write_value(value)
-        kept = self.file.retire()
-        log.warning("Pipeline %s: moved its Debezium offset from %s to %s (offset_store: "
-                    "config_db); the file is kept as %s", self.pipeline.name, self.file.location,
-                    self.location, kept)
-
+        if not self.exists():
+            self.take_over(self.file, log)

@@ -15,12 +15,21 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import jpype
-
-from rosetta_dagster.core.capture.debezium.jvm import ensure_jvm
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
+
+
+def _jvm(pipeline: PipelineDefinition) -> Any:
+    """JPype with the JVM started: only the offsets file needs it (imported when used, so the
+    pure helpers here cost nothing to import)."""
+    import jpype
+
+    from rosetta_dagster.core.capture.debezium.jvm import ensure_jvm
+
+    ensure_jvm(pipeline.settings.jvm_max_heap)
+    return jpype
 
 
 class OffsetFileError(RosettaError):
@@ -73,7 +82,7 @@ def read_offset_value(path: Path, pipeline: PipelineDefinition) -> bytes | None:
     """The pipeline's offset value in an offsets file; None when there is none."""
     if not path.exists():
         return None
-    ensure_jvm(pipeline.settings.jvm_max_heap)
+    jpype = _jvm(pipeline)
     stream_class = jpype.JClass("java.io.ObjectInputStream")
     file_class = jpype.JClass("java.io.FileInputStream")
     try:
@@ -100,7 +109,7 @@ def read_offset(path: Path, pipeline: PipelineDefinition) -> StoredOffset | None
 def write_offset_value(path: Path, pipeline: PipelineDefinition, value: bytes) -> None:
     """Store the pipeline's offset value as the engine's file store does. Written to a
     temporary file and renamed, so a crash leaves either no offset or a whole one."""
-    ensure_jvm(pipeline.settings.jvm_max_heap)
+    jpype = _jvm(pipeline)
     stored = jpype.JClass("java.util.HashMap")()
     byte_array = jpype.JArray(jpype.JByte)
     stored.put(byte_array(offset_key(pipeline)), byte_array(value))
