@@ -318,12 +318,29 @@ def test_money_is_refused_between_databases_with_different_lc_monetary(env: Stre
         wait_until(lambda: env.converged("public.prices"), message="the money table")
 
 
-def test_null_stays_null_in_a_column_added_with_a_default(env: StreamingEnv) -> None:
+def test_null_stays_null_in_a_column_added_with_a_default(
+    env: StreamingEnv, store: ConfigStore
+) -> None:
     """NULL, a value, and the column left out, before and after ADD COLUMN ... DEFAULT, in the
-    same transaction as the ALTER and in separate ones: the destination equals the source."""
+    same transaction as the ALTER and in separate ones: the destination equals the source,
+    streamed, then after a repairing backfill, then after a re-sync (a dropped slot)."""
+    from rosetta_dagster.core.backfill import BackfillRunner
+
     execute(env.source_url, "CREATE TABLE public.flags (id int PRIMARY KEY, v text)",
             "INSERT INTO public.flags SELECT g, 'v' || g FROM generate_series(1, 20) g")
-    session = StreamingSession(env.pipeline("flags", ["public.flags"]), offsets_dir=env.offsets_dir)
+    pipeline = env.pipeline("flags", ["public.flags"])
+    store.sync_pipeline(pipeline)
+    store.set_pipeline_status("flags", "START")
+    session = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
+    nulls = [(2,), (3,), (22,), (23,), (25,)]
+    null_flags = "SELECT id FROM replica.flags WHERE flag IS NULL ORDER BY id"
+
+    def damage() -> None:
+        """The bug this guards against (NULL written as the default), rows lost, rows extra."""
+        execute(env.destination_url, "UPDATE replica.flags SET flag = 'dflt' WHERE flag IS NULL",
+                "DELETE FROM replica.flags WHERE id IN (5, 24)",
+                "INSERT INTO replica.flags VALUES (99, 'never on the source', NULL)")
+
     with streaming(session):
         wait_until(lambda: env.converged("public.flags"), message="the initial load")
         execute(env.source_url, "INSERT INTO public.flags VALUES (21, 'before the alter')",
@@ -344,8 +361,21 @@ def test_null_stays_null_in_a_column_added_with_a_default(env: StreamingEnv) -> 
                 "UPDATE public.flags SET v = 'flag untouched' WHERE id IN (4, 22)",
                 "UPDATE public.flags SET flag = 'z' WHERE id = 5")
         wait_until(lambda: env.converged("public.flags"), message="the rows around the ALTER")
-    assert fetch(env.destination_url, "SELECT id FROM replica.flags WHERE flag IS NULL ORDER BY id"
-                 ) == [(2,), (3,), (22,), (23,), (25,)]
+        assert fetch(env.destination_url, null_flags) == nulls
+        # A backfill in chunks of 4 rows repairs it, NULLs included.
+        damage()
+        job = store.create_backfill_job("flags", "public.flags")
+        BackfillRunner(pipeline, store, job.id, chunk_rows=4, chunk_timeout_s=60).run()
+        assert env.converged("public.flags")
+        assert fetch(env.destination_url, null_flags) == nulls
+    # A re-sync after the slot is lost loads it afresh, NULLs included.
+    wait_until(lambda: not fetch(env.source_url, "SELECT 1 FROM pg_replication_slots WHERE "
+                                 "slot_name = 'rosetta_flags' AND active"), 30, "the slot's release")
+    execute(env.source_url, "SELECT pg_drop_replication_slot('rosetta_flags')")
+    damage()
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
+        wait_until(lambda: env.converged("public.flags"), message="the re-sync")
+    assert fetch(env.destination_url, null_flags) == nulls
 
 
 @pytest.mark.parametrize("engine", ["debezium"])
