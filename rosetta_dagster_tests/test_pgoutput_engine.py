@@ -236,3 +236,19 @@ def _rss_kb(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise AssertionError(f"no {field} for {pid}")
+
+
+def test_a_position_psycopg2_may_have_confirmed_is_applied_apart_from_the_rows_behind_it() -> None:
+    """A keepalive position (the slot may already stand there) is a batch of its own: if the
+    transaction queued behind it is refused, the destinations still record it, and the next
+    start does not mistake the slot for a re-created one."""
+    from rosetta_dagster.core.capture.pgoutput.engine import _ByteBoundedQueue, _Unit
+    from rosetta_dagster.core.events import ChangeEvent
+
+    queue = _ByteBoundedQueue(limit=1 << 20)
+    row = ChangeEvent.__new__(ChangeEvent)  # contents do not matter to the queue
+    for unit in (_Unit(position=10), _Unit(position=11), _Unit(items=[row], position=20, size=1),
+                 _Unit(items=[row], position=30, size=1), _Unit(position=31)):
+        assert queue.put(unit, timeout_s=0)
+    batches = [queue.take(0, max_size=1 << 20, max_events=100) for _ in range(3)]
+    assert [[u.position for u in units] for units in batches] == [[10, 11], [20, 30], [31]]

@@ -89,7 +89,11 @@ class _ByteBoundedQueue:
             return True
 
     def take(self, timeout_s: float, max_size: int, max_events: int) -> list[_Unit]:
-        """The next unit; more complete units behind a complete one, up to the bounds."""
+        """The next unit; more complete units behind a complete one, up to the bounds.
+
+        Position-only units (no rows) are never taken together with units that carry rows:
+        the slot may already be confirmed up to such a position, so it is recorded in the
+        destinations on its own, even when the transaction behind it is refused."""
         with self._cond:
             if not self._units:
                 self._cond.wait(timeout_s)
@@ -97,7 +101,9 @@ class _ByteBoundedQueue:
                 return []
             taken = [self._units.popleft()]
             size, events = taken[0].size, len(taken[0].items)
+            carries_rows = bool(taken[0].items)
             while (taken[-1].complete and self._units and self._units[0].complete
+                   and bool(self._units[0].items) == carries_rows
                    and size < max_size and events < max_events):
                 unit = self._units.popleft()
                 taken.append(unit)
@@ -217,8 +223,10 @@ class PgoutputCapture:
             begin: Begin | None = None
             last_position = self.start_position
             # psycopg2 confirms the server's WAL end by itself on keepalives once everything
-            # received was confirmed (flushed >= the last message's start): that position is
-            # recorded in the destinations too, so no slot is ever ahead of them for long.
+            # received was confirmed (flushed >= the last message's start). Nothing of the
+            # pipeline lies before it, but a slot ahead of every destination reads as a
+            # re-created one on the next start, so that position is recorded in the
+            # destinations too, as a unit of its own (see _ByteBoundedQueue.take).
             sent = last_data_start = 0
             next_feedback = next_heartbeat = next_forward = time.monotonic()
             while not self._stopping.is_set():
