@@ -23,6 +23,7 @@ from rosetta_dagster.core.filters import OPERATORS, FilterError, parse_filter
 from rosetta_dagster.core.notify import Notifier
 from rosetta_dagster.core.pipeline_config import load_config
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
+from rosetta_dagster.core.replication import application_name
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.local_stack import LocalStack
 from rosetta_dagster.settings import (
@@ -40,7 +41,8 @@ logger = logging.getLogger("rosetta.cli")
 def _open_config_store(url: str | None, setting: str = CONFIG_DATABASE_URL_ENV) -> Iterator[ConfigStore]:
     """A small pool to config_db for one command, closed when the command ends."""
     with ResilientConnectionPool(
-        url, PoolSettings.from_env(max_conn=2), label="config_db", setting=setting
+        url, PoolSettings.from_env(max_conn=2, application_name=application_name("cli")),
+        label="config_db", setting=setting
     ) as pool:
         yield ConfigStore(pool)
 

@@ -32,7 +32,8 @@ def build_report(store: ConfigStore, config: RosettaConfig) -> dict[str, Any]:
     pipelines = store.list_pipelines()
     events_hour = store.pool_event_counts(3600)
     stats = store.pool.stats()
-    checks = [_check_row("config_db", o) for o in evaluate_config_store(store, config.operations)]
+    checks = [_check_row("config_db", o) for o in evaluate_config_store(
+        store, config.operations, list(config.pipelines.values()))]
     stored = {p.name: p for p in pipelines}
     parked_counts = store.parked_counts()
     for name, pipeline in config.pipelines.items():

@@ -26,6 +26,7 @@ EXPECTED_TABLES = {
     "stream_load_states",
     "parked_events",
     "pool_events",
+    "pool_usage",
     "offset_cleanups",
     "pipelines",
     "pipeline_metadata",

@@ -147,17 +147,6 @@ def test_pool_checks_see_killed_connections_saturation_and_retries(
     closed = _pool_outcomes(store)["closed_connection_errors"]
     assert (closed.passed, closed.severity, closed.metadata["value"]) == (False, "WARN", 1)
 
-    # Saturation: sessions on config_db above 8, then above 9.
-    held = [psycopg2.connect(database_url) for _ in range(8)]
-    try:
-        utilisation = _pool_outcomes(store)["pool_utilisation"]
-        assert (utilisation.passed, utilisation.severity) == (False, "WARN"), utilisation
-        held += [psycopg2.connect(database_url) for _ in range(2)]
-        assert _pool_outcomes(store)["pool_utilisation"].severity == "ERROR"
-    finally:
-        for conn in held:
-            conn.close()
-
     # A pool that needed a retry to initialise (its database started late) is reported.
     dedicated_cluster.stop()
     threading.Timer(1.0, dedicated_cluster.start).start()
@@ -169,6 +158,67 @@ def test_pool_checks_see_killed_connections_saturation_and_retries(
         assert ("init_retried", late.stats().init_attempts - 1) in events
     finally:
         late.close()
+
+
+def test_pool_utilisation_judges_each_pool_and_server_connections_each_server(
+    dedicated_cluster: LocalPostgresCluster, pg_cluster: LocalPostgresCluster, pg_root: Path,
+) -> None:
+    """Sessions of other processes do not make one pool busy; a pool of 10 with 9, then 10,
+    in use at once is WARN, then ERROR (the checklist's "> 8" and "> 9" of 10). Sessions
+    against max_connections are judged per server: config_db here, the pipeline's source and
+    destination on the shared cluster (one server, read once)."""
+    url = dedicated_cluster.create_database("config_db")
+    pipeline = new_streaming_env(pg_cluster, pg_root).pipeline("counted", ["public.t"])
+    pool = ResilientConnectionPool(url, PoolSettings(max_conn=10, application_name="rosetta t"))
+    store = ConfigStore(pool.open())
+    store.upgrade()
+
+    def outcomes() -> dict[str, CheckOutcome]:
+        return {o.name: o for o in evaluate_config_store(store, OperationsSettings(), [pipeline])}
+
+    others = [psycopg2.connect(url) for _ in range(9)]  # e.g. nine streams' own pools
+    try:
+        healthy = outcomes()
+        assert healthy["pool_utilisation"].passed, healthy["pool_utilisation"]
+        servers = healthy["server_connections"]
+        assert servers.passed and servers.metadata["servers"] == 2, servers
+        assert "config_db (127.0.0.1:" in servers.description
+        assert "source src (127.0.0.1:" in servers.description
+
+        # Another pool of this process (a stream's, say), reported with the store's own.
+        busy_pool = ResilientConnectionPool(
+            url, PoolSettings(max_conn=10, application_name="rosetta stream busy")).open()
+        held = [busy_pool.getconn() for _ in range(9)]
+        store.flush_pool_events([busy_pool])
+        busy = outcomes()["pool_utilisation"]
+        assert (busy.passed, busy.severity, busy.metadata["value"]) == (False, "WARN", 90.0), busy
+        assert "config_db of rosetta stream busy" in busy.description
+        assert "9 of 10" in busy.description
+        held.append(busy_pool.getconn())
+        store.flush_pool_events([busy_pool])
+        assert outcomes()["pool_utilisation"].severity == "ERROR"
+        for conn in held:
+            busy_pool.putconn(conn)
+        busy_pool.close()
+    finally:
+        for conn in others:
+            conn.close()
+
+    # The server's max_connections lowered close to what is in use: WARN at 80 %, ERROR at 95 %.
+    execute(url, "ALTER SYSTEM SET max_connections = 20")
+    dedicated_cluster.restart()
+    others = [psycopg2.connect(url) for _ in range(15)]
+    try:
+        near = outcomes()["server_connections"]  # 15 + the store's own session(s): >= 16 of 20
+        assert (near.passed, near.severity) == (False, "WARN"), near
+        assert near.metadata["max_connections"] == 20 and "config_db" in near.description
+        others += [psycopg2.connect(url) for _ in range(19 - near.metadata["sessions"])]
+        full = outcomes()["server_connections"]
+        assert (full.passed, full.severity) == (False, "ERROR"), full
+    finally:
+        for conn in others:
+            conn.close()
+        pool.close()
 
 
 def _validate(env: StreamingEnv, config_url: str, path: Path) -> subprocess.CompletedProcess[str]:
@@ -231,7 +281,7 @@ def test_the_definitions_expose_the_checks_on_the_expected_assets(
     table = ("destination", "dst", "replica", "orders")
     assert keys == {
         (("config_db",), "pool_utilisation"), (("config_db",), "closed_connection_errors"),
-        (("config_db",), "pool_initialised"),
+        (("config_db",), "pool_initialised"), (("config_db",), "server_connections"),
         (table, "row_count_parity"), (table, "content_parity"), (table, "replication_lag"),
         (table, "apply_errors"), (table, "parked_events"),
         (("replication_slot", "shop"), "slot_active"), (("replication_slot", "shop"), "retained_wal"),
@@ -273,7 +323,9 @@ def test_the_scheduled_check_job_records_results_in_dagster(
     assert evaluations[(table, "content_parity")].severity.value == "ERROR"
     assert evaluations[(table, "row_count_parity")].passed is True
     assert evaluations[(("replication_slot", "checked"), "slot_active")].passed is True
-    assert evaluations[(("config_db",), "pool_utilisation")].metadata["value"].value >= 1
+    # The stream's pools reported themselves: the busiest had at least one connection in use.
+    assert evaluations[(("config_db",), "pool_utilisation")].metadata["value"].value >= 10
+    assert evaluations[(("config_db",), "server_connections")].passed is True
 
 
 def test_backfill_checks_fail_at_their_severity(

@@ -7,7 +7,10 @@ Reads and writes the config store only; the Dagster daemon's sensors act on what
 No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at runtime.
 """
 
+import asyncio
+import contextlib
 import hmac
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -26,6 +29,10 @@ from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.filters import OPERATORS, FilterError, parse_filter
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
+from rosetta_dagster.core.replication import application_name
+
+logger = logging.getLogger("rosetta.api")
+POOL_REPORT_INTERVAL_S = 30.0
 
 API_TOKEN_ENV = "ROSETTA_API_TOKEN"
 
@@ -241,6 +248,16 @@ class _ConfigStoreCollector:
         yield pool
 
 
+async def _report_pool(store: ConfigStore) -> None:
+    """The API's pool health and utilisation, for the pool checks (as every process does)."""
+    while True:
+        await asyncio.sleep(POOL_REPORT_INTERVAL_S)
+        try:
+            await asyncio.to_thread(store.flush_pool_events)
+        except RosettaError as exc:
+            logger.warning("Could not record the API's pool usage: %s", exc)
+
+
 def create_app(database_url: str, *, token: str | None = None) -> FastAPI:
     """The API over the config store at ``database_url`` (opened at startup, with retries)."""
     state: dict[str, Any] = {}
@@ -248,17 +265,22 @@ def create_app(database_url: str, *, token: str | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         pool = ResilientConnectionPool(
-            database_url, PoolSettings.from_env(max_conn=4), label="config_db",
-            setting="CONFIG_DATABASE_URL",
+            database_url,
+            PoolSettings.from_env(max_conn=4, application_name=application_name("api")),
+            label="config_db", setting="CONFIG_DATABASE_URL",
         ).open()
         store = ConfigStore(pool)
         store.upgrade()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_ConfigStoreCollector(store))  # type: ignore[arg-type]
         state.update(store=store, registry=registry)
+        reporter = asyncio.create_task(_report_pool(store))
         try:
             yield
         finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
             pool.close()
 
     app = FastAPI(

@@ -176,6 +176,9 @@ class OperationsSettings:
     lag_critical_seconds: int = 300
     pool_warning_connections: int = 8  # checklist "Connection pool size": warning > 8 active
     pool_critical_connections: int = 9  # critical > 9 active
+    # Sessions on a server (config_db, a source, a destination) against its max_connections.
+    server_connections_warning_percent: int = 80
+    server_connections_critical_percent: int = 95
     parity_window_seconds: int = 30  # how long parity checks wait for rows in flight
     parity_chunk_rows: int = 10_000
     health_check_interval_minutes: int = 5
@@ -207,6 +210,8 @@ _OPERATIONS_RANGES = {
     "lag_critical_seconds": (1, 86400),
     "pool_warning_connections": (1, 10000),
     "pool_critical_connections": (1, 10000),
+    "server_connections_warning_percent": (1, 100),
+    "server_connections_critical_percent": (1, 100),
     "parity_window_seconds": (0, 3600),
     "parity_chunk_rows": (100, 10_000_000),
     "health_check_interval_minutes": (1, 1440),
@@ -536,6 +541,9 @@ def _operations(path: Path, top: _Reader) -> OperationsSettings:
         reader.fail("lag_critical_seconds", "must be larger than lag_warning_seconds")
     if settings.pool_critical_connections <= settings.pool_warning_connections:
         reader.fail("pool_critical_connections", "must be larger than pool_warning_connections")
+    if settings.server_connections_critical_percent <= settings.server_connections_warning_percent:
+        reader.fail("server_connections_critical_percent",
+                    "must be larger than server_connections_warning_percent")
     if settings.restart_backoff_max_seconds < settings.restart_backoff_initial_seconds:
         reader.fail("restart_backoff_max_seconds", "must be at least restart_backoff_initial_seconds")
     return settings

@@ -104,6 +104,18 @@ class PoolStats:
     closed_connection_errors: int
     checkout_timeouts: int
     init_attempts: int
+    peak_in_use: int = 0  # most connections in use at once since the last usage report
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    """One pool's utilisation since its previous report, for the pool_utilisation check."""
+
+    pool: str  # the pool's label (config_db, destination dst, ...)
+    owner: str  # what uses it (a stream, the sensors, the API)
+    max_conn: int
+    in_use: int
+    peak_in_use: int
 
 
 class _CountingThreadedPool(psycopg2.pool.ThreadedConnectionPool):
@@ -161,6 +173,7 @@ class ResilientConnectionPool:
         self._slots = threading.BoundedSemaphore(self.settings.max_conn)
         self._stats_lock = threading.Lock()
         self._in_use = 0
+        self._peak_in_use = 0
         self._total_created = 0
         self._dead_detected = 0
         self._closed_connection_errors = 0
@@ -256,6 +269,7 @@ class ResilientConnectionPool:
             raise
         with self._stats_lock:
             self._in_use += 1
+            self._peak_in_use = max(self._peak_in_use, self._in_use)
         return conn
 
     def _checkout_healthy(self, pool: _CountingThreadedPool) -> psycopg2.extensions.connection:
@@ -348,7 +362,16 @@ class ResilientConnectionPool:
                 closed_connection_errors=self._closed_connection_errors,
                 checkout_timeouts=self._checkout_timeouts,
                 init_attempts=self._init_attempts,
+                peak_in_use=self._peak_in_use,
             )
+
+    def take_usage(self) -> PoolUsage:
+        """In use now and at most since the previous call (which starts a new peak)."""
+        with self._stats_lock:
+            usage = PoolUsage(self.label, self.settings.application_name, self.settings.max_conn,
+                              self._in_use, self._peak_in_use)
+            self._peak_in_use = self._in_use
+        return usage
 
     def take_unreported_events(self) -> list[tuple[str, int]]:
         """``(kind, count)`` of health events since the previous call, for the config store:

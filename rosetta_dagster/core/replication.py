@@ -78,6 +78,15 @@ def format_bytes(size: int | None) -> str:
     raise AssertionError("unreachable")
 
 
+def application_name(*parts: str) -> str:
+    """What a Rosetta session shows in pg_stat_activity (PostgreSQL keeps 63 bytes)."""
+    return " ".join(("rosetta", *parts))[:63]
+
+
+def stream_application_name(pipeline: PipelineDefinition) -> str:
+    return application_name("stream", pipeline.name)
+
+
 def _connect(
     pipeline: PipelineDefinition,
     role: str,
@@ -86,7 +95,8 @@ def _connect(
 ) -> psycopg2.extensions.connection:
     """An autocommit connection; a failure is one sentence naming pipeline, role and address."""
     try:
-        conn = psycopg2.connect(endpoint.dsn(), connect_timeout=10, application_name="rosetta",
+        conn = psycopg2.connect(endpoint.dsn(), connect_timeout=10,
+                                application_name=application_name(pipeline.name, role),
                                 options=pinned_options(), client_encoding="UTF8",
                                 connection_factory=connection_factory)
     except psycopg2.OperationalError as exc:

@@ -42,6 +42,7 @@ from rosetta_dagster.core.replication import (
     slot_confirmed_lsn,
     slot_exists,
     source_connection,
+    stream_application_name,
 )
 
 logger = logging.getLogger("rosetta.streaming")
@@ -148,7 +149,7 @@ class StreamingSession:
         self._restarted_stale = False
         self._windows: dict[tuple[int, int], _ChunkWindow] = {}
         self._fences: dict[TableRef, SnapshotVisibility] = {}
-        self._next_heartbeat = time.monotonic()
+        self._next_heartbeat = self._next_pool_report = time.monotonic()
         self._last_stamp = 0.0
         self._stamped_position: tuple[int | None, int | None] = (None, None)
         self.refused = RefusedChanges(pipeline, config_store, log)
@@ -182,7 +183,8 @@ class StreamingSession:
         for destination in self.pipeline.destinations:
             pool = ResilientConnectionPool(
                 destination.dsn(),
-                PoolSettings.from_env(max_conn=2, init_attempts=3, statement_timeout_ms=0),
+                PoolSettings.from_env(max_conn=2, init_attempts=3, statement_timeout_ms=0,
+                                      application_name=stream_application_name(self.pipeline)),
                 label=f"destination {destination.name}",
                 setting=f"destination {destination.name}",
             ).open()
@@ -480,7 +482,9 @@ class StreamingSession:
         moved = position != self._stamped_position and now >= self._last_stamp + POSITION_STAMP_S
         if (now >= self._next_heartbeat or moved) and self.config_store is not None:
             self.config_store.heartbeat(self.pipeline.name, *position)
-            self.config_store.flush_pool_events()
+            if now >= self._next_pool_report:  # pool health and utilisation
+                self.config_store.flush_pool_events(self._pools)
+                self._next_pool_report = now + HEARTBEAT_INTERVAL_S
             self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
             self._stamped_position, self._last_stamp = position, now
 

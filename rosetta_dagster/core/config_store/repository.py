@@ -22,6 +22,9 @@ from rosetta_dagster.core.lag import LagReading
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
 from rosetta_dagster.core.pool import ResilientConnectionPool
 
+POOL_PEAK_WINDOW_S = 300  # a pool's peak in use is kept this long
+POOL_REPORT_FRESH_S = 300  # a pool not reported for this long belongs to a process that ended
+
 
 class PipelineStatus(StrEnum):
     """Desired status, set by users."""
@@ -758,20 +761,53 @@ class ConfigStore:
         return {"flows": flows, "pipelines": pipelines, "backfills": backfills,
                 "wal": self.latest_wal_readings(), "parked": parked}
 
-    def flush_pool_events(self) -> int:
-        """Record the pool's unreported health events (see ``take_unreported_events``)."""
-        events = self.pool.take_unreported_events()
+    def flush_pool_events(self, others: Sequence[ResilientConnectionPool] = ()) -> int:
+        """Record the unreported health events (see ``take_unreported_events``) and the
+        utilisation of this store's pool and of ``others`` (e.g. a stream's destination pools)."""
+        process = f"{socket.gethostname()}:{os.getpid()}"
+        pools = [self.pool, *others]
+        events = [(pool.label, kind, count) for pool in pools
+                  for kind, count in pool.take_unreported_events()]
         if events:
-            process = f"{socket.gethostname()}:{os.getpid()}"
-            kinds, counts = (list(c) for c in zip(*events, strict=True))
+            labels, kinds, counts = (list(c) for c in zip(*events, strict=True))
             self._query(
                 """
                 INSERT INTO pool_events (process, pool, kind, count)
-                SELECT %s, %s, k, c FROM unnest(%s::text[], %s::int[]) AS e(k, c)
+                SELECT %s, p, k, c FROM unnest(%s::text[], %s::text[], %s::int[]) AS e(p, k, c)
                 """,
-                (process, self.pool.label, kinds, counts),
+                (process, labels, kinds, counts),
             )
+        usage = [pool.take_usage() for pool in pools]
+        # The peak is kept over windows of POOL_PEAK_WINDOW_S: a busy moment between two
+        # reports stays visible to the check for at least that long.
+        self._query(
+            """
+            INSERT INTO pool_usage AS u (process, pool, owner, max_conn, in_use, peak_in_use)
+            SELECT %s, p, o, m, i, k
+            FROM unnest(%s::text[], %s::text[], %s::int[], %s::int[], %s::int[]) AS e(p, o, m, i, k)
+            ON CONFLICT (process, pool, owner) DO UPDATE SET
+                max_conn = excluded.max_conn, in_use = excluded.in_use, reported_at = now(),
+                peak_in_use = CASE WHEN u.peak_since > now() - make_interval(secs => %s)
+                                   THEN greatest(u.peak_in_use, excluded.peak_in_use)
+                                   ELSE excluded.peak_in_use END,
+                peak_since = CASE WHEN u.peak_since > now() - make_interval(secs => %s)
+                                  THEN u.peak_since ELSE now() END
+            """,
+            (process, [u.pool for u in usage], [u.owner for u in usage],
+             [u.max_conn for u in usage], [u.in_use for u in usage],
+             [u.peak_in_use for u in usage], POOL_PEAK_WINDOW_S, POOL_PEAK_WINDOW_S),
+        )
         return len(events)
+
+    def pool_usage(self, fresh_seconds: float = POOL_REPORT_FRESH_S) -> list[dict[str, Any]]:
+        """Pools reported in the last ``fresh_seconds`` (older rows: processes that ended)."""
+        self._query("DELETE FROM pool_usage WHERE reported_at < now() - interval '1 day'")
+        return self._query(
+            "SELECT process, pool, owner, max_conn, in_use, peak_in_use, reported_at "
+            "FROM pool_usage WHERE reported_at > now() - make_interval(secs => %s) "
+            "ORDER BY peak_in_use::float8 / max_conn DESC, owner, pool",
+            (fresh_seconds,),
+        )
 
     def pool_event_counts(self, since_seconds: float) -> dict[str, int]:
         rows = self._query(

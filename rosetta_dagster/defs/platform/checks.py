@@ -5,24 +5,34 @@ from collections.abc import Iterator
 from dagster import AssetCheckResult, AssetCheckSpec, AssetKey, multi_asset_check
 
 from rosetta_dagster.core.health import evaluate_config_store
-from rosetta_dagster.core.pipeline_config import OperationsSettings, config_path, load_config
+from rosetta_dagster.core.pipeline_config import (
+    OperationsSettings,
+    RosettaConfig,
+    config_path,
+    load_config,
+)
 from rosetta_dagster.defs.pipelines.checks import check_result
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 
 CONFIG_DB_KEY = AssetKey(["config_db"])
-POOL_CHECKS = ("pool_utilisation", "closed_connection_errors", "pool_initialised")
+POOL_CHECKS = ("pool_utilisation", "server_connections", "closed_connection_errors",
+               "pool_initialised")
 
 
-def _operations() -> OperationsSettings:
+def _config() -> RosettaConfig | None:
     path = config_path()
-    return load_config(path, resolve_secrets=False).operations if path.exists() else OperationsSettings()
+    return load_config(path) if path.exists() else None
 
 
 @multi_asset_check(
     specs=[AssetCheckSpec(name, asset=CONFIG_DB_KEY) for name in POOL_CHECKS],
     name="config_store_pool_health",
-    description="Connections to config_db, closed/dead connections, pool initialisation retries.",
+    description="Each pool's utilisation, sessions against max_connections on every server, "
+                "closed/dead connections, pool initialisation retries.",
 )
 def config_store_pool_health(config_store: ConfigStoreResource) -> Iterator[AssetCheckResult]:
-    for outcome in evaluate_config_store(config_store.store, _operations()):
+    config = _config()
+    operations = config.operations if config is not None else OperationsSettings()
+    pipelines = list(config.pipelines.values()) if config is not None else []
+    for outcome in evaluate_config_store(config_store.store, operations, pipelines):
         yield check_result(outcome, CONFIG_DB_KEY)

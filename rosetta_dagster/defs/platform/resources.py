@@ -11,6 +11,7 @@ from pydantic import Field, PrivateAttr
 from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.pool import PoolSettings, PoolStats, ResilientConnectionPool
+from rosetta_dagster.core.replication import application_name
 
 
 class ConfigStoreResource(ConfigurableResource):
@@ -32,8 +33,9 @@ class ConfigStoreResource(ConfigurableResource):
 
     _pool: ResilientConnectionPool | None = PrivateAttr(default=None)
 
-    def pool_settings(self) -> PoolSettings:
+    def pool_settings(self, owner: str = "") -> PoolSettings:
         overrides: dict[str, object] = {
+            "application_name": application_name(owner) if owner else "rosetta",
             "statement_timeout_ms": self.statement_timeout_ms,
             "checkout_timeout_s": self.checkout_timeout_s,
             "init_attempts": self.init_attempts,
@@ -43,8 +45,13 @@ class ConfigStoreResource(ConfigurableResource):
         return PoolSettings.from_env(**overrides)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
+        run = context.dagster_run
+        # A run's pool is named after its job (stream_<pipeline>, a backfill, ...); everything
+        # else that opens this resource is a sensor or schedule tick of the daemon.
+        owner = run.job_name if run is not None else "daemon"
         pool = ResilientConnectionPool(
-            self.database_url, self.pool_settings(), label="config_db", setting="CONFIG_DATABASE_URL"
+            self.database_url, self.pool_settings(owner), label="config_db",
+            setting="CONFIG_DATABASE_URL",
         ).open()
         self._pool = pool
         if self.apply_migrations:
