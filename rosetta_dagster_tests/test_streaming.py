@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import psycopg2
 import pytest
@@ -12,6 +13,7 @@ from rosetta_dagster.core.capture.debezium.engine import CaptureError
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
+from rosetta_dagster.core.pool import ResilientConnectionPool
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import (
     StreamingEnv,
@@ -426,3 +428,63 @@ def test_a_change_the_destination_refuses_is_named_by_source_table_key_and_colum
                               "public.notes key (id=2) at source position "), message
     assert "): value too long for type character varying(5) [SQLSTATE 22001]." in message
     assert "_rosetta_stage" not in message
+
+
+class _StatementLog(psycopg2.extensions.cursor):
+    """A cursor that records every statement it sends (for the round-trip test below)."""
+
+    sent: list[str] = []
+
+    def execute(self, query: Any, vars: Any = None) -> None:  # noqa: A002 - psycopg2's name
+        self.sent.append(query if isinstance(query, str) else query.as_string(self))
+        super().execute(query, vars)
+
+    def copy_expert(self, sql: Any, file: Any, size: int = 8192) -> None:
+        self.sent.append(sql if isinstance(sql, str) else sql.as_string(self))
+        super().copy_expert(sql, file, size)
+
+
+def test_a_pipeline_of_100_tables_loads_streams_and_a_batch_touches_only_its_tables(
+    env: StreamingEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tables = [f"t{i:03d}" for i in range(100)]  # generated names: no quoting needed below
+    execute(env.source_url, *(
+        f"CREATE TABLE public.{t} (id int PRIMARY KEY, v text); "  # noqa: S608
+        f"INSERT INTO public.{t} SELECT g, '{t}' || g FROM generate_series(1, 20) g"  # noqa: S608
+        for t in tables))
+    checksum = " UNION ALL ".join(
+        f"SELECT '{t}', md5(coalesce(string_agg(x::text, ',' ORDER BY x.id), '')) FROM {{s}}.{t} x"  # noqa: S608
+        for t in tables)
+
+    def converged() -> bool:
+        try:
+            replica = fetch(env.destination_url, checksum.format(s="replica"))
+        except psycopg2.errors.UndefinedTable:
+            return False  # not every table is created yet
+        return fetch(env.source_url, checksum.format(s="public")) == replica
+
+    # Every statement the stream sends to a destination, through its destination pool.
+    original = ResilientConnectionPool.getconn
+
+    def logged(pool: ResilientConnectionPool) -> psycopg2.extensions.connection:
+        conn = original(pool)
+        if pool.label.startswith("destination"):
+            conn.cursor_factory = _StatementLog
+        return conn
+
+    monkeypatch.setattr(ResilientConnectionPool, "getconn", logged)
+    pipeline = env.pipeline("wide", [f"public.{t}" for t in tables])
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
+        wait_until(converged, 180, "the initial load of 100 tables")
+        execute(env.source_url, "BEGIN; " + "; ".join(  # noqa: S608
+            f"UPDATE public.{t} SET v = v || ' changed' WHERE id = 1" for t in tables) + "; COMMIT")  # noqa: S608
+        wait_until(converged, 120, "a change in every table")
+        _StatementLog.sent.clear()
+        changed = tables[7], tables[42], tables[99]
+        execute(env.source_url, "BEGIN; " + "; ".join(  # noqa: S608
+            f"INSERT INTO public.{t} VALUES (21, 'new'), (22, NULL)" for t in changed) + "; COMMIT")  # noqa: S608
+        wait_until(converged, 60, "a change in three tables")
+        sent = list(_StatementLog.sent)
+    touched = {t for t in tables if any(f'"{t}"' in s or f".{t} " in s for s in sent)}
+    assert touched == set(changed), touched
+    assert len(sent) < 60, sent  # a few statements per changed table, not one per table
