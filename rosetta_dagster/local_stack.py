@@ -150,11 +150,13 @@ def write_dagster_instance_yaml(
                 }
             }
         },
-        # At most one streaming run per pipeline, whoever launches it (UI, sensor, CLI).
+        # At most one streaming run per pipeline, whoever launches it (UI, sensor, CLI); no
+        # overall limit (Dagster's default of 10 would stop an 11th pipeline from streaming).
         "run_coordinator": {
             "module": "dagster._core.run_coordinator",
             "class": "QueuedRunCoordinator",
             "config": {
+                "max_concurrent_runs": -1,
                 "tag_concurrency_limits": [
                     {"key": "rosetta/pipeline", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
                 ]

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +26,9 @@ from dagster import EventLogEntry, deserialize_value
 from dagster_graphql import DagsterGraphQLClient
 
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
+from rosetta_dagster.core.health import evaluate_config_store
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster, find_free_port
+from rosetta_dagster.core.pipeline_config import OperationsSettings
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.harness import (
     StreamingEnv,
@@ -39,6 +42,7 @@ from rosetta_dagster.local_stack import write_dagster_instance_yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACTIVE = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"}
 SLOT_ACTIVE = "SELECT active FROM pg_replication_slots WHERE slot_name = 'rosetta_orders'"
+FLEET = [f"fleet{i}" for i in range(1, 9)]  # pipelines started together by one test
 OPERATIONS = {
     "supervisor_interval_seconds": 5,
     "heartbeat_timeout_seconds": 20,
@@ -120,6 +124,10 @@ def _pipeline_file(env: StreamingEnv, path: Path) -> None:
                        "tables": ["public.orders"]},
             "ledger": {"source": "src", "destinations": ["dst"], "tables": ["public.ledger"],
                        "streaming": {"engine": "pgoutput", "heartbeat_interval_ms": 1000}},
+            # Paused until the test of many pipelines on one instance starts them.
+            **{name: {"source": "src", "destinations": ["dst"], "tables": [f"public.{name}"],
+                      "streaming": {"engine": "pgoutput", "heartbeat_interval_ms": 1000}}
+               for name in FLEET},
         },
         "operations": OPERATIONS,
     }))
@@ -133,7 +141,10 @@ def deployment(pg_cluster: LocalPostgresCluster, pg_root: Path) -> Iterator[Depl
             "INSERT INTO public.orders SELECT g, g, 'n' FROM generate_series(1, 200) g",
             "CREATE TABLE public.ledger (id int PRIMARY KEY, booked timestamptz, tags text[])",
             "INSERT INTO public.ledger SELECT g, 'infinity', '{{a,b},{c,d}}' "
-            "FROM generate_series(1, 100) g")
+            "FROM generate_series(1, 100) g",
+            *(f"CREATE TABLE public.{name} (id int PRIMARY KEY, v text, at timestamptz); "  # noqa: S608
+              f"INSERT INTO public.{name} SELECT g, 'v' || g, now() FROM generate_series(1, 100) g"
+              for name in FLEET))
     workdir = pg_root / f"dagster-{env.source_db}"
     workdir.mkdir()
     storage_db, config_db = f"dagster_{env.source_db}", f"config_{env.source_db}"
@@ -400,3 +411,53 @@ def test_a_pgoutput_pipeline_streams_through_the_same_job_and_stops_at_once(
     wait_until(lambda: fetch(env.source_url, "SELECT active FROM pg_replication_slots "
                              "WHERE slot_name = 'rosetta_ledger'") == [(False,)],
                10, "the slot to be released")
+
+
+def test_eight_pipelines_on_one_instance_get_one_run_each_converge_and_pools_stay_calm(
+    deployment: Deployment,
+) -> None:
+    env = deployment.env
+    stop = threading.Event()
+
+    def write() -> None:  # a concurrent writer to all eight tables until told to stop
+        n = 1000
+        while not stop.is_set():
+            n += 1
+            execute(env.source_url, *(
+                f"INSERT INTO public.{name} VALUES ({n}, 'w', now()); "  # noqa: S608
+                f"UPDATE public.{name} SET v = v || '+', at = now() WHERE id = {n % 100 + 1}"
+                for name in FLEET))
+            time.sleep(0.05)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        execute(deployment.config_url,
+                "UPDATE pipelines SET status = 'START' WHERE name LIKE 'fleet%'")
+        runs = {name: deployment.streaming_run(name) for name in FLEET}
+        time.sleep(5)  # every stream applies while the writer goes on
+    finally:
+        stop.set()
+        writer.join(30)
+    for name in FLEET:
+        wait_until(lambda name=name: env.converged(f"public.{name}"), 120, f"{name} to converge")
+        assert [r[0] for r in deployment.runs(name)] == [runs[name]]  # exactly one run each
+
+    # Each pool judged on its own: eight streams' pools (and the daemon's) are far from full,
+    # however many sessions config_db has in total.
+    with ResilientConnectionPool(deployment.config_url,
+                                 PoolSettings.from_env(max_conn=1)) as pool:
+        outcomes = {o.name: o for o in evaluate_config_store(ConfigStore(pool),
+                                                             OperationsSettings())}
+    utilisation = outcomes["pool_utilisation"]
+    assert utilisation.passed, utilisation
+    assert int(utilisation.metadata["pools"]) >= 2 * len(FLEET)  # config_db + destination each
+    assert outcomes["server_connections"].passed, outcomes["server_connections"]
+    sessions = fetch(deployment.config_url, "SELECT count(*) FROM pg_stat_activity "
+                     "WHERE datname = current_database()")[0][0]
+    print(f"config_db sessions with the {len(FLEET)} streams running: {sessions}; "
+          f"{utilisation.description}")
+
+    execute(deployment.config_url, "UPDATE pipelines SET status = 'PAUSE' WHERE name LIKE 'fleet%'")
+    for name in FLEET:
+        wait_until(lambda name=name: deployment.active_runs(name) == [], 60, f"{name} to stop")

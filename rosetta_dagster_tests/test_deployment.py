@@ -113,6 +113,8 @@ def test_the_dagster_instance_and_workspace_match_the_services(tmp_path: Path) -
         ROOT / "deploy" / "postgres" / "init.sql").read_text()
     limits = instance["run_coordinator"]["config"]["tag_concurrency_limits"]
     assert limits == [{"key": PIPELINE_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]
+    # No overall limit: Dagster's default of 10 would keep an 11th pipeline from streaming.
+    assert instance["run_coordinator"]["config"]["max_concurrent_runs"] == -1
     assert "max_runtime_seconds" not in instance["run_monitoring"]  # streams never end
     assert "COPY deploy/dagster.yaml /opt/dagster/home/dagster.yaml" in (ROOT / "Dockerfile").read_text()
     assert _environment("compute")["DAGSTER_HOME"] == "/opt/dagster/home"
@@ -208,6 +210,7 @@ def test_the_helm_values_run_each_stream_in_its_own_pod() -> None:
     limits = values["runCoordinator"]["config"]["queuedRunCoordinator"]["tagConcurrencyLimits"]
     assert limits == [{"key": PIPELINE_TAG, "value": {"applyLimitPerUniqueValue": True},
                        "limit": 1}]
+    assert values["runCoordinator"]["config"]["queuedRunCoordinator"]["maxConcurrentRuns"] == -1
 
 
 def test_the_source_init_script_gives_a_replicator_that_can_stream(

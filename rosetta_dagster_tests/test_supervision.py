@@ -64,9 +64,15 @@ def test_a_run_with_a_stale_heartbeat_is_dead_and_replaced_after_the_first_backo
     assert "stopped heartbeating (61s since its last heartbeat; limit 60s; Dagster still shows " \
         "it STARTED)" in stale.dead[0][1]
     assert not stale.launch and stale.consecutive_failures == 1  # waits 10 s from now
-    # Another run's heartbeat says nothing about this one: its start time counts instead.
+    # Another run's heartbeat says nothing about this one: its launch counts instead, judged
+    # by the start timeout (its process may still be starting, with many others).
     other = decide(_health(heartbeat_at=NOW, run_id="other"), [run], NOW, OPS)
-    assert other.dead
+    assert not other.dead
+    starting = StreamRun("s", RunStatus.STARTING, NOW - 181)
+    never = decide(_health(heartbeat_at=NOW, run_id="other"), [starting], NOW, OPS)
+    assert [run_id for run_id, _ in never.dead] == ["s"]
+    assert "never heartbeat (181s since it was launched; limit 180s; Dagster still shows it " \
+        "STARTING)" in never.dead[0][1]
     # A run that had streamed past the reset period is replaced at once.
     veteran = StreamRun("v", RunStatus.STARTED, NOW - 900, NOW - 899)
     replaced = decide(_health(heartbeat_at=NOW - 61, run_id="v"), [veteran], NOW, OPS)

@@ -165,6 +165,8 @@ class OperationsSettings:
     supervisor_interval_seconds: int = 15
     # A STARTED run whose pipeline heartbeat is older than this is treated as dead.
     heartbeat_timeout_seconds: int = 60
+    # A run that has not heartbeat yet (its process still starting) is dead only after this.
+    run_start_timeout_seconds: int = 180
     restart_backoff_initial_seconds: int = 10
     restart_backoff_max_seconds: int = 600
     # A run that streamed at least this long resets its pipeline's restart backoff.
@@ -200,6 +202,7 @@ class OperationsSettings:
 _OPERATIONS_RANGES = {
     "supervisor_interval_seconds": (5, 3600),
     "heartbeat_timeout_seconds": (10, 86400),
+    "run_start_timeout_seconds": (10, 86400),
     "restart_backoff_initial_seconds": (1, 3600),
     "restart_backoff_max_seconds": (1, 86400),
     "restart_backoff_reset_seconds": (10, 86400),

@@ -421,6 +421,9 @@ class StreamingSession:
         termination signal lands here and closes the engine cleanly before re-raising.
         """
         try:
+            # Alive from the start: preparing and an initial load can take long, and the
+            # supervisor judges this run by its own heartbeats.
+            self._heartbeat_if_due()
             if not self._appliers:
                 self.prepare()
             self._start_capture()
@@ -481,7 +484,7 @@ class StreamingSession:
         position = (progress.source_position_ms, progress.applied_lsn)
         moved = position != self._stamped_position and now >= self._last_stamp + POSITION_STAMP_S
         if (now >= self._next_heartbeat or moved) and self.config_store is not None:
-            self.config_store.heartbeat(self.pipeline.name, *position)
+            self.config_store.heartbeat(self.pipeline.name, *position, run_id=self.run_id)
             if now >= self._next_pool_report:  # pool health and utilisation
                 self.config_store.flush_pool_events(self._pools)
                 self._next_pool_report = now + HEARTBEAT_INTERVAL_S

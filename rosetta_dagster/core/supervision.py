@@ -6,9 +6,10 @@ out the decision.
   failed, in which case the launch waits ``initial * 2**(failures-1)`` seconds (capped) after the
   last failure. A run that streamed ``restart_backoff_reset_seconds`` or longer resets the count.
 - PAUSE: no active run; active ones are terminated.
-- A run that should have a process (starting, started, canceling) but whose heartbeat (or start)
-  is older than ``heartbeat_timeout_seconds`` is dead (its process was killed without Dagster
-  noticing): it is marked failed and counts as a failure.
+- A run that should have a process (starting, started, canceling) but whose heartbeat is older
+  than ``heartbeat_timeout_seconds`` (or, before its first heartbeat, whose launch is older than
+  ``run_start_timeout_seconds``) is dead (its process was killed without Dagster noticing): it is
+  marked failed and counts as a failure.
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ def decide(
                 f"({now - last:.0f}s since its last heartbeat; limit "
                 f"{operations.heartbeat_timeout_seconds}s; Dagster still shows it "
                 f"{run.status.value}): its process is gone."
+            ) if _has_own_heartbeat(pipeline, run) else (
+                f"Streaming run {run.run_id} of pipeline {pipeline.name} never heartbeat "
+                f"({now - last:.0f}s since it was launched; limit "
+                f"{operations.run_start_timeout_seconds}s; Dagster still shows it "
+                f"{run.status.value}): its process is gone."
             )
             decision.dead.append((run.run_id, reason))
             history.append(StreamRun(run.run_id, RunStatus.FAILURE, run.created_at,
@@ -134,17 +140,26 @@ def decide(
     return decision
 
 
+def _has_own_heartbeat(pipeline: PipelineHealth, run: StreamRun) -> bool:
+    return pipeline.heartbeat_at is not None and pipeline.heartbeat_run_id == run.run_id
+
+
 def _last_sign_of_life(pipeline: PipelineHealth, run: StreamRun) -> float:
     signs = [run.started_at or run.created_at]
-    if pipeline.heartbeat_at is not None and pipeline.heartbeat_run_id == run.run_id:
-        signs.append(pipeline.heartbeat_at)
+    if _has_own_heartbeat(pipeline, run):
+        signs.append(pipeline.heartbeat_at)  # type: ignore[arg-type]
     return max(signs)
 
 
 def _heartbeat_is_stale(
     pipeline: PipelineHealth, run: StreamRun, now: float, operations: OperationsSettings
 ) -> bool:
-    return now - _last_sign_of_life(pipeline, run) > operations.heartbeat_timeout_seconds
+    """A run that heartbeat is judged by ``heartbeat_timeout_seconds``; one that never did yet
+    (its process still starting: many runs launched at once share the machine's cores) by
+    ``run_start_timeout_seconds`` from its launch."""
+    if _has_own_heartbeat(pipeline, run):
+        return now - _last_sign_of_life(pipeline, run) > operations.heartbeat_timeout_seconds
+    return now - _last_sign_of_life(pipeline, run) > operations.run_start_timeout_seconds
 
 
 def _consecutive_failures(

@@ -323,18 +323,19 @@ class ConfigStore:
             raise ConfigStoreError(f"Pipeline '{name}' does not exist in the config store.")
 
     def heartbeat(self, name: str, source_position_ms: int | None = None,
-                  applied_lsn: int | None = None) -> None:
-        """Stamp the pipeline alive; ``source_position_ms``: source time of the newest change
-        or heartbeat message applied (epoch milliseconds), ``applied_lsn``: its position, both
-        for the replication lag (core.lag)."""
+                  applied_lsn: int | None = None, run_id: str | None = None) -> None:
+        """Stamp the pipeline alive (by ``run_id``, when a run streams it); ``source_position_ms``:
+        source time of the newest change or heartbeat message applied (epoch milliseconds),
+        ``applied_lsn``: its position, both for the replication lag (core.lag)."""
         self._query(
             """
             UPDATE pipeline_metadata m SET heartbeat_at = now(),
                 source_position_at = coalesce(to_timestamp(%s / 1000.0), m.source_position_at),
-                applied_lsn = coalesce('0/0'::pg_lsn + %s::numeric, m.applied_lsn)
+                applied_lsn = coalesce('0/0'::pg_lsn + %s::numeric, m.applied_lsn),
+                run_id = coalesce(%s, m.run_id)
             FROM pipelines p WHERE p.id = m.pipeline_id AND p.name = %s
             """,
-            (source_position_ms, applied_lsn, name),
+            (source_position_ms, applied_lsn, run_id, name),
         )
 
     def record_lag(self, name: str, reading: LagReading) -> None:
