@@ -15,12 +15,10 @@ import platform
 import subprocess
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from benchmarks.support import RESULT_PREFIX
+from benchmarks.support import RESULT_PREFIX, write_results_section
 
-RESULTS_FILE = Path(__file__).with_name("RESULTS.md")
 # Targets per engine (the issue's, on this 2-core machine); not timed tests.
 TARGETS = {
     "initial_load_ratio": 0.8,
@@ -135,12 +133,11 @@ def main() -> None:
     backfill = _run("benchmarks.backfill_throughput", "--rows", args.rows)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     report = f"Measured {stamp} on {_machine()}.\n\n{table(w1, w2, w3, backfill)}\n"
-    RESULTS_FILE.write_text(
-        "# Benchmark results\n\nWritten by `./scripts/benchmark.sh`; raw numbers below.\n\n"
+    write_results_section("suite", (
+        "Written by `./scripts/benchmark.sh`; raw numbers below.\n\n"
         + report + "\n```json\n" + json.dumps({"W1": w1, "W2": w2, "W3": w3, "backfill": backfill},
                                               indent=1)
-        + "\n```\n"
-    )
+        + "\n```\n"))
     print(report)
 
 

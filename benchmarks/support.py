@@ -24,6 +24,7 @@ from rosetta_dagster.harness import StreamingEnv, execute, fetch, new_streaming_
 # The W2 row shape of the issue: bigint pk, int, text, numeric(12,2), timestamptz, jsonb.
 W2_COLUMNS = ("id bigint PRIMARY KEY, i int, t text, n numeric(12,2), ts timestamptz, j jsonb")
 RESULT_PREFIX = "BENCHMARK_RESULT "
+RESULTS_FILE = Path(__file__).with_name("RESULTS.md")
 
 
 @contextmanager
@@ -145,3 +146,16 @@ def binary_copy_seconds(
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def write_results_section(name: str, text: str) -> None:
+    """Replace one benchmark's section of RESULTS.md (between its markers), keeping the others."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    current = RESULTS_FILE.read_text() if RESULTS_FILE.exists() else "# Benchmark results\n"
+    section = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in current and end in current:
+        before, rest = current.split(begin, 1)
+        updated = before + section + rest.split(end, 1)[1]
+    else:
+        updated = current.rstrip() + "\n\n" + section + "\n"
+    RESULTS_FILE.write_text(updated)

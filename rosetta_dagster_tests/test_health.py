@@ -245,7 +245,9 @@ def test_rosetta_validate_passes_a_healthy_deployment_and_fails_a_broken_one(
     for section in ("=== Connection Pool Health ===", "Connection pool initialized successfully",
                     "=== Active Pipelines ===", "checked\tSTART\tRUNNING",
                     "=== Database Connections ===", "=== Offset cleanup history ===",
-                    "PASS       destination/dst/replica/items content_parity", "OK"):
+                    "PASS       destination/dst/replica/items content_parity",
+                    "PASS       config_db pool_utilisation: The busiest of",
+                    "PASS       config_db server_connections: Sessions per server: ", "OK"):
         assert section in healthy.stdout, (section, healthy.stdout)
 
     execute(env.destination_url, "UPDATE replica.items SET n = -1 WHERE id = 999")
