@@ -11,6 +11,8 @@ from rosetta_dagster.core.supervision import (
     StreamRun,
     backoff_seconds,
     decide,
+    is_starting,
+    launch_budget,
 )
 
 OPS = OperationsSettings(heartbeat_timeout_seconds=60, restart_backoff_initial_seconds=10,
@@ -92,3 +94,15 @@ def test_restarts_back_off_exponentially_up_to_the_cap_and_reset_after_a_long_ru
     after_long = decide(_health(), [_failed("c", ended_ago=5), long_run], NOW, OPS)
     assert after_long.consecutive_failures == 1 and not after_long.launch
     assert decide(_health(), [_failed("c", ended_ago=11), long_run], NOW, OPS).launch
+
+
+def test_launches_wait_while_max_starting_runs_are_still_starting() -> None:
+    """A run counts as starting from its launch until its first heartbeat of its own."""
+    queued = StreamRun("q", RunStatus.QUEUED, NOW - 5)
+    started = StreamRun("s", RunStatus.STARTED, NOW - 30, NOW - 20)
+    assert is_starting(_health(), queued)
+    assert is_starting(_health(heartbeat_at=NOW, run_id="other"), started)
+    assert not is_starting(_health(heartbeat_at=NOW, run_id="s"), started)
+    assert not is_starting(_health(), _failed("f", 10))
+    assert launch_budget(0, OPS) == 4 and launch_budget(3, OPS) == 1
+    assert launch_budget(4, OPS) == 0 and launch_budget(9, OPS) == 0

@@ -167,6 +167,8 @@ class OperationsSettings:
     heartbeat_timeout_seconds: int = 60
     # A run that has not heartbeat yet (its process still starting) is dead only after this.
     run_start_timeout_seconds: int = 180
+    # At most this many runs starting at once (launched, not heartbeating yet); more wait.
+    max_starting_runs: int = 4
     restart_backoff_initial_seconds: int = 10
     restart_backoff_max_seconds: int = 600
     # A run that streamed at least this long resets its pipeline's restart backoff.
@@ -203,6 +205,7 @@ _OPERATIONS_RANGES = {
     "supervisor_interval_seconds": (5, 3600),
     "heartbeat_timeout_seconds": (10, 86400),
     "run_start_timeout_seconds": (10, 86400),
+    "max_starting_runs": (1, 1000),
     "restart_backoff_initial_seconds": (1, 3600),
     "restart_backoff_max_seconds": (1, 86400),
     "restart_backoff_reset_seconds": (10, 86400),

@@ -6,6 +6,9 @@ out the decision.
   failed, in which case the launch waits ``initial * 2**(failures-1)`` seconds (capped) after the
   last failure. A run that streamed ``restart_backoff_reset_seconds`` or longer resets the count.
 - PAUSE: no active run; active ones are terminated.
+- Launches are spread out: while ``max_starting_runs`` runs are still starting (launched, no
+  heartbeat of their own yet), further launches wait for a later evaluation, so twenty
+  pipelines started together do not share two cores twenty ways and all time out.
 - A run that should have a process (starting, started, canceling) but whose heartbeat is older
   than ``heartbeat_timeout_seconds`` (or, before its first heartbeat, whose launch is older than
   ``run_start_timeout_seconds``) is dead (its process was killed without Dagster noticing): it is
@@ -177,3 +180,14 @@ def _consecutive_failures(
             last_end = run.ended_at or run.created_at
         failures += 1
     return failures, last_end
+
+
+def is_starting(pipeline: PipelineHealth, run: StreamRun) -> bool:
+    """Launched but not yet heartbeating (its process is still starting up)."""
+    return run.status in ACTIVE_STATUSES and run.status is not RunStatus.CANCELING and (
+        not _has_own_heartbeat(pipeline, run))
+
+
+def launch_budget(starting: int, operations: OperationsSettings) -> int:
+    """How many more runs may be launched now, with ``starting`` runs still starting."""
+    return max(0, operations.max_starting_runs - starting)

@@ -54,6 +54,8 @@ from rosetta_dagster.core.supervision import (
     RunStatus,
     StreamRun,
     decide,
+    is_starting,
+    launch_budget,
 )
 from rosetta_dagster.defs.pipelines.assets import replication_slot_key
 from rosetta_dagster.defs.pipelines.checks import lag_evaluations, retained_wal_evaluation
@@ -138,6 +140,8 @@ def build_supervisor_sensor(
             cursor["daemon"] = daemon
 
         requests: list[RunRequest] = []
+        launches: list[tuple[str, int]] = []  # (pipeline, failures before), launched below
+        starting = 0  # runs launched that do not heartbeat yet, over every pipeline
         now = time.time()
 
         def supervise(pipeline: PipelineDefinition) -> None:
@@ -149,7 +153,11 @@ def build_supervisor_sensor(
                 heartbeat_at=stored.heartbeat_at.timestamp() if stored.heartbeat_at else None,
                 heartbeat_run_id=stored.run_id,
             )
-            decision = decide(health, [_stream_run(r) for r in records], now, operations)
+            runs = [_stream_run(r) for r in records]
+            decision = decide(health, runs, now, operations)
+            nonlocal starting
+            starting += sum(1 for run in runs if is_starting(health, run)
+                            and run.run_id not in {dead for dead, _ in decision.dead})
             by_id = {r.dagster_run.run_id: r.dagster_run for r in records}
             for run_id, reason in decision.dead:
                 log.error("%s Marking it failed.", reason)
@@ -164,20 +172,23 @@ def build_supervisor_sensor(
             if decision.waiting_reason:
                 log.info("%s", decision.waiting_reason)
             if decision.launch:
-                attempt = decision.consecutive_failures
-                log.info("Pipeline %s is START without a run: launching %s%s", pipeline.name,
-                         stream_job_name(pipeline.name),
-                         f" (restart after {attempt} failure(s))" if attempt else "")
-                requests.append(
-                    RunRequest(
-                        job_name=stream_job_name(pipeline.name),
-                        tags={PIPELINE_TAG: pipeline.name, "rosetta/launched_by": "supervisor"},
-                    )
-                )
+                launches.append((pipeline.name, decision.consecutive_failures))
 
         _for_each_pipeline(
             [p for p in declared.values() if p.name in statuses], log, supervise
         )
+        budget = launch_budget(starting, operations)
+        for name, attempt in launches[:budget]:
+            log.info("Pipeline %s is START without a run: launching %s%s", name,
+                     stream_job_name(name), f" (restart after {attempt} failure(s))" if attempt else "")
+            requests.append(RunRequest(
+                job_name=stream_job_name(name),
+                tags={PIPELINE_TAG: name, "rosetta/launched_by": "supervisor"},
+            ))
+        for name, _ in launches[budget:]:
+            log.info("Pipeline %s is START without a run: waiting, %d run(s) are starting "
+                     "(max_starting_runs %d)", name, starting + budget,
+                     operations.max_starting_runs)
         return SensorResult(run_requests=requests, cursor=json.dumps(cursor))
 
     return pipeline_supervisor
