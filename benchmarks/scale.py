@@ -36,7 +36,7 @@ from typing import Any
 import psutil
 import yaml
 
-from benchmarks.support import aggregate, emit, log, write_results_section
+from benchmarks.support import aggregate, emit, log, wait_for, write_results_section
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster, find_free_port
 from rosetta_dagster.core.pipeline_config import load_config
@@ -280,7 +280,7 @@ def measure(engine: str, pipelines: int, tables: int, rate: int, seconds: int) -
         load = _Load(deployment, rate)
         cpu_before, wall_before = _cpu_s(processes), time.monotonic()
         load.start()
-        peak_rss, sessions = idle_rss, deployment.sessions()
+        peak_rss = idle_rss
         phase_end = time.monotonic() + seconds
         while time.monotonic() < phase_end:
             time.sleep(2)
@@ -292,14 +292,9 @@ def measure(engine: str, pipelines: int, tables: int, rate: int, seconds: int) -
         lags = load.lags_ms()
         exact = True
         for table in deployment.all_tables():
-            source = f"public.{table}"
             try:
-                wait_until_equal = time.monotonic() + 120
-                while aggregate(deployment.source, source, "v") != aggregate(
-                        deployment.destination, f"replica.{table}", "v"):
-                    if time.monotonic() > wait_until_equal:
-                        raise TimeoutError(table)
-                    time.sleep(0.2)
+                wait_for(lambda t=table: aggregate(deployment.source, f"public.{t}", "v")
+                         == aggregate(deployment.destination, f"replica.{t}", "v"), 120, 0.2)
             except TimeoutError:
                 exact = False
         return {
