@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import psycopg2
@@ -21,6 +20,7 @@ from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import (
+    BackgroundWriter,
     StreamingEnv,
     count_rows,
     execute,
@@ -32,7 +32,7 @@ from rosetta_dagster.harness import (
 )
 
 
-class _Writer:
+class _Writer(BackgroundWriter):
     """Inserts, updates and deletes on ``table`` in single-row transactions until stopped."""
 
     def __init__(self, url: str, table: str, first_new_id: int, existing: int) -> None:
@@ -42,16 +42,15 @@ class _Writer:
         # WAL position just before each insert: an insert whose position is past a slot's
         # consistent point committed after that slot's snapshot was taken.
         self.insert_lsns: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
-    def _run(self) -> None:
+    def write(self) -> None:
         conn = psycopg2.connect(self.url)
         conn.autocommit = True
         pick = random.Random(8)
         table = sql.Identifier(*self.table.split("."))
         with conn.cursor() as cursor:
-            while not self._stop.is_set():
+            while not self.stopping:
                 cursor.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
                 row = cursor.fetchone()
                 assert row is not None
@@ -65,14 +64,6 @@ class _Writer:
                                (pick.randint(1, self.existing),))
                 self.commits += 3
         conn.close()
-
-    def __enter__(self) -> _Writer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
 
 
 def _create_table(url: str, name: str, rows: int) -> None:

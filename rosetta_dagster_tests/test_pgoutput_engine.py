@@ -20,6 +20,7 @@ from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import Destination
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import (
+    BackgroundWriter,
     StreamingEnv,
     count_rows,
     execute,
@@ -51,32 +52,23 @@ def engine() -> str:
     return "pgoutput"  # this module is about that engine (the shared ``env`` uses it)
 
 
-class _Inserter:
+class _Inserter(BackgroundWriter):
     """Inserts rows with new keys, one transaction each, until stopped."""
 
     def __init__(self, url: str, first_id: int) -> None:
         self.url, self.next_id = url, first_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
-    def _run(self) -> None:
+    def write(self) -> None:
         conn = psycopg2.connect(self.url)
         conn.autocommit = True
         with conn.cursor() as cursor:
-            while not self._stop.is_set():
+            while not self.stopping:
                 cursor.execute("INSERT INTO public.events VALUES (%s, repeat('p', 50), now())",
                                (self.next_id,))
                 self.next_id += 1
                 time.sleep(0.002)
         conn.close()
-
-    def __enter__(self) -> _Inserter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 def _stream_process(env: StreamingEnv, workdir: Path, config_url: str) -> subprocess.Popen[bytes]:

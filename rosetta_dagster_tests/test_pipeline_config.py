@@ -98,3 +98,80 @@ def test_invalid_files_fail_with_one_clear_sentence(
 def test_missing_file_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(PipelineConfigError, match="file not found .set ROSETTA_CONFIG"):
         load_config(tmp_path / "absent.yaml", ENV)
+
+
+OPTIONS = """
+sources:
+  shop: {host: 127.0.0.1, port: 5432, database: shop, user: rep, password: "${SHOP_PW}"}
+destinations:
+  wh: {host: 127.0.0.1, port: 5433, database: wh, user: ros, password: "${WH_PW}", schema: copy}
+  lake: {host: 127.0.0.1, port: 5434, database: lake, user: ros, password: "${WH_PW}"}
+pipelines:
+  orders:
+    source: shop
+    destinations: [wh, lake]
+    tables:
+      - public.customers
+      - name: public.orders
+        columns: [id, total, status]
+        where: "status <> 'draft' AND note = 'a;b' AND x = 'it''s'"
+        target: sales.orders_eu
+      - name: public.items
+        exclude_columns: [secret]
+        target: {wh: items_copy, lake: raw.items}
+"""
+
+
+def test_table_options_are_read_with_their_targets_per_destination(tmp_path: Path) -> None:
+    pipeline = load_config(_write(tmp_path, OPTIONS), ENV).pipeline("orders")
+    customers, orders, items = pipeline.tables
+    wh, lake = pipeline.destinations
+    assert pipeline.options(orders).columns == ("id", "total", "status")
+    assert pipeline.options(orders).where == "status <> 'draft' AND note = 'a;b' AND x = 'it''s'"
+    assert pipeline.options(items).exclude_columns == ("secret",)
+    assert not pipeline.options(customers).filters_rows_or_columns
+    assert [pipeline.target(t, d).qualified for t in (customers, orders, items)
+            for d in (wh, lake)] == ["copy.customers", "public.customers", "sales.orders_eu",
+                                     "sales.orders_eu", "copy.items_copy", "raw.items"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("columns: [id, total, status]", "columns: [id, total]\n        exclude_columns: [note]"),
+         "table 'public.orders' field 'exclude_columns' cannot be combined with columns"),
+        (("columns: [id, total, status]", "filter: x"),
+         "table 'public.orders' field 'filter' is not a table option (use columns, "
+         "exclude_columns, name, target, where)."),
+        (("columns: [id, total, status]", "columns: []"),
+         "table 'public.orders' field 'columns' must be a non-empty list of column names."),
+        (("AND x = 'it''s'", "); DROP TABLE x; --"),
+         "table 'public.orders' field 'where' must be one boolean expression (a ')' without its "
+         "'(')."),
+        (("AND x = 'it''s'", "OR true; DELETE FROM y"),
+         "field 'where' must be one boolean expression (';' outside a string literal)."),
+        (("target: sales.orders_eu", "target: {pond: x}"),
+         "table 'public.orders' field 'target' names 'pond', which is not a destination of the "
+         "pipeline."),
+        (("target: sales.orders_eu", "target: a.b.c"),
+         "field 'target' has 'a.b.c', which is not a table or schema.table name."),
+        (("target: {wh: items_copy, lake: raw.items}", "target: sales.orders_eu"),
+         "pipeline 'orders' writes public.orders and public.items to sales.orders_eu in "
+         "destination 'wh'; give one of them another target or destination schema."),
+        (("destinations: [wh, lake]", "destinations: [wh, lake]\n    streaming: "
+                                      "{initial_load: debezium}"),
+         "pipeline 'orders' streaming field 'initial_load' must be copy when a table has "
+         "columns, exclude_columns or where."),
+    ],
+    ids=["columns_and_exclude", "unknown_option", "empty_columns", "where_escapes_parentheses",
+         "where_two_statements", "target_unknown_destination", "target_bad_name",
+         "duplicate_targets", "debezium_snapshot_with_options"],
+)
+def test_bad_table_options_fail_with_one_clear_sentence(
+    tmp_path: Path, change: tuple[str, str], expected: str
+) -> None:
+    assert change[0] in OPTIONS
+    path = _write(tmp_path, OPTIONS.replace(*change))
+    with pytest.raises(PipelineConfigError) as raised:
+        load_config(path, ENV)
+    assert expected in str(raised.value)

@@ -48,6 +48,7 @@ from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
 from rosetta_dagster.core.events import BACKFILL_MESSAGE_PREFIX
 from rosetta_dagster.core.filters import compile_filter, parse_filter
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
+from rosetta_dagster.core.publication import publication_current
 from rosetta_dagster.core.replication import (
     connect_destination,
     destination_connection,
@@ -213,7 +214,9 @@ class BackfillRunner:
             )
         started = time.monotonic()
         with source_connection(self.pipeline) as source:
-            schema = read_table_schema(source, table, f"source {self.pipeline.source.name}")
+            schema = read_table_schema(source, table, f"source {self.pipeline.source.name}",
+                                       self.pipeline.options(table))
+            self._wait_for_publication(source, schema)
             try:
                 where, params = compile_filter(parse_filter(job.filter), schema.column_names,
                                                table.qualified)
@@ -222,7 +225,7 @@ class BackfillRunner:
             total = _count(source, schema, where, params)
             self.store.update_backfill_progress(job.id, count_record=job.count_record,
                                                 total_record=total)
-            targets = [(self._open_destination(d, schema), d.schema)
+            targets = [(self._open_destination(d, schema), d)
                        for d in self.pipeline.destinations]
             try:
                 chunks = self._copy_chunks(job, source, schema, where, params, targets, total,
@@ -237,6 +240,22 @@ class BackfillRunner:
         return BackfillResult(job.id, final.count_record, total, chunks, seconds, job.attempts,
                               table, final.rows_inserted, final.rows_updated, final.rows_deleted,
                               where, list(params))
+
+    def _wait_for_publication(self, source: psycopg2.extensions.connection,
+                              schema: TableSchema) -> None:
+        """Chunks are read under the table's options only once the publication sends the
+        same projection (the stream sets it when it starts); until then the stream could
+        skip a change the chunk leaves to it."""
+        deadline = time.monotonic() + self.chunk_timeout_s
+        while not publication_current(source, self.pipeline, schema):
+            if time.monotonic() >= deadline:
+                raise self._fail(
+                    f"Backfill job {self.job_id}: the publication of pipeline "
+                    f"{self.pipeline.name} does not send {schema.table.qualified} with its "
+                    f"current columns and row filter after {self.chunk_timeout_s:.0f}s; restart "
+                    "the pipeline's stream so it applies them.")
+            self._check_cancelled()
+            time.sleep(0.5)
 
     def _open_destination(
         self, destination: Destination, schema: TableSchema
@@ -257,7 +276,7 @@ class BackfillRunner:
         schema: TableSchema,
         where: sql.Composable,
         params: Sequence[Any],
-        targets: Sequence[tuple[psycopg2.extensions.connection, str]],
+        targets: Sequence[tuple[psycopg2.extensions.connection, Destination]],
         total: int,
         started: float,
     ) -> int:
@@ -270,7 +289,9 @@ class BackfillRunner:
         keys_as_text = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k))
                                           for k in schema.primary_key)
         columns = sql.SQL(", ").join(sql.Identifier(c) for c in schema.column_names)
-        table = sql.Identifier(schema.table.schema, schema.table.name)
+        table = schema.source_sql
+        # The job's filter within the rows the pipeline replicates (the table's row filter).
+        where = sql.SQL("{} AND ({})").format(schema.source_filter, where)
         options = sql.SQL(" (FORMAT binary)" if binary_copy(schema) else "")
         chunks = 0
 
@@ -287,9 +308,9 @@ class BackfillRunner:
                 ).format(columns=columns, table=table, where=where, range=range_sql,
                          options=options), [*params, *range_params]).decode()
             rows = 0
-            for index, (target, target_schema) in enumerate(targets):
+            for index, (target, destination) in enumerate(targets):
                 # Each destination reads the chunk itself, inside the same window.
-                staged = self._stage(source, copy_out, target, target_schema, schema, number,
+                staged = self._stage(source, copy_out, target, destination, schema, number,
                                      columns, options)
                 rows = staged if index == 0 else rows
             # The stream deletes what the destination has in the range and the chunk has not.
@@ -335,17 +356,18 @@ class BackfillRunner:
             last_key = upper
 
     def _stage(self, source: psycopg2.extensions.connection, copy_out: str,
-               target: psycopg2.extensions.connection, target_schema: str, schema: TableSchema,
-               chunk: int, columns: sql.Composable, options: sql.Composable) -> int:
+               target: psycopg2.extensions.connection, destination: Destination,
+               schema: TableSchema, chunk: int, columns: sql.Composable,
+               options: sql.Composable) -> int:
         """Stream ``chunk`` from the source into its own unlogged table in one destination
         (never held whole in memory) and mark it staged. Returns the rows staged."""
-        staging = sql.Identifier(target_schema, backfill_chunk_table(self.job_id, chunk))
-        marks = sql.Identifier(target_schema, backfill_marks_table(self.job_id))
+        staging = sql.Identifier(destination.schema, backfill_chunk_table(self.job_id, chunk))
+        marks = sql.Identifier(destination.schema, backfill_marks_table(self.job_id))
         with target.cursor() as cursor:
             cursor.execute("BEGIN")
             cursor.execute(sql.SQL("DROP TABLE IF EXISTS {staging}; "
                                    "CREATE UNLOGGED TABLE {staging} (LIKE {target})").format(
-                staging=staging, target=sql.Identifier(target_schema, schema.table.name)))
+                staging=staging, target=schema.target_sql(destination.name, destination.schema)))
             rows = pipe_copy(source, copy_out, target, sql.SQL("COPY {} ({}) FROM STDIN{}").format(
                 staging, columns, options).as_string(target))
             cursor.execute(sql.SQL("INSERT INTO {} VALUES (%s) ON CONFLICT DO NOTHING").format(
@@ -386,8 +408,8 @@ class BackfillRunner:
 def _count(conn: psycopg2.extensions.connection, schema: TableSchema, where: sql.Composable,
            params: Sequence[Any]) -> int:
     with conn.cursor() as cursor:
-        cursor.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
-            sql.Identifier(schema.table.schema, schema.table.name), where), list(params))
+        cursor.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} AND ({})").format(
+            schema.source_sql, schema.source_filter, where), list(params))
         return int(cursor.fetchone()[0])  # type: ignore[index]
 
 

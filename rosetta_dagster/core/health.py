@@ -20,7 +20,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from rosetta_dagster.core.apply.errors import RefusedChange
-from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema
+from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema, replicated_rows
 from rosetta_dagster.core.config_store import ConfigStore, Pipeline, PipelineStatus
 from rosetta_dagster.core.errors import DatabaseConnectionError
 from rosetta_dagster.core.lag import LagReading, measure_lag
@@ -69,9 +69,13 @@ def _threshold_outcome(
 # -- destination tables -------------------------------------------------------------------
 
 
-def _count(conn: psycopg2.extensions.connection, schema: str, table: str) -> int:
+_EVERY_ROW = sql.SQL("TRUE")
+
+
+def _count(conn: psycopg2.extensions.connection, relation: sql.Composable,
+           condition: sql.Composable = _EVERY_ROW) -> int:
     with conn.cursor() as cursor:
-        cursor.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table)))
+        cursor.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(relation, condition))
         return int(cursor.fetchone()[0])  # type: ignore[index]
 
 
@@ -92,14 +96,16 @@ def row_count_parity(
     source: psycopg2.extensions.connection,
     destination: psycopg2.extensions.connection,
     table: TableSchema,
-    destination_schema: str,
+    target: sql.Composable,
     window_s: float,
     sleep: Callable[[float], None] = time.sleep,
 ) -> CheckOutcome:
-    """Counts equal, allowing rows in flight: re-counted each second for up to ``window_s``."""
+    """Counts equal, allowing rows in flight: re-counted each second for up to ``window_s``.
+    The source's rows are those the table's row filter replicates; ``target``: the
+    destination table."""
     source_rows, destination_rows = _counts_within_window(
-        lambda: _count(source, table.table.schema, table.table.name),
-        lambda: _count(destination, destination_schema, table.table.name), window_s, sleep)
+        lambda: _count(source, table.source_sql, table.source_filter),
+        lambda: _count(destination, target), window_s, sleep)
     difference = destination_rows - source_rows
     metadata: dict[str, float | int | str] = {
         "value": abs(difference), "threshold": 0, "source_rows": source_rows,
@@ -118,16 +124,18 @@ def row_count_parity(
 
 def _row_hashes(
     conn: psycopg2.extensions.connection,
-    schema_name: str,
+    relation: sql.Composable,
     table: TableSchema,
     after: tuple[Any, ...] | None,
     through: tuple[Any, ...] | None,
     limit: int | None,
+    condition: sql.Composable = _EVERY_ROW,
 ) -> list[tuple[tuple[Any, ...], str]]:
-    """``(key, md5 of the row's text)`` in key order, for keys in (after, through]."""
+    """``(key, md5 of the row's text)`` in key order, for keys in (after, through], of the
+    table's replicated columns."""
     keys = sql.SQL(", ").join(sql.Identifier(k) for k in table.primary_key)
     key_row = sql.SQL("ROW({})").format(keys)
-    conditions: list[sql.Composable] = []
+    conditions: list[sql.Composable] = [condition]
     params: list[Any] = []
     if after is not None:
         conditions.append(sql.SQL("{} > ROW({})").format(
@@ -141,8 +149,8 @@ def _row_hashes(
                     ).format(
         keys=keys,
         columns=sql.SQL(", ").join(sql.Identifier(c) for c in table.column_names),
-        table=sql.Identifier(schema_name, table.table.name),
-        where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL(""),
+        table=relation,
+        where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions),
     )
     if limit is not None:
         query = query + sql.SQL(" LIMIT {}").format(sql.Literal(limit))
@@ -160,7 +168,7 @@ def content_parity(
     source: psycopg2.extensions.connection,
     destination: psycopg2.extensions.connection,
     table: TableSchema,
-    destination_schema: str,
+    target: sql.Composable,
     chunk_rows: int,
     window_s: float,
     sleep: Callable[[float], None] = time.sleep,
@@ -173,16 +181,17 @@ def content_parity(
     after: tuple[Any, ...] | None = None
     chunks = rows = 0
     while True:
-        source_chunk = _row_hashes(source, table.table.schema, table, after, None, chunk_rows)
+        source_chunk = _row_hashes(source, table.source_sql, table, after, None, chunk_rows,
+                                   table.source_filter)
         through = source_chunk[-1][0] if len(source_chunk) == chunk_rows else None
         deadline = time.monotonic() + window_s
         while True:
-            destination_chunk = _row_hashes(destination, destination_schema, table, after, through,
-                                            None)
+            destination_chunk = _row_hashes(destination, target, table, after, through, None)
             if _digest(source_chunk) == _digest(destination_chunk) or time.monotonic() >= deadline:
                 break
             sleep(1.0)
-            source_chunk = _row_hashes(source, table.table.schema, table, after, through, None)
+            source_chunk = _row_hashes(source, table.source_sql, table, after, through, None,
+                                       table.source_filter)
         if _digest(source_chunk) != _digest(destination_chunk):
             first = _first_difference(source_chunk, destination_chunk)
             # The keys the chunk really holds on either side: both ends are real keys.
@@ -495,11 +504,12 @@ class CheckTarget:
     pipeline: str | None = None
     destination: Destination | None = None
     table: TableRef | None = None
+    target: TableRef | None = None  # the table written in the destination
 
     @property
     def label(self) -> str:
-        if self.kind == "destination_table" and self.destination and self.table:
-            return f"destination/{self.destination.name}/{self.destination.schema}/{self.table.name}"
+        if self.kind == "destination_table" and self.destination and self.target:
+            return f"destination/{self.destination.name}/{self.target.schema}/{self.target.name}"
         if self.kind == "replication_slot":
             return f"replication_slot/{self.pipeline}"
         return "config_db"
@@ -522,11 +532,14 @@ def evaluate_pipeline(
         for destination in pipeline.destinations:
             with destination_connection(pipeline, destination) as target:
                 for table in pipeline.tables:
-                    where = CheckTarget("destination_table", pipeline.name, destination, table)
-                    schema = read_table_schema(source, table, f"source {pipeline.source.name}")
-                    yield where, row_count_parity(source, target, schema, destination.schema,
+                    where = CheckTarget("destination_table", pipeline.name, destination, table,
+                                        pipeline.target(table, destination))
+                    schema = read_table_schema(source, table, f"source {pipeline.source.name}",
+                                               pipeline.options(table))
+                    written = schema.target_sql(destination.name, destination.schema)
+                    yield where, row_count_parity(source, target, schema, written,
                                                   operations.parity_window_seconds)
-                    yield where, content_parity(source, target, schema, destination.schema,
+                    yield where, content_parity(source, target, schema, written,
                                                 operations.parity_chunk_rows,
                                                 operations.parity_window_seconds)
                     yield where, replication_lag(stored, operations, lag)
@@ -562,18 +575,22 @@ def backfill_row_parity(
 ) -> CheckOutcome:
     """After a backfill: every destination holds as many rows matching the job's filter as the
     source (re-counted for ``window_s`` while changes are in flight)."""
-    def matching(conn: psycopg2.extensions.connection, schema: str) -> int:
+    def matching(conn: psycopg2.extensions.connection, relation: TableRef,
+                 replicated: sql.Composable = _EVERY_ROW) -> int:
         with conn.cursor() as cursor:
-            cursor.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
-                sql.Identifier(schema, table.name), conditions_sql), list(params))
+            cursor.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} AND {}").format(
+                sql.Identifier(relation.schema, relation.name), replicated, conditions_sql),
+                list(params))
             return int(cursor.fetchone()[0])  # type: ignore[index]
 
+    replicated = replicated_rows(pipeline.options(table).where)
     with source_connection(pipeline) as source:
         for destination in pipeline.destinations:
+            written = pipeline.target(table, destination)
             with destination_connection(pipeline, destination) as target:
                 expected, copied = _counts_within_window(
-                    lambda: matching(source, table.schema),
-                    lambda: matching(target, destination.schema),  # noqa: B023 - used at once
+                    lambda: matching(source, table, replicated),
+                    lambda: matching(target, written),  # noqa: B023 - used at once
                     window_s, sleep)
             metadata: dict[str, float | int | str] = {
                 "value": abs(expected - copied), "threshold": 0, "source_rows": expected,

@@ -419,7 +419,8 @@ class InitialLoader:
                                    (i + 1) * pages_per_range if i < count - 1 else None)
                         for i in range(count)
                     ]
-                    bulk = BulkTableLoad.begin(conn, destination.schema, self.schemas[table])
+                    bulk = BulkTableLoad.begin(conn, destination.schema, self.schemas[table],
+                                               destination.name)
                     copies.append(_TableCopy(destination, bulk, ranges, pages))
         return copies
 
@@ -430,8 +431,9 @@ class InitialLoader:
         table = copy.schema.table
         columns = sql.SQL(", ").join(sql.Identifier(c) for c in copy.schema.column_names)
         options = sql.SQL(" (FORMAT binary)" if copy.bulk.binary else "")
-        copy_out = sql.SQL("COPY (SELECT {} FROM {} WHERE {}) TO STDOUT{}").format(
-            columns, sql.Identifier(table.schema, table.name), page_range.predicate(), options
+        copy_out = sql.SQL("COPY (SELECT {} FROM {} WHERE {} AND {}) TO STDOUT{}").format(
+            columns, copy.schema.source_sql, page_range.predicate(), copy.schema.source_filter,
+            options,
         )
         copy_in = copy.bulk.copy_from_stdin()
         target = connect_destination(self.pipeline, copy.destination)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,30 @@ class TableRef:
         if len(parts) != 2 or not all(_IDENTIFIER.match(p) for p in parts):
             raise ValueError(text)
         return cls(parts[0], parts[1])
+
+
+@dataclass(frozen=True)
+class TableOptions:
+    """Per-table replication options: a projection, a row filter, where rows are written.
+
+    The column list and row filter go into the pipeline's publication (PostgreSQL 15+), so the
+    source sends only what is wanted; loads, backfills and checks read the same projection."""
+
+    columns: tuple[str, ...] | None = None  # only these (the primary key is always kept)
+    exclude_columns: tuple[str, ...] = ()
+    where: str | None = None  # SQL boolean expression over the source table's columns
+    # The destination table written, per destination name (absent: same name, its schema).
+    targets: tuple[tuple[str, TableRef], ...] = ()
+
+    @property
+    def filters_rows_or_columns(self) -> bool:
+        return self.columns is not None or bool(self.exclude_columns) or self.where is not None
+
+    def target(self, table: TableRef, destination: Destination) -> TableRef:
+        return dict(self.targets).get(destination.name, TableRef(destination.schema, table.name))
+
+
+NO_OPTIONS = TableOptions()
 
 
 @dataclass(frozen=True)
@@ -148,6 +172,19 @@ class PipelineDefinition:
     destinations: tuple[Destination, ...]
     tables: tuple[TableRef, ...]
     settings: StreamSettings = StreamSettings()
+    # Options of the tables that have any (see TableOptions); the others are mirrored whole.
+    table_options: tuple[tuple[TableRef, TableOptions], ...] = ()
+
+    def options(self, table: TableRef) -> TableOptions:
+        return dict(self.table_options).get(table, NO_OPTIONS)
+
+    def target(self, table: TableRef, destination: Destination) -> TableRef:
+        """The destination table ``table`` is written to in ``destination``."""
+        return self.options(table).target(table, destination)
+
+    @property
+    def filters_rows_or_columns(self) -> bool:
+        return any(o.filters_rows_or_columns for _, o in self.table_options)
 
     @property
     def slot_name(self) -> str:
@@ -390,12 +427,14 @@ def load_config(
         raw_tables = data.get("tables")
         if not isinstance(raw_tables, list) or not raw_tables:
             reader.fail("tables", "must list at least one schema.table")
-        tables = []
+        tables: list[TableRef] = []
+        table_options: list[tuple[TableRef, TableOptions]] = []
+        chosen = [destinations[d] for d in destination_names]
         for raw in raw_tables:
-            try:
-                tables.append(TableRef.parse(str(raw)))
-            except ValueError:
-                reader.fail("tables", f"has '{raw}', which is not a schema.table name")
+            table, options = _table_entry(path, name, raw, chosen)
+            tables.append(table)
+            if options != NO_OPTIONS:
+                table_options.append((table, options))
         if len(set(tables)) != len(tables):
             reader.fail("tables", "lists a table twice")
         stream = _Reader(path, f"pipeline '{name}' streaming", data.get("streaming") or {}, None)
@@ -451,7 +490,11 @@ def load_config(
             destinations=tuple(destinations[d] for d in destination_names),
             tables=tuple(tables),
             settings=settings,
+            table_options=tuple(table_options),
         )
+        if settings.initial_load != "copy" and pipelines[name].filters_rows_or_columns:
+            stream.fail("initial_load", "must be copy when a table has columns, exclude_columns "
+                        "or where")
     _refuse_shared_destination_tables(path, pipelines)
     return RosettaConfig(path=path, pipelines=pipelines, operations=_operations(path, top),
                          notifications=_notifications(path, top, environ, set(pipelines)))
@@ -515,20 +558,120 @@ def _resolve_references(reader: _Reader, key: str, value: str) -> str:
     return _ENV_REFERENCE.sub(lambda m: reader.environ[m.group(1)], value)  # type: ignore[index]
 
 
+_TABLE_KEYS = {"name", "columns", "exclude_columns", "where", "target"}
+
+
+def _table_entry(path: Path, pipeline: str, raw: Any, destinations: Sequence[Destination]
+                 ) -> tuple[TableRef, TableOptions]:
+    """A ``tables:`` entry: ``schema.table``, or a mapping with a name and its options."""
+    if not isinstance(raw, dict):
+        try:
+            return TableRef.parse(str(raw)), NO_OPTIONS
+        except ValueError:
+            raise PipelineConfigError(f"{path}: pipeline '{pipeline}' field 'tables' has "
+                                      f"'{raw}', which is not a schema.table name.") from None
+    reader = _Reader(path, f"pipeline '{pipeline}' table '{raw.get('name', '?')}'", raw, None)
+    unknown = sorted(set(reader.data) - _TABLE_KEYS)
+    if unknown:
+        reader.fail(unknown[0], f"is not a table option (use {', '.join(sorted(_TABLE_KEYS))})")
+    try:
+        table = TableRef.parse(reader.text("name"))
+    except ValueError:
+        reader.fail("name", "must be a schema.table name")
+    columns = _column_names(reader, "columns") if "columns" in reader.data else None
+    excluded = _column_names(reader, "exclude_columns") if "exclude_columns" in reader.data else ()
+    if columns is not None and excluded:
+        reader.fail("exclude_columns", "cannot be combined with columns; use one of them")
+    where = reader.text("where") if "where" in reader.data else None
+    if where is not None and (problem := _expression_problem(where)) is not None:
+        reader.fail("where", f"must be one boolean expression ({problem})")
+    return table, TableOptions(columns=columns, exclude_columns=excluded, where=where,
+                               targets=_targets(reader, table, destinations))
+
+
+def _expression_problem(text: str) -> str | None:
+    """Why ``text`` is not one self-contained expression (it is written inside ``WHERE (...)``
+    of several statements): unbalanced parentheses, ``;``, comments or dollar quotes outside
+    string literals. PostgreSQL judges the rest when the publication is created."""
+    depth, index, length = 0, 0, len(text)
+    while index < length:
+        char = text[index]
+        if char in "'\"":
+            escapes = char == "'" and index > 0 and text[index - 1] in "eE"
+            index += 1
+            while index < length:
+                if escapes and text[index] == "\\":
+                    index += 2
+                    continue
+                if text[index] == char:
+                    if index + 1 < length and text[index + 1] == char:  # doubled: escaped
+                        index += 2
+                        continue
+                    break
+                index += 1
+            if index >= length:
+                return "an unterminated quote"
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                return "a ')' without its '('"
+        elif char == ";" or char == "$" or text.startswith(("--", "/*"), index):
+            return f"'{text[index:index + 2].strip()}' outside a string literal"
+        index += 1
+    return "a '(' without its ')'" if depth else None
+
+
+def _column_names(reader: _Reader, key: str) -> tuple[str, ...]:
+    names = reader.data[key]
+    if (not isinstance(names, list) or not names
+            or not all(isinstance(n, str) and n for n in names)):
+        reader.fail(key, "must be a non-empty list of column names")
+    if len(set(names)) != len(names):
+        reader.fail(key, "lists a column twice")
+    return tuple(names)
+
+
+def _targets(reader: _Reader, table: TableRef, destinations: Sequence[Destination]
+             ) -> tuple[tuple[str, TableRef], ...]:
+    """``target: name | schema.name`` for every destination, or a mapping per destination."""
+    raw = reader.data.get("target")
+    if raw is None:
+        return ()
+    by_destination = raw if isinstance(raw, dict) else {d.name: raw for d in destinations}
+    known = {d.name: d for d in destinations}
+    targets = []
+    for name, text in by_destination.items():
+        if name not in known:
+            reader.fail("target", f"names '{name}', which is not a destination of the pipeline")
+        parts = str(text).split(".") if isinstance(text, str) else []
+        if not 1 <= len(parts) <= 2 or not all(_IDENTIFIER.match(p) for p in parts):
+            reader.fail("target", f"has '{text}', which is not a table or schema.table name")
+        target = TableRef(*parts) if len(parts) == 2 else TableRef(known[name].schema, parts[0])
+        targets.append((name, target))
+    return tuple(targets)
+
+
 def _refuse_shared_destination_tables(path: Path, pipelines: Mapping[str, PipelineDefinition]) -> None:
-    """Two pipelines writing one destination table would undo each other's changes."""
-    writers: dict[tuple[str, str, str], str] = {}
+    """Two tables (of one pipeline or two) writing one destination table would undo each
+    other's changes."""
+    writers: dict[tuple[str, TableRef], tuple[str, TableRef]] = {}
     for pipeline in pipelines.values():
         for destination in pipeline.destinations:
             for table in pipeline.tables:
-                target = (destination.name, destination.schema, table.name)
-                other = writers.setdefault(target, pipeline.name)
-                if other != pipeline.name:
-                    raise PipelineConfigError(
-                        f"{path}: pipelines '{other}' and '{pipeline.name}' both write "
-                        f"{destination.schema}.{table.name} in destination '{destination.name}'; "
-                        "give one of them another destination schema."
-                    )
+                target = pipeline.target(table, destination)
+                other = writers.setdefault((destination.name, target), (pipeline.name, table))
+                if other == (pipeline.name, table):
+                    continue
+                writer = (f"pipelines '{other[0]}' and '{pipeline.name}' both write"
+                          if other[0] != pipeline.name else
+                          f"pipeline '{pipeline.name}' writes {other[1].qualified} and "
+                          f"{table.qualified} to")
+                raise PipelineConfigError(
+                    f"{path}: {writer} {target.qualified} in destination '{destination.name}'; "
+                    "give one of them another target or destination schema."
+                )
 
 
 def _operations(path: Path, top: _Reader) -> OperationsSettings:

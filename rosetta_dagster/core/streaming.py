@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
-from psycopg2 import sql
 
 from rosetta_dagster.core.apply.applier import ChunkCounts, PostgresApplier
 from rosetta_dagster.core.apply.refused import RefusedChanges
@@ -35,6 +34,7 @@ from rosetta_dagster.core.initial_load import (
 )
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
+from rosetta_dagster.core.publication import ensure_publication
 from rosetta_dagster.core.replication import (
     delete_stale_offset,
     destination_connection,
@@ -158,20 +158,23 @@ class StreamingSession:
 
     def _read_schema(self, table: TableRef) -> TableSchema:
         with source_connection(self.pipeline) as conn:
-            return read_table_schema(conn, table, f"source {self.pipeline.source.name}")
+            return read_table_schema(conn, table, f"source {self.pipeline.source.name}",
+                                     self.pipeline.options(table))
 
     def prepare(self) -> dict[TableRef, TableSchema]:
         """Check the source, create the publication and destination tables. No rows move yet."""
         with source_connection(self.pipeline) as conn:
             where = f"source {self.pipeline.source.name}"
-            self._schemas = {t: read_table_schema(conn, t, where) for t in self.pipeline.tables}
+            self._schemas = {t: read_table_schema(conn, t, where, self.pipeline.options(t))
+                             for t in self.pipeline.tables}
             self._refuse_unsupported_columns()
             if (reason := self.engine.source_refusal(conn)) is not None:
                 raise SchemaError(f"Pipeline {self.pipeline.name} cannot stream source "
                                   f"{self.pipeline.source.name} with the {self.engine.name} "
                                   f"engine, so nothing was written: {reason}.")
             self._refuse_money_across_locales(conn)
-            self._ensure_publication(conn)
+            ensure_publication(conn, self.pipeline, self._schemas, self.log.info,
+                               before_commit=self._converge_changed_options)
             self.positions.prepare(self.log)  # e.g. carry a position over after a store switch
             if not slot_exists(conn, self.pipeline.slot_name):
                 delete_stale_offset(
@@ -233,24 +236,22 @@ class StreamingSession:
                     "same lc_monetary on both, so nothing was written."
                 )
 
-    def _ensure_publication(self, conn: psycopg2.extensions.connection) -> None:
-        """The publication must exist before Debezium creates the slot; keep its tables exact."""
-        name = self.pipeline.publication_name
-        tables = sql.SQL(", ").join(
-            sql.Identifier(t.schema, t.name) for t in self.pipeline.tables
-        )
-        with conn.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
-            if cursor.fetchone() is None:
-                cursor.execute(
-                    sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(name), tables)
-                )
-                self.log.info("Created publication %s", name)
-            else:
-                cursor.execute(
-                    sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(name), tables)
-                )
-        conn.commit()
+    def _converge_changed_options(self, tables: Sequence[TableRef]) -> None:
+        """A table whose column list or row filter changed is brought to its new projection
+        by a backfill (rows now inside loaded, rows now outside deleted, added columns
+        filled), not by a new snapshot of the pipeline. Requested before the publication
+        changes; the backfill waits until it has."""
+        for table in tables:
+            if self.config_store is None:
+                self.log.warning(
+                    "Pipeline %s: the columns or row filter of %s changed; request a backfill "
+                    "of it to bring its destination rows in line", self.pipeline.name,
+                    table.qualified)
+                continue
+            job = self.config_store.create_backfill_job(self.pipeline.name, table.qualified)
+            self.log.info(
+                "Pipeline %s: the columns or row filter of %s changed; backfill job %d brings "
+                "its destination rows in line", self.pipeline.name, table.qualified, job.id)
 
     # -- running ---------------------------------------------------------------------------
 

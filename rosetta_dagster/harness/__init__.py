@@ -7,10 +7,11 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import psycopg2
 import yaml
@@ -24,6 +25,7 @@ from rosetta_dagster.core.pipeline_config import (
     PostgresEndpoint,
     StreamSettings,
     TableRef,
+    load_config,
 )
 from rosetta_dagster.core.streaming import StreamingSession
 
@@ -81,6 +83,29 @@ def table_fingerprint(url: str, schema: str, table: str, key: str = "id") -> tup
     return int(count), str(checksum)  # type: ignore[arg-type]
 
 
+class BackgroundWriter:
+    """Writes in its own thread (``write`` until ``stopping``) for the duration of a block."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.write, daemon=True)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def write(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
 @dataclass
 class StreamingEnv:
     cluster: LocalPostgresCluster
@@ -127,20 +152,33 @@ class StreamingEnv:
         return capture_engine(self.engine).position_store(pipeline, self.offsets_dir)
 
     def write_pipeline_file(
-        self, path: Path, name: str, tables: list[str], streaming: dict[str, object] | None = None
+        self, path: Path, name: str, tables: Sequence[str | Mapping[str, object]],
+        streaming: dict[str, object] | None = None,
+        more_destinations: Mapping[str, Mapping[str, object]] | None = None,
     ) -> Path:
-        """rosetta.yaml for this env; the password is ${TEST_PG_PASSWORD} (see pipeline_env)."""
+        """rosetta.yaml for this env; the password is ${TEST_PG_PASSWORD} (see pipeline_env).
+        ``tables``: names or table entries with options; ``more_destinations``: more
+        destinations after ``dst``, each as port, database and schema on this env's host."""
         endpoint = {"host": "127.0.0.1", "port": self.cluster.port, "user": self.cluster.superuser,
                     "password": "${TEST_PG_PASSWORD}"}
-        pipeline: dict[str, object] = {"source": "src", "destinations": ["dst"], "tables": tables,
-                                       "streaming": {"engine": self.engine, **(streaming or {})}}
+        destinations = {
+            "dst": {**endpoint, "port": self.target_cluster.port,
+                    "database": self.destination_db, "schema": "replica"},
+            **{d: {**endpoint, **settings} for d, settings in (more_destinations or {}).items()},
+        }
+        pipeline: dict[str, object] = {
+            "source": "src", "destinations": list(destinations), "tables": list(tables),
+            "streaming": {"engine": self.engine, **(streaming or {})}}
         path.write_text(yaml.safe_dump({
             "sources": {"src": {**endpoint, "database": self.source_db}},
-            "destinations": {"dst": {**endpoint, "port": self.target_cluster.port,
-                                     "database": self.destination_db, "schema": "replica"}},
+            "destinations": destinations,
             "pipelines": {name: pipeline},
         }))
         return path
+
+    def load_pipeline(self, path: Path, name: str) -> PipelineDefinition:
+        """A pipeline of a file written by :meth:`write_pipeline_file`, secrets resolved."""
+        return load_config(path, {"TEST_PG_PASSWORD": self.cluster.password}).pipeline(name)
 
     def pipeline_env(self, pipeline_file: Path, config_url: str) -> dict[str, str]:
         """Environment of a process that streams this env's pipelines."""

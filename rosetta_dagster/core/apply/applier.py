@@ -87,7 +87,8 @@ class _TablePlan:
     key_of: Callable[[Mapping[str, Any]], tuple[Any, ...]] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.known_columns = frozenset(self.schema.column_names)
+        # Columns the options leave out are known too: ignored, not a schema change.
+        self.known_columns = frozenset(self.schema.column_names) | self.schema.ignored_columns
         self.converter_of = dict(self.converters)
         self.column_names = tuple(name for name, _ in self.converters)
         key = self.schema.primary_key
@@ -188,7 +189,7 @@ class PostgresApplier:
         """Create or widen every destination table before any event is applied."""
         with self.pool.connection() as conn:
             for schema in schemas:
-                ensure_destination_table(conn, schema, self.target_schema)
+                ensure_destination_table(conn, schema, self.target_schema, self.name)
                 self._plans[schema.table] = self._plan(schema)
 
     # -- changes as text (reports, parked changes) ------------------------------------------
@@ -223,7 +224,7 @@ class PostgresApplier:
 
     def _refresh(self, conn: psycopg2.extensions.connection, table: TableRef) -> _TablePlan:
         schema = self.schema_source(table)
-        ensure_destination_table(conn, schema, self.target_schema)
+        ensure_destination_table(conn, schema, self.target_schema, self.name)
         plan = self._plan(schema)
         self._plans[table] = plan
         logger.info("Destination %s: %s now has columns %s", self.name, table.qualified,
@@ -232,7 +233,7 @@ class PostgresApplier:
 
     def _plan(self, schema: TableSchema) -> _TablePlan:
         table = schema.table
-        target = sql.Identifier(self.target_schema, table.name)
+        target = schema.target_sql(self.name, self.target_schema)
         # A new staging name per column set: a widened table gets a fresh staging table.
         stage_name = f"_rosetta_stage_{abs(hash((table, schema.column_names))) % 10**12}"
         stage = sql.Identifier(stage_name)
@@ -645,7 +646,7 @@ class PostgresApplier:
 
     def _truncate(self, conn: psycopg2.extensions.connection, table: TableRef) -> None:
         with conn.cursor() as cursor:
-            cursor.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(self.target_schema, table.name)))
+            cursor.execute(sql.SQL("TRUNCATE {}").format(self._plans[table].target))
         logger.info("Destination %s: applied TRUNCATE of %s", self.name, table.qualified)
 
     def _flush(

@@ -41,20 +41,22 @@ def _swap_table_name(schema: TableSchema) -> str:
 class BulkTableLoad:
     """Where one table's rows go in one destination, and how they are made visible."""
 
-    target_schema: str
+    target_schema: str  # the destination's schema (the swap table is made there)
     schema: TableSchema
     mode: str  # "direct" (the table was empty) or "swap"
+    destination: str
 
     @classmethod
     def begin(
-        cls, conn: psycopg2.extensions.connection, target_schema: str, schema: TableSchema
+        cls, conn: psycopg2.extensions.connection, target_schema: str, schema: TableSchema,
+        destination: str,
     ) -> BulkTableLoad:
         """Choose the mode from the destination table's content; prepare the swap table."""
-        table = sql.Identifier(target_schema, schema.table.name)
+        table = schema.target_sql(destination, target_schema)
         with conn.cursor() as cursor:
             cursor.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(table))
             row = cursor.fetchone()
-        load = cls(target_schema, schema, "direct" if row and row[0] else "swap")
+        load = cls(target_schema, schema, "direct" if row and row[0] else "swap", destination)
         if load.mode == "swap":
             with conn.cursor() as cursor:
                 cursor.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(load.copy_target))
@@ -66,9 +68,14 @@ class BulkTableLoad:
         return load
 
     @property
+    def target(self) -> sql.Identifier:
+        return self.schema.target_sql(self.destination, self.target_schema)
+
+    @property
     def copy_target(self) -> sql.Identifier:
-        name = self.schema.table.name if self.mode == "direct" else _swap_table_name(self.schema)
-        return sql.Identifier(self.target_schema, name)
+        if self.mode == "direct":
+            return self.target
+        return sql.Identifier(self.target_schema, _swap_table_name(self.schema))
 
     @property
     def binary(self) -> bool:
@@ -84,7 +91,7 @@ class BulkTableLoad:
         ``conn`` must not be in autocommit: the swap is one transaction."""
         if self.mode == "direct":
             return
-        target = sql.Identifier(self.target_schema, self.schema.table.name)
+        target = self.target
         columns = sql.SQL(", ").join(sql.Identifier(c) for c in self.schema.column_names)
         with conn.cursor() as cursor:
             cursor.execute(sql.SQL("TRUNCATE {}").format(target))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from rosetta_dagster.core.errors import RosettaError
-from rosetta_dagster.core.pipeline_config import TableRef
+from rosetta_dagster.core.pipeline_config import NO_OPTIONS, TableOptions, TableRef
 
 
 class SchemaError(RosettaError):
@@ -76,16 +77,47 @@ class Column:
 
 @dataclass(frozen=True)
 class TableSchema:
+    """A source table as a pipeline replicates it: its columns (the table's own, or the
+    projection its options choose), key, row filter and destination tables."""
+
     table: TableRef
     columns: tuple[Column, ...]
     primary_key: tuple[str, ...]
+    row_filter: str | None = None  # the publication's WHERE: only these rows are replicated
+    # Source columns left out by the options: an event may still carry them (sent before the
+    # publication changed); they are ignored, not a schema change.
+    ignored_columns: frozenset[str] = frozenset()
+    targets: tuple[tuple[str, TableRef], ...] = ()  # per destination name, when not the default
 
     @property
     def column_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns)
 
+    def target(self, destination: str, destination_schema: str) -> TableRef:
+        """The table written in destination ``destination`` (default: same name, its schema)."""
+        return dict(self.targets).get(destination, TableRef(destination_schema, self.table.name))
+
+    def target_sql(self, destination: str, destination_schema: str) -> sql.Identifier:
+        target = self.target(destination, destination_schema)
+        return sql.Identifier(target.schema, target.name)
+
+    @property
+    def source_sql(self) -> sql.Identifier:
+        return sql.Identifier(self.table.schema, self.table.name)
+
+    @property
+    def source_filter(self) -> sql.Composable:
+        """The rows replicated, as a condition on the source table (validated as one
+        expression when the pipeline file is read; PostgreSQL judged it in the publication)."""
+        return replicated_rows(self.row_filter)
+
     def column(self, name: str) -> Column:
         return next(c for c in self.columns if c.name == name)
+
+
+def replicated_rows(row_filter: str | None) -> sql.Composable:
+    """A table's row filter as a condition (TRUE without one)."""
+    return sql.SQL("TRUE") if row_filter is None else sql.SQL("({})").format(sql.SQL(row_filter))
 
 
 _COLUMNS_QUERY = """
@@ -173,8 +205,10 @@ class _TypeReader:
         return user
 
 
-def read_table_schema(conn: psycopg2.extensions.connection, table: TableRef, where: str) -> TableSchema:
-    """Columns and primary key of ``table``; ``where`` names the database in errors."""
+def read_table_schema(conn: psycopg2.extensions.connection, table: TableRef, where: str,
+                      options: TableOptions = NO_OPTIONS) -> TableSchema:
+    """Columns and primary key of ``table``, projected by its ``options``; ``where`` names the
+    database in errors."""
     with conn.cursor() as cursor:
         cursor.execute("SELECT to_regclass(%s)", (_regclass(table).as_string(conn),))
         row = cursor.fetchone()
@@ -209,7 +243,32 @@ def read_table_schema(conn: psycopg2.extensions.connection, table: TableRef, whe
             f"Table {table.qualified} in {where} has no primary key; Rosetta needs one to apply "
             "updates and deletes exactly."
         )
-    return TableSchema(table=table, columns=tuple(columns), primary_key=primary_key)
+    return _projected(TableSchema(table=table, columns=tuple(columns), primary_key=primary_key),
+                      options, where)
+
+
+def _projected(schema: TableSchema, options: TableOptions, where: str) -> TableSchema:
+    """The columns the options keep (the key always), the row filter and the targets."""
+    names = set(schema.column_names)
+    for key, listed in (("columns", options.columns or ()),
+                        ("exclude_columns", options.exclude_columns)):
+        unknown = [c for c in listed if c not in names]
+        if unknown:
+            raise SchemaError(
+                f"Table {schema.table.qualified}: its {key} option names "
+                f"{', '.join(unknown)}, which {where} does not have, so nothing was written.")
+    excluded_keys = [c for c in options.exclude_columns if c in schema.primary_key]
+    if excluded_keys:
+        raise SchemaError(
+            f"Table {schema.table.qualified}: its exclude_columns option names the primary key "
+            f"column(s) {', '.join(excluded_keys)}, which are always replicated, so nothing was "
+            "written.")
+    kept = set(options.columns) | set(schema.primary_key) if options.columns is not None else (
+        names - set(options.exclude_columns))
+    return dataclasses.replace(
+        schema, columns=tuple(c for c in schema.columns if c.name in kept),
+        row_filter=options.where, ignored_columns=frozenset(names - kept),
+        targets=options.targets)
 
 
 def destination_type(column: Column, target_schema: str) -> sql.Composable:
@@ -263,12 +322,18 @@ def user_types(schema: TableSchema) -> list[UserType]:
 
 
 def ensure_destination_table(
-    conn: psycopg2.extensions.connection, schema: TableSchema, target_schema: str
+    conn: psycopg2.extensions.connection, schema: TableSchema, target_schema: str,
+    destination: str,
 ) -> None:
-    """Create the destination table (and its enum types) like the source, or add new columns."""
-    target = sql.Identifier(target_schema, schema.table.name)
+    """Create the destination table (and its enum types) like the source, or add new columns.
+    User types live in ``target_schema`` (the destination's); the table where ``schema``
+    targets it in ``destination``."""
+    table = schema.target(destination, target_schema)
+    target = sql.Identifier(table.schema, table.name)
     with conn.cursor() as cursor:
-        cursor.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(target_schema)))
+        for schema_name in dict.fromkeys((target_schema, table.schema)):
+            cursor.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                sql.Identifier(schema_name)))
         for user in user_types(schema):
             _ensure_user_type(cursor, target_schema, user)
         definitions = [

@@ -24,7 +24,10 @@ from dagster import (
 
 from rosetta_dagster.core.notify import OUTBOX_RETRY_S, Alert, Notifier, store_alerts
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, RosettaConfig, load_config
-from rosetta_dagster.defs.pipelines.assets import destination_table_key, replication_slot_key
+from rosetta_dagster.defs.pipelines.assets import (
+    replication_slot_key,
+    table_copy_key,
+)
 from rosetta_dagster.defs.pipelines.checks import SLOT_CHECKS, TABLE_CHECKS
 from rosetta_dagster.defs.platform.checks import CONFIG_DB_KEY, POOL_CHECKS
 from rosetta_dagster.defs.platform.logs import TeeLogger
@@ -41,7 +44,7 @@ def _check_keys(pipeline: PipelineDefinition) -> Iterator[AssetCheckKey]:
     for destination in pipeline.destinations:
         for table in pipeline.tables:
             for check in _ALERTED_TABLE_CHECKS:
-                yield AssetCheckKey(destination_table_key(destination, table), check)
+                yield AssetCheckKey(table_copy_key(pipeline, destination, table), check)
     for check in SLOT_CHECKS:
         yield AssetCheckKey(replication_slot_key(pipeline), check)
 

@@ -9,8 +9,15 @@ def source_table_key(pipeline: PipelineDefinition, table: TableRef) -> AssetKey:
     return AssetKey(["source", pipeline.source.name, table.schema, table.name])
 
 
-def destination_table_key(destination: Destination, table: TableRef) -> AssetKey:
-    return AssetKey(["destination", destination.name, destination.schema, table.name])
+def destination_table_key(destination: Destination, target: TableRef) -> AssetKey:
+    """``target``: the table written in the destination (``PipelineDefinition.target``)."""
+    return AssetKey(["destination", destination.name, target.schema, target.name])
+
+
+def table_copy_key(pipeline: PipelineDefinition, destination: Destination, table: TableRef
+                   ) -> AssetKey:
+    """The asset of source ``table``'s copy in ``destination`` (its target table)."""
+    return destination_table_key(destination, pipeline.target(table, destination))
 
 
 def replication_slot_key(pipeline: PipelineDefinition | str) -> AssetKey:
@@ -42,11 +49,12 @@ def pipeline_asset_specs(pipeline: PipelineDefinition) -> list[AssetSpec]:
             )
         )
         for destination in pipeline.destinations:
+            target = pipeline.target(table, destination)
             specs.append(
                 AssetSpec(
-                    destination_table_key(destination, table),
+                    destination_table_key(destination, target),
                     deps=[source_key],
-                    description=f"{destination.schema}.{table.name} in destination "
+                    description=f"{target.qualified} in destination "
                     f"{destination.name}, kept in sync by the stream_{pipeline.name} job.",
                     group_name=pipeline.name,
                     kinds={"postgres"},

@@ -26,7 +26,11 @@ from rosetta_dagster.core.health import (
 from rosetta_dagster.core.lag import LagReading
 from rosetta_dagster.core.pipeline_config import OperationsSettings, PipelineDefinition, load_config
 from rosetta_dagster.core.replication import SlotReading
-from rosetta_dagster.defs.pipelines.assets import destination_table_key, replication_slot_key
+from rosetta_dagster.defs.pipelines.assets import (
+    destination_table_key,
+    replication_slot_key,
+    table_copy_key,
+)
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 
 TABLE_CHECKS = ("row_count_parity", "content_parity", "replication_lag", "apply_errors",
@@ -62,14 +66,14 @@ def lag_evaluations(pipeline: PipelineDefinition, stored: Pipeline, lag: LagRead
                     operations: OperationsSettings) -> list[AssetCheckEvaluation]:
     """The WAL monitor's lag measurement as ``replication_lag`` on each destination table."""
     outcome = replication_lag(stored, operations, lag)
-    return [check_evaluation(outcome, destination_table_key(destination, table))
+    return [check_evaluation(outcome, table_copy_key(pipeline, destination, table))
             for destination in pipeline.destinations for table in pipeline.tables]
 
 
 def build_pipeline_checks(pipeline: PipelineDefinition) -> list[AssetChecksDefinition]:
     name = pipeline.name
     specs = [
-        AssetCheckSpec(check, asset=destination_table_key(destination, table))
+        AssetCheckSpec(check, asset=table_copy_key(pipeline, destination, table))
         for destination in pipeline.destinations
         for table in pipeline.tables
         for check in TABLE_CHECKS
@@ -96,8 +100,8 @@ def build_pipeline_checks(pipeline: PipelineDefinition) -> list[AssetChecksDefin
 
 
 def asset_key_of(target: CheckTarget) -> AssetKey:
-    if target.kind == "destination_table" and target.destination and target.table:
-        return destination_table_key(target.destination, target.table)
+    if target.kind == "destination_table" and target.destination and target.target:
+        return destination_table_key(target.destination, target.target)
     if target.kind == "replication_slot" and target.pipeline:
         return replication_slot_key(target.pipeline)
     return AssetKey(["config_db"])

@@ -21,7 +21,7 @@ from rosetta_dagster.core.health import measure_and_record_lag
 from rosetta_dagster.core.initial_load import TableLoadReport
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, load_config
 from rosetta_dagster.core.streaming import StreamingSession, StreamProgress
-from rosetta_dagster.defs.pipelines.assets import destination_table_key
+from rosetta_dagster.defs.pipelines.assets import table_copy_key
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 from rosetta_dagster.settings import offsets_dir
 
@@ -58,7 +58,7 @@ def _observe(context: OpExecutionContext, pipeline: PipelineDefinition, progress
             metadata["last_source_commit_ms"] = MetadataValue.int(table_progress.last_source_ts_ms)
         for destination in pipeline.destinations:
             context.log_event(
-                AssetObservation(asset_key=destination_table_key(destination, table), metadata=metadata)
+                AssetObservation(asset_key=table_copy_key(pipeline, destination, table), metadata=metadata)
             )
 
 
@@ -69,7 +69,7 @@ def _materialize_loaded_table(
     destination = next(d for d in pipeline.destinations if d.name == report.destination)
     context.log_event(
         AssetMaterialization(
-            asset_key=destination_table_key(destination, report.table),
+            asset_key=table_copy_key(pipeline, destination, report.table),
             description=f"Initial load of {report.table.qualified} by pipeline {pipeline.name}",
             metadata={
                 "rows": MetadataValue.int(report.rows),

@@ -79,6 +79,7 @@ class SourceReread:
     """Fills the left-out columns of a batch's events from the source."""
 
     def __init__(self, schemas: Mapping[TableRef, TableSchema]) -> None:
+        self.schemas = schemas
         self.tables = {table: plan for table, schema in schemas.items()
                        if (plan := _plan(schema)) is not None}
         self._key_text = {table: [converter_for(plan.schema.column(k))
@@ -86,12 +87,15 @@ class SourceReread:
                           for table, plan in self.tables.items()}
 
     def exclude_list(self) -> str:
-        """Debezium's ``column.exclude.list``: fully qualified column regexes."""
+        """Debezium's ``column.exclude.list``: fully qualified column regexes of the columns
+        re-read, and of those the tables' options leave out (never converted either)."""
         def escaped(name: str) -> str:
             return name.replace(".", "\\.").replace("$", "\\$")
 
+        left_out = {t: [*(p.excluded if (p := self.tables.get(t)) else ()),
+                        *sorted(s.ignored_columns)] for t, s in self.schemas.items()}
         return ",".join(f"{escaped(t.schema)}\\.{escaped(t.name)}\\.{escaped(c)}"
-                        for t, plan in self.tables.items() for c in plan.excluded)
+                        for t, columns in left_out.items() for c in columns)
 
     def fill(
         self, conn: psycopg2.extensions.connection, items: Sequence[ChangeEvent | Watermark]
