@@ -175,3 +175,19 @@ def test_bad_table_options_fail_with_one_clear_sentence(
     with pytest.raises(PipelineConfigError) as raised:
         load_config(path, ENV)
     assert expected in str(raised.value)
+
+
+def test_destination_assets_and_check_specs_are_the_target_tables(tmp_path: Path) -> None:
+    from dagster import AssetKey
+
+    from rosetta_dagster.defs.pipelines.assets import pipeline_asset_specs
+    from rosetta_dagster.defs.pipelines.checks import build_pipeline_checks
+
+    pipeline = load_config(_write(tmp_path, OPTIONS), ENV).pipeline("orders")
+    keys = {spec.key for spec in pipeline_asset_specs(pipeline)}
+    assert {AssetKey(["destination", "wh", "sales", "orders_eu"]),
+            AssetKey(["destination", "lake", "raw", "items"]),
+            AssetKey(["destination", "lake", "public", "customers"])} <= keys
+    assert AssetKey(["destination", "wh", "copy", "orders"]) not in keys
+    (checks,) = build_pipeline_checks(pipeline)
+    assert {key.asset_key for key in checks.check_keys} <= keys
