@@ -55,6 +55,17 @@ class TableRef:
     schema: str
     name: str
 
+    def __post_init__(self) -> None:
+        # Looked up in dicts for every change applied: hashed once, not per lookup.
+        object.__setattr__(self, "_hash", hash((self.schema, self.name)))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined,no-any-return]
+
+    def __reduce__(self) -> tuple[type[TableRef], tuple[str, str]]:
+        # Rebuilt, not restored: string hashes differ between processes.
+        return TableRef, (self.schema, self.name)
+
     @property
     def qualified(self) -> str:
         return f"{self.schema}.{self.name}"

@@ -155,6 +155,14 @@ def _keys_table_name(table: TableRef) -> str:
     return f"_rosetta_resync_{table.name[:30]}_{digest}"
 
 
+def _note_run(counts: dict[TableRef, int], last_ts: dict[TableRef, int], table: TableRef,
+              events: int, source_ts_ms: int | None) -> None:
+    """Count a run of consecutive events of one table (per run, not per event)."""
+    counts[table] = counts.get(table, 0) + events
+    if source_ts_ms is not None:
+        last_ts[table] = source_ts_ms
+
+
 class PostgresApplier:
     """Applies batches to one destination database, creating and widening tables as needed."""
 
@@ -578,13 +586,18 @@ class PostgresApplier:
             table: TableRef | None = None
             plan: _TablePlan | None = None
             per_table: dict[tuple[Any, ...], ChangeEvent] = {}
+            # Events of ``table`` since it was looked up, and the newest source time among them.
+            run, run_ts = 0, None
             for event in events:
                 if event.table is not table or plan is None:  # identity: no hashing
+                    if run:
+                        _note_run(counts, last_ts, table, run, run_ts)  # type: ignore[arg-type]
+                        run, run_ts = 0, None
                     table = event.table
                     plan, per_table = self._plans.get(table), pending.setdefault(table, {})
-                counts[table] = counts.get(table, 0) + 1
+                run += 1
                 if event.source_ts_ms is not None:
-                    last_ts[table] = event.source_ts_ms
+                    run_ts = event.source_ts_ms
                 if event.op == "t":
                     # Everything before the truncate must land first, in order.
                     self._flush(conn, pending, result, record_keys)
@@ -600,6 +613,8 @@ class PostgresApplier:
                 key = plan.key_of(row)
                 per_table.pop(key, None)  # re-insert so dict order follows the latest event
                 per_table[key] = event
+            if run:
+                _note_run(counts, last_ts, table, run, run_ts)  # type: ignore[arg-type]
             self._flush(conn, pending, result, record_keys)
             if position is not None and self.tracking is not None and (
                     applied is None or position > applied):
@@ -677,21 +692,13 @@ class PostgresApplier:
         cursor.execute("RELEASE SAVEPOINT _rosetta_direct")
         return True
 
-    def _merge(
-        self,
-        conn: psycopg2.extensions.connection,
-        plan: _TablePlan,
-        events: Iterable[ChangeEvent],
-        result: BatchResult,
-        record_keys: bool,
-    ) -> None:
-        events = list(events)
+    def _copy_lines(self, plan: _TablePlan, events: list[ChangeEvent], *, staged: bool
+                    ) -> tuple[io.StringIO, int, int]:
+        """COPY text of ``events``: the table's columns (``staged``: then the operation and the
+        columns to keep, for the staging table). Returns it with its rows and the unchanged
+        TOAST values it leaves alone."""
         buffer = io.StringIO()
         write = buffer.write
-        # Only new rows (the common case of an insert-heavy stream): COPY them straight into
-        # the table; a key already there, or any refusal, falls back to staging + MERGE, which
-        # upserts (or reports) exactly as before.
-        direct = io.StringIO() if not record_keys and all(e.op == "c" for e in events) else None
         key_columns = set(plan.schema.primary_key)
         names = plan.column_names
         rows = 0
@@ -734,20 +741,37 @@ class PostgresApplier:
                     else:
                         fields.append(copy_field(convert(value)))
                 line = "\t".join(fields)
-            if direct is not None:
-                direct.write(line)
-                direct.write("\n")
             write(line)
-            write("\td\t" if delete else "\tu\t")
-            write(copy_field("{" + ",".join('"' + n.replace('"', '\\"') + '"' for n in unchanged)
-                             + "}") if unchanged else COPY_NULL)
+            if staged:
+                write("\td\t" if delete else "\tu\t")
+                write(copy_field("{" + ",".join('"' + n.replace('"', '\\"') + '"'
+                                                for n in unchanged) + "}")
+                      if unchanged else COPY_NULL)
             write("\n")
             rows += 1
         buffer.seek(0)
+        return buffer, rows, unchanged_toast
+
+    def _merge(
+        self,
+        conn: psycopg2.extensions.connection,
+        plan: _TablePlan,
+        events: Iterable[ChangeEvent],
+        result: BatchResult,
+        record_keys: bool,
+    ) -> None:
+        events = list(events)
+        # Only new rows (the common case of an insert-heavy stream): COPY them straight into
+        # the table; a key already there, or any refusal, falls back to staging + MERGE, which
+        # upserts (or reports) exactly as before.
+        if not record_keys and all(e.op == "c" for e in events):
+            direct, rows, _ = self._copy_lines(plan, events, staged=False)
+            with conn.cursor() as cursor:
+                if self._copy_direct(cursor, plan, direct):
+                    result.rows_written += rows
+                    return
+        buffer, rows, unchanged_toast = self._copy_lines(plan, events, staged=True)
         with conn.cursor() as cursor:
-            if direct is not None and self._copy_direct(cursor, plan, direct):
-                result.rows_written += rows
-                return
             cursor.execute(plan.create_stage)
             try:
                 cursor.copy_expert(plan.copy, buffer)
