@@ -264,6 +264,35 @@ def test_changing_the_filter_and_columns_of_a_streaming_table_converges_without_
         ("kept",)]
 
 
+def test_a_new_target_for_a_streaming_table_is_loaded_by_a_backfill(
+    env: StreamingEnv, pg_root: Path, store: ConfigStore
+) -> None:
+    _seed(env, rows=300)
+    workdir = pg_root / f"retarget-{env.source_db}"
+    entry = {"name": "public.orders", "target": "orders_v1"}
+    before = _pipeline(env, workdir, "retarget", ["public.customers", entry])
+    store.sync_pipeline(before)
+    store.set_pipeline_status("retarget", PipelineStatus.START)
+    columns = [*COLUMNS, "secret"]
+    with streaming(StreamingSession(before, offsets_dir=env.offsets_dir, config_store=store)):
+        wait_until(lambda: _projection(env.destination_url, "replica.orders_v1", columns)
+                   == _projection(env.source_url, "public.orders", columns), 60, "orders_v1")
+    after = _pipeline(env, workdir, "retarget", ["public.customers", {**entry,
+                                                                       "target": "orders_v2"}])
+    known = {j.id for j in store.list_backfill_jobs(pipeline="retarget")}
+    with streaming(StreamingSession(after, offsets_dir=env.offsets_dir, config_store=store)), \
+            _Writer(env.source_url, 13, 301):
+        wait_until(lambda: {j.id for j in store.list_backfill_jobs(pipeline="retarget")} != known,
+                   60, "the stream to request the load of the new target")
+        (job,) = [j for j in store.list_backfill_jobs(pipeline="retarget") if j.id not in known]
+        assert job.table_name == "public.orders"
+        BackfillRunner(after, store, job.id, chunk_timeout_s=60, chunk_rows=100).run()
+        time.sleep(1)
+    wait_until(lambda: _projection(env.destination_url, "replica.orders_v2", columns)
+               == _projection(env.source_url, "public.orders", columns), 60, "orders_v2")
+    assert count_rows(env.destination_url, "replica.orders_v1") > 0  # left as it was
+
+
 @pytest.mark.parametrize(
     ("setup", "entry", "expected"),
     [

@@ -241,17 +241,18 @@ class StreamingSession:
         by a backfill (rows now inside loaded, rows now outside deleted, added columns
         filled), not by a new snapshot of the pipeline. Requested before the publication
         changes; the backfill waits until it has."""
+        self._request_backfills(tables, "changed its columns or row filter")
+
+    def _request_backfills(self, tables: Sequence[TableRef], why: str) -> None:
         for table in tables:
             if self.config_store is None:
-                self.log.warning(
-                    "Pipeline %s: the columns or row filter of %s changed; request a backfill "
-                    "of it to bring its destination rows in line", self.pipeline.name,
-                    table.qualified)
+                self.log.warning("Pipeline %s: %s %s; request a backfill of it to bring its "
+                                 "destination rows in line", self.pipeline.name,
+                                 table.qualified, why)
                 continue
             job = self.config_store.create_backfill_job(self.pipeline.name, table.qualified)
-            self.log.info(
-                "Pipeline %s: the columns or row filter of %s changed; backfill job %d brings "
-                "its destination rows in line", self.pipeline.name, table.qualified, job.id)
+            self.log.info("Pipeline %s: %s %s; backfill job %d brings its destination rows in "
+                          "line", self.pipeline.name, table.qualified, why, job.id)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -523,6 +524,11 @@ class StreamingSession:
                 state.tables.update({t: fence for t in added})
             state.drop_passed_fences(stored.position)
             self.positions.write_loads(state)
+            # A table already streamed whose destination table had to be created (a new
+            # target, or dropped on the destination) is loaded by a backfill, not a snapshot.
+            created = {t for a in self._appliers for t in a.created}
+            self._request_backfills([t for t in tables if t in created and t not in added],
+                                    "has a destination table that was just created")
         self._fences = {t: f.visibility for t, f in state.tables.items() if f is not None}
 
     def _delete_position_behind_slot(self, conn: psycopg2.extensions.connection) -> None:

@@ -190,6 +190,8 @@ class PostgresApplier:
         self._open: AbstractContextManager[psycopg2.extensions.connection] | None = None
         self._open_conn: psycopg2.extensions.connection | None = None
         self._spans_pieces = False  # the open transaction is one source transaction in pieces
+        # Tables whose destination table prepare() created (first start, added, new target).
+        self.created: set[TableRef] = set()
 
     # -- schema ----------------------------------------------------------------------------
 
@@ -197,7 +199,8 @@ class PostgresApplier:
         """Create or widen every destination table before any event is applied."""
         with self.pool.connection() as conn:
             for schema in schemas:
-                ensure_destination_table(conn, schema, self.target_schema, self.name)
+                if ensure_destination_table(conn, schema, self.target_schema, self.name):
+                    self.created.add(schema.table)
                 self._plans[schema.table] = self._plan(schema)
 
     # -- changes as text (reports, parked changes) ------------------------------------------

@@ -324,13 +324,15 @@ def user_types(schema: TableSchema) -> list[UserType]:
 def ensure_destination_table(
     conn: psycopg2.extensions.connection, schema: TableSchema, target_schema: str,
     destination: str,
-) -> None:
+) -> bool:
     """Create the destination table (and its enum types) like the source, or add new columns.
     User types live in ``target_schema`` (the destination's); the table where ``schema``
-    targets it in ``destination``."""
+    targets it in ``destination``. True when the table was created."""
     table = schema.target(destination, target_schema)
     target = sql.Identifier(table.schema, table.name)
     with conn.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s) IS NULL", (target.as_string(conn),))
+        created = bool(cursor.fetchone()[0])  # type: ignore[index]
         for schema_name in dict.fromkeys((target_schema, table.schema)):
             cursor.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
                 sql.Identifier(schema_name)))
@@ -369,6 +371,7 @@ def ensure_destination_table(
                     default,
                 )
             )
+    return created
 
 
 def _ensure_user_type(cursor: psycopg2.extensions.cursor, target_schema: str, user: UserType) -> None:
