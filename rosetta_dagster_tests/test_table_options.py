@@ -293,6 +293,36 @@ def test_a_new_target_for_a_streaming_table_is_loaded_by_a_backfill(
     assert count_rows(env.destination_url, "replica.orders_v1") > 0  # left as it was
 
 
+def test_a_column_added_on_the_source_under_exclude_columns_is_filled_at_the_next_start(
+    env: StreamingEnv, pg_root: Path, store: ConfigStore
+) -> None:
+    """The publication's column list is explicit: a new source column is not sent until the
+    next start, which widens the list and fills the column by a backfill."""
+    _seed(env, rows=200)
+    workdir = pg_root / f"widen-{env.source_db}"
+    pipeline = _pipeline(env, workdir, "widen",
+                         [{"name": "public.orders", "exclude_columns": ["secret"]}])
+    store.sync_pipeline(pipeline)
+    store.set_pipeline_status("widen", PipelineStatus.START)
+    widened = [*COLUMNS, "extra"]
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
+        wait_until(lambda: _projection(env.destination_url, "replica.orders", COLUMNS)
+                   == _projection(env.source_url, "public.orders", COLUMNS), 60, "the load")
+        execute(env.source_url, "ALTER TABLE public.orders ADD COLUMN extra text",
+                "UPDATE public.orders SET extra = 'x' || id, total = 1 WHERE id % 3 = 0")
+        wait_until(lambda: _projection(env.destination_url, "replica.orders", COLUMNS)
+                   == _projection(env.source_url, "public.orders", COLUMNS), 60, "the updates")
+    known = {j.id for j in store.list_backfill_jobs(pipeline="widen")}
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
+        wait_until(lambda: {j.id for j in store.list_backfill_jobs(pipeline="widen")} != known,
+                   60, "the stream to request the repair")
+        (job,) = [j for j in store.list_backfill_jobs(pipeline="widen") if j.id not in known]
+        BackfillRunner(pipeline, store, job.id, chunk_timeout_s=60).run()
+        execute(env.source_url, "UPDATE public.orders SET extra = 'y' WHERE id = 1")
+        wait_until(lambda: _projection(env.destination_url, "replica.orders", widened)
+                   == _projection(env.source_url, "public.orders", widened), 60, "extra filled")
+
+
 @pytest.mark.parametrize(
     ("setup", "entry", "expected"),
     [
