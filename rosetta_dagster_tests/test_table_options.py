@@ -64,6 +64,19 @@ WHERE = "status <> 'draft' AND region = 'EU'"
 COLUMNS = ["id", "customer_id", "total", "status", "region", "note", "updated_at"]
 
 
+# Every change of public.orders on the source, in order, with its transaction.
+_AUDIT = (
+    "CREATE TABLE public.audit (n bigserial PRIMARY KEY, xid bigint, op text, id int, old text, "
+    "new text)",
+    "CREATE FUNCTION public.audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    "INSERT INTO public.audit (xid, op, id, old, new) VALUES (txid_current(), TG_OP, "
+    "coalesce(NEW.id, OLD.id), CASE WHEN TG_OP <> 'INSERT' THEN ROW(OLD.*)::text END, "
+    "CASE WHEN TG_OP <> 'DELETE' THEN ROW(NEW.*)::text END); RETURN NULL; END $$",
+    "CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON public.orders FOR EACH ROW "
+    "EXECUTE FUNCTION public.audit()",
+)
+
+
 def _row(rng: random.Random, key: int) -> tuple[Any, ...]:
     return (key, rng.randint(1, 50), rng.choice(TOTALS), rng.choice(STATUSES),
             rng.choice(REGIONS), f"secret {key}", rng.choice(NOTES), rng.choice(TIMES))
@@ -173,6 +186,7 @@ def test_a_column_list_row_filter_and_targets_replicate_the_projection_under_a_w
     env: StreamingEnv, pg_root: Path, store: ConfigStore
 ) -> None:
     _seed(env)
+    execute(env.source_url, *_AUDIT)  # explains a difference, should one appear
     far, far_url = _far(env)
     pipeline = _pipeline(env, pg_root / f"opts-{env.source_db}", "opts",
                          ["public.customers", _orders_entry()], far)
@@ -186,7 +200,11 @@ def test_a_column_list_row_filter_and_targets_replicate_the_projection_under_a_w
         try:
             wait_until(lambda: _converged(env, far_url, COLUMNS, WHERE), 60, "the stream")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}: {_differences(env, far_url)}") from None
+            differences = _differences(env, far_url)
+            keys = sorted({k for rows in differences.values() for k, *_ in rows})  # type: ignore[attr-defined]
+            history = fetch(env.source_url, "SELECT n, xid, op, id, old, new FROM public.audit "
+                            "WHERE id = ANY(%s) ORDER BY n", (keys,))
+            raise AssertionError(f"{exc}: {differences}; source history: {history}") from None
         inside = _projection(env.source_url, "public.orders", COLUMNS, WHERE)[0]
         # rows outside the filter exist, and are not replicated
         assert count_rows(env.source_url, "public.orders") > inside + 100
@@ -223,6 +241,21 @@ def _differences(env: StreamingEnv, far_url: str) -> dict[str, object]:
     return found
 
 
+def _job_ids(store: ConfigStore, pipeline: str) -> set[int]:
+    return {job.id for job in store.list_backfill_jobs(pipeline=pipeline)}
+
+
+def _run_the_requested_backfill(store: ConfigStore, pipeline: PipelineDefinition,
+                                known: set[int], chunk_rows: int = 50_000) -> None:
+    """Wait for the one backfill of public.orders the stream requests (ids not in ``known``)
+    and run it, as the backfill sensor's run would."""
+    wait_until(lambda: _job_ids(store, pipeline.name) != known, 60,
+               "the stream to request a backfill")
+    (job,) = [j for j in store.list_backfill_jobs(pipeline=pipeline.name) if j.id not in known]
+    assert job.table_name == "public.orders" and not job.filter
+    BackfillRunner(pipeline, store, job.id, chunk_timeout_s=60, chunk_rows=chunk_rows).run()
+
+
 def test_changing_the_filter_and_columns_of_a_streaming_table_converges_without_a_snapshot(
     env: StreamingEnv, pg_root: Path, store: ConfigStore
 ) -> None:
@@ -241,15 +274,10 @@ def test_changing_the_filter_and_columns_of_a_streaming_table_converges_without_
     new_columns = ["id", "total", "status", "region", "secret", "note", "updated_at"]
     after = _pipeline(env, workdir, "change", ["public.customers", _orders_entry(
         columns=new_columns, where=new_where)], far)
-    jobs_before = {j.id for j in store.list_backfill_jobs(pipeline="change")}
+    known = _job_ids(store, "change")
     session = StreamingSession(after, offsets_dir=env.offsets_dir, config_store=store)
     with streaming(session), _Writer(env.source_url, 12, 601):
-        wait_until(lambda: {j.id for j in store.list_backfill_jobs(pipeline="change")}
-                   != jobs_before, 60, "the stream to request the repair")
-        (job,) = [j for j in store.list_backfill_jobs(pipeline="change") if j.id not in jobs_before]
-        assert job.table_name == "public.orders" and not job.filter
-        # What the backfill sensor does with a requested job.
-        BackfillRunner(after, store, job.id, chunk_timeout_s=60, chunk_rows=150).run()
+        _run_the_requested_backfill(store, after, known, chunk_rows=150)
         time.sleep(1)
     try:
         wait_until(lambda: _converged(env, far_url, new_columns, new_where), 60,
@@ -279,14 +307,10 @@ def test_a_new_target_for_a_streaming_table_is_loaded_by_a_backfill(
                    == _projection(env.source_url, "public.orders", columns), 60, "orders_v1")
     after = _pipeline(env, workdir, "retarget", ["public.customers", {**entry,
                                                                        "target": "orders_v2"}])
-    known = {j.id for j in store.list_backfill_jobs(pipeline="retarget")}
+    known = _job_ids(store, "retarget")
     with streaming(StreamingSession(after, offsets_dir=env.offsets_dir, config_store=store)), \
             _Writer(env.source_url, 13, 301):
-        wait_until(lambda: {j.id for j in store.list_backfill_jobs(pipeline="retarget")} != known,
-                   60, "the stream to request the load of the new target")
-        (job,) = [j for j in store.list_backfill_jobs(pipeline="retarget") if j.id not in known]
-        assert job.table_name == "public.orders"
-        BackfillRunner(after, store, job.id, chunk_timeout_s=60, chunk_rows=100).run()
+        _run_the_requested_backfill(store, after, known, chunk_rows=100)
         time.sleep(1)
     wait_until(lambda: _projection(env.destination_url, "replica.orders_v2", columns)
                == _projection(env.source_url, "public.orders", columns), 60, "orders_v2")
@@ -312,12 +336,9 @@ def test_a_column_added_on_the_source_under_exclude_columns_is_filled_at_the_nex
                 "UPDATE public.orders SET extra = 'x' || id, total = 1 WHERE id % 3 = 0")
         wait_until(lambda: _projection(env.destination_url, "replica.orders", COLUMNS)
                    == _projection(env.source_url, "public.orders", COLUMNS), 60, "the updates")
-    known = {j.id for j in store.list_backfill_jobs(pipeline="widen")}
+    known = _job_ids(store, "widen")
     with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
-        wait_until(lambda: {j.id for j in store.list_backfill_jobs(pipeline="widen")} != known,
-                   60, "the stream to request the repair")
-        (job,) = [j for j in store.list_backfill_jobs(pipeline="widen") if j.id not in known]
-        BackfillRunner(pipeline, store, job.id, chunk_timeout_s=60).run()
+        _run_the_requested_backfill(store, pipeline, known)
         execute(env.source_url, "UPDATE public.orders SET extra = 'y' WHERE id = 1")
         wait_until(lambda: _projection(env.destination_url, "replica.orders", widened)
                    == _projection(env.source_url, "public.orders", widened), 60, "extra filled")
