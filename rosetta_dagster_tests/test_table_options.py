@@ -241,6 +241,19 @@ def _differences(env: StreamingEnv, far_url: str) -> dict[str, object]:
     return found
 
 
+def _started(store: ConfigStore, pipeline: PipelineDefinition) -> PipelineDefinition:
+    """``pipeline`` in the config store with status START (backfills need a started stream)."""
+    store.sync_pipeline(pipeline)
+    store.set_pipeline_status(pipeline.name, PipelineStatus.START)
+    return pipeline
+
+
+def _wait_equal(env: StreamingEnv, relation: str, columns: list[str], what: str) -> None:
+    """Until destination table ``relation`` equals public.orders projected on ``columns``."""
+    wait_until(lambda: _projection(env.destination_url, relation, columns)
+               == _projection(env.source_url, "public.orders", columns), 60, what)
+
+
 def _job_ids(store: ConfigStore, pipeline: str) -> set[int]:
     return {job.id for job in store.list_backfill_jobs(pipeline=pipeline)}
 
@@ -263,8 +276,7 @@ def test_changing_the_filter_and_columns_of_a_streaming_table_converges_without_
     far, far_url = _far(env)
     workdir = pg_root / f"change-{env.source_db}"
     before = _pipeline(env, workdir, "change", ["public.customers", _orders_entry()], far)
-    store.sync_pipeline(before)
-    store.set_pipeline_status("change", PipelineStatus.START)
+    _started(store, before)
     with streaming(StreamingSession(before, offsets_dir=env.offsets_dir, config_store=store)):
         wait_until(lambda: _converged(env, far_url, COLUMNS, WHERE), 60, "the first projection")
     # Behind the stream's back, a row only a new snapshot of customers would remove.
@@ -299,12 +311,10 @@ def test_a_new_target_for_a_streaming_table_is_loaded_by_a_backfill(
     workdir = pg_root / f"retarget-{env.source_db}"
     entry = {"name": "public.orders", "target": "orders_v1"}
     before = _pipeline(env, workdir, "retarget", ["public.customers", entry])
-    store.sync_pipeline(before)
-    store.set_pipeline_status("retarget", PipelineStatus.START)
+    _started(store, before)
     columns = [*COLUMNS, "secret"]
     with streaming(StreamingSession(before, offsets_dir=env.offsets_dir, config_store=store)):
-        wait_until(lambda: _projection(env.destination_url, "replica.orders_v1", columns)
-                   == _projection(env.source_url, "public.orders", columns), 60, "orders_v1")
+        _wait_equal(env, "replica.orders_v1", columns, "orders_v1")
     after = _pipeline(env, workdir, "retarget", ["public.customers", {**entry,
                                                                        "target": "orders_v2"}])
     known = _job_ids(store, "retarget")
@@ -312,8 +322,7 @@ def test_a_new_target_for_a_streaming_table_is_loaded_by_a_backfill(
             _Writer(env.source_url, 13, 301):
         _run_the_requested_backfill(store, after, known, chunk_rows=100)
         time.sleep(1)
-    wait_until(lambda: _projection(env.destination_url, "replica.orders_v2", columns)
-               == _projection(env.source_url, "public.orders", columns), 60, "orders_v2")
+    _wait_equal(env, "replica.orders_v2", columns, "orders_v2")
     assert count_rows(env.destination_url, "replica.orders_v1") > 0  # left as it was
 
 
@@ -326,22 +335,18 @@ def test_a_column_added_on_the_source_under_exclude_columns_is_filled_at_the_nex
     workdir = pg_root / f"widen-{env.source_db}"
     pipeline = _pipeline(env, workdir, "widen",
                          [{"name": "public.orders", "exclude_columns": ["secret"]}])
-    store.sync_pipeline(pipeline)
-    store.set_pipeline_status("widen", PipelineStatus.START)
+    _started(store, pipeline)
     widened = [*COLUMNS, "extra"]
     with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
-        wait_until(lambda: _projection(env.destination_url, "replica.orders", COLUMNS)
-                   == _projection(env.source_url, "public.orders", COLUMNS), 60, "the load")
+        _wait_equal(env, "replica.orders", COLUMNS, "the load")
         execute(env.source_url, "ALTER TABLE public.orders ADD COLUMN extra text",
                 "UPDATE public.orders SET extra = 'x' || id, total = 1 WHERE id % 3 = 0")
-        wait_until(lambda: _projection(env.destination_url, "replica.orders", COLUMNS)
-                   == _projection(env.source_url, "public.orders", COLUMNS), 60, "the updates")
+        _wait_equal(env, "replica.orders", COLUMNS, "the updates")
     known = _job_ids(store, "widen")
     with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
         _run_the_requested_backfill(store, pipeline, known)
         execute(env.source_url, "UPDATE public.orders SET extra = 'y' WHERE id = 1")
-        wait_until(lambda: _projection(env.destination_url, "replica.orders", widened)
-                   == _projection(env.source_url, "public.orders", widened), 60, "extra filled")
+        _wait_equal(env, "replica.orders", widened, "extra filled")
 
 
 @pytest.mark.parametrize(
