@@ -223,6 +223,50 @@ def test_a_transaction_far_larger_than_the_memory_bound_applies_whole_in_bounded
     assert growth_mb < 60, f"streaming process grew by {growth_mb:.0f} MB"
 
 
+@pytest.mark.parametrize("message_from", ["another application", "the stream's heartbeat"])
+def test_a_transaction_committing_right_after_a_logical_message_is_applied(
+    env: StreamingEnv, message_from: str
+) -> None:
+    """pgoutput gives a message outside transactions the position where its WAL record ends:
+    exactly where the next record starts, which may be the commit of a transaction already
+    under way. A position taken from such a message must not pass that commit. Both kinds:
+    another application's message, and the stream's own heartbeat while a transaction sits
+    idle (its changes written, its commit still to come)."""
+    execute(env.source_url, "CREATE EXTENSION IF NOT EXISTS pg_walinspect",
+            "CREATE TABLE public.events (id bigint PRIMARY KEY, payload text, at timestamptz)",
+            "INSERT INTO public.events SELECT g, 'initial', now() FROM generate_series(1, 12) g")
+    writer = psycopg2.connect(env.source_url)
+    other_application = psycopg2.connect(env.source_url)
+    other_application.autocommit = True
+    pipeline = env.pipeline("messages", ["public.events"], heartbeat_interval_ms=200)
+    right_after_a_message = []
+    try:
+        with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
+            wait_until(lambda: env.converged("public.events"), 60, "the initial load")
+            for key in range(1, 13):
+                with writer.cursor() as cursor, other_application.cursor() as other:
+                    cursor.execute("DELETE FROM public.events WHERE id = %s "
+                                   "RETURNING txid_current(), pg_current_wal_insert_lsn()", (key,))
+                    xid, written = cursor.fetchone()  # type: ignore[misc]
+                    if message_from == "another application":
+                        other.execute("SELECT pg_logical_emit_message(false, 'another-app', 'x')")
+                    else:  # idle longer than the heartbeat interval
+                        time.sleep(0.5)
+                writer.commit()
+                # Which WAL record precedes the commit (the case this test is about: a message).
+                right_after_a_message.append(fetch(env.source_url, (
+                    "SELECT before.resource_manager FROM pg_get_wal_records_info(%s, "
+                    "pg_current_wal_flush_lsn()) AS r JOIN pg_get_wal_records_info(%s, "
+                    "pg_current_wal_flush_lsn()) AS before ON before.start_lsn = r.prev_lsn "
+                    "WHERE r.xid = %s AND r.record_type = 'COMMIT'"),
+                    (written, written, xid % 2**32)) == [("LogicalMessage",)])
+            wait_until(lambda: env.converged("public.events"), 30, "every delete applied")
+    finally:
+        writer.close()
+        other_application.close()
+    assert sum(right_after_a_message) >= 6  # the case did occur, most of the time
+
+
 def _rss_kb(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):

@@ -277,8 +277,11 @@ class PgoutputCapture:
                             unit.items.append(item)
                         unit.marker = PositionMarker(begin.source_ts_ms)
                     else:
-                        # Outside any transaction: everything before it has been sent.
-                        last_position = max(last_position, decoded.lsn + 1)
+                        # Outside any transaction: every transaction that committed before it
+                        # has been sent. Its position is where its WAL record ends, which is
+                        # where the next record starts: possibly the commit of a transaction
+                        # under way, whose changes are still to come. Never past it.
+                        last_position = max(last_position, decoded.lsn)
                         self._put(_Unit(position=last_position,
                                         marker=PositionMarker(int(time.time() * 1000))), cursor)
         finally:

@@ -61,7 +61,7 @@ class Message:
     """A logical message (``pg_logical_emit_message``)."""
 
     transactional: bool
-    lsn: int
+    lsn: int  # where its WAL record ends (the next record starts there)
     prefix: str
     content: bytes
 
