@@ -9,8 +9,9 @@ from typing import Any
 import psycopg2
 import pytest
 
+from rosetta_dagster.core.backfill import BackfillRunner
 from rosetta_dagster.core.capture.debezium.engine import CaptureError
-from rosetta_dagster.core.config_store import ConfigStore, PipelineState
+from rosetta_dagster.core.config_store import ConfigStore, PipelineState, PipelineStatus
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
 from rosetta_dagster.core.pool import ResilientConnectionPool
@@ -172,6 +173,58 @@ def test_added_column_and_truncate_are_applied(env: StreamingEnv) -> None:
     assert fetch(env.destination_url, "SELECT id, colour FROM replica.items") == [(100, "green")]
 
 
+
+
+def _column_types(url: str, relation: str) -> list[tuple[str, str]]:
+    return fetch(url, "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                 "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
+                 "ORDER BY attname", (relation,))
+
+
+def test_a_column_type_changed_on_the_source_is_followed_exactly(
+    env: StreamingEnv, store: ConfigStore
+) -> None:
+    """ALTER COLUMN TYPE rewrites the source's rows without a change event (and a USING
+    expression may change their values): the destination columns take the new types, rows
+    streamed after it keep every digit, and a backfill re-copies the rest."""
+    execute(
+        env.source_url,
+        "CREATE TABLE public.prices (id int PRIMARY KEY, amount numeric(10,2), code varchar(4), "
+        "at timestamp(0), n int, note text)",
+        "INSERT INTO public.prices VALUES (1, 12345678.91, 'ab''c', '4713-01-01 00:00:00 BC', "
+        "-2147483648, E'back\\\\slash\\nnewline'), (2, 'NaN', '', 'infinity', 0, NULL), "
+        "(3, -0.01, NULL, '-infinity', 2147483647, '🦀'), (4, NULL, 'd', '2026-11-30 12:00:00', "
+        "NULL, '')",
+    )
+    pipeline = env.pipeline("retype", ["public.prices"])
+    store.sync_pipeline(pipeline)
+    store.set_pipeline_status(pipeline.name, PipelineStatus.START)  # backfills need a stream
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
+        wait_until(lambda: env.converged("public.prices"), message="the initial load")
+        execute(
+            env.source_url,
+            "ALTER TABLE public.prices ALTER COLUMN amount TYPE numeric(14,4), "
+            "ALTER COLUMN code TYPE varchar(40), ALTER COLUMN at TYPE timestamp(6), "
+            "ALTER COLUMN n TYPE bigint USING n::bigint * 1000000",  # old rows change, unsent
+            "INSERT INTO public.prices VALUES (5, 1234567890.1234, 'longer than four', "
+            "'2026-11-30 12:00:00.123456', 9007199254740993, 'new')",
+            "UPDATE public.prices SET amount = -0.0001, at = '1999-12-31 23:59:59.999999' "
+            "WHERE id = 4",
+        )
+        wait_until(lambda: _column_types(env.destination_url, "replica.prices")
+                   == _column_types(env.source_url, "public.prices"), 60, "the new types")
+        # Rows streamed after the change: exact at once, every digit of the new types.
+        wait_until(lambda: fetch(env.destination_url, "SELECT amount::text, code, at::text, n "
+                                 "FROM replica.prices WHERE id = 5") == [
+            ("1234567890.1234", "longer than four", "2026-11-30 12:00:00.123456",
+             9007199254740993)], 60, "the row inserted after the change")
+        wait_until(lambda: store.list_backfill_jobs(pipeline=pipeline.name), 60,
+                   "the stream to request a backfill")
+        (job,) = store.list_backfill_jobs(pipeline=pipeline.name)
+        BackfillRunner(pipeline, store, job.id, chunk_timeout_s=60).run()
+        wait_until(lambda: env.converged("public.prices"), 60, "the rows the source rewrote")
+    assert fetch(env.destination_url, "SELECT n FROM replica.prices WHERE id = 1") == [
+        (-2147483648000000,)]
 
 
 def _register(store: ConfigStore, pipeline: PipelineDefinition) -> None:

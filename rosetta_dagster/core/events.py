@@ -38,8 +38,9 @@ UNCHANGED_TOAST = _Unchanged()
 
 @dataclass(slots=True)  # not frozen: created per change, and a frozen __init__ costs ~3x
 class ChangeEvent:
-    """One row change. ``op`` is c(reate), u(pdate), d(elete), r(ead: snapshot) or t(runcate).
-    Never modified once created."""
+    """One row change. ``op`` is c(reate), u(pdate), d(elete), r(ead: snapshot), t(runcate) or
+    s(chema: column types of the table changed on the source; no row). Never modified once
+    created."""
 
     table: TableRef
     op: str
@@ -58,6 +59,10 @@ class ChangeEvent:
     @property
     def from_snapshot(self) -> bool:
         return self.snapshot not in ("false", "incremental")
+
+    @property
+    def carries_row(self) -> bool:
+        return self.op not in ("t", "s")
 
     @property
     def is_delete(self) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+from psycopg2 import sql
 
 from rosetta_dagster.core.apply.applier import ChunkCounts, PostgresApplier
 from rosetta_dagster.core.apply.refused import RefusedChanges
@@ -36,6 +37,7 @@ from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.publication import ensure_publication
 from rosetta_dagster.core.replication import (
+    connect_source,
     delete_stale_offset,
     destination_connection,
     missing_slot_reason,
@@ -98,8 +100,8 @@ class _ChunkWindow:
     truncated: bool = False
 
     def note(self, event: ChangeEvent, schemas: dict[TableRef, TableSchema]) -> None:
-        if event.op == "t":
-            self.truncated = True
+        if not event.carries_row:
+            self.truncated = self.truncated or event.op == "t"
             return
         row = event.row
         self.keys.add(tuple(row.get(k) for k in schemas[event.table].primary_key))
@@ -153,6 +155,8 @@ class StreamingSession:
         self._last_stamp = 0.0
         self._stamped_position: tuple[int | None, int | None] = (None, None)
         self.refused = RefusedChanges(pipeline, config_store, log)
+        # The engine thread's source connection for catalog reads (see _retyped_tables).
+        self._catalog_conn: psycopg2.extensions.connection | None = None
 
     # -- preparation -----------------------------------------------------------------------
 
@@ -263,7 +267,11 @@ class StreamingSession:
         self.refused.replay_requested(self._appliers)  # parked changes go before newer ones
         segment: list[ChangeEvent] = []
         streaming_seen = batch.marker is not None
-        for item in batch.items:
+        items = batch.items
+        if (not self.engine.announces_type_changes and not self._resyncing
+                and any(isinstance(item, ChangeEvent) for item in items)):
+            items = self._retyped_tables() + list(items)
+        for item in items:
             if isinstance(item, Watermark):
                 self._apply_events(segment, streaming_seen)
                 segment = []
@@ -286,10 +294,51 @@ class StreamingSession:
             default=None))
         return committed
 
+    def _retyped_tables(self) -> list[ChangeEvent]:
+        """A schema event for each table whose column types changed on the source since its
+        schema was read (engines that do not announce it: read from the catalog, once per
+        batch of rows). Rows of the batch from before the change are applied in the new
+        types; the backfill that follows repairs them with the rest."""
+        tables = list(self._schemas)
+        conn = self._catalog_conn
+        if conn is None or conn.closed:
+            conn = self._catalog_conn = connect_source(self.pipeline)
+        with conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT t.n, a.attname, a.atttypid, a.atttypmod FROM unnest(%s::text[]) "
+                "WITH ORDINALITY AS t(name, n) JOIN pg_attribute a ON a.attrelid = "
+                "to_regclass(t.name) AND a.attnum > 0 AND NOT a.attisdropped",
+                ([sql.Identifier(t.schema, t.name).as_string(conn) for t in tables],))
+            now: dict[TableRef, dict[str, tuple[int, int]]] = {}
+            for index, name, oid, typmod in cursor.fetchall():
+                now.setdefault(tables[index - 1], {})[name] = (int(oid), int(typmod))
+        events = []
+        for table in tables:
+            known = {c.name: (c.type_oid, c.type_modifier) for c in self._schemas[table].columns}
+            if any(now.get(table, {}).get(name, kind) != kind for name, kind in known.items()):
+                self._schemas[table] = self._read_schema(table)
+                events.append(ChangeEvent(table, "s", None, None,
+                                          source_ts_ms=int(time.time() * 1000)))
+        return events
+
+    def _request_retyped_backfills(self) -> None:
+        """Tables a destination gave new column types: the source converted their rows in a
+        rewrite that streams nothing (maybe with a USING expression), so they are re-copied."""
+        retyped: dict[TableRef, list[str]] = {}
+        for applier in self._appliers:
+            for table, columns in applier.retyped.items():
+                retyped.setdefault(table, []).extend(
+                    f"{c.name} {c.old_type} -> {c.new_type}" for c in columns)
+            applier.retyped.clear()
+        for table, changes in retyped.items():
+            self._request_backfills([table], "changed column types on the source ("
+                                    + ", ".join(dict.fromkeys(changes)) + ")")
+
     def _fenced(self, event: ChangeEvent) -> bool:
         """A change the table's load already contains (its transaction is in the snapshot)."""
         visibility = self._fences.get(event.table)
-        if visibility is None or event.xid is None or not visibility.includes(event.xid):
+        if (visibility is None or event.xid is None or event.op == "s"
+                or not visibility.includes(event.xid)):
             return False
         self.progress.fenced_events_skipped += 1
         return True
@@ -382,6 +431,8 @@ class StreamingSession:
         if not results:
             raise DatabaseConnectionError(
                 f"Pipeline {self.pipeline.name}: every destination is unreachable.")
+        if any(applier.retyped for applier in self._appliers):
+            self._request_retyped_backfills()
         if not events:
             return
         if self.refused.stopped_on is not None and self.config_store is not None:
@@ -476,6 +527,8 @@ class StreamingSession:
             for pool in self._pools:
                 pool.close()
             self._pools.clear()
+            if self._catalog_conn is not None:
+                self._catalog_conn.close()
             self._appliers.clear()
 
     def _heartbeat_if_due(self) -> None:
@@ -559,6 +612,7 @@ class StreamingSession:
         copy_load = self.pipeline.settings.initial_load == "copy"
         if copy_load:
             self._initial_load()
+        self._request_retyped_backfills()  # changed while the stream was stopped
         fresh_snapshot = not self.positions.exists() and self.pipeline.settings.snapshot_mode in (
             "initial", "always", "when_needed"
         )

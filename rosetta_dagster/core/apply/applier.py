@@ -38,6 +38,7 @@ from psycopg2 import sql
 
 from rosetta_dagster.core.apply.errors import ApplyError, classify
 from rosetta_dagster.core.apply.schema import (
+    RetypedColumn,
     TableSchema,
     destination_type,
     ensure_destination_table,
@@ -192,6 +193,9 @@ class PostgresApplier:
         self._spans_pieces = False  # the open transaction is one source transaction in pieces
         # Tables whose destination table prepare() created (first start, added, new target).
         self.created: set[TableRef] = set()
+        # Tables with columns given the source's new type (ALTER COLUMN TYPE); the caller
+        # takes them (their other rows were converted on the source without a change event).
+        self.retyped: dict[TableRef, tuple[RetypedColumn, ...]] = {}
 
     # -- schema ----------------------------------------------------------------------------
 
@@ -199,8 +203,7 @@ class PostgresApplier:
         """Create or widen every destination table before any event is applied."""
         with self.pool.connection() as conn:
             for schema in schemas:
-                if ensure_destination_table(conn, schema, self.target_schema, self.name):
-                    self.created.add(schema.table)
+                self._ensure_table(conn, schema)
                 self._plans[schema.table] = self._plan(schema)
 
     # -- changes as text (reports, parked changes) ------------------------------------------
@@ -233,9 +236,19 @@ class PostgresApplier:
                 "after": as_text(event.after), "source_ts_ms": event.source_ts_ms,
                 "lsn": event.lsn, "xid": event.xid, "commit_lsn": event.commit_lsn}
 
+    def _ensure_table(self, conn: psycopg2.extensions.connection, schema: TableSchema) -> None:
+        done = ensure_destination_table(conn, schema, self.target_schema, self.name)
+        if done.created:
+            self.created.add(schema.table)
+        if done.retyped:
+            self.retyped[schema.table] = self.retyped.get(schema.table, ()) + done.retyped
+            logger.info("Destination %s: %s changed type on the source: %s", self.name,
+                        schema.table.qualified, ", ".join(
+                            f"{c.name} {c.old_type} -> {c.new_type}" for c in done.retyped))
+
     def _refresh(self, conn: psycopg2.extensions.connection, table: TableRef) -> _TablePlan:
         schema = self.schema_source(table)
-        ensure_destination_table(conn, schema, self.target_schema, self.name)
+        self._ensure_table(conn, schema)
         plan = self._plan(schema)
         self._plans[table] = plan
         logger.info("Destination %s: %s now has columns %s", self.name, table.qualified,
@@ -246,7 +259,8 @@ class PostgresApplier:
         table = schema.table
         target = schema.target_sql(self.name, self.target_schema)
         # A new staging name per column set: a widened table gets a fresh staging table.
-        stage_name = f"_rosetta_stage_{abs(hash((table, schema.column_names))) % 10**12}"
+        shape = tuple((c.name, c.type_sql) for c in schema.columns)
+        stage_name = f"_rosetta_stage_{abs(hash((table, shape))) % 10**12}"
         stage = sql.Identifier(stage_name)
         columns = [sql.Identifier(c.name) for c in schema.columns]
         column_list = sql.SQL(", ").join(columns)
@@ -598,6 +612,13 @@ class PostgresApplier:
                         run, run_ts = 0, None
                     table = event.table
                     plan, per_table = self._plans.get(table), pending.setdefault(table, {})
+                if event.op == "s":
+                    # Column types changed on the source: rows before it land in the old types,
+                    # then the destination's columns take the new ones, then the rows after.
+                    self._flush(conn, pending, result, record_keys)
+                    plan = self._refresh(conn, table)
+                    per_table = pending.setdefault(table, {})
+                    continue
                 run += 1
                 if event.source_ts_ms is not None:
                     run_ts = event.source_ts_ms

@@ -102,7 +102,8 @@ def error_parts(exc: BaseException) -> tuple[str | None, str | None, str]:
     return None, None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-OPERATIONS = {"c": "insert", "r": "insert", "u": "update", "d": "delete", "t": "truncate"}
+OPERATIONS = {"c": "insert", "r": "insert", "u": "update", "d": "delete", "t": "truncate",
+              "s": "column type change"}
 
 
 @dataclass(frozen=True)

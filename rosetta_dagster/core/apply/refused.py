@@ -237,7 +237,7 @@ class RefusedChanges:
         kept: list[ChangeEvent] = []
         behind: list[ChangeEvent] = []
         for event in events:
-            if event.op != "t" and _key_id(event.table.qualified, applier.key_text(event)) in parked:
+            if event.carries_row and _key_id(event.table.qualified, applier.key_text(event)) in parked:
                 behind.append(event)
             else:
                 kept.append(event)

@@ -321,13 +321,31 @@ def user_types(schema: TableSchema) -> list[UserType]:
     return ordered
 
 
+@dataclass(frozen=True)
+class RetypedColumn:
+    """A destination column altered to the source column's new type."""
+
+    name: str
+    old_type: str  # format_type() on the destination, before
+    new_type: str
+
+
+@dataclass(frozen=True)
+class DestinationTable:
+    """What :func:`ensure_destination_table` did."""
+
+    created: bool
+    retyped: tuple[RetypedColumn, ...] = ()
+
+
 def ensure_destination_table(
     conn: psycopg2.extensions.connection, schema: TableSchema, target_schema: str,
     destination: str,
-) -> bool:
-    """Create the destination table (and its enum types) like the source, or add new columns.
-    User types live in ``target_schema`` (the destination's); the table where ``schema``
-    targets it in ``destination``. True when the table was created."""
+) -> DestinationTable:
+    """Create the destination table (and its user types) like the source, add new columns, and
+    give columns whose source type changed (ALTER COLUMN TYPE) the new type. User types live
+    in ``target_schema`` (the destination's); the table where ``schema`` targets it in
+    ``destination``."""
     table = schema.target(destination, target_schema)
     target = sql.Identifier(table.schema, table.name)
     with conn.cursor() as cursor:
@@ -353,11 +371,13 @@ def ensure_destination_table(
             )
         )
         cursor.execute(
-            "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
-            "AND NOT attisdropped",
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
             (target.as_string(conn),),
         )
-        existing = {row[0] for row in cursor.fetchall()}
+        existing = dict(cursor.fetchall())
+        retyped = [] if created else _retype_columns(cursor, schema, target, target_schema,
+                                                     existing, destination)
         for column in schema.columns:
             if column.name in existing:
                 continue
@@ -371,7 +391,52 @@ def ensure_destination_table(
                     default,
                 )
             )
-    return created
+    return DestinationTable(created, tuple(retyped))
+
+
+def _retype_columns(
+    cursor: psycopg2.extensions.cursor, schema: TableSchema, target: sql.Identifier,
+    target_schema: str, existing: dict[str, str], destination: str,
+) -> list[RetypedColumn]:
+    """ALTER COLUMN TYPE where the destination's type differs from the source's.
+
+    Both types are printed by the destination's own format_type (the source's is its type
+    found by name there, with the source's type modifier), so only a real change differs. The
+    rows the source converted (a table rewrite, never streamed, maybe with a USING expression)
+    are the caller's to re-copy; here the cast is a best effort, and a column it cannot cast
+    is emptied until then (never a key column: its cast must work).
+    """
+    retyped = []
+    columns = [c for c in schema.columns if c.name in existing]
+    wanted_types = [destination_type(c, target_schema) for c in columns]
+    cursor.execute("SELECT format_type(to_regtype(w), m) FROM unnest(%s::text[], %s::int[]) "
+                   "WITH ORDINALITY AS u(w, m, n) ORDER BY n",
+                   ([w.as_string(cursor) for w in wanted_types],
+                    [c.type_modifier for c in columns]))
+    for column, wanted, (new_type,) in zip(columns, wanted_types, cursor.fetchall(), strict=True):
+        current = existing[column.name]
+        if new_type is None or new_type == current:
+            continue
+        name = sql.Identifier(column.name)
+        alter = sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {} USING {}").format(
+            target, name, wanted, sql.SQL("{}::{}").format(name, wanted))
+        cursor.execute("SAVEPOINT rosetta_retype")
+        try:
+            cursor.execute(alter)
+        except psycopg2.Error as exc:
+            cursor.execute("ROLLBACK TO SAVEPOINT rosetta_retype")
+            if column.name in schema.primary_key:
+                reason = str(exc).strip().splitlines()[0]
+                raise SchemaError(
+                    f"Table {schema.table.qualified}: key column {column.name} changed type on "
+                    f"the source ({current} -> {new_type}), and destination {destination} cannot "
+                    f"convert its copy ({reason}); re-create that table there."
+                ) from None
+            cursor.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {} USING NULL").format(
+                target, name, wanted))
+        cursor.execute("RELEASE SAVEPOINT rosetta_retype")
+        retyped.append(RetypedColumn(column.name, current, new_type))
+    return retyped
 
 
 def _ensure_user_type(cursor: psycopg2.extensions.cursor, target_schema: str, user: UserType) -> None:

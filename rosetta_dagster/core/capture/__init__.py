@@ -126,6 +126,9 @@ class Capture(Protocol):
 class CaptureEngine(Protocol):
     name: str
     values: ValueCodec
+    # The engine's batches carry a schema event ("s") in stream order when a table's column
+    # types change; else the session compares the source catalog now and then.
+    announces_type_changes: bool
 
     def source_refusal(self, conn: psycopg2.extensions.connection) -> str | None:
         """Why the engine cannot stream this source database at all (None: it can)."""

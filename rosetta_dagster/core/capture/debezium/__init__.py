@@ -188,6 +188,7 @@ class OffsetFile(DebeziumOffsets):
 class DebeziumEngine:
     name = "debezium"
     values = DEBEZIUM_VALUES
+    announces_type_changes = False
 
     def source_refusal(self, conn: psycopg2.extensions.connection) -> str | None:
         """Debezium's type registry fails when it starts (a NullPointerException) on a database

@@ -43,6 +43,7 @@ PGOUTPUT_VALUES = ValueCodec(converter_for=lambda column: _as_sent,
 class PgoutputEngine:
     name = "pgoutput"
     values = PGOUTPUT_VALUES
+    announces_type_changes = True
 
     def source_refusal(self, conn: psycopg2.extensions.connection) -> str | None:
         return None
@@ -63,7 +64,9 @@ class PgoutputEngine:
         from rosetta_dagster.core.capture.pgoutput.engine import PgoutputCapture
 
         assert start_position is not None, "the pgoutput engine starts from a stored position"
-        return PgoutputCapture(pipeline, start_position, on_batch)
+        known_types = {table: {c.name: (c.type_oid, c.type_modifier) for c in schema.columns}
+                       for table, schema in schemas.items()}
+        return PgoutputCapture(pipeline, start_position, on_batch, known_types)
 
 
 PGOUTPUT = PgoutputEngine()

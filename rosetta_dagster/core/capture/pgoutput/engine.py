@@ -19,7 +19,7 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import psycopg2
@@ -28,6 +28,7 @@ import psycopg2.extensions
 from rosetta_dagster.core.capture import BatchHandler, CaptureBatch
 from rosetta_dagster.core.capture.pgoutput.protocol import (
     Begin,
+    ColumnTypes,
     Commit,
     Message,
     PgoutputDecoder,
@@ -41,7 +42,7 @@ from rosetta_dagster.core.events import (
     Watermark,
     format_lsn,
 )
-from rosetta_dagster.core.pipeline_config import PipelineDefinition
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.replication import connect_source, connect_source_replication
 
 logger = logging.getLogger("rosetta.capture")
@@ -118,12 +119,14 @@ class PgoutputCapture:
     """Streams one pipeline's slot from ``start_position`` and hands batches to ``on_batch``."""
 
     def __init__(
-        self, pipeline: PipelineDefinition, start_position: int, on_batch: BatchHandler
+        self, pipeline: PipelineDefinition, start_position: int, on_batch: BatchHandler,
+        known_types: Mapping[TableRef, ColumnTypes] | None = None,
     ) -> None:
         settings = pipeline.settings
         self.pipeline = pipeline
         self.start_position = start_position
         self.on_batch = on_batch
+        self.known_types = known_types
         limit = settings.max_queue_mb * 1024 * 1024
         self._queue = _ByteBoundedQueue(limit)
         # A transaction larger than this is applied in pieces (one destination transaction).
@@ -218,7 +221,7 @@ class PgoutputCapture:
             )
             logger.info("Pipeline %s: pgoutput stream of slot %s from %s", self.pipeline.name,
                         self.pipeline.slot_name, format_lsn(self.start_position))
-            decoder = PgoutputDecoder()
+            decoder = PgoutputDecoder(self.known_types)
             unit = _Unit()
             begin: Begin | None = None
             last_position = self.start_position

@@ -8,6 +8,7 @@ Message Formats" in the PostgreSQL documentation.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ _COMMIT = struct.Struct("!Bqqq")  # flags, commit LSN, end LSN, commit time
 _I32 = struct.Struct("!I")
 _I16 = struct.Struct("!H")
 _MESSAGE = struct.Struct("!Bq")  # flags, LSN
+_TYPE = struct.Struct("!Ii")  # type OID, type modifier (-1: none)
 
 
 class ProtocolError(Exception):
@@ -40,6 +42,7 @@ class Relation:
     table: TableRef
     columns: tuple[str, ...]
     key_flags: tuple[bool, ...]  # part of the replica identity
+    types: tuple[tuple[int, int], ...] = ()  # per column: type OID, type modifier
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,22 @@ def _cstring(data: memoryview, offset: int) -> tuple[str, int]:
     return bytes(data[offset:end]).decode(), end + 1
 
 
+ColumnTypes = Mapping[str, tuple[int, int]]  # column -> type OID, type modifier
+
+
+def _retyped(before: ColumnTypes, after: Relation) -> bool:
+    """True when a column known before has got another type or type modifier."""
+    return any(before.get(column, kind) != kind
+               for column, kind in zip(after.columns, after.types, strict=True))
+
+
 class PgoutputDecoder:
     """Stateful decoder of one replication stream (relations are announced once per session)."""
 
-    def __init__(self) -> None:
+    def __init__(self, known_types: Mapping[TableRef, ColumnTypes] | None = None) -> None:
+        """``known_types``: the column types the destinations were prepared with, so that
+        even a table's first announcement in this stream can tell a changed type."""
+        self.known_types = dict(known_types or {})
         self.relations: dict[int, Relation] = {}
         self._begin: Begin | None = None
 
@@ -101,8 +116,7 @@ class PgoutputDecoder:
             self._begin = None
             return Commit(commit_lsn, end_lsn, _PG_EPOCH_MS + ts // 1000)
         if kind == b"R":
-            self._relation(data)
-            return None
+            return self._relation(data)
         if kind == b"T":
             return self._truncate(data)
         if kind == b"M":
@@ -115,7 +129,9 @@ class PgoutputDecoder:
             return None
         raise ProtocolError(f"unexpected pgoutput message {kind!r}")
 
-    def _relation(self, data: memoryview) -> None:
+    def _relation(self, data: memoryview) -> list[ChangeEvent] | None:
+        """Remember the relation; a column whose type changed since its last announcement
+        (ALTER COLUMN TYPE) becomes a schema event, in stream order with the rows."""
         (oid,) = _I32.unpack_from(data, 1)
         namespace, offset = _cstring(data, 5)
         name, offset = _cstring(data, offset)
@@ -124,13 +140,25 @@ class PgoutputDecoder:
         offset += 2
         columns: list[str] = []
         flags: list[bool] = []
+        types: list[tuple[int, int]] = []
         for _ in range(count):
             flag = data[offset]
             column, offset = _cstring(data, offset + 1)
-            offset += 8  # type OID, type modifier
+            type_oid, type_modifier = _TYPE.unpack_from(data, offset)
+            offset += _TYPE.size
             columns.append(column)
             flags.append(bool(flag & 1))
-        self.relations[oid] = Relation(TableRef(namespace, name), tuple(columns), tuple(flags))
+            types.append((type_oid, type_modifier))
+        relation = Relation(TableRef(namespace, name), tuple(columns), tuple(flags), tuple(types))
+        before = self.relations.get(oid)
+        self.relations[oid] = relation
+        known = (dict(zip(before.columns, before.types, strict=True)) if before is not None
+                 else self.known_types.get(relation.table))
+        begin = self._begin
+        if known is None or begin is None or not _retyped(known, relation):
+            return None
+        return [ChangeEvent(relation.table, "s", None, None, begin.source_ts_ms, None, begin.xid,
+                            "false", begin.commit_lsn)]
 
     def _tuple(self, data: bytes, offset: int, relation: Relation) -> tuple[dict[str, Any], int]:
         count = (data[offset] << 8) | data[offset + 1]
