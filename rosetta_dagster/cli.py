@@ -563,11 +563,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except RosettaError as exc:
         print(f"rosetta: {mask_secrets(str(exc))}", file=sys.stderr)
-        return 2
+        code = 2
+    return code
+
+
+def run() -> None:
+    """The program's entry point (the ``rosetta`` command, ``python -m``)."""
+    code = main()
+    if "jpype" in sys.modules:  # a Debezium stream ran here: end without the teardown
+        from rosetta_dagster.core.capture.debezium.jvm import exit_now_if_jvm_runs
+
+        exit_now_if_jvm_runs(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

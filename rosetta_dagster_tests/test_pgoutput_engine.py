@@ -20,7 +20,7 @@ from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import Destination
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import (
-    BackgroundWriter,
+    EventInserter,
     StreamingEnv,
     count_rows,
     execute,
@@ -52,25 +52,6 @@ def engine() -> str:
     return "pgoutput"  # this module is about that engine (the shared ``env`` uses it)
 
 
-class _Inserter(BackgroundWriter):
-    """Inserts rows with new keys, one transaction each, until stopped."""
-
-    def __init__(self, url: str, first_id: int) -> None:
-        self.url, self.next_id = url, first_id
-        super().__init__()
-
-    def write(self) -> None:
-        conn = psycopg2.connect(self.url)
-        conn.autocommit = True
-        with conn.cursor() as cursor:
-            while not self.stopping:
-                cursor.execute("INSERT INTO public.events VALUES (%s, repeat('p', 50), now())",
-                               (self.next_id,))
-                self.next_id += 1
-                time.sleep(0.002)
-        conn.close()
-
-
 def _stream_process(env: StreamingEnv, workdir: Path, config_url: str) -> subprocess.Popen[bytes]:
     workdir.mkdir(parents=True, exist_ok=True)
     pipeline_file = env.write_pipeline_file(workdir / "rosetta.yaml", "moving", ["public.events"],
@@ -95,7 +76,7 @@ def test_kill_9_mid_stream_then_another_host_resumes_without_applying_anything_t
     first_host, second_host = pg_root / f"host-a-{env.source_db}", pg_root / f"host-b-{env.source_db}"
     streams: list[subprocess.Popen[bytes]] = []
     try:
-        with _Inserter(env.source_url, 1_000_001):
+        with EventInserter(env.source_url, 1_000_001):
             streams.append(_stream_process(env, first_host, config_url))
             wait_until(lambda: count_rows(env.destination_url, "replica.events") > 3000, 60,
                        "streamed rows before the kill")
@@ -149,7 +130,7 @@ def test_a_destination_down_for_30_s_does_not_hold_back_the_other(
     session = StreamingSession(pipeline, offsets_dir=env.offsets_dir)
     with streaming(session):
         wait_until(lambda: env.converged("public.events") and far_converged(), 60, "both loaded")
-        with _Inserter(env.source_url, 1_000_001) as writer:
+        with EventInserter(env.source_url, 1_000_001) as writer:
             time.sleep(1)
             dedicated_cluster.stop()
             down_since = time.monotonic()
@@ -234,7 +215,7 @@ def test_a_transaction_committing_right_after_a_logical_message_is_applied(
     idle (its changes written, its commit still to come)."""
     execute(env.source_url, "CREATE EXTENSION IF NOT EXISTS pg_walinspect",
             "CREATE TABLE public.events (id bigint PRIMARY KEY, payload text, at timestamptz)",
-            "INSERT INTO public.events SELECT g, 'initial', now() FROM generate_series(1, 12) g")
+            "INSERT INTO public.events SELECT g, 'initial', now() FROM generate_series(1, 60) g")
     writer = psycopg2.connect(env.source_url)
     other_application = psycopg2.connect(env.source_url)
     other_application.autocommit = True
@@ -243,7 +224,11 @@ def test_a_transaction_committing_right_after_a_logical_message_is_applied(
     try:
         with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
             wait_until(lambda: env.converged("public.events"), 60, "the initial load")
-            for key in range(1, 13):
+            # Other WAL (other databases of the cluster) may come in between: go on until the
+            # commit record directly followed the message a few times.
+            for key in range(1, 61):
+                if sum(right_after_a_message) >= 4:
+                    break
                 with writer.cursor() as cursor, other_application.cursor() as other:
                     cursor.execute("DELETE FROM public.events WHERE id = %s "
                                    "RETURNING txid_current(), pg_current_wal_insert_lsn()", (key,))
@@ -264,7 +249,7 @@ def test_a_transaction_committing_right_after_a_logical_message_is_applied(
     finally:
         writer.close()
         other_application.close()
-    assert sum(right_after_a_message) >= 6  # the case did occur, most of the time
+    assert sum(right_after_a_message) >= 4  # the case this test is about did occur
 
 
 def _rss_kb(pid: int, field: str) -> int:

@@ -674,10 +674,14 @@ class StreamingSession:
         return True
 
     def _stop_capture(self) -> None:
-        if self._capture is not None and self._capture.running:
+        """Close the engine; also when one of its threads already ended (the others must have
+        ended before the destinations' connections are closed)."""
+        if self._capture is None:
+            return
+        if self._capture.running:
             self.log.info("Closing the %s capture of %s (position kept in %s)", self.engine.name,
                           self.pipeline.name, self.positions.location)
-            self._capture.stop()
+        self._capture.stop()
 
     def _record_state(self, state: PipelineState) -> None:
         if self.config_store is not None:

@@ -106,6 +106,26 @@ class BackgroundWriter:
         self._thread.join(30)
 
 
+class EventInserter(BackgroundWriter):
+    """Inserts rows with new keys into public.events (id bigint, payload text, at
+    timestamptz), one transaction each, until stopped."""
+
+    def __init__(self, url: str, first_id: int) -> None:
+        self.url, self.next_id = url, first_id
+        super().__init__()
+
+    def write(self) -> None:
+        conn = psycopg2.connect(self.url)
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            while not self.stopping:
+                cursor.execute("INSERT INTO public.events VALUES (%s, repeat('p', 50), now())",
+                               (self.next_id,))
+                self.next_id += 1
+                time.sleep(0.002)
+        conn.close()
+
+
 @dataclass
 class StreamingEnv:
     cluster: LocalPostgresCluster

@@ -146,6 +146,10 @@ class DebeziumCapture:
         self._run_error: BaseException | None = None
         self._stopping = False
         self._source_conn: psycopg2.extensions.connection | None = None
+        # The engine thread's end, told by an event rather than Thread.join/is_alive: a signal's
+        # exception raised in a join leaves the thread marked stopped while it still runs
+        # (CPython), and the engine would not be closed.
+        self._ended = threading.Event()
 
     def start(self) -> None:
         ensure_jvm(self.pipeline.settings.jvm_max_heap)
@@ -216,16 +220,17 @@ class DebeziumCapture:
         finally:
             if self._source_conn is not None:
                 self._source_conn.close()
+            self._ended.set()
 
     def wait(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s``; True while the engine is still running."""
         assert self._thread is not None, "start() first"
-        self._thread.join(timeout_s)
-        return self._thread.is_alive()
+        self._ended.wait(timeout_s)
+        return self.running
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and not self._ended.is_set()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Close the engine: offsets are committed and the replication slot is released."""
@@ -237,12 +242,11 @@ class DebeziumCapture:
         while not self._close_engine() and time.monotonic() < deadline:
             time.sleep(0.2)
         if self._thread is not None:
-            while self._thread.is_alive() and time.monotonic() < deadline:
-                self._thread.join(0.2)
+            self._ended.wait(max(0.0, deadline - time.monotonic()))
 
     def _close_engine(self) -> bool:
         """Ask the Java engine to close; False when it cannot yet (not built or starting)."""
-        if self._thread is None or not self._thread.is_alive():
+        if not self.running:
             return True
         java_engine = getattr(self._engine, "_engine", None)
         if java_engine is None:

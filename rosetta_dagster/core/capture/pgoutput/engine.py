@@ -137,10 +137,18 @@ class PgoutputCapture:
         self._error: BaseException | None = None
         self._confirmed = start_position
         self._threads: list[threading.Thread] = []
+        # Ends are told by events, not Thread.join/is_alive: a signal's exception raised in a
+        # join (SIGTERM -> KeyboardInterrupt in the waiting thread) leaves that thread marked
+        # stopped while it still runs (CPython), and the capture would not be closed.
+        self._alive = 0
+        self._alive_lock = threading.Lock()
+        self._one_ended = threading.Event()
+        self._all_ended = threading.Event()
 
     # -- Capture interface ------------------------------------------------------------------
 
     def start(self) -> None:
+        self._alive = 2
         for target, name in ((self._read, "reader"), (self._dispatch, "dispatcher")):
             thread = threading.Thread(target=self._guard(target),
                                       name=f"pgoutput-{name}-{self.pipeline.name}", daemon=True)
@@ -148,20 +156,17 @@ class PgoutputCapture:
             thread.start()
 
     def wait(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        self._one_ended.wait(timeout_s)
         return self.running
 
     @property
     def running(self) -> bool:
-        return all(t.is_alive() for t in self._threads) and bool(self._threads)
+        return bool(self._threads) and not self._one_ended.is_set()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping.set()
-        deadline = time.monotonic() + timeout_s
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        if self._threads:
+            self._all_ended.wait(timeout_s)
 
     @property
     def offset_no_longer_available(self) -> bool:
@@ -189,6 +194,12 @@ class PgoutputCapture:
                     self._error = exc
             finally:
                 self._stopping.set()  # one thread ending ends the other
+                with self._alive_lock:
+                    self._alive -= 1
+                    last = self._alive == 0
+                self._one_ended.set()
+                if last:
+                    self._all_ended.set()
 
         return run
 
