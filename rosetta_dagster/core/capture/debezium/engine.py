@@ -233,7 +233,10 @@ class DebeziumCapture:
         return self._thread is not None and not self._ended.is_set()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Close the engine: offsets are committed and the replication slot is released."""
+        """Close the engine: offsets are committed and the replication slot is released.
+        Nothing to do once it ended by itself (its failure stays reported as such)."""
+        if self._thread is None or self._ended.is_set():
+            return
         self._stopping = True
         deadline = time.monotonic() + timeout_s
         # The engine refuses to close while its task is still starting (and does not exist
