@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
-from psycopg2 import sql
 
 from rosetta_dagster.core.apply.applier import ChunkCounts, PostgresApplier
 from rosetta_dagster.core.apply.refused import RefusedChanges
-from rosetta_dagster.core.apply.schema import SchemaError, TableSchema, read_table_schema
+from rosetta_dagster.core.apply.schema import (
+    SchemaError,
+    TableSchema,
+    read_column_types,
+    read_table_schema,
+)
 from rosetta_dagster.core.capture import Capture, CaptureBatch, capture_engine
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
 from rosetta_dagster.core.dsn import mask_secrets
@@ -300,21 +304,12 @@ class StreamingSession:
         batch of rows). Rows of the batch from before the change are applied in the new
         types; the backfill that follows repairs them with the rest."""
         tables = list(self._schemas)
-        conn = self._catalog_conn
-        if conn is None or conn.closed:
-            conn = self._catalog_conn = connect_source(self.pipeline)
-        with conn.cursor() as cursor:
-            cursor.execute(
-                "SELECT t.n, a.attname, a.atttypid, a.atttypmod FROM unnest(%s::text[]) "
-                "WITH ORDINALITY AS t(name, n) JOIN pg_attribute a ON a.attrelid = "
-                "to_regclass(t.name) AND a.attnum > 0 AND NOT a.attisdropped",
-                ([sql.Identifier(t.schema, t.name).as_string(conn) for t in tables],))
-            now: dict[TableRef, dict[str, tuple[int, int]]] = {}
-            for index, name, oid, typmod in cursor.fetchall():
-                now.setdefault(tables[index - 1], {})[name] = (int(oid), int(typmod))
+        if self._catalog_conn is None or self._catalog_conn.closed:
+            self._catalog_conn = connect_source(self.pipeline)
+        now = read_column_types(self._catalog_conn, tables)
         events = []
         for table in tables:
-            known = {c.name: (c.type_oid, c.type_modifier) for c in self._schemas[table].columns}
+            known = self._schemas[table].column_types
             if any(now.get(table, {}).get(name, kind) != kind for name, kind in known.items()):
                 self._schemas[table] = self._read_schema(table)
                 events.append(ChangeEvent(table, "s", None, None,

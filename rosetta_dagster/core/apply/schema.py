@@ -93,6 +93,11 @@ class TableSchema:
     def column_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns)
 
+    @property
+    def column_types(self) -> dict[str, tuple[int, int]]:
+        """Per column: type OID and type modifier on the source (what a retype changes)."""
+        return {c.name: (c.type_oid, c.type_modifier) for c in self.columns}
+
     def target(self, destination: str, destination_schema: str) -> TableRef:
         """The table written in destination ``destination`` (default: same name, its schema)."""
         return dict(self.targets).get(destination, TableRef(destination_schema, self.table.name))
@@ -203,6 +208,22 @@ class _TypeReader:
                 (a, self.ref(t, m)) for a, t, m in attributes))
         self._users[oid] = user
         return user
+
+
+def read_column_types(conn: psycopg2.extensions.connection, tables: Sequence[TableRef]
+                      ) -> dict[TableRef, dict[str, tuple[int, int]]]:
+    """Per table and column: type OID and type modifier, as the source's catalog has them now
+    (one query for all tables)."""
+    with conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT t.n, a.attname, a.atttypid, a.atttypmod FROM unnest(%s::text[]) "
+            "WITH ORDINALITY AS t(name, n) JOIN pg_attribute a ON a.attrelid = "
+            "to_regclass(t.name) AND a.attnum > 0 AND NOT a.attisdropped",
+            ([_regclass(t).as_string(conn) for t in tables],))
+        found: dict[TableRef, dict[str, tuple[int, int]]] = {}
+        for index, name, oid, typmod in cursor.fetchall():
+            found.setdefault(tables[index - 1], {})[name] = (int(oid), int(typmod))
+    return found
 
 
 def read_table_schema(conn: psycopg2.extensions.connection, table: TableRef, where: str,

@@ -64,8 +64,7 @@ class PgoutputEngine:
         from rosetta_dagster.core.capture.pgoutput.engine import PgoutputCapture
 
         assert start_position is not None, "the pgoutput engine starts from a stored position"
-        known_types = {table: {c.name: (c.type_oid, c.type_modifier) for c in schema.columns}
-                       for table, schema in schemas.items()}
+        known_types = {table: schema.column_types for table, schema in schemas.items()}
         return PgoutputCapture(pipeline, start_position, on_batch, known_types)
 
 
