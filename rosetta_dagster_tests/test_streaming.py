@@ -190,11 +190,12 @@ def test_a_column_type_changed_on_the_source_is_followed_exactly(
     execute(
         env.source_url,
         "CREATE TABLE public.prices (id int PRIMARY KEY, amount numeric(10,2), code varchar(4), "
-        "at timestamp(0), n int, note text)",
+        "at timestamp(0), n int, note text, grid int[], span int4range)",
         "INSERT INTO public.prices VALUES (1, 12345678.91, 'ab''c', '4713-01-01 00:00:00 BC', "
-        "-2147483648, E'back\\\\slash\\nnewline'), (2, 'NaN', '', 'infinity', 0, NULL), "
-        "(3, -0.01, NULL, '-infinity', 2147483647, '🦀'), (4, NULL, 'd', '2026-11-30 12:00:00', "
-        "NULL, '')",
+        "-2147483648, E'back\\\\slash\\nnewline', '[0:1][-1:0]={{1,NULL},{-3,4}}', 'empty'), "
+        "(2, 'NaN', '', 'infinity', 0, NULL, '{}', '(,5)'), (3, -0.01, NULL, '-infinity', "
+        "2147483647, '🦀', NULL, '[-2147483648,2147483647)'), (4, NULL, 'd', "
+        "'2026-11-30 12:00:00', NULL, '', '{{1,2},{3,4}}', NULL)",
     )
     pipeline = env.pipeline("retype", ["public.prices"])
     store.sync_pipeline(pipeline)
@@ -205,19 +206,25 @@ def test_a_column_type_changed_on_the_source_is_followed_exactly(
             env.source_url,
             "ALTER TABLE public.prices ALTER COLUMN amount TYPE numeric(14,4), "
             "ALTER COLUMN code TYPE varchar(40), ALTER COLUMN at TYPE timestamp(6), "
-            "ALTER COLUMN n TYPE bigint USING n::bigint * 1000000",  # old rows change, unsent
+            "ALTER COLUMN n TYPE bigint USING n::bigint * 1000000, "  # old rows change, unsent
+            "ALTER COLUMN grid TYPE bigint[], ALTER COLUMN span TYPE int8range USING CASE WHEN "
+            "isempty(span) THEN 'empty' ELSE int8range(lower(span), upper(span)) END",
             "INSERT INTO public.prices VALUES (5, 1234567890.1234, 'longer than four', "
-            "'2026-11-30 12:00:00.123456', 9007199254740993, 'new')",
+            "'2026-11-30 12:00:00.123456', 9007199254740993, 'new', "
+            "'[2:3]={9007199254740993,NULL}', '[9007199254740993,)')",
             "UPDATE public.prices SET amount = -0.0001, at = '1999-12-31 23:59:59.999999' "
             "WHERE id = 4",
+            "UPDATE public.prices SET note = 'only the note' WHERE id = 1",  # retyped untouched
+            "DELETE FROM public.prices WHERE id = 2",
         )
         wait_until(lambda: _column_types(env.destination_url, "replica.prices")
                    == _column_types(env.source_url, "public.prices"), 60, "the new types")
         # Rows streamed after the change: exact at once, every digit of the new types.
-        wait_until(lambda: fetch(env.destination_url, "SELECT amount::text, code, at::text, n "
-                                 "FROM replica.prices WHERE id = 5") == [
+        wait_until(lambda: fetch(env.destination_url, "SELECT amount::text, code, at::text, n, "
+                                 "grid::text, span::text FROM replica.prices WHERE id = 5") == [
             ("1234567890.1234", "longer than four", "2026-11-30 12:00:00.123456",
-             9007199254740993)], 60, "the row inserted after the change")
+             9007199254740993, "[2:3]={9007199254740993,NULL}", "[9007199254740993,)")], 60,
+            "the row inserted after the change")
         wait_until(lambda: store.list_backfill_jobs(pipeline=pipeline.name), 60,
                    "the stream to request a backfill")
         (job,) = store.list_backfill_jobs(pipeline=pipeline.name)
@@ -225,6 +232,17 @@ def test_a_column_type_changed_on_the_source_is_followed_exactly(
         wait_until(lambda: env.converged("public.prices"), 60, "the rows the source rewrote")
     assert fetch(env.destination_url, "SELECT n FROM replica.prices WHERE id = 1") == [
         (-2147483648000000,)]
+    # Changed while the stream is stopped: found at the next start, and backfilled too.
+    execute(env.source_url, "ALTER TABLE public.prices ALTER COLUMN amount TYPE numeric(20,6) "
+            "USING amount * 2", "INSERT INTO public.prices VALUES (6, 0.000001)")
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
+        wait_until(lambda: len(store.list_backfill_jobs(pipeline=pipeline.name)) == 2, 60,
+                   "a backfill requested at start")
+        job = max(store.list_backfill_jobs(pipeline=pipeline.name), key=lambda j: j.id)
+        BackfillRunner(pipeline, store, job.id, chunk_timeout_s=60).run()
+        wait_until(lambda: env.converged("public.prices"), 60, "the rows rewritten meanwhile")
+    assert _column_types(env.destination_url, "replica.prices") == _column_types(
+        env.source_url, "public.prices")
 
 
 def _register(store: ConfigStore, pipeline: PipelineDefinition) -> None:
