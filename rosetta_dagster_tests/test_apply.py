@@ -13,6 +13,7 @@ from rosetta_dagster.core.capture.debezium.values import DEBEZIUM_VALUES
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
+from rosetta_dagster.core.source_rows import SourceRows
 from rosetta_dagster.harness import execute, fetch
 
 TABLE = TableRef("public", "accounts")
@@ -26,9 +27,12 @@ def applier(database_url: str) -> Iterator[PostgresApplier]:
     schema = read_table_schema(conn, TABLE, "test source")
     conn.close()
     pool = ResilientConnectionPool(database_url, PoolSettings(max_conn=2)).open()
-    applier = PostgresApplier(pool, "replica", lambda _table: schema, values=DEBEZIUM_VALUES)
+    source_rows = SourceRows(lambda: psycopg2.connect(database_url))
+    applier = PostgresApplier(pool, "replica", lambda _table: schema, values=DEBEZIUM_VALUES,
+                              source_rows=source_rows)
     applier.prepare([schema])
     yield applier
+    source_rows.close()
     pool.close()
 
 
@@ -67,6 +71,39 @@ def test_last_event_per_key_wins_within_a_batch(applier: PostgresApplier, databa
     assert _rows(database_url) == [(1, "c", 3)]
     assert result.rows_written == 2  # collapsed: one staged row per key
     assert result.events_by_table == {TABLE: 6}
+
+
+# The value Debezium sends for a column a change left out (an untouched TOASTed value).
+LEFT_OUT = "__debezium_unavailable_value"
+
+
+def test_values_left_out_come_from_the_batch_the_old_key_or_the_source(
+    applier: PostgresApplier, database_url: str
+) -> None:
+    """public.accounts is the source here, replica.accounts the destination."""
+    execute(database_url, "INSERT INTO public.accounts VALUES (1, 'ann', 10), (2, 'bob', 20), "
+            "(30, 'cy', 30)")
+    applier.apply([_event("c", 1, "ann", 10), _event("c", 2, "bob", 20)])
+    # an insert then an update that leaves owner out, in one batch: the inserted value
+    applier.apply([_event("c", 3, "dee", 3), _event("u", 3, LEFT_OUT, 4)])
+    # a key update (2 -> 20) that leaves owner out: the row at the old key's value
+    applier.apply([_event("d", 2), ChangeEvent(TABLE, "u", {"id": 2}, {"id": 20, "owner": LEFT_OUT,
+                                                                     "balance": 21})])
+    assert _rows(database_url) == [(1, "ann", 10), (3, "dee", 4), (20, "bob", 21)]
+    # the half of a key update (? -> 30) whose delete came in the batch before: no destination
+    # row holds its value, the source does
+    applier.apply([_event("c", 30, LEFT_OUT, 31)])
+    assert _rows(database_url)[-1] == (30, "cy", 31)
+
+
+def test_a_row_gone_from_the_source_is_deleted_not_written_with_nulls(
+    applier: PostgresApplier, database_url: str
+) -> None:
+    applier.apply([_event("c", 7, "gone", 7)])
+    execute(database_url, "DELETE FROM replica.accounts WHERE id = 7")  # the destination lost it
+    # an update leaving owner out; the source no longer has row 7 (its delete follows)
+    applier.apply([_event("u", 7, LEFT_OUT, 8), _event("u", 8, LEFT_OUT, 9)])
+    assert _rows(database_url) == []
 
 
 def test_truncate_splits_a_batch_in_order(applier: PostgresApplier, database_url: str) -> None:

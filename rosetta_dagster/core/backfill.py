@@ -41,7 +41,13 @@ from psycopg2 import sql
 
 from rosetta_dagster.core.apply.applier import backfill_chunk_table, backfill_marks_table
 from rosetta_dagster.core.apply.bulk import binary_copy, pipe_copy
-from rosetta_dagster.core.apply.schema import Column, TableSchema, key_range, read_table_schema
+from rosetta_dagster.core.apply.schema import (
+    Column,
+    TableSchema,
+    exact_select,
+    key_range,
+    read_table_schema,
+)
 from rosetta_dagster.core.config_store import BackfillJob, BackfillStatus, ConfigStore
 from rosetta_dagster.core.dsn import summarize_connection_error
 from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
@@ -289,6 +295,7 @@ class BackfillRunner:
         keys_as_text = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k))
                                           for k in schema.primary_key)
         columns = sql.SQL(", ").join(sql.Identifier(c) for c in schema.column_names)
+        selected = sql.SQL(", ").join(exact_select(c) for c in schema.columns)
         table = schema.source_sql
         # The job's filter within the rows the pipeline replicates (the table's row filter).
         where = sql.SQL("{} AND ({})").format(schema.source_filter, where)
@@ -305,7 +312,7 @@ class BackfillRunner:
                 copy_out = cursor.mogrify(sql.SQL(
                     "COPY (SELECT {columns} FROM {table} WHERE ({where}) AND {range}) "
                     "TO STDOUT{options}"
-                ).format(columns=columns, table=table, where=where, range=range_sql,
+                ).format(columns=selected, table=table, where=where, range=range_sql,
                          options=options), [*params, *range_params]).decode()
             rows = 0
             for index, (target, destination) in enumerate(targets):

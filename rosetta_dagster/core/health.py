@@ -20,7 +20,12 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from rosetta_dagster.core.apply.errors import RefusedChange
-from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema, replicated_rows
+from rosetta_dagster.core.apply.schema import (
+    TableSchema,
+    exact_select,
+    read_table_schema,
+    replicated_rows,
+)
 from rosetta_dagster.core.config_store import ConfigStore, Pipeline, PipelineStatus
 from rosetta_dagster.core.errors import DatabaseConnectionError
 from rosetta_dagster.core.lag import LagReading, measure_lag
@@ -148,7 +153,7 @@ def _row_hashes(
     query = sql.SQL("SELECT {keys}, md5(ROW({columns})::text) FROM {table} {where} ORDER BY {keys}"
                     ).format(
         keys=keys,
-        columns=sql.SQL(", ").join(sql.Identifier(c) for c in table.column_names),
+        columns=sql.SQL(", ").join(exact_select(c) for c in table.columns),
         table=relation,
         where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions),
     )

@@ -40,7 +40,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from rosetta_dagster.core.apply.bulk import BulkTableLoad, pipe_copy
-from rosetta_dagster.core.apply.schema import TableSchema
+from rosetta_dagster.core.apply.schema import TableSchema, exact_select
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import format_lsn, parse_lsn
@@ -429,7 +429,7 @@ class InitialLoader:
         if self._cancelled.is_set():
             return 0
         table = copy.schema.table
-        columns = sql.SQL(", ").join(sql.Identifier(c) for c in copy.schema.column_names)
+        columns = sql.SQL(", ").join(exact_select(c) for c in copy.schema.columns)
         options = sql.SQL(" (FORMAT binary)" if copy.bulk.binary else "")
         copy_out = sql.SQL("COPY (SELECT {} FROM {} WHERE {} AND {}) TO STDOUT{}").format(
             columns, copy.schema.source_sql, page_range.predicate(), copy.schema.source_filter,

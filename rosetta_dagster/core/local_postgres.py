@@ -320,8 +320,8 @@ class LocalPostgresCluster:
         return psycopg2.connect(self.dsn(database), connect_timeout=10)
 
     @contextlib.contextmanager
-    def admin_cursor(self) -> Iterator[psycopg2.extensions.cursor]:
-        conn = self.connect()
+    def admin_cursor(self, database: str = "postgres") -> Iterator[psycopg2.extensions.cursor]:
+        conn = self.connect(database)
         conn.autocommit = True
         try:
             with conn.cursor() as cursor:

@@ -50,6 +50,7 @@ from rosetta_dagster.core.replication import (
     source_connection,
     stream_application_name,
 )
+from rosetta_dagster.core.source_rows import SourceRows
 
 logger = logging.getLogger("rosetta.streaming")
 
@@ -159,8 +160,9 @@ class StreamingSession:
         self._last_stamp = 0.0
         self._stamped_position: tuple[int | None, int | None] = (None, None)
         self.refused = RefusedChanges(pipeline, config_store, log)
-        # The engine thread's source connection for catalog reads (see _retyped_tables).
-        self._catalog_conn: psycopg2.extensions.connection | None = None
+        # The engine thread's source connection: values read back by key, catalog reads (see
+        # _retyped_tables).
+        self._source_rows = SourceRows(lambda: connect_source(pipeline))
 
     # -- preparation -----------------------------------------------------------------------
 
@@ -203,6 +205,7 @@ class StreamingSession:
             applier = PostgresApplier(
                 pool, destination.schema, self._read_schema, values=self.engine.values,
                 name=destination.name, tracking=self.positions.tracking(destination),
+                source_rows=self._source_rows,
             )
             applier.prepare(self._schemas.values())
             self._appliers.append(applier)
@@ -304,9 +307,7 @@ class StreamingSession:
         batch of rows). Rows of the batch from before the change are applied in the new
         types; the backfill that follows repairs them with the rest."""
         tables = list(self._schemas)
-        if self._catalog_conn is None or self._catalog_conn.closed:
-            self._catalog_conn = connect_source(self.pipeline)
-        now = read_column_types(self._catalog_conn, tables)
+        now = read_column_types(self._source_rows.connection(), tables)
         events = []
         for table in tables:
             known = self._schemas[table].column_types
@@ -522,8 +523,7 @@ class StreamingSession:
             for pool in self._pools:
                 pool.close()
             self._pools.clear()
-            if self._catalog_conn is not None:
-                self._catalog_conn.close()
+            self._source_rows.close()
             self._appliers.clear()
 
     def _heartbeat_if_due(self) -> None:

@@ -37,12 +37,21 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from rosetta_dagster.core.apply.errors import ApplyError, classify
+from rosetta_dagster.core.apply.net_changes import NetChanges, Origin
 from rosetta_dagster.core.apply.schema import (
     RetypedColumn,
     TableSchema,
     destination_type,
     ensure_destination_table,
     key_range,
+)
+from rosetta_dagster.core.apply.statements import (
+    BatchStatements,
+    ResyncStatements,
+    batch_statements,
+    delete_staged,
+    fill_left_out,
+    resync_statements,
 )
 from rosetta_dagster.core.apply.values import (
     COPY_NULL,
@@ -52,15 +61,14 @@ from rosetta_dagster.core.apply.values import (
     copy_field,
     copy_row,
 )
+from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import ResilientConnectionPool
+from rosetta_dagster.core.source_rows import SourceRows
 
 logger = logging.getLogger("rosetta.apply")
 
-
-_OP = "_rosetta_op"
-_UNCHANGED = "_rosetta_unchanged"
 
 SchemaSource = Callable[[TableRef], TableSchema]
 
@@ -73,15 +81,8 @@ class _TablePlan:
     target: sql.Identifier
     stage_name: str
     converters: list[tuple[str, Converter]]
-    create_stage: sql.Composed
-    copy: sql.Composed
-    merge: sql.Composed
-    merge_one: sql.Composed
-    keys_table: sql.Identifier
-    create_keys: sql.Composed
-    record_keys: sql.Composed
-    delete_unrecorded: sql.Composed
-    copy_direct: sql.Composed  # new rows straight into the table
+    statements: BatchStatements
+    resync: ResyncStatements
     known_columns: frozenset[str] = field(init=False)
     converter_of: dict[str, Converter] = field(init=False)  # by column name
     column_names: tuple[str, ...] = field(init=False)  # in COPY order
@@ -176,8 +177,11 @@ class PostgresApplier:
         values: ValueCodec,
         name: str = "destination",
         tracking: PositionTracking | None = None,
+        source_rows: SourceRows | None = None,
     ) -> None:
         self.pool = pool
+        # Reads back values a change left out that no destination row holds.
+        self.source_rows = source_rows
         self.target_schema = target_schema
         self.schema_source = schema_source
         self.values = values
@@ -261,86 +265,12 @@ class PostgresApplier:
         # A new staging name per column set: a widened table gets a fresh staging table.
         shape = tuple((c.name, c.type_sql) for c in schema.columns)
         stage_name = f"_rosetta_stage_{abs(hash((table, shape))) % 10**12}"
-        stage = sql.Identifier(stage_name)
-        columns = [sql.Identifier(c.name) for c in schema.columns]
-        column_list = sql.SQL(", ").join(columns)
-        stage_columns = [
-            sql.SQL("{} {}").format(sql.Identifier(c.name), destination_type(c, self.target_schema))
-            for c in schema.columns
-        ] + [sql.SQL("{} text NOT NULL").format(sql.Identifier(_OP)),
-             sql.SQL("{} text[]").format(sql.Identifier(_UNCHANGED))]
-        create_stage = sql.SQL(
-            "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT PRESERVE ROWS"
-        ).format(stage, sql.SQL(", ").join(stage_columns))
-        copy = sql.SQL("COPY {} ({}, {}, {}) FROM STDIN").format(
-            stage, column_list, sql.Identifier(_OP), sql.Identifier(_UNCHANGED)
-        )
-        match = sql.SQL(" AND ").join(
-            sql.SQL("t.{0} = s.{0}").format(sql.Identifier(k)) for k in schema.primary_key
-        )
-        updates = [
-            sql.SQL("{0} = CASE WHEN {1} = ANY(s.{2}) THEN t.{0} ELSE s.{0} END").format(
-                sql.Identifier(c.name), sql.Literal(c.name), sql.Identifier(_UNCHANGED)
-            )
-            for c in schema.columns
-            if c.name not in schema.primary_key
-        ]
-        when_matched_update = (
-            sql.SQL("WHEN MATCHED THEN UPDATE SET {}").format(sql.SQL(", ").join(updates))
-            if updates
-            else sql.SQL("WHEN MATCHED THEN DO NOTHING")
-        )
-        def merge_using(rows: sql.Composable) -> sql.Composed:
-            return sql.SQL(
-                "MERGE INTO {target} AS t USING {rows} AS s ON {match} "
-                "WHEN MATCHED AND s.{op} = 'd' THEN DELETE "
-                "{when_matched_update} "
-                "WHEN NOT MATCHED AND s.{op} <> 'd' THEN INSERT ({columns}) VALUES ({values})"
-            ).format(
-                target=target,
-                rows=rows,
-                match=match,
-                op=sql.Identifier(_OP),
-                when_matched_update=when_matched_update,
-                columns=column_list,
-                values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in columns),
-            )
-
-        merge = merge_using(stage)
-        # One staged row, its key as parameters: finds the row a failing batch stops on.
-        merge_one = merge_using(sql.SQL("(SELECT * FROM {} WHERE ROW({}) = ROW({}))").format(
-            stage, sql.SQL(", ").join(sql.Identifier(k) for k in schema.primary_key),
-            sql.SQL(", ").join(sql.Placeholder() * len(schema.primary_key))))
-        converters = [(c.name, self.values.converter_for(c)) for c in schema.columns]
         keys_table = sql.Identifier(self.target_schema, _keys_table_name(table))
-        key_columns = sql.SQL(", ").join(sql.Identifier(k) for k in schema.primary_key)
-        create_keys = sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
-            keys_table,
-            sql.SQL(", ").join(
-                sql.SQL("{} {}").format(
-                    sql.Identifier(k), destination_type(schema.column(k), self.target_schema)
-                )
-                for k in schema.primary_key
-            ),
-            key_columns,
-        )
-        record_keys = sql.SQL(
-            "INSERT INTO {keys} ({columns}) SELECT {columns} FROM {stage} WHERE {op} <> 'd' "
-            "ON CONFLICT DO NOTHING"
-        ).format(keys=keys_table, columns=key_columns, stage=stage, op=sql.Identifier(_OP))
-        delete_unrecorded = sql.SQL(
-            "DELETE FROM {target} AS t WHERE NOT EXISTS (SELECT 1 FROM {keys} AS k WHERE {match})"
-        ).format(
-            target=target,
-            keys=keys_table,
-            match=sql.SQL(" AND ").join(
-                sql.SQL("k.{0} = t.{0}").format(sql.Identifier(k)) for k in schema.primary_key
-            ),
-        )
         return _TablePlan(
-            schema, target, stage_name, converters, create_stage, copy, merge, merge_one,
-            keys_table, create_keys, record_keys, delete_unrecorded,
-            sql.SQL("COPY {} ({}) FROM STDIN").format(target, column_list),
+            schema, target, stage_name,
+            [(c.name, self.values.converter_for(c)) for c in schema.columns],
+            batch_statements(schema, target, self.target_schema, stage_name),
+            resync_statements(schema, target, self.target_schema, keys_table, stage_name),
         )
 
     # -- re-snapshot reconciliation ---------------------------------------------------------
@@ -349,14 +279,14 @@ class PostgresApplier:
         """Start recording snapshot keys (empty key tables for every prepared table)."""
         with self.pool.connection() as conn, conn.cursor() as cursor:
             for plan in self._plans.values():
-                cursor.execute(plan.create_keys)
-                cursor.execute(sql.SQL("TRUNCATE {}").format(plan.keys_table))
+                cursor.execute(plan.resync.create_keys)
+                cursor.execute(plan.resync.truncate_keys)
 
     def resync_pending(self) -> bool:
         """True when a re-snapshot began but its reconciliation has not run (e.g. a crash)."""
         with self.pool.connection() as conn, conn.cursor() as cursor:
             for plan in self._plans.values():
-                cursor.execute("SELECT to_regclass(%s)", (plan.keys_table.as_string(conn),))
+                cursor.execute("SELECT to_regclass(%s)", (plan.resync.keys_table.as_string(conn),))
                 row = cursor.fetchone()
                 if row is not None and row[0] is not None:
                     return True
@@ -367,10 +297,10 @@ class PostgresApplier:
         removed: dict[TableRef, int] = {}
         with self.pool.connection() as conn, conn.cursor() as cursor:
             for table, plan in self._plans.items():
-                cursor.execute(plan.create_keys)  # a table added meanwhile has none yet
-                cursor.execute(plan.delete_unrecorded)
+                cursor.execute(plan.resync.create_keys)  # a table added meanwhile has none yet
+                cursor.execute(plan.resync.delete_unrecorded)
                 removed[table] = cursor.rowcount
-                cursor.execute(sql.SQL("DROP TABLE {}").format(plan.keys_table))
+                cursor.execute(plan.resync.drop_keys)
         for table, count in removed.items():
             if count:
                 logger.info(
@@ -595,14 +525,14 @@ class PostgresApplier:
                 # Debezium (re)started the snapshot: keys of an interrupted attempt are void.
                 with conn.cursor() as cursor:
                     for plan in self._plans.values():
-                        cursor.execute(plan.create_keys)
-                        cursor.execute(sql.SQL("TRUNCATE {}").format(plan.keys_table))
-            pending: dict[TableRef, dict[tuple[Any, ...], ChangeEvent]] = {}
-            # The table of the previous event, with its plan and pending rows: consecutive
+                        cursor.execute(plan.resync.create_keys)
+                        cursor.execute(plan.resync.truncate_keys)
+            pending: dict[TableRef, NetChanges] = {}
+            # The table of the previous event, with its plan and pending changes: consecutive
             # events of one table (the common case) look nothing up again.
             table: TableRef | None = None
             plan: _TablePlan | None = None
-            per_table: dict[tuple[Any, ...], ChangeEvent] = {}
+            per_table: NetChanges | None = None
             # Events of ``table`` since it was looked up, and the newest source time among them.
             run, run_ts = 0, None
             for event in events:
@@ -611,13 +541,14 @@ class PostgresApplier:
                         _note_run(counts, last_ts, table, run, run_ts)  # type: ignore[arg-type]
                         run, run_ts = 0, None
                     table = event.table
-                    plan, per_table = self._plans.get(table), pending.setdefault(table, {})
+                    plan = self._plans.get(table)
+                    per_table = self._pending_of(pending, table, plan)
                 if event.op == "s":
                     # Column types changed on the source: rows before it land in the old types,
                     # then the destination's columns take the new ones, then the rows after.
                     self._flush(conn, pending, result, record_keys)
                     plan = self._refresh(conn, table)
-                    per_table = pending.setdefault(table, {})
+                    per_table = self._pending_of(pending, table, plan)
                     continue
                 run += 1
                 if event.source_ts_ms is not None:
@@ -629,14 +560,11 @@ class PostgresApplier:
                     result.truncates += 1
                     plan = None
                     continue
-                row = event.row
-                if plan is None or not plan.known_columns.issuperset(row):
+                if plan is None or not plan.known_columns.issuperset(event.row):
                     self._flush(conn, pending, result, record_keys)
                     plan = self._refresh(conn, table)
-                    per_table = pending.setdefault(table, {})
-                key = plan.key_of(row)
-                per_table.pop(key, None)  # re-insert so dict order follows the latest event
-                per_table[key] = event
+                    per_table = self._pending_of(pending, table, plan)
+                per_table.add(event)  # type: ignore[union-attr]
             if run:
                 _note_run(counts, last_ts, table, run, run_ts)  # type: ignore[arg-type]
             self._flush(conn, pending, result, record_keys)
@@ -668,7 +596,7 @@ class PostgresApplier:
                 key = [converters[k](event.row[k]) for k in plan.schema.primary_key]
                 try:
                     cursor.execute("SAVEPOINT _rosetta_row")
-                    cursor.execute(plan.merge_one, key)
+                    cursor.execute(plan.statements.merge_one, key)
                 except psycopg2.Error:
                     culprit = event
                     break
@@ -688,16 +616,26 @@ class PostgresApplier:
             cursor.execute(sql.SQL("TRUNCATE {}").format(self._plans[table].target))
         logger.info("Destination %s: applied TRUNCATE of %s", self.name, table.qualified)
 
+    def _pending_of(self, pending: dict[TableRef, NetChanges], table: TableRef,
+                    plan: _TablePlan | None) -> NetChanges | None:
+        """The table's net changes of this flush (None until the table has a plan)."""
+        if plan is None:
+            return None
+        net = pending.get(table)
+        if net is None or net.key_of is not plan.key_of:
+            net = pending[table] = NetChanges(plan.key_of, self.values.is_unchanged)
+        return net
+
     def _flush(
         self,
         conn: psycopg2.extensions.connection,
-        pending: dict[TableRef, dict[tuple[Any, ...], ChangeEvent]],
+        pending: dict[TableRef, NetChanges],
         result: BatchResult,
         record_keys: bool,
     ) -> None:
-        for table, latest in pending.items():
-            if latest:
-                self._merge(conn, self._plans[table], latest.values(), result, record_keys)
+        for table, net in pending.items():
+            if net.changes:
+                self._merge(conn, self._plans[table], net, result, record_keys)
         pending.clear()
 
     @staticmethod
@@ -707,7 +645,7 @@ class PostgresApplier:
         rows.seek(0)
         cursor.execute("SAVEPOINT _rosetta_direct")
         try:
-            cursor.copy_expert(plan.copy_direct, rows)
+            cursor.copy_expert(plan.statements.copy_direct, rows)
         except psycopg2.Error as exc:
             if classify(exc) == "transient":
                 raise
@@ -716,19 +654,23 @@ class PostgresApplier:
         cursor.execute("RELEASE SAVEPOINT _rosetta_direct")
         return True
 
-    def _copy_lines(self, plan: _TablePlan, events: list[ChangeEvent], *, staged: bool
-                    ) -> tuple[io.StringIO, int, int]:
-        """COPY text of ``events``: the table's columns (``staged``: then the operation and the
-        columns to keep, for the staging table). Returns it with its rows and the unchanged
-        TOAST values it leaves alone."""
+    def _copy_lines(self, plan: _TablePlan, events: list[ChangeEvent], *,
+                    origins: Mapping[tuple[Any, ...], Origin] | None = None, staged: bool
+                    ) -> tuple[io.StringIO, int, int, int]:
+        """COPY text of ``events``: the table's columns (``staged``: then the operation, the
+        columns left out and where their values come from, for the staging table). Returns it
+        with its rows, the unchanged TOAST values it leaves out and all values left out."""
         buffer = io.StringIO()
         write = buffer.write
         key_columns = set(plan.schema.primary_key)
         names = plan.column_names
         rows = 0
         unchanged_toast = 0
+        left_out = 0
         is_unchanged = self.values.is_unchanged
         whole_rows = self.values.text_as_sent
+        # The stage's origin columns of a change that keeps the destination row's values.
+        keep_suffix = "\tt" + "\t\\N" * len(plan.schema.primary_key)
         for event in events:
             values = event.row
             delete = event.is_delete
@@ -766,53 +708,115 @@ class PostgresApplier:
                         fields.append(copy_field(convert(value)))
                 line = "\t".join(fields)
             write(line)
+            left_out += len(unchanged)
             if staged:
                 write("\td\t" if delete else "\tu\t")
-                write(copy_field("{" + ",".join('"' + n.replace('"', '\\"') + '"'
-                                                for n in unchanged) + "}")
-                      if unchanged else COPY_NULL)
+                if unchanged:
+                    write(copy_field("{" + ",".join('"' + n.replace('"', '\\"') + '"'
+                                                    for n in unchanged) + "}"))
+                    origin = origins.get(plan.key_of(values)) if origins else None
+                    write(keep_suffix if origin is None else self._origin_fields(plan, origin))
+                else:
+                    write(COPY_NULL)
+                    write(keep_suffix)
             write("\n")
             rows += 1
         buffer.seek(0)
-        return buffer, rows, unchanged_toast
+        return buffer, rows, unchanged_toast, left_out
+
+    @staticmethod
+    def _origin_fields(plan: _TablePlan, origin: Origin) -> str:
+        """The stage's ``keep`` and old-key fields of a change whose left-out values come from
+        elsewhere than the destination row at its key."""
+        fields = ["t" if origin.keep else "f"]
+        if origin.moved_from is None:
+            fields.extend(COPY_NULL for _ in plan.schema.primary_key)
+        else:
+            converters = plan.converter_of
+            fields.extend(COPY_NULL if value is None else copy_field(converters[name](value))
+                          for name, value in zip(plan.schema.primary_key, origin.moved_from,
+                                                 strict=True))
+        return "\t" + "\t".join(fields)
 
     def _merge(
         self,
         conn: psycopg2.extensions.connection,
         plan: _TablePlan,
-        events: Iterable[ChangeEvent],
+        net: NetChanges,
         result: BatchResult,
         record_keys: bool,
     ) -> None:
-        events = list(events)
-        # Only new rows (the common case of an insert-heavy stream): COPY them straight into
-        # the table; a key already there, or any refusal, falls back to staging + MERGE, which
-        # upserts (or reports) exactly as before.
+        events = list(net.changes.values())
+        statements = plan.statements
+        # Only new rows carrying every value (the common case of an insert-heavy stream): COPY
+        # them straight into the table; a key already there, or any refusal, falls back to
+        # staging + MERGE, which upserts (or reports) exactly as before.
         if not record_keys and all(e.op == "c" for e in events):
-            direct, rows, _ = self._copy_lines(plan, events, staged=False)
+            direct, rows, _, left_out = self._copy_lines(plan, events, staged=False)
+            # (an insert that leaves values out: Debezium's half of a key update whose other
+            # half came in the batch before)
             with conn.cursor() as cursor:
-                if self._copy_direct(cursor, plan, direct):
+                if not left_out and self._copy_direct(cursor, plan, direct):
                     result.rows_written += rows
                     return
-        buffer, rows, unchanged_toast = self._copy_lines(plan, events, staged=True)
+        buffer, rows, unchanged_toast, left_out = self._copy_lines(
+            plan, events, origins=net.origins, staged=True)
         with conn.cursor() as cursor:
-            cursor.execute(plan.create_stage)
+            cursor.execute(statements.create_stage)
             try:
-                cursor.copy_expert(plan.copy, buffer)
+                cursor.copy_expert(statements.copy_stage, buffer)
+                if left_out:
+                    self._resolve_left_out(cursor, plan, moved=any(
+                        o.moved_from is not None for o in net.origins.values()))
                 cursor.execute("SAVEPOINT _rosetta_merge")
-                cursor.execute(plan.merge)
+                cursor.execute(statements.merge)
             except psycopg2.Error as exc:
                 if classify(exc) != "data":
                     raise
-                raise self._failure(cursor, exc, plan, list(events)) from None
+                raise self._failure(cursor, exc, plan, events) from None
             if record_keys:
-                cursor.execute(plan.create_keys)  # a table added during the snapshot
-                cursor.execute(plan.record_keys)
+                cursor.execute(plan.resync.create_keys)  # a table added during the snapshot
+                cursor.execute(plan.resync.record_keys)
             # Small batches: DELETE (no new relation file, unlike TRUNCATE). Large ones, and the
             # pieces of one large transaction (dead rows would pile up until its commit and
             # every later MERGE would scan them): TRUNCATE.
             small = rows < 1000 and not self._spans_pieces
-            cursor.execute(sql.SQL("DELETE FROM {}" if small else "TRUNCATE {}").format(
-                sql.Identifier(plan.stage_name)))
+            cursor.execute(statements.clear_stage if small else statements.truncate_stage)
         result.rows_written += rows
         result.unchanged_toast_values += unchanged_toast
+
+    def _resolve_left_out(self, cursor: psycopg2.extensions.cursor, plan: _TablePlan, *,
+                          moved: bool) -> None:
+        """Give staged rows the values their changes left out where the destination row at
+        their own key does not hold them: from the row at a moved row's old key, else read
+        back from the source (a row gone from the source since is deleted: its own delete
+        follows)."""
+        statements = plan.statements
+        if moved:
+            cursor.execute(statements.resolve_from_old_key)
+        cursor.execute(statements.unresolved_rows)
+        unresolved = cursor.fetchall()
+        if not unresolved:
+            return
+        keys = len(plan.schema.primary_key)
+        wanted: dict[tuple[str, ...], list[tuple[str | None, ...]]] = {}
+        for row in unresolved:
+            columns = tuple(c for c in row[keys] if c in plan.converter_of)
+            wanted.setdefault(columns, []).append(tuple(row[:keys]))
+        if self.source_rows is None:
+            raise RosettaError(f"Destination {self.name}: {len(unresolved)} change(s) of "
+                             f"{plan.schema.table.qualified} left values out that no row holds, "
+                             "and this applier cannot read the source.")
+        gone = delete_staged(plan.schema, plan.stage_name)
+        for columns, key_texts in wanted.items():
+            found = self.source_rows.read(plan.schema, columns, key_texts)
+            fill = fill_left_out(plan.schema, plan.stage_name, columns)
+            for key in key_texts:
+                values = found.get(key)
+                if values is None:  # gone from the source since: its delete follows
+                    cursor.execute(gone, key)
+                else:
+                    cursor.execute(fill, [*values, *key])
+        logger.info("Destination %s: %d change(s) of %s had values left out that no destination "
+                    "row held; read them back from the source", self.name, len(unresolved),
+                    plan.schema.table.qualified)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import psycopg2.extensions
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.schema import TableSchema
+from rosetta_dagster.core.apply.schema import TableSchema, xml_as_text
 
 # PostgreSQL's FirstNormalObjectId: OIDs below it are the server's own (built-in) objects.
 FIRST_NORMAL_OID = 16384
@@ -25,8 +25,11 @@ _PIPE_BUFFER = 1 << 20
 
 def binary_copy(schema: TableSchema) -> bool:
     """Binary COPY when every column has a built-in type: the binary form of arrays and
-    composites carries type OIDs, which differ on the destination for any other type."""
-    return all(0 < column.type_oid < FIRST_NORMAL_OID for column in schema.columns)
+    composites carries type OIDs, which differ on the destination for any other type. Not for
+    xml, selected as its text (see ``exact_select``): the binary input of xml would decode it
+    in the encoding its declaration names, not the one it was sent in."""
+    return all(0 < column.type_oid < FIRST_NORMAL_OID and not xml_as_text(column)
+               for column in schema.columns)
 
 
 def _swap_table_name(schema: TableSchema) -> str:

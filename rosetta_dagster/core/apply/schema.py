@@ -120,6 +120,44 @@ class TableSchema:
         return next(c for c in self.columns if c.name == name)
 
 
+def _scalar_xml(ref: TypeRef) -> bool:
+    if ref.is_array:
+        return False
+    if ref.user is None:
+        return ref.sql == "xml"
+    return ref.user.kind == "d" and ref.user.base is not None and _scalar_xml(ref.user.base)
+
+
+def xml_as_text(column: Column) -> bool:
+    """An ``xml`` value (or a domain's over xml), whose exact text is its cast to text: the
+    type's output function, which logical decoding and COPY use, drops an XML declaration
+    with default values (``<?xml version="1.0"?>``) and normalises any other."""
+    if column.type_ref is not None:
+        return _scalar_xml(column.type_ref)
+    return column.base_type == "xml" and not column.is_array
+
+
+def nested_xml(column: Column) -> bool:
+    """``xml`` inside an array or composite: its elements print through the output function,
+    so their declarations cannot be carried exactly."""
+    carries = (column.type_ref.uses("xml") if column.type_ref is not None
+               else column.base_type == "xml")
+    return carries and not xml_as_text(column)
+
+
+NESTED_XML_REFUSAL = ("xml values inside an array or composite print without their XML "
+                      "declaration, so they cannot be carried exactly (leave the column out "
+                      "with exclude_columns)")
+
+
+def exact_select(column: Column, alias: str | None = None) -> sql.Composable:
+    """The column as selected wherever its value must keep its exact text (COPY out of the
+    source, checksums): an xml value through its text cast."""
+    name = (sql.Identifier(alias, column.name) if alias is not None
+            else sql.Identifier(column.name))
+    return sql.SQL("{}::text").format(name) if xml_as_text(column) else name
+
+
 def replicated_rows(row_filter: str | None) -> sql.Composable:
     """A table's row filter as a condition (TRUE without one)."""
     return sql.SQL("TRUE") if row_filter is None else sql.SQL("({})").format(sql.SQL(row_filter))

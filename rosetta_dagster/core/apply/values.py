@@ -56,8 +56,12 @@ class ValueCodec:
     # Why a column (a primary key column when the flag is set) cannot be carried exactly by
     # this engine (None: it can).
     refusal: Callable[[Column, bool], str | None]
-    # True when the engine's own value is not used: the column is re-read from the source.
+    # True when the engine's own value may not be used: the column is re-read from the source
+    # by key (see core.capture.reread): in every event (always_reread), or when a value is
+    # outside the range the engine carries exactly (reread_when: the test of a value).
     reread: Callable[[Column], bool] = lambda column: False
+    always_reread: Callable[[Column], bool] = lambda column: False
+    reread_when: Callable[[Column], Callable[[Any], bool] | None] = lambda column: None
     # Every converter passes values through unchanged and values are str decoded as strict
     # UTF-8 (or None / the unchanged marker): rows may be escaped whole (copy_row).
     text_as_sent: bool = False

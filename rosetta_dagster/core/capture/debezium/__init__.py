@@ -226,11 +226,11 @@ class DebeziumEngine:
     ) -> Capture:
         from rosetta_dagster.core.capture.debezium.engine import DebeziumCapture
         from rosetta_dagster.core.capture.debezium.offset_table import OffsetTable
-        from rosetta_dagster.core.capture.debezium.reread import SourceReread
+        from rosetta_dagster.core.capture.reread import SourceReread
 
         assert isinstance(positions, OffsetFile | OffsetTable)
         return DebeziumCapture(pipeline, positions.engine_properties(), on_batch,
-                               snapshot_mode=snapshot_mode, reread=SourceReread(schemas))
+                               snapshot_mode=snapshot_mode, reread=SourceReread(schemas, DEBEZIUM_VALUES))
 
 
 DEBEZIUM = DebeziumEngine()

@@ -15,12 +15,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import jpype
-import psycopg2.extensions
 
 from rosetta_dagster.core.capture import BatchHandler, CaptureBatch
-from rosetta_dagster.core.capture.debezium.events import decode_event
+from rosetta_dagster.core.capture.debezium.events import decode_event, mark_key_changes
 from rosetta_dagster.core.capture.debezium.jvm import ensure_jvm
-from rosetta_dagster.core.capture.debezium.reread import SourceReread
+from rosetta_dagster.core.capture.reread import SourceReread
 from rosetta_dagster.core.dsn import mask_secrets, pinned_options
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import (
@@ -31,6 +30,7 @@ from rosetta_dagster.core.events import (
 )
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
 from rosetta_dagster.core.replication import connect_source
+from rosetta_dagster.core.source_rows import SourceRows
 
 logger = logging.getLogger("rosetta.capture")
 
@@ -46,6 +46,18 @@ HEARTBEAT_ACTION_QUERY = (
 
 class CaptureError(RosettaError):
     """The Debezium connector or the batch handler failed."""
+
+
+def exclude_list(reread: SourceReread) -> str:
+    """Debezium's ``column.exclude.list``: fully qualified column regexes of the columns always
+    re-read, and of those the tables' options leave out (never converted either)."""
+    def escaped(name: str) -> str:
+        return name.replace(".", "\\.").replace("$", "\\$")
+
+    left_out = {t: [*reread.always(t), *sorted(s.ignored_columns)]
+                for t, s in reread.schemas.items()}
+    return ",".join(f"{escaped(t.schema)}\\.{escaped(t.name)}\\.{escaped(c)}"
+                    for t, columns in left_out.items() for c in columns)
 
 
 def connector_properties(
@@ -145,7 +157,8 @@ class DebeziumCapture:
         self._completion: _CompletionCallback | None = None
         self._run_error: BaseException | None = None
         self._stopping = False
-        self._source_conn: psycopg2.extensions.connection | None = None
+        # The engine thread's source connection for re-reads (opened on first use).
+        self._source_rows = SourceRows(lambda: connect_source(pipeline))
         # The engine thread's end, told by an event rather than Thread.join/is_alive: a signal's
         # exception raised in a join leaves the thread marked stopped while it still runs
         # (CPython), and the engine would not be closed.
@@ -175,8 +188,9 @@ class DebeziumCapture:
                         events.append(event)
                         if isinstance(event, Watermark):
                             marker = PositionMarker(event.source_ts_ms)
+                events = mark_key_changes(events)
                 if capture.reread is not None and capture.reread.tables and events:
-                    events = capture.reread.fill(capture._source(), events)
+                    events = capture.reread.fill(capture._source_rows, events)
                 if events or marker is not None:
                     capture.on_batch(CaptureBatch(events, marker))
 
@@ -197,7 +211,7 @@ class DebeziumCapture:
 
         properties = connector_properties(
             self.pipeline, self.offset_storage, snapshot_mode=self.snapshot_mode,
-            excluded_columns=self.reread.exclude_list() if self.reread else "",
+            excluded_columns=exclude_list(self.reread) if self.reread else "",
         )
         self._completion = completion
         self._engine = _Engine(properties=properties, handler=_Handler())
@@ -206,20 +220,13 @@ class DebeziumCapture:
         )
         self._thread.start()
 
-    def _source(self) -> psycopg2.extensions.connection:
-        """The engine thread's source connection for re-reads (opened on first use)."""
-        if self._source_conn is None or self._source_conn.closed:
-            self._source_conn = connect_source(self.pipeline)
-        return self._source_conn
-
     def _run(self) -> None:
         try:
             self._engine.run()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self._run_error = exc
         finally:
-            if self._source_conn is not None:
-                self._source_conn.close()
+            self._source_rows.close()
             self._ended.set()
 
     def wait(self, timeout_s: float) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 
 from rosetta_dagster.core.events import (
@@ -42,3 +44,22 @@ def decode_event(value: str) -> ChangeEvent | PositionMarker | Watermark:
         xid=source.get("txId"),
         snapshot=str(source.get("snapshot") or "false"),
     )
+
+
+def mark_key_changes(items: list[ChangeEvent | Watermark]) -> list[ChangeEvent | Watermark]:
+    """Debezium delivers an UPDATE that changes the primary key as a delete of the old key and
+    a create at the new one, both at the UPDATE's position; the create gets the old key as its
+    ``before`` (as pgoutput's update carries it), so the values it leaves out (unchanged TOAST)
+    are taken from the row at the old key."""
+    marked = items
+    previous: ChangeEvent | Watermark | None = None
+    for index, item in enumerate(items):
+        if (isinstance(item, ChangeEvent) and item.op == "c" and item.before is None
+                and isinstance(previous, ChangeEvent) and previous.op == "d"
+                and previous.lsn is not None and previous.lsn == item.lsn
+                and previous.table == item.table and previous.before is not None):
+            if marked is items:
+                marked = list(items)
+            marked[index] = dataclasses.replace(item, before=previous.before)
+        previous = item
+    return marked

@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from rosetta_dagster.core.apply.schema import Column
+from rosetta_dagster.core.apply.schema import NESTED_XML_REFUSAL, Column, nested_xml
 from rosetta_dagster.core.apply.values import Converter, SourceText, ValueCodec
 from rosetta_dagster.core.errors import RosettaError
 
@@ -160,10 +160,11 @@ SUPPORTED_BASE_TYPES = frozenset(
 
 
 # Types Debezium carries, but not exactly: the offset (timetz), leading zeros (varbit), long
-# values (name: NULL when updated). Columns of these types, of arrays (dimensions, lower bounds,
-# NaN elements) and of types Debezium does not model are left out of its events and re-read
-# from the source by key (see reread.py).
-REREAD_BASE_TYPES = frozenset({"timetz", "varbit", "name"})
+# values (name: NULL when updated), the XML declaration (xml: the output function drops a
+# default one). Columns of these types, of arrays (dimensions, lower bounds, NaN elements) and
+# of types Debezium does not model are left out of its events and re-read from the source by
+# key (see core.capture.reread).
+REREAD_BASE_TYPES = frozenset({"timetz", "varbit", "name", "xml"})
 # Carried exactly in their ordinary range; a value outside it (BC years, ±infinity, years past
 # 9999) makes its row's columns be re-read from the source.
 _DAY_RANGE = (-719_162, 2_932_896)  # 0001-01-01 .. 9999-12-31, days since 1970-01-01
@@ -209,6 +210,8 @@ def needs_reread(column: Column) -> bool:
 def refusal(column: Column, key: bool) -> str | None:
     if column.base_type in _NAMES_SOURCE_OBJECTS:
         return "its text names an object of the source database"
+    if nested_xml(column):
+        return NESTED_XML_REFUSAL
     if key and column.enum_name is None and column.base_type not in SUPPORTED_BASE_TYPES:
         return ("a primary key column of a type Debezium does not carry; the pgoutput engine "
                 "does (streaming.engine: pgoutput)")
@@ -227,4 +230,5 @@ def _converter(column: Column) -> Converter:
 
 
 DEBEZIUM_VALUES = ValueCodec(converter_for=_converter, is_unchanged=is_unavailable,
-                             refusal=refusal, reread=needs_reread)
+                             refusal=refusal, reread=needs_reread, always_reread=always_reread,
+                             reread_when=reread_when)

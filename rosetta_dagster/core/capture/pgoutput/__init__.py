@@ -10,7 +10,13 @@ from typing import Any
 
 import psycopg2.extensions
 
-from rosetta_dagster.core.apply.schema import Column, TableSchema
+from rosetta_dagster.core.apply.schema import (
+    NESTED_XML_REFUSAL,
+    Column,
+    TableSchema,
+    nested_xml,
+    xml_as_text,
+)
 from rosetta_dagster.core.apply.values import ValueCodec
 from rosetta_dagster.core.capture import BatchHandler, Capture, PositionStore
 from rosetta_dagster.core.capture.pgoutput.positions import DestinationPositions
@@ -32,12 +38,17 @@ _NAMES_SOURCE_OBJECTS = frozenset({"regclass", "regproc", "regprocedure", "regop
 def _refusal(column: Column, key: bool) -> str | None:
     if column.base_type in _NAMES_SOURCE_OBJECTS:
         return "its text names an object of the source database, which the destination lacks"
+    if nested_xml(column):
+        return NESTED_XML_REFUSAL
     return None
 
 
+# xml: the output function pgoutput sends drops a default XML declaration; its text is read
+# back from the source (core.capture.reread).
 PGOUTPUT_VALUES = ValueCodec(converter_for=lambda column: _as_sent,
                              is_unchanged=lambda value: value is UNCHANGED_TOAST,
-                             refusal=_refusal, text_as_sent=True)
+                             refusal=_refusal, reread=xml_as_text, always_reread=xml_as_text,
+                             text_as_sent=True)
 
 
 class PgoutputEngine:
@@ -64,8 +75,11 @@ class PgoutputEngine:
         from rosetta_dagster.core.capture.pgoutput.engine import PgoutputCapture
 
         assert start_position is not None, "the pgoutput engine starts from a stored position"
+        from rosetta_dagster.core.capture.reread import SourceReread
+
         known_types = {table: schema.column_types for table, schema in schemas.items()}
-        return PgoutputCapture(pipeline, start_position, on_batch, known_types)
+        return PgoutputCapture(pipeline, start_position, on_batch, known_types,
+                               reread=SourceReread(schemas, PGOUTPUT_VALUES))
 
 
 PGOUTPUT = PgoutputEngine()

@@ -33,6 +33,7 @@ from rosetta_dagster.core.capture.pgoutput.protocol import (
     Message,
     PgoutputDecoder,
 )
+from rosetta_dagster.core.capture.reread import SourceReread
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import (
@@ -44,6 +45,7 @@ from rosetta_dagster.core.events import (
 )
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.replication import connect_source, connect_source_replication
+from rosetta_dagster.core.source_rows import SourceRows
 
 logger = logging.getLogger("rosetta.capture")
 
@@ -121,12 +123,16 @@ class PgoutputCapture:
     def __init__(
         self, pipeline: PipelineDefinition, start_position: int, on_batch: BatchHandler,
         known_types: Mapping[TableRef, ColumnTypes] | None = None,
+        reread: SourceReread | None = None,
     ) -> None:
         settings = pipeline.settings
         self.pipeline = pipeline
         self.start_position = start_position
         self.on_batch = on_batch
         self.known_types = known_types
+        # Columns whose text is read back from the source (the dispatcher's connection).
+        self.reread = reread if reread is not None and reread.tables else None
+        self._source_rows = SourceRows(lambda: connect_source(pipeline))
         limit = settings.max_queue_mb * 1024 * 1024
         self._queue = _ByteBoundedQueue(limit)
         # A transaction larger than this is applied in pieces (one destination transaction).
@@ -204,6 +210,12 @@ class PgoutputCapture:
         return run
 
     def _dispatch(self) -> None:
+        try:
+            self._dispatch_batches()
+        finally:
+            self._source_rows.close()
+
+    def _dispatch_batches(self) -> None:
         while not self._stopping.is_set():
             units = self._queue.take(_IDLE_WAIT_S, self._piece_bytes, self._max_events)
             if not units:
@@ -214,6 +226,8 @@ class PgoutputCapture:
                 items.extend(unit.items)
                 marker = unit.marker or marker
                 position = unit.position if unit.position is not None else position
+            if self.reread is not None:
+                items = self.reread.fill(self._source_rows, items)
             confirmed = self.on_batch(CaptureBatch(items, marker, position, units[-1].complete))
             if confirmed is not None:
                 self._confirmed = max(self._confirmed, confirmed)

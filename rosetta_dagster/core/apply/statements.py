@@ -1,0 +1,213 @@
+"""The SQL a PostgreSQL destination runs to apply a batch, as pure functions of a table.
+
+Nothing here touches a database: each function returns statements (``psycopg2.sql``
+compositions; identifiers quoted, values left as parameters) that the applier executes. The
+golden-text tests render them and compare the text.
+
+A batch's net changes (one per key, see ``net_changes``) are COPYed into a temporary *stage*
+table that has the table's columns plus:
+
+* ``_rosetta_op``: ``d`` (delete) or ``u`` (insert or update);
+* ``_rosetta_unchanged``: the columns whose value the change left out (unchanged TOAST);
+* ``_rosetta_keep`` and ``_rosetta_from_<n>``: where those values come from (the destination
+  row at the key itself, then the destination row at the old key of a moved row).
+
+Left-out values are resolved in the stage first (:func:`resolve_from_old_key`, then
+:func:`unresolved_rows` and :func:`fill_left_out` with values read from the source); then one
+``MERGE`` deletes, updates and inserts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from psycopg2 import sql
+
+from rosetta_dagster.core.apply.schema import TableSchema, destination_type
+
+OP = "_rosetta_op"
+UNCHANGED = "_rosetta_unchanged"
+KEEP = "_rosetta_keep"
+
+
+def from_column(position: int) -> str:
+    """The stage column holding the ``position``-th (0-based) key column of a moved row's old
+    key."""
+    return f"_rosetta_from_{position + 1}"
+
+
+def render(statement: sql.Composable) -> str:
+    """A statement's text without a connection (identifiers double-quoted, string literals
+    single-quoted, placeholders as ``%s``): what the golden-text tests compare. The applier
+    executes the compositions themselves; psycopg2 quotes them with the server's rules."""
+    if isinstance(statement, sql.Composed):
+        return "".join(render(part) for part in statement.seq)
+    if isinstance(statement, sql.SQL):
+        return statement.string
+    if isinstance(statement, sql.Identifier):
+        return ".".join('"' + name.replace('"', '""') + '"' for name in statement.strings)
+    if isinstance(statement, sql.Literal):
+        value = statement.wrapped
+        if isinstance(value, str):
+            return "'" + value.replace("'", "''") + "'"
+        return str(value)
+    if isinstance(statement, sql.Placeholder):
+        return "%s" if statement.name is None else f"%({statement.name})s"
+    raise TypeError(f"cannot render {statement!r}")
+
+
+def _join(parts: Sequence[sql.Composable], separator: str = ", ") -> sql.Composed:
+    return sql.SQL(separator).join(parts)
+
+
+def _key_match(schema: TableSchema, left: str, right: str,
+               right_columns: Sequence[str] | None = None) -> sql.Composed:
+    """``left.k1 = right.k1 AND ...`` (``right_columns``: other names on the right side)."""
+    names = right_columns or schema.primary_key
+    return _join([sql.SQL("{}.{} = {}.{}").format(sql.Identifier(left), sql.Identifier(k),
+                                                   sql.Identifier(right), sql.Identifier(r))
+                  for k, r in zip(schema.primary_key, names, strict=True)], " AND ")
+
+
+@dataclass(frozen=True)
+class BatchStatements:
+    """Everything that stages and merges one table's batch, built once per schema version."""
+
+    create_stage: sql.Composed
+    copy_stage: sql.Composed
+    merge: sql.Composed
+    merge_one: sql.Composed  # one staged row, its key as parameters (finds a refused row)
+    copy_direct: sql.Composed  # new rows straight into the table
+    resolve_from_old_key: sql.Composed
+    unresolved_rows: sql.Composed
+    clear_stage: sql.Composed  # small batches: DELETE (no new relation file)
+    truncate_stage: sql.Composed
+
+
+def batch_statements(schema: TableSchema, target: sql.Identifier, target_schema: str,
+                     stage_name: str) -> BatchStatements:
+    stage = sql.Identifier(stage_name)
+    keys = schema.primary_key
+    columns = [sql.Identifier(c.name) for c in schema.columns]
+    column_list = _join(columns)
+    from_columns = [from_column(i) for i in range(len(keys))]
+    stage_columns = [
+        sql.SQL("{} {}").format(sql.Identifier(c.name), destination_type(c, target_schema))
+        for c in schema.columns
+    ] + [sql.SQL("{} text NOT NULL").format(sql.Identifier(OP)),
+         sql.SQL("{} text[]").format(sql.Identifier(UNCHANGED)),
+         sql.SQL("{} boolean NOT NULL").format(sql.Identifier(KEEP))] + [
+        sql.SQL("{} {}").format(sql.Identifier(name),
+                                destination_type(schema.column(key), target_schema))
+        for name, key in zip(from_columns, keys, strict=True)]
+    bookkeeping = _join([sql.Identifier(n) for n in (OP, UNCHANGED, KEEP, *from_columns)])
+    updates = [
+        sql.SQL("{0} = CASE WHEN {1} = ANY(s.{2}) THEN t.{0} ELSE s.{0} END").format(
+            sql.Identifier(c.name), sql.Literal(c.name), sql.Identifier(UNCHANGED))
+        for c in schema.columns if c.name not in keys
+    ]
+    when_matched_update = (sql.SQL("WHEN MATCHED THEN UPDATE SET {}").format(_join(updates))
+                           if updates else sql.SQL("WHEN MATCHED THEN DO NOTHING"))
+
+    def merge_using(rows: sql.Composable) -> sql.Composed:
+        return sql.SQL(
+            "MERGE INTO {target} AS t USING {rows} AS s ON {match} "
+            "WHEN MATCHED AND s.{op} = 'd' THEN DELETE "
+            "{when_matched_update} "
+            "WHEN NOT MATCHED AND s.{op} <> 'd' THEN INSERT ({columns}) VALUES ({values})"
+        ).format(target=target, rows=rows, match=_key_match(schema, "t", "s"),
+                 op=sql.Identifier(OP), when_matched_update=when_matched_update,
+                 columns=column_list, values=_join([sql.SQL("s.{}").format(c) for c in columns]))
+
+    # A staged row whose left-out values the destination row at its own key holds.
+    kept = sql.SQL("s.{keep} AND EXISTS (SELECT 1 FROM {target} AS t WHERE {match})").format(
+        keep=sql.Identifier(KEEP), target=target, match=_key_match(schema, "t", "s"))
+    pending = sql.SQL("s.{unchanged} IS NOT NULL AND s.{op} <> 'd' AND NOT ({kept})").format(
+        unchanged=sql.Identifier(UNCHANGED), op=sql.Identifier(OP), kept=kept)
+    non_key = [c.name for c in schema.columns if c.name not in keys]
+    resolve_from_old_key = sql.SQL(
+        "UPDATE {stage} AS s SET {sets} FROM {target} AS o WHERE {moved} AND {pending}"
+    ).format(
+        stage=stage, target=target,
+        sets=_join([sql.SQL("{0} = CASE WHEN {1} = ANY(s.{2}) THEN o.{0} ELSE s.{0} END").format(
+            sql.Identifier(name), sql.Literal(name), sql.Identifier(UNCHANGED))
+            for name in non_key] + [sql.SQL("{} = NULL").format(sql.Identifier(UNCHANGED))]),
+        moved=_key_match(schema, "o", "s", from_columns), pending=pending)
+    unresolved_rows = sql.SQL("SELECT {keys}, s.{unchanged} FROM {stage} AS s WHERE {pending}"
+                              ).format(keys=_join([sql.SQL("s.{}::text").format(sql.Identifier(k))
+                                                   for k in keys]),
+                                       unchanged=sql.Identifier(UNCHANGED), stage=stage,
+                                       pending=pending)
+    return BatchStatements(
+        create_stage=sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT PRESERVE ROWS"
+                             ).format(stage, _join(stage_columns)),
+        copy_stage=sql.SQL("COPY {} ({}, {}) FROM STDIN").format(stage, column_list, bookkeeping),
+        merge=merge_using(stage),
+        merge_one=merge_using(sql.SQL("(SELECT * FROM {} WHERE ROW({}) = ROW({}))").format(
+            stage, _join([sql.Identifier(k) for k in keys]),
+            _join([sql.Placeholder()] * len(keys)))),
+        copy_direct=sql.SQL("COPY {} ({}) FROM STDIN").format(target, column_list),
+        resolve_from_old_key=resolve_from_old_key,
+        unresolved_rows=unresolved_rows,
+        clear_stage=sql.SQL("DELETE FROM {}").format(stage),
+        truncate_stage=sql.SQL("TRUNCATE {}").format(stage),
+    )
+
+
+def delete_staged(schema: TableSchema, stage_name: str) -> sql.Composed:
+    """Make a staged row a delete of its key (key parameters): its row is gone from the source,
+    whose own delete follows; until then no older value stays to be copied by a later change."""
+    return sql.SQL("UPDATE {stage} SET {op} = 'd', {unchanged} = NULL WHERE {match}").format(
+        stage=sql.Identifier(stage_name), op=sql.Identifier(OP),
+        unchanged=sql.Identifier(UNCHANGED),
+        match=_join([sql.SQL("{} = %s").format(sql.Identifier(k)) for k in schema.primary_key],
+                    " AND "))
+
+
+def fill_left_out(schema: TableSchema, stage_name: str, columns: Sequence[str]) -> sql.Composed:
+    """Set a staged row's left-out ``columns`` to values read from the source (text
+    parameters, then the key's); the row then leaves nothing out."""
+    return sql.SQL("UPDATE {stage} SET {sets}, {unchanged} = NULL WHERE {match}").format(
+        stage=sql.Identifier(stage_name),
+        sets=_join([sql.SQL("{} = %s").format(sql.Identifier(c)) for c in columns]),
+        unchanged=sql.Identifier(UNCHANGED),
+        match=_join([sql.SQL("{} = %s").format(sql.Identifier(k)) for k in schema.primary_key],
+                    " AND "))
+
+
+@dataclass(frozen=True)
+class ResyncStatements:
+    """A re-snapshot's key table: the keys the snapshot delivered, recorded beside the
+    destination table; when the snapshot ends, rows whose key it did not deliver are deleted."""
+
+    keys_table: sql.Identifier
+    create_keys: sql.Composed
+    truncate_keys: sql.Composed
+    record_keys: sql.Composed  # from the stage, in the batch's transaction
+    delete_unrecorded: sql.Composed
+    drop_keys: sql.Composed
+
+
+def resync_statements(schema: TableSchema, target: sql.Identifier, target_schema: str,
+                      keys_table: sql.Identifier, stage_name: str) -> ResyncStatements:
+    key_columns = _join([sql.Identifier(k) for k in schema.primary_key])
+    return ResyncStatements(
+        keys_table=keys_table,
+        create_keys=sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
+            keys_table,
+            _join([sql.SQL("{} {}").format(sql.Identifier(k),
+                                           destination_type(schema.column(k), target_schema))
+                   for k in schema.primary_key]),
+            key_columns),
+        truncate_keys=sql.SQL("TRUNCATE {}").format(keys_table),
+        record_keys=sql.SQL(
+            "INSERT INTO {keys} ({columns}) SELECT {columns} FROM {stage} WHERE {op} <> 'd' "
+            "ON CONFLICT DO NOTHING"
+        ).format(keys=keys_table, columns=key_columns, stage=sql.Identifier(stage_name),
+                 op=sql.Identifier(OP)),
+        delete_unrecorded=sql.SQL(
+            "DELETE FROM {target} AS t WHERE NOT EXISTS (SELECT 1 FROM {keys} AS k WHERE {match})"
+        ).format(target=target, keys=keys_table, match=_key_match(schema, "k", "t")),
+        drop_keys=sql.SQL("DROP TABLE {}").format(keys_table),
+    )

@@ -1,0 +1,111 @@
+"""Columns an engine cannot carry exactly, re-read from the source by primary key.
+
+Each engine's :class:`ValueCodec` says which columns it never carries exactly
+(``always_reread``: every event of their table is re-read) and which it carries in an ordinary
+range only (``reread_when``: a value outside it has its row re-read). Debezium leaves the
+former out of its events (``column.exclude.list``), so it never converts them; pgoutput sends
+them and the source's text replaces them (``xml``: logical decoding prints a value without its
+default XML declaration). One query per table per batch, values as PostgreSQL's own text under
+the pinned settings (see ``core.source_rows``).
+
+Consistency: the value read may be newer than the event's (the row changed again since); the
+destination then passes through that newer value earlier and converges when the later event is
+applied. An event whose row is gone from the source becomes a delete of its key: the source's
+own delete follows, and until then no older value stays at the destination for a later change
+(an UPDATE of the key that leaves a TOASTed value out) to copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rosetta_dagster.core.apply.schema import TableSchema
+from rosetta_dagster.core.apply.values import Converter, SourceText, ValueCodec
+from rosetta_dagster.core.events import ChangeEvent, Watermark
+from rosetta_dagster.core.pipeline_config import TableRef
+from rosetta_dagster.core.source_rows import KeyText, SourceRows
+
+
+@dataclass(frozen=True)
+class _TableReread:
+    schema: TableSchema
+    columns: tuple[str, ...]  # every column that may be re-read
+    always: tuple[str, ...]  # re-read in every event of the table
+    checks: tuple[tuple[str, Callable[[Any], bool]], ...]  # ordinary-range tests of the others
+    key_text: tuple[Converter, ...]  # the engine's key values -> PostgreSQL text
+
+    def needed(self, event: ChangeEvent) -> bool:
+        after = event.after or {}
+        return bool(self.always) or any(
+            (value := after.get(name)) is not None and not ordinary(value)
+            for name, ordinary in self.checks)
+
+    def key(self, event: ChangeEvent) -> KeyText:
+        after = event.after or {}
+        return tuple(None if (v := after.get(k)) is None else text(v)
+                     for k, text in zip(self.schema.primary_key, self.key_text, strict=True))
+
+
+def _plan(schema: TableSchema, codec: ValueCodec) -> _TableReread | None:
+    columns = [c for c in schema.columns
+               if c.name not in schema.primary_key and codec.reread(c)]
+    if not columns:
+        return None
+    checks = tuple((c.name, check) for c in columns
+                   if not codec.always_reread(c) and (check := codec.reread_when(c)) is not None)
+    return _TableReread(schema, tuple(c.name for c in columns),
+                        tuple(c.name for c in columns if codec.always_reread(c)), checks,
+                        tuple(codec.converter_for(schema.column(k)) for k in schema.primary_key))
+
+
+def _deleted(event: ChangeEvent, key: Sequence[str]) -> ChangeEvent:
+    after = event.after or {}
+    return ChangeEvent(event.table, "d", {k: after.get(k) for k in key}, None, event.source_ts_ms,
+                       event.lsn, event.xid, event.snapshot, event.commit_lsn)
+
+
+class SourceReread:
+    """Fills the columns an engine cannot carry into a batch's events, from the source."""
+
+    def __init__(self, schemas: Mapping[TableRef, TableSchema], codec: ValueCodec) -> None:
+        self.schemas = schemas
+        self.tables = {table: plan for table, schema in schemas.items()
+                       if (plan := _plan(schema, codec)) is not None}
+
+    def always(self, table: TableRef) -> tuple[str, ...]:
+        """The table's columns re-read in every event."""
+        plan = self.tables.get(table)
+        return plan.always if plan is not None else ()
+
+    def fill(
+        self, source: SourceRows, items: Sequence[ChangeEvent | Watermark]
+    ) -> list[ChangeEvent | Watermark]:
+        """The items with re-read values in place; events of rows gone are deletes."""
+        wanted: dict[TableRef, dict[KeyText, None]] = {}
+        for item in items:
+            if (isinstance(item, ChangeEvent) and item.table in self.tables and item.after
+                    and self.tables[item.table].needed(item)):
+                wanted.setdefault(item.table, {})[self.tables[item.table].key(item)] = None
+        if not wanted:
+            return list(items)
+        found = {table: source.read(self.tables[table].schema, self.tables[table].columns,
+                                    list(keys))
+                 for table, keys in wanted.items()}
+        kept: list[ChangeEvent | Watermark] = []
+        for item in items:
+            if isinstance(item, ChangeEvent) and item.table in wanted and item.after:
+                plan = self.tables[item.table]
+                key = plan.key(item)
+                if key in wanted[item.table]:
+                    values = found[item.table].get(key)
+                    if values is None:
+                        # Gone from the source: its delete follows. Until then the row is
+                        # absent, never kept with older values a later change could copy.
+                        kept.append(_deleted(item, plan.schema.primary_key))
+                        continue
+                    for name, value in zip(plan.columns, values, strict=True):
+                        item.after[name] = None if value is None else SourceText(value)
+            kept.append(item)
+        return kept

@@ -1,0 +1,51 @@
+"""The differential fuzzer: randomized, shrinking change sequences and faults against real
+streams, with the source (and PostgreSQL's native logical replication) as oracles.
+
+``run`` runs examples of one engine's state machine with Hypothesis; the test suite runs a
+bounded profile with fixed seeds (``rosetta_dagster_tests/test_fuzz.py``) and
+``./scripts/fuzz.sh --minutes N [--engine E]`` the long one. See ``machine`` for what an example
+does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, Phase, seed, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.stateful import run_state_machine_as_test
+
+from rosetta_dagster.harness.fuzz.machine import RosettaMachine, machine_for
+from rosetta_dagster.harness.fuzz.world import FuzzWorld
+
+
+@dataclass(frozen=True)
+class Profile:
+    examples: int  # per run
+    steps: int  # at most, per example
+    native: bool = False  # also compare PostgreSQL's native logical replication
+    converge_timeout_s: float = 120.0
+    shrink: bool = True
+    database: str | None = None  # where Hypothesis keeps failing examples to replay first
+
+
+def run(world: FuzzWorld, engine: str, profile: Profile, fixed_seed: int | None = None
+        ) -> dict[str, int]:
+    """Run ``profile.examples`` examples; raises with the (shrunk) failing script on a
+    divergence. Returns how many examples, statements and faults ran."""
+    machine: type[RosettaMachine] = machine_for(world, engine, native=profile.native,
+                                                converge_timeout_s=profile.converge_timeout_s)
+    if fixed_seed is not None:
+        machine = seed(fixed_seed)(machine)
+    phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
+    if profile.shrink:
+        phases.append(Phase.shrink)
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=profile.examples, stateful_step_count=profile.steps, deadline=None,
+        suppress_health_check=list(HealthCheck), phases=phases, print_blob=True,
+        database=DirectoryBasedExampleDatabase(profile.database) if profile.database else None,
+    ))
+    return machine.stats
+
+
+__all__ = ["FuzzWorld", "Profile", "run"]

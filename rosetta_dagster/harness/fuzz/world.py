@@ -1,0 +1,383 @@
+"""Where the fuzzer runs: real PostgreSQL servers, a config store, and one example at a time.
+
+A :class:`FuzzWorld` lasts a whole fuzzing session: a source cluster, a destination cluster
+(first destination, the native-replication oracle and the config store) and a second
+destination cluster that faults take down. Each Hypothesis example is an :class:`Example`: its
+own schemas, pipeline (file and name), stream process, backfills and native subscription, all
+removed afterwards.
+
+The stream is the real command (``rosetta stream``) in a process of its own, so that a kill -9 is
+one; a supervisor thread starts it again when it ends, as the Dagster sensor does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg2
+import psycopg2.extensions
+import yaml
+from psycopg2 import sql
+
+from rosetta_dagster.core.backfill import BackfillError, BackfillRunner
+from rosetta_dagster.core.config_store import ConfigStore
+from rosetta_dagster.core.errors import RosettaError
+from rosetta_dagster.core.local_postgres import LocalPostgresCluster
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, load_config
+from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
+from rosetta_dagster.harness.fuzz.workload import (
+    FuzzTable,
+    big_function,
+    create_table_sql,
+    fuzz_tables,
+)
+from rosetta_dagster.harness.type_matrix import families_for, pinned_connection, user_types_for
+
+PASSWORD = "fuzz-Pw-1"
+_numbers = itertools.count(1)
+
+
+@dataclass
+class FuzzWorld:
+    root: Path
+    source: LocalPostgresCluster
+    destination: LocalPostgresCluster
+    second: LocalPostgresCluster  # the second destination's server: taken down by faults
+    store: ConfigStore
+    pool: ResilientConnectionPool
+    config_url: str
+    source_dbs: dict[str, str] = field(default_factory=dict)  # engine -> database
+
+    @classmethod
+    def start(cls, root: Path) -> FuzzWorld:
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)
+        clusters = [LocalPostgresCluster(root / name, password=PASSWORD).start()
+                    for name in ("source", "destination", "second")]
+        for cluster in clusters[1:]:
+            cluster.create_database("dst")
+        clusters[1].create_database("native")
+        config_url = clusters[1].create_database("config")
+        pool = ResilientConnectionPool(config_url, PoolSettings(max_conn=4)).open()
+        store = ConfigStore(pool)
+        store.upgrade()
+        return cls(root, *clusters, store, pool, config_url)
+
+    def source_db(self, engine: str) -> str:
+        """The engine's source database: the user types of the type matrix (Debezium's
+        without a domain over an enum, on which it fails to start)."""
+        if engine not in self.source_dbs:
+            name = f"src_{engine}"
+            url = self.source.create_database(name)
+            conn = pinned_connection(url)
+            with conn.cursor() as cursor:
+                cursor.execute(user_types_for(families_for(engine)))
+            conn.close()
+            self.source_dbs[engine] = name
+        return self.source_dbs[engine]
+
+    def close(self) -> None:
+        self.pool.close()
+        for cluster in (self.source, self.destination, self.second):
+            cluster.destroy()
+
+
+class StreamProcess:
+    """``rosetta stream NAME`` kept running by a supervisor thread while it is wanted."""
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.env = env
+        self.log_path = log_path
+        self.wanted = False
+        self.starts = 0
+        self.exits: list[int] = []
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True)
+        self._supervisor.start()
+
+    def _spawn(self) -> None:
+        with self.log_path.open("ab") as log:
+            log.write(f"--- start {self.starts + 1} ---\n".encode())
+            log.flush()
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "rosetta_dagster.cli", "stream", self.name],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        self.starts += 1
+
+    def _supervise(self) -> None:
+        while not self._closing.wait(0.3):
+            with self._lock:
+                process = self._process
+                if process is not None and process.poll() is not None:
+                    self.exits.append(process.returncode)
+                    self._process = None
+                if self.wanted and self._process is None:
+                    if self.exits and self.exits[-1] not in (0, -signal.SIGKILL):
+                        time.sleep(0.5)  # a failed start: as the supervisor would, a bit later
+                    self._spawn()
+
+    def start(self) -> None:
+        with self._lock:
+            self.wanted = True
+            if self._process is None:
+                self._spawn()
+
+    def kill(self) -> None:
+        """kill -9; the supervisor starts it again while it is wanted."""
+        with self._lock:
+            if self._process is not None:
+                with suppress(ProcessLookupError):
+                    os.kill(self._process.pid, signal.SIGKILL)
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """SIGTERM (a clean close) and wait; kill -9 when it does not end in time."""
+        with self._lock:
+            self.wanted = False
+            process = self._process
+        if process is None:
+            return
+        with suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        with self._lock:
+            if self._process is process:
+                self.exits.append(process.returncode)
+                self._process = None
+
+    @property
+    def running(self) -> bool:
+        process = self._process
+        return process is not None and process.poll() is None
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def close(self) -> None:
+        self.stop()
+        self._closing.set()
+        self._supervisor.join(5)
+
+
+class Backfill:
+    """A backfill job of one table, copied in a thread of this process (as the Dagster asset
+    does) while the example goes on; retried like a failed run is."""
+
+    def __init__(self, pipeline: PipelineDefinition, store: ConfigStore, table: str) -> None:
+        store.sync_pipeline(pipeline)  # as the stream does when it starts
+        self.job = store.create_backfill_job(pipeline.name, table)
+        self.errors: list[str] = []
+        self._thread = threading.Thread(target=self._run, args=(pipeline, store), daemon=True)
+        self._thread.start()
+
+    def _run(self, pipeline: PipelineDefinition, store: ConfigStore) -> None:
+        for attempt in range(4):
+            try:
+                if attempt:
+                    store.retry_backfill_job(self.job.id)
+                BackfillRunner(pipeline, store, self.job.id, chunk_rows=7,
+                               chunk_timeout_s=60).run()
+                return
+            except (RosettaError, psycopg2.Error) as exc:
+                self.errors.append(str(exc).strip().splitlines()[0])
+                time.sleep(1)
+
+    def wait(self, timeout_s: float) -> bool:
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+
+class Example:
+    """One example's schemas, pipeline and stream."""
+
+    def __init__(self, world: FuzzWorld, engine: str) -> None:
+        self.world = world
+        self.engine = engine
+        number = next(_numbers)
+        self.schema = f"x{os.getpid()}_{number}"
+        self.target_schema = f"r{os.getpid()}_{number}"
+        self.name = f"fz{os.getpid()}_{number}"
+        self.source_db = world.source_db(engine)
+        self.tables = fuzz_tables(engine)
+        self.directory = world.root / self.name
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.pipeline_file = self.directory / "rosetta.yaml"
+        self.in_pipeline = {t.name for t in self.tables if t.in_pipeline}
+        self.stream = StreamProcess(self.name, {
+            **os.environ, "ROSETTA_CONFIG": str(self.pipeline_file),
+            "ROSETTA_OFFSETS_DIR": str(self.directory / "offsets"),
+            "CONFIG_DATABASE_URL": world.config_url, "FUZZ_PG_PASSWORD": PASSWORD,
+            "PYTHONUNBUFFERED": "1"}, self.directory / "stream.log")
+        self.backfills: list[Backfill] = []
+        self.native = False
+        self.setup_sql: list[str] = []  # as run, for the reproduction script
+
+    # -- servers and connections -----------------------------------------------------------
+
+    @property
+    def source_url(self) -> str:
+        return self.world.source.dsn(self.source_db)
+
+    def destination_urls(self) -> list[tuple[str, str]]:
+        return [("d1", self.world.destination.dsn("dst")), ("d2", self.world.second.dsn("dst"))]
+
+    @property
+    def native_url(self) -> str:
+        return self.world.destination.dsn("native")
+
+    def connect_source(self) -> psycopg2.extensions.connection:
+        conn = pinned_connection(self.source_url)
+        with conn.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '10s'")
+        return conn
+
+    def qualified(self, table: str) -> sql.Identifier:
+        return sql.Identifier(self.schema, table)
+
+    def _setup_statements(self) -> list[sql.Composable]:
+        statements: list[sql.Composable] = [
+            sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema)),
+            big_function(self.schema)]
+        for table in self.tables:
+            statements += create_table_sql(self.schema, table)
+        return statements
+
+    # -- set up ------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """The example's schema, helper function and tables (empty) on the source."""
+        conn = pinned_connection(self.source_url)
+        with conn.cursor() as cursor:
+            for statement in self._setup_statements():
+                self.setup_sql.append(statement.as_string(conn))
+                cursor.execute(statement)
+        conn.close()
+        self.write_pipeline_file()
+
+    def write_pipeline_file(self) -> None:
+        endpoint = {"host": "127.0.0.1", "user": "postgres", "password": "${FUZZ_PG_PASSWORD}"}
+        entries: list[object] = []
+        for table in self.tables:
+            if table.name in self.in_pipeline:
+                name = f"{self.schema}.{table.name}"
+                entries.append({"name": name, **table.options} if table.options else name)
+        self.pipeline_file.write_text(yaml.safe_dump({
+            "sources": {"src": {**endpoint, "port": self.world.source.port,
+                                "database": self.source_db}},
+            "destinations": {
+                "d1": {**endpoint, "port": self.world.destination.port, "database": "dst",
+                       "schema": self.target_schema},
+                "d2": {**endpoint, "port": self.world.second.port, "database": "dst",
+                       "schema": self.target_schema},
+            },
+            "pipelines": {self.name: {
+                "source": "src", "destinations": ["d1", "d2"], "tables": entries,
+                "streaming": {"engine": self.engine, "heartbeat_interval_ms": 1000,
+                              "apply_retry_seconds": 5, "offset_flush_interval_ms": 200}}},
+        }))
+
+    def pipeline(self) -> PipelineDefinition:
+        return load_config(self.pipeline_file, {"FUZZ_PG_PASSWORD": PASSWORD}).pipeline(self.name)
+
+    def add_table(self, table: FuzzTable) -> None:
+        """Add a table to the pipeline: the stream restarts and loads it under a fence."""
+        self.in_pipeline.add(table.name)
+        self.write_pipeline_file()
+        self.stream.stop()
+        self.stream.start()
+
+    def drop_slot(self) -> None:
+        with self.world.source.admin_cursor(self.source_db) as cursor:
+            cursor.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                           "WHERE slot_name = %s AND NOT active", (f"rosetta_{self.name}",))
+
+    # -- native logical replication, the second oracle ---------------------------------------
+
+    def start_native(self) -> None:
+        """A subscription of PostgreSQL's own to the pipeline's publication (created by the
+        stream's first start), into tables made like the source's."""
+        conn = pinned_connection(self.native_url)
+        with conn.cursor() as cursor:
+            for statement in self._setup_statements():
+                cursor.execute(statement)
+            source = self.world.source
+            cursor.execute(sql.SQL(
+                "CREATE SUBSCRIPTION {} CONNECTION %s PUBLICATION {} WITH (copy_data = true)"
+            ).format(sql.Identifier(self.name), sql.Identifier(f"rosetta_{self.name}")),
+                (f"host=127.0.0.1 port={source.port} dbname={self.source_db} user=postgres "
+                 f"password={PASSWORD}",))
+        conn.close()
+        self.native = True
+
+    def native_ddl(self, statement: sql.Composable) -> None:
+        if not self.native:
+            return
+        conn = pinned_connection(self.native_url)
+        with conn.cursor() as cursor:
+            cursor.execute(statement)
+        conn.close()
+
+    def refresh_native(self) -> None:
+        if self.native:
+            conn = pinned_connection(self.native_url)
+            with conn.cursor() as cursor:
+                cursor.execute(sql.SQL("ALTER SUBSCRIPTION {} REFRESH PUBLICATION").format(
+                    sql.Identifier(self.name)))
+            conn.close()
+
+    # -- clean up ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.stream.close()
+        for backfill in self.backfills:
+            backfill.wait(5)
+        if not self.world.second.is_running():
+            self.world.second.start()
+        if self.native:
+            with self.world.destination.admin_cursor("native") as cursor:
+                cursor.execute(sql.SQL("DROP SUBSCRIPTION IF EXISTS {}").format(
+                    sql.Identifier(self.name)))
+                cursor.execute(self._drop_schema(self.schema))
+        with self.world.source.admin_cursor(self.source_db) as cursor:
+            cursor.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                           "WHERE slot_name LIKE %s AND active_pid IS NOT NULL",
+                           (f"%{self.name}%",))
+            time.sleep(0.2)
+            cursor.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                           "WHERE slot_name LIKE %s AND NOT active", (f"%{self.name}%",))
+            cursor.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
+                sql.Identifier(f"rosetta_{self.name}")))
+            cursor.execute(self._drop_schema(self.schema))
+        for cluster in (self.world.destination, self.world.second):
+            with cluster.admin_cursor("dst") as cursor:
+                cursor.execute(self._drop_schema(self.target_schema))
+
+    @staticmethod
+    def _drop_schema(name: str) -> sql.Composed:
+        return sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name))
+
+
+def backfill_failures(backfills: list[Backfill]) -> list[str]:
+    return [f"backfill job {b.job.id}: {e}" for b in backfills for e in b.errors]
+
+
+__all__ = ["Backfill", "BackfillError", "Example", "FuzzWorld", "StreamProcess"]

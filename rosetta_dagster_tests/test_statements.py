@@ -1,0 +1,102 @@
+"""Golden text of the statements a PostgreSQL destination runs to apply a batch (no database).
+
+The expected texts are compared, never executed.
+"""
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+from psycopg2 import sql
+
+from rosetta_dagster.core.apply.schema import Column, TableSchema, TypeRef, UserType
+from rosetta_dagster.core.apply.statements import (
+    batch_statements,
+    fill_left_out,
+    render,
+    resync_statements,
+)
+from rosetta_dagster.core.pipeline_config import TableRef
+
+# A composite key, a name that needs quoting twice over, a user type (lives in the destination's
+# schema).
+SCHEMA = TableSchema(
+    TableRef("public", "Order Lines"),
+    (Column("order", "bigint", "int8", False, -1), Column("line", "text", "text", False, -1),
+     Column('we"ird', "text", "text", False, -1),
+     Column("m", "public.mood", "mood", False, -1,
+            type_ref=TypeRef("public.mood", UserType("mood", "e", ("a",))))),
+    ("order", "line"),
+)
+TARGET = sql.Identifier("replica", "Order Lines")
+STAGE = "_rosetta_stage_7"
+BATCH = batch_statements(SCHEMA, TARGET, "replica", STAGE)
+KEPT = ('NOT (s."_rosetta_keep" AND EXISTS (SELECT 1 FROM "replica"."Order Lines" AS t WHERE '
+        '"t"."order" = "s"."order" AND "t"."line" = "s"."line"))')
+
+
+def test_the_stage_holds_the_columns_and_where_left_out_values_come_from() -> None:
+    assert render(BATCH.create_stage) == (
+        'CREATE TEMP TABLE IF NOT EXISTS "_rosetta_stage_7" ("order" bigint, "line" text, '
+        '"we""ird" text, "m" "replica"."mood", "_rosetta_op" text NOT NULL, '
+        '"_rosetta_unchanged" text[], "_rosetta_keep" boolean NOT NULL, "_rosetta_from_1" bigint, '
+        '"_rosetta_from_2" text) ON COMMIT PRESERVE ROWS')
+    assert render(BATCH.copy_stage) == (
+        'COPY "_rosetta_stage_7" ("order", "line", "we""ird", "m", "_rosetta_op", '
+        '"_rosetta_unchanged", "_rosetta_keep", "_rosetta_from_1", "_rosetta_from_2") FROM STDIN')
+    assert render(BATCH.copy_direct) == (
+        'COPY "replica"."Order Lines" ("order", "line", "we""ird", "m") FROM STDIN')
+
+
+def test_one_merge_deletes_updates_and_inserts_keeping_left_out_values() -> None:
+    assert render(BATCH.merge) == (
+        'MERGE INTO "replica"."Order Lines" AS t USING "_rosetta_stage_7" AS s '
+        'ON "t"."order" = "s"."order" AND "t"."line" = "s"."line" '
+        """WHEN MATCHED AND s."_rosetta_op" = 'd' THEN DELETE """
+        'WHEN MATCHED THEN UPDATE SET '
+        """"we""ird" = CASE WHEN 'we"ird' = ANY(s."_rosetta_unchanged") THEN t."we""ird" """
+        'ELSE s."we""ird" END, '
+        """"m" = CASE WHEN 'm' = ANY(s."_rosetta_unchanged") THEN t."m" ELSE s."m" END """
+        """WHEN NOT MATCHED AND s."_rosetta_op" <> 'd' THEN INSERT ("order", "line", "we""ird", "m") """
+        'VALUES (s."order", s."line", s."we""ird", s."m")')
+    assert render(BATCH.merge_one).startswith(
+        'MERGE INTO "replica"."Order Lines" AS t USING (SELECT * FROM "_rosetta_stage_7" '
+        'WHERE ROW("order", "line") = ROW(%s, %s)) AS s ON ')
+
+
+def test_left_out_values_come_from_the_old_key_then_the_source() -> None:
+    assert render(BATCH.resolve_from_old_key) == (
+        'UPDATE "_rosetta_stage_7" AS s SET '
+        """"we""ird" = CASE WHEN 'we"ird' = ANY(s."_rosetta_unchanged") THEN o."we""ird" """
+        'ELSE s."we""ird" END, '
+        """"m" = CASE WHEN 'm' = ANY(s."_rosetta_unchanged") THEN o."m" ELSE s."m" END, """
+        '"_rosetta_unchanged" = NULL FROM "replica"."Order Lines" AS o '
+        'WHERE "o"."order" = "s"."_rosetta_from_1" AND "o"."line" = "s"."_rosetta_from_2" '
+        """AND s."_rosetta_unchanged" IS NOT NULL AND s."_rosetta_op" <> 'd' AND """ + KEPT)
+    assert render(BATCH.unresolved_rows) == (
+        'SELECT s."order"::text, s."line"::text, s."_rosetta_unchanged" FROM "_rosetta_stage_7" '
+        """AS s WHERE s."_rosetta_unchanged" IS NOT NULL AND s."_rosetta_op" <> 'd' AND """ + KEPT)
+    assert render(fill_left_out(SCHEMA, STAGE, ['we"ird', "m"])) == (
+        'UPDATE "_rosetta_stage_7" SET "we""ird" = %s, "m" = %s, "_rosetta_unchanged" = NULL '
+        'WHERE "order" = %s AND "line" = %s')
+
+
+def test_a_resnapshot_records_keys_and_deletes_the_rest() -> None:
+    resync = resync_statements(SCHEMA, TARGET, "replica",
+                               sql.Identifier("replica", "_rosetta_resync_x"), STAGE)
+    assert render(resync.create_keys) == (
+        'CREATE TABLE IF NOT EXISTS "replica"."_rosetta_resync_x" ("order" bigint, "line" text, '
+        'PRIMARY KEY ("order", "line"))')
+    assert render(resync.record_keys) == (
+        'INSERT INTO "replica"."_rosetta_resync_x" ("order", "line") SELECT "order", "line" '
+        """FROM "_rosetta_stage_7" WHERE "_rosetta_op" <> 'd' ON CONFLICT DO NOTHING""")
+    assert render(resync.delete_unrecorded) == (
+        'DELETE FROM "replica"."Order Lines" AS t WHERE NOT EXISTS (SELECT 1 FROM '
+        '"replica"."_rosetta_resync_x" AS k WHERE "k"."order" = "t"."order" AND '
+        '"k"."line" = "t"."line")')
+
+
+def test_a_table_of_key_columns_only_updates_nothing() -> None:
+    keys_only = TableSchema(TableRef("public", "k"), (Column("id", "integer", "int4", False, -1),),
+                            ("id",))
+    merge = render(batch_statements(keys_only, sql.Identifier("replica", "k"), "replica", "s").merge)
+    assert "WHEN MATCHED THEN DO NOTHING" in merge
