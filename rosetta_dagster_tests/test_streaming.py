@@ -241,6 +241,27 @@ def test_added_column_and_truncate_are_applied(env: StreamingEnv) -> None:
 
 
 
+def test_a_column_added_to_a_table_no_change_touches_reaches_the_destination(
+    env: StreamingEnv,
+) -> None:
+    """Found by the fuzzer: ADD COLUMN ... DEFAULT changes every existing row without a change
+    event, and the stream sends nothing of the table until one of its rows changes."""
+    execute(env.source_url,
+            "CREATE TABLE public.items (id int PRIMARY KEY, name text)",
+            "CREATE TABLE public.other (id int PRIMARY KEY)",
+            "INSERT INTO public.items SELECT g, 'i' || g FROM generate_series(1, 20) g")
+    session = StreamingSession(env.pipeline("quiet", ["public.items", "public.other"]),
+                               offsets_dir=env.offsets_dir)
+    with streaming(session):
+        wait_until(lambda: env.converged("public.items"), message="the initial load")
+        execute(env.source_url, "BEGIN; ALTER TABLE public.items ADD COLUMN colour text "
+                "DEFAULT 'it''s red'; ALTER TABLE public.items ADD COLUMN weight int; "
+                "TRUNCATE public.other; COMMIT")
+        wait_until(lambda: env.converged("public.items"), 30, "the added columns")
+    assert fetch(env.destination_url, "SELECT DISTINCT colour, weight FROM replica.items") == [
+        ("it's red", None)]
+
+
 def _column_types(url: str, relation: str) -> list[tuple[str, str]]:
     return fetch(url, "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
                  "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "

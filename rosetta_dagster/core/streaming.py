@@ -59,6 +59,8 @@ POSITION_STAMP_S = 1.0  # a moved position is reported at most this often
 # How often a destination that went down is tried again (engines with per-destination positions).
 DESTINATION_RETRY_S = 5.0
 STALE_OFFSET_ERROR = "no longer available on the server"
+# How often the source catalog is looked at for added columns between batches of rows.
+CATALOG_POLL_S = 2.0
 # A destination that cannot be reached: others keep applying, it catches up from the slot.
 _UNREACHABLE = (DatabaseConnectionError, psycopg2.OperationalError, psycopg2.InterfaceError)
 
@@ -161,8 +163,9 @@ class StreamingSession:
         self._stamped_position: tuple[int | None, int | None] = (None, None)
         self.refused = RefusedChanges(pipeline, config_store, log)
         # The engine thread's source connection: values read back by key, catalog reads (see
-        # _retyped_tables).
+        # _changed_tables).
         self._source_rows = SourceRows(lambda: connect_source(pipeline))
+        self._next_catalog_poll = 0.0
 
     # -- preparation -----------------------------------------------------------------------
 
@@ -275,9 +278,8 @@ class StreamingSession:
         segment: list[ChangeEvent] = []
         streaming_seen = batch.marker is not None
         items = batch.items
-        if (not self.engine.announces_type_changes and not self._resyncing
-                and any(isinstance(item, ChangeEvent) for item in items)):
-            items = self._retyped_tables() + list(items)
+        if not self._resyncing:
+            items = self._changed_tables(batch) + list(items)
         for item in items:
             if isinstance(item, Watermark):
                 self._apply_events(segment, streaming_seen)
@@ -301,17 +303,34 @@ class StreamingSession:
             default=None))
         return committed
 
-    def _retyped_tables(self) -> list[ChangeEvent]:
-        """A schema event for each table whose column types changed on the source since its
-        schema was read (engines that do not announce it: read from the catalog, once per
-        batch of rows). Rows of the batch from before the change are applied in the new
-        types; the backfill that follows repairs them with the rest."""
+    def _changed_tables(self, batch: CaptureBatch) -> list[ChangeEvent]:
+        """A schema event for each table whose columns changed on the source since its schema
+        was read, from the source catalog (one query): columns added (an ADD COLUMN ... DEFAULT
+        changes every existing row without any change event, and the stream sends nothing of
+        the table until one of its rows changes), and, for engines that do not announce them
+        in stream order, changed types. Looked at with every batch of rows of such engines,
+        else every CATALOG_POLL_S. Rows of the batch from before a type change are applied in
+        the new types; the backfill that follows repairs them with the rest."""
+        types = not self.engine.announces_type_changes
+        now = time.monotonic()
+        if not (types and any(isinstance(item, ChangeEvent) for item in batch.items)) and (
+                now < self._next_catalog_poll):
+            return []
+        self._next_catalog_poll = now + CATALOG_POLL_S
         tables = list(self._schemas)
-        now = read_column_types(self._source_rows.connection(), tables)
+        current = read_column_types(self._source_rows.connection(), tables)
         events = []
         for table in tables:
-            known = self._schemas[table].column_types
-            if any(now.get(table, {}).get(name, kind) != kind for name, kind in known.items()):
+            schema = self._schemas[table]
+            known = schema.column_types
+            columns = current.get(table, {})
+            options = self.pipeline.options(table)
+            # A column list publishes a new column only from the next start (then backfilled).
+            listed = options.columns is not None or bool(options.exclude_columns)
+            added = not listed and any(name not in known and name not in schema.ignored_columns
+                                       for name in columns)
+            retyped = types and any(columns.get(name, kind) != kind for name, kind in known.items())
+            if added or retyped:
                 self._schemas[table] = self._read_schema(table)
                 events.append(ChangeEvent(table, "s", None, None,
                                           source_ts_ms=int(time.time() * 1000)))

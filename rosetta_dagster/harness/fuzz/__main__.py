@@ -27,13 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="one round with this seed")
     parser.add_argument("--no-native", action="store_true",
                         help="do not run PostgreSQL's native replication beside it")
+    parser.add_argument("--no-shrink", action="store_true",
+                        help="report the first failing example as it is (faster)")
     parser.add_argument("--out", type=Path, default=Path("tmp/fuzz"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     engines = ("pgoutput", "debezium") if args.engine == "both" else (args.engine,)
     profile = Profile(examples=args.examples, steps=args.steps, native=not args.no_native,
-                      database=str(args.out / "examples"))
+                      shrink=not args.no_shrink, database=str(args.out / "examples"))
     world = FuzzWorld.start(Path(tempfile.mkdtemp(prefix="rosetta-fuzz-")))
     started = time.monotonic()
     deadline = started + args.minutes * 60

@@ -40,7 +40,12 @@ from rosetta_dagster.harness.fuzz.workload import (
     create_table_sql,
     fuzz_tables,
 )
-from rosetta_dagster.harness.type_matrix import families_for, pinned_connection, user_types_for
+from rosetta_dagster.harness.type_matrix import (
+    FAMILIES,
+    families_for,
+    pinned_connection,
+    user_types_for,
+)
 
 PASSWORD = "fuzz-Pw-1"
 _numbers = itertools.count(1)
@@ -65,7 +70,10 @@ class FuzzWorld:
                     for name in ("source", "destination", "second")]
         for cluster in clusters[1:]:
             cluster.create_database("dst")
-        clusters[1].create_database("native")
+        native = pinned_connection(clusters[1].create_database("native"))
+        with native.cursor() as cursor:  # the matrix table's user types
+            cursor.execute(user_types_for(FAMILIES))
+        native.close()
         config_url = clusters[1].create_database("config")
         pool = ResilientConnectionPool(config_url, PoolSettings(max_conn=4)).open()
         store = ConfigStore(pool)
