@@ -434,7 +434,11 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
             if args.table not in pipeline.tables:
                 raise FilterError(f"Pipeline '{pipeline.name}' has no table '{args.table}' "
                                   f"(it has {', '.join(pipeline.tables)}).")
-            conditions = parse_filter([_parse_condition(c) for c in args.where])
+            raw = [_parse_condition(c) for c in args.where]
+            if args.key_range:  # as content_parity prints it: values taken exactly as given
+                column, first, last = args.key_range
+                raw.append({"column": column, "operator": "between", "value": [first, last]})
+            conditions = parse_filter(raw)
             job = store.create_backfill_job(pipeline.name, args.table,
                                             [c.as_dict() for c in conditions])
             print(f"Backfill job {job.id}: {job.pipeline} {job.table_name} {job.status.value}")
@@ -538,6 +542,11 @@ def _add_operational_commands(
         "--where", action="append", default=[], metavar="COLUMN OPERATOR [VALUE]",
         help="A condition, repeatable (AND): 'id >= 100', 'status in a,b', "
         "'created_at between 2024-01-01,2024-02-01', 'note is null'.",
+    )
+    request.add_argument(
+        "--key-range", nargs=3, metavar=("COLUMN", "FROM", "THROUGH"),
+        help="Rows whose COLUMN is between FROM and THROUGH (values as written, commas and "
+        "spaces included): the repair the content_parity check prints.",
     )
     listing = backfill_commands.add_parser("list", help="List backfill jobs.")
     listing.add_argument("--pipeline")

@@ -96,7 +96,11 @@ def test_each_forced_condition_fails_at_its_severity(
     outcomes = _outcomes(pipeline, store)
     content = outcomes["content_parity"]
     assert (content.passed, content.severity) == (False, "ERROR")
-    assert content.description == "Rows differ in key range [401, 500]; first differing key 456."
+    assert content.description == (
+        "Rows differ in key range [401, 500]; first differing key 456. Repair: rosetta backfill "
+        "request checked public.items --key-range id 401 500")
+    assert (content.metadata["first_differing_keys"], content.metadata["range_start"],
+            content.metadata["range_end"]) == ("456", "401", "500")
     assert outcomes["row_count_parity"].passed
 
     execute(env.destination_url, "DELETE FROM replica.items WHERE id = 7")
@@ -254,7 +258,8 @@ def test_rosetta_validate_passes_a_healthy_deployment_and_fails_a_broken_one(
     broken = _validate(env, database_url, path)
     assert broken.returncode == 1, broken.stdout + broken.stderr
     assert ("FAIL ERROR destination/dst/replica/items content_parity: Rows differ in key range "
-            "[901, 1000]; first differing key 999.") in broken.stdout
+            "[901, 1000]; first differing key 999. Repair: rosetta backfill request checked "
+            "public.items --key-range id 901 1000") in broken.stdout
     as_json = subprocess.run(
         [sys.executable, "-m", "rosetta_dagster.cli", "validate", "--json"],
         env={**env.pipeline_env(path, database_url)}, capture_output=True, text=True, timeout=120)
@@ -352,3 +357,97 @@ def test_backfill_checks_fail_at_their_severity(
     assert (missing.passed, missing.severity) == (False, "ERROR")
     assert missing.description == ("Destination dst has 99 rows matching the job's filter, "
                                    "the source 100.")
+
+
+def test_a_divergence_is_repaired_by_the_range_backfill_the_check_names(
+    replica: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore, database_url: str,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The printed command repairs the range; with ``verification: {repair: true}`` the
+    scheduled check requests that backfill itself, once, and the failure is notified."""
+    import shlex
+
+    from dagster import DagsterInstance, build_sensor_context
+
+    from rosetta_dagster.cli import main
+    from rosetta_dagster.core.backfill import BackfillRunner
+    from rosetta_dagster.definitions import build_definitions
+    from rosetta_dagster.defs.alerts.sensors import build_notification_sensor
+    from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+
+    env, pipeline = replica
+    # A divergence planted behind the stream's back: a row changed, one gone, and one the
+    # source no longer has (deleted there, then put back on the destination).
+    execute(env.source_url, "DELETE FROM public.items WHERE id = 480")
+    wait_until(lambda: env.converged("public.items"), 30, "the delete")
+    execute(env.destination_url, "UPDATE replica.items SET v = 'tampered' WHERE id = 456",
+            "DELETE FROM replica.items WHERE id = 470",
+            "INSERT INTO replica.items VALUES (480, 'resurrected', 0)")
+    outcome = _outcomes(pipeline, store)["content_parity"]
+    assert outcome.metadata["first_differing_keys"] == "456; 470; 480"
+
+    # By hand: the one command the check prints.
+    command = str(outcome.metadata["repair_command"])
+    assert command == "rosetta backfill request checked public.items --key-range id 401 501"
+    monkeypatch.setenv("CONFIG_DATABASE_URL", database_url)
+    assert main(shlex.split(command)[1:]) == 0
+    (by_hand,) = store.list_backfill_jobs(pipeline="checked")
+    assert by_hand.filter == [{"column": "id", "operator": "between", "value": ["401", "501"]}]
+    store.cancel_backfill_job(by_hand.id)
+
+    # By itself: repair on, a notification channel, the scheduled check job run twice.
+    hook: list[dict[str, object]] = []
+    path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "checked", ["public.items"])
+    document = yaml.safe_load(path.read_text())
+    document["pipelines"]["checked"]["verification"] = {"repair": True}
+    document["operations"] = {"parity_window_seconds": 1, "parity_chunk_rows": 100}
+    document["notifications"] = {"channels": [{"name": "ops", "url": "${HOOK}"}]}
+    path.write_text(yaml.safe_dump(document))
+    for key, value in {**env.pipeline_env(path, database_url), "HOOK": _receiver(hook)}.items():
+        monkeypatch.setenv(key, value)
+    job_def = build_definitions().resolve_job_def("replication_health_checks")
+    with DagsterInstance.ephemeral() as instance:
+        for _ in range(2):
+            result = job_def.execute_in_process(instance=instance, raise_on_error=False)
+        evaluation = next(e for e in result.get_asset_check_evaluations()
+                          if e.check_name == "content_parity")
+        (repair,) = [j for j in store.list_backfill_jobs(pipeline="checked") if j.id != by_hand.id]
+        assert evaluation.passed is False and evaluation.description.endswith(
+            f"Repair already requested: backfill job {repair.id}.")
+        assert repair.filter == by_hand.filter and repair.table_name == "public.items"
+        sensor = build_notification_sensor(load_config(path), outbox_retry_s=0)
+        resources = {"config_store": ConfigStoreResource(database_url=database_url)}
+        with build_sensor_context(instance=instance, resources=resources) as context:
+            cursor = sensor(context).cursor
+        assert any("content_parity" in str(post["text"]) and f"backfill job {repair.id}"
+                   in str(post["text"]) for post in hook), hook
+
+        BackfillRunner(pipeline, store, repair.id, chunk_timeout_s=60).run()
+        wait_until(lambda: env.converged("public.items"), 60, "the repaired range")
+        result = job_def.execute_in_process(instance=instance, raise_on_error=False)
+        assert next(e for e in result.get_asset_check_evaluations()
+                    if e.check_name == "content_parity").passed
+        with build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+            sensor(context)
+        assert hook[-1]["status"] == "resolved"
+    assert [j.id for j in store.list_backfill_jobs(pipeline="checked")
+            if j.id != by_hand.id] == [repair.id]  # once per range
+
+
+def _receiver(posts: list[dict[str, object]]) -> str:
+    """A local webhook endpoint recording what it receives; returns its URL."""
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/hook"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shlex
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,12 +48,32 @@ Severity = Literal["WARN", "ERROR"]
 
 
 @dataclass(frozen=True)
+class KeyRange:
+    """Where a table differs from its source, as a backfill can take it: the first key
+    column's values from ``first`` through ``last`` (PostgreSQL's text of each)."""
+
+    table: TableRef
+    column: str
+    first: str
+    last: str
+
+    def backfill_filter(self) -> list[dict[str, object]]:
+        return [{"column": self.column, "operator": "between", "value": [self.first, self.last]}]
+
+    def command(self, pipeline: str) -> str:
+        """The one command that requests the repair."""
+        return shlex.join(["rosetta", "backfill", "request", pipeline, self.table.qualified,
+                           "--key-range", self.column, self.first, self.last])
+
+
+@dataclass(frozen=True)
 class CheckOutcome:
     name: str
     passed: bool
     severity: Severity  # how bad a failure is (meaningless when passed)
     description: str
     metadata: dict[str, float | int | str] = field(default_factory=dict)
+    differing: KeyRange | None = None  # content_parity: the range to repair
 
 
 def _threshold_outcome(
@@ -177,11 +198,13 @@ def content_parity(
     chunk_rows: int,
     window_s: float,
     sleep: Callable[[float], None] = time.sleep,
+    pipeline: str | None = None,
 ) -> CheckOutcome:
     """Ordered checksum over every column, chunk by chunk of primary keys on both sides.
 
     A differing chunk is re-read for up to ``window_s`` (changes in flight); if it still differs
-    the first differing key range is reported.
+    the first differing key range is reported, with its first differing keys and (given the
+    ``pipeline``) the command that repairs it.
     """
     after: tuple[Any, ...] | None = None
     chunks = rows = 0
@@ -198,20 +221,25 @@ def content_parity(
             source_chunk = _row_hashes(source, table.source_sql, table, after, through, None,
                                        table.source_filter)
         if _digest(source_chunk) != _digest(destination_chunk):
-            first = _first_difference(source_chunk, destination_chunk)
+            differing = _differences(source_chunk, destination_chunk)
             # The keys the chunk really holds on either side: both ends are real keys.
             keys = [key for key, _ in (*source_chunk, *destination_chunk)]
             low, high = min(keys), max(keys)
+            repair = KeyRange(table.table, table.primary_key[0], _text(low[0]), _text(high[0]))
             metadata: dict[str, float | int | str] = {
                 "value": 1, "threshold": 0, "chunks_compared": chunks, "rows_compared": rows,
-                "first_differing_key": _fmt(first),
+                "first_differing_key": _fmt(differing[0]),
+                "first_differing_keys": "; ".join(_fmt(k) for k in differing[:5]),
+                "differing_rows_in_range": len(differing),
                 "range_start": _fmt(low), "range_end": _fmt(high),
             }
-            return CheckOutcome(
-                "content_parity", False, "ERROR",
-                f"Rows differ in key range [{_fmt(low)}, {_fmt(high)}]; first differing key "
-                f"{_fmt(first)}.", metadata,
-            )
+            description = (f"Rows differ in key range [{_fmt(low)}, {_fmt(high)}]; first "
+                           f"differing key {_fmt(differing[0])}.")
+            if pipeline is not None:
+                metadata["repair_command"] = repair.command(pipeline)
+                description += f" Repair: {repair.command(pipeline)}"
+            return CheckOutcome("content_parity", False, "ERROR", description, metadata,
+                                differing=repair)
         chunks += 1
         rows += len(source_chunk)
         if through is None:
@@ -222,13 +250,20 @@ def content_parity(
         after = through
 
 
-def _first_difference(
+def _differences(
     source: Sequence[tuple[tuple[Any, ...], str]], destination: Sequence[tuple[tuple[Any, ...], str]]
-) -> tuple[Any, ...] | None:
+) -> list[tuple[Any, ...]]:
+    """The keys whose rows differ (or exist on one side only), in key order."""
     source_map, destination_map = dict(source), dict(destination)
-    differing = [k for k in source_map.keys() | destination_map.keys()
-                 if source_map.get(k) != destination_map.get(k)]
-    return min(differing) if differing else None
+    return sorted(k for k in source_map.keys() | destination_map.keys()
+                  if source_map.get(k) != destination_map.get(k))
+
+
+def _text(value: Any) -> str:
+    """A key value as PostgreSQL reads it back (for a command line)."""
+    if isinstance(value, memoryview | bytes):
+        return "\\x" + bytes(value).hex()
+    return str(value)
 
 
 def _fmt(key: tuple[Any, ...] | None) -> str:
@@ -546,7 +581,8 @@ def evaluate_pipeline(
                                                   operations.parity_window_seconds)
                     yield where, content_parity(source, target, schema, written,
                                                 operations.parity_chunk_rows,
-                                                operations.parity_window_seconds)
+                                                operations.parity_window_seconds,
+                                                pipeline=pipeline.name)
                     yield where, replication_lag(stored, operations, lag)
                     yield where, apply_errors(stored, since, destination.name, table)
                     yield where, parked_events(pipeline.name, destination.name, table,

@@ -177,6 +177,15 @@ class StreamSettings:
 
 
 @dataclass(frozen=True)
+class VerificationSettings:
+    """``verification:`` of a pipeline: what the health checks do about a divergence."""
+
+    # A key range content_parity finds differing is backfilled without a person asking (once
+    # per range); the check still fails and notifies: a divergence is a bug to report.
+    repair: bool = False
+
+
+@dataclass(frozen=True)
 class PipelineDefinition:
     name: str
     source: PostgresEndpoint
@@ -185,6 +194,7 @@ class PipelineDefinition:
     settings: StreamSettings = StreamSettings()
     # Options of the tables that have any (see TableOptions); the others are mirrored whole.
     table_options: tuple[tuple[TableRef, TableOptions], ...] = ()
+    verification: VerificationSettings = VerificationSettings()
 
     def options(self, table: TableRef) -> TableOptions:
         return dict(self.table_options).get(table, NO_OPTIONS)
@@ -344,6 +354,12 @@ class _Reader:
             self.fail(key, "must be a non-empty string")
         return str(value)
 
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(key, "must be true or false")
+        return value
+
     def integer(self, key: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
         value = self.data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -426,6 +442,9 @@ def load_config(
         reader = _Reader(path, f"pipeline '{name}'", data, environ)
         if not isinstance(name, str) or not _NAME.match(name):
             reader.fail("", "has an invalid name: use lowercase letters, digits and _ (max 40)")
+        unknown = sorted(set(reader.data) - _PIPELINE_KEYS)
+        if unknown:  # a misspelt section would otherwise be silently ignored
+            reader.fail(unknown[0], "is not a known setting")
         source_name = reader.text("source")
         if source_name not in sources:
             reader.fail("source", f"names the unknown source '{source_name}'")
@@ -495,6 +514,11 @@ def load_config(
             stream.fail("max_queue_size", "must be larger than max_batch_size")
         if not re.fullmatch(r"\d+[kmgKMG]?", settings.jvm_max_heap):
             stream.fail("jvm_max_heap", "must look like 512m or 1g")
+        verification = _Reader(path, f"pipeline '{name}' verification",
+                               data.get("verification") or {}, None)
+        unknown = sorted(set(verification.data) - {"repair"})
+        if unknown:
+            verification.fail(unknown[0], "is not a known setting")
         pipelines[name] = PipelineDefinition(
             name=name,
             source=sources[source_name],
@@ -502,6 +526,7 @@ def load_config(
             tables=tuple(tables),
             settings=settings,
             table_options=tuple(table_options),
+            verification=VerificationSettings(repair=verification.boolean("repair", False)),
         )
         if settings.initial_load != "copy" and pipelines[name].filters_rows_or_columns:
             stream.fail("initial_load", "must be copy when a table has columns, exclude_columns "
@@ -570,6 +595,7 @@ def _resolve_references(reader: _Reader, key: str, value: str) -> str:
 
 
 _TABLE_KEYS = {"name", "columns", "exclude_columns", "where", "target"}
+_PIPELINE_KEYS = {"source", "destinations", "tables", "streaming", "verification"}
 
 
 def _table_entry(path: Path, pipeline: str, raw: Any, destinations: Sequence[Destination]

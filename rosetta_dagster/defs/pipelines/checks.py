@@ -2,6 +2,8 @@
 exists, is active and retains little WAL. Evaluated by the health-check schedule (and from the
 UI); the WAL monitor sensor also emits ``retained_wal``."""
 
+import dataclasses
+import logging
 from collections.abc import Iterator
 
 from dagster import (
@@ -15,7 +17,7 @@ from dagster import (
     multi_asset_check,
 )
 
-from rosetta_dagster.core.config_store import Pipeline
+from rosetta_dagster.core.config_store import ConfigStore, Pipeline
 from rosetta_dagster.core.health import (
     CheckOutcome,
     CheckTarget,
@@ -25,6 +27,7 @@ from rosetta_dagster.core.health import (
 )
 from rosetta_dagster.core.lag import LagReading
 from rosetta_dagster.core.pipeline_config import OperationsSettings, PipelineDefinition, load_config
+from rosetta_dagster.core.repair import request_repair
 from rosetta_dagster.core.replication import SlotReading
 from rosetta_dagster.defs.pipelines.assets import (
     destination_table_key,
@@ -90,13 +93,26 @@ def build_pipeline_checks(pipeline: PipelineDefinition) -> list[AssetChecksDefin
         config = load_config()
         store = config_store.store
         stored = store.get_pipeline(name)
+        definition = config.pipeline(name)
         parked = {(d, t): n for p, d, t, n in store.parked_counts() if p == name}
-        for target, outcome in evaluate_pipeline(config.pipeline(name), stored, config.operations,
-                                                 parked):
+        for target, outcome in evaluate_pipeline(definition, stored, config.operations, parked):
+            if outcome.differing is not None and definition.verification.repair:
+                outcome = with_repair(outcome, store, name, context.log)
             context.log.info("%s %s: %s", target.label, outcome.name, outcome.description)
             yield check_result(outcome, asset_key_of(target))
 
     return [replication_health]
+
+
+def with_repair(outcome: CheckOutcome, store: ConfigStore, pipeline: str,
+                log: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> CheckOutcome:
+    """A failed content_parity with the backfill that repairs its range requested (once)."""
+    assert outcome.differing is not None
+    job, requested = request_repair(store, pipeline, outcome.differing, log)
+    said = "requested" if requested else "already requested"
+    return dataclasses.replace(
+        outcome, description=f"{outcome.description} Repair {said}: backfill job {job.id}.",
+        metadata={**outcome.metadata, "repair_job": job.id})
 
 
 def asset_key_of(target: CheckTarget) -> AssetKey:

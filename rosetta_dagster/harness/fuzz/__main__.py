@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -37,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     profile = Profile(examples=args.examples, steps=args.steps, native=not args.no_native,
                       shrink=not args.no_shrink, database=str(args.out / "examples"))
     world = FuzzWorld.start(Path(tempfile.mkdtemp(prefix="rosetta-fuzz-")))
+
+    def terminate(_signum: int, _frame: object) -> None:
+        world.close()  # its servers and stream processes would outlive this one
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, terminate)
     started = time.monotonic()
     deadline = started + args.minutes * 60
     rounds = 0

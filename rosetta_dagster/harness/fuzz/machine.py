@@ -642,7 +642,8 @@ class RosettaMachine(RuleBasedStateMachine):
             found = self._diff()
             settled = False
             if not self._rosetta(found):
-                settled = self._settled(deadline)
+                # A destination that is down holds the slot back: nothing to wait for.
+                settled = self.second_down or self._settled(deadline)
                 found = self._diff()
                 if not self._rosetta(found) and settled:
                     return found, True

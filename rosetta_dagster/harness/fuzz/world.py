@@ -61,6 +61,7 @@ class FuzzWorld:
     pool: ResilientConnectionPool
     config_url: str
     source_dbs: dict[str, str] = field(default_factory=dict)  # engine -> database
+    streams: list[StreamProcess] = field(default_factory=list)  # every one started here
 
     @classmethod
     def start(cls, root: Path) -> FuzzWorld:
@@ -94,6 +95,10 @@ class FuzzWorld:
         return self.source_dbs[engine]
 
     def close(self) -> None:
+        """Stop every stream process (kill -9: nothing of them is needed) and the servers."""
+        for stream in self.streams:
+            stream.wanted = False
+            stream.kill()
         self.pool.close()
         for cluster in (self.source, self.destination, self.second):
             cluster.destroy()
@@ -235,6 +240,7 @@ class Example:
             "ROSETTA_OFFSETS_DIR": str(self.directory / "offsets"),
             "CONFIG_DATABASE_URL": world.config_url, "FUZZ_PG_PASSWORD": PASSWORD,
             "PYTHONUNBUFFERED": "1"}, self.directory / "stream.log")
+        world.streams.append(self.stream)
         self.backfills: list[Backfill] = []
         self.native = False
         self.setup_sql: list[str] = []  # as run, for the reproduction script
