@@ -274,3 +274,32 @@ def test_pool_size_comes_from_pipeline_pool_max_conn() -> None:
         PoolSettings.from_env({"PIPELINE_POOL_MAX_CONN": "lots"})
     with pytest.raises(DatabaseConfigError, match="PIPELINE_POOL_MAX_CONN must be a positive"):
         PoolSettings.from_env({"PIPELINE_POOL_MAX_CONN": "0"})
+
+
+def test_any_failure_of_the_health_check_counts_as_a_dead_connection() -> None:
+    """Found by the fuzzer: after a server restart under load, SELECT 1 on a pooled connection
+    raised a bare DatabaseError ("server closed the connection unexpectedly"), which the health
+    check let through to the caller instead of replacing the connection. (A unit: that error
+    cannot be provoked on demand.)"""
+    from rosetta_dagster.core.apply.errors import classify
+
+    class _Cursor:
+        def __enter__(self) -> _Cursor:
+            return self
+
+        def __exit__(self, *exc_info: object) -> None:
+            pass
+
+        def execute(self, query: str) -> None:
+            raise psycopg2.DatabaseError("server closed the connection unexpectedly")
+
+    class _Connection:
+        closed = 0
+
+        def cursor(self) -> _Cursor:
+            return _Cursor()
+
+    assert ResilientConnectionPool._is_alive(_Connection()) is False  # type: ignore[arg-type]
+    assert classify(psycopg2.DatabaseError("server closed the connection unexpectedly")) == (
+        "transient")
+    assert classify(psycopg2.DataError("invalid input")) == "other"  # no SQLSTATE, not a break

@@ -301,7 +301,10 @@ class ResilientConnectionPool:
             with conn.cursor() as cursor:
                 cursor.execute("SELECT 1")
             conn.rollback()
-        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+        except psycopg2.Error:
+            # Any failure of SELECT 1 means the connection cannot serve; a server restart shows
+            # up as OperationalError, InterfaceError or, seen under load, a bare DatabaseError
+            # ("server closed the connection unexpectedly").
             return False
         return True
 

@@ -64,8 +64,10 @@ def classify(exc: BaseException) -> ErrorKind:
     if isinstance(exc, psycopg2.Error):
         if exc.pgcode:
             return classify_sqlstate(exc.pgcode)
-        # No SQLSTATE: the connection broke (server gone, network) rather than a statement.
-        if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
+        # No SQLSTATE: the connection broke (server gone, network) rather than a statement;
+        # psycopg2 reports that as OperationalError, InterfaceError or a bare DatabaseError.
+        if type(exc) in (psycopg2.OperationalError, psycopg2.InterfaceError,
+                         psycopg2.DatabaseError):
             return "transient"
     return "other"
 
