@@ -1,4 +1,4 @@
-"""rosetta: PostgreSQL change-data-capture pipelines on Dagster (see README for every command)."""
+"""rosetta: PostgreSQL change-data-capture pipelines on Dagster (see docs/manual.md for every command)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-from rosetta_dagster.core.config_store import BackfillStatus, ConfigStore, Pipeline
+from rosetta_dagster.core.config_store import BackfillStatus, ConfigStore, Pipeline, PipelineState
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.filters import OPERATORS, FilterError, parse_filter
@@ -238,7 +238,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
                 ("destinations", ", ".join(pipeline.destinations)),
             ):
                 print(f"{label + ':':14}{value}")
-            return 0 if pipeline.state.value != "ERROR" else 1
+            return 0 if pipeline.state is not PipelineState.ERROR else 1
         for pipeline in store.list_pipelines():
             print(f"{pipeline.name}\t{pipeline.status.value}\t{pipeline.state.value}\t"
                   f"{pipeline.last_error or ''}")

@@ -68,8 +68,14 @@ def test_kill_9_mid_load_then_restart_converges(
     wait_until(lambda: count_rows(env.destination_url, "replica.events") == 1001, 120, "streaming")
 
     # A large load in many transactions (inserts, updates, deletes) while the stream applies it.
+    # Halfway, the load waits for the kill, so the stream dies with changes still to apply and
+    # more to come, however fast either side runs.
+    killed = threading.Event()
+
     def load() -> None:
         for start in range(1001, ROWS + 1, 2000):
+            if start > ROWS // 2:
+                killed.wait(180)
             execute(env.source_url,
                     "INSERT INTO public.events SELECT g, md5(g::text), 1 "
                     "FROM generate_series(%s, %s + 1999) g",
@@ -83,11 +89,13 @@ def test_kill_9_mid_load_then_restart_converges(
     loader.start()
     # Kill once part of the load has been applied, not before and not after.
     wait_until(lambda: count_rows(env.destination_url, "replica.events") > 10_000, 120, "progress")
-    loading_at_kill = loader.is_alive()
+    applied_at_kill = count_rows(env.destination_url, "replica.events")
     stream.send_signal(signal.SIGKILL)
     stream.wait(10)
+    source_at_kill = fetch(env.source_url, "SELECT count(*) FROM public.events")[0][0]
+    killed.set()
     loader.join()
-    assert loading_at_kill, "the load finished before the kill: the crash was not mid-load"
+    assert applied_at_kill < source_at_kill, "the crash was not mid-load"  # type: ignore[operator]
 
     restarted = start_stream(restart_dir)
     try:

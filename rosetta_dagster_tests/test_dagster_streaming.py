@@ -39,6 +39,9 @@ from rosetta_dagster.harness import (
 )
 from rosetta_dagster.local_stack import write_dagster_instance_yaml
 
+# One worker runs the whole module: its module-scoped servers are started once.
+pytestmark = pytest.mark.xdist_group("dagster_streaming")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACTIVE = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"}
 SLOT_ACTIVE = "SELECT active FROM pg_replication_slots WHERE slot_name = 'rosetta_orders'"

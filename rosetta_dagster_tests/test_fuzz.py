@@ -4,7 +4,7 @@ Each example is a random sequence of changes (two connections, interleaved trans
 savepoints, key updates, TOAST-sized and hostile values, TRUNCATE, schema changes) and faults
 (kill -9 of the stream, restarts of the source and of each destination, a dropped slot, a
 destination down, backfills) against a real stream; the destinations must end exactly equal to
-the source. The long profile is ``./scripts/fuzz.sh --minutes N`` (see README).
+the source. The long profile is ``./scripts/fuzz.sh --minutes N`` (see docs/development.md).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from rosetta_dagster.harness.fuzz import FuzzWorld, Profile, run
+
+# One worker runs the whole module: its module-scoped servers are started once.
+pytestmark = pytest.mark.xdist_group("fuzz")
 
 # Seeds and example counts of the bounded profile, per engine (about a minute each here).
 BOUNDED = {"pgoutput": (20261203, 8), "debezium": (20261204, 4)}

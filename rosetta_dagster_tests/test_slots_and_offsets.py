@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from rosetta_dagster.core.capture import PositionStore
+from rosetta_dagster.core.capture.debezium import OffsetFile
+from rosetta_dagster.core.capture.debezium.offset_table import OffsetTable
 from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.pipeline_config import OperationsSettings
 from rosetta_dagster.core.replication import WalSeverity, read_slot, record_reading, source_connection
@@ -34,9 +36,16 @@ def _stale_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
             and "stale" in r.getMessage()]
 
 
-def _expected_stale_lines(positions: PositionStore) -> list[str]:
+def _expected_stale_lines(positions: PositionStore, pipeline: str) -> list[str]:
     """Debezium: the checklist's exact lines; pgoutput: the same two, naming its positions."""
-    return [positions.deleting_line, positions.deleted_line]
+    if isinstance(positions, OffsetFile):
+        return [f"Deleting stale offset file: {positions.path}",
+                "Deleted stale offset. Debezium will start fresh with snapshot mode."]
+    if isinstance(positions, OffsetTable):
+        return [f"Deleting stale offset: {positions.location}",
+                "Deleted stale offset. Debezium will start fresh with snapshot mode."]
+    return [f"Deleting stale stream positions of pipeline {pipeline} in {positions.location}",
+            "Deleted stale positions. The stream will start fresh with an initial load."]
 
 
 @pytest.mark.parametrize(("engine", "offset_store"), [
@@ -57,7 +66,7 @@ def test_dropped_slot_deletes_the_offset_and_the_new_snapshot_removes_deleted_ro
     if env.engine == "debezium":
         where = (f" file: {env.offsets_dir / 'dropped.dat'}" if offset_store == "file" else
                  ': config_db debezium_offsets key ["rosetta-dropped",{"server":"rosetta_dropped"}]')
-        assert _expected_stale_lines(positions) == [
+        assert _expected_stale_lines(positions, "dropped") == [
             f"Deleting stale offset{where}",
             "Deleted stale offset. Debezium will start fresh with snapshot mode."]
         assert list(env.offsets_dir.glob("*.dat")) == ([] if offset_store == "config_db" else
@@ -73,7 +82,7 @@ def test_dropped_slot_deletes_the_offset_and_the_new_snapshot_removes_deleted_ro
     session = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
     _stream_until_converged(env, session, "public.items")
 
-    assert _stale_lines(caplog) == _expected_stale_lines(positions)
+    assert _stale_lines(caplog) == _expected_stale_lines(positions, "dropped")
     assert count_rows(env.destination_url, "replica.items") == 451
     # A full copy under the new slot's snapshot replaced the destination's rows.
     assert any("public.items -> dst complete: 451 rows" in r.getMessage() and "(swap)" in
@@ -131,7 +140,7 @@ def test_an_offset_the_server_no_longer_has_is_replaced_by_a_fresh_snapshot(
     caplog.set_level(logging.INFO)
     _stream_until_converged(env, StreamingSession(pipeline, offsets_dir=env.offsets_dir,
                                                   config_store=store), "public.rows")
-    assert _stale_lines(caplog) == _expected_stale_lines(env.positions(pipeline))
+    assert _stale_lines(caplog) == _expected_stale_lines(env.positions(pipeline), pipeline.name)
     assert "no longer available on the server" in store.list_offset_cleanups()[0]["reason"]
     assert count_rows(env.destination_url, "replica.rows") == 150
 

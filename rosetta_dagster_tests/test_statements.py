@@ -11,6 +11,7 @@ from psycopg2 import sql
 from rosetta_dagster.core.apply.schema import Column, TableSchema, TypeRef, UserType
 from rosetta_dagster.core.apply.statements import (
     batch_statements,
+    chunk_merge_statements,
     fill_left_out,
     render,
     resync_statements,
@@ -100,3 +101,54 @@ def test_a_table_of_key_columns_only_updates_nothing() -> None:
                             ("id",))
     merge = render(batch_statements(keys_only, sql.Identifier("replica", "k"), "replica", "s").merge)
     assert "WHEN MATCHED THEN DO NOTHING" in merge
+
+
+CHUNK = sql.Identifier("replica", "_rosetta_backfill_3_2")
+EXCLUDED = sql.Identifier("_rosetta_excluded_7")
+IN_RANGE = ('ROW("t"."order", "t"."line") > ROW(%s::bigint, %s::text) AND '
+            'ROW("t"."order", "t"."line") <= ROW(%s::bigint, %s::text)')
+
+
+def test_a_backfill_chunk_replaces_its_key_range_except_the_keys_the_stream_changed() -> None:
+    merge = chunk_merge_statements(
+        SCHEMA, TARGET, "replica", CHUNK, EXCLUDED, bounds=(["1", "a"], ["9", "z"]),
+        row_filter=(sql.SQL("t.m <> %s"), ["a"]), any_excluded=True)
+    assert merge.range_params == ["1", "a", "9", "z"] and merge.filter_params == ["a"]
+    assert render(merge.create_excluded) == (
+        'CREATE TEMP TABLE IF NOT EXISTS "_rosetta_excluded_7" ("order" bigint, "line" text) '
+        'ON COMMIT DELETE ROWS')
+    assert render(merge.occupied) == (
+        'SELECT EXISTS (SELECT 1 FROM "replica"."Order Lines" AS t WHERE ' + IN_RANGE + ')')
+    not_excluded = ('NOT EXISTS (SELECT 1 FROM "_rosetta_excluded_7" AS x WHERE '
+                    'x."order" = "t"."order" AND x."line" = "t"."line")')
+    assert render(merge.delete) == (
+        'DELETE FROM "replica"."Order Lines" AS t WHERE ' + IN_RANGE + ' AND (t.m <> %s) AND '
+        'NOT EXISTS (SELECT 1 FROM "replica"."_rosetta_backfill_3_2" AS x WHERE '
+        'x."order" = "t"."order" AND x."line" = "t"."line") AND ' + not_excluded)
+    assert merge.update is not None
+    assert render(merge.update) == (
+        'UPDATE "replica"."Order Lines" AS t SET "we""ird" = s."we""ird", "m" = s."m" '
+        'FROM "replica"."_rosetta_backfill_3_2" AS s WHERE t."order" = s."order" AND '
+        't."line" = s."line" AND ' + IN_RANGE + ' AND NOT (ROW("t"."order", "t"."line", '
+        '"t"."we""ird", "t"."m")::record *= ROW("s"."order", "s"."line", "s"."we""ird", '
+        '"s"."m")::record) AND ' + not_excluded)
+    assert render(merge.insert) == (
+        'INSERT INTO "replica"."Order Lines" ("order", "line", "we""ird", "m") SELECT s."order", '
+        's."line", s."we""ird", s."m" FROM "replica"."_rosetta_backfill_3_2" AS s WHERE '
+        'NOT EXISTS (SELECT 1 FROM "replica"."Order Lines" AS x WHERE x."order" = "s"."order" '
+        'AND x."line" = "s"."line" AND ' + IN_RANGE.replace('"t"', '"x"') + ') AND '
+        'NOT EXISTS (SELECT 1 FROM "_rosetta_excluded_7" AS x WHERE x."order" = "s"."order" '
+        'AND x."line" = "s"."line")')
+    assert render(merge.insert_into_empty) == (
+        'INSERT INTO "replica"."Order Lines" ("order", "line", "we""ird", "m") SELECT s."order", '
+        's."line", s."we""ird", s."m" FROM "replica"."_rosetta_backfill_3_2" AS s WHERE TRUE '
+        'AND NOT EXISTS (SELECT 1 FROM "_rosetta_excluded_7" AS x WHERE '
+        'x."order" = "s"."order" AND x."line" = "s"."line")')
+
+
+def test_a_chunk_of_unknown_bounds_is_confined_to_its_keys() -> None:
+    merge = chunk_merge_statements(SCHEMA, TARGET, "replica", CHUNK, EXCLUDED, bounds=None,
+                                   row_filter=(sql.SQL("TRUE"), []), any_excluded=False)
+    assert merge.range_params == []
+    assert render(merge.insert).endswith('AND x."line" = "s"."line" AND TRUE)')
+    assert render(merge.insert_into_empty).endswith("WHERE TRUE")

@@ -139,7 +139,7 @@ OFFSET_STORES = ("file", "config_db")
 
 @dataclass(frozen=True)
 class StreamSettings:
-    """Capture engine tunables; defaults measured on a 2-core machine (see README)."""
+    """Capture engine tunables; defaults measured on a 2-core machine (see docs/benchmarks.md)."""
 
     # "debezium": the embedded Debezium engine (offsets in a local file); "pgoutput": the slot
     # read over the replication protocol, values kept as PostgreSQL's text, positions kept in
@@ -159,7 +159,7 @@ class StreamSettings:
     offset_flush_interval_ms: int = 1000
     heartbeat_interval_ms: int = 10_000
     # Measured peak RSS of the streaming process under W1 load: 512m -> ~610 MB, 320m -> ~495 MB,
-    # 256m -> ~445 MB, at the same throughput and CPU per event (see README, Benchmarks).
+    # 256m -> ~445 MB, at the same throughput and CPU per event (see docs/benchmarks.md).
     jvm_max_heap: str = "256m"
     snapshot_mode: str = "initial"
     # "copy": COPY under the new slot's exported snapshot, then stream (fast); "debezium":

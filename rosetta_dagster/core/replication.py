@@ -238,9 +238,7 @@ def delete_stale_offset(
     """
     if not positions.exists():
         return False
-    log.warning("%s", positions.deleting_line)
-    positions.delete()
-    log.warning("%s", positions.deleted_line)
+    positions.delete(log)
     if config_store is not None:
         config_store.record_offset_cleanup(
             pipeline=pipeline.name,

@@ -222,7 +222,7 @@ def differences(
 
 
 def type_table(url: str) -> str:
-    """The README's type table, from the matrix's tables in ``url`` and each engine's own
+    """The type table of docs/design.md, from the matrix's tables in ``url`` and each engine's own
     classification of their columns (the matrix test proves every line exact)."""
     from rosetta_dagster.core.apply.schema import read_table_schema
     from rosetta_dagster.core.capture import capture_engine

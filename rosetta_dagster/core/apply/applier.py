@@ -1,25 +1,27 @@
 """Set-wise, idempotent application of change-event batches to a PostgreSQL destination.
 
-One destination transaction per batch: collapse to the last event per primary key, COPY into
-a temporary staging table, then a single ``MERGE`` inserts, updates and deletes. Replaying a
-batch changes nothing, because every statement sets rows to their final values.
+One destination transaction per batch: the net change per key (``net_changes``) is COPYed into
+a temporary staging table, then a single ``MERGE`` inserts, updates and deletes (the statements
+are pure functions in ``statements``; this module executes them). Replaying a batch changes
+nothing, because every statement sets rows to their final values.
 
-Order: events are applied in the order Debezium delivers them (source commit order), batch after
-batch, and within a batch the last event per key wins. After a crash Debezium replays from the
-last flushed offset in the same order, so the destination passes through the same states again
-and ends on the latest one; no per-row version column is added, so destination tables stay exact
-copies of the source.
+Order: events are applied in the order the capture engine delivers them (source commit order),
+batch after batch, and within a batch the last change per key wins. After a crash the engine
+replays from the last position the destinations (or its offsets) committed, in the same order,
+so the destination passes through the same states again and ends on the latest one; no per-row
+version column is added, so destination tables stay exact copies of the source.
 
-Unchanged TOAST values (``__debezium_unavailable_value``) are never written: those columns keep
-the destination's current value. Requires PostgreSQL 15+ on the destination (MERGE).
+Values a change leaves out (unchanged TOAST) are never written as NULL: they come from the
+destination row at the key, at the old key of a row whose key changed, or, failing both, from
+the source. Requires PostgreSQL 15+ on the destination (MERGE).
 
-Re-snapshots (first start, or after a dropped slot deleted the offsets) upsert every source row
-but cannot, by themselves, remove destination rows whose source row was deleted while nothing
-was streaming. During such a snapshot the applier records every snapshot key in a key table
-next to the destination table (same transaction as the MERGE); when the snapshot ends, rows
-whose key was not recorded are deleted and the key tables dropped (:meth:`finish_resync`).
+Re-snapshots (first start, or after a dropped slot) upsert every source row but cannot, by
+themselves, remove destination rows whose source row was deleted while nothing was streaming.
+During such a snapshot the applier records every snapshot key in a key table next to the
+destination table (same transaction as the MERGE); when the snapshot ends, rows whose key was
+not recorded are deleted and the key tables dropped (:meth:`PostgresApplier.finish_resync`).
 That point is exact: the snapshot is a consistent read, and streaming events are only applied
-after it.
+after it. Backfill chunks are merged by ``core.backfill.chunk_merge``.
 """
 
 from __future__ import annotations
@@ -41,9 +43,7 @@ from rosetta_dagster.core.apply.net_changes import NetChanges, Origin
 from rosetta_dagster.core.apply.schema import (
     RetypedColumn,
     TableSchema,
-    destination_type,
     ensure_destination_table,
-    key_range,
 )
 from rosetta_dagster.core.apply.statements import (
     BatchStatements,
@@ -65,6 +65,7 @@ from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import ResilientConnectionPool
+from rosetta_dagster.core.position_tracking import PositionTracking
 from rosetta_dagster.core.source_rows import SourceRows
 
 logger = logging.getLogger("rosetta.apply")
@@ -74,7 +75,7 @@ SchemaSource = Callable[[TableRef], TableSchema]
 
 
 @dataclass
-class _TablePlan:
+class TablePlan:
     """Everything needed to stage and merge one table, built once per schema version."""
 
     schema: TableSchema
@@ -104,51 +105,6 @@ class BatchResult:
     truncates: int
     last_source_ts_ms: dict[TableRef, int]  # source commit time of each table's last event
     unchanged_toast_values: int  # placeholders seen and kept at the destination's value
-
-
-@dataclass(frozen=True)
-class PositionTracking:
-    """A destination table that holds the stream position of a pipeline, updated in the same
-    transaction as each batch (engines that keep their position with the data)."""
-
-    pipeline: str
-    table: sql.Identifier
-
-    def read(self, cursor: psycopg2.extensions.cursor) -> int | None:
-        cursor.execute(sql.SQL("SELECT position - '0/0'::pg_lsn FROM {} WHERE pipeline = %s")
-                       .format(self.table), (self.pipeline,))
-        row = cursor.fetchone()
-        return None if row is None else int(row[0])
-
-    def record(self, cursor: psycopg2.extensions.cursor, position: int) -> None:
-        cursor.execute(sql.SQL("UPDATE {} SET position = '0/0'::pg_lsn + %s::numeric, "
-                               "updated_at = now() WHERE pipeline = %s").format(self.table),
-                       (position, self.pipeline))
-
-
-def backfill_chunk_table(job_id: int, chunk: int) -> str:
-    """Destination table (in the target schema) where a backfill job stages one chunk."""
-    return f"_rosetta_backfill_{int(job_id)}_{int(chunk)}"
-
-
-def backfill_marks_table(job_id: int) -> str:
-    """Destination table listing a job's chunks that are staged and not yet applied."""
-    return f"_rosetta_backfill_{int(job_id)}_chunks"
-
-
-@dataclass
-class ChunkCounts:
-    """What applying one backfill chunk changed on one destination."""
-
-    inserted: int = 0
-    updated: int = 0
-    deleted: int = 0
-
-    def __iadd__(self, other: ChunkCounts) -> ChunkCounts:
-        self.inserted += other.inserted
-        self.updated += other.updated
-        self.deleted += other.deleted
-        return self
 
 
 def _keys_table_name(table: TableRef) -> str:
@@ -190,7 +146,7 @@ class PostgresApplier:
         # With tracking: the position this destination has committed (changes of transactions
         # that committed before it are already here and are skipped).
         self.position: int | None = None
-        self._plans: dict[TableRef, _TablePlan] = {}
+        self._plans: dict[TableRef, TablePlan] = {}
         # A transaction left open by a batch piece (complete=False) until its last piece.
         self._open: AbstractContextManager[psycopg2.extensions.connection] | None = None
         self._open_conn: psycopg2.extensions.connection | None = None
@@ -211,6 +167,10 @@ class PostgresApplier:
                 self._plans[schema.table] = self._plan(schema)
 
     # -- changes as text (reports, parked changes) ------------------------------------------
+
+    def plan(self, table: TableRef) -> TablePlan:
+        """How ``table`` is staged and merged here (after :meth:`prepare`)."""
+        return self._plans[table]
 
     def key_text(self, event: ChangeEvent) -> dict[str, str | None]:
         """The event's primary key in PostgreSQL's text form, by column."""
@@ -250,7 +210,7 @@ class PostgresApplier:
                         schema.table.qualified, ", ".join(
                             f"{c.name} {c.old_type} -> {c.new_type}" for c in done.retyped))
 
-    def _refresh(self, conn: psycopg2.extensions.connection, table: TableRef) -> _TablePlan:
+    def _refresh(self, conn: psycopg2.extensions.connection, table: TableRef) -> TablePlan:
         schema = self.schema_source(table)
         self._ensure_table(conn, schema)
         plan = self._plan(schema)
@@ -259,14 +219,14 @@ class PostgresApplier:
                     ", ".join(schema.column_names))
         return plan
 
-    def _plan(self, schema: TableSchema) -> _TablePlan:
+    def _plan(self, schema: TableSchema) -> TablePlan:
         table = schema.table
         target = schema.target_sql(self.name, self.target_schema)
         # A new staging name per column set: a widened table gets a fresh staging table.
         shape = tuple((c.name, c.type_sql) for c in schema.columns)
         stage_name = f"_rosetta_stage_{abs(hash((table, shape))) % 10**12}"
         keys_table = sql.Identifier(self.target_schema, _keys_table_name(table))
-        return _TablePlan(
+        return TablePlan(
             schema, target, stage_name,
             [(c.name, self.values.converter_for(c)) for c in schema.columns],
             batch_statements(schema, target, self.target_schema, stage_name),
@@ -308,152 +268,6 @@ class PostgresApplier:
                     self.name, count, table.qualified,
                 )
         return removed
-
-    # -- backfill chunks (applied by the stream at their high watermark) --------------------
-
-    def apply_backfill_chunk(
-        self,
-        table: TableRef,
-        job_id: int,
-        chunk: int,
-        *,
-        excluded: set[tuple[Any, ...]],
-        skip_all: bool = False,
-        bounds: tuple[list[str | None] | None, list[str | None] | None] | None = None,
-        row_filter: tuple[sql.Composable, list[Any]] = (sql.SQL("TRUE"), []),
-    ) -> ChunkCounts | None:
-        """Make the destination's rows in the chunk's key range equal the staged chunk.
-
-        Staged rows that differ are written (identical ones are left alone), and destination
-        rows inside ``bounds`` (``after < key <= through``; None = open) that match
-        ``row_filter`` but are not in the chunk are deleted. Keys in ``excluded`` (changed by
-        the stream inside the chunk's window) are not touched: their streamed state is newer.
-        ``bounds`` None (unknown) deletes nothing. One transaction, which also consumes the
-        chunk's staged mark and drops its table, so a replayed high watermark changes nothing.
-        None: the chunk is not staged (already applied, or lost with the unlogged staging in a
-        server crash).
-        """
-        plan = self._plans[table]
-        schema = plan.schema
-        stage = sql.Identifier(self.target_schema, backfill_chunk_table(job_id, chunk))
-        marks = sql.Identifier(self.target_schema, backfill_marks_table(job_id))
-        keys = [sql.Identifier(k) for k in schema.primary_key]
-        counts = ChunkCounts()
-        with self.pool.connection() as conn, conn.cursor() as cursor:
-            cursor.execute("SELECT to_regclass(%s), to_regclass(%s)",
-                           (marks.as_string(conn), stage.as_string(conn)))
-            if None in cursor.fetchone():  # type: ignore[operator]
-                return None  # applied already (a replayed watermark), or the job ended
-            cursor.execute(sql.SQL("DELETE FROM {} WHERE chunk = %s").format(marks), (chunk,))
-            if cursor.rowcount == 0:
-                return None
-            if not skip_all:
-                counts = self._merge_chunk(cursor, plan, stage, keys, excluded, bounds, row_filter)
-            cursor.execute(sql.SQL("DROP TABLE {}").format(stage))
-        logger.info("Destination %s: backfill chunk %d of %s applied (%d inserted, %d updated, "
-                    "%d deleted, %d keys left to the stream%s)", self.name, chunk,
-                    table.qualified, counts.inserted, counts.updated, counts.deleted,
-                    len(excluded), ", table truncated meanwhile" if skip_all else "")
-        return counts
-
-    def _merge_chunk(
-        self, cursor: psycopg2.extensions.cursor, plan: _TablePlan, stage: sql.Identifier,
-        keys: list[sql.Identifier], excluded: set[tuple[Any, ...]],
-        bounds: tuple[list[str | None] | None, list[str | None] | None] | None,
-        row_filter: tuple[sql.Composable, list[Any]],
-    ) -> ChunkCounts:
-        schema = plan.schema
-        counts = ChunkCounts()
-        excluded_table = self._load_excluded(cursor, plan, excluded)
-
-        def in_range(alias: str) -> tuple[sql.Composable, list[Any]]:
-            """The chunk's key range on the destination table (lets every statement use the
-            primary key's index instead of scanning a table that grows chunk by chunk)."""
-            if bounds is None:
-                return sql.SQL("TRUE"), []
-            return key_range(schema, *bounds, lambda c: destination_type(c, self.target_schema),
-                             alias)
-
-        def absent(alias: str, other: sql.Composable,
-                   extra: sql.Composable | None = None) -> sql.Composed:
-            return sql.SQL("NOT EXISTS (SELECT 1 FROM {} AS x WHERE {}{})").format(
-                other, sql.SQL(" AND ").join(
-                    sql.SQL("x.{0} = {1}.{0}").format(k, sql.Identifier(alias)) for k in keys),
-                extra if extra is not None else sql.SQL(""))
-
-        t_range, t_params = in_range("t")
-        x_range, x_params = in_range("x")
-        # A key range the destination has no rows in (the usual case when re-syncing what was
-        # lost): nothing to delete or compare, the chunk is inserted as it is.
-        occupied = True
-        if bounds is not None:
-            cursor.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} AS t WHERE {})").format(
-                plan.target, t_range), t_params)
-            occupied = bool(cursor.fetchone()[0])  # type: ignore[index]
-            if occupied:
-                filter_sql, filter_params = row_filter
-                cursor.execute(sql.SQL(
-                    "DELETE FROM {target} AS t WHERE {keys} AND ({filter}) AND {not_staged} "
-                    "AND {not_excluded}").format(
-                        target=plan.target, keys=t_range, filter=filter_sql,
-                        not_staged=absent("t", stage), not_excluded=absent("t", excluded_table)),
-                    [*t_params, *filter_params])
-                counts.deleted = cursor.rowcount
-        columns = [sql.Identifier(c) for c in schema.column_names]
-        updates = [c for c in schema.column_names if c not in schema.primary_key]
-        if updates and occupied:
-            def image(alias: str) -> sql.Composed:
-                return sql.SQL("ROW({})::record").format(sql.SQL(", ").join(
-                    sql.SQL("{}.{}").format(sql.Identifier(alias), c) for c in columns))
-
-            # Binary image comparison: works for types without an equality operator (json,
-            # point, ...) and tells -0 from 0 and 1.0 from 1.00.
-            cursor.execute(sql.SQL(
-                "UPDATE {target} AS t SET {sets} FROM {stage} AS s "
-                "WHERE {match} AND {keys} AND NOT ({t_image} *= {s_image}) "
-                "AND {not_excluded}").format(
-                    target=plan.target, stage=stage, keys=t_range,
-                    sets=sql.SQL(", ").join(sql.SQL("{0} = s.{0}").format(
-                        sql.Identifier(c)) for c in updates),
-                    match=sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(k) for k in keys),
-                    t_image=image("t"), s_image=image("s"),
-                    not_excluded=absent("t", excluded_table)), t_params)
-            counts.updated = cursor.rowcount
-        cursor.execute(sql.SQL(
-            "INSERT INTO {target} ({columns}) SELECT {values} FROM {stage} AS s "
-            "WHERE {not_present}{not_excluded}").format(
-                target=plan.target, columns=sql.SQL(", ").join(columns),
-                values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in columns),
-                stage=stage,
-                not_present=absent("s", plan.target, sql.SQL(" AND {}").format(x_range))
-                if occupied else sql.SQL("TRUE"),
-                not_excluded=sql.SQL(" AND {}").format(absent("s", excluded_table))
-                if excluded else sql.SQL("")), x_params if occupied else [])
-        counts.inserted = cursor.rowcount
-        return counts
-
-    def _load_excluded(self, cursor: psycopg2.extensions.cursor, plan: _TablePlan,
-                       excluded: set[tuple[Any, ...]]) -> sql.Identifier:
-        """A temporary table holding ``excluded`` keys (emptied at commit)."""
-        schema = plan.schema
-        table = sql.Identifier(f"_rosetta_excluded_{plan.stage_name}")
-        cursor.execute(sql.SQL(
-            "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS"
-        ).format(table, sql.SQL(", ").join(
-            sql.SQL("{} {}").format(sql.Identifier(k),
-                                    destination_type(schema.column(k), self.target_schema))
-            for k in schema.primary_key)))
-        if excluded:
-            converters = plan.converter_of
-            buffer = io.StringIO()
-            for key in excluded:
-                buffer.write("\t".join(
-                    COPY_NULL if value is None else copy_field(converters[name](value))
-                    for name, value in zip(schema.primary_key, key, strict=True)
-                ) + "\n")
-            buffer.seek(0)
-            cursor.copy_expert(sql.SQL("COPY {} FROM STDIN").format(table), buffer)
-        return table
 
     # -- apply -----------------------------------------------------------------------------
 
@@ -531,7 +345,7 @@ class PostgresApplier:
             # The table of the previous event, with its plan and pending changes: consecutive
             # events of one table (the common case) look nothing up again.
             table: TableRef | None = None
-            plan: _TablePlan | None = None
+            plan: TablePlan | None = None
             per_table: NetChanges | None = None
             # Events of ``table`` since it was looked up, and the newest source time among them.
             run, run_ts = 0, None
@@ -578,7 +392,7 @@ class PostgresApplier:
         return result
 
     def _failure(
-        self, cursor: psycopg2.extensions.cursor, exc: psycopg2.Error, plan: _TablePlan,
+        self, cursor: psycopg2.extensions.cursor, exc: psycopg2.Error, plan: TablePlan,
         events: list[ChangeEvent],
     ) -> ApplyError:
         """One sentence naming the source table, the row's key and the column (never the
@@ -617,7 +431,7 @@ class PostgresApplier:
         logger.info("Destination %s: applied TRUNCATE of %s", self.name, table.qualified)
 
     def _pending_of(self, pending: dict[TableRef, NetChanges], table: TableRef,
-                    plan: _TablePlan | None) -> NetChanges | None:
+                    plan: TablePlan | None) -> NetChanges | None:
         """The table's net changes of this flush (None until the table has a plan)."""
         if plan is None:
             return None
@@ -639,7 +453,7 @@ class PostgresApplier:
         pending.clear()
 
     @staticmethod
-    def _copy_direct(cursor: psycopg2.extensions.cursor, plan: _TablePlan,
+    def _copy_direct(cursor: psycopg2.extensions.cursor, plan: TablePlan,
                      rows: io.StringIO) -> bool:
         """COPY new rows into the table itself; False (nothing written) when it refuses."""
         rows.seek(0)
@@ -654,7 +468,7 @@ class PostgresApplier:
         cursor.execute("RELEASE SAVEPOINT _rosetta_direct")
         return True
 
-    def _copy_lines(self, plan: _TablePlan, events: list[ChangeEvent], *,
+    def _copy_lines(self, plan: TablePlan, events: list[ChangeEvent], *,
                     origins: Mapping[tuple[Any, ...], Origin] | None = None, staged: bool
                     ) -> tuple[io.StringIO, int, int, int]:
         """COPY text of ``events``: the table's columns (``staged``: then the operation, the
@@ -725,7 +539,7 @@ class PostgresApplier:
         return buffer, rows, unchanged_toast, left_out
 
     @staticmethod
-    def _origin_fields(plan: _TablePlan, origin: Origin) -> str:
+    def _origin_fields(plan: TablePlan, origin: Origin) -> str:
         """The stage's ``keep`` and old-key fields of a change whose left-out values come from
         elsewhere than the destination row at its key."""
         fields = ["t" if origin.keep else "f"]
@@ -741,7 +555,7 @@ class PostgresApplier:
     def _merge(
         self,
         conn: psycopg2.extensions.connection,
-        plan: _TablePlan,
+        plan: TablePlan,
         net: NetChanges,
         result: BatchResult,
         record_keys: bool,
@@ -785,7 +599,7 @@ class PostgresApplier:
         result.rows_written += rows
         result.unchanged_toast_values += unchanged_toast
 
-    def _resolve_left_out(self, cursor: psycopg2.extensions.cursor, plan: _TablePlan, *,
+    def _resolve_left_out(self, cursor: psycopg2.extensions.cursor, plan: TablePlan, *,
                           moved: bool) -> None:
         """Give staged rows the values their changes left out where the destination row at
         their own key does not hold them: from the row at a moved row's old key, else read

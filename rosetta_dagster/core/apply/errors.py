@@ -4,7 +4,7 @@
 a full disk being cleaned): the same batch is retried. *Data* errors are the destination
 refusing one change (a constraint, a value, a permission, a missing table): retrying cannot
 help, so the change is isolated and the pipeline's ``on_apply_error`` policy decides. Anything
-else fails the run as before. Decided per SQLSTATE (class or exact code); the README lists them.
+else fails the run as before. Decided per SQLSTATE (class or exact code); docs/manual.md lists them.
 """
 
 from __future__ import annotations

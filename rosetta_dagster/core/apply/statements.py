@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.schema import TableSchema, destination_type
+from rosetta_dagster.core.apply.schema import TableSchema, destination_type, key_range
 
 OP = "_rosetta_op"
 UNCHANGED = "_rosetta_unchanged"
@@ -210,4 +210,105 @@ def resync_statements(schema: TableSchema, target: sql.Identifier, target_schema
             "DELETE FROM {target} AS t WHERE NOT EXISTS (SELECT 1 FROM {keys} AS k WHERE {match})"
         ).format(target=target, keys=keys_table, match=_key_match(schema, "k", "t")),
         drop_keys=sql.SQL("DROP TABLE {}").format(keys_table),
+    )
+
+
+@dataclass(frozen=True)
+class ChunkMergeStatements:
+    """What makes a destination's rows in a backfill chunk's key range equal the staged chunk
+    (see ``core.backfill``), except the keys the stream changed while the chunk was read
+    (the *excluded* keys, a temporary table loaded by COPY).
+
+    Parameters: ``occupied`` and ``update`` take ``range_params``; ``delete`` takes
+    ``range_params`` then ``filter_params``; ``insert`` takes ``range_params`` (its
+    ``not present`` test) and ``insert_into_empty`` none.
+    """
+
+    create_excluded: sql.Composed
+    copy_excluded: sql.Composed
+    occupied: sql.Composed  # does the destination have any row in the range?
+    delete: sql.Composed  # rows in the range the chunk does not have
+    update: sql.Composed | None  # staged rows that differ (None: the key is every column)
+    insert: sql.Composed  # staged rows the destination lacks
+    insert_into_empty: sql.Composed  # the same when the range holds no row
+    range_params: list[str | None]
+    filter_params: list[object]
+
+
+def chunk_merge_statements(
+    schema: TableSchema, target: sql.Identifier, target_schema: str, stage: sql.Identifier,
+    excluded: sql.Identifier, *,
+    bounds: tuple[Sequence[str | None] | None, Sequence[str | None] | None] | None,
+    row_filter: tuple[sql.Composable, Sequence[object]], any_excluded: bool,
+) -> ChunkMergeStatements:
+    """``bounds``: the chunk's ``after < key <= through`` as key text (None: unknown, which
+    confines every statement to the staged keys and deletes nothing); ``row_filter``: the
+    job's filter on alias ``t``; ``any_excluded``: whether the excluded table has rows."""
+    keys = [sql.Identifier(k) for k in schema.primary_key]
+    type_of = lambda c: destination_type(c, target_schema)  # noqa: E731
+
+    def in_range(alias: str) -> tuple[sql.Composable, list[str | None]]:
+        # The chunk's key range lets every statement use the primary key's index instead of
+        # scanning a table that grows chunk by chunk.
+        if bounds is None:
+            return sql.SQL("TRUE"), []
+        return key_range(schema, *bounds, type_of, alias)
+
+    def absent(alias: str, other: sql.Composable,
+               extra: sql.Composable | None = None) -> sql.Composed:
+        return sql.SQL("NOT EXISTS (SELECT 1 FROM {} AS x WHERE {}{})").format(
+            other, _join([sql.SQL("x.{0} = {1}.{0}").format(k, sql.Identifier(alias))
+                          for k in keys], " AND "),
+            extra if extra is not None else sql.SQL(""))
+
+    def image(alias: str) -> sql.Composed:
+        return sql.SQL("ROW({})::record").format(_join(
+            [sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(c))
+             for c in schema.column_names]))
+
+    t_range, range_params = in_range("t")
+    x_range, _ = in_range("x")
+    filter_sql, filter_params = row_filter
+    columns = _join([sql.Identifier(c) for c in schema.column_names])
+    values = _join([sql.SQL("s.{}").format(sql.Identifier(c)) for c in schema.column_names])
+    not_excluded = (sql.SQL(" AND {}").format(absent("s", excluded)) if any_excluded
+                    else sql.SQL(""))
+    updates = [c for c in schema.column_names if c not in schema.primary_key]
+    update = None
+    if updates:
+        # Binary image comparison: works for types without an equality operator (json,
+        # point, ...) and tells -0 from 0 and 1.0 from 1.00.
+        update = sql.SQL(
+            "UPDATE {target} AS t SET {sets} FROM {stage} AS s WHERE {match} AND {keys} "
+            "AND NOT ({t_image} *= {s_image}) AND {not_excluded}").format(
+                target=target, stage=stage, keys=t_range,
+                sets=_join([sql.SQL("{0} = s.{0}").format(sql.Identifier(c)) for c in updates]),
+                match=_join([sql.SQL("t.{0} = s.{0}").format(k) for k in keys], " AND "),
+                t_image=image("t"), s_image=image("s"), not_excluded=absent("t", excluded))
+    return ChunkMergeStatements(
+        create_excluded=sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+                excluded, _join([sql.SQL("{} {}").format(sql.Identifier(k),
+                                                         type_of(schema.column(k)))
+                                 for k in schema.primary_key])),
+        copy_excluded=sql.SQL("COPY {} FROM STDIN").format(excluded),
+        occupied=sql.SQL("SELECT EXISTS (SELECT 1 FROM {} AS t WHERE {})").format(
+            target, t_range),
+        delete=sql.SQL(
+            "DELETE FROM {target} AS t WHERE {keys} AND ({filter}) AND {not_staged} "
+            "AND {not_excluded}").format(
+                target=target, keys=t_range, filter=filter_sql, not_staged=absent("t", stage),
+                not_excluded=absent("t", excluded)),
+        update=update,
+        insert=sql.SQL("INSERT INTO {target} ({columns}) SELECT {values} FROM {stage} AS s "
+                       "WHERE {not_present}{not_excluded}").format(
+            target=target, columns=columns, values=values, stage=stage,
+            not_present=absent("s", target, sql.SQL(" AND {}").format(x_range)),
+            not_excluded=not_excluded),
+        insert_into_empty=sql.SQL("INSERT INTO {target} ({columns}) SELECT {values} FROM "
+                                  "{stage} AS s WHERE TRUE{not_excluded}").format(
+            target=target, columns=columns, values=values, stage=stage,
+            not_excluded=not_excluded),
+        range_params=range_params,
+        filter_params=list(filter_params),
     )

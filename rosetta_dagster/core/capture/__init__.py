@@ -7,8 +7,11 @@
 
 The streaming session only sees what is here: an engine gives a :class:`PositionStore` (where
 the stream's position and the tables it covers are kept), a :class:`Capture` that hands
-:class:`CaptureBatch` es to the session, and the :class:`ValueCodec` that turns its values into
-COPY text.
+:class:`CaptureBatch` es to the session (row changes, truncates, schema events when column
+types change, backfill watermarks; in source commit order), and the :class:`ValueCodec` that
+turns its values into COPY text. A position the source no longer has is :class:`PositionLost`.
+What only one engine needs (Debezium's offsets and snapshot mode, its catalog look-ups for
+changed types) stays in that engine's folder.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import psycopg2.extensions
 
 from rosetta_dagster.core.apply.schema import TableSchema
 from rosetta_dagster.core.apply.values import ValueCodec
+from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent, PositionMarker, Watermark
 from rosetta_dagster.core.pipeline_config import (
     CAPTURE_ENGINES,
@@ -32,12 +36,17 @@ from rosetta_dagster.core.pipeline_config import (
 )
 
 if TYPE_CHECKING:
-    from rosetta_dagster.core.apply.applier import PositionTracking
     from rosetta_dagster.core.initial_load import LoadState
+    from rosetta_dagster.core.position_tracking import PositionTracking
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 
+
+
+class PositionLost(RosettaError):  # noqa: N818 - a state of the source, raised as such
+    """The source no longer has the WAL at the stored position (its slot moved past it): the
+    changes in between are lost, so the position is forgotten and the pipeline loads afresh."""
 
 
 @dataclass(frozen=True)
@@ -86,20 +95,15 @@ class PositionStore(Protocol):
 
     def write_loads(self, loads: LoadState) -> None: ...
 
-    def delete(self) -> bool:
-        """Forget the position (its slot is gone); True when there was one."""
+    def delete(self, log: Log) -> bool:
+        """Forget the position (its slot is gone), saying so in the checklist's words; True
+        when there was one."""
 
     def behind_slot(self, slot_confirmed_lsn: int) -> int | None:
         """The stored position when the slot has moved past it (changes are lost), else None."""
 
     def tracking(self, destination: Destination) -> PositionTracking | None:
         """How a destination records the position with each batch (None: the engine does)."""
-
-    @property
-    def deleting_line(self) -> str: ...
-
-    @property
-    def deleted_line(self) -> str: ...
 
 
 class Capture(Protocol):
@@ -116,19 +120,13 @@ class Capture(Protocol):
     def stop(self, timeout_s: float = 30.0) -> None: ...
 
     def raise_if_failed(self) -> None:
-        """After the capture stopped: raise its error, if any."""
-
-    @property
-    def offset_no_longer_available(self) -> bool:
-        """The source refused the stored position (its WAL is gone)."""
+        """After the capture stopped: raise its error, if any (:class:`PositionLost` when the
+        source refused the stored position)."""
 
 
 class CaptureEngine(Protocol):
     name: str
     values: ValueCodec
-    # The engine's batches carry a schema event ("s") in stream order when a table's column
-    # types change; else the session compares the source catalog now and then.
-    announces_type_changes: bool
 
     def source_refusal(self, conn: psycopg2.extensions.connection) -> str | None:
         """Why the engine cannot stream this source database at all (None: it can)."""
@@ -142,9 +140,11 @@ class CaptureEngine(Protocol):
         on_batch: BatchHandler,
         *,
         schemas: Mapping[TableRef, TableSchema],
-        start_position: int | None,
-        snapshot_mode: str | None,
-    ) -> Capture: ...
+        start: int | None,
+    ) -> Capture:
+        """A capture of the pipeline's slot, not started. ``start``: the lowest position the
+        destinations committed, where engines that keep positions with the data resume (None
+        for engines that keep their own, in ``positions``)."""
 
 
 def capture_engine(name: str) -> CaptureEngine:

@@ -1,16 +1,16 @@
 """The config store (``config_db``): runtime state of pipelines, backfills and monitors."""
 
 from rosetta_dagster.core.config_store.migrations import apply_migrations, load_migrations
-from rosetta_dagster.core.config_store.repository import (
+from rosetta_dagster.core.config_store.records import (
     BackfillJob,
     BackfillStatus,
-    ConfigStore,
     ParkedEvent,
     ParkedRow,
     Pipeline,
     PipelineState,
     PipelineStatus,
 )
+from rosetta_dagster.core.config_store.repository import ConfigStore
 
 __all__ = [
     "BackfillJob",

@@ -31,7 +31,7 @@ from dagster import (
 from dagster._core.storage.dagster_run import RunRecord
 
 from rosetta_dagster.core.capture import capture_engine
-from rosetta_dagster.core.config_store import PipelineState
+from rosetta_dagster.core.config_store import PipelineState, PipelineStatus
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.health import measure_and_record_lag
 from rosetta_dagster.core.pipeline_config import (
@@ -135,7 +135,7 @@ def build_supervisor_sensor(
         cursor = json.loads(context.cursor) if context.cursor else {}
         daemon = _daemon_id(context)
         if cursor.get("daemon") != daemon or "daemon" not in cursor:
-            active = sum(1 for p in statuses.values() if p.status.value == "START")
+            active = sum(1 for p in statuses.values() if p.status is PipelineStatus.START)
             log.info("Pipeline manager started with %d active pipelines", active)
             cursor["daemon"] = daemon
 

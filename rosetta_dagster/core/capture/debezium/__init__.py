@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import psycopg2.errors
 import psycopg2.extensions
 
-from rosetta_dagster.core.apply.applier import PositionTracking
 from rosetta_dagster.core.apply.schema import TableSchema
 from rosetta_dagster.core.capture import BatchHandler, Capture, Log, PositionStore, StoredPosition
 from rosetta_dagster.core.capture.debezium.offsets import (
@@ -29,6 +28,7 @@ from rosetta_dagster.core.capture.debezium.values import DEBEZIUM_VALUES
 from rosetta_dagster.core.errors import DatabaseConnectionError
 from rosetta_dagster.core.initial_load import LoadState
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
+from rosetta_dagster.core.position_tracking import PositionTracking
 from rosetta_dagster.settings import config_database_url
 
 if TYPE_CHECKING:
@@ -49,7 +49,6 @@ class DebeziumOffsets:
     Subclasses say where the value and the load state are kept."""
 
     pipeline: PipelineDefinition
-    deleted_line = "Deleted stale offset. Debezium will start fresh with snapshot mode."
 
     @property
     def location(self) -> str:
@@ -70,6 +69,21 @@ class DebeziumOffsets:
     def release(self) -> str | None:
         """Give the position up once another store took it over; where it is kept, if it is."""
         raise NotImplementedError
+
+    def forget(self) -> bool:
+        """Remove the stored offset; True when there was one."""
+        raise NotImplementedError
+
+    @property
+    def deleting_line(self) -> str:
+        raise NotImplementedError
+
+    def delete(self, log: Log) -> bool:
+        """The checklist's two lines around the deletion."""
+        log.warning("%s", self.deleting_line)
+        deleted = self.forget()
+        log.warning("Deleted stale offset. Debezium will start fresh with snapshot mode.")
+        return deleted
 
     def offset(self) -> StoredOffset | None:
         value = self.value()
@@ -152,7 +166,7 @@ class OffsetFile(DebeziumOffsets):
         partial.write_text(json.dumps(loads.document(), indent=1))
         os.replace(partial, self.loads_path)
 
-    def delete(self) -> bool:
+    def forget(self) -> bool:
         if not self.path.exists():
             return False
         self.path.unlink(missing_ok=True)
@@ -188,7 +202,6 @@ class OffsetFile(DebeziumOffsets):
 class DebeziumEngine:
     name = "debezium"
     values = DEBEZIUM_VALUES
-    announces_type_changes = False
 
     def source_refusal(self, conn: psycopg2.extensions.connection) -> str | None:
         """Debezium's type registry fails when it starts (a NullPointerException) on a database
@@ -221,16 +234,23 @@ class DebeziumEngine:
         on_batch: BatchHandler,
         *,
         schemas: Mapping[TableRef, TableSchema],
-        start_position: int | None,
-        snapshot_mode: str | None,
+        start: int | None,
     ) -> Capture:
+        """Resumes from its own offsets (``start`` is for engines that keep positions in the
+        destinations). Without an offset it snapshots as ``snapshot_mode`` says, unless the
+        initial load copied the tables already (``initial_load: copy``)."""
         from rosetta_dagster.core.capture.debezium.engine import DebeziumCapture
         from rosetta_dagster.core.capture.debezium.offset_table import OffsetTable
         from rosetta_dagster.core.capture.reread import SourceReread
 
         assert isinstance(positions, OffsetFile | OffsetTable)
+        from rosetta_dagster.core.capture.debezium.type_watch import TypeWatch
+
+        copied = pipeline.settings.initial_load == "copy"
         return DebeziumCapture(pipeline, positions.engine_properties(), on_batch,
-                               snapshot_mode=snapshot_mode, reread=SourceReread(schemas, DEBEZIUM_VALUES))
+                               snapshot_mode="no_data" if copied else None,
+                               reread=SourceReread(schemas, DEBEZIUM_VALUES),
+                               type_watch=TypeWatch(schemas))
 
 
 DEBEZIUM = DebeziumEngine()

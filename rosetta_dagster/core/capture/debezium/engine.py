@@ -16,9 +16,10 @@ from typing import Any
 
 import jpype
 
-from rosetta_dagster.core.capture import BatchHandler, CaptureBatch
+from rosetta_dagster.core.capture import BatchHandler, CaptureBatch, PositionLost
 from rosetta_dagster.core.capture.debezium.events import decode_event, mark_key_changes
 from rosetta_dagster.core.capture.debezium.jvm import ensure_jvm
+from rosetta_dagster.core.capture.debezium.type_watch import TypeWatch
 from rosetta_dagster.core.capture.reread import SourceReread
 from rosetta_dagster.core.dsn import mask_secrets, pinned_options
 from rosetta_dagster.core.errors import RosettaError
@@ -146,9 +147,11 @@ class DebeziumCapture:
         *,
         snapshot_mode: str | None = None,
         reread: SourceReread | None = None,
+        type_watch: TypeWatch | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.reread = reread
+        self.type_watch = type_watch
         self.offset_storage = offset_storage
         self.on_batch = on_batch
         self.snapshot_mode = snapshot_mode
@@ -191,6 +194,9 @@ class DebeziumCapture:
                 events = mark_key_changes(events)
                 if capture.reread is not None and capture.reread.tables and events:
                     events = capture.reread.fill(capture._source_rows, events)
+                if capture.type_watch is not None and events:
+                    events = list(capture.type_watch.with_schema_events(
+                        capture._source_rows.connection(), events))
                 if events or marker is not None:
                     capture.on_batch(CaptureBatch(events, marker))
 
@@ -270,12 +276,6 @@ class DebeziumCapture:
                            mask_secrets(str(exc)))
         return True
 
-    @property
-    def offset_no_longer_available(self) -> bool:
-        """Debezium refused the stored offset: the slot no longer has that WAL position."""
-        completion = self._completion
-        return bool(completion and completion.message and STALE_OFFSET_ERROR in completion.message)
-
     def raise_if_failed(self) -> None:
         """After the engine stopped: raise the handler's or the connector's error, if any."""
         if self._run_error is not None:
@@ -294,6 +294,10 @@ class DebeziumCapture:
             ) from error
         completion = self._completion
         if completion is not None and completion.success is False and not self._stopping:
+            if completion.message and STALE_OFFSET_ERROR in completion.message:
+                # The slot no longer has the stored offset's WAL position.
+                raise PositionLost(f"Pipeline {self.pipeline.name}: the Debezium connector "
+                                   f"stopped: {completion.message}")
             raise CaptureError(
                 f"Pipeline {self.pipeline.name}: the Debezium connector stopped: "
                 f"{completion.message}"

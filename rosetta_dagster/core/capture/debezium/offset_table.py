@@ -115,14 +115,14 @@ class OffsetTable(DebeziumOffsets):
                 "ON CONFLICT (pipeline) DO UPDATE SET document = EXCLUDED.document, "
                 "updated_at = now()", (self.pipeline.name, Json(loads.document())))
 
-    def delete(self) -> bool:
+    def forget(self) -> bool:
         with self._cursor() as cursor:
             cursor.execute(f"DELETE FROM {OFFSET_TABLE} WHERE offset_key = %s",  # noqa: S608
                            (self.key,))
             return cursor.rowcount > 0
 
     def release(self) -> None:
-        self.delete()
+        self.forget()
 
     def engine_properties(self) -> dict[str, str]:
         """The engine's JDBC offset store, narrowed to this pipeline's row. The credentials go

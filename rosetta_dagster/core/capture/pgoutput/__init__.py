@@ -54,7 +54,6 @@ PGOUTPUT_VALUES = ValueCodec(converter_for=lambda column: _as_sent,
 class PgoutputEngine:
     name = "pgoutput"
     values = PGOUTPUT_VALUES
-    announces_type_changes = True
 
     def source_refusal(self, conn: psycopg2.extensions.connection) -> str | None:
         return None
@@ -69,16 +68,15 @@ class PgoutputEngine:
         on_batch: BatchHandler,
         *,
         schemas: Mapping[TableRef, TableSchema],
-        start_position: int | None,
-        snapshot_mode: str | None,
+        start: int | None,
     ) -> Capture:
         from rosetta_dagster.core.capture.pgoutput.engine import PgoutputCapture
 
-        assert start_position is not None, "the pgoutput engine starts from a stored position"
+        assert start is not None, "the pgoutput engine starts from a stored position"
         from rosetta_dagster.core.capture.reread import SourceReread
 
         known_types = {table: schema.column_types for table, schema in schemas.items()}
-        return PgoutputCapture(pipeline, start_position, on_batch, known_types,
+        return PgoutputCapture(pipeline, start, on_batch, known_types,
                                reread=SourceReread(schemas, PGOUTPUT_VALUES))
 
 

@@ -174,10 +174,6 @@ class PgoutputCapture:
         if self._threads:
             self._all_ended.wait(timeout_s)
 
-    @property
-    def offset_no_longer_available(self) -> bool:
-        return False  # checked against the slot before starting (PositionStore.behind_slot)
-
     def raise_if_failed(self) -> None:
         error = self._error
         if error is None:

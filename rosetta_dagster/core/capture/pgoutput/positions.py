@@ -11,11 +11,11 @@ from __future__ import annotations
 from psycopg2 import sql
 from psycopg2.extras import Json
 
-from rosetta_dagster.core.apply.applier import PositionTracking
 from rosetta_dagster.core.capture import Log, StoredPosition
 from rosetta_dagster.core.events import format_lsn
 from rosetta_dagster.core.initial_load import LoadState
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
+from rosetta_dagster.core.position_tracking import PositionTracking
 from rosetta_dagster.core.replication import destination_connection
 
 POSITIONS_TABLE = "_rosetta_positions"
@@ -35,14 +35,6 @@ class DestinationPositions:
     def location(self) -> str:
         return ", ".join(f"{d.name} ({d.schema}.{POSITIONS_TABLE})"
                          for d in self.pipeline.destinations)
-
-    @property
-    def deleting_line(self) -> str:
-        return f"Deleting stale stream positions of pipeline {self.pipeline.name} in {self.location}"
-
-    @property
-    def deleted_line(self) -> str:
-        return "Deleted stale positions. The stream will start fresh with an initial load."
 
     def _ensure(self, destination: Destination) -> None:
         with destination_connection(self.pipeline, destination) as conn, conn.cursor() as cursor:
@@ -105,7 +97,9 @@ class DestinationPositions:
                 cursor.execute(sql.SQL("UPDATE {} SET loads = %s WHERE pipeline = %s").format(
                     self.table(destination)), (Json(loads.document()), self.pipeline.name))
 
-    def delete(self) -> bool:
+    def delete(self, log: Log) -> bool:
+        log.warning("Deleting stale stream positions of pipeline %s in %s", self.pipeline.name,
+                    self.location)
         deleted = False
         for destination in self.pipeline.destinations:
             with destination_connection(self.pipeline, destination) as conn, conn.cursor() as cursor:
@@ -116,6 +110,7 @@ class DestinationPositions:
                 cursor.execute(sql.SQL("DELETE FROM {} WHERE pipeline = %s").format(
                     self.table(destination)), (self.pipeline.name,))
                 deleted = deleted or cursor.rowcount > 0
+        log.warning("Deleted stale positions. The stream will start fresh with an initial load.")
         return deleted
 
     def behind_slot(self, slot_confirmed_lsn: int) -> int | None:

@@ -1,29 +1,5 @@
-"""Backfill jobs: re-copy (part of) a source table into every destination while streaming goes on.
-
-Correctness against the concurrent stream follows DBLog (Netflix; Debezium's incremental
-snapshots use the same idea). For each chunk of primary keys:
-
-1. a *low watermark* is written into the WAL (``pg_logical_emit_message``, transactional), and
-   the transactions in flight at that moment are waited for (see
-   :func:`_wait_for_transactions_in_flight`),
-2. the chunk is read from the source with ``COPY (SELECT ...) TO STDOUT`` and COPYed into a
-   staging table in every destination,
-3. a *high watermark* is written.
-
-The streaming session sees both watermarks in commit order. Between them it records the keys of
-every change it applies to that table; at the high watermark it writes the staged rows that
-differ, deletes the destination rows in the chunk's key range (matching the job's filter) that
-the chunk does not have, both *except* those keys (their streamed values are newer than the
-chunk's), and drops the chunk from staging, in one destination transaction. A row updated or
-deleted while the chunk was read can therefore never be put back with an old value or
-resurrected, and changes after the high watermark are applied after the chunk, as usual. Rows
-move with COPY in and out and three set-wise statements per chunk; the apply runs in the
-stream, the copy here.
-
-Progress (``count_record``, the resume point) is written by the stream when it applies a chunk,
-so a crashed backfill resumes after the last applied chunk. Backfills therefore need the
-pipeline's stream to run (START).
-"""
+"""Backfill, part 1 of the protocol: a job's chunks read from the source between two
+watermarks and staged in every destination (see the package's docstring for the whole)."""
 
 from __future__ import annotations
 
@@ -39,7 +15,6 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.applier import backfill_chunk_table, backfill_marks_table
 from rosetta_dagster.core.apply.bulk import binary_copy, pipe_copy
 from rosetta_dagster.core.apply.schema import (
     Column,
@@ -48,7 +23,13 @@ from rosetta_dagster.core.apply.schema import (
     key_range,
     read_table_schema,
 )
-from rosetta_dagster.core.config_store import BackfillJob, BackfillStatus, ConfigStore
+from rosetta_dagster.core.backfill.staging import chunk_table, job_prefix, marks_table
+from rosetta_dagster.core.config_store import (
+    BackfillJob,
+    BackfillStatus,
+    ConfigStore,
+    PipelineStatus,
+)
 from rosetta_dagster.core.dsn import summarize_connection_error
 from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
 from rosetta_dagster.core.events import BACKFILL_MESSAGE_PREFIX
@@ -213,7 +194,7 @@ class BackfillRunner:
             raise self._fail(f"Backfill job {job.id}: pipeline {self.pipeline.name} has no table "
                              f"{job.table_name}.")
         stored = self.store.get_pipeline(self.pipeline.name)
-        if stored.status.value != "START":
+        if stored.status is not PipelineStatus.START:
             raise self._fail(
                 f"Backfill job {job.id}: pipeline {self.pipeline.name} is paused; backfills are "
                 "applied by its stream, start it first."
@@ -267,13 +248,38 @@ class BackfillRunner:
         self, destination: Destination, schema: TableSchema
     ) -> psycopg2.extensions.connection:
         conn = connect_destination(self.pipeline, destination)
+        self._wait_for_destination_columns(conn, destination, schema)
         with conn.cursor() as cursor:
             # Unlogged, like the chunk tables: a server crash empties both together, and a
             # chunk without its mark is read again (see the stream).
             cursor.execute(sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} (chunk integer PRIMARY KEY)")
-                           .format(sql.Identifier(destination.schema,
-                                                  backfill_marks_table(self.job_id))))
+                           .format(sql.Identifier(destination.schema, marks_table(self.job_id))))
         return conn
+
+    def _wait_for_destination_columns(self, conn: psycopg2.extensions.connection,
+                                      destination: Destination, schema: TableSchema) -> None:
+        """Chunks are staged in tables shaped like the destination table: once the stream has
+        given it the columns the job copies (it widens tables when it starts, just after it
+        changes the publication)."""
+        target = schema.target_sql(destination.name, destination.schema)
+        deadline = time.monotonic() + self.chunk_timeout_s
+        while True:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT array_agg(attname::text) FROM pg_attribute WHERE attrelid "
+                               "= to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+                               (target.as_string(conn),))
+                present = set(cursor.fetchone()[0] or ())  # type: ignore[index]
+            missing = [c for c in schema.column_names if c not in present]
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                raise self._fail(
+                    f"Backfill job {self.job_id}: destination {destination.name} has no "
+                    f"{', '.join(missing)} in {target.as_string(conn)} after "
+                    f"{self.chunk_timeout_s:.0f}s; restart the pipeline's stream so it "
+                    "prepares the table.")
+            self._check_cancelled()
+            time.sleep(0.2)
 
     def _copy_chunks(
         self,
@@ -368,8 +374,8 @@ class BackfillRunner:
                options: sql.Composable) -> int:
         """Stream ``chunk`` from the source into its own unlogged table in one destination
         (never held whole in memory) and mark it staged. Returns the rows staged."""
-        staging = sql.Identifier(destination.schema, backfill_chunk_table(self.job_id, chunk))
-        marks = sql.Identifier(destination.schema, backfill_marks_table(self.job_id))
+        staging = sql.Identifier(destination.schema, chunk_table(self.job_id, chunk))
+        marks = sql.Identifier(destination.schema, marks_table(self.job_id))
         with target.cursor() as cursor:
             cursor.execute("BEGIN")
             cursor.execute(sql.SQL("DROP TABLE IF EXISTS {staging}; "
@@ -402,7 +408,7 @@ class BackfillRunner:
 
     def _drop_staging(self, schema: TableSchema) -> None:
         """Drop the job's marks and any chunk table left (read again under another number)."""
-        prefix = f"_rosetta_backfill_{int(self.job_id)}_"
+        prefix = job_prefix(self.job_id)
         for destination in self.pipeline.destinations:
             with destination_connection(self.pipeline, destination) as conn, conn.cursor() as cur:
                 cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s "

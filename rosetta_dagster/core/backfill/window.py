@@ -1,0 +1,99 @@
+"""Backfill, part 2 of the protocol: the stream's side. Between a chunk's low and high
+watermarks the stream notes the keys it changes in the chunk's table; at the high watermark it
+applies the chunk in every destination without those keys (see the package's docstring)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rosetta_dagster.core.apply.applier import PostgresApplier
+from rosetta_dagster.core.apply.schema import TableSchema
+from rosetta_dagster.core.backfill.chunk_merge import ChunkCounts, apply_chunk
+from rosetta_dagster.core.config_store import ConfigStore
+from rosetta_dagster.core.events import ChangeEvent, Watermark
+from rosetta_dagster.core.filters import compile_filter, parse_filter
+from rosetta_dagster.core.pipeline_config import TableRef
+
+Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
+
+
+@dataclass
+class ChunkWindow:
+    """Keys of ``table`` the stream changed between a chunk's low and high watermarks."""
+
+    table: TableRef
+    keys: set[tuple[Any, ...]] = field(default_factory=set)
+    truncated: bool = False
+
+    def note(self, event: ChangeEvent, key_columns: Sequence[str]) -> None:
+        if not event.carries_row:
+            self.truncated = self.truncated or event.op == "t"
+            return
+        row = event.row
+        self.keys.add(tuple(row.get(k) for k in key_columns))
+
+
+class ChunkWindows:
+    """The open windows of a stream, and what happens at their watermarks."""
+
+    def __init__(self, schemas: Mapping[TableRef, TableSchema],
+                 appliers: Sequence[PostgresApplier], config_store: ConfigStore | None,
+                 log: Log) -> None:
+        # The session's own (live) schemas and destinations.
+        self._schemas = schemas
+        self._appliers = appliers
+        self._config_store = config_store
+        self._log = log
+        self._open: dict[tuple[int, int], ChunkWindow] = {}
+
+    def note(self, event: ChangeEvent) -> None:
+        """A change the stream applies: remembered by each window open on its table."""
+        for window in self._open.values():  # empty unless a chunk is being read
+            if window.table == event.table:
+                window.note(event, self._schemas[event.table].primary_key)
+
+    def on_watermark(self, watermark: Watermark) -> None:
+        """A chunk read between its low and high watermarks is applied at the high one, minus
+        the rows the stream changed in between (their streamed values are newer)."""
+        key = (watermark.job_id, watermark.chunk)
+        if watermark.kind == "low":
+            self._open[key] = ChunkWindow(watermark.table)
+            return
+        window = self._open.pop(key, None)
+        store = self._config_store
+        if store is None:
+            return
+        if window is None:
+            # The low watermark was before this session's start position: the changed keys
+            # are unknown, so the chunk is read again.
+            self._log.info("Backfill %d chunk %d: low watermark not seen; asking for a re-read",
+                           watermark.job_id, watermark.chunk)
+            store.request_backfill_chunk_redo(watermark.job_id, watermark.chunk)
+            return
+        schema = self._schemas[watermark.table]
+        # The job's filter, checked against the source's columns when the job started.
+        row_filter = compile_filter(parse_filter(watermark.row_filter), schema.column_names,
+                                    watermark.table.qualified, alias="t")
+        bounds = (watermark.after_key, watermark.last_key) if watermark.bounds_known else None
+        counts = ChunkCounts()
+        staged = True
+        for applier in self._appliers:
+            applied = apply_chunk(applier, watermark.table, watermark.job_id, watermark.chunk,
+                                  excluded=window.keys, skip_all=window.truncated,
+                                  bounds=bounds, row_filter=row_filter)
+            if applied is None:
+                staged = False
+            else:
+                counts += applied
+        if not staged:
+            # Applied already (a replayed watermark: the job's progress shows it and the
+            # request is moot), or the staged rows are gone: read the chunk again.
+            store.request_backfill_chunk_redo(watermark.job_id, watermark.chunk)
+            return
+        store.record_backfill_chunk(
+            watermark.job_id, watermark.chunk, last_key=watermark.last_key, rows=watermark.rows,
+            inserted=counts.inserted, updated=counts.updated, deleted=counts.deleted,
+        )

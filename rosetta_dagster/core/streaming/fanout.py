@@ -1,0 +1,156 @@
+"""Fan-out: one applier (and pool) per destination, every batch to each, and destinations
+that go down taken out of rotation until they can catch up from the slot."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import psycopg2
+
+from rosetta_dagster.core.apply.applier import BatchResult, PostgresApplier
+from rosetta_dagster.core.apply.refused import RefusedChanges
+from rosetta_dagster.core.apply.schema import TableSchema
+from rosetta_dagster.core.capture import CaptureEngine, PositionStore
+from rosetta_dagster.core.dsn import mask_secrets
+from rosetta_dagster.core.errors import DatabaseConnectionError
+from rosetta_dagster.core.events import ChangeEvent
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
+from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
+from rosetta_dagster.core.replication import stream_application_name
+from rosetta_dagster.core.source_rows import SourceRows
+
+Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
+
+# How often a destination that went down is tried again (engines with per-destination positions).
+DESTINATION_RETRY_S = 5.0
+# A destination that cannot be reached: others keep applying, it catches up from the slot.
+_UNREACHABLE = (DatabaseConnectionError, psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
+def lowest(positions: Sequence[int | None]) -> int | None:
+    """The position every destination has reached; None unless each has one."""
+    known = [p for p in positions if p is not None]
+    return min(known) if known and len(known) == len(positions) else None
+
+
+class DestinationFanout:
+    """The destinations of one stream: what each has committed, which are down."""
+
+    def __init__(self, pipeline: PipelineDefinition, log: Log) -> None:
+        self.pipeline = pipeline
+        self.log = log
+        # Shared with the backfill windows: filled by open, emptied by close.
+        self.appliers: list[PostgresApplier] = []
+        self.pools: list[ResilientConnectionPool] = []
+        # Destinations that became unreachable, with when to try them again.
+        self._down: dict[int, float] = {}
+
+    def open(self, engine: CaptureEngine, positions: PositionStore,
+             schemas: Iterable[TableSchema], read_schema: Callable[[TableRef], TableSchema],
+             source_rows: SourceRows) -> None:
+        """A pool and an applier per destination, its tables created or widened."""
+        schemas = list(schemas)
+        for destination in self.pipeline.destinations:
+            pool = ResilientConnectionPool(
+                destination.dsn(),
+                PoolSettings.from_env(max_conn=2, init_attempts=3, statement_timeout_ms=0,
+                                      application_name=stream_application_name(self.pipeline)),
+                label=f"destination {destination.name}",
+                setting=f"destination {destination.name}",
+            ).open()
+            self.pools.append(pool)
+            applier = PostgresApplier(
+                pool, destination.schema, read_schema, values=engine.values,
+                name=destination.name, tracking=positions.tracking(destination),
+                source_rows=source_rows,
+            )
+            applier.prepare(schemas)
+            self.appliers.append(applier)
+
+    @property
+    def opened(self) -> bool:
+        return bool(self.appliers)
+
+    def apply(self, refused: RefusedChanges, events: Sequence[ChangeEvent], *,
+              record_keys: bool, position: int | None, complete: bool) -> list[BatchResult]:
+        """Apply to every destination in rotation; one that cannot be reached is taken out
+        when each destination keeps its own position (else the error stops the stream)."""
+        results = []
+        for index, applier in enumerate(self.appliers):
+            if index in self._down:
+                continue
+            rotates = applier.tracking is not None and len(self.appliers) > 1
+            try:
+                results.append(refused.apply(
+                    applier, events, record_keys=record_keys, position=position,
+                    complete=complete, unreachable_handled=rotates))
+            except _UNREACHABLE as exc:
+                if not rotates:
+                    raise  # one position for all destinations: every one must keep up
+                self._down[index] = time.monotonic() + DESTINATION_RETRY_S
+                self.log.warning(
+                    "Pipeline %s: destination %s is unreachable (%s); the others keep applying "
+                    "and it catches up from the slot when it is back", self.pipeline.name,
+                    applier.name, mask_secrets(str(exc).strip().splitlines()[0]))
+        if not results:
+            raise DatabaseConnectionError(
+                f"Pipeline {self.pipeline.name}: every destination is unreachable.")
+        return results
+
+    def committed(self) -> int | None:
+        """The position every destination has committed (engines that keep it with the data)."""
+        return lowest([a.position for a in self.appliers])
+
+    def start_position(self) -> int | None:
+        """Where the stream resumes: the lowest position a destination committed."""
+        return lowest([a.read_position() for a in self.appliers if a.tracking is not None])
+
+    @property
+    def any_down(self) -> bool:
+        return bool(self._down)
+
+    def back_up(self, now: float) -> list[int]:
+        """Down destinations due for a retry that are reachable again (still counted down)."""
+        back = []
+        for index, retry_at in list(self._down.items()):  # the engine thread adds entries
+            if now < retry_at:
+                continue
+            try:
+                self.appliers[index].read_position()
+            except (*_UNREACHABLE, psycopg2.Error):
+                self._down[index] = now + DESTINATION_RETRY_S
+                continue
+            back.append(index)
+        return back
+
+    def rejoin(self, indexes: Iterable[int], schemas: Iterable[TableSchema]) -> None:
+        """Back in rotation (once the stream restarts from the lowest position), its tables
+        given the source's current columns first: columns added while it was down reached the
+        others as schema events from the catalog, which the slot does not replay."""
+        schemas = list(schemas)
+        for index in indexes:
+            self.appliers[index].prepare(schemas)
+            del self._down[index]
+
+    def names(self, indexes: Iterable[int]) -> str:
+        return ", ".join(self.appliers[i].name for i in indexes)
+
+    def take_retyped(self) -> dict[TableRef, list[str]]:
+        """Columns the destinations gave new types since the last call, per table."""
+        retyped: dict[TableRef, list[str]] = {}
+        for applier in self.appliers:
+            for table, columns in applier.retyped.items():
+                retyped.setdefault(table, []).extend(
+                    f"{c.name} {c.old_type} -> {c.new_type}" for c in columns)
+            applier.retyped.clear()
+        return {table: list(dict.fromkeys(changes)) for table, changes in retyped.items()}
+
+    def close(self) -> None:
+        for applier in self.appliers:
+            applier.abort()  # a transaction left open inside a large source transaction
+        for pool in self.pools:
+            pool.close()
+        self.pools.clear()
+        self.appliers.clear()

@@ -1,0 +1,106 @@
+"""Checks before a stream starts: what it refuses to stream (one sentence naming every
+offending table and column, before anything is written) and stored positions it must forget."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import psycopg2.extensions
+
+from rosetta_dagster.core.apply.schema import SchemaError, TableSchema
+from rosetta_dagster.core.capture import CaptureEngine, PositionStore
+from rosetta_dagster.core.config_store import ConfigStore
+from rosetta_dagster.core.initial_load import format_lsn
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
+from rosetta_dagster.core.replication import (
+    delete_stale_offset,
+    destination_connection,
+    missing_slot_reason,
+    slot_confirmed_lsn,
+    slot_exists,
+)
+
+Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
+STALE_OFFSET_ERROR = "no longer available on the server"
+
+
+def refuse_unstreamable(pipeline: PipelineDefinition, engine: CaptureEngine,
+                        schemas: Mapping[TableRef, TableSchema],
+                        source: psycopg2.extensions.connection) -> None:
+    """Raise SchemaError when the pipeline cannot be streamed exactly with its engine."""
+    _refuse_unsupported_columns(pipeline, engine, schemas)
+    if (reason := engine.source_refusal(source)) is not None:
+        raise SchemaError(f"Pipeline {pipeline.name} cannot stream source "
+                          f"{pipeline.source.name} with the {engine.name} "
+                          f"engine, so nothing was written: {reason}.")
+    _refuse_money_across_locales(pipeline, schemas, source)
+
+
+def _refuse_unsupported_columns(pipeline: PipelineDefinition, engine: CaptureEngine,
+                                schemas: Mapping[TableRef, TableSchema]) -> None:
+    """Every column the engine cannot carry exactly, of every table, in one sentence."""
+    refused = [
+        f"{schema.table.qualified}.{column.name} ({column.type_sql}): {reason}"
+        for schema in schemas.values() for column in schema.columns
+        if (reason := engine.values.refusal(column, column.name in schema.primary_key))
+        is not None
+    ]
+    if refused:
+        raise SchemaError(
+            f"Pipeline {pipeline.name} cannot replicate these columns exactly with the "
+            f"{engine.name} engine, so nothing was written: {'; '.join(refused)}."
+        )
+
+
+def _refuse_money_across_locales(pipeline: PipelineDefinition,
+                                 schemas: Mapping[TableRef, TableSchema],
+                                 source: psycopg2.extensions.connection) -> None:
+    """money is an integer whose text (and meaning: cents or yen) follows lc_monetary: it is
+    only carried between databases that use the same lc_monetary."""
+    columns = [f"{schema.table.qualified}.{column.name}" for schema in schemas.values()
+               for column in schema.columns if column.type_ref and column.type_ref.uses("money")]
+    if not columns:
+        return
+    source_locale = _lc_monetary(source)
+    for destination in pipeline.destinations:
+        with destination_connection(pipeline, destination) as target:
+            target_locale = _lc_monetary(target)
+        if target_locale != source_locale:
+            raise SchemaError(
+                f"Pipeline {pipeline.name} cannot replicate money columns "
+                f"({', '.join(columns)}) exactly: lc_monetary is {source_locale} on source "
+                f"{pipeline.source.name} and {target_locale} on destination "
+                f"{destination.name}, so the same amount would mean another value; use the "
+                "same lc_monetary on both, so nothing was written."
+            )
+
+
+def _lc_monetary(conn: psycopg2.extensions.connection) -> str:
+    with conn.cursor() as cursor:
+        cursor.execute("SHOW lc_monetary")
+        row = cursor.fetchone()
+    return str(row[0]) if row else ""
+
+
+def forget_stale_position(pipeline: PipelineDefinition, positions: PositionStore,
+                          source: psycopg2.extensions.connection,
+                          config_store: ConfigStore | None, log: Log) -> None:
+    """A stored position whose slot is gone, or that its slot has moved past (the changes in
+    between are lost), is deleted: the pipeline then loads afresh."""
+    if not slot_exists(source, pipeline.slot_name):
+        delete_stale_offset(pipeline, positions, reason=missing_slot_reason(pipeline),
+                            config_store=config_store, log=log)
+        return
+    confirmed = slot_confirmed_lsn(source, pipeline.slot_name)
+    if confirmed is None or not positions.exists():
+        return
+    behind = positions.behind_slot(confirmed)
+    if behind is not None:
+        delete_stale_offset(
+            pipeline, positions,
+            reason=(f"the last recorded offset ({format_lsn(behind)}) is "
+                    f"{STALE_OFFSET_ERROR} (slot {pipeline.slot_name} starts at "
+                    f"{format_lsn(confirmed)})"),
+            config_store=config_store, log=log,
+        )
