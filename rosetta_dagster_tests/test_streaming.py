@@ -245,10 +245,15 @@ def test_a_column_added_to_a_table_no_change_touches_reaches_the_destination(
     env: StreamingEnv,
 ) -> None:
     """Found by the fuzzer: ADD COLUMN ... DEFAULT changes every existing row without a change
-    event, and the stream sends nothing of the table until one of its rows changes."""
+    event, and the stream sends nothing of the table until one of its rows changes. Found by
+    the fuzzer again: the default is the source's value, not its expression, which may call a
+    function only the source has, or now() (evaluated when the column was added)."""
     execute(env.source_url,
             "CREATE TABLE public.items (id int PRIMARY KEY, name text)",
             "CREATE TABLE public.other (id int PRIMARY KEY)",
+            "CREATE SCHEMA util",
+            "CREATE FUNCTION util.big(n int) RETURNS text IMMUTABLE LANGUAGE sql "
+            "AS $$ SELECT repeat('ab', n) $$",
             "INSERT INTO public.items SELECT g, 'i' || g FROM generate_series(1, 20) g")
     session = StreamingSession(env.pipeline("quiet", ["public.items", "public.other"]),
                                offsets_dir=env.offsets_dir)
@@ -256,10 +261,15 @@ def test_a_column_added_to_a_table_no_change_touches_reaches_the_destination(
         wait_until(lambda: env.converged("public.items"), message="the initial load")
         execute(env.source_url, "BEGIN; ALTER TABLE public.items ADD COLUMN colour text "
                 "DEFAULT 'it''s red'; ALTER TABLE public.items ADD COLUMN weight int; "
+                "ALTER TABLE public.items ADD COLUMN big text DEFAULT util.big(1100); "
+                "ALTER TABLE public.items ADD COLUMN added timestamptz DEFAULT now(); "
+                "ALTER TABLE public.items ADD COLUMN grid int[] DEFAULT '{{1,NULL},{3,4}}'; "
                 "TRUNCATE public.other; COMMIT")
         wait_until(lambda: env.converged("public.items"), 30, "the added columns")
-    assert fetch(env.destination_url, "SELECT DISTINCT colour, weight FROM replica.items") == [
-        ("it's red", None)]
+    assert fetch(env.destination_url, "SELECT DISTINCT colour, weight, length(big), grid::text "
+                 "FROM replica.items") == [("it's red", None, 2200, "{{1,NULL},{3,4}}")]
+    assert fetch(env.destination_url, "SELECT DISTINCT added FROM replica.items") == fetch(
+        env.source_url, "SELECT DISTINCT added FROM public.items")
 
 
 def _column_types(url: str, relation: str) -> list[tuple[str, str]]:

@@ -101,7 +101,8 @@ _EVERY_ROW = sql.SQL("TRUE")
 def _count(conn: psycopg2.extensions.connection, relation: sql.Composable,
            condition: sql.Composable = _EVERY_ROW) -> int:
     with conn.cursor() as cursor:
-        cursor.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(relation, condition))
+        cursor.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(relation, condition),
+                       ())  # () : see replicated_rows
         return int(cursor.fetchone()[0])  # type: ignore[index]
 
 

@@ -443,8 +443,9 @@ class InitialLoader:
             with self._snapshot_transaction(snapshot_name) as source:
                 self._track(source)
                 try:
-                    rows = pipe_copy(source, copy_out.as_string(source), target,
-                                      copy_in.as_string(target))
+                    with source.cursor() as cursor:  # () : see replicated_rows
+                        copy_text = cursor.mogrify(copy_out, ()).decode()
+                    rows = pipe_copy(source, copy_text, target, copy_in.as_string(target))
                 finally:
                     self._untrack(source)
             target.commit()

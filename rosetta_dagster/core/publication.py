@@ -147,7 +147,7 @@ def _desired(cursor: psycopg2.extensions.cursor, pipeline: PipelineDefinition,
     try:
         try:
             cursor.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                sql.Identifier(probe), _table_clause(schema)))
+                sql.Identifier(probe), _table_clause(schema)), ())  # () : see replicated_rows
         except psycopg2.Error as exc:
             diag = exc.diag
             reason = (diag.message_primary or str(exc).strip()).rstrip(".")
@@ -202,7 +202,7 @@ def ensure_publication(
         exists = cursor.fetchone() is not None
         cursor.execute(sql.SQL("ALTER PUBLICATION {} SET TABLE {}" if exists else
                                "CREATE PUBLICATION {} FOR TABLE {}").format(
-            sql.Identifier(name), clauses))
+            sql.Identifier(name), clauses), ())  # () : see replicated_rows
         if changed:
             before_commit(changed)
     if not exists:

@@ -68,9 +68,11 @@ class Column:
     type_modifier: int  # atttypmod: the n of bit(n), -1 when absent
     enum_name: str | None = None
     enum_labels: tuple[str, ...] = ()
-    # Constant default of a column added to a populated table: existing rows read it without
-    # any WAL event, so the destination column must be added with the same default.
-    missing_default: str | None = None
+    # The value rows that existed when the column was added with a default read without any
+    # WAL event (atthasmissing: the default evaluated once, in its text form), so the
+    # destination column is added with that value as its default. Never the expression: it may
+    # name the source's functions, or be now().
+    missing_value: str | None = None
     type_ref: TypeRef | None = None  # None: type_sql as it is
     type_oid: int = 0
 
@@ -159,8 +161,12 @@ def exact_select(column: Column, alias: str | None = None) -> sql.Composable:
 
 
 def replicated_rows(row_filter: str | None) -> sql.Composable:
-    """A table's row filter as a condition (TRUE without one)."""
-    return sql.SQL("TRUE") if row_filter is None else sql.SQL("({})").format(sql.SQL(row_filter))
+    """A table's row filter as a condition (TRUE without one), for statements executed with
+    parameters (an empty sequence when there are none): its ``%`` (``id % 3 = 0``) doubled, as
+    psycopg2 then reads a single one as a placeholder."""
+    if row_filter is None:
+        return sql.SQL("TRUE")
+    return sql.SQL("({})").format(sql.SQL(row_filter.replace("%", "%%")))
 
 
 _COLUMNS_QUERY = """
@@ -173,9 +179,8 @@ _COLUMNS_QUERY = """
            CASE WHEN coalesce(elem.typtype, t.typtype) = 'e'
                 THEN (SELECT array_agg(e.enumlabel ORDER BY e.enumsortorder)
                       FROM pg_enum e WHERE e.enumtypid = coalesce(elem.oid, t.oid)) END,
-           CASE WHEN a.atthasmissing THEN pg_get_expr(d.adbin, d.adrelid) END
+           CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END
     FROM pg_attribute a
-    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
     JOIN pg_type t ON t.oid = a.atttypid
     LEFT JOIN pg_type elem ON elem.oid = t.typelem AND t.typcategory = 'A'
     WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
@@ -289,7 +294,7 @@ def read_table_schema(conn: psycopg2.extensions.connection, table: TableRef, whe
                     type_modifier=typmod,
                     enum_name=base if enum else None,
                     enum_labels=tuple(labels or ()),
-                    missing_default=missing,
+                    missing_value=missing,
                     type_ref=types.ref(oid, typmod),
                     type_oid=oid,
                 )
@@ -440,14 +445,14 @@ def ensure_destination_table(
         for column in schema.columns:
             if column.name in existing:
                 continue
+            column_type = destination_type(column, target_schema)
             default = sql.SQL("")
-            if column.missing_default is not None:
-                # A constant expression read from the source catalog (atthasmissing), not input.
-                default = sql.SQL(" DEFAULT {}").format(sql.SQL(column.missing_default))
+            if column.missing_value is not None:
+                default = sql.SQL(" DEFAULT {}::{}").format(sql.Literal(column.missing_value),
+                                                            column_type)
             cursor.execute(
                 sql.SQL("ALTER TABLE {} ADD COLUMN {} {}{}").format(
-                    target, sql.Identifier(column.name), destination_type(column, target_schema),
-                    default,
+                    target, sql.Identifier(column.name), column_type, default,
                 )
             )
     return DestinationTable(created, tuple(retyped))

@@ -217,6 +217,7 @@ class RosettaMachine(RuleBasedStateMachine):
             for _ in range(data.draw(st.integers(0, 4), label=f"{table.name} rows")):
                 self._insert("A", data, table)
         self.script.note("start the stream (initial load)")
+        self.example.mark_started()
         self.example.stream.start()
         self.started = True
         if self.native:
@@ -571,8 +572,8 @@ class RosettaMachine(RuleBasedStateMachine):
         names = sorted(self.example.in_pipeline)
         table = data.draw(st.sampled_from(names), label="table")
         self.script.note(f"backfill {table} while writes go on")
-        self.example.backfills.append(Backfill(self.example.pipeline(), self.world.store,
-                                               f"{self.example.schema}.{table}"))
+        self.example.backfills.append(Backfill.request(self.example.pipeline(), self.world.store,
+                                                       f"{self.example.schema}.{table}"))
 
     @rule(seconds=st.sampled_from((0.05, 0.2, 0.5)))
     def pause(self, seconds: float) -> None:
@@ -645,6 +646,7 @@ class RosettaMachine(RuleBasedStateMachine):
         they are still equal; or until ``deadline``. Returns the last differences, and whether
         the stream had consumed the source's WAL up to then."""
         while True:
+            self.example.run_requested_backfills()
             found = self._diff()
             settled = False
             if not self._rosetta(found):
@@ -691,9 +693,11 @@ class RosettaMachine(RuleBasedStateMachine):
             outcome = "converged"
         finally:
             statements = sum(1 for line in self.script.lines if line.startswith("/*"))
+            backfills = self.example.backfills
             print(f"  example {self.example.name}: {statements} statements, {self.faults} "
-                  f"faults, {self.ddl} schema changes, {time.monotonic() - self.began:.0f} s, "
-                  f"{outcome}", file=sys.stderr, flush=True)
+                  f"faults, {self.ddl} schema changes, "
+                  f"{sum(b.completed for b in backfills)}/{len(backfills)} backfills completed, "
+                  f"{time.monotonic() - self.began:.0f} s, {outcome}", file=sys.stderr, flush=True)
             stats = type(self).stats
             stats["examples"] = stats.get("examples", 0) + 1
             stats["statements"] = stats.get("statements", 0) + sum(
@@ -716,8 +720,12 @@ class RosettaMachine(RuleBasedStateMachine):
         self.script.note("end: wait for every destination to equal the source")
         if "late" in self.example.in_pipeline:
             self.example.refresh_native()
+        self.example.run_requested_backfills()
         pending = [b for b in self.example.backfills if not b.wait(180)]
         found, settled = self._converged(time.monotonic() + self.converge_timeout_s)
+        if any(not b.wait(0) for b in self.example.backfills):  # requested by the stream meanwhile
+            pending = [b for b in self.example.backfills if not b.wait(180)]
+            found, settled = self._converged(time.monotonic() + self.converge_timeout_s)
         if not self._rosetta(found) and settled and not pending:
             return
         report = [f"Divergence on the {self.engine} engine (pipeline {self.example.name}):"]

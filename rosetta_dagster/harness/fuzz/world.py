@@ -29,7 +29,7 @@ import yaml
 from psycopg2 import sql
 
 from rosetta_dagster.core.backfill import BackfillError, BackfillRunner
-from rosetta_dagster.core.config_store import ConfigStore
+from rosetta_dagster.core.config_store import BackfillJob, ConfigStore, PipelineStatus
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, load_config
@@ -193,26 +193,34 @@ class StreamProcess:
 
 class Backfill:
     """A backfill job of one table, copied in a thread of this process (as the Dagster asset
-    does) while the example goes on; retried like a failed run is."""
+    does) while the example goes on; retried like a failed run is, until it completes."""
 
-    def __init__(self, pipeline: PipelineDefinition, store: ConfigStore, table: str) -> None:
-        store.sync_pipeline(pipeline)  # as the stream does when it starts
-        self.job = store.create_backfill_job(pipeline.name, table)
+    ATTEMPTS = 10
+
+    def __init__(self, pipeline: PipelineDefinition, store: ConfigStore, job: BackfillJob) -> None:
+        self.job = job
         self.errors: list[str] = []
+        self.completed = False
         self._thread = threading.Thread(target=self._run, args=(pipeline, store), daemon=True)
         self._thread.start()
 
+    @classmethod
+    def request(cls, pipeline: PipelineDefinition, store: ConfigStore, table: str) -> Backfill:
+        """A user's request (``rosetta backfill request``)."""
+        return cls(pipeline, store, store.create_backfill_job(pipeline.name, table))
+
     def _run(self, pipeline: PipelineDefinition, store: ConfigStore) -> None:
-        for attempt in range(4):
+        for attempt in range(self.ATTEMPTS):
             try:
                 if attempt:
                     store.retry_backfill_job(self.job.id)
                 BackfillRunner(pipeline, store, self.job.id, chunk_rows=7,
-                               chunk_timeout_s=60).run()
+                               chunk_timeout_s=20, max_attempts=self.ATTEMPTS).run()
+                self.completed = True
                 return
             except (RosettaError, psycopg2.Error) as exc:
                 self.errors.append(str(exc).strip().splitlines()[0])
-                time.sleep(1)
+                time.sleep(2)
 
     def wait(self, timeout_s: float) -> bool:
         self._thread.join(timeout_s)
@@ -286,6 +294,22 @@ class Example:
                 cursor.execute(statement)
         conn.close()
         self.write_pipeline_file()
+
+    def mark_started(self) -> None:
+        """As ``rosetta pipeline start`` does: backfills need the pipeline to be START."""
+        store = self.world.store
+        store.sync_pipeline(self.pipeline())
+        store.set_pipeline_status(self.name, PipelineStatus.START)
+
+    def run_requested_backfills(self) -> None:
+        """Jobs the stream requested itself (changed types or options, a new target) run as the
+        backfill sensor would run them; jobs of earlier examples are cancelled."""
+        store = self.world.store
+        for job in store.claim_pending_backfill_jobs():
+            if job.pipeline != self.name:
+                store.cancel_backfill_job(job.id)
+                continue
+            self.backfills.append(Backfill(self.pipeline(), store, job))
 
     def write_pipeline_file(self) -> None:
         endpoint = {"host": "127.0.0.1", "user": "postgres", "password": "${FUZZ_PG_PASSWORD}"}
