@@ -267,6 +267,7 @@ def _odd(url: str, schema: str) -> list[str]:
         conn.close()
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 def test_cancelling_stops_within_a_chunk(
     streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore
 ) -> None:
@@ -332,6 +333,7 @@ def test_a_crashed_backfill_resumes_after_its_last_applied_chunk_and_attempts_ru
     assert store.get_backfill_job(again.id).status is BackfillStatus.FAILED
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 @pytest.mark.parametrize(("table", "filter", "message"), [
     ("public.nope", [], "pipeline bf has no table public.nope"),
     ("public.big", [{"column": "nope", "operator": "=", "value": 1}],
@@ -352,6 +354,7 @@ def test_bad_jobs_are_rejected_and_nothing_runs(
     assert count_rows(env.source_url, "public.big") == 20000
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 def test_a_hostile_filter_value_is_only_a_value(
     streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore
 ) -> None:
@@ -363,6 +366,7 @@ def test_a_hostile_filter_value_is_only_a_value(
     assert count_rows(env.source_url, "public.big") == 20000
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 def test_the_sensor_queues_a_partition_run_and_materializing_it_completes_the_job(
     streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore, database_url: str,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
@@ -468,6 +472,7 @@ def test_fetching_pending_jobs_survives_a_config_store_restart_with_the_exact_li
     assert jobs == []
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 def test_a_write_failure_fails_the_job_instead_of_completing_it(
     streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore
 ) -> None:
@@ -483,6 +488,7 @@ def test_a_write_failure_fails_the_job_instead_of_completing_it(
     assert failed.count_record == 0
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 def test_terminating_the_backfill_run_cancels_the_job(
     streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore, database_url: str,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

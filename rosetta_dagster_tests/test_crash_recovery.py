@@ -25,7 +25,7 @@ from rosetta_dagster.harness import (
     wait_until,
 )
 
-ROWS = 120_000
+ROWS = 60_000
 
 
 @pytest.mark.parametrize("offset_store", ["file", "config_db"])

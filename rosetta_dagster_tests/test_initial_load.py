@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg2
@@ -181,6 +182,27 @@ def test_table_added_to_a_streaming_pipeline_hands_off_exactly(env: StreamingEnv
     slots = fetch(env.cluster.dsn(), "SELECT slot_name FROM pg_replication_slots WHERE database = %s",
                   (env.source_db,))
     assert slots == [("rosetta_grow",)]
+
+
+def test_columns_added_by_a_transaction_the_slot_waits_for_are_loaded(env: StreamingEnv) -> None:
+    """Found by the fuzzer: the stream read the table's columns, then creating the slot waited
+    for an open transaction that added a column and wrote rows with it; the snapshot holds
+    those rows, and their values of the new column must be copied too (not NULL)."""
+    _create_table(env.source_url, "grown", 50)
+    writer = psycopg2.connect(env.source_url)
+    with writer.cursor() as cursor:  # a transaction left open while the stream starts
+        cursor.execute("UPDATE public.grown SET v = 1 WHERE id = 1")  # holds an xid
+    session = StreamingSession(env.pipeline("widened", ["public.grown"]),
+                               offsets_dir=env.offsets_dir)
+    with streaming(session):
+        time.sleep(2)  # the session has read the columns and waits for the slot
+        with writer.cursor() as cursor:
+            cursor.execute("ALTER TABLE public.grown ADD COLUMN label text")
+            cursor.execute("UPDATE public.grown SET label = 'label ' || id WHERE id <= 10")
+        writer.commit()
+        _assert_identical(env, "grown")
+    writer.close()
+    assert fetch(env.destination_url, "SELECT count(label) FROM replica.grown") == [(10,)]
 
 
 def test_resync_after_a_dropped_slot_swaps_in_a_fresh_copy(env: StreamingEnv) -> None:

@@ -40,7 +40,12 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from rosetta_dagster.core.apply.bulk import BulkTableLoad, pipe_copy
-from rosetta_dagster.core.apply.schema import TableSchema, exact_select
+from rosetta_dagster.core.apply.schema import (
+    TableSchema,
+    ensure_destination_table,
+    exact_select,
+    read_table_schema,
+)
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import format_lsn, parse_lsn
@@ -391,8 +396,28 @@ class InitialLoader:
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
 
+    def _columns_at_snapshot(self, snapshot: _ExportedSnapshot, tables: Sequence[TableRef]
+                             ) -> set[TableRef]:
+        """The tables whose columns differ at the snapshot from when the stream read them (a
+        transaction that added or retyped columns committed while the slot was being created,
+        which waits for it): their schema becomes the snapshot's, so every column the snapshot
+        holds is copied. Returns them."""
+        changed = set()
+        for table in tables:
+            with self._snapshot_transaction(snapshot.name) as conn:  # the catalog as of then
+                current = read_table_schema(conn, table, f"source {self.pipeline.source.name}",
+                                            self.pipeline.options(table))
+            if current.columns != self.schemas[table].columns:
+                self.log.info("Initial load of pipeline %s: %s has columns %s at the snapshot",
+                              self.pipeline.name, table.qualified,
+                              ", ".join(current.column_names))
+                self.schemas[table] = current
+                changed.add(table)
+        return changed
+
     def _plan(self, snapshot: _ExportedSnapshot, tables: Sequence[TableRef]) -> list[_TableCopy]:
         copies: list[_TableCopy] = []
+        changed = self._columns_at_snapshot(snapshot, tables)
         with self._snapshot_transaction(snapshot.name) as conn, conn.cursor() as cursor:
             sizes = {}
             for table in tables:
@@ -419,6 +444,9 @@ class InitialLoader:
                                    (i + 1) * pages_per_range if i < count - 1 else None)
                         for i in range(count)
                     ]
+                    if table in changed:  # the table the copy goes into, widened first
+                        ensure_destination_table(conn, self.schemas[table], destination.schema,
+                                                 destination.name)
                     bulk = BulkTableLoad.begin(conn, destination.schema, self.schemas[table],
                                                destination.name)
                     copies.append(_TableCopy(destination, bulk, ranges, pages))

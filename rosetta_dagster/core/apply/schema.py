@@ -458,6 +458,31 @@ def ensure_destination_table(
     return DestinationTable(created, tuple(retyped))
 
 
+def _printed_types(cursor: psycopg2.extensions.cursor, columns: Sequence[Column],
+                   target_schema: str) -> list[str | None]:
+    """Each column's source type as the destination prints it (its format_type of the type
+    found there by name, with the source's modifier); None where the destination lacks it."""
+    cursor.execute("SELECT format_type(to_regtype(w), m) FROM unnest(%s::text[], %s::int[]) "
+                   "WITH ORDINALITY AS u(w, m, n) ORDER BY n",
+                   ([destination_type(c, target_schema).as_string(cursor) for c in columns],
+                    [c.type_modifier for c in columns]))
+    return [row[0] for row in cursor.fetchall()]
+
+
+def columns_unlike_source(cursor: psycopg2.extensions.cursor, schema: TableSchema,
+                          target: sql.Identifier, target_schema: str) -> list[str]:
+    """Columns of ``schema`` the destination table ``target`` lacks, or holds in another type
+    than the source's (both as the destination prints them)."""
+    cursor.execute("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                   "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+                   (target.as_string(cursor),))
+    existing = dict(cursor.fetchall())
+    printed = _printed_types(cursor, schema.columns, target_schema)
+    return [column.name for column, wanted in zip(schema.columns, printed, strict=True)
+            if column.name not in existing or (wanted is not None
+                                               and wanted != existing[column.name])]
+
+
 def _retype_columns(
     cursor: psycopg2.extensions.cursor, schema: TableSchema, target: sql.Identifier,
     target_schema: str, existing: dict[str, str], destination: str,
@@ -473,11 +498,8 @@ def _retype_columns(
     retyped = []
     columns = [c for c in schema.columns if c.name in existing]
     wanted_types = [destination_type(c, target_schema) for c in columns]
-    cursor.execute("SELECT format_type(to_regtype(w), m) FROM unnest(%s::text[], %s::int[]) "
-                   "WITH ORDINALITY AS u(w, m, n) ORDER BY n",
-                   ([w.as_string(cursor) for w in wanted_types],
-                    [c.type_modifier for c in columns]))
-    for column, wanted, (new_type,) in zip(columns, wanted_types, cursor.fetchall(), strict=True):
+    printed = _printed_types(cursor, columns, target_schema)
+    for column, wanted, new_type in zip(columns, wanted_types, printed, strict=True):
         current = existing[column.name]
         if new_type is None or new_type == current:
             continue

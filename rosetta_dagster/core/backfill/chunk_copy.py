@@ -19,6 +19,7 @@ from rosetta_dagster.core.apply.bulk import binary_copy, pipe_copy
 from rosetta_dagster.core.apply.schema import (
     Column,
     TableSchema,
+    columns_unlike_source,
     exact_select,
     key_range,
     read_table_schema,
@@ -248,7 +249,7 @@ class BackfillRunner:
         self, destination: Destination, schema: TableSchema
     ) -> psycopg2.extensions.connection:
         conn = connect_destination(self.pipeline, destination)
-        self._wait_for_destination_columns(conn, destination, schema)
+        self._wait_for_destination_table(conn, destination, schema)
         with conn.cursor() as cursor:
             # Unlogged, like the chunk tables: a server crash empties both together, and a
             # chunk without its mark is read again (see the stream).
@@ -256,28 +257,24 @@ class BackfillRunner:
                            .format(sql.Identifier(destination.schema, marks_table(self.job_id))))
         return conn
 
-    def _wait_for_destination_columns(self, conn: psycopg2.extensions.connection,
-                                      destination: Destination, schema: TableSchema) -> None:
-        """Chunks are staged in tables shaped like the destination table: once the stream has
-        given it the columns the job copies (it widens tables when it starts, just after it
-        changes the publication)."""
+    def _wait_for_destination_table(self, conn: psycopg2.extensions.connection,
+                                    destination: Destination, schema: TableSchema) -> None:
+        """Chunks are staged in tables shaped like the destination table (and COPYed in binary
+        where the types allow): once the stream has given it the columns the job copies, in
+        the source's types (it widens tables when it starts, just after it changes the
+        publication, and follows added columns and changed types within seconds)."""
         target = schema.target_sql(destination.name, destination.schema)
         deadline = time.monotonic() + self.chunk_timeout_s
         while True:
             with conn.cursor() as cursor:
-                cursor.execute("SELECT array_agg(attname::text) FROM pg_attribute WHERE attrelid "
-                               "= to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
-                               (target.as_string(conn),))
-                present = set(cursor.fetchone()[0] or ())  # type: ignore[index]
-            missing = [c for c in schema.column_names if c not in present]
-            if not missing:
+                unlike = columns_unlike_source(cursor, schema, target, destination.schema)
+            if not unlike:
                 return
             if time.monotonic() >= deadline:
                 raise self._fail(
-                    f"Backfill job {self.job_id}: destination {destination.name} has no "
-                    f"{', '.join(missing)} in {target.as_string(conn)} after "
-                    f"{self.chunk_timeout_s:.0f}s; restart the pipeline's stream so it "
-                    "prepares the table.")
+                    f"Backfill job {self.job_id}: destination {destination.name} does not have "
+                    f"{', '.join(unlike)} of {schema.table.qualified} as the source has them "
+                    f"after {self.chunk_timeout_s:.0f}s; is the pipeline's stream running?")
             self._check_cancelled()
             time.sleep(0.2)
 

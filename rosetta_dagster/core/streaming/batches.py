@@ -51,7 +51,7 @@ class BatchRouter:
         streaming_seen = batch.marker is not None
         items = batch.items
         if not self.resyncing:
-            items = self._catalog.changed_tables(batch) + list(items)
+            items = self._catalog.changed_tables(self.progress.source_position_ms) + list(items)
         for item in items:
             if isinstance(item, Watermark):
                 self._apply_events(segment, streaming_seen)

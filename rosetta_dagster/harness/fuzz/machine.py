@@ -698,6 +698,10 @@ class RosettaMachine(RuleBasedStateMachine):
                   f"faults, {self.ddl} schema changes, "
                   f"{sum(b.completed for b in backfills)}/{len(backfills)} backfills completed, "
                   f"{time.monotonic() - self.began:.0f} s, {outcome}", file=sys.stderr, flush=True)
+            for backfill in backfills:
+                if not backfill.completed and backfill.errors:  # what stopped it, for a look
+                    print(f"    backfill job {backfill.job.id} ({backfill.job.table_name}) did "
+                          f"not complete: {backfill.errors[-1]}", file=sys.stderr, flush=True)
             stats = type(self).stats
             stats["examples"] = stats.get("examples", 0) + 1
             stats["statements"] = stats.get("statements", 0) + sum(
