@@ -45,6 +45,9 @@ def run(world: FuzzWorld, engine: str, profile: Profile, fixed_seed: int | None 
         suppress_health_check=list(HealthCheck), phases=phases, print_blob=True,
         database=DirectoryBasedExampleDatabase(profile.database) if profile.database else None,
     ))
+    if machine.divergences:  # seen, though Hypothesis discarded the example that showed it
+        raise AssertionError("A divergence in an example Hypothesis discarded (it ran out of "
+                             "data mid-step); not shrunk:\n" + machine.divergences[0])
     return machine.stats
 
 

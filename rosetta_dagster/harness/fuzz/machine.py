@@ -81,6 +81,9 @@ class RosettaMachine(RuleBasedStateMachine):
     max_ddl: ClassVar[int] = 4
     max_faults: ClassVar[int] = 3
     stats: ClassVar[dict[str, int]]  # examples, statements and faults run (per machine class)
+    # Every divergence report, also of examples Hypothesis then discards (one that ran out of
+    # data mid-step is dropped with whatever its teardown raised): the runner reports them.
+    divergences: ClassVar[list[str]]
 
     def __init__(self) -> None:
         super().__init__()
@@ -691,6 +694,9 @@ class RosettaMachine(RuleBasedStateMachine):
             if self.started:
                 self._check()
             outcome = "converged"
+        except AssertionError as exc:
+            type(self).divergences.append(str(exc))
+            raise
         finally:
             statements = sum(1 for line in self.script.lines if line.startswith("/*"))
             backfills = self.example.backfills
@@ -766,4 +772,4 @@ def machine_for(world: FuzzWorld, engine: str, *, native: bool = False,
                 converge_timeout_s: float = 120.0) -> type[RosettaMachine]:
     return type(f"Rosetta{engine.capitalize()}Machine", (RosettaMachine,),
                 {"world": world, "engine": engine, "native": native,
-                 "converge_timeout_s": converge_timeout_s, "stats": {}})
+                 "converge_timeout_s": converge_timeout_s, "stats": {}, "divergences": []})
