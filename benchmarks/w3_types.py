@@ -17,11 +17,11 @@ import time
 from psycopg2 import sql
 
 from benchmarks.support import aggregate, benchmark_env, emit, log, wait_for
-from rosetta_dagster.core.apply.schema import read_table_schema
 from rosetta_dagster.core.capture import capture_engine
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.streaming import StreamingSession
+from rosetta_dagster.core.table_schema import read_table_schema
 from rosetta_dagster.harness import StreamingEnv, execute, streaming
 from rosetta_dagster.harness.type_matrix import (
     families_for,

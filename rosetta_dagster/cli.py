@@ -14,9 +14,9 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any
 
 from rosetta_dagster.core.config_store import BackfillStatus, ConfigStore, Pipeline, PipelineState
+from rosetta_dagster.core.destination.errors import RefusedChange
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.filters import OPERATORS, FilterError, parse_filter
@@ -245,12 +245,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refused_line(report: dict[str, Any] | None) -> str:
-    if not report:
+def _refused_line(report: RefusedChange | None) -> str:
+    if report is None:
         return "-"
-    key = ", ".join(f"{k}={v}" for k, v in report["key"].items())
-    return (f"{report['operation']} of {report['table']} ({key}) at {report['position']} on "
-            f"{report['destination']}")
+    key = ", ".join(f"{k}={v}" for k, v in report.key.items())
+    return (f"{report.operation} of {report.table} ({key}) at {report.position} on "
+            f"{report.destination}")
 
 
 def _lag_line(pipeline: Pipeline) -> str:
@@ -267,16 +267,16 @@ def _skip(store: ConfigStore, args: argparse.Namespace) -> int:
     """Skip exactly the change the pipeline stopped on, after the user confirmed it."""
     pipeline = store.get_pipeline(args.name)
     report = pipeline.last_apply_error
-    if not report:
+    if report is None:
         print(f"rosetta: pipeline {args.name} did not stop on a refused change; nothing to skip.",
               file=sys.stderr)
         return 2
-    if report.get("position") != args.position:
-        print(f"rosetta: pipeline {args.name} stopped on the change at {report.get('position')}, "
+    if report.position != args.position:
+        print(f"rosetta: pipeline {args.name} stopped on the change at {report.position}, "
               f"not {args.position}; nothing skipped.", file=sys.stderr)
         return 2
     print(f"Pipeline {args.name} stopped on: {_refused_line(report)}")
-    print(f"  {report['message']}")
+    print(f"  {report.message}")
     if not args.yes:
         if not sys.stdin.isatty():
             print("rosetta: confirm with --yes (no terminal to ask on); nothing skipped.",
@@ -320,9 +320,9 @@ def _cmd_notifications(args: argparse.Namespace) -> int:
         store.upgrade()
         if args.notifications_command == "list":
             for row in reversed(store.list_notifications(args.limit, args.pipeline)):
-                outcome = "delivered" if row["delivered"] else f"failed ({row['error']})"
-                print(f"{row['created_at']:%Y-%m-%d %H:%M:%S}\t{row['channel']}\t"
-                      f"{row['transition']}\tattempt {row['attempt']}\t{outcome}\t{row['text']}")
+                outcome = "delivered" if row.delivered else f"failed ({row.error})"
+                print(f"{row.created_at:%Y-%m-%d %H:%M:%S}\t{row.channel}\t"
+                      f"{row.transition}\tattempt {row.attempt}\t{outcome}\t{row.text}")
             return 0
         settings = load_config().notifications
         if not settings.channels:

@@ -78,8 +78,8 @@ def build_report(store: ConfigStore, config: RosettaConfig) -> dict[str, Any]:
             "status": last_backfill.status.value, "updated_at": last_backfill.updated_at.isoformat(),
         },
         "offset_cleanups": [
-            {"pipeline": c["pipeline"], "offset_file": c["offset_file"], "reason": c["reason"],
-             "at": c["created_at"].isoformat()}
+            {"pipeline": c.pipeline, "offset_file": c.offset_file, "reason": c.reason,
+             "at": c.created_at.isoformat()}
             for c in store.list_offset_cleanups(limit=3)
         ],
         "checks": checks,

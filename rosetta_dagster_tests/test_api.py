@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from rosetta_dagster.core.config_store import ConfigStore, ParkedRow, PipelineState
+from rosetta_dagster.core.destination.errors import RefusedChange
 from rosetta_dagster.core.local_postgres import find_free_port
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, PostgresEndpoint, TableRef
 from rosetta_dagster.harness import wait_until
@@ -192,7 +193,7 @@ def test_refused_and_parked_changes_are_reported_and_handled(api: Api, store: Co
               "key": {"id": "7"}, "operation": "update", "position": "0/16B3F28",
               "source_time": "2026-11-30T10:00:00.000+00:00", "column": None,
               "sqlstate": "23514", "message": 'new row violates check constraint "c"'}
-    store.record_apply_error("orders", report)
+    store.record_apply_error("orders", RefusedChange.from_dict(report))
     store.park_events("orders", [ParkedRow("warehouse", "public.orders", {"id": str(i)}, "insert",
                                            "0/1", {"op": "c"}, "refused", "23514")
                                  for i in (1, 1, 2)])

@@ -7,13 +7,13 @@ from collections.abc import Iterator
 import psycopg2
 import pytest
 
-from rosetta_dagster.core.apply.applier import ApplyError, PostgresApplier
-from rosetta_dagster.core.apply.schema import read_table_schema
 from rosetta_dagster.core.capture.debezium.values import DEBEZIUM_VALUES
+from rosetta_dagster.core.destination.postgres.applier import ApplyError, PostgresApplier
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.source_rows import SourceRows
+from rosetta_dagster.core.table_schema import read_table_schema
 from rosetta_dagster.harness import execute, fetch
 
 TABLE = TableRef("public", "accounts")
@@ -126,8 +126,8 @@ def test_a_failing_batch_rolls_back_entirely(applier: PostgresApplier, database_
 
 
 def test_a_row_escaped_whole_equals_the_row_escaped_field_by_field() -> None:
-    from rosetta_dagster.core.apply.values import COPY_NULL, ROW_NULL, copy_field, copy_row
     from rosetta_dagster.core.events import UNCHANGED_TOAST
+    from rosetta_dagster.core.values import COPY_NULL, ROW_NULL, copy_field, copy_row
 
     hostile = ["", "\\", "\\N", "a\tb", "line\nbreak\r\n", "\x01\x1f\x7f", "'\"", "🦀 é",
                "{\"k\": \"v\\\\\"}", "{{a,b},{c,d}}", "-Infinity", " ", None]

@@ -15,8 +15,8 @@ from pathlib import Path
 import psycopg2
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.applier import PostgresApplier
 from rosetta_dagster.core.capture import CaptureBatch
+from rosetta_dagster.core.destination.postgres.applier import PostgresApplier
 from rosetta_dagster.core.dsn import pinned_options
 from rosetta_dagster.core.events import BACKFILL_MESSAGE_PREFIX, ChangeEvent, Watermark
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster

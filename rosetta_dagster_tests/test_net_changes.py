@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rosetta_dagster.core.apply.net_changes import KEEP, NetChanges, Origin
+from rosetta_dagster.core.destination.net_changes import KEEP, NetChanges, Origin
 from rosetta_dagster.core.events import UNCHANGED_TOAST, ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 

@@ -5,6 +5,7 @@ logs a channel's secret URL."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -188,8 +189,8 @@ def test_one_notification_per_transition_with_filters_retries_and_no_repeats_aft
     assert receivers["other"].posts == []  # another pipeline only
     # The flaky endpoint failed twice and took the third attempt; every attempt is recorded.
     assert len(receivers["flaky"].posts) == 1
-    flaky = [r for r in store.list_notifications() if r["channel"] == "flaky"]
-    assert [(r["attempt"], r["delivered"], r["http_status"]) for r in reversed(flaky)] == [
+    flaky = [r for r in store.list_notifications() if r.channel == "flaky"]
+    assert [(r.attempt, r.delivered, r.http_status) for r in reversed(flaky)] == [
         (1, False, 500), (2, False, 500), (3, True, 200)]
 
     # Still failing, evaluated again: no repeat before repeat_minutes; nor after a restart
@@ -206,12 +207,12 @@ def test_one_notification_per_transition_with_filters_retries_and_no_repeats_aft
     assert receivers["pager"].texts() == [
         "[ERROR] Pipeline orders is in ERROR: destination dst refused"]
     assert receivers["ops"].texts()[-1] == receivers["pager"].texts()[-1]
-    down = [r for r in store.list_notifications() if r["channel"] == "down"]
-    assert len(down) == 3 and not any(r["delivered"] for r in down)
+    down = [r for r in store.list_notifications() if r.channel == "down"]
+    assert len(down) == 3 and not any(r.delivered for r in down)
     cursor = tick(cursor)  # retried from the outbox (no wait in this test)
-    down = [r for r in store.list_notifications() if r["channel"] == "down"]
-    assert [r["attempt"] for r in reversed(down)] == [1, 2, 3, 4, 5, 6]
-    assert all("refused" in (r["error"] or "").lower() for r in down)
+    down = [r for r in store.list_notifications() if r.channel == "down"]
+    assert [r.attempt for r in reversed(down)] == [1, 2, 3, 4, 5, 6]
+    assert all("refused" in (r.error or "").lower() for r in down)
 
     # Both conditions recover: one RESOLVED each, to the channels that got the alert.
     report(True, AssetCheckSeverity.WARN, 0)
@@ -228,7 +229,8 @@ def test_one_notification_per_transition_with_filters_retries_and_no_repeats_aft
 
     # The secret URLs reached neither a log nor the notification log.
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    stored = json.dumps(store.list_notifications(1000), default=str)
+    stored = json.dumps([dataclasses.asdict(r) for r in store.list_notifications(1000)],
+                        default=str)
     assert "SECRET" not in logged and "SECRET" not in stored
     assert "s3cret-token" not in logged and "s3cret-token" not in stored
 

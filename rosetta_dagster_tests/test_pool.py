@@ -281,7 +281,7 @@ def test_any_failure_of_the_health_check_counts_as_a_dead_connection() -> None:
     raised a bare DatabaseError ("server closed the connection unexpectedly"), which the health
     check let through to the caller instead of replacing the connection. (A unit: that error
     cannot be provoked on demand.)"""
-    from rosetta_dagster.core.apply.errors import classify
+    from rosetta_dagster.core.destination.errors import classify
 
     class _Cursor:
         def __enter__(self) -> _Cursor:

@@ -13,12 +13,12 @@ import psycopg2
 import pytest
 
 from rosetta_dagster.cli import main as rosetta
-from rosetta_dagster.core.apply.refused import StoppedOnRefusedChange
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState, PipelineStatus
 from rosetta_dagster.core.health import CheckOutcome, evaluate_pipeline
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import OperationsSettings
 from rosetta_dagster.core.streaming import StreamingSession
+from rosetta_dagster.core.streaming.refused import StoppedOnRefusedChange
 from rosetta_dagster.harness import (
     StreamingEnv,
     drop_slots,
@@ -95,7 +95,7 @@ def test_stop_names_the_change_applies_what_came_before_and_resumes_or_skips(
     stored = store.get_pipeline("refuse")
     assert (stored.status, stored.state) == (PipelineStatus.PAUSE, PipelineState.ERROR)
     assert stored.last_error == str(stopped)
-    assert stored.last_apply_error == report.as_dict()
+    assert stored.last_apply_error == report
     assert "key (id=7000)" in str(stopped) and "rosetta pipeline skip refuse" in str(stopped)
     check = _checks(env, store)["apply_errors"]
     assert not check.passed and check.severity == "ERROR" and check.description == report.sentence()
@@ -126,7 +126,7 @@ def test_stop_names_the_change_applies_what_came_before_and_resumes_or_skips(
     assert fetch(env.destination_url, "SELECT amount, note FROM replica.acct WHERE id = 5") == [
         (5, "n\\'5")]
     skips = store.list_skips("refuse")
-    assert [(s["position"], s["requested_by"], s["skipped_at"] is not None) for s in skips] == [
+    assert [(s.position, s.requested_by, s.skipped_at is not None) for s in skips] == [
         (position, "ops@example.com", True)]
 
 

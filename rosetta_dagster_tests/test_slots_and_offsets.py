@@ -88,10 +88,10 @@ def test_dropped_slot_deletes_the_offset_and_the_new_snapshot_removes_deleted_ro
     assert any("public.items -> dst complete: 451 rows" in r.getMessage() and "(swap)" in
                r.getMessage() for r in caplog.records)
     history = store.list_offset_cleanups()
-    assert [(h["pipeline"], h["offset_file"], h["slot_name"]) for h in history] == [
+    assert [(h.pipeline, h.offset_file, h.slot_name) for h in history] == [
         ("dropped", positions.location, "rosetta_dropped")
     ]
-    assert "no longer exists" in history[0]["reason"]
+    assert "no longer exists" in history[0].reason
     assert not any(name.startswith("_rosetta_resync") for (name,) in fetch(
         env.destination_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'replica'"))
 
@@ -141,7 +141,7 @@ def test_an_offset_the_server_no_longer_has_is_replaced_by_a_fresh_snapshot(
     _stream_until_converged(env, StreamingSession(pipeline, offsets_dir=env.offsets_dir,
                                                   config_store=store), "public.rows")
     assert _stale_lines(caplog) == _expected_stale_lines(env.positions(pipeline), pipeline.name)
-    assert "no longer available on the server" in store.list_offset_cleanups()[0]["reason"]
+    assert "no longer available on the server" in store.list_offset_cleanups()[0].reason
     assert count_rows(env.destination_url, "replica.rows") == 150
 
 
@@ -255,7 +255,7 @@ def _evaluate_wal_monitor(
         "retained_wal", passed, check_severity)
     assert check.metadata["warning_threshold"].value == warning_mb * 1024 * 1024
     readings = store.latest_wal_readings()
-    assert [(r["pipeline"], r["slot_name"], r["status"], r["active"]) for r in readings] == [
+    assert [(r.pipeline, r.slot_name, r.status, r.active) for r in readings] == [
         ("walpipe", "rosetta_walpipe", severity, False)]
     line = next(r for r in caplog.records if "wal_size=" in r.getMessage())
     assert line.levelname == {"OK": "INFO", "WARNING": "WARNING", "CRITICAL": "ERROR"}[severity]
@@ -334,5 +334,5 @@ def test_the_slot_guard_sensor_deletes_config_db_offsets_whose_slot_is_gone(
         'Deleting stale offset: config_db debezium_offsets key '
         '["rosetta-guarded",{"server":"rosetta_guarded"}]',
         "Deleted stale offset. Debezium will start fresh with snapshot mode."]
-    assert [(h["pipeline"], h["offset_file"]) for h in store.list_offset_cleanups()] == [
+    assert [(h.pipeline, h.offset_file) for h in store.list_offset_cleanups()] == [
         ("guarded", positions.location)]

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.schema import Column, TableSchema, TypeRef, UserType
-from rosetta_dagster.core.apply.statements import (
+from rosetta_dagster.core.destination.postgres.statements import (
     batch_statements,
     chunk_merge_statements,
     fill_left_out,
@@ -17,6 +16,7 @@ from rosetta_dagster.core.apply.statements import (
     resync_statements,
 )
 from rosetta_dagster.core.pipeline_config import TableRef
+from rosetta_dagster.core.table_schema import Column, TableSchema, TypeRef, UserType
 
 # A composite key, a name that needs quoting twice over, a user type (lives in the destination's
 # schema).

@@ -20,7 +20,6 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.schema import SchemaError
 from rosetta_dagster.core.backfill import BackfillRunner
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
 from rosetta_dagster.core.health import evaluate_pipeline
@@ -32,6 +31,7 @@ from rosetta_dagster.core.pipeline_config import (
 )
 from rosetta_dagster.core.publication import ensure_publication
 from rosetta_dagster.core.streaming import StreamingSession
+from rosetta_dagster.core.table_schema import SchemaError
 from rosetta_dagster.harness import (
     BackgroundWriter,
     StreamingEnv,

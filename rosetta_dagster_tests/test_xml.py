@@ -12,13 +12,13 @@ import psycopg2.errors
 import pytest
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.schema import SchemaError, read_table_schema
 from rosetta_dagster.core.backfill import BackfillRunner
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
 from rosetta_dagster.core.health import content_parity
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster, PostgresBinaries
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.streaming import StreamingSession
+from rosetta_dagster.core.table_schema import SchemaError, read_table_schema
 from rosetta_dagster.harness import (
     StreamingEnv,
     drop_slots,

@@ -9,6 +9,7 @@ No ``from __future__ import annotations`` here: FastAPI reads the endpoint annot
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -66,7 +67,8 @@ class PipelineOut(BaseModel):
             state=pipeline.state.value, last_error=pipeline.last_error,
             destinations=pipeline.destinations, tables=pipeline.tables,
             heartbeat_at=pipeline.heartbeat_at, last_start_at=pipeline.last_start_at,
-            stopped_on=pipeline.last_apply_error,
+            stopped_on=(pipeline.last_apply_error.as_dict()
+                        if pipeline.last_apply_error is not None else None),
             lag_seconds=pipeline.lag.seconds if pipeline.lag else None,
             lag_bytes=pipeline.lag.bytes if pipeline.lag else None,
             lag_measured_at=pipeline.lag_measured_at,
@@ -178,9 +180,9 @@ class _ConfigStoreCollector:
             "rosetta_events_applied", "Change events applied, per pipeline, destination and table.",
             labels=["pipeline", "destination", "table"],
         )
-        for row in metrics["flows"]:
-            events.add_metric([row["pipeline"], row["destination"], row["table_name"]],
-                              float(row["events"]))
+        for flow in metrics.flows:
+            events.add_metric([flow.pipeline, flow.destination, flow.table_name],
+                              float(flow.events))
         yield events
         lag = GaugeMetricFamily(
             "rosetta_replication_lag_seconds",
@@ -198,16 +200,16 @@ class _ConfigStoreCollector:
                                      labels=["pipeline"])
         up = GaugeMetricFamily("rosetta_pipeline_running", "1 while the pipeline streams.",
                                labels=["pipeline", "status", "state"])
-        for pipeline in metrics["pipelines"]:
-            up.add_metric([pipeline["name"], pipeline["status"], pipeline["state"]],
-                          1.0 if pipeline["state"] == "RUNNING" else 0.0)
-            if pipeline["lag_measured_at"] is None:
+        for pipeline in metrics.pipelines:
+            up.add_metric([pipeline.name, pipeline.status, pipeline.state],
+                          1.0 if pipeline.state == "RUNNING" else 0.0)
+            if pipeline.lag_measured_at is None:
                 continue
-            measured.add_metric([pipeline["name"]], pipeline["lag_measured_at"].timestamp())
-            if pipeline["lag_seconds"] is not None:
-                lag.add_metric([pipeline["name"]], float(pipeline["lag_seconds"]))
-            if pipeline["lag_bytes"] is not None:
-                lag_bytes.add_metric([pipeline["name"]], float(pipeline["lag_bytes"]))
+            measured.add_metric([pipeline.name], pipeline.lag_measured_at.timestamp())
+            if pipeline.lag_seconds is not None:
+                lag.add_metric([pipeline.name], float(pipeline.lag_seconds))
+            if pipeline.lag_bytes is not None:
+                lag_bytes.add_metric([pipeline.name], float(pipeline.lag_bytes))
         yield up
         yield lag
         yield lag_bytes
@@ -216,28 +218,28 @@ class _ConfigStoreCollector:
             "rosetta_pipeline_stopped_on_refused_change",
             "1 while the pipeline is stopped on a change a destination refused.",
             labels=["pipeline"])
-        for pipeline in metrics["pipelines"]:
-            stopped.add_metric([pipeline["name"]], 1.0 if pipeline["last_apply_error"] else 0.0)
+        for pipeline in metrics.pipelines:
+            stopped.add_metric([pipeline.name], 1.0 if pipeline.stopped_on_refused_change else 0.0)
         yield stopped
         parked = GaugeMetricFamily("rosetta_parked_events",
                                    "Changes parked because a destination refused them.",
                                    labels=["pipeline", "destination", "table"])
-        for row in metrics["parked"]:
-            parked.add_metric([row["pipeline"], row["destination"], row["table_name"]],
-                              float(row["count"]))
+        for count in metrics.parked:
+            parked.add_metric([count.pipeline, count.destination, count.table_name],
+                              float(count.count))
         yield parked
         wal = GaugeMetricFamily("rosetta_retained_wal_bytes",
                                 "WAL retained by each pipeline's slot (latest WAL monitor reading).",
                                 labels=["pipeline", "source", "slot"])
-        for reading in metrics["wal"]:
-            if reading["retained_wal_bytes"] is not None:
-                wal.add_metric([reading["pipeline"] or "", reading["source"], reading["slot_name"]],
-                               float(reading["retained_wal_bytes"]))
+        for reading in metrics.wal:
+            if reading.retained_wal_bytes is not None:
+                wal.add_metric([reading.pipeline or "", reading.source, reading.slot_name],
+                               float(reading.retained_wal_bytes))
         yield wal
         backfill = CounterMetricFamily("rosetta_backfill_rows", "Rows copied by backfill jobs.",
                                        labels=["pipeline", "status"])
-        for row in metrics["backfills"]:
-            backfill.add_metric([row["pipeline"], row["status"]], float(row["rows"]))
+        for rows in metrics.backfills:
+            backfill.add_metric([rows.pipeline, rows.status], float(rows.rows))
         yield backfill
         stats = self.store.pool.stats()
         pool = GaugeMetricFamily("rosetta_api_pool_connections",
@@ -387,7 +389,7 @@ def create_app(database_url: str, *, token: str | None = None) -> FastAPI:
     def list_notifications(config_store: Store, pipeline: str | None = None,
                            limit: int = 50) -> list[NotificationOut]:
         """Delivery attempts of alerts (notification_log), newest first."""
-        return [NotificationOut(**row)
+        return [NotificationOut(**dataclasses.asdict(row))
                 for row in config_store.list_notifications(min(max(limit, 1), 1000), pipeline)]
 
     @app.post("/api/v1/pipelines/{name}/backfills", tags=["backfills"], status_code=201,

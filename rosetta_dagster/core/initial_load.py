@@ -39,24 +39,17 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.bulk import BulkTableLoad, pipe_copy
-from rosetta_dagster.core.apply.schema import (
-    TableSchema,
-    ensure_destination_table,
-    exact_select,
-    read_table_schema,
-)
+from rosetta_dagster.core.destination import TableLoad, destination_kind
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import format_lsn, parse_lsn
-from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.replication import (
     Log,
-    connect_destination,
     connect_source,
     connect_source_replication,
-    destination_connection,
 )
+from rosetta_dagster.core.table_schema import TableSchema, exact_select, read_table_schema
 
 logger = logging.getLogger("rosetta.initial_load")
 
@@ -186,10 +179,10 @@ class _PageRange:
 
 @dataclass
 class _TableCopy:
-    """One table into one destination: its ranges, bulk load and progress."""
+    """One table into one destination: its ranges, load and progress."""
 
-    destination: Destination
-    bulk: BulkTableLoad
+    schema: TableSchema
+    load: TableLoad
     ranges: list[_PageRange]
     pages: int
     started: float = field(default_factory=time.monotonic)
@@ -200,10 +193,6 @@ class _TableCopy:
 
     def __post_init__(self) -> None:
         self.ranges_left = len(self.ranges)
-
-    @property
-    def schema(self) -> TableSchema:
-        return self.bulk.schema
 
 
 class InitialLoader:
@@ -430,26 +419,24 @@ class InitialLoader:
                 assert row is not None
                 sizes[table] = (int(row[0]), float(row[1]), int(row[2]))
         for destination in self.pipeline.destinations:
-            with destination_connection(self.pipeline, destination) as conn:
-                for table in tables:
-                    pages, reltuples, relpages = sizes[table]
-                    rows_per_page = (
-                        reltuples / relpages if reltuples > 0 and relpages > 0
-                        else _DEFAULT_ROWS_PER_PAGE
-                    )
-                    pages_per_range = max(1, int(self.range_rows / max(rows_per_page, 1.0)))
-                    count = max(1, math.ceil(pages / pages_per_range))
-                    ranges = [
-                        _PageRange(i * pages_per_range,
-                                   (i + 1) * pages_per_range if i < count - 1 else None)
-                        for i in range(count)
-                    ]
-                    if table in changed:  # the table the copy goes into, widened first
-                        ensure_destination_table(conn, self.schemas[table], destination.schema,
-                                                 destination.name)
-                    bulk = BulkTableLoad.begin(conn, destination.schema, self.schemas[table],
-                                               destination.name)
-                    copies.append(_TableCopy(destination, bulk, ranges, pages))
+            kind = destination_kind(destination)
+            for table in tables:
+                pages, reltuples, relpages = sizes[table]
+                rows_per_page = (
+                    reltuples / relpages if reltuples > 0 and relpages > 0
+                    else _DEFAULT_ROWS_PER_PAGE
+                )
+                pages_per_range = max(1, int(self.range_rows / max(rows_per_page, 1.0)))
+                count = max(1, math.ceil(pages / pages_per_range))
+                ranges = [
+                    _PageRange(i * pages_per_range,
+                               (i + 1) * pages_per_range if i < count - 1 else None)
+                    for i in range(count)
+                ]
+                # A table whose columns changed at the snapshot is widened first.
+                load = kind.open_table_load(self.pipeline, destination, self.schemas[table],
+                                            widen=table in changed)
+                copies.append(_TableCopy(self.schemas[table], load, ranges, pages))
         return copies
 
     def _copy_range(self, snapshot_name: str, copy: _TableCopy, page_range: _PageRange) -> int:
@@ -458,37 +445,19 @@ class InitialLoader:
             return 0
         table = copy.schema.table
         columns = sql.SQL(", ").join(exact_select(c) for c in copy.schema.columns)
-        options = sql.SQL(" (FORMAT binary)" if copy.bulk.binary else "")
-        copy_out = sql.SQL("COPY (SELECT {} FROM {} WHERE {} AND {}) TO STDOUT{}").format(
-            columns, copy.schema.source_sql, page_range.predicate(), copy.schema.source_filter,
-            options,
-        )
-        copy_in = copy.bulk.copy_from_stdin()
-        target = connect_destination(self.pipeline, copy.destination)
+        select = sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(
+            columns, copy.schema.source_sql, page_range.predicate(), copy.schema.source_filter)
         try:
-            target.autocommit = False
-            self._track(target)
-            with self._snapshot_transaction(snapshot_name) as source:
-                self._track(source)
-                try:
-                    with source.cursor() as cursor:  # () : see replicated_rows
-                        copy_text = cursor.mogrify(copy_out, ()).decode()
-                    rows = pipe_copy(source, copy_text, target, copy_in.as_string(target))
-                finally:
-                    self._untrack(source)
-            target.commit()
-            return rows
+            with self._snapshot_transaction(snapshot_name) as source, self._tracked(source):
+                return copy.load.copy(source, select, (), self._tracked)  # (): see replicated_rows
         except psycopg2.Error as exc:
             if self._cancelled.is_set():
                 return 0
             raise InitialLoadError(
                 f"Initial load of pipeline {self.pipeline.name}: copying {table.qualified} to "
-                f"destination {copy.destination.name} failed: "
+                f"destination {copy.load.destination} failed: "
                 f"{mask_secrets(str(exc).strip().splitlines()[0])}."
             ) from None
-        finally:
-            self._untrack(target)
-            target.close()
 
     def _range_done(
         self, copy: _TableCopy, page_range: _PageRange, rows: int, snapshot: _ExportedSnapshot
@@ -507,41 +476,35 @@ class InitialLoader:
             percent = 100 * copy.pages_done / copy.pages if copy.pages else 100.0
             self.log.info(
                 "Initial load of pipeline %s: %s -> %s: %d rows (%.0f%%), %.0f rows/s",
-                self.pipeline.name, table.qualified, copy.destination.name, copy.rows,
+                self.pipeline.name, table.qualified, copy.load.destination, copy.rows,
                 min(percent, 99.0), copy.rows / elapsed if elapsed > 0 else 0.0,
             )
             return
-        if copy.bulk.mode == "swap":
-            self._swap_in(copy)
+        copy.load.finish()
         elapsed = time.monotonic() - copy.started
         report = TableLoadReport(
-            copy.destination.name, table, copy.rows, elapsed, copy.bulk.mode, snapshot.consistent_lsn
+            copy.load.destination, table, copy.rows, elapsed, copy.load.mode, snapshot.consistent_lsn
         )
         self.log.info(
             "Initial load of pipeline %s: %s -> %s complete: %d rows (100%%) in %.1f s, "
-            "%.0f rows/s (%s)", self.pipeline.name, table.qualified, copy.destination.name,
-            report.rows, report.seconds, report.rows_per_second, copy.bulk.mode,
+            "%.0f rows/s (%s)", self.pipeline.name, table.qualified, copy.load.destination,
+            report.rows, report.seconds, report.rows_per_second, copy.load.mode,
         )
         if self.on_table_loaded is not None:
             self.on_table_loaded(report)
 
-    def _swap_in(self, copy: _TableCopy) -> None:
-        conn = connect_destination(self.pipeline, copy.destination)
-        try:
-            conn.autocommit = False
-            copy.bulk.finish(conn)
-        finally:
-            conn.close()
-
     # -- cancellation ----------------------------------------------------------------------
 
-    def _track(self, conn: psycopg2.extensions.connection) -> None:
+    @contextmanager
+    def _tracked(self, conn: psycopg2.extensions.connection) -> Iterator[None]:
+        """``conn`` is cancelled with every other copy when one fails."""
         with self._active_lock:
             self._active.add(conn)
-
-    def _untrack(self, conn: psycopg2.extensions.connection) -> None:
-        with self._active_lock:
-            self._active.discard(conn)
+        try:
+            yield
+        finally:
+            with self._active_lock:
+                self._active.discard(conn)
 
     def _cancel(self) -> None:
         """Stop every running COPY (the workers then roll back and end)."""

@@ -24,7 +24,12 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from rosetta_dagster.core.config_store import BackfillStatus, ConfigStore, PipelineState
+from rosetta_dagster.core.config_store import (
+    BackfillStatus,
+    ConfigStore,
+    OffsetCleanup,
+    PipelineState,
+)
 from rosetta_dagster.core.pipeline_config import (
     NotificationChannel,
     NotificationSettings,
@@ -264,19 +269,19 @@ def store_alerts(store: ConfigStore, pipelines: Iterable[str]) -> list[Alert]:
                 text=f"Pipeline {pipeline.name} is in ERROR: {pipeline.last_error or 'no message'}",
                 resolved_text=f"Pipeline {pipeline.name} recovered from ERROR.",
                 link=f"/runs/{pipeline.run_id}" if pipeline.run_id else None))
-    latest_cleanup: dict[str, dict[str, Any]] = {}
+    latest_cleanup: dict[str | None, OffsetCleanup] = {}
     for cleanup in store.list_offset_cleanups(limit=500):  # newest first
-        latest_cleanup.setdefault(cleanup["pipeline"], cleanup)
+        latest_cleanup.setdefault(cleanup.pipeline, cleanup)
     for name, cleanup in latest_cleanup.items():
-        pipeline = stored.get(name)
+        pipeline = stored.get(name) if name is not None else None
         if pipeline is None or (pipeline.last_start_at is not None
-                                and pipeline.last_start_at > cleanup["created_at"]):
+                                and pipeline.last_start_at > cleanup.created_at):
             continue
         alerts.append(Alert(
             key=f"resync:{name}", severity="WARN", kind="resync", pipeline=name,
-            since=cleanup["created_at"].timestamp(),
-            text=(f"Pipeline {name}: {cleanup['reason']}; its stale offset "
-                  f"({cleanup['offset_file']}) was deleted and it re-syncs from a fresh snapshot."),
+            since=cleanup.created_at.timestamp(),
+            text=(f"Pipeline {name}: {cleanup.reason}; its stale offset "
+                  f"({cleanup.offset_file}) was deleted and it re-syncs from a fresh snapshot."),
             resolved_text=f"Pipeline {name} re-synced after its stale offset was deleted: "
                           "streaming again."))
     for job in store.list_backfill_jobs(status=BackfillStatus.FAILED):

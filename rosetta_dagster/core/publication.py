@@ -20,8 +20,8 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.schema import SchemaError, TableSchema
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
+from rosetta_dagster.core.table_schema import SchemaError, TableSchema
 
 # Column lists and row filters in publications: PostgreSQL 15.
 OPTIONS_SERVER_VERSION = 150000

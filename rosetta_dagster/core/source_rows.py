@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import psycopg2.extensions
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.schema import TableSchema
+from rosetta_dagster.core.table_schema import TableSchema
 
 KeyText = tuple[str | None, ...]
 

@@ -224,9 +224,9 @@ def differences(
 def type_table(url: str) -> str:
     """The type table of docs/design.md, from the matrix's tables in ``url`` and each engine's own
     classification of their columns (the matrix test proves every line exact)."""
-    from rosetta_dagster.core.apply.schema import read_table_schema
     from rosetta_dagster.core.capture import capture_engine
     from rosetta_dagster.core.pipeline_config import CAPTURE_ENGINES, TableRef
+    from rosetta_dagster.core.table_schema import read_table_schema
 
     conn = pinned_connection(url)
     lines = ["| family | type | " + " | ".join(CAPTURE_ENGINES) + " |",

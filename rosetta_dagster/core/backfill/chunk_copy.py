@@ -15,32 +15,28 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.bulk import binary_copy, pipe_copy
-from rosetta_dagster.core.apply.schema import (
-    Column,
-    TableSchema,
-    columns_unlike_source,
-    exact_select,
-    key_range,
-    read_table_schema,
-)
-from rosetta_dagster.core.backfill.staging import chunk_table, job_prefix, marks_table
 from rosetta_dagster.core.config_store import (
     BackfillJob,
     BackfillStatus,
     ConfigStore,
     PipelineStatus,
 )
+from rosetta_dagster.core.destination import ChunkStaging, destination_kind
 from rosetta_dagster.core.dsn import summarize_connection_error
 from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
 from rosetta_dagster.core.events import BACKFILL_MESSAGE_PREFIX
 from rosetta_dagster.core.filters import compile_filter, parse_filter
-from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.publication import publication_current
 from rosetta_dagster.core.replication import (
-    connect_destination,
-    destination_connection,
     source_connection,
+)
+from rosetta_dagster.core.table_schema import (
+    Column,
+    TableSchema,
+    exact_select,
+    key_range,
+    read_table_schema,
 )
 
 logger = logging.getLogger("rosetta.backfill")
@@ -213,17 +209,21 @@ class BackfillRunner:
             total = _count(source, schema, where, params)
             self.store.update_backfill_progress(job.id, count_record=job.count_record,
                                                 total_record=total)
-            targets = [(self._open_destination(d, schema), d)
-                       for d in self.pipeline.destinations]
+            stagings: list[ChunkStaging] = []
             try:
-                chunks = self._copy_chunks(job, source, schema, where, params, targets, total,
+                for destination in self.pipeline.destinations:
+                    stagings.append(destination_kind(destination).open_staging(
+                        self.pipeline, destination, schema, job.id))
+                    self._wait_for_destination_table(stagings[-1], schema)
+                chunks = self._copy_chunks(job, source, schema, where, params, stagings, total,
                                            started)
             finally:
-                for target, _ in targets:
-                    target.close()
+                for staging in stagings:
+                    staging.close()
         final = self.store.get_backfill_job(job.id)
         self.store.set_backfill_status(job.id, BackfillStatus.COMPLETED)
-        self._drop_staging(schema)
+        for destination in self.pipeline.destinations:
+            destination_kind(destination).drop_staging(self.pipeline, destination, job.id)
         seconds = time.monotonic() - started
         return BackfillResult(job.id, final.count_record, total, chunks, seconds, job.attempts,
                               table, final.rows_inserted, final.rows_updated, final.rows_deleted,
@@ -245,34 +245,19 @@ class BackfillRunner:
             self._check_cancelled()
             time.sleep(0.5)
 
-    def _open_destination(
-        self, destination: Destination, schema: TableSchema
-    ) -> psycopg2.extensions.connection:
-        conn = connect_destination(self.pipeline, destination)
-        self._wait_for_destination_table(conn, destination, schema)
-        with conn.cursor() as cursor:
-            # Unlogged, like the chunk tables: a server crash empties both together, and a
-            # chunk without its mark is read again (see the stream).
-            cursor.execute(sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} (chunk integer PRIMARY KEY)")
-                           .format(sql.Identifier(destination.schema, marks_table(self.job_id))))
-        return conn
-
-    def _wait_for_destination_table(self, conn: psycopg2.extensions.connection,
-                                    destination: Destination, schema: TableSchema) -> None:
+    def _wait_for_destination_table(self, staging: ChunkStaging, schema: TableSchema) -> None:
         """Chunks are staged in tables shaped like the destination table (and COPYed in binary
         where the types allow): once the stream has given it the columns the job copies, in
         the source's types (it widens tables when it starts, just after it changes the
         publication, and follows added columns and changed types within seconds)."""
-        target = schema.target_sql(destination.name, destination.schema)
         deadline = time.monotonic() + self.chunk_timeout_s
         while True:
-            with conn.cursor() as cursor:
-                unlike = columns_unlike_source(cursor, schema, target, destination.schema)
+            unlike = staging.columns_unlike_source()
             if not unlike:
                 return
             if time.monotonic() >= deadline:
                 raise self._fail(
-                    f"Backfill job {self.job_id}: destination {destination.name} does not have "
+                    f"Backfill job {self.job_id}: destination {staging.name} does not have "
                     f"{', '.join(unlike)} of {schema.table.qualified} as the source has them "
                     f"after {self.chunk_timeout_s:.0f}s; is the pipeline's stream running?")
             self._check_cancelled()
@@ -285,7 +270,7 @@ class BackfillRunner:
         schema: TableSchema,
         where: sql.Composable,
         params: Sequence[Any],
-        targets: Sequence[tuple[psycopg2.extensions.connection, Destination]],
+        stagings: Sequence[ChunkStaging],
         total: int,
         started: float,
     ) -> int:
@@ -297,12 +282,10 @@ class BackfillRunner:
         keys = sql.SQL(", ").join(sql.Identifier(k) for k in schema.primary_key)
         keys_as_text = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k))
                                           for k in schema.primary_key)
-        columns = sql.SQL(", ").join(sql.Identifier(c) for c in schema.column_names)
         selected = sql.SQL(", ").join(exact_select(c) for c in schema.columns)
         table = schema.source_sql
         # The job's filter within the rows the pipeline replicates (the table's row filter).
         where = sql.SQL("{} AND ({})").format(schema.source_filter, where)
-        options = sql.SQL(" (FORMAT binary)" if binary_copy(schema) else "")
         chunks = 0
 
         def issue(number: int, after: list[Any] | None, upper: list[Any] | None) -> None:
@@ -311,17 +294,12 @@ class BackfillRunner:
             _emit_watermark(source, {**body, "kind": "low"})
             _wait_for_transactions_in_flight(source)
             range_sql, range_params = key_range(schema, after, upper, _source_type)
-            with source.cursor() as cursor:
-                copy_out = cursor.mogrify(sql.SQL(
-                    "COPY (SELECT {columns} FROM {table} WHERE ({where}) AND {range}) "
-                    "TO STDOUT{options}"
-                ).format(columns=selected, table=table, where=where, range=range_sql,
-                         options=options), [*params, *range_params]).decode()
+            select = sql.SQL("SELECT {columns} FROM {table} WHERE ({where}) AND {range}").format(
+                columns=selected, table=table, where=where, range=range_sql)
             rows = 0
-            for index, (target, destination) in enumerate(targets):
+            for index, staging in enumerate(stagings):
                 # Each destination reads the chunk itself, inside the same window.
-                staged = self._stage(source, copy_out, target, destination, schema, number,
-                                     columns, options)
+                staged = staging.stage(source, select, [*params, *range_params], number)
                 rows = staged if index == 0 else rows
             # The stream deletes what the destination has in the range and the chunk has not.
             _emit_watermark(source, {**body, "kind": "high", "after_key": after,
@@ -365,26 +343,6 @@ class BackfillRunner:
                 return chunks
             last_key = upper
 
-    def _stage(self, source: psycopg2.extensions.connection, copy_out: str,
-               target: psycopg2.extensions.connection, destination: Destination,
-               schema: TableSchema, chunk: int, columns: sql.Composable,
-               options: sql.Composable) -> int:
-        """Stream ``chunk`` from the source into its own unlogged table in one destination
-        (never held whole in memory) and mark it staged. Returns the rows staged."""
-        staging = sql.Identifier(destination.schema, chunk_table(self.job_id, chunk))
-        marks = sql.Identifier(destination.schema, marks_table(self.job_id))
-        with target.cursor() as cursor:
-            cursor.execute("BEGIN")
-            cursor.execute(sql.SQL("DROP TABLE IF EXISTS {staging}; "
-                                   "CREATE UNLOGGED TABLE {staging} (LIKE {target})").format(
-                staging=staging, target=schema.target_sql(destination.name, destination.schema)))
-            rows = pipe_copy(source, copy_out, target, sql.SQL("COPY {} ({}) FROM STDIN{}").format(
-                staging, columns, options).as_string(target))
-            cursor.execute(sql.SQL("INSERT INTO {} VALUES (%s) ON CONFLICT DO NOTHING").format(
-                marks), (chunk,))
-            cursor.execute("COMMIT")
-        return rows
-
     def _wait_applied(self, chunk: int) -> bool:
         """True once the stream applied ``chunk``; False when it asks for a re-read."""
         deadline = time.monotonic() + self.chunk_timeout_s
@@ -402,17 +360,6 @@ class BackfillRunner:
             f"Backfill job {self.job_id}: pipeline {self.pipeline.name} did not apply chunk "
             f"{chunk} within {self.chunk_timeout_s:.0f}s; is its stream running?"
         )
-
-    def _drop_staging(self, schema: TableSchema) -> None:
-        """Drop the job's marks and any chunk table left (read again under another number)."""
-        prefix = job_prefix(self.job_id)
-        for destination in self.pipeline.destinations:
-            with destination_connection(self.pipeline, destination) as conn, conn.cursor() as cur:
-                cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s "
-                            "AND starts_with(tablename, %s)", (destination.schema, prefix))
-                for (name,) in cur.fetchall():
-                    cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
-                        sql.Identifier(destination.schema, name)))
 
 
 def _count(conn: psycopg2.extensions.connection, schema: TableSchema, where: sql.Composable,

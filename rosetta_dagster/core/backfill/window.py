@@ -9,13 +9,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rosetta_dagster.core.apply.applier import PostgresApplier
-from rosetta_dagster.core.apply.schema import TableSchema
-from rosetta_dagster.core.backfill.chunk_merge import ChunkCounts, apply_chunk
+from rosetta_dagster.core.backfill.chunk_merge import apply_chunk
 from rosetta_dagster.core.config_store import ConfigStore
+from rosetta_dagster.core.destination import ChunkCounts, DestinationWriter
 from rosetta_dagster.core.events import ChangeEvent, Watermark
 from rosetta_dagster.core.filters import compile_filter, parse_filter
 from rosetta_dagster.core.pipeline_config import TableRef
+from rosetta_dagster.core.table_schema import TableSchema
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
@@ -40,11 +40,11 @@ class ChunkWindows:
     """The open windows of a stream, and what happens at their watermarks."""
 
     def __init__(self, schemas: Mapping[TableRef, TableSchema],
-                 appliers: Sequence[PostgresApplier], config_store: ConfigStore | None,
+                 writers: Sequence[DestinationWriter], config_store: ConfigStore | None,
                  log: Log) -> None:
         # The session's own (live) schemas and destinations.
         self._schemas = schemas
-        self._appliers = appliers
+        self._writers = writers
         self._config_store = config_store
         self._log = log
         self._open: dict[tuple[int, int], ChunkWindow] = {}
@@ -80,8 +80,8 @@ class ChunkWindows:
         bounds = (watermark.after_key, watermark.last_key) if watermark.bounds_known else None
         counts = ChunkCounts()
         staged = True
-        for applier in self._appliers:
-            applied = apply_chunk(applier, watermark.table, watermark.job_id, watermark.chunk,
+        for writer in self._writers:
+            applied = apply_chunk(writer, watermark.table, watermark.job_id, watermark.chunk,
                                   excluded=window.keys, skip_all=window.truncated,
                                   bounds=bounds, row_filter=row_filter)
             if applied is None:

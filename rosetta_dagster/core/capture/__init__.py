@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import psycopg2.extensions
 
-from rosetta_dagster.core.apply.schema import TableSchema
-from rosetta_dagster.core.apply.values import ValueCodec
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent, PositionMarker, Watermark
 from rosetta_dagster.core.pipeline_config import (
@@ -34,6 +32,8 @@ from rosetta_dagster.core.pipeline_config import (
     PipelineDefinition,
     TableRef,
 )
+from rosetta_dagster.core.table_schema import TableSchema
+from rosetta_dagster.core.values import ValueCodec
 
 if TYPE_CHECKING:
     from rosetta_dagster.core.initial_load import LoadState

@@ -21,11 +21,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rosetta_dagster.core.apply.schema import TableSchema
-from rosetta_dagster.core.apply.values import Converter, SourceText, ValueCodec
 from rosetta_dagster.core.events import ChangeEvent, Watermark
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.source_rows import KeyText, SourceRows
+from rosetta_dagster.core.table_schema import TableSchema
+from rosetta_dagster.core.values import Converter, SourceText, ValueCodec
 
 
 @dataclass(frozen=True)

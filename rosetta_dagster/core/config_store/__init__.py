@@ -2,25 +2,37 @@
 
 from rosetta_dagster.core.config_store.migrations import apply_migrations, load_migrations
 from rosetta_dagster.core.config_store.records import (
+    ApplySkip,
     BackfillJob,
     BackfillStatus,
+    MetricsSnapshot,
+    NotificationAttempt,
+    OffsetCleanup,
     ParkedEvent,
     ParkedRow,
     Pipeline,
     PipelineState,
     PipelineStatus,
+    PoolUsage,
+    WalReading,
 )
 from rosetta_dagster.core.config_store.repository import ConfigStore
 
 __all__ = [
+    "ApplySkip",
     "BackfillJob",
     "BackfillStatus",
     "ConfigStore",
+    "MetricsSnapshot",
+    "NotificationAttempt",
+    "OffsetCleanup",
     "ParkedEvent",
     "ParkedRow",
     "Pipeline",
     "PipelineState",
     "PipelineStatus",
+    "PoolUsage",
+    "WalReading",
     "apply_migrations",
     "load_migrations",
 ]

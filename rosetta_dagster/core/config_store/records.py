@@ -1,13 +1,15 @@
 """The config store's records: desired status and observed state of pipelines, backfill jobs,
-parked changes (typed rows, enums compared as enums)."""
+refused and parked changes, telemetry and notifications (typed rows, enums compared as
+enums)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Self
 
+from rosetta_dagster.core.destination.errors import RefusedChange
 from rosetta_dagster.core.lag import LagReading
 
 POOL_PEAK_WINDOW_S = 300  # a pool's peak in use is kept this long
@@ -55,8 +57,8 @@ class Pipeline:
     updated_at: datetime
     run_id: str | None = None  # the streaming run that last reported state or a heartbeat
     source_position_at: datetime | None = None  # source time of the newest change applied
-    # The refused change the pipeline stopped on (core.apply.errors.RefusedChange.as_dict()).
-    last_apply_error: dict[str, Any] | None = None
+    # The refused change the pipeline stopped on.
+    last_apply_error: RefusedChange | None = None
     applied_lsn: int | None = None  # newest source position applied everywhere (heartbeat)
     lag: LagReading | None = None  # the latest measurement (core.lag)
     lag_measured_at: datetime | None = None
@@ -79,7 +81,8 @@ class Pipeline:
             updated_at=row["updated_at"],
             run_id=row["run_id"],
             source_position_at=row["source_position_at"],
-            last_apply_error=row.get("last_apply_error"),
+            last_apply_error=(None if row.get("last_apply_error") is None
+                              else RefusedChange.from_dict(row["last_apply_error"])),
             applied_lsn=None if row.get("applied_lsn") is None else int(row["applied_lsn"]),
             lag=(LagReading(row["lag_seconds"], row["lag_bytes"], note=row["lag_note"])
                  if row.get("lag_measured_at") else None),
@@ -166,6 +169,137 @@ class ParkedEvent(ParkedRow):
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ParkedEvent:
         return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+
+
+class _Row:
+    """A record read from one row whose columns carry the fields' names."""
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Self:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ApplySkip(_Row):
+    """A refused change a person asked the stream to skip (``rosetta pipeline skip``)."""
+
+    id: int
+    destination: str
+    table_name: str
+    key: dict[str, str | None]
+    operation: str
+    position: str
+    requested_by: str
+    requested_at: datetime
+    skipped_at: datetime | None  # when the stream dropped it
+
+
+@dataclass(frozen=True)
+class WalReading(_Row):
+    """One WAL monitor reading of a slot."""
+
+    source: str
+    slot_name: str
+    pipeline: str | None
+    current_lsn: str | None
+    confirmed_flush_lsn: str | None
+    retained_wal_bytes: int | None
+    lag_bytes: int | None
+    status: str  # OK, WARNING, CRITICAL or MISSING (no slot)
+    active: bool | None
+    wal_status: str | None
+    checked_at: datetime
+
+
+@dataclass(frozen=True)
+class PoolUsage(_Row):
+    """What one process's pool reported: its size, connections in use and recent peak."""
+
+    process: str
+    pool: str
+    owner: str
+    max_conn: int
+    in_use: int
+    peak_in_use: int
+    reported_at: datetime
+
+
+@dataclass(frozen=True)
+class NotificationAttempt(_Row):
+    """One attempt to deliver an alert to a channel."""
+
+    id: int
+    channel: str
+    alert_key: str
+    pipeline: str | None
+    transition: str
+    severity: str
+    text: str
+    attempt: int
+    delivered: bool
+    http_status: int | None
+    error: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class OffsetCleanup(_Row):
+    """A stream position forgotten because its slot was gone."""
+
+    id: int
+    pipeline: str | None
+    offset_file: str
+    slot_name: str
+    reason: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class FlowCount(_Row):
+    pipeline: str
+    destination: str
+    table_name: str
+    events: int
+
+
+@dataclass(frozen=True)
+class PipelineGauge(_Row):
+    """A pipeline as /metrics shows it."""
+
+    name: str
+    status: str
+    state: str
+    source_position_at: datetime | None
+    stopped_on_refused_change: bool
+    lag_seconds: float | None
+    lag_bytes: int | None
+    lag_measured_at: datetime | None
+
+
+@dataclass(frozen=True)
+class BackfillRows(_Row):
+    pipeline: str
+    status: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class ParkedCount:
+    pipeline: str
+    destination: str
+    table_name: str
+    count: int
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """The config store's aggregates for /metrics, read in one go."""
+
+    flows: list[FlowCount]
+    pipelines: list[PipelineGauge]
+    backfills: list[BackfillRows]
+    wal: list[WalReading]
+    parked: list[ParkedCount]
 
 
 PARKED_SELECT = """

@@ -11,46 +11,48 @@ from psycopg2.extras import Json
 from rosetta_dagster.core.config_store.base import StoreBase
 from rosetta_dagster.core.config_store.records import (
     PARKED_SELECT,
+    ApplySkip,
     ParkedEvent,
     ParkedRow,
 )
+from rosetta_dagster.core.destination.errors import RefusedChange
 from rosetta_dagster.core.errors import ConfigStoreError
 
 
 class RefusedChangeRecords(StoreBase):
-    # -- refused changes (core.apply.errors) ------------------------------------------------
+    # -- refused changes (core.destination.errors) ------------------------------------------------
 
-    def record_apply_error(self, name: str, report: dict[str, Any] | None) -> None:
+    def record_apply_error(self, name: str, report: RefusedChange | None) -> None:
         """The change ``name`` stopped on (None: it streamed past it)."""
         self._query(
             "UPDATE pipeline_metadata m SET last_apply_error = %s, updated_at = now() "
             "FROM pipelines p WHERE p.id = m.pipeline_id AND p.name = %s",
-            (Json(report) if report is not None else None, name),
+            (Json(report.as_dict()) if report is not None else None, name),
         )
 
-    def request_skip(self, name: str, report: dict[str, Any], requested_by: str) -> int:
+    def request_skip(self, name: str, report: RefusedChange, requested_by: str) -> int:
         rows = self._query(
             """
             INSERT INTO apply_skips (pipeline_id, destination, table_name, key, operation,
                                      position, requested_by)
             SELECT id, %s, %s, %s, %s, %s, %s FROM pipelines WHERE name = %s RETURNING id
             """,
-            (report["destination"], report["table"], Json(report["key"]), report["operation"],
-             report["position"], requested_by, name),
+            (report.destination, report.table, Json(report.key), report.operation,
+             report.position, requested_by, name),
         )
         if not rows:
             raise ConfigStoreError(f"Pipeline '{name}' does not exist in the config store.")
         return int(rows[0]["id"])
 
-    def pending_skips(self, name: str) -> list[dict[str, Any]]:
-        return self._query(
+    def pending_skips(self, name: str) -> list[ApplySkip]:
+        return [ApplySkip.from_row(r) for r in self._query(
             "SELECT s.* FROM apply_skips s JOIN pipelines p ON p.id = s.pipeline_id "
-            "WHERE p.name = %s AND s.skipped_at IS NULL ORDER BY s.id", (name,))
+            "WHERE p.name = %s AND s.skipped_at IS NULL ORDER BY s.id", (name,))]
 
-    def list_skips(self, name: str) -> list[dict[str, Any]]:
-        return self._query(
+    def list_skips(self, name: str) -> list[ApplySkip]:
+        return [ApplySkip.from_row(r) for r in self._query(
             "SELECT s.* FROM apply_skips s JOIN pipelines p ON p.id = s.pipeline_id "
-            "WHERE p.name = %s ORDER BY s.id", (name,))
+            "WHERE p.name = %s ORDER BY s.id", (name,))]
 
     def mark_skipped(self, skip_id: int) -> None:
         self._query("UPDATE apply_skips SET skipped_at = now() WHERE id = %s", (skip_id,))

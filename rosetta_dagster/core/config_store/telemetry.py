@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Sequence
-from typing import Any
 
 from psycopg2.extras import RealDictCursor
 
@@ -13,6 +12,15 @@ from rosetta_dagster.core.config_store.base import StoreBase
 from rosetta_dagster.core.config_store.records import (
     POOL_PEAK_WINDOW_S,
     POOL_REPORT_FRESH_S,
+    BackfillRows,
+    FlowCount,
+    MetricsSnapshot,
+    NotificationAttempt,
+    OffsetCleanup,
+    ParkedCount,
+    PipelineGauge,
+    PoolUsage,
+    WalReading,
 )
 from rosetta_dagster.core.pool import ResilientConnectionPool
 
@@ -64,8 +72,8 @@ class TelemetryRecords(StoreBase):
              lag_bytes, status, active, wal_status),
         )
 
-    def latest_wal_readings(self, limit_per_slot: int = 1) -> list[dict[str, Any]]:
-        return self._query(
+    def latest_wal_readings(self, limit_per_slot: int = 1) -> list[WalReading]:
+        return [WalReading.from_row(r) for r in self._query(
             """
             SELECT * FROM (
                 SELECT w.*, p.name AS pipeline,
@@ -75,9 +83,9 @@ class TelemetryRecords(StoreBase):
             ) r WHERE n <= %s ORDER BY source, slot_name, checked_at DESC
             """,
             (limit_per_slot,),
-        )
+        )]
 
-    def metrics_snapshot(self) -> dict[str, list[dict[str, Any]]]:
+    def metrics_snapshot(self) -> MetricsSnapshot:
         """Aggregates for /metrics, in one connection checkout."""
         with self.pool.connection() as conn, conn.cursor(cursor_factory=RealDictCursor) as cur:
             cur.execute(
@@ -87,26 +95,25 @@ class TelemetryRecords(StoreBase):
                 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
                 """
             )
-            flows = [dict(r) for r in cur.fetchall()]
+            flows = [FlowCount.from_row(r) for r in cur.fetchall()]
             cur.execute(
                 """
                 SELECT p.name, p.status, coalesce(m.state, 'PAUSED') AS state, m.source_position_at,
-                       m.last_apply_error, m.lag_seconds, m.lag_bytes, m.lag_measured_at
+                       m.last_apply_error IS NOT NULL AS stopped_on_refused_change,
+                       m.lag_seconds, m.lag_bytes, m.lag_measured_at
                 FROM pipelines p LEFT JOIN pipeline_metadata m ON m.pipeline_id = p.id ORDER BY 1
                 """
             )
-            pipelines = [dict(r) for r in cur.fetchall()]
+            pipelines = [PipelineGauge.from_row(r) for r in cur.fetchall()]
             cur.execute(
                 """
                 SELECT p.name AS pipeline, j.status, sum(j.count_record) AS rows
                 FROM backfill_jobs j JOIN pipelines p ON p.id = j.pipeline_id GROUP BY 1, 2
                 """
             )
-            backfills = [dict(r) for r in cur.fetchall()]
-        parked = [{"pipeline": p, "destination": d, "table_name": t, "count": n}
-                  for p, d, t, n in self.parked_counts()]
-        return {"flows": flows, "pipelines": pipelines, "backfills": backfills,
-                "wal": self.latest_wal_readings(), "parked": parked}
+            backfills = [BackfillRows.from_row(r) for r in cur.fetchall()]
+        parked = [ParkedCount(*row) for row in self.parked_counts()]
+        return MetricsSnapshot(flows, pipelines, backfills, self.latest_wal_readings(), parked)
 
     def flush_pool_events(self, others: Sequence[ResilientConnectionPool] = ()) -> int:
         """Record the unreported health events (see ``take_unreported_events``) and the
@@ -146,15 +153,15 @@ class TelemetryRecords(StoreBase):
         )
         return len(events)
 
-    def pool_usage(self, fresh_seconds: float = POOL_REPORT_FRESH_S) -> list[dict[str, Any]]:
+    def pool_usage(self, fresh_seconds: float = POOL_REPORT_FRESH_S) -> list[PoolUsage]:
         """Pools reported in the last ``fresh_seconds`` (older rows: processes that ended)."""
         self._query("DELETE FROM pool_usage WHERE reported_at < now() - interval '1 day'")
-        return self._query(
+        return [PoolUsage.from_row(r) for r in self._query(
             "SELECT process, pool, owner, max_conn, in_use, peak_in_use, reported_at "
             "FROM pool_usage WHERE reported_at > now() - make_interval(secs => %s) "
             "ORDER BY peak_in_use::float8 / max_conn DESC, owner, pool",
             (fresh_seconds,),
-        )
+        )]
 
     def pool_event_counts(self, since_seconds: float) -> dict[str, int]:
         rows = self._query(
@@ -194,9 +201,9 @@ class TelemetryRecords(StoreBase):
         return bool(rows)
 
     def list_notifications(self, limit: int = 50, pipeline: str | None = None
-                           ) -> list[dict[str, Any]]:
+                           ) -> list[NotificationAttempt]:
         """The latest delivery attempts, newest first."""
-        return self._query(
+        return [NotificationAttempt.from_row(r) for r in self._query(
             """
             SELECT id, channel, alert_key, pipeline, transition, severity, text, attempt,
                    delivered, http_status, error, created_at
@@ -204,7 +211,7 @@ class TelemetryRecords(StoreBase):
             ORDER BY id DESC LIMIT %(limit)s
             """,
             {"pipeline": pipeline, "limit": limit},
-        )
+        )]
 
     def record_offset_cleanup(
         self, *, pipeline: str, offset_file: str, slot_name: str, reason: str
@@ -217,12 +224,12 @@ class TelemetryRecords(StoreBase):
             (pipeline, offset_file, slot_name, reason),
         )
 
-    def list_offset_cleanups(self, limit: int = 20) -> list[dict[str, Any]]:
-        return self._query(
+    def list_offset_cleanups(self, limit: int = 20) -> list[OffsetCleanup]:
+        return [OffsetCleanup.from_row(r) for r in self._query(
             """
             SELECT c.id, p.name AS pipeline, c.offset_file, c.slot_name, c.reason, c.created_at
             FROM offset_cleanups c LEFT JOIN pipelines p ON p.id = c.pipeline_id
             ORDER BY c.created_at DESC, c.id DESC LIMIT %s
             """,
             (limit,),
-        )
+        )]

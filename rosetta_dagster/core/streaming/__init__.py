@@ -10,7 +10,7 @@ session does not know which capture engine runs: it talks to ``core.capture``'s 
   re-snapshot reconciliation, progress;
 * ``load_handoff`` - the initial load and where the stream takes over;
 * ``prestream`` - what is refused before anything is written, stale positions forgotten;
-* ``fanout`` - one applier per destination, down destinations out of rotation;
+* ``fanout`` - one writer per destination, down destinations out of rotation;
 * ``catalog_watch`` - columns added (or retyped) on the source without a change event;
 * ``progress`` - counters for observations.
 

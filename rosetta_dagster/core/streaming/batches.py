@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from rosetta_dagster.core.apply.refused import RefusedChanges
 from rosetta_dagster.core.backfill.window import ChunkWindows
 from rosetta_dagster.core.capture import CaptureBatch
 from rosetta_dagster.core.config_store import ConfigStore
@@ -17,6 +16,7 @@ from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.streaming.catalog_watch import CatalogWatch
 from rosetta_dagster.core.streaming.fanout import DestinationFanout
 from rosetta_dagster.core.streaming.progress import StreamProgress
+from rosetta_dagster.core.streaming.refused import RefusedChanges
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
@@ -45,8 +45,8 @@ class BatchRouter:
         """Apply a batch in stream order; backfill watermarks split it into segments.
 
         Returns the position every destination has committed (for engines that confirm it)."""
-        appliers = self._destinations.appliers
-        self._refused.replay_requested(appliers)  # parked changes go before newer ones
+        writers = self._destinations.writers
+        self._refused.replay_requested(writers)  # parked changes go before newer ones
         segment: list[ChangeEvent] = []
         streaming_seen = batch.marker is not None
         items = batch.items
@@ -100,8 +100,8 @@ class BatchRouter:
             if snapshot_part:
                 self._apply(snapshot_part, record_keys=True)
             if events or streaming_seen or snapshot_part and snapshot_part[-1].snapshot == "last":
-                for applier in self._destinations.appliers:
-                    applier.finish_resync()
+                for writer in self._destinations.writers:
+                    writer.finish_resync()
                 self.resyncing = False
                 self._log.info("Pipeline %s: snapshot complete; destinations reconciled",
                               self._pipeline.name)
@@ -114,7 +114,7 @@ class BatchRouter:
     ) -> None:
         results = self._destinations.apply(self._refused, events, record_keys=record_keys,
                                           position=position, complete=complete)
-        if any(applier.retyped for applier in self._destinations.appliers):
+        if any(writer.retyped for writer in self._destinations.writers):
             self.request_retyped_backfills()
         if not events:
             return

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, MutableMapping
 
-from rosetta_dagster.core.apply.schema import TableSchema, read_column_types
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.source_rows import SourceRows
+from rosetta_dagster.core.table_schema import TableSchema, read_column_types
 
 # How often the source catalog is looked at between batches of rows.
 CATALOG_POLL_S = 2.0
@@ -25,7 +25,7 @@ class CatalogWatch:
     An added column is announced at once (rows from before it simply lack it). A changed type
     is announced once the stream has applied everything committed before the catalog showed it
     (its source time), so no row from before the change meets the new type; then the table is
-    backfilled (see the applier)."""
+    backfilled (see the writer)."""
 
     def __init__(self, pipeline: PipelineDefinition, schemas: MutableMapping[TableRef, TableSchema],
                  read_schema: Callable[[TableRef], TableSchema], source_rows: SourceRows) -> None:

@@ -1,5 +1,5 @@
-"""Fan-out: one applier (and pool) per destination, every batch to each, and destinations
-that go down taken out of rotation until they can catch up from the slot."""
+"""Fan-out: one writer per destination, every batch to each, and destinations that go down
+taken out of rotation until they can catch up from the slot."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ from collections.abc import Callable, Iterable, Sequence
 
 import psycopg2
 
-from rosetta_dagster.core.apply.applier import BatchResult, PostgresApplier
-from rosetta_dagster.core.apply.refused import RefusedChanges
-from rosetta_dagster.core.apply.schema import TableSchema
 from rosetta_dagster.core.capture import CaptureEngine, PositionStore
+from rosetta_dagster.core.destination import BatchResult, DestinationWriter, destination_kind
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import DatabaseConnectionError
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
-from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
+from rosetta_dagster.core.pool import ResilientConnectionPool
 from rosetta_dagster.core.replication import stream_application_name
 from rosetta_dagster.core.source_rows import SourceRows
+from rosetta_dagster.core.streaming.refused import RefusedChanges
+from rosetta_dagster.core.table_schema import TableSchema
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
@@ -42,49 +42,40 @@ class DestinationFanout:
         self.pipeline = pipeline
         self.log = log
         # Shared with the backfill windows: filled by open, emptied by close.
-        self.appliers: list[PostgresApplier] = []
-        self.pools: list[ResilientConnectionPool] = []
+        self.writers: list[DestinationWriter] = []
         # Destinations that became unreachable, with when to try them again.
         self._down: dict[int, float] = {}
 
     def open(self, engine: CaptureEngine, positions: PositionStore,
              schemas: Iterable[TableSchema], read_schema: Callable[[TableRef], TableSchema],
              source_rows: SourceRows) -> None:
-        """A pool and an applier per destination, its tables created or widened."""
+        """A writer per destination, its tables created or widened."""
         schemas = list(schemas)
         for destination in self.pipeline.destinations:
-            pool = ResilientConnectionPool(
-                destination.dsn(),
-                PoolSettings.from_env(max_conn=2, init_attempts=3, statement_timeout_ms=0,
-                                      application_name=stream_application_name(self.pipeline)),
-                label=f"destination {destination.name}",
-                setting=f"destination {destination.name}",
-            ).open()
-            self.pools.append(pool)
-            applier = PostgresApplier(
-                pool, destination.schema, read_schema, values=engine.values,
-                name=destination.name, tracking=positions.tracking(destination),
+            writer = destination_kind(destination).open_writer(
+                self.pipeline, destination, values=engine.values,
+                tracking=positions.tracking(destination), read_schema=read_schema,
                 source_rows=source_rows,
-            )
-            applier.prepare(schemas)
-            self.appliers.append(applier)
+                application_name=stream_application_name(self.pipeline))
+            self.writers.append(writer)
+            writer.prepare(schemas)
 
     @property
     def opened(self) -> bool:
-        return bool(self.appliers)
+        return bool(self.writers)
 
     def apply(self, refused: RefusedChanges, events: Sequence[ChangeEvent], *,
               record_keys: bool, position: int | None, complete: bool) -> list[BatchResult]:
         """Apply to every destination in rotation; one that cannot be reached is taken out
         when each destination keeps its own position (else the error stops the stream)."""
         results = []
-        for index, applier in enumerate(self.appliers):
+        for index, writer in enumerate(self.writers):
             if index in self._down:
                 continue
-            rotates = applier.tracking is not None and len(self.appliers) > 1
+            rotates = writer.tracking is not None and len(self.writers) > 1
             try:
                 results.append(refused.apply(
-                    applier, events, record_keys=record_keys, position=position,
+                    writer, events, record_keys=record_keys, position=position,
                     complete=complete, unreachable_handled=rotates))
             except _UNREACHABLE as exc:
                 if not rotates:
@@ -93,7 +84,7 @@ class DestinationFanout:
                 self.log.warning(
                     "Pipeline %s: destination %s is unreachable (%s); the others keep applying "
                     "and it catches up from the slot when it is back", self.pipeline.name,
-                    applier.name, mask_secrets(str(exc).strip().splitlines()[0]))
+                    writer.name, mask_secrets(str(exc).strip().splitlines()[0]))
         if not results:
             raise DatabaseConnectionError(
                 f"Pipeline {self.pipeline.name}: every destination is unreachable.")
@@ -101,11 +92,11 @@ class DestinationFanout:
 
     def committed(self) -> int | None:
         """The position every destination has committed (engines that keep it with the data)."""
-        return lowest([a.position for a in self.appliers])
+        return lowest([a.position for a in self.writers])
 
     def start_position(self) -> int | None:
         """Where the stream resumes: the lowest position a destination committed."""
-        return lowest([a.read_position() for a in self.appliers if a.tracking is not None])
+        return lowest([a.read_position() for a in self.writers if a.tracking is not None])
 
     @property
     def any_down(self) -> bool:
@@ -118,7 +109,7 @@ class DestinationFanout:
             if now < retry_at:
                 continue
             try:
-                self.appliers[index].read_position()
+                self.writers[index].read_position()
             except (*_UNREACHABLE, psycopg2.Error):
                 self._down[index] = now + DESTINATION_RETRY_S
                 continue
@@ -131,26 +122,28 @@ class DestinationFanout:
         others as schema events from the catalog, which the slot does not replay."""
         schemas = list(schemas)
         for index in indexes:
-            self.appliers[index].prepare(schemas)
+            self.writers[index].prepare(schemas)
             del self._down[index]
 
     def names(self, indexes: Iterable[int]) -> str:
-        return ", ".join(self.appliers[i].name for i in indexes)
+        return ", ".join(self.writers[i].name for i in indexes)
 
     def take_retyped(self) -> dict[TableRef, list[str]]:
         """Columns the destinations gave new types since the last call, per table."""
         retyped: dict[TableRef, list[str]] = {}
-        for applier in self.appliers:
-            for table, columns in applier.retyped.items():
+        for writer in self.writers:
+            for table, columns in writer.retyped.items():
                 retyped.setdefault(table, []).extend(
                     f"{c.name} {c.old_type} -> {c.new_type}" for c in columns)
-            applier.retyped.clear()
+            writer.retyped.clear()
         return {table: list(dict.fromkeys(changes)) for table, changes in retyped.items()}
 
+    @property
+    def pools(self) -> list[ResilientConnectionPool]:
+        """Every writer's connection pools (for the pool telemetry)."""
+        return [pool for writer in self.writers for pool in writer.pools]
+
     def close(self) -> None:
-        for applier in self.appliers:
-            applier.abort()  # a transaction left open inside a large source transaction
-        for pool in self.pools:
-            pool.close()
-        self.pools.clear()
-        self.appliers.clear()
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from rosetta_dagster.core.apply.schema import TableSchema
 from rosetta_dagster.core.capture import PositionStore
 from rosetta_dagster.core.initial_load import (
     InitialLoader,
@@ -15,6 +14,7 @@ from rosetta_dagster.core.initial_load import (
     TableLoadReport,
 )
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
+from rosetta_dagster.core.table_schema import TableSchema
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 

@@ -8,7 +8,6 @@ from collections.abc import Mapping
 
 import psycopg2.extensions
 
-from rosetta_dagster.core.apply.schema import SchemaError, TableSchema
 from rosetta_dagster.core.capture import CaptureEngine, PositionStore
 from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.initial_load import format_lsn
@@ -20,6 +19,7 @@ from rosetta_dagster.core.replication import (
     slot_confirmed_lsn,
     slot_exists,
 )
+from rosetta_dagster.core.table_schema import SchemaError, TableSchema
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 STALE_OFFSET_ERROR = "no longer available on the server"

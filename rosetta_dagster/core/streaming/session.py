@@ -9,8 +9,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from rosetta_dagster.core.apply.refused import RefusedChanges
-from rosetta_dagster.core.apply.schema import TableSchema, read_table_schema
 from rosetta_dagster.core.backfill.window import ChunkWindows
 from rosetta_dagster.core.capture import Capture, PositionLost, capture_engine
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
@@ -31,6 +29,8 @@ from rosetta_dagster.core.streaming.prestream import (
     refuse_unstreamable,
 )
 from rosetta_dagster.core.streaming.progress import StreamProgress
+from rosetta_dagster.core.streaming.refused import RefusedChanges
+from rosetta_dagster.core.table_schema import TableSchema, read_table_schema
 
 logger = logging.getLogger("rosetta.streaming")
 
@@ -72,7 +72,7 @@ class StreamingSession:
         self._source_rows = SourceRows(lambda: connect_source(pipeline))
         self.batches = BatchRouter(
             pipeline, self.destinations,
-            ChunkWindows(self._schemas, self.destinations.appliers, config_store, log),
+            ChunkWindows(self._schemas, self.destinations.writers, config_store, log),
             CatalogWatch(pipeline, self._schemas, self._read_schema, self._source_rows),
             self.refused, self.progress, config_store, log,
             request_backfills=self._request_backfills)
@@ -204,7 +204,7 @@ class StreamingSession:
     def _initial_load(self) -> None:
         self.batches.fences = load_uncovered_tables(
             self.pipeline, self.positions, self._schemas,
-            created={t for a in self.destinations.appliers for t in a.created}, log=self.log,
+            created={t for a in self.destinations.writers for t in a.created}, log=self.log,
             on_table_loaded=self._table_loaded, on_wait=self._heartbeat_if_due,
             request_backfills=self._request_backfills)
 
@@ -225,11 +225,11 @@ class StreamingSession:
         fresh_snapshot = not self.positions.exists() and self.pipeline.settings.snapshot_mode in (
             "initial", "always", "when_needed"
         )
-        appliers = self.destinations.appliers
+        writers = self.destinations.writers
         if fresh_snapshot:
-            for applier in appliers:
-                applier.begin_resync()
-        self.batches.resyncing = fresh_snapshot or any(a.resync_pending() for a in appliers)
+            for writer in writers:
+                writer.begin_resync()
+        self.batches.resyncing = fresh_snapshot or any(a.resync_pending() for a in writers)
         self._start_engine()
 
     def _start_engine(self) -> None:

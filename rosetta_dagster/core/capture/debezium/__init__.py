@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import psycopg2.errors
 import psycopg2.extensions
 
-from rosetta_dagster.core.apply.schema import TableSchema
 from rosetta_dagster.core.capture import BatchHandler, Capture, Log, PositionStore, StoredPosition
 from rosetta_dagster.core.capture.debezium.offsets import (
     StoredOffset,
@@ -29,6 +28,7 @@ from rosetta_dagster.core.errors import DatabaseConnectionError
 from rosetta_dagster.core.initial_load import LoadState
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
 from rosetta_dagster.core.position_tracking import PositionTracking
+from rosetta_dagster.core.table_schema import TableSchema
 from rosetta_dagster.settings import config_database_url
 
 if TYPE_CHECKING:

@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 
 import psycopg2.extensions
 
-from rosetta_dagster.core.apply.schema import TableSchema, read_column_types
 from rosetta_dagster.core.events import ChangeEvent, Watermark
 from rosetta_dagster.core.pipeline_config import TableRef
+from rosetta_dagster.core.table_schema import TableSchema, read_column_types
 
 
 class TypeWatch:

@@ -22,9 +22,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from rosetta_dagster.core.apply.schema import NESTED_XML_REFUSAL, Column, nested_xml
-from rosetta_dagster.core.apply.values import Converter, SourceText, ValueCodec
 from rosetta_dagster.core.errors import RosettaError
+from rosetta_dagster.core.table_schema import NESTED_XML_REFUSAL, Column, nested_xml
+from rosetta_dagster.core.values import Converter, SourceText, ValueCodec
 
 # Debezium's value for an unchanged TOASTed column that the WAL record does not carry.
 UNAVAILABLE_VALUE = "__debezium_unavailable_value"

@@ -10,18 +10,18 @@ from typing import Any
 
 import psycopg2.extensions
 
-from rosetta_dagster.core.apply.schema import (
+from rosetta_dagster.core.capture import BatchHandler, Capture, PositionStore
+from rosetta_dagster.core.capture.pgoutput.positions import DestinationPositions
+from rosetta_dagster.core.events import UNCHANGED_TOAST
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
+from rosetta_dagster.core.table_schema import (
     NESTED_XML_REFUSAL,
     Column,
     TableSchema,
     nested_xml,
     xml_as_text,
 )
-from rosetta_dagster.core.apply.values import ValueCodec
-from rosetta_dagster.core.capture import BatchHandler, Capture, PositionStore
-from rosetta_dagster.core.capture.pgoutput.positions import DestinationPositions
-from rosetta_dagster.core.events import UNCHANGED_TOAST
-from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
+from rosetta_dagster.core.values import ValueCodec
 
 
 def _as_sent(value: Any) -> str:

@@ -21,45 +21,38 @@ During such a snapshot the applier records every snapshot key in a key table nex
 destination table (same transaction as the MERGE); when the snapshot ends, rows whose key was
 not recorded are deleted and the key tables dropped (:meth:`PostgresApplier.finish_resync`).
 That point is exact: the snapshot is a consistent read, and streaming events are only applied
-after it. Backfill chunks are merged by ``core.backfill.chunk_merge``.
+after it. Backfill chunks are merged by ``staging.merge_chunk`` (see ``core.backfill``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg2.extensions
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.errors import ApplyError, classify
-from rosetta_dagster.core.apply.net_changes import NetChanges, Origin
-from rosetta_dagster.core.apply.schema import (
+from rosetta_dagster.core.destination import (
+    BatchResult,
+    ChunkCounts,
+    KeyBounds,
     RetypedColumn,
-    TableSchema,
-    ensure_destination_table,
+    SchemaSource,
 )
-from rosetta_dagster.core.apply.statements import (
-    BatchStatements,
-    ResyncStatements,
+from rosetta_dagster.core.destination.errors import ApplyError, classify
+from rosetta_dagster.core.destination.net_changes import NetChanges
+from rosetta_dagster.core.destination.postgres.ddl import ensure_destination_table
+from rosetta_dagster.core.destination.postgres.plan import TablePlan, copy_lines, keys_table_name
+from rosetta_dagster.core.destination.postgres.staging import merge_chunk
+from rosetta_dagster.core.destination.postgres.statements import (
     batch_statements,
     delete_staged,
     fill_left_out,
     resync_statements,
-)
-from rosetta_dagster.core.apply.values import (
-    COPY_NULL,
-    ROW_NULL,
-    Converter,
-    ValueCodec,
-    copy_field,
-    copy_row,
 )
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent
@@ -67,50 +60,12 @@ from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import ResilientConnectionPool
 from rosetta_dagster.core.position_tracking import PositionTracking
 from rosetta_dagster.core.source_rows import SourceRows
+from rosetta_dagster.core.table_schema import TableSchema
+from rosetta_dagster.core.values import (
+    ValueCodec,
+)
 
 logger = logging.getLogger("rosetta.apply")
-
-
-SchemaSource = Callable[[TableRef], TableSchema]
-
-
-@dataclass
-class TablePlan:
-    """Everything needed to stage and merge one table, built once per schema version."""
-
-    schema: TableSchema
-    target: sql.Identifier
-    stage_name: str
-    converters: list[tuple[str, Converter]]
-    statements: BatchStatements
-    resync: ResyncStatements
-    known_columns: frozenset[str] = field(init=False)
-    converter_of: dict[str, Converter] = field(init=False)  # by column name
-    column_names: tuple[str, ...] = field(init=False)  # in COPY order
-    key_of: Callable[[Mapping[str, Any]], tuple[Any, ...]] = field(init=False)
-
-    def __post_init__(self) -> None:
-        # Columns the options leave out are known too: ignored, not a schema change.
-        self.known_columns = frozenset(self.schema.column_names) | self.schema.ignored_columns
-        self.converter_of = dict(self.converters)
-        self.column_names = tuple(name for name, _ in self.converters)
-        key = self.schema.primary_key
-        self.key_of = lambda row: tuple(map(row.get, key))  # a row's primary key
-
-
-@dataclass
-class BatchResult:
-    events_by_table: dict[TableRef, int]
-    rows_written: int
-    truncates: int
-    last_source_ts_ms: dict[TableRef, int]  # source commit time of each table's last event
-    unchanged_toast_values: int  # placeholders seen and kept at the destination's value
-
-
-def _keys_table_name(table: TableRef) -> str:
-    """Key table of a re-snapshot; hashed suffix keeps long names unique within 63 bytes."""
-    digest = hashlib.sha1(table.qualified.encode()).hexdigest()[:8]
-    return f"_rosetta_resync_{table.name[:30]}_{digest}"
 
 
 def _note_run(counts: dict[TableRef, int], last_ts: dict[TableRef, int], table: TableRef,
@@ -225,7 +180,7 @@ class PostgresApplier:
         # A new staging name per column set: a widened table gets a fresh staging table.
         shape = tuple((c.name, c.type_sql) for c in schema.columns)
         stage_name = f"_rosetta_stage_{abs(hash((table, shape))) % 10**12}"
-        keys_table = sql.Identifier(self.target_schema, _keys_table_name(table))
+        keys_table = sql.Identifier(self.target_schema, keys_table_name(table))
         return TablePlan(
             schema, target, stage_name,
             [(c.name, self.values.converter_for(c)) for c in schema.columns],
@@ -268,6 +223,28 @@ class PostgresApplier:
                     self.name, count, table.qualified,
                 )
         return removed
+
+    # -- backfill chunks -------------------------------------------------------------------
+
+    def merge_chunk(self, table: TableRef, job_id: int, chunk: int, *,
+                    excluded: set[tuple[Any, ...]], skip_all: bool, bounds: KeyBounds | None,
+                    row_filter: tuple[sql.Composable, list[Any]]) -> ChunkCounts | None:
+        plan = self._plans[table]
+        with self.pool.connection() as conn:
+            return merge_chunk(conn, plan.schema, plan.target, self.target_schema,
+                               plan.stage_name, plan.converter_of, job_id, chunk,
+                               excluded=excluded, skip_all=skip_all, bounds=bounds,
+                               row_filter=row_filter)
+
+    # -- connections -----------------------------------------------------------------------
+
+    @property
+    def pools(self) -> Sequence[ResilientConnectionPool]:
+        return (self.pool,)
+
+    def close(self) -> None:
+        self.abort()  # a transaction left open inside a large source transaction
+        self.pool.close()
 
     # -- apply -----------------------------------------------------------------------------
 
@@ -468,90 +445,6 @@ class PostgresApplier:
         cursor.execute("RELEASE SAVEPOINT _rosetta_direct")
         return True
 
-    def _copy_lines(self, plan: TablePlan, events: list[ChangeEvent], *,
-                    origins: Mapping[tuple[Any, ...], Origin] | None = None, staged: bool
-                    ) -> tuple[io.StringIO, int, int, int]:
-        """COPY text of ``events``: the table's columns (``staged``: then the operation, the
-        columns left out and where their values come from, for the staging table). Returns it
-        with its rows, the unchanged TOAST values it leaves out and all values left out."""
-        buffer = io.StringIO()
-        write = buffer.write
-        key_columns = set(plan.schema.primary_key)
-        names = plan.column_names
-        rows = 0
-        unchanged_toast = 0
-        left_out = 0
-        is_unchanged = self.values.is_unchanged
-        whole_rows = self.values.text_as_sent
-        # The stage's origin columns of a change that keeps the destination row's values.
-        keep_suffix = "\tt" + "\t\\N" * len(plan.schema.primary_key)
-        for event in events:
-            values = event.row
-            delete = event.is_delete
-            unchanged: list[str] = []
-            line: str | None = None
-            if whole_rows:
-                # Every column present as text or NULL: the row escaped in one call; anything
-                # else (an unchanged TOAST value, an absent column) takes the path below.
-                try:
-                    if delete:
-                        line = copy_row([v if n in key_columns and (v := values.get(n)) is not None
-                                         else ROW_NULL for n in names])
-                    else:
-                        line = copy_row([ROW_NULL if (v := values[n]) is None else v
-                                         for n in names])
-                except (KeyError, TypeError):
-                    line = None
-            if line is None:
-                fields = []
-                for name, convert in plan.converters:
-                    if name not in values:
-                        # Absent (added later on the source, or dropped): keep the current value.
-                        if not delete:
-                            unchanged.append(name)
-                        fields.append(COPY_NULL)
-                        continue
-                    value = values[name]
-                    if value is None or (delete and name not in key_columns):
-                        fields.append(COPY_NULL)
-                    elif is_unchanged(value):
-                        unchanged_toast += 1
-                        unchanged.append(name)
-                        fields.append(COPY_NULL)
-                    else:
-                        fields.append(copy_field(convert(value)))
-                line = "\t".join(fields)
-            write(line)
-            left_out += len(unchanged)
-            if staged:
-                write("\td\t" if delete else "\tu\t")
-                if unchanged:
-                    write(copy_field("{" + ",".join('"' + n.replace('"', '\\"') + '"'
-                                                    for n in unchanged) + "}"))
-                    origin = origins.get(plan.key_of(values)) if origins else None
-                    write(keep_suffix if origin is None else self._origin_fields(plan, origin))
-                else:
-                    write(COPY_NULL)
-                    write(keep_suffix)
-            write("\n")
-            rows += 1
-        buffer.seek(0)
-        return buffer, rows, unchanged_toast, left_out
-
-    @staticmethod
-    def _origin_fields(plan: TablePlan, origin: Origin) -> str:
-        """The stage's ``keep`` and old-key fields of a change whose left-out values come from
-        elsewhere than the destination row at its key."""
-        fields = ["t" if origin.keep else "f"]
-        if origin.moved_from is None:
-            fields.extend(COPY_NULL for _ in plan.schema.primary_key)
-        else:
-            converters = plan.converter_of
-            fields.extend(COPY_NULL if value is None else copy_field(converters[name](value))
-                          for name, value in zip(plan.schema.primary_key, origin.moved_from,
-                                                 strict=True))
-        return "\t" + "\t".join(fields)
-
     def _merge(
         self,
         conn: psycopg2.extensions.connection,
@@ -566,15 +459,15 @@ class PostgresApplier:
         # them straight into the table; a key already there, or any refusal, falls back to
         # staging + MERGE, which upserts (or reports) exactly as before.
         if not record_keys and all(e.op == "c" for e in events):
-            direct, rows, _, left_out = self._copy_lines(plan, events, staged=False)
+            direct, rows, _, left_out = copy_lines(plan, events, self.values, staged=False)
             # (an insert that leaves values out: Debezium's half of a key update whose other
             # half came in the batch before)
             with conn.cursor() as cursor:
                 if not left_out and self._copy_direct(cursor, plan, direct):
                     result.rows_written += rows
                     return
-        buffer, rows, unchanged_toast, left_out = self._copy_lines(
-            plan, events, origins=net.origins, staged=True)
+        buffer, rows, unchanged_toast, left_out = copy_lines(
+            plan, events, self.values, origins=net.origins, staged=True)
         with conn.cursor() as cursor:
             cursor.execute(statements.create_stage)
             try:

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.schema import TableSchema, destination_type, key_range
+from rosetta_dagster.core.destination.postgres.ddl import destination_type
+from rosetta_dagster.core.table_schema import TableSchema, key_range
 
 OP = "_rosetta_op"
 UNCHANGED = "_rosetta_unchanged"

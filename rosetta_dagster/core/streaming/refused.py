@@ -25,8 +25,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rosetta_dagster.core.apply.applier import BatchResult, PostgresApplier
-from rosetta_dagster.core.apply.errors import (
+from rosetta_dagster.core.config_store import ApplySkip, ConfigStore, ParkedRow, PipelineStatus
+from rosetta_dagster.core.destination import BatchResult, DestinationWriter
+from rosetta_dagster.core.destination.errors import (
     OPERATIONS,
     RefusedChange,
     classify,
@@ -34,7 +35,6 @@ from rosetta_dagster.core.apply.errors import (
     event_from_text,
     event_position,
 )
-from rosetta_dagster.core.config_store import ConfigStore, ParkedRow, PipelineStatus
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
@@ -75,9 +75,9 @@ class RefusedChanges:
         self.retry_s = settings.apply_retry_seconds
         # destination -> keys with parked changes: (table, key JSON)
         self._parked: dict[str, set[tuple[str, str]]] = {}
-        self._skips: list[dict[str, Any]] = []
+        self._skips: list[ApplySkip] = []
         self._next_poll = 0.0
-        self.stopped_on: dict[str, Any] | None = None  # the change the last run stopped on
+        self.stopped_on: RefusedChange | None = None  # the change the last run stopped on
 
     def load(self) -> None:
         """What the config store says before streaming: skips, parked keys, the last stop."""
@@ -89,7 +89,7 @@ class RefusedChanges:
 
     # -- applying --------------------------------------------------------------------------
 
-    def apply(self, applier: PostgresApplier, events: Sequence[ChangeEvent], *,
+    def apply(self, writer: DestinationWriter, events: Sequence[ChangeEvent], *,
               record_keys: bool, position: int | None, complete: bool,
               unreachable_handled: bool) -> BatchResult:
         """Apply a batch to one destination, whatever it refuses (see the module docstring).
@@ -98,23 +98,23 @@ class RefusedChanges:
         lost connection is raised at once instead of retried here.
         """
         if self._skips:
-            events = self._drop_skipped(applier, events)
-        if self._parked.get(applier.name):
-            events = self._park_behind(applier, events)
-        spanning = applier.in_transaction  # earlier pieces are in the open transaction
+            events = self._drop_skipped(writer, events)
+        if self._parked.get(writer.name):
+            events = self._park_behind(writer, events)
+        spanning = writer.in_transaction  # earlier pieces are in the open transaction
         try:
-            return self._retrying(applier, lambda: applier.apply(
+            return self._retrying(writer, lambda: writer.apply(
                 events, record_keys=record_keys, position=position, complete=complete),
                 spanning or unreachable_handled)
         except Exception as exc:  # noqa: BLE001 - classified just below
             data = classify(exc) == "data"
             if not data or spanning or not complete or record_keys:
                 if data and events:
-                    self._note_unsplittable(applier, events, exc)
+                    self._note_unsplittable(writer, events, exc)
                 raise
-            return self._isolate(applier, list(events), position, exc)
+            return self._isolate(writer, list(events), position, exc)
 
-    def _retrying(self, applier: PostgresApplier, attempt: Callable[[], BatchResult],
+    def _retrying(self, writer: DestinationWriter, attempt: Callable[[], BatchResult],
                   raise_at_once: bool) -> BatchResult:
         deadline: float | None = None
         tries = 0
@@ -134,38 +134,38 @@ class RefusedChanges:
                 self.log.warning(
                     "Pipeline %s: destination %s: transient error%s: %s; retrying the same "
                     "batch in %.1f s (attempt %d, giving up %.0f s after the first error)",
-                    self.pipeline.name, applier.name, f" [SQLSTATE {sqlstate}]" if sqlstate else "",
+                    self.pipeline.name, writer.name, f" [SQLSTATE {sqlstate}]" if sqlstate else "",
                     reason, delay, tries + 1, self.retry_s)
                 self.sleep(delay)
 
-    def _isolate(self, applier: PostgresApplier, events: list[ChangeEvent],
+    def _isolate(self, writer: DestinationWriter, events: list[ChangeEvent],
                  position: int | None, first_refusal: BaseException) -> BatchResult:
         remaining = events
         refusal: BaseException | None = first_refusal
         while remaining:
-            index, exc = self._first_refused(applier, remaining, refusal)
+            index, exc = self._first_refused(writer, remaining, refusal)
             if index is None or exc is None:
                 break
             event = remaining[index]
-            report = RefusedChange.of(self.pipeline.name, applier.name, event,
-                                      applier.key_text(event), exc)
+            report = RefusedChange.of(self.pipeline.name, writer.name, event,
+                                      writer.key_text(event), exc)
             if not self.park:
                 self._stop(report)
             self.log.error("%s Parked with the key's later changes (on_apply_error: park).",
                            report.sentence())
-            self._park(applier, [event], report)
-            remaining = self._park_behind(applier, remaining[index + 1:])
+            self._park(writer, [event], report)
+            remaining = self._park_behind(writer, remaining[index + 1:])
             refusal = None
         # Everything else is applied: now the batch's position moves.
-        return self._retrying(applier, lambda: applier.apply([], position=position), False)
+        return self._retrying(writer, lambda: writer.apply([], position=position), False)
 
-    def _first_refused(self, applier: PostgresApplier, events: list[ChangeEvent],
+    def _first_refused(self, writer: DestinationWriter, events: list[ChangeEvent],
                        refusal: BaseException | None) -> tuple[int | None, BaseException | None]:
         """Apply ``events`` up to the first one the destination refuses: its index and error,
         or None when all went through. ``refusal``: the error applying all of them gave."""
         if refusal is None:
             try:
-                self._retrying(applier, lambda: applier.apply(events), False)
+                self._retrying(writer, lambda: writer.apply(events), False)
                 return None, None
             except Exception as exc:
                 if classify(exc) != "data":
@@ -174,90 +174,90 @@ class RefusedChanges:
         if len(events) == 1:
             return 0, refusal
         middle = len(events) // 2
-        index, exc = self._first_refused(applier, events[:middle], None)
+        index, exc = self._first_refused(writer, events[:middle], None)
         if index is not None:
             return index, exc
-        index, exc = self._first_refused(applier, events[middle:], None)
+        index, exc = self._first_refused(writer, events[middle:], None)
         return (middle + index, exc) if index is not None else (None, None)
 
     def _stop(self, report: RefusedChange) -> None:
         if self.store is not None:
-            self.store.record_apply_error(self.pipeline.name, report.as_dict())
+            self.store.record_apply_error(self.pipeline.name, report)
             self.store.set_pipeline_status(self.pipeline.name, PipelineStatus.PAUSE)
         raise StoppedOnRefusedChange(report)
 
-    def _note_unsplittable(self, applier: PostgresApplier, events: Sequence[ChangeEvent],
+    def _note_unsplittable(self, writer: DestinationWriter, events: Sequence[ChangeEvent],
                            exc: BaseException) -> None:
         """A refusal inside one source transaction applied in pieces: recorded, not split."""
         if self.store is None:
             return
-        report = RefusedChange.of(self.pipeline.name, applier.name, events[0],
-                                  applier.key_text(events[0]), exc)
-        self.store.record_apply_error(self.pipeline.name, report.as_dict())
+        report = RefusedChange.of(self.pipeline.name, writer.name, events[0],
+                                  writer.key_text(events[0]), exc)
+        self.store.record_apply_error(self.pipeline.name, report)
 
     # -- skips -----------------------------------------------------------------------------
 
-    def _drop_skipped(self, applier: PostgresApplier, events: Sequence[ChangeEvent]
+    def _drop_skipped(self, writer: DestinationWriter, events: Sequence[ChangeEvent]
                       ) -> list[ChangeEvent]:
         kept = []
         for event in events:
-            skip = self._matching_skip(applier, event)
+            skip = self._matching_skip(writer, event)
             if skip is None:
                 kept.append(event)
                 continue
             self._skips.remove(skip)
             assert self.store is not None
-            self.store.mark_skipped(skip["id"])
+            self.store.mark_skipped(skip.id)
             self.log.warning(
                 "Pipeline %s: skipped the %s of %s key %s at source position %s on destination "
-                "%s, as %s asked at %s", self.pipeline.name, skip["operation"], skip["table_name"],
-                json.dumps(skip["key"]), skip["position"], applier.name, skip["requested_by"],
-                skip["requested_at"].isoformat(timespec="seconds"))
+                "%s, as %s asked at %s", self.pipeline.name, skip.operation, skip.table_name,
+                json.dumps(skip.key), skip.position, writer.name, skip.requested_by,
+                skip.requested_at.isoformat(timespec="seconds"))
         return kept
 
-    def _matching_skip(self, applier: PostgresApplier, event: ChangeEvent) -> dict[str, Any] | None:
+    def _matching_skip(self, writer: DestinationWriter, event: ChangeEvent) -> ApplySkip | None:
         position = event_position(event)
         if position is None:
             return None
         for skip in self._skips:
-            if (skip["destination"] == applier.name and skip["position"] == position
-                    and skip["table_name"] == event.table.qualified
-                    and skip["key"] == applier.key_text(event)):
+            if (skip.destination == writer.name and skip.position == position
+                    and skip.table_name == event.table.qualified
+                    and skip.key == writer.key_text(event)):
                 return skip
         return None
 
     # -- parking ---------------------------------------------------------------------------
 
-    def _park_behind(self, applier: PostgresApplier, events: Sequence[ChangeEvent]
+    def _park_behind(self, writer: DestinationWriter, events: Sequence[ChangeEvent]
                      ) -> list[ChangeEvent]:
         """Changes of keys with parked changes go behind them; the rest is returned."""
-        parked = self._parked.get(applier.name)
+        parked = self._parked.get(writer.name)
         if not parked:
             return list(events)
         kept: list[ChangeEvent] = []
         behind: list[ChangeEvent] = []
         for event in events:
-            if event.carries_row and _key_id(event.table.qualified, applier.key_text(event)) in parked:
+            if event.carries_row and _key_id(event.table.qualified, writer.key_text(event)) in parked:
                 behind.append(event)
             else:
                 kept.append(event)
         if behind:
-            self._park(applier, behind, None)
+            self._park(writer, behind, None)
         return kept
 
-    def _park(self, applier: PostgresApplier, events: Sequence[ChangeEvent],
+    def _park(self, writer: DestinationWriter, events: Sequence[ChangeEvent],
               report: RefusedChange | None) -> None:
         assert self.store is not None
         rows = []
         for event in events:
-            key = applier.key_text(event)
+            key = writer.key_text(event)
             error = report.sentence() if report is not None else (
                 "parked behind an earlier refused change of the same key")
-            rows.append(ParkedRow(applier.name, event.table.qualified, key,
+            rows.append(ParkedRow(writer.name, event.table.qualified, key,
                                   OPERATIONS.get(event.op, event.op), event_position(event),
-                                  applier.event_as_text(event), error,
+                                  writer.event_as_text(event), error,
                                   report.sqlstate if report is not None else None))
-            self._parked.setdefault(applier.name, set()).add(
+            self._parked.setdefault(writer.name, set()).add(
                 _key_id(event.table.qualified, key))
         self.store.park_events(self.pipeline.name, rows)
 
@@ -268,32 +268,32 @@ class RefusedChanges:
             parked.setdefault(destination, set()).add(_key_id(table, key))
         self._parked = parked
 
-    def replay_requested(self, appliers: Sequence[PostgresApplier]) -> None:
+    def replay_requested(self, writers: Sequence[DestinationWriter]) -> None:
         """Replay the parked changes a person asked to retry, key by key, oldest first, and
         release the keys that went through. Called by the stream between batches."""
         if self.store is None or not self.park and not self._parked:
             return
-        if any(a.in_transaction for a in appliers):
+        if any(a.in_transaction for a in writers):
             return  # inside a large source transaction: replay after its commit
         now = time.monotonic()
         if now < self._next_poll:
             return
         self._next_poll = now + PARKED_POLL_S
         requested = self.store.list_parked(self.pipeline.name, retry_requested=True)
-        by_name = {a.name: a for a in appliers}
+        by_name = {a.name: a for a in writers}
         groups: dict[tuple[str, str, str], list[Any]] = {}
         for row in requested:
             groups.setdefault((row.destination, *_key_id(row.table_name, row.key)), []).append(row)
         for (destination, table, key), rows in groups.items():
-            applier = by_name.get(destination)
-            if applier is None:
+            writer = by_name.get(destination)
+            if writer is None:
                 continue
             # Positions are the key's past: replayed without them (a destination tracking its
             # position would otherwise take them for changes it already has).
             events = [event_from_text({**r.event, "commit_lsn": None}) for r in rows]
             ids = [r.id for r in rows]
             try:
-                self._retrying(applier, lambda a=applier, e=events: a.apply(e), False)
+                self._retrying(writer, lambda a=writer, e=events: a.apply(e), False)
             except Exception as exc:
                 if classify(exc) != "data":
                     raise

@@ -1,4 +1,4 @@
-"""Bulk mode of the apply path: a whole destination table written with COPY.
+"""Whole tables written with COPY: the initial load's side of a PostgreSQL destination.
 
 Used by the initial load (first start, re-sync after a lost slot, a table added to a
 pipeline). An empty destination table is written directly, range by range. One that already
@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg2.extensions
 from psycopg2 import sql
 
-from rosetta_dagster.core.apply.schema import TableSchema, xml_as_text
+from rosetta_dagster.core.destination import ConnectionTracker
+from rosetta_dagster.core.destination.postgres.ddl import ensure_destination_table
+from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
+from rosetta_dagster.core.replication import connect_destination, destination_connection
+from rosetta_dagster.core.table_schema import TableSchema, xml_as_text
 
 # PostgreSQL's FirstNormalObjectId: OIDs below it are the server's own (built-in) objects.
 FIRST_NORMAL_OID = 16384
@@ -143,3 +149,46 @@ def pipe_copy(
     if failure:
         raise failure[0]
     return int(rows)
+
+
+class PostgresTableLoad:
+    """One table loaded into one PostgreSQL destination, range by range on connections of
+    its own, made visible by :meth:`finish`."""
+
+    def __init__(self, pipeline: PipelineDefinition, destination: Destination,
+                 schema: TableSchema, *, widen: bool) -> None:
+        self._pipeline = pipeline
+        self._destination = destination
+        self.destination = destination.name
+        with destination_connection(pipeline, destination) as conn:
+            if widen:
+                ensure_destination_table(conn, schema, destination.schema, destination.name)
+            self._bulk = BulkTableLoad.begin(conn, destination.schema, schema, destination.name)
+        self.mode = self._bulk.mode
+
+    def copy(self, source: psycopg2.extensions.connection, select: sql.Composable,
+             params: Sequence[Any], track: ConnectionTracker) -> int:
+        options = sql.SQL(" (FORMAT binary)" if self._bulk.binary else "")
+        with source.cursor() as cursor:
+            copy_out = cursor.mogrify(sql.SQL("COPY ({}) TO STDOUT{}").format(select, options),
+                                      list(params)).decode()
+        target = connect_destination(self._pipeline, self._destination)
+        try:
+            target.autocommit = False
+            with track(target):
+                rows = pipe_copy(source, copy_out, target,
+                                 self._bulk.copy_from_stdin().as_string(target))
+            target.commit()
+            return rows
+        finally:
+            target.close()
+
+    def finish(self) -> None:
+        if self.mode == "direct":
+            return
+        conn = connect_destination(self._pipeline, self._destination)
+        try:
+            conn.autocommit = False
+            self._bulk.finish(conn)
+        finally:
+            conn.close()

@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 import psycopg2
 
-from rosetta_dagster.core.apply.values import SourceText
 from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
 from rosetta_dagster.core.events import ChangeEvent, format_lsn
 from rosetta_dagster.core.pipeline_config import TableRef
+from rosetta_dagster.core.values import SourceText
 
 ErrorKind = Literal["transient", "data", "other"]
 
@@ -158,7 +158,7 @@ def event_position(event: ChangeEvent) -> str | None:
 
 
 def event_from_text(data: dict[str, Any]) -> ChangeEvent:
-    """A change stored by ``PostgresApplier.event_as_text``, its values marked as text."""
+    """A change stored by ``DestinationWriter.event_as_text``, its values marked as text."""
     def values(row: dict[str, str | None] | None) -> dict[str, Any] | None:
         if row is None:
             return None

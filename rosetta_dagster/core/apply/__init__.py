@@ -1,1 +1,0 @@
-"""Applying change events to destination PostgreSQL databases (no Dagster import)."""

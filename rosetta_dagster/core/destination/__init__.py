@@ -1,0 +1,206 @@
+"""Destinations: one small interface, one folder per kind.
+
+* ``postgres/`` - a PostgreSQL database: batches merged set-wise in one transaction with the
+  stream position, tables created and widened like the source's, chunks staged in unlogged
+  tables.
+
+What the rest of the product needs from a destination is here and nothing else:
+
+* the stream (``core.streaming``) opens a :class:`DestinationWriter` per destination: it
+  prepares tables from the source schema and follows their columns, applies a batch with its
+  position in the same transaction, reads the committed position back, reconciles a
+  re-snapshot and merges staged backfill chunks (``core.backfill``'s part 3);
+* a backfill job opens a :class:`ChunkStaging` per destination: the chunks it copies from the
+  source wait there until the stream merges them;
+* the initial load opens a :class:`TableLoad` per table and destination: ranges copied from
+  the source's snapshot in parallel, made visible at once when the last one is in.
+
+Records that cross the seam (:class:`BatchResult`, :class:`ChunkCounts`,
+:class:`RetypedColumn`) are here too; refused-change reports are in ``errors``, the net change
+per key of a batch in ``net_changes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import psycopg2.extensions
+from psycopg2 import sql
+
+from rosetta_dagster.core.events import ChangeEvent
+from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
+from rosetta_dagster.core.table_schema import TableSchema
+
+if TYPE_CHECKING:
+    from rosetta_dagster.core.pool import ResilientConnectionPool
+    from rosetta_dagster.core.position_tracking import PositionTracking
+    from rosetta_dagster.core.source_rows import SourceRows
+    from rosetta_dagster.core.values import ValueCodec
+
+# A chunk's key range: (after, through), key values in their text form; None = open.
+KeyBounds = tuple[Sequence[str | None] | None, Sequence[str | None] | None]
+SchemaSource = Callable[[TableRef], TableSchema]
+# Registers a destination connection for the time of a copy, so that the caller can cancel it.
+ConnectionTracker = Callable[[Any], AbstractContextManager[None]]
+
+
+@dataclass
+class BatchResult:
+    """What applying one batch did on one destination."""
+
+    events_by_table: dict[TableRef, int]
+    rows_written: int
+    truncates: int
+    last_source_ts_ms: dict[TableRef, int]  # source commit time of each table's last event
+    unchanged_toast_values: int  # placeholders seen and kept at the destination's value
+
+
+@dataclass
+class ChunkCounts:
+    """What applying one backfill chunk changed on one destination."""
+
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+
+    def __iadd__(self, other: ChunkCounts) -> ChunkCounts:
+        self.inserted += other.inserted
+        self.updated += other.updated
+        self.deleted += other.deleted
+        return self
+
+
+@dataclass(frozen=True)
+class RetypedColumn:
+    """A destination column given the source column's new type (ALTER COLUMN TYPE)."""
+
+    name: str
+    old_type: str  # as the destination printed it, before
+    new_type: str
+
+
+class DestinationWriter(Protocol):
+    """A stream's writer to one destination (one per destination, for the stream's life)."""
+
+    name: str
+    # Where the destination records the stream position with each batch (None: the capture
+    # engine keeps its own); a destination that tracks it can fall behind and catch up alone.
+    tracking: PositionTracking | None
+    # With tracking: the position this destination has committed.
+    position: int | None
+    # Tables created by prepare() (first start, added, new target), and tables with columns
+    # given the source's new type since the caller last took them.
+    created: set[TableRef]
+    retyped: dict[TableRef, tuple[RetypedColumn, ...]]
+
+    def prepare(self, schemas: Iterable[TableSchema]) -> None:
+        """Create or widen every destination table like its source, before any change."""
+
+    def apply(self, events: Sequence[ChangeEvent], *, record_keys: bool = False,
+              position: int | None = None, complete: bool = True) -> BatchResult:
+        """Apply a batch (and record ``position``) in one transaction; raise and roll back on
+        any error. ``record_keys``: the batch belongs to a re-snapshot. ``complete=False``: a
+        piece of one source transaction; the transaction stays open for the next piece."""
+
+    @property
+    def in_transaction(self) -> bool:
+        """True while pieces of one source transaction wait in an open transaction."""
+
+    def abort(self) -> None:
+        """Roll back a transaction left open by a piece (the stream stopped inside it)."""
+
+    def read_position(self) -> int | None:
+        """The position this destination committed (None without tracking, or none yet)."""
+
+    def begin_resync(self) -> None:
+        """A re-snapshot starts: record the key of every row it writes."""
+
+    def resync_pending(self) -> bool:
+        """A re-snapshot began and its reconciliation has not run (e.g. a crash)."""
+
+    def finish_resync(self) -> dict[TableRef, int]:
+        """Delete the rows the re-snapshot did not write; the rows removed per table."""
+
+    def merge_chunk(self, table: TableRef, job_id: int, chunk: int, *,
+                    excluded: set[tuple[Any, ...]], skip_all: bool, bounds: KeyBounds | None,
+                    row_filter: tuple[sql.Composable, list[Any]]) -> ChunkCounts | None:
+        """Make the rows in a staged chunk's key range equal the chunk, except ``excluded``
+        keys (see ``core.backfill.chunk_merge``). None: the chunk is not staged."""
+
+    def key_text(self, event: ChangeEvent) -> dict[str, str | None]:
+        """The change's primary key in PostgreSQL's text form, by column."""
+
+    def event_as_text(self, event: ChangeEvent) -> dict[str, Any]:
+        """The change with every value in its text form, as JSON for the config store."""
+
+    @property
+    def pools(self) -> Sequence[ResilientConnectionPool]:
+        """Its connection pools, for the pool telemetry."""
+
+    def close(self) -> None:
+        """Roll back what is open and release the connections."""
+
+
+class ChunkStaging(Protocol):
+    """Where one backfill job's chunks wait in one destination until the stream merges them."""
+
+    name: str  # the destination's
+
+    def columns_unlike_source(self) -> list[str]:
+        """The source's columns the destination table lacks or has in another type (chunks
+        are staged once there are none: the stream widens tables when it sees the change)."""
+
+    def stage(self, source: psycopg2.extensions.connection, select: sql.Composable,
+              params: Sequence[Any], chunk: int) -> int:
+        """Copy the rows ``select`` (a SELECT of the source's columns, with ``params``) reads
+        from ``source`` into chunk ``chunk``'s staging and mark it staged; the rows staged."""
+
+    def close(self) -> None: ...
+
+
+class TableLoad(Protocol):
+    """One table loaded whole into one destination (first start, re-sync, a table added)."""
+
+    destination: str  # the destination's name
+    # "direct": the destination table was empty and rows land in it as they come; "swap":
+    # it had rows, so they land beside it and replace its rows in one transaction at finish.
+    mode: str
+
+    def copy(self, source: psycopg2.extensions.connection, select: sql.Composable,
+             params: Sequence[Any], track: ConnectionTracker) -> int:
+        """Copy the rows ``select`` reads from ``source`` (committed on return: one range of
+        many, copied in parallel); the rows copied."""
+
+    def finish(self) -> None:
+        """Every range is in: make them the table's rows."""
+
+
+class DestinationKind(Protocol):
+    """One kind of destination (one folder)."""
+
+    def open_writer(self, pipeline: PipelineDefinition, destination: Destination, *,
+                    values: ValueCodec, tracking: PositionTracking | None,
+                    read_schema: SchemaSource, source_rows: SourceRows | None,
+                    application_name: str) -> DestinationWriter:
+        """A writer with its connections open (not yet prepared)."""
+
+    def open_staging(self, pipeline: PipelineDefinition, destination: Destination,
+                     schema: TableSchema, job_id: int) -> ChunkStaging: ...
+
+    def drop_staging(self, pipeline: PipelineDefinition, destination: Destination,
+                     job_id: int) -> None:
+        """Drop whatever a finished job left staged."""
+
+    def open_table_load(self, pipeline: PipelineDefinition, destination: Destination,
+                        schema: TableSchema, *, widen: bool) -> TableLoad:
+        """``widen``: give the destination table the columns of ``schema`` first."""
+
+
+def destination_kind(destination: Destination) -> DestinationKind:
+    """The implementation for ``destination`` (imported only when used)."""
+    from rosetta_dagster.core.destination.postgres import POSTGRES
+
+    return POSTGRES
