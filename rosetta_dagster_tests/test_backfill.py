@@ -59,6 +59,7 @@ def _runner(pipeline: PipelineDefinition, store: ConfigStore, job_id: int, **kwa
     return BackfillRunner(pipeline, store, job_id, chunk_timeout_s=60, **kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 def test_a_filtered_backfill_repairs_exactly_the_matching_rows(
     streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore
 ) -> None:
@@ -83,6 +84,7 @@ def test_a_filtered_backfill_repairs_exactly_the_matching_rows(
                      "SELECT 1 FROM pg_tables WHERE tablename LIKE '_rosetta_backfill_%'")
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 @pytest.mark.parametrize("streamed", [200_000], indirect=True)
 def test_a_backfill_racing_concurrent_updates_and_deletes_converges(
     streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore
@@ -169,6 +171,7 @@ def _subset(url: str, schema: str, where: str) -> tuple[int, str]:
     return int(rows[0][0]), str(rows[0][1])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 def test_a_backfill_removes_what_the_source_no_longer_has_inside_and_outside_its_key_span(
     streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore
 ) -> None:
@@ -294,6 +297,7 @@ def test_cancelling_stops_within_a_chunk(
     wait_until(lambda: store.get_backfill_job(job.id).count_record in (2000, 3000), 5, "steady")
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 def test_a_crashed_backfill_resumes_after_its_last_applied_chunk_and_attempts_run_out(
     streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore
 ) -> None:

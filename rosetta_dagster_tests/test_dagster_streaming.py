@@ -97,7 +97,8 @@ class Deployment:
             return (len(runs) == 1 and runs[0][1] == "STARTED"
                     and state == [("RUNNING", runs[0][0])])
 
-        wait_until(one_running, 120, f"one running stream of {pipeline}")
+        # Generous: under a parallel test run, a run worker can take a while to start.
+        wait_until(one_running, 300, f"one running stream of {pipeline}")
         return self.active_runs(pipeline)[0]
 
     def rosetta(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -288,7 +289,8 @@ def test_a_killed_run_is_replaced_and_a_hung_run_is_failed_by_its_stale_heartbea
     killed = deployment.streaming_run("orders")
     os.kill(_run_worker_pid(deployment, killed), signal.SIGKILL)
     execute(env.source_url, "UPDATE public.orders SET note = 'after kill' WHERE id <= 50")
-    wait_until(lambda: killed not in deployment.active_runs("orders"), 90, "the killed run to end")
+    wait_until(lambda: killed not in deployment.active_runs("orders"), 180,
+               "the killed run to end")
     replacement = deployment.streaming_run("orders")
     assert replacement != killed
     wait_until(lambda: env.converged("public.orders"), 120, "the replacement run")
@@ -298,7 +300,7 @@ def test_a_killed_run_is_replaced_and_a_hung_run_is_failed_by_its_stale_heartbea
     hung_pid = _run_worker_pid(deployment, replacement)
     os.kill(hung_pid, signal.SIGSTOP)
     try:
-        wait_until(lambda: replacement not in deployment.active_runs("orders"), 120,
+        wait_until(lambda: replacement not in deployment.active_runs("orders"), 180,
                    "the supervisor to fail the silent run")
     finally:
         os.kill(hung_pid, signal.SIGKILL)  # now gone for good, as a lost host would be

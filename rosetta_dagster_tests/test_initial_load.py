@@ -184,6 +184,7 @@ def test_table_added_to_a_streaming_pipeline_hands_off_exactly(env: StreamingEnv
     assert slots == [("rosetta_grow",)]
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 def test_columns_added_by_a_transaction_the_slot_waits_for_are_loaded(env: StreamingEnv) -> None:
     """Found by the fuzzer: the stream read the table's columns, then creating the slot waited
     for an open transaction that added a column and wrote rows with it; the snapshot holds
@@ -265,6 +266,7 @@ def test_crash_during_the_initial_load_is_recovered_by_the_next_start(
     assert any("exists without a recorded offset" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 def test_slot_creation_waiting_on_an_open_transaction_keeps_heartbeating(
     env: StreamingEnv, store: ConfigStore, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -130,6 +130,7 @@ def test_stop_names_the_change_applies_what_came_before_and_resumes_or_skips(
         (position, "ops@example.com", True)]
 
 
+@pytest.mark.parametrize("engine", ["debezium"])  # above the capture (test_capture_contract)
 def test_park_keeps_streaming_parks_the_key_behind_and_replays_in_order(
     env: StreamingEnv, store: ConfigStore, database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -175,6 +176,7 @@ def test_park_keeps_streaming_parks_the_key_behind_and_replays_in_order(
         assert _checks(env, store, on_apply_error="park")["parked_events"].passed
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 def test_a_destination_restart_mid_batch_is_retried_in_place(
     pg_cluster: LocalPostgresCluster, pg_root: Path, store: ConfigStore, engine: str,
     dedicated_cluster: LocalPostgresCluster, caplog: pytest.LogCaptureFixture,
@@ -212,6 +214,7 @@ def _exists(env: StreamingEnv) -> bool:
     return fetch(env.destination_url, "SELECT to_regclass('replica.acct') IS NOT NULL") == [(True,)]
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 def test_a_revoked_permission_is_reported_for_that_table_only(
     env: StreamingEnv, store: ConfigStore
 ) -> None:

@@ -304,6 +304,7 @@ def test_changing_the_filter_and_columns_of_a_streaming_table_converges_without_
         ("kept",)]
 
 
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
 def test_a_new_target_for_a_streaming_table_is_loaded_by_a_backfill(
     env: StreamingEnv, pg_root: Path, store: ConfigStore
 ) -> None:

@@ -4,8 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 .venv/bin/ruff check rosetta_dagster rosetta_dagster_tests benchmarks
-# ROSETTA_TEST_WORKERS=N runs the suite in N pytest-xdist workers (a module whose tests share
-# servers stays on one worker: xdist_group). One process by default: on two cores more workers
-# starve the throughput tests (kill -9 recovery, the scale of the fan-out tests) into timeouts.
+# Two pytest-xdist workers by default (ROSETTA_TEST_WORKERS=N for another count, 0 for one
+# process); a module whose tests share servers stays on one worker (xdist_group). More than two
+# on two cores starve the throughput tests (kill -9 recovery, the fan-out scale) into timeouts.
 # pytest exits 5 when it collects nothing; that is a failure here, as is any other non-zero code.
-exec .venv/bin/python -m pytest -n "${ROSETTA_TEST_WORKERS:-0}" --dist loadgroup "$@"
+exec .venv/bin/python -m pytest -n "${ROSETTA_TEST_WORKERS:-2}" --dist loadgroup "$@"
