@@ -44,7 +44,8 @@ def build_report(store: ConfigStore, config: RosettaConfig) -> dict[str, Any]:
             checks.extend(_check_row(target.label, outcome)
                           for target, outcome in evaluate_pipeline(
                               pipeline, stored[name], config.operations,
-                              {(d, t): n for p, d, t, n in parked_counts if p == name}))
+                              {(d, t): n for p, d, t, n in parked_counts if p == name},
+                              store.recent_failures(name)))
         except RosettaError as exc:  # e.g. an unreachable source: that is a failure, not a crash
             target = CheckTarget("replication_slot", name)
             checks.append(_check_row(target.label, CheckOutcome(

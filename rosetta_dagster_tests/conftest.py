@@ -18,6 +18,19 @@ from rosetta_dagster.harness import StreamingEnv, drop_slots, new_streaming_env
 
 TEST_PASSWORD = "s3cret-Test-Pw"
 
+# The modules that take minutes, slowest first. scripts/test.sh runs two pytest-xdist workers
+# with whole files as the unit (--dist loadfile: a module's tests stay together, in order, with
+# their module-scoped servers) in this order (--no-loadscope-reorder): a long module started
+# last would leave one worker idle while the other finishes it.
+SLOWEST_FIRST = ("test_dagster_streaming", "test_type_matrix", "test_fuzz", "test_crash_recovery",
+                 "test_refused_changes", "test_initial_load", "test_backfill", "test_streaming")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order kept
+
 
 @pytest.fixture(scope="session")
 def pg_root() -> Iterator[Path]:

@@ -149,7 +149,7 @@ def _run_workload(env: StreamingEnv) -> list[tuple[object, ...]]:
             wait(lambda: env.converged("public.contract"), message=f"phase {number}")
         canonical = _Canonical(env.source_url)
         try:
-            return _normalized(recorded, session.destinations.appliers[0], canonical)
+            return _normalized(recorded, session.destinations.writers[0], canonical)
         finally:
             canonical.conn.close()
 

@@ -39,9 +39,6 @@ from rosetta_dagster.harness import (
 )
 from rosetta_dagster.local_stack import write_dagster_instance_yaml
 
-# One worker runs the whole module: its module-scoped servers are started once.
-pytestmark = pytest.mark.xdist_group("dagster_streaming")
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACTIVE = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"}
 SLOT_ACTIVE = "SELECT active FROM pg_replication_slots WHERE slot_name = 'rosetta_orders'"
@@ -466,3 +463,16 @@ def test_eight_pipelines_on_one_instance_get_one_run_each_converge_and_pools_sta
     execute(deployment.config_url, "UPDATE pipelines SET status = 'PAUSE' WHERE name LIKE 'fleet%'")
     for name in FLEET:
         wait_until(lambda name=name: deployment.active_runs(name) == [], 60, f"{name} to stop")
+
+
+def test_each_process_opens_its_config_store_pool_once(deployment: Deployment) -> None:
+    """After minutes of sensor ticks (the supervisor every 5 s, the WAL monitor every 10 s, the
+    backfill, slot-guard and notification sensors) and a dozen runs: one pool per process (the
+    code server's, each run's), so the checklist's start-up line is not drowned in noise."""
+    output = deployment.output()
+    opened = output.count("Connection pool initialized successfully on attempt")
+    runs = int(fetch(deployment.storage_url, "SELECT count(*) FROM runs")[0][0])  # type: ignore[call-overload]
+    ticks = int(fetch(deployment.storage_url, "SELECT count(*) FROM job_ticks")[0][0])  # type: ignore[call-overload]
+    print(f"{opened} pools opened for {runs} runs and {ticks} sensor and schedule ticks")
+    assert ticks > 2 * runs  # the ticks alone would open many more pools than this allows
+    assert 1 <= opened <= runs + 3, output[-3000:]

@@ -16,9 +16,6 @@ import pytest
 
 from rosetta_dagster.harness.fuzz import FuzzWorld, Profile, run
 
-# One worker runs the whole module: its module-scoped servers are started once.
-pytestmark = pytest.mark.xdist_group("fuzz")
-
 # Seeds and example counts of the bounded profile, per engine (about a minute each here).
 BOUNDED = {"pgoutput": (20261203, 8), "debezium": (20261204, 4)}
 STEPS = 30

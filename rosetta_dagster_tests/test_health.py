@@ -65,15 +65,16 @@ def replica(pg_cluster: LocalPostgresCluster, pg_root: Path, store: ConfigStore
 def _outcomes(pipeline: PipelineDefinition, store: ConfigStore,
               operations: OperationsSettings = FAST) -> dict[str, CheckOutcome]:
     stored = store.get_pipeline(pipeline.name)
-    return {o.name: o for _, o in evaluate_pipeline(pipeline, stored, operations)}
+    return {o.name: o for _, o in evaluate_pipeline(pipeline, stored, operations,
+                                                    failures=store.recent_failures(pipeline.name))}
 
 
 def test_every_check_passes_on_a_healthy_replica(replica: tuple[StreamingEnv, PipelineDefinition],
                                                 store: ConfigStore) -> None:
     _, pipeline = replica
     outcomes = _outcomes(pipeline, store)
-    assert set(outcomes) == {"slot_active", "retained_wal", "row_count_parity", "content_parity",
-                             "replication_lag", "apply_errors", "parked_events"}
+    assert set(outcomes) == {"stream_health", "slot_active", "retained_wal", "row_count_parity",
+                             "content_parity", "replication_lag", "apply_errors", "parked_events"}
     failed = {name: o.description for name, o in outcomes.items() if not o.passed}
     assert failed == {}
     # 10 full chunks and the (empty) tail, where extra destination rows would show
@@ -123,11 +124,28 @@ def test_each_forced_condition_fails_at_its_severity(
     unknown = replication_lag(stored, FAST, LagReading(None, 10, note="lag not measured: x"))
     assert (unknown.passed, unknown.severity) == (False, "WARN")
 
-    # A failed batch since the last evaluation.
-    store.record_pipeline_state("checked", PipelineState.ERROR, error="batch failed: disk full")
-    errors = _outcomes(pipeline, store)["apply_errors"]
-    assert (errors.passed, errors.severity) == (False, "ERROR")
-    assert "batch failed: disk full" in errors.description
+    # The stream failed: ERROR while it does not stream (not an apply error: nothing was
+    # refused); WARN with the failure as context once it streams again; ERROR again when it
+    # fails about once a minute, even while it runs between failures.
+    store.record_pipeline_state("checked", PipelineState.ERROR, error="stream stopped: gone")
+    failed = _outcomes(pipeline, store)
+    health = failed["stream_health"]
+    assert (health.passed, health.severity) == (False, "ERROR")
+    assert "should stream and does not: its state is ERROR" in health.description
+    assert "stream stopped: gone" in health.description
+    assert failed["apply_errors"].passed
+    store.record_pipeline_state("checked", PipelineState.RUNNING)
+    health = _outcomes(pipeline, store)["stream_health"]
+    assert (health.passed, health.severity) == (False, "WARN")
+    assert "recovered at" in health.description and "1 failure(s) in the last hour" in (
+        health.description)
+    assert health.metadata["failures_last_hour"] == 1
+    for _ in range(4):
+        store.record_pipeline_state("checked", PipelineState.ERROR, error="again")
+    store.record_pipeline_state("checked", PipelineState.RUNNING)
+    health = _outcomes(pipeline, store)["stream_health"]
+    assert (health.passed, health.severity) == (False, "ERROR")
+    assert "keeps failing: 5 failures in the last 5 minutes" in health.description
 
 
 def _pool_outcomes(store: ConfigStore) -> dict[str, CheckOutcome]:
@@ -292,6 +310,7 @@ def test_the_definitions_expose_the_checks_on_the_expected_assets(
         (table, "row_count_parity"), (table, "content_parity"), (table, "replication_lag"),
         (table, "apply_errors"), (table, "parked_events"),
         (("replication_slot", "shop"), "slot_active"), (("replication_slot", "shop"), "retained_wal"),
+        (("replication_slot", "shop"), "stream_health"),
     }
     from dagster import AssetKey
 
@@ -451,3 +470,60 @@ def _receiver(posts: list[dict[str, object]]) -> str:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}/hook"
+
+
+@pytest.mark.parametrize("engine", ["pgoutput"])  # Debezium: see the closing note of #31
+def test_validate_is_red_while_the_stream_is_down_and_green_once_it_recovered(
+    dedicated_cluster: LocalPostgresCluster, pg_cluster: LocalPostgresCluster, pg_root: Path,
+    engine: str, tmp_path: Path,
+) -> None:
+    """The issue's scenario: the source restarts under a running stream, which fails (as any
+    stream failure: not an apply error). While nothing streams, `rosetta validate` exits 1 on
+    stream_health alone; once a new run streams and caught up (as the supervisor relaunches
+    it), it exits 0 and reports the failure as WARN context."""
+    env = new_streaming_env(dedicated_cluster, pg_root, engine)
+    # The config store elsewhere, as in production: the restart is the source's alone.
+    config_url = pg_cluster.create_database(f"health_config_{engine}_{tmp_path.name[-6:]}")
+    execute(env.source_url, "CREATE TABLE public.items (id int PRIMARY KEY, v text)",
+            "INSERT INTO public.items SELECT g, 'v' || g FROM generate_series(1, 100) g")
+    path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "recovers", ["public.items"],
+                                   streaming={"heartbeat_interval_ms": 1000})
+    pipeline = env.pipeline("recovers", ["public.items"])
+    with ResilientConnectionPool(config_url, PoolSettings(max_conn=2)) as pool:
+        store = ConfigStore(pool)
+        store.upgrade()
+        store.sync_pipeline(pipeline)
+        store.set_pipeline_status("recovers", PipelineStatus.START)
+        failed: list[BaseException] = []
+
+        def first_run() -> None:
+            try:
+                StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store).run()
+            except BaseException as exc:  # noqa: BLE001 - the failure under test
+                failed.append(exc)
+
+        thread = threading.Thread(target=first_run, daemon=True)
+        thread.start()
+        wait_until(lambda: env.converged("public.items"), message="the snapshot")
+        dedicated_cluster.restart()  # the fault: the run's stream fails
+        thread.join(120)
+        assert failed and store.get_pipeline("recovers").state is PipelineState.ERROR
+
+        down = _validate(env, config_url, path)
+        assert down.returncode == 1, down.stdout + down.stderr
+        assert ("FAIL ERROR replication_slot/recovers stream_health: Pipeline recovers should "
+                "stream and does not: its state is ERROR. Last failure at") in down.stdout
+        assert "apply_errors: No refused change." in down.stdout  # not called an apply error
+
+        with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir,
+                                        config_store=store)):
+            execute(env.source_url, "UPDATE public.items SET v = 'after' WHERE id <= 10")
+            wait_until(lambda: env.converged("public.items"), message="the resumed stream")
+            wait_until(lambda: store.get_pipeline("recovers").state is PipelineState.RUNNING,
+                       30, "the new run reporting RUNNING")
+            up = _validate(env, config_url, path)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert ("FAIL WARN  replication_slot/recovers stream_health: Pipeline recovers recovered "
+                "at ") in up.stdout
+        assert "1 failure(s) in the last hour. Last failure at" in up.stdout
+        assert "FAIL ERROR" not in up.stdout and up.stdout.rstrip().endswith("OK")

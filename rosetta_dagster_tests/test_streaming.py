@@ -425,8 +425,19 @@ def test_restart_resumes_from_offsets_without_a_new_snapshot(
             "Table public.nokey in source src has no primary key; Rosetta needs one to apply "
             "updates and deletes exactly.",
         ),
+        (
+            "CREATE TABLE public.nokey (id int, v text); CREATE TABLE public.ok (id int PRIMARY "
+            "KEY); CREATE TABLE public.keyless (v text)",
+            ["public.nokey", "public.ok", "public.keyless", "public.missing"],
+            None,
+            "Pipeline several_tables cannot stream 3 of its tables, so nothing was written: "
+            "Table public.nokey in source src has no primary key; Rosetta needs one to apply "
+            "updates and deletes exactly; Table public.keyless in source src has no primary key; "
+            "Rosetta needs one to apply updates and deletes exactly; Table public.missing does "
+            "not exist in source src.",
+        ),
     ],
-    ids=["bad_password", "missing_table", "no_primary_key"],
+    ids=["bad_password", "missing_table", "no_primary_key", "several_tables"],
 )
 def test_bad_input_fails_with_one_clear_sentence_and_writes_nothing(
     env: StreamingEnv, store: ConfigStore, request: pytest.FixtureRequest,

@@ -42,9 +42,6 @@ from rosetta_dagster.harness.type_matrix import (
 )
 from rosetta_dagster_tests.conftest import TEST_PASSWORD
 
-# One worker runs the whole module: its module-scoped servers are started once.
-pytestmark = pytest.mark.xdist_group("type_matrix")
-
 SYSTEM_PG15 = Path("/usr/lib/postgresql/15/bin")
 TYPE_TABLE_START, TYPE_TABLE_END = "<!-- type table: start -->", "<!-- type table: end -->"
 

@@ -30,9 +30,6 @@ from rosetta_dagster.harness import (
 from rosetta_dagster.harness.type_matrix import pinned_connection
 from rosetta_dagster_tests.conftest import TEST_PASSWORD
 
-# One worker runs the whole module: its module-scoped servers are started once.
-pytestmark = pytest.mark.xdist_group("xml")
-
 SYSTEM_PG15 = Path("/usr/lib/postgresql/15/bin")
 
 # Each kept as written: the output function (logical decoding, COPY) drops or rewrites them.

@@ -5,7 +5,8 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 .venv/bin/ruff check rosetta_dagster rosetta_dagster_tests benchmarks
 # Two pytest-xdist workers by default (ROSETTA_TEST_WORKERS=N for another count, 0 for one
-# process); a module whose tests share servers stays on one worker (xdist_group). More than two
-# on two cores starve the throughput tests (kill -9 recovery, the fan-out scale) into timeouts.
+# process), a test file being the unit (its tests in order, with their module-scoped servers),
+# the slowest files first (see conftest.py). More than two on two cores starve the throughput
+# tests (kill -9 recovery, the fan-out scale) into timeouts.
 # pytest exits 5 when it collects nothing; that is a failure here, as is any other non-zero code.
-exec .venv/bin/python -m pytest -n "${ROSETTA_TEST_WORKERS:-2}" --dist loadgroup "$@"
+exec .venv/bin/python -m pytest -n "${ROSETTA_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"

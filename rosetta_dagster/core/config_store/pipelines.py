@@ -10,6 +10,7 @@ from rosetta_dagster.core.config_store.base import StoreBase
 from rosetta_dagster.core.config_store.records import (
     PIPELINE_SELECT,
     Pipeline,
+    PipelineFailure,
     PipelineState,
     PipelineStatus,
 )
@@ -123,6 +124,19 @@ class PipelineRecords(StoreBase):
         )
         if not rows:
             raise ConfigStoreError(f"Pipeline '{name}' does not exist in the config store.")
+        if state is PipelineState.ERROR:
+            self._query(
+                "WITH old AS (DELETE FROM pipeline_failures WHERE failed_at < now() - interval "
+                "'1 day') INSERT INTO pipeline_failures (pipeline_id, error) VALUES (%s, %s)",
+                (rows[0]["pipeline_id"], error))
+
+    def recent_failures(self, name: str, within_s: float = 3600) -> list[PipelineFailure]:
+        """The stream's failures of the last ``within_s`` seconds, newest first."""
+        return [PipelineFailure.from_row(r) for r in self._query(
+            "SELECT f.error, f.failed_at FROM pipeline_failures f JOIN pipelines p "
+            "ON p.id = f.pipeline_id WHERE p.name = %s "
+            "AND f.failed_at > now() - make_interval(secs => %s) ORDER BY f.failed_at DESC",
+            (name, within_s))]
 
     def heartbeat(self, name: str, source_position_ms: int | None = None,
                   applied_lsn: int | None = None, run_id: str | None = None) -> None:

@@ -195,6 +195,14 @@ class ApplySkip(_Row):
 
 
 @dataclass(frozen=True)
+class PipelineFailure(_Row):
+    """One failure of a pipeline's stream."""
+
+    error: str | None
+    failed_at: datetime
+
+
+@dataclass(frozen=True)
 class WalReading(_Row):
     """One WAL monitor reading of a slot."""
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from rosetta_dagster.core.config_store import ConfigStore, Pipeline
+from rosetta_dagster.core.config_store import ConfigStore, Pipeline, PipelineFailure
 from rosetta_dagster.core.health.outcome import CheckOutcome, KeyRange, Severity, threshold_outcome
 from rosetta_dagster.core.health.parity import (
     backfill_row_parity,
@@ -32,6 +31,7 @@ from rosetta_dagster.core.health.stream import (
     replication_lag,
     retained_wal,
     slot_active,
+    stream_health,
 )
 from rosetta_dagster.core.lag import measure_lag
 from rosetta_dagster.core.pipeline_config import (
@@ -68,12 +68,14 @@ class CheckTarget:
 def evaluate_pipeline(
     pipeline: PipelineDefinition, stored: Pipeline, operations: OperationsSettings,
     parked: Mapping[tuple[str, str], int] | None = None,
+    failures: Sequence[PipelineFailure] = (),
 ) -> Iterator[tuple[CheckTarget, CheckOutcome]]:
-    """Every check of one pipeline (slot first, then each destination table). ``parked``:
-    parked changes by (destination, table)."""
+    """Every check of one pipeline (its stream and slot first, then each destination table).
+    ``parked``: parked changes by (destination, table); ``failures``: the stream's failures
+    of the last hour (``ConfigStore.recent_failures``)."""
     parked = parked or {}
-    since = datetime.now(UTC) - timedelta(minutes=operations.health_check_interval_minutes)
     slot = CheckTarget("replication_slot", pipeline.name)
+    yield slot, stream_health(stored, operations, failures)
     with source_connection(pipeline) as source:
         reading = read_slot(source, pipeline)
         lag = measure_lag(source, pipeline, stored.source_position_at, stored.applied_lsn)
@@ -94,7 +96,7 @@ def evaluate_pipeline(
                                                 operations.parity_window_seconds,
                                                 pipeline=pipeline.name)
                     yield where, replication_lag(stored, operations, lag)
-                    yield where, apply_errors(stored, since, destination.name, table)
+                    yield where, apply_errors(stored, destination.name, table)
                     yield where, parked_events(pipeline.name, destination.name, table,
                                                parked.get((destination.name, table.qualified), 0))
 
@@ -134,4 +136,5 @@ __all__ = [
     "replication_lag",
     "retained_wal",
     "row_count_parity",
+    "stream_health",
 ]

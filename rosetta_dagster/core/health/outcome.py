@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,17 +43,29 @@ class CheckOutcome:
     differing: KeyRange | None = None  # content_parity: the range to repair
 
 
+def human_bytes(size: float) -> str:
+    """A size as a person reads it: 125 MB, 1.5 GB, 512 B."""
+    value, unit = float(size), "B"
+    for bigger in ("kB", "MB", "GB", "TB"):
+        if abs(value) < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f}".removesuffix(".0") + f" {unit}"
+
+
 def threshold_outcome(
-    name: str, value: float, warning: float, critical: float, what: str, unit: str = ""
+    name: str, value: float, warning: float, critical: float, what: str,
+    show: Callable[[float], str] = "{:g}".format,
 ) -> CheckOutcome:
-    """Fails WARN above ``warning`` and ERROR above ``critical``."""
+    """Fails WARN above ``warning`` and ERROR above ``critical``. The description shows the
+    figures with ``show`` (human units); the metadata keeps them numeric for the UI's plots."""
     metadata: dict[str, float | int | str] = {
         "value": value, "warning_threshold": warning, "critical_threshold": critical,
     }
     if value > critical:
-        return CheckOutcome(name, False, "ERROR", f"{what} is {value:g}{unit} (> {critical:g}{unit}).",
+        return CheckOutcome(name, False, "ERROR", f"{what} is {show(value)} (> {show(critical)}).",
                             metadata)
     if value > warning:
-        return CheckOutcome(name, False, "WARN", f"{what} is {value:g}{unit} (> {warning:g}{unit}).",
+        return CheckOutcome(name, False, "WARN", f"{what} is {show(value)} (> {show(warning)}).",
                             metadata)
-    return CheckOutcome(name, True, "WARN", f"{what} is {value:g}{unit}.", metadata)
+    return CheckOutcome(name, True, "WARN", f"{what} is {show(value)}.", metadata)

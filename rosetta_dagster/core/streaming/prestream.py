@@ -19,10 +19,32 @@ from rosetta_dagster.core.replication import (
     slot_confirmed_lsn,
     slot_exists,
 )
-from rosetta_dagster.core.table_schema import SchemaError, TableSchema
+from rosetta_dagster.core.table_schema import SchemaError, TableSchema, read_table_schema
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 STALE_OFFSET_ERROR = "no longer available on the server"
+
+
+def read_schemas(pipeline: PipelineDefinition, source: psycopg2.extensions.connection
+                 ) -> dict[TableRef, TableSchema]:
+    """Every table's schema; what makes any of them unreplicable (missing, no primary key, an
+    option naming a column it lacks) is refused for all of them in one sentence."""
+    where = f"source {pipeline.source.name}"
+    schemas: dict[TableRef, TableSchema] = {}
+    refused: list[SchemaError] = []
+    for table in pipeline.tables:
+        try:
+            schemas[table] = read_table_schema(source, table, where, pipeline.options(table))
+        except SchemaError as exc:
+            refused.append(exc)
+    if len(refused) == 1:
+        raise refused[0]
+    if refused:
+        reasons = "; ".join(str(exc).removesuffix(".").removesuffix(", so nothing was written")
+                            for exc in refused)
+        raise SchemaError(f"Pipeline {pipeline.name} cannot stream {len(refused)} of its tables, "
+                          f"so nothing was written: {reasons}.")
+    return schemas
 
 
 def refuse_unstreamable(pipeline: PipelineDefinition, engine: CaptureEngine,

@@ -26,6 +26,7 @@ from rosetta_dagster.core.streaming.load_handoff import load_uncovered_tables
 from rosetta_dagster.core.streaming.prestream import (
     STALE_OFFSET_ERROR,
     forget_stale_position,
+    read_schemas,
     refuse_unstreamable,
 )
 from rosetta_dagster.core.streaming.progress import StreamProgress
@@ -87,10 +88,8 @@ class StreamingSession:
     def prepare(self) -> dict[TableRef, TableSchema]:
         """Check the source, create the publication and destination tables. No rows move yet."""
         with source_connection(self.pipeline) as conn:
-            where = f"source {self.pipeline.source.name}"
             self._schemas.clear()
-            self._schemas.update({t: read_table_schema(conn, t, where, self.pipeline.options(t))
-                                  for t in self.pipeline.tables})
+            self._schemas.update(read_schemas(self.pipeline, conn))
             refuse_unstreamable(self.pipeline, self.engine, self._schemas, conn)
             ensure_publication(conn, self.pipeline, self._schemas, self.log.info,
                                before_commit=self._converge_changed_options)

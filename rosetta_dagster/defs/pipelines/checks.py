@@ -1,6 +1,7 @@
-"""Asset checks of a pipeline: parity, lag and apply errors on each destination table; the slot
-exists, is active and retains little WAL. Evaluated by the health-check schedule (and from the
-UI); the WAL monitor sensor also emits ``retained_wal``."""
+"""Asset checks of a pipeline: parity, lag, refused and parked changes on each destination
+table; the stream runs (stream_health), the slot exists, is active and retains little WAL.
+Evaluated by the health-check schedule (and from the UI); the WAL monitor sensor also emits
+``retained_wal``."""
 
 import dataclasses
 import logging
@@ -38,7 +39,7 @@ from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 
 TABLE_CHECKS = ("row_count_parity", "content_parity", "replication_lag", "apply_errors",
                 "parked_events")
-SLOT_CHECKS = ("slot_active", "retained_wal")
+SLOT_CHECKS = ("stream_health", "slot_active", "retained_wal")
 _SEVERITY = {"WARN": AssetCheckSeverity.WARN, "ERROR": AssetCheckSeverity.ERROR}
 
 
@@ -85,7 +86,7 @@ def build_pipeline_checks(pipeline: PipelineDefinition) -> list[AssetChecksDefin
     @multi_asset_check(
         specs=specs,
         name=f"replication_health_{name}",
-        description=f"Parity, lag, apply errors and slot health of pipeline {name}.",
+        description=f"Parity, lag, refused changes, stream and slot health of pipeline {name}.",
     )
     def replication_health(
         context: AssetCheckExecutionContext, config_store: ConfigStoreResource
@@ -95,7 +96,8 @@ def build_pipeline_checks(pipeline: PipelineDefinition) -> list[AssetChecksDefin
         stored = store.get_pipeline(name)
         definition = config.pipeline(name)
         parked = {(d, t): n for p, d, t, n in store.parked_counts() if p == name}
-        for target, outcome in evaluate_pipeline(definition, stored, config.operations, parked):
+        for target, outcome in evaluate_pipeline(definition, stored, config.operations, parked,
+                                                 store.recent_failures(name)):
             if outcome.differing is not None and definition.verification.repair:
                 outcome = with_repair(outcome, store, name, context.log)
             context.log.info("%s %s: %s", target.label, outcome.name, outcome.description)

@@ -1,6 +1,8 @@
 """Dagster resource wrapping the resilient connection pool to the config store."""
 
-
+import atexit
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -13,13 +15,36 @@ from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.pool import PoolSettings, PoolStats, ResilientConnectionPool
 from rosetta_dagster.core.replication import application_name
 
+# One pool per process and database: the code server evaluates every sensor tick and the
+# health-check schedule in one long-lived process, and each tick would otherwise open (and log)
+# a pool of its own. Keyed by pid too: a forked child must not share its parent's sockets.
+_POOLS: dict[tuple[int, str, PoolSettings], ResilientConnectionPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def process_pool(database_url: str, settings: PoolSettings, *, migrate: bool
+                 ) -> ResilientConnectionPool:
+    """This process's pool to ``database_url``: opened (with the checklist's retries, and the
+    pending migrations applied) by the first user, reused by every later one."""
+    key = (os.getpid(), database_url, settings)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = ResilientConnectionPool(database_url, settings, label="config_db",
+                                           setting="CONFIG_DATABASE_URL").open()
+            if migrate:
+                ConfigStore(pool).upgrade()
+            _POOLS[key] = pool
+            atexit.register(pool.close)
+        return pool
+
 
 class ConfigStoreResource(ConfigurableResource):
     """The config store (``config_db``) behind a :class:`ResilientConnectionPool`.
 
-    The pool opens when a run step or sensor tick starts using the resource (with the
-    checklist's retry/backoff) and closes when it finishes; pending migrations are applied on
-    open, so every process sees the current schema.
+    The process's pool is opened when a run step or sensor tick first uses the resource (with
+    the checklist's retry/backoff, pending migrations applied) and reused by every later step
+    and tick of the same process (see :func:`process_pool`).
     """
 
     database_url: str = Field(description="PostgreSQL URL of config_db (CONFIG_DATABASE_URL).")
@@ -49,13 +74,8 @@ class ConfigStoreResource(ConfigurableResource):
         # A run's pool is named after its job (stream_<pipeline>, a backfill, ...); everything
         # else that opens this resource is a sensor or schedule tick of the daemon.
         owner = run.job_name if run is not None else "daemon"
-        pool = ResilientConnectionPool(
-            self.database_url, self.pool_settings(owner), label="config_db",
-            setting="CONFIG_DATABASE_URL",
-        ).open()
-        self._pool = pool
-        if self.apply_migrations:
-            ConfigStore(pool).upgrade()
+        self._pool = process_pool(self.database_url, self.pool_settings(owner),
+                                  migrate=self.apply_migrations)
 
     def teardown_after_execution(self, context: InitResourceContext) -> None:
         if self._pool is not None:
@@ -63,8 +83,7 @@ class ConfigStoreResource(ConfigurableResource):
                 ConfigStore(self._pool).flush_pool_events()
             except RosettaError as exc:
                 context.log.warning("Could not record pool health events: %s", exc)  # type: ignore[union-attr]
-            self._pool.close()
-            self._pool = None
+            self._pool = None  # the pool stays open for the process's next user
 
     @property
     def pool(self) -> ResilientConnectionPool:
