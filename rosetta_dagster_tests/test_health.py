@@ -475,7 +475,7 @@ def _receiver(posts: list[dict[str, object]]) -> str:
 @pytest.mark.parametrize("engine", ["pgoutput"])  # Debezium: see the closing note of #31
 def test_validate_is_red_while_the_stream_is_down_and_green_once_it_recovered(
     dedicated_cluster: LocalPostgresCluster, pg_cluster: LocalPostgresCluster, pg_root: Path,
-    engine: str, tmp_path: Path,
+    engine: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The issue's scenario: the source restarts under a running stream, which fails (as any
     stream failure: not an apply error). While nothing streams, `rosetta validate` exits 1 on
@@ -514,6 +514,7 @@ def test_validate_is_red_while_the_stream_is_down_and_green_once_it_recovered(
         assert ("FAIL ERROR replication_slot/recovers stream_health: Pipeline recovers should "
                 "stream and does not: its state is ERROR. Last failure at") in down.stdout
         assert "apply_errors: No refused change." in down.stdout  # not called an apply error
+        assert _api_validation(env, config_url, path, monkeypatch) == (503, "ERROR")
 
         with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir,
                                         config_store=store)):
@@ -522,8 +523,26 @@ def test_validate_is_red_while_the_stream_is_down_and_green_once_it_recovered(
             wait_until(lambda: store.get_pipeline("recovers").state is PipelineState.RUNNING,
                        30, "the new run reporting RUNNING")
             up = _validate(env, config_url, path)
+            api_up = _api_validation(env, config_url, path, monkeypatch)
         assert up.returncode == 0, up.stdout + up.stderr
         assert ("FAIL WARN  replication_slot/recovers stream_health: Pipeline recovers recovered "
                 "at ") in up.stdout
         assert "1 failure(s) in the last hour. Last failure at" in up.stdout
         assert "FAIL ERROR" not in up.stdout and up.stdout.rstrip().endswith("OK")
+        assert api_up == (200, "WARN")
+
+
+def _api_validation(env: StreamingEnv, config_url: str, path: Path,
+                    monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """The API's view: its status code and the severity of its failing stream_health."""
+    from fastapi.testclient import TestClient
+
+    from rosetta_dagster.api.app import create_app
+
+    for name, value in env.pipeline_env(path, config_url).items():
+        monkeypatch.setenv(name, value)
+    with TestClient(create_app(config_url)) as client:
+        response = client.get("/api/v1/validation")
+    (health,) = [c for c in response.json()["checks"] if c["check"] == "stream_health"]
+    assert not health["passed"], health
+    return response.status_code, health["severity"]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -29,8 +30,10 @@ from rosetta_dagster.core.config_store import BackfillJob, ConfigStore, ParkedEv
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.filters import OPERATORS, FilterError, parse_filter
+from rosetta_dagster.core.pipeline_config import load_config
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.replication import application_name
+from rosetta_dagster.validation import build_report
 
 logger = logging.getLogger("rosetta.api")
 POOL_REPORT_INTERVAL_S = 30.0
@@ -334,6 +337,15 @@ def create_app(database_url: str, *, token: str | None = None) -> FastAPI:
     def healthz(config_store: Store) -> dict[str, Any]:
         """Healthy when the config store answers (a real query through the pool)."""
         return {"status": "ok", "config_store_schema_version": config_store.schema_version()}
+
+    @app.get("/api/v1/validation", tags=["health"], responses={503: {"model": ErrorOut}})
+    def validation(config_store: Store) -> JSONResponse:
+        """The checklist's post-deployment validation, as `rosetta validate --json` prints it
+        (the same checks, so both agree): 200 when no ERROR-severity check fails, else 503.
+        Needs the pipeline file (ROSETTA_CONFIG) for the live checks."""
+        report = build_report(config_store, load_config())
+        return JSONResponse(json.loads(json.dumps(report, default=str)),
+                            status_code=200 if report["ok"] else 503)
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
