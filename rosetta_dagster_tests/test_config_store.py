@@ -25,6 +25,7 @@ EXPECTED_TABLES = {
     "debezium_offsets",
     "stream_load_states",
     "parked_events",
+    "pipeline_failures",
     "pool_events",
     "pool_usage",
     "offset_cleanups",

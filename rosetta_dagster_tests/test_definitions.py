@@ -51,6 +51,35 @@ def test_config_db_asset_migrates_and_reports_pool_health(database_url: str) -> 
     assert metadata["pool_max_conn"].value == 10
 
 
+def test_sensor_ticks_and_steps_of_one_process_share_one_config_store_pool(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The code server evaluates every sensor tick in one process: the first opens the pool
+    (the checklist's start-up line, once), the next ones reuse it; its connections stay few."""
+    import logging
+
+    import psycopg2
+    from dagster import build_init_resource_context
+
+    caplog.set_level(logging.INFO, logger="rosetta.pool")
+    resource = ConfigStoreResource(database_url=database_url)
+    pools = set()
+    for _ in range(5):  # five ticks
+        context = build_init_resource_context()
+        resource.setup_for_execution(context)
+        pools.add(id(resource.pool))
+        assert resource.store.schema_version() > 0
+        resource.teardown_after_execution(context)
+    opened = [r for r in caplog.records
+              if r.getMessage() == "Connection pool initialized successfully on attempt 1"]
+    assert len(pools) == 1 and len(opened) == 1
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                       "AND application_name LIKE 'rosetta%%'")
+        assert cursor.fetchone()[0] <= 2  # type: ignore[index]
+    conn.close()
+
+
 def test_resource_with_wrong_password_fails_with_one_clear_sentence(database_url: str) -> None:
     bad_url = database_url.replace(TEST_PASSWORD, "nope")
     result = materialize(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -153,11 +154,13 @@ def test_every_type_is_exact_through_load_and_stream(
             wait_until(lambda: not differing(), timeout_s=60, message="the streamed changes")
         except AssertionError:
             raise AssertionError("destination differs:\n" + "\n".join(differing()[:40])) from None
-        # Backfill: chunks of 3 rows, so chunk bounds and the compare/delete run on every type.
+        # Backfill: chunks of 3 rows, so chunk bounds and the compare/delete run on every type;
+        # four jobs at a time, as the backfill sensor runs them (one run per job).
         _damage(env, tables)
-        for table in tables:
-            job = store.create_backfill_job("matrix", table)
-            BackfillRunner(pipeline, store, job.id, chunk_rows=3, chunk_timeout_s=60).run()
+        jobs = [store.create_backfill_job("matrix", table).id for table in tables]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda job: BackfillRunner(pipeline, store, job, chunk_rows=3,
+                                                     chunk_timeout_s=60).run(), jobs))
         assert not differing(), "after the backfills:\n" + "\n".join(differing()[:40])
     assert session.progress.events_applied > 0
     # Re-sync: the slot is dropped while stopped and the destination damaged again.
