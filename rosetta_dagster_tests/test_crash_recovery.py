@@ -25,7 +25,7 @@ from rosetta_dagster.harness import (
     wait_until,
 )
 
-ROWS = 60_000
+ROWS = 30_000  # the load holds halfway until the kill: it is mid-load however fast
 
 
 @pytest.mark.parametrize("offset_store", ["file", "config_db"])
@@ -88,7 +88,7 @@ def test_kill_9_mid_load_then_restart_converges(
     loader = threading.Thread(target=load)
     loader.start()
     # Kill once part of the load has been applied, not before and not after.
-    wait_until(lambda: count_rows(env.destination_url, "replica.events") > 10_000, 120, "progress")
+    wait_until(lambda: count_rows(env.destination_url, "replica.events") > 8_000, 120, "progress")
     applied_at_kill = count_rows(env.destination_url, "replica.events")
     stream.send_signal(signal.SIGKILL)
     stream.wait(10)

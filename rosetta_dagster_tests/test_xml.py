@@ -14,6 +14,7 @@ from psycopg2 import sql
 
 from rosetta_dagster.core.backfill import BackfillRunner
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
+from rosetta_dagster.core.destination.postgres.reader import PostgresTableReader
 from rosetta_dagster.core.health import content_parity
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster, PostgresBinaries
 from rosetta_dagster.core.pipeline_config import TableRef
@@ -110,14 +111,15 @@ def test_xml_keeps_its_declaration_through_load_stream_backfill_and_parity(
         execute(env.destination_url, "UPDATE replica.docs SET x = '<doc/>' WHERE id = 1")
         source, target = pinned_connection(env.source_url), pinned_connection(env.destination_url)
         schema = read_table_schema(source, TableRef("public", "docs"), "source")
-        outcome = content_parity(source, target, schema, sql.Identifier("replica", "docs"),
+        readers = PostgresTableReader(source), PostgresTableReader(target)
+        outcome = content_parity(*readers, schema, sql.Identifier("replica", "docs"),
                                  1000, 0)
         assert not outcome.passed and outcome.metadata["first_differing_key"] == "1"
         # ... and a backfill repairs it.
         job = store.create_backfill_job("xml", "public.docs")
         BackfillRunner(pipeline, store, job.id, chunk_timeout_s=60).run()
         wait_until(exact, 30, "the backfill")
-        assert content_parity(source, target, schema, sql.Identifier("replica", "docs"),
+        assert content_parity(*readers, schema, sql.Identifier("replica", "docs"),
                               1000, 0).passed
         source.close()
         target.close()

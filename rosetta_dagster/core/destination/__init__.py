@@ -13,7 +13,9 @@ What the rest of the product needs from a destination is here and nothing else:
 * a backfill job opens a :class:`ChunkStaging` per destination: the chunks it copies from the
   source wait there until the stream merges them;
 * the initial load opens a :class:`TableLoad` per table and destination: ranges copied from
-  the source's snapshot in parallel, made visible at once when the last one is in.
+  the source's snapshot in parallel, made visible at once when the last one is in;
+* the parity checks open a :class:`TableReader` per destination: counts and per-row checksums
+  in key order, compared with the source's.
 
 Records that cross the seam (:class:`BatchResult`, :class:`ChunkCounts`,
 :class:`RetypedColumn`) are here too; refused-change reports are in ``errors``, the net change
@@ -178,6 +180,21 @@ class TableLoad(Protocol):
         """Every range is in: make them the table's rows."""
 
 
+class TableReader(Protocol):
+    """Reads a destination table for the parity checks, as the source is read (same row text,
+    same checksum), so a row differs only when its values differ."""
+
+    def count(self, relation: sql.Composable, condition: sql.Composable = ...,
+              params: Sequence[Any] = ()) -> int: ...
+
+    def row_hashes(self, relation: sql.Composable, table: TableSchema,
+                   after: tuple[Any, ...] | None, through: tuple[Any, ...] | None,
+                   limit: int | None, condition: sql.Composable = ...,
+                   ) -> list[tuple[tuple[Any, ...], str]]:
+        """``(key, md5 of the row's text)`` in key order, for keys in (after, through], of the
+        table's replicated columns; at most ``limit`` rows."""
+
+
 class DestinationKind(Protocol):
     """One kind of destination (one folder)."""
 
@@ -197,6 +214,10 @@ class DestinationKind(Protocol):
     def open_table_load(self, pipeline: PipelineDefinition, destination: Destination,
                         schema: TableSchema, *, widen: bool) -> TableLoad:
         """``widen``: give the destination table the columns of ``schema`` first."""
+
+    def open_reader(self, pipeline: PipelineDefinition, destination: Destination
+                    ) -> AbstractContextManager[TableReader]:
+        """A reader on a connection of its own, closed with the block."""
 
 
 def destination_kind(destination: Destination) -> DestinationKind:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rosetta_dagster.core.config_store import ConfigStore, Pipeline, PipelineFailure
+from rosetta_dagster.core.destination import destination_kind
+from rosetta_dagster.core.destination.postgres.reader import PostgresTableReader
 from rosetta_dagster.core.health.outcome import CheckOutcome, KeyRange, Severity, threshold_outcome
 from rosetta_dagster.core.health.parity import (
     backfill_row_parity,
@@ -40,7 +42,7 @@ from rosetta_dagster.core.pipeline_config import (
     PipelineDefinition,
     TableRef,
 )
-from rosetta_dagster.core.replication import destination_connection, read_slot, source_connection
+from rosetta_dagster.core.replication import read_slot, source_connection
 from rosetta_dagster.core.table_schema import read_table_schema
 
 # -- everything, for the schedule and `rosetta validate` ----------------------------------------
@@ -77,21 +79,22 @@ def evaluate_pipeline(
     slot = CheckTarget("replication_slot", pipeline.name)
     yield slot, stream_health(stored, operations, failures)
     with source_connection(pipeline) as source:
+        source_rows = PostgresTableReader(source)
         reading = read_slot(source, pipeline)
         lag = measure_lag(source, pipeline, stored.source_position_at, stored.applied_lsn)
         yield slot, slot_active(reading, stored)
         yield slot, retained_wal(reading, operations)
         for destination in pipeline.destinations:
-            with destination_connection(pipeline, destination) as target:
+            with destination_kind(destination).open_reader(pipeline, destination) as target:
                 for table in pipeline.tables:
                     where = CheckTarget("destination_table", pipeline.name, destination, table,
                                         pipeline.target(table, destination))
                     schema = read_table_schema(source, table, f"source {pipeline.source.name}",
                                                pipeline.options(table))
                     written = schema.target_sql(destination.name, destination.schema)
-                    yield where, row_count_parity(source, target, schema, written,
+                    yield where, row_count_parity(source_rows, target, schema, written,
                                                   operations.parity_window_seconds)
-                    yield where, content_parity(source, target, schema, written,
+                    yield where, content_parity(source_rows, target, schema, written,
                                                 operations.parity_chunk_rows,
                                                 operations.parity_window_seconds,
                                                 pipeline=pipeline.name)

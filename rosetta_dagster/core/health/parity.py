@@ -8,37 +8,24 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import psycopg2
-import psycopg2.extensions
 from psycopg2 import sql
 
+from rosetta_dagster.core.destination import TableReader, destination_kind
+from rosetta_dagster.core.destination.postgres.reader import PostgresTableReader
 from rosetta_dagster.core.health.outcome import CheckOutcome, KeyRange
 from rosetta_dagster.core.pipeline_config import (
     PipelineDefinition,
     TableRef,
 )
 from rosetta_dagster.core.replication import (
-    destination_connection,
     source_connection,
 )
 from rosetta_dagster.core.table_schema import (
     TableSchema,
-    exact_select,
     replicated_rows,
 )
 
 # -- destination tables -------------------------------------------------------------------
-
-
-_EVERY_ROW = sql.SQL("TRUE")
-
-
-def _count(conn: psycopg2.extensions.connection, relation: sql.Composable,
-           condition: sql.Composable = _EVERY_ROW) -> int:
-    with conn.cursor() as cursor:
-        cursor.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(relation, condition),
-                       ())  # () : see replicated_rows
-        return int(cursor.fetchone()[0])  # type: ignore[index]
 
 
 def _counts_within_window(
@@ -55,8 +42,8 @@ def _counts_within_window(
 
 
 def row_count_parity(
-    source: psycopg2.extensions.connection,
-    destination: psycopg2.extensions.connection,
+    source: TableReader,
+    destination: TableReader,
     table: TableSchema,
     target: sql.Composable,
     window_s: float,
@@ -66,8 +53,8 @@ def row_count_parity(
     The source's rows are those the table's row filter replicates; ``target``: the
     destination table."""
     source_rows, destination_rows = _counts_within_window(
-        lambda: _count(source, table.source_sql, table.source_filter),
-        lambda: _count(destination, target), window_s, sleep)
+        lambda: source.count(table.source_sql, table.source_filter),
+        lambda: destination.count(target), window_s, sleep)
     difference = destination_rows - source_rows
     metadata: dict[str, float | int | str] = {
         "value": abs(difference), "threshold": 0, "source_rows": source_rows,
@@ -84,51 +71,13 @@ def row_count_parity(
     )
 
 
-def _row_hashes(
-    conn: psycopg2.extensions.connection,
-    relation: sql.Composable,
-    table: TableSchema,
-    after: tuple[Any, ...] | None,
-    through: tuple[Any, ...] | None,
-    limit: int | None,
-    condition: sql.Composable = _EVERY_ROW,
-) -> list[tuple[tuple[Any, ...], str]]:
-    """``(key, md5 of the row's text)`` in key order, for keys in (after, through], of the
-    table's replicated columns."""
-    keys = sql.SQL(", ").join(sql.Identifier(k) for k in table.primary_key)
-    key_row = sql.SQL("ROW({})").format(keys)
-    conditions: list[sql.Composable] = [condition]
-    params: list[Any] = []
-    if after is not None:
-        conditions.append(sql.SQL("{} > ROW({})").format(
-            key_row, sql.SQL(", ").join(sql.Placeholder() * len(after))))
-        params.extend(after)
-    if through is not None:
-        conditions.append(sql.SQL("{} <= ROW({})").format(
-            key_row, sql.SQL(", ").join(sql.Placeholder() * len(through))))
-        params.extend(through)
-    query = sql.SQL("SELECT {keys}, md5(ROW({columns})::text) FROM {table} {where} ORDER BY {keys}"
-                    ).format(
-        keys=keys,
-        columns=sql.SQL(", ").join(exact_select(c) for c in table.columns),
-        table=relation,
-        where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions),
-    )
-    if limit is not None:
-        query = query + sql.SQL(" LIMIT {}").format(sql.Literal(limit))
-    width = len(table.primary_key)
-    with conn.cursor() as cursor:
-        cursor.execute(query, params)
-        return [(tuple(row[:width]), row[width]) for row in cursor.fetchall()]
-
-
 def _digest(rows: Sequence[tuple[tuple[Any, ...], str]]) -> str:
     return hashlib.md5("".join(h for _, h in rows).encode(), usedforsecurity=False).hexdigest()
 
 
 def content_parity(
-    source: psycopg2.extensions.connection,
-    destination: psycopg2.extensions.connection,
+    source: TableReader,
+    destination: TableReader,
     table: TableSchema,
     target: sql.Composable,
     chunk_rows: int,
@@ -145,17 +94,17 @@ def content_parity(
     after: tuple[Any, ...] | None = None
     chunks = rows = 0
     while True:
-        source_chunk = _row_hashes(source, table.source_sql, table, after, None, chunk_rows,
-                                   table.source_filter)
+        source_chunk = source.row_hashes(table.source_sql, table, after, None, chunk_rows,
+                                         table.source_filter)
         through = source_chunk[-1][0] if len(source_chunk) == chunk_rows else None
         deadline = time.monotonic() + window_s
         while True:
-            destination_chunk = _row_hashes(destination, target, table, after, through, None)
+            destination_chunk = destination.row_hashes(target, table, after, through, None)
             if _digest(source_chunk) == _digest(destination_chunk) or time.monotonic() >= deadline:
                 break
             sleep(1.0)
-            source_chunk = _row_hashes(source, table.source_sql, table, after, through, None,
-                                       table.source_filter)
+            source_chunk = source.row_hashes(table.source_sql, table, after, through, None,
+                                             table.source_filter)
         if _digest(source_chunk) != _digest(destination_chunk):
             differing = _differences(source_chunk, destination_chunk)
             # The keys the chunk really holds on either side: both ends are real keys.
@@ -216,22 +165,18 @@ def backfill_row_parity(
 ) -> CheckOutcome:
     """After a backfill: every destination holds as many rows matching the job's filter as the
     source (re-counted for ``window_s`` while changes are in flight)."""
-    def matching(conn: psycopg2.extensions.connection, relation: TableRef,
-                 replicated: sql.Composable = _EVERY_ROW) -> int:
-        with conn.cursor() as cursor:
-            cursor.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} AND {}").format(
-                sql.Identifier(relation.schema, relation.name), replicated, conditions_sql),
-                list(params))
-            return int(cursor.fetchone()[0])  # type: ignore[index]
-
     replicated = replicated_rows(pipeline.options(table).where)
-    with source_connection(pipeline) as source:
+    matching = sql.SQL("{} AND {}").format(replicated, conditions_sql)
+    source_table = sql.Identifier(table.schema, table.name)
+    with source_connection(pipeline) as conn:
+        source = PostgresTableReader(conn)
         for destination in pipeline.destinations:
             written = pipeline.target(table, destination)
-            with destination_connection(pipeline, destination) as target:
+            written_sql = sql.Identifier(written.schema, written.name)
+            with destination_kind(destination).open_reader(pipeline, destination) as target:
                 expected, copied = _counts_within_window(
-                    lambda: matching(source, table, replicated),
-                    lambda: matching(target, written),  # noqa: B023 - used at once
+                    lambda: source.count(source_table, matching, params),
+                    lambda: target.count(written_sql, conditions_sql, params),  # noqa: B023
                     window_s, sleep)
             metadata: dict[str, float | int | str] = {
                 "value": abs(expected - copied), "threshold": 0, "source_rows": expected,

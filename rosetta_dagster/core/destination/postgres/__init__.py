@@ -6,20 +6,25 @@
   table description (golden-text tests, no database);
 * ``ddl`` - destination tables created and widened like the source's, and their user types;
 * ``staging`` - backfill chunks staged by a job and merged by the stream;
-* ``bulk`` - whole tables written with COPY (the initial load).
+* ``bulk`` - whole tables written with COPY (the initial load);
+* ``reader`` - counts and row checksums for the parity checks (the source is read alike).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from rosetta_dagster.core.destination.postgres.applier import PostgresApplier
 from rosetta_dagster.core.destination.postgres.bulk import PostgresTableLoad
+from rosetta_dagster.core.destination.postgres.reader import PostgresTableReader
 from rosetta_dagster.core.destination.postgres.staging import (
     PostgresChunkStaging,
     drop_job_staging,
 )
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
+from rosetta_dagster.core.replication import destination_connection
 
 if TYPE_CHECKING:
     from rosetta_dagster.core.destination import SchemaSource
@@ -59,6 +64,12 @@ class PostgresDestinations:
     def open_table_load(self, pipeline: PipelineDefinition, destination: Destination,
                         schema: TableSchema, *, widen: bool) -> PostgresTableLoad:
         return PostgresTableLoad(pipeline, destination, schema, widen=widen)
+
+    @contextmanager
+    def open_reader(self, pipeline: PipelineDefinition, destination: Destination
+                    ) -> Iterator[PostgresTableReader]:
+        with destination_connection(pipeline, destination) as conn:
+            yield PostgresTableReader(conn)
 
 
 POSTGRES = PostgresDestinations()

@@ -1,0 +1,53 @@
+"""Reading a PostgreSQL table's rows for the parity checks: counts and per-row checksums in key
+order. The source is read the same way (it is PostgreSQL too), so both sides hash the same text:
+each row's replicated columns as PostgreSQL prints them (``exact_select``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg2.extensions
+from psycopg2 import sql
+
+from rosetta_dagster.core.table_schema import TableSchema, exact_select
+
+EVERY_ROW = sql.SQL("TRUE")
+
+
+class PostgresTableReader:
+    """Reads on one connection (the caller's: it opens and closes it)."""
+
+    def __init__(self, conn: psycopg2.extensions.connection) -> None:
+        self.conn = conn
+
+    def count(self, relation: sql.Composable, condition: sql.Composable = EVERY_ROW,
+              params: Sequence[Any] = ()) -> int:
+        with self.conn.cursor() as cursor:  # params even when empty: see replicated_rows
+            cursor.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+                relation, condition), list(params))
+            return int(cursor.fetchone()[0])  # type: ignore[index]
+
+    def row_hashes(self, relation: sql.Composable, table: TableSchema,
+                   after: tuple[Any, ...] | None, through: tuple[Any, ...] | None,
+                   limit: int | None, condition: sql.Composable = EVERY_ROW,
+                   ) -> list[tuple[tuple[Any, ...], str]]:
+        keys = sql.SQL(", ").join(sql.Identifier(k) for k in table.primary_key)
+        key_row = sql.SQL("ROW({})").format(keys)
+        conditions: list[sql.Composable] = [condition]
+        params: list[Any] = []
+        for operator, bound in ((">", after), ("<=", through)):
+            if bound is not None:
+                conditions.append(sql.SQL("{} " + operator + " ROW({})").format(
+                    key_row, sql.SQL(", ").join(sql.Placeholder() * len(bound))))
+                params.extend(bound)
+        query = sql.SQL(
+            "SELECT {keys}, md5(ROW({columns})::text) FROM {table} WHERE {where} ORDER BY {keys}"
+        ).format(keys=keys, columns=sql.SQL(", ").join(exact_select(c) for c in table.columns),
+                 table=relation, where=sql.SQL(" AND ").join(conditions))
+        if limit is not None:
+            query = query + sql.SQL(" LIMIT {}").format(sql.Literal(limit))
+        width = len(table.primary_key)
+        with self.conn.cursor() as cursor:
+            cursor.execute(query, params)
+            return [(tuple(row[:width]), row[width]) for row in cursor.fetchall()]
