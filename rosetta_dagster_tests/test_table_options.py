@@ -288,15 +288,18 @@ def test_changing_the_filter_and_columns_of_a_streaming_table_converges_without_
         columns=new_columns, where=new_where)], far)
     known = _job_ids(store, "change")
     session = StreamingSession(after, offsets_dir=env.offsets_dir, config_store=store)
-    with streaming(session), _Writer(env.source_url, 12, 601):
-        _run_the_requested_backfill(store, after, known, chunk_rows=150)
-        time.sleep(1)
-    try:
-        wait_until(lambda: _converged(env, far_url, new_columns, new_where), 60,
-                   "the new projection")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}: {_projection(env.source_url, 'public.orders', new_columns, new_where)} "
-                             f"{_projection(env.destination_url, 'sales.orders_eu', new_columns)}") from None
+    with streaming(session):
+        with _Writer(env.source_url, 12, 601):
+            _run_the_requested_backfill(store, after, known, chunk_rows=150)
+            time.sleep(1)
+        # The stream applies the writer's last changes: waited for while it still runs.
+        try:
+            wait_until(lambda: _converged(env, far_url, new_columns, new_where), 60,
+                       "the new projection")
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}: {_projection(env.source_url, 'public.orders', new_columns, new_where)} "
+                f"{_projection(env.destination_url, 'sales.orders_eu', new_columns)}") from None
     # The left-out column stays in place; no snapshot of the pipeline was taken.
     assert fetch(env.destination_url, "SELECT count(*) FROM pg_attribute WHERE attrelid = "
                  "'sales.orders_eu'::regclass AND attname = 'customer_id'") == [(1,)]
@@ -319,11 +322,11 @@ def test_a_new_target_for_a_streaming_table_is_loaded_by_a_backfill(
     after = _pipeline(env, workdir, "retarget", ["public.customers", {**entry,
                                                                        "target": "orders_v2"}])
     known = _job_ids(store, "retarget")
-    with streaming(StreamingSession(after, offsets_dir=env.offsets_dir, config_store=store)), \
-            _Writer(env.source_url, 13, 301):
-        _run_the_requested_backfill(store, after, known, chunk_rows=100)
-        time.sleep(1)
-    _wait_equal(env, "replica.orders_v2", columns, "orders_v2")
+    with streaming(StreamingSession(after, offsets_dir=env.offsets_dir, config_store=store)):
+        with _Writer(env.source_url, 13, 301):
+            _run_the_requested_backfill(store, after, known, chunk_rows=100)
+            time.sleep(1)
+        _wait_equal(env, "replica.orders_v2", columns, "orders_v2")  # while it streams
     assert count_rows(env.destination_url, "replica.orders_v1") > 0  # left as it was
 
 
