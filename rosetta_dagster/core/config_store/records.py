@@ -155,8 +155,16 @@ class ParkedRow:
     sqlstate: str | None
 
 
+class _Row:
+    """A record read from one row whose columns carry the fields' names."""
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Self:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
-class ParkedEvent(ParkedRow):
+class ParkedEvent(ParkedRow, _Row):
     """A parked change as stored: a change parked because a destination refused it (or an
     earlier change of its key)."""
 
@@ -165,18 +173,6 @@ class ParkedEvent(ParkedRow):
     attempts: int
     retry_requested_at: datetime | None
     created_at: datetime
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> ParkedEvent:
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
-
-
-class _Row:
-    """A record read from one row whose columns carry the fields' names."""
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Self:
-        return cls(**{f.name: row[f.name] for f in fields(cls)})  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -43,16 +43,6 @@ class CheckOutcome:
     differing: KeyRange | None = None  # content_parity: the range to repair
 
 
-def human_bytes(size: float) -> str:
-    """A size as a person reads it: 125 MB, 1.5 GB, 512 B."""
-    value, unit = float(size), "B"
-    for bigger in ("kB", "MB", "GB", "TB"):
-        if abs(value) < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{value:.1f}".removesuffix(".0") + f" {unit}"
-
-
 def threshold_outcome(
     name: str, value: float, warning: float, critical: float, what: str,
     show: Callable[[float], str] = "{:g}".format,

@@ -16,7 +16,7 @@ from rosetta_dagster.core.config_store import (
     PipelineStatus,
 )
 from rosetta_dagster.core.errors import DatabaseConnectionError
-from rosetta_dagster.core.health.outcome import CheckOutcome, human_bytes, threshold_outcome
+from rosetta_dagster.core.health.outcome import CheckOutcome, threshold_outcome
 from rosetta_dagster.core.lag import LagReading, measure_lag
 from rosetta_dagster.core.pipeline_config import (
     OperationsSettings,
@@ -26,6 +26,7 @@ from rosetta_dagster.core.pipeline_config import (
 from rosetta_dagster.core.replication import (
     SlotReading,
     WalSeverity,
+    format_bytes,
     source_connection,
 )
 
@@ -189,4 +190,5 @@ def retained_wal(reading: SlotReading, operations: OperationsSettings) -> CheckO
                              "critical_threshold": operations.wal_critical_bytes})
     return threshold_outcome("retained_wal", reading.retained_wal_bytes or 0,
                               operations.wal_warning_bytes, operations.wal_critical_bytes,
-                              f"WAL retained by {reading.slot_name}", human_bytes)
+                              f"WAL retained by {reading.slot_name}",
+                             lambda size: format_bytes(int(size)))

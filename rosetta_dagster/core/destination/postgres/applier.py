@@ -231,8 +231,7 @@ class PostgresApplier:
                     row_filter: tuple[sql.Composable, list[Any]]) -> ChunkCounts | None:
         plan = self._plans[table]
         with self.pool.connection() as conn:
-            return merge_chunk(conn, plan.schema, plan.target, self.target_schema,
-                               plan.stage_name, plan.converter_of, job_id, chunk,
+            return merge_chunk(conn, plan, self.target_schema, job_id, chunk,
                                excluded=excluded, skip_all=skip_all, bounds=bounds,
                                row_filter=row_filter)
 

@@ -12,7 +12,7 @@ and the stream asks for the chunk again.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg2.extensions
@@ -21,11 +21,12 @@ from psycopg2 import sql
 from rosetta_dagster.core.destination import ChunkCounts, KeyBounds
 from rosetta_dagster.core.destination.postgres.bulk import binary_copy, pipe_copy
 from rosetta_dagster.core.destination.postgres.ddl import columns_unlike_source
+from rosetta_dagster.core.destination.postgres.plan import TablePlan
 from rosetta_dagster.core.destination.postgres.statements import chunk_merge_statements
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
 from rosetta_dagster.core.replication import connect_destination, destination_connection
 from rosetta_dagster.core.table_schema import TableSchema
-from rosetta_dagster.core.values import COPY_NULL, Converter, copy_field
+from rosetta_dagster.core.values import COPY_NULL, copy_field
 
 
 def job_prefix(job_id: int) -> str:
@@ -106,8 +107,7 @@ def drop_job_staging(pipeline: PipelineDefinition, destination: Destination,
 
 
 def merge_chunk(
-    conn: psycopg2.extensions.connection, schema: TableSchema, target: sql.Identifier,
-    target_schema: str, stage_name: str, converter_of: dict[str, Converter], job_id: int,
+    conn: psycopg2.extensions.connection, plan: TablePlan, target_schema: str, job_id: int,
     chunk: int, *, excluded: set[tuple[Any, ...]], skip_all: bool, bounds: KeyBounds | None,
     row_filter: tuple[sql.Composable, list[Any]],
 ) -> ChunkCounts | None:
@@ -125,23 +125,21 @@ def merge_chunk(
         if cursor.rowcount == 0:
             return None
         if not skip_all:
-            counts = _merge(cursor, schema, target, target_schema, stage_name, converter_of,
-                            stage, excluded, bounds, row_filter)
+            counts = _merge(cursor, plan, target_schema, stage, excluded, bounds, row_filter)
         cursor.execute(sql.SQL("DROP TABLE {}").format(stage))
     return counts
 
 
-def _merge(cursor: psycopg2.extensions.cursor, schema: TableSchema, target: sql.Identifier,
-           target_schema: str, stage_name: str, converter_of: dict[str, Converter],
+def _merge(cursor: psycopg2.extensions.cursor, plan: TablePlan, target_schema: str,
            stage: sql.Identifier, excluded: set[tuple[Any, ...]], bounds: KeyBounds | None,
            row_filter: tuple[sql.Composable, list[Any]]) -> ChunkCounts:
-    excluded_table = sql.Identifier(f"_rosetta_excluded_{stage_name}")
+    excluded_table = sql.Identifier(f"_rosetta_excluded_{plan.stage_name}")
     statements = chunk_merge_statements(
-        schema, target, target_schema, stage, excluded_table, bounds=bounds,
+        plan.schema, plan.target, target_schema, stage, excluded_table, bounds=bounds,
         row_filter=row_filter, any_excluded=bool(excluded))
     cursor.execute(statements.create_excluded)  # a temporary table, emptied at commit
     if excluded:
-        _copy_keys(cursor, schema, converter_of, statements.copy_excluded, excluded)
+        _copy_keys(cursor, plan, statements.copy_excluded, excluded)
     counts = ChunkCounts()
     ranged = statements.range_params
     # A key range the destination has no rows in (the usual case when re-syncing what was
@@ -165,14 +163,13 @@ def _merge(cursor: psycopg2.extensions.cursor, schema: TableSchema, target: sql.
     return counts
 
 
-def _copy_keys(cursor: psycopg2.extensions.cursor, schema: TableSchema,
-               converter_of: dict[str, Callable[[Any], str]], copy: sql.Composed,
+def _copy_keys(cursor: psycopg2.extensions.cursor, plan: TablePlan, copy: sql.Composed,
                keys: set[tuple[Any, ...]]) -> None:
     buffer = io.StringIO()
     for key in keys:
         buffer.write("\t".join(
-            COPY_NULL if value is None else copy_field(converter_of[name](value))
-            for name, value in zip(schema.primary_key, key, strict=True)) + "\n")
+            COPY_NULL if value is None else copy_field(plan.converter_of[name](value))
+            for name, value in zip(plan.schema.primary_key, key, strict=True)) + "\n")
     buffer.seek(0)
     cursor.copy_expert(copy, buffer)
 
