@@ -29,6 +29,7 @@ from rosetta_dagster.core.filters import compile_filter, parse_filter
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.publication import publication_current
 from rosetta_dagster.core.replication import (
+    Log,
     source_connection,
 )
 from rosetta_dagster.core.table_schema import (
@@ -40,7 +41,6 @@ from rosetta_dagster.core.table_schema import (
 )
 
 logger = logging.getLogger("rosetta.backfill")
-Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 FETCH_ATTEMPTS = 3
 

@@ -4,7 +4,6 @@ applies the chunk in every destination without those keys (see the package's doc
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,9 +14,8 @@ from rosetta_dagster.core.destination import ChunkCounts, DestinationWriter
 from rosetta_dagster.core.events import ChangeEvent, Watermark
 from rosetta_dagster.core.filters import compile_filter, parse_filter
 from rosetta_dagster.core.pipeline_config import TableRef
+from rosetta_dagster.core.replication import Log
 from rosetta_dagster.core.table_schema import TableSchema
-
-Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 
 @dataclass

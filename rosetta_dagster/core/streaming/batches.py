@@ -4,7 +4,6 @@ when it ends, and the progress counted."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 from rosetta_dagster.core.backfill.window import ChunkWindows
@@ -13,12 +12,11 @@ from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.events import ChangeEvent, Watermark
 from rosetta_dagster.core.initial_load import SnapshotVisibility
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
+from rosetta_dagster.core.replication import Log
 from rosetta_dagster.core.streaming.catalog_watch import CatalogWatch
 from rosetta_dagster.core.streaming.fanout import DestinationFanout
 from rosetta_dagster.core.streaming.progress import StreamProgress
 from rosetta_dagster.core.streaming.refused import RefusedChanges
-
-Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 
 class BatchRouter:

@@ -3,7 +3,6 @@ taken out of rotation until they can catch up from the slot."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -16,12 +15,10 @@ from rosetta_dagster.core.errors import DatabaseConnectionError
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.pool import ResilientConnectionPool
-from rosetta_dagster.core.replication import stream_application_name
+from rosetta_dagster.core.replication import Log, stream_application_name
 from rosetta_dagster.core.source_rows import SourceRows
 from rosetta_dagster.core.streaming.refused import RefusedChanges
 from rosetta_dagster.core.table_schema import TableSchema
-
-Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 # How often a destination that went down is tried again (engines with per-destination positions).
 DESTINATION_RETRY_S = 5.0

@@ -3,7 +3,6 @@ snapshot, and the stream takes over exactly where each snapshot ends (fences).""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 from rosetta_dagster.core.capture import PositionStore
@@ -14,9 +13,8 @@ from rosetta_dagster.core.initial_load import (
     TableLoadReport,
 )
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
+from rosetta_dagster.core.replication import Log
 from rosetta_dagster.core.table_schema import TableSchema
-
-Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 
 def load_uncovered_tables(

@@ -3,7 +3,6 @@ offending table and column, before anything is written) and stored positions it 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 
 import psycopg2.extensions
@@ -13,6 +12,7 @@ from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.initial_load import format_lsn
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.replication import (
+    Log,
     delete_stale_offset,
     destination_connection,
     missing_slot_reason,
@@ -21,7 +21,6 @@ from rosetta_dagster.core.replication import (
 )
 from rosetta_dagster.core.table_schema import SchemaError, TableSchema, read_table_schema
 
-Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 STALE_OFFSET_ERROR = "no longer available on the server"
 
 

@@ -38,9 +38,9 @@ from rosetta_dagster.core.destination.errors import (
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
+from rosetta_dagster.core.replication import Log
 
 logger = logging.getLogger("rosetta.apply")
-Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 MAX_RETRY_DELAY_S = 30.0
 PARKED_POLL_S = 1.0
