@@ -38,6 +38,7 @@ from rosetta_dagster.harness.fuzz.oracle import (
     expected_columns,
     rows,
 )
+from rosetta_dagster.harness.fuzz.watchdog import ExampleWatchdog
 from rosetta_dagster.harness.fuzz.workload import (
     FuzzColumn,
     FuzzTable,
@@ -105,6 +106,7 @@ class RosettaMachine(RuleBasedStateMachine):
         self.started = False
         self.ddl = self.faults = 0
         self.began = time.monotonic()
+        self.watchdog = ExampleWatchdog(self.example.name, lambda: self.script.lines)
 
     # -- running SQL -------------------------------------------------------------------------
 
@@ -725,6 +727,7 @@ class RosettaMachine(RuleBasedStateMachine):
                 except psycopg2.Error:
                     pass
             self.example.close()
+            self.watchdog.stop()
 
     def _check(self) -> None:
         for conn in CONNECTIONS:
