@@ -131,7 +131,7 @@ def server_connections(
                        for r in sorted(readings, key=lambda r: -r.percent))
     text = f"Sessions per server: {listed}"
     if unread:
-        text += f". Not read: {' '.join(unread)}"
+        text += f". Not read: {' '.join(u.rstrip('.') for u in unread)}"
     if fullest.percent >= critical:
         return CheckOutcome("server_connections", False, "ERROR",
                             f"{text}. {fullest.server} is at {fullest.percent:g}% of "
