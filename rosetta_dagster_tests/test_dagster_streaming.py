@@ -477,3 +477,8 @@ def test_each_process_opens_its_config_store_pool_once(deployment: Deployment) -
     print(f"{opened} pools opened for {runs} runs and {ticks} sensor and schedule ticks")
     assert ticks > 3 * runs  # a pool per tick would exceed the bound below on its own
     assert 1 <= opened <= 2 * runs + 3, output[-3000:]
+    # The checklist's target for config_db: fewer than 10 sessions (daemon, code server, webserver
+    # and the runs still streaming, once the fleet's runs have ended).
+    wait_until(lambda: fetch(deployment.config_url, "SELECT count(*) FROM pg_stat_activity WHERE "
+                             "datname = current_database()")[0][0] < 10,  # type: ignore[operator]
+               60, "fewer than 10 sessions on config_db")
