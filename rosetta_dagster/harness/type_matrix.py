@@ -193,8 +193,10 @@ def change_matrix(url: str, families: tuple[Family, ...] = FAMILIES) -> None:
     conn.close()
 
 
-def rows_as_text(url: str, schema: str, table: str) -> list[tuple[int, str]]:
-    conn = pinned_connection(url)
+def rows_as_text(url: str | psycopg2.extensions.connection, schema: str, table: str
+                 ) -> list[tuple[int, str]]:
+    """``(id, row as text)`` in key order; ``url``: a database, or a connection to reuse."""
+    conn = pinned_connection(url) if isinstance(url, str) else url
     try:
         with conn.cursor() as cursor:
             cursor.execute(sql.SQL("SELECT id, ROW(t.*)::text FROM {} AS t ORDER BY id").format(
@@ -203,21 +205,28 @@ def rows_as_text(url: str, schema: str, table: str) -> list[tuple[int, str]]:
     except psycopg2.errors.UndefinedTable:
         return []
     finally:
-        conn.close()
+        if isinstance(url, str):
+            conn.close()
 
 
 def differences(
     source_url: str, destination_url: str, schema: str, families: tuple[Family, ...] = FAMILIES
 ) -> list[str]:
-    """Every row that differs, as ``table id: source text != destination text``."""
+    """Every row that differs, as ``table id: source text != destination text`` (one
+    connection per side: tests poll this while they wait)."""
     found = []
-    for family in families:
-        source = dict(rows_as_text(source_url, "public", table_name(family)))
-        destination = dict(rows_as_text(destination_url, schema, table_name(family)))
-        for key in sorted(set(source) | set(destination)):
-            if source.get(key) != destination.get(key):
-                found.append(f"{table_name(family)} id {key}: source {source.get(key)!r} != "
-                             f"destination {destination.get(key)!r}")
+    source_conn, destination_conn = pinned_connection(source_url), pinned_connection(destination_url)
+    try:
+        for family in families:
+            source = dict(rows_as_text(source_conn, "public", table_name(family)))
+            destination = dict(rows_as_text(destination_conn, schema, table_name(family)))
+            for key in sorted(set(source) | set(destination)):
+                if source.get(key) != destination.get(key):
+                    found.append(f"{table_name(family)} id {key}: source {source.get(key)!r} != "
+                                 f"destination {destination.get(key)!r}")
+    finally:
+        source_conn.close()
+        destination_conn.close()
     return found
 
 
