@@ -128,12 +128,15 @@ class LocalStack:
 
 
 def write_dagster_instance_yaml(
-    home: Path, cluster: LocalPostgresCluster, database: str, password_env: str
+    home: Path, cluster: LocalPostgresCluster, database: str, password_env: str,
+    dequeue_interval_seconds: int = 5,
 ) -> Path:
     """dagster.yaml for a local instance: Postgres storage, one streaming run per pipeline.
 
     The password is an ``{env: ...}`` reference: Dagster passes the instance configuration to
     its subprocesses on their command lines, where a literal password would be visible.
+    ``dequeue_interval_seconds``: how often the daemon launches queued runs (Dagster's
+    default; tests that launch dozens of runs ask for less).
     """
     home.mkdir(parents=True, exist_ok=True)
     instance = {
@@ -156,6 +159,7 @@ def write_dagster_instance_yaml(
             "module": "dagster._core.run_coordinator",
             "class": "QueuedRunCoordinator",
             "config": {
+                "dequeue_interval_seconds": dequeue_interval_seconds,
                 "max_concurrent_runs": -1,
                 "tag_concurrency_limits": [
                     {"key": "rosetta/pipeline", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}

@@ -151,7 +151,10 @@ def deployment(pg_cluster: LocalPostgresCluster, pg_root: Path) -> Iterator[Depl
     storage_db, config_db = f"dagster_{env.source_db}", f"config_{env.source_db}"
     pg_cluster.create_database(storage_db)
     pg_cluster.create_database(config_db)
-    write_dagster_instance_yaml(workdir / "home", pg_cluster, storage_db, "TEST_PG_PASSWORD")
+    # The daemon launches queued runs every second (Dagster's default is 5): the module
+    # launches some thirty runs.
+    write_dagster_instance_yaml(workdir / "home", pg_cluster, storage_db, "TEST_PG_PASSWORD",
+                                dequeue_interval_seconds=1)
     pipeline_file = workdir / "rosetta.yaml"
     _pipeline_file(env, pipeline_file)
     config_url = pg_cluster.dsn(config_db)
@@ -212,9 +215,17 @@ def _flows(deployed: Deployment) -> int:
     return int(rows[0][0])  # type: ignore[call-overload]
 
 
-def _evaluations(seconds: float) -> None:
-    """Let the supervisor evaluate a few times."""
-    time.sleep(seconds)
+def _supervisor_ticks(deployed: Deployment) -> int:
+    return int(fetch(deployed.storage_url, "SELECT count(*) FROM job_ticks "  # type: ignore[call-overload]
+                     "WHERE tick_body LIKE %s", ('%"pipeline_supervisor"%',))[0][0])
+
+
+def _evaluations(deployed: Deployment, count: int = 2) -> None:
+    """Let the supervisor evaluate ``count`` more times (its chances to act wrongly)."""
+    seen = _supervisor_ticks(deployed)
+    wait_until(lambda: _supervisor_ticks(deployed) >= seen + count,
+               count * OPERATIONS["supervisor_interval_seconds"] + 60,
+               f"{count} evaluations of the supervisor")
 
 
 def test_start_launches_exactly_one_run_pause_terminates_it_and_start_resumes(
@@ -241,7 +252,7 @@ def test_start_launches_exactly_one_run_pause_terminates_it_and_start_resumes(
     execute(env.source_url, "UPDATE public.orders SET note = 'updated' WHERE id <= 20",
             "DELETE FROM public.orders WHERE id > 190")
     wait_until(lambda: env.converged("public.orders"), 60, "streamed changes")
-    _evaluations(2 * OPERATIONS["supervisor_interval_seconds"])
+    _evaluations(deployment)
     assert [r[0] for r in deployment.runs("orders")] == [first]
 
     # Pause through the Dagster job (the launchpad's way); the supervisor terminates the run.
@@ -256,7 +267,7 @@ def test_start_launches_exactly_one_run_pause_terminates_it_and_start_resumes(
     assert _flows(deployment) == 230  # 200 snapshot rows + 20 updates + 10 deletes
     execute(env.source_url, "INSERT INTO public.orders VALUES (1000, 1, 'late')",
             "UPDATE public.orders SET amount = 0 WHERE id = 1")
-    _evaluations(2 * OPERATIONS["supervisor_interval_seconds"])
+    _evaluations(deployment)
     assert len(deployment.runs("orders")) == 1  # stays gone while paused
 
     deployment.rosetta("pipeline", "start", "orders")
