@@ -713,7 +713,8 @@ class RosettaMachine(RuleBasedStateMachine):
             for backfill in backfills:
                 if not backfill.completed and backfill.errors:  # what stopped it, for a look
                     print(f"    backfill job {backfill.job.id} ({backfill.job.table_name}) did "
-                          f"not complete: {backfill.errors[-1]}", file=sys.stderr, flush=True)
+                          f"not complete; its attempts' errors: {' | '.join(backfill.errors)}",
+                          file=sys.stderr, flush=True)
             stats = type(self).stats
             stats["examples"] = stats.get("examples", 0) + 1
             stats["statements"] = stats.get("statements", 0) + sum(
