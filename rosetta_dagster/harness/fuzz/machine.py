@@ -612,7 +612,7 @@ class RosettaMachine(RuleBasedStateMachine):
         found: dict[str, list[str]] = {}
         targets = [(name, url) for name, url in self.example.destination_urls()
                    if not (name == "d2" and self.second_down)]
-        if self.native:
+        if self.native and self.example.native:
             targets.append(("native replication", self.example.native_url))
         conns: dict[str, psycopg2.extensions.connection] = {}
         try:
@@ -753,8 +753,10 @@ class RosettaMachine(RuleBasedStateMachine):
         for name, lines in found.items():
             report.append(f"  {name}:")
             report.extend(f"    {line}" for line in lines)
-        if "native replication" not in found and self.native:
+        if "native replication" not in found and self.native and self.example.native:
             report.append("  native replication: equal to the source")
+        elif self.example.native_retired:
+            report.append(f"  {self.example.native_retired}")
         if pending:
             report.append(f"  {len(pending)} backfill(s) still running")
         report.extend(f"  {line}" for line in backfill_failures(self.example.backfills))
