@@ -26,7 +26,7 @@ from rosetta_dagster.core.backfill import BackfillRunner
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState, PipelineStatus
 from rosetta_dagster.core.health import CheckOutcome, evaluate_pipeline
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
-from rosetta_dagster.core.pipeline_config import OperationsSettings, PipelineDefinition
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, load_config
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.harness import StreamingEnv, execute, fetch, new_streaming_env, wait_until
 
@@ -73,9 +73,11 @@ class Deployment:
                  monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
         self.env = env
         self.config_url = config_url
-        self.pipeline: PipelineDefinition = env.load_pipeline(path, NAME)
+        config = load_config(path, {"TEST_PG_PASSWORD": env.cluster.password})
+        self.pipeline: PipelineDefinition = config.pipeline(NAME)
+        self.operations = config.operations  # as `rosetta validate` reads them
         self.capsys = capsys
-        self.environment = {**env.pipeline_env(path, config_url)}
+        self.environment = env.pipeline_env(path, config_url)
         for key, value in self.environment.items():
             monkeypatch.setenv(key, value)
         self.run = StreamRun(self.environment, path.parent / "stream.log")
@@ -95,7 +97,7 @@ class Deployment:
         with ResilientConnectionPool(self.config_url, PoolSettings(max_conn=1)) as pool:
             store = ConfigStore(pool)
             return {o.name: o for _, o in evaluate_pipeline(
-                self.pipeline, store.get_pipeline(NAME), _operations(),
+                self.pipeline, store.get_pipeline(NAME), self.operations,
                 failures=store.recent_failures(NAME))}
 
     def api(self) -> tuple[int, dict[str, str]]:
@@ -130,8 +132,8 @@ class Deployment:
         for line in lines:
             assert line in out, f"{line!r} not in:\n{out}"
         assert out.rstrip().endswith("FAILED: at least one ERROR-severity check failed"), out
-        status, _ = self.api()
-        assert status == 503
+        status, failing = self.api()
+        assert status == 503 and "ERROR" in failing.values(), failing
 
     def assert_green(self) -> dict[str, CheckOutcome]:
         """``rosetta validate`` exits 0 with no ERROR; the API answers 200; the checks agree
@@ -146,10 +148,6 @@ class Deployment:
         health = checks["stream_health"]
         assert health.passed or health.severity == "WARN", health
         return checks
-
-
-def _operations() -> OperationsSettings:
-    return OperationsSettings(**OPERATIONS)  # type: ignore[arg-type]
 
 
 @pytest.fixture
