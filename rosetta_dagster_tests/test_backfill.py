@@ -520,3 +520,116 @@ def test_terminating_the_backfill_run_cancels_the_job(
                               resources={"config_store": ConfigStoreResource(database_url=database_url)})
     assert not outcome.success
     assert store.get_backfill_job(job.id).status is BackfillStatus.CANCELLED
+
+
+@pytest.mark.parametrize("engine", ["pgoutput"])  # above the capture (test_capture_contract)
+def test_a_completed_job_stays_completed_when_its_staging_cannot_be_dropped(
+    streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Dropping staging comes after COMPLETED: a destination that refuses it (here: a view
+    depends on a staged table; in the fuzzer: a destination restarting) keeps the tables until
+    the pipeline's next job sweeps them, and the job does not fail after completing."""
+    import logging
+
+    env, pipeline = streamed
+    first = store.create_backfill_job("bf", "public.big", [
+        {"column": "id", "operator": "<=", "value": 100}])
+    leftover = f"_rosetta_backfill_{first.id}_leftover"
+    table = sql.Identifier("replica", leftover)
+    execute(env.destination_url, sql.SQL("CREATE TABLE {} (x int)").format(table),
+            sql.SQL("CREATE VIEW replica.pins_leftover AS SELECT x FROM {}").format(table))
+    caplog.set_level(logging.WARNING, logger="rosetta.backfill")
+    result = _runner(pipeline, store, first.id).run()
+    assert result.rows == 100 and store.get_backfill_job(first.id).status is BackfillStatus.COMPLETED
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "rosetta.backfill"]
+    assert warning.startswith(f"Backfill job {first.id}: the staging tables of completed jobs are "
+                              "left in destination dst until the pipeline's next backfill: ")
+    assert "depend" in warning
+    staged = "SELECT tablename FROM pg_tables WHERE tablename LIKE '\\_rosetta\\_backfill\\_%' " \
+             "ORDER BY 1"
+    assert fetch(env.destination_url, staged) == [(f"_rosetta_backfill_{first.id}_chunks",),
+                                                  (leftover,)]
+    execute(env.destination_url, "DROP VIEW replica.pins_leftover")
+    second = store.create_backfill_job("bf", "public.big", [
+        {"column": "id", "operator": "<=", "value": 10}])
+    assert _runner(pipeline, store, second.id).run().rows == 10
+    assert fetch(env.destination_url, staged) == []
+    assert env.converged("public.big")
+
+
+@pytest.mark.parametrize("engine", ["pgoutput"])
+def test_the_sensor_fails_a_job_whose_run_ended_without_recording_an_outcome(
+    env: StreamingEnv, store: ConfigStore, database_url: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A run whose attempt failed while the config store was unreachable could record neither
+    FAILED nor CANCELLED: once the run has ended, the sensor fails the job (so it can be
+    retried); a job whose run is still going is left alone."""
+    import logging
+
+    from dagster import (
+        DagsterInstance,
+        DagsterRunStatus,
+        Definitions,
+        RunsFilter,
+        asset,
+        build_sensor_context,
+        materialize,
+    )
+
+    from rosetta_dagster.core.pipeline_config import load_config
+    from rosetta_dagster.defs.backfills.sensors import JOB_TAG, build_backfill_sensor
+    from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+
+    execute(env.source_url, "CREATE TABLE public.big (id int PRIMARY KEY)")
+    path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "bf", ["public.big"])
+    for key, value in env.pipeline_env(path, database_url).items():
+        monkeypatch.setenv(key, value)
+    config = load_config(path)
+    store.sync_pipeline(config.pipeline("bf"))
+    ended, going = (store.create_backfill_job("bf", "public.big") for _ in range(2))
+    for job in (ended, going):
+        store.set_backfill_status(job.id, BackfillStatus.EXECUTING)
+    release = threading.Event()
+
+    @asset
+    def lost_the_store() -> None:
+        raise RuntimeError("config store unreachable")
+
+    @asset
+    def still_copying() -> None:
+        release.wait(60)
+
+    resources = {"config_store": ConfigStoreResource(database_url=database_url)}
+    caplog.set_level(logging.WARNING, logger="rosetta.backfill")
+    with DagsterInstance.ephemeral() as instance:
+        failed = materialize([lost_the_store], instance=instance, raise_on_error=False,
+                             tags={JOB_TAG: str(ended.id)})
+        assert not failed.success
+        copying = threading.Thread(target=materialize, args=([still_copying],), kwargs={
+            "instance": instance, "tags": {JOB_TAG: str(going.id)}})
+        copying.start()
+        try:
+            wait_until(lambda: instance.get_run_records(RunsFilter(
+                tags={JOB_TAG: str(going.id)}, statuses=[DagsterRunStatus.STARTED])), 30,
+                "the still-copying run")
+            sensor = build_backfill_sensor(config)
+            definitions = Definitions(sensors=[sensor], resources=resources)
+            with build_sensor_context(instance=instance, definitions=definitions,
+                                      resources=resources) as context:
+                sensor.evaluate_tick(context)
+        finally:
+            release.set()
+            copying.join()
+    message = (f"Backfill job {ended.id} (attempt 1): its run ended without recording an outcome "
+               "(was the config store unreachable?); see the run's logs.")
+    failed_job = store.get_backfill_job(ended.id)
+    assert (failed_job.status, failed_job.error) == (BackfillStatus.FAILED, message)
+    assert message in [r.getMessage() for r in caplog.records]
+    assert store.get_backfill_job(going.id).status is BackfillStatus.EXECUTING
+    assert store.retry_backfill_job(ended.id).status is BackfillStatus.PENDING
+    # The run recorded its outcome after the sensor read the job: the sensor changes nothing.
+    store.set_backfill_status(going.id, BackfillStatus.COMPLETED)
+    assert not store.fail_abandoned_backfill_job(going.id, 1, message)
+    assert store.get_backfill_job(going.id).status is BackfillStatus.COMPLETED

@@ -29,6 +29,7 @@ from rosetta_dagster.core.backfill.chunk_copy import (
     BackfillError,
     BackfillResult,
     BackfillRunner,
+    fail_abandoned_job,
     fetch_pending_jobs,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "BackfillError",
     "BackfillResult",
     "BackfillRunner",
+    "fail_abandoned_job",
     "fetch_pending_jobs",
 ]

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,6 +136,19 @@ def _wait_for_transactions_in_flight(conn: psycopg2.extensions.connection) -> No
                 time.sleep(0.005)
 
 
+def fail_abandoned_job(store: ConfigStore, job: BackfillJob, log: Log = logger) -> bool:
+    """``job``, read EXECUTING, has no run any more (the caller knows runs): its run ended
+    without recording an outcome, as when the config store was unreachable when the attempt
+    failed or was stopped. FAILED, so `rosetta backfill retry` can run it again; False when the
+    run did record an outcome meanwhile (or a later attempt runs)."""
+    message = (f"Backfill job {job.id} (attempt {job.attempts}): its run ended without "
+               "recording an outcome (was the config store unreachable?); see the run's logs.")
+    if not store.fail_abandoned_backfill_job(job.id, job.attempts, message):
+        return False
+    log.warning(message)
+    return True
+
+
 class BackfillRunner:
     """Runs one backfill job to completion (or cancellation) in the calling thread."""
 
@@ -197,6 +210,8 @@ class BackfillRunner:
                 "applied by its stream, start it first."
             )
         started = time.monotonic()
+        self._drop_staging([j.id for j in self.store.list_backfill_jobs(
+            pipeline=self.pipeline.name, status=BackfillStatus.COMPLETED)])
         with source_connection(self.pipeline) as source:
             schema = read_table_schema(source, table, f"source {self.pipeline.source.name}",
                                        self.pipeline.options(table))
@@ -222,12 +237,24 @@ class BackfillRunner:
                     staging.close()
         final = self.store.get_backfill_job(job.id)
         self.store.set_backfill_status(job.id, BackfillStatus.COMPLETED)
-        for destination in self.pipeline.destinations:
-            destination_kind(destination).drop_staging(self.pipeline, destination, job.id)
+        self._drop_staging([job.id])
         seconds = time.monotonic() - started
         return BackfillResult(job.id, final.count_record, total, chunks, seconds, job.attempts,
                               table, final.rows_inserted, final.rows_updated, final.rows_deleted,
                               where, list(params))
+
+    def _drop_staging(self, job_ids: Collection[int]) -> None:
+        """What completed jobs left staged, dropped where it can be: a destination that cannot
+        be reached keeps it (never read again) until the pipeline's next job sweeps it, and a
+        completed job stays completed."""
+        for destination in self.pipeline.destinations:
+            try:
+                destination_kind(destination).drop_staging(self.pipeline, destination, job_ids)
+            except (RosettaError, psycopg2.Error) as exc:
+                self.log.warning(
+                    "Backfill job %d: the staging tables of completed jobs are left in "
+                    "destination %s until the pipeline's next backfill: %s", self.job_id,
+                    destination.name, summarize_connection_error(exc))
 
     def _wait_for_publication(self, source: psycopg2.extensions.connection,
                               schema: TableSchema) -> None:

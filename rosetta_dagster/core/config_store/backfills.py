@@ -179,6 +179,13 @@ class BackfillRecords(StoreBase):
             (chunk, job_id),
         )
 
+    def fail_abandoned_backfill_job(self, job_id: int, attempts: int, error: str) -> bool:
+        """FAILED with ``error`` if the job is still EXECUTING attempt ``attempts``."""
+        return bool(self._query(
+            "UPDATE backfill_jobs SET status = 'FAILED', error = %s, finished_at = now(), "
+            "updated_at = now() WHERE id = %s AND status = 'EXECUTING' AND attempts = %s "
+            "RETURNING id", (error, job_id, attempts)))
+
     def set_backfill_status(
         self,
         job_id: int,

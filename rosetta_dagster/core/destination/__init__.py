@@ -24,7 +24,7 @@ per key of a batch in ``net_changes``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -208,8 +208,8 @@ class DestinationKind(Protocol):
                      schema: TableSchema, job_id: int) -> ChunkStaging: ...
 
     def drop_staging(self, pipeline: PipelineDefinition, destination: Destination,
-                     job_id: int) -> None:
-        """Drop whatever a finished job left staged."""
+                     job_ids: Collection[int]) -> None:
+        """Drop whatever the jobs ``job_ids`` (completed: never read again) left staged."""
 
     def open_table_load(self, pipeline: PipelineDefinition, destination: Destination,
                         schema: TableSchema, *, widen: bool) -> TableLoad:

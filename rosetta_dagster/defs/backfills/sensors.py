@@ -5,16 +5,19 @@ import logging
 from dagster import (
     AddDynamicPartitionsRequest,
     AssetSelection,
+    DagsterInstance,
+    DagsterRunStatus,
     DefaultSensorStatus,
     DeleteDynamicPartitionsRequest,
     RunRequest,
+    RunsFilter,
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     sensor,
 )
 
-from rosetta_dagster.core.backfill import fetch_pending_jobs
+from rosetta_dagster.core.backfill import fail_abandoned_job, fetch_pending_jobs
 from rosetta_dagster.core.config_store import BackfillStatus
 from rosetta_dagster.core.pipeline_config import RosettaConfig
 from rosetta_dagster.defs.backfills.assets import backfill_asset_key, backfill_partitions_name
@@ -22,6 +25,23 @@ from rosetta_dagster.defs.platform.logs import TeeLogger
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 
 backfill_logger = logging.getLogger("rosetta.backfill")
+JOB_TAG = "rosetta/backfill_job"
+# A run in these has not ended (or is ending): its job's status is its own to record.
+UNFINISHED_RUN_STATUSES = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED,
+                           DagsterRunStatus.STARTING, DagsterRunStatus.STARTED,
+                           DagsterRunStatus.CANCELING]
+
+
+def jobs_with_unfinished_runs(instance: DagsterInstance) -> set[int]:
+    """Backfill jobs a run is (or may be) executing: by the sensor's tag, or the partition of a
+    run started by hand from the UI (job ids are the partition keys)."""
+    jobs = set()
+    for record in instance.get_run_records(RunsFilter(statuses=UNFINISHED_RUN_STATUSES)):
+        tags = record.dagster_run.tags
+        for tag in (JOB_TAG, "dagster/partition"):
+            if tags.get(tag, "").isdigit():
+                jobs.add(int(tags[tag]))
+    return jobs
 
 
 def build_backfill_sensor(config: RosettaConfig) -> SensorDefinition:
@@ -35,13 +55,20 @@ def build_backfill_sensor(config: RosettaConfig) -> SensorDefinition:
         minimum_interval_seconds=operations.backfill_sensor_interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
         description="Claims PENDING backfill jobs and runs each as a partition of its pipeline's "
-        "backfill asset; drops partitions of jobs finished long ago.",
+        "backfill asset; fails EXECUTING jobs whose run ended without saying how; drops "
+        "partitions of jobs finished long ago.",
     )
     def backfill_jobs_sensor(
         context: SensorEvaluationContext, config_store: ConfigStoreResource
     ) -> SensorResult:
         log = TeeLogger(backfill_logger, context.log)
         store = config_store.store
+        # Read before the runs: a job that starts executing after this read is not judged.
+        executing = store.list_backfill_jobs(status=BackfillStatus.EXECUTING)
+        running = jobs_with_unfinished_runs(context.instance)
+        for job in executing:
+            if job.id not in running:
+                fail_abandoned_job(store, job, log)
         requests: list[RunRequest] = []
         added: dict[str, list[str]] = {}
         claimed = fetch_pending_jobs(store, log)
@@ -63,7 +90,7 @@ def build_backfill_sensor(config: RosettaConfig) -> SensorDefinition:
                 run_key=f"backfill-{job.id}-attempt-{job.attempts + 1}",
                 asset_selection=[backfill_asset_key(job.pipeline)],
                 partition_key=partition,
-                tags={"rosetta/backfill_job": partition, "rosetta/backfill_pipeline": job.pipeline},
+                tags={JOB_TAG: partition, "rosetta/backfill_pipeline": job.pipeline},
             ))
             log.info("Backfill job %d (%s %s): run requested", job.id, job.pipeline, job.table_name)
         # Retention: partitions of jobs finished more than N days ago are removed so the UI

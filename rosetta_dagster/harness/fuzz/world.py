@@ -29,8 +29,13 @@ import psycopg2.extensions
 import yaml
 from psycopg2 import sql
 
-from rosetta_dagster.core.backfill import BackfillError, BackfillRunner
-from rosetta_dagster.core.config_store import BackfillJob, ConfigStore, PipelineStatus
+from rosetta_dagster.core.backfill import BackfillError, BackfillRunner, fail_abandoned_job
+from rosetta_dagster.core.config_store import (
+    BackfillJob,
+    BackfillStatus,
+    ConfigStore,
+    PipelineStatus,
+)
 from rosetta_dagster.core.dsn import pinned_options
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
@@ -215,6 +220,11 @@ class Backfill:
         for attempt in range(self.ATTEMPTS):
             try:
                 if attempt:
+                    # As the backfill sensor does: an attempt that could not record its
+                    # outcome (the config store was down) leaves the job EXECUTING.
+                    job = store.get_backfill_job(self.job.id)
+                    if job.status is BackfillStatus.EXECUTING:
+                        fail_abandoned_job(store, job)
                     store.retry_backfill_job(self.job.id)
                 BackfillRunner(pipeline, store, self.job.id, chunk_rows=7,
                                chunk_timeout_s=20, max_attempts=self.ATTEMPTS).run()

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -58,8 +58,8 @@ class PostgresDestinations:
         return PostgresChunkStaging(pipeline, destination, schema, job_id)
 
     def drop_staging(self, pipeline: PipelineDefinition, destination: Destination,
-                     job_id: int) -> None:
-        drop_job_staging(pipeline, destination, job_id)
+                     job_ids: Collection[int]) -> None:
+        drop_job_staging(pipeline, destination, job_ids)
 
     def open_table_load(self, pipeline: PipelineDefinition, destination: Destination,
                         schema: TableSchema, *, widen: bool) -> PostgresTableLoad:

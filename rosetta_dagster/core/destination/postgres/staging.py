@@ -12,7 +12,8 @@ and the stream asks for the chunk again.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import psycopg2.extensions
@@ -28,10 +29,13 @@ from rosetta_dagster.core.replication import connect_destination, destination_co
 from rosetta_dagster.core.table_schema import TableSchema
 from rosetta_dagster.core.values import COPY_NULL, copy_field
 
+STAGING_PREFIX = "_rosetta_backfill_"
+_JOB_OF_STAGING = re.compile(rf"{STAGING_PREFIX}(\d+)_")
+
 
 def job_prefix(job_id: int) -> str:
     """Every staging table of a job starts with this (dropped together when the job ends)."""
-    return f"_rosetta_backfill_{int(job_id)}_"
+    return f"{STAGING_PREFIX}{int(job_id)}_"
 
 
 def chunk_table(job_id: int, chunk: int) -> str:
@@ -96,14 +100,17 @@ class PostgresChunkStaging:
 
 
 def drop_job_staging(pipeline: PipelineDefinition, destination: Destination,
-                     job_id: int) -> None:
-    """Drop the job's marks and any chunk table left (read again under another number)."""
+                     job_ids: Collection[int]) -> None:
+    """Drop the marks and any chunk table left (read again under another number) of the jobs."""
+    jobs = {int(job_id) for job_id in job_ids}
     with destination_connection(pipeline, destination) as conn, conn.cursor() as cursor:
         cursor.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s "
-                       "AND starts_with(tablename, %s)", (destination.schema, job_prefix(job_id)))
+                       "AND starts_with(tablename, %s)", (destination.schema, STAGING_PREFIX))
         for (name,) in cursor.fetchall():
-            cursor.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
-                sql.Identifier(destination.schema, name)))
+            job = _JOB_OF_STAGING.match(name)
+            if job and int(job[1]) in jobs:
+                cursor.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
+                    sql.Identifier(destination.schema, name)))
 
 
 def merge_chunk(
