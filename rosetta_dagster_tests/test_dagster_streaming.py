@@ -47,7 +47,9 @@ OPERATIONS = {
     "supervisor_interval_seconds": 5,
     "heartbeat_timeout_seconds": 20,
     "restart_backoff_initial_seconds": 4,
-    "restart_backoff_max_seconds": 16,
+    # `broken` fails from the first minute to the last: a low cap would relaunch it (a run
+    # process of seconds of CPU each) a dozen times and slow every other test of the module.
+    "restart_backoff_max_seconds": 64,
     "wal_monitor_interval_seconds": 10,
 }
 
@@ -215,17 +217,21 @@ def _flows(deployed: Deployment) -> int:
     return int(rows[0][0])  # type: ignore[call-overload]
 
 
-def _supervisor_ticks(deployed: Deployment) -> int:
-    return int(fetch(deployed.storage_url, "SELECT count(*) FROM job_ticks "  # type: ignore[call-overload]
-                     "WHERE tick_body LIKE %s", ('%"pipeline_supervisor"%',))[0][0])
+def _supervisor_ticks(deployed: Deployment) -> tuple[int, int]:
+    """(ended, under way) evaluations of the supervisor: a tick is stored as STARTED and
+    updated when the evaluation ends."""
+    rows = fetch(deployed.storage_url, "SELECT count(*) FILTER (WHERE status <> 'STARTED'), "
+                 "count(*) FILTER (WHERE status = 'STARTED') FROM job_ticks "
+                 "WHERE tick_body LIKE %s", ('%"pipeline_supervisor"%',))
+    return int(rows[0][0]), int(rows[0][1])  # type: ignore[call-overload]
 
 
-def _evaluations(deployed: Deployment, count: int = 2) -> None:
-    """Let the supervisor evaluate ``count`` more times (its chances to act wrongly)."""
-    seen = _supervisor_ticks(deployed)
-    wait_until(lambda: _supervisor_ticks(deployed) >= seen + count,
-               count * OPERATIONS["supervisor_interval_seconds"] + 60,
-               f"{count} evaluations of the supervisor")
+def _evaluations(deployed: Deployment) -> None:
+    """Let the supervisor evaluate once more from start to end (its chance to act wrongly):
+    the evaluations under way now may have read the state before the caller changed it."""
+    ended, under_way = _supervisor_ticks(deployed)
+    wait_until(lambda: _supervisor_ticks(deployed)[0] >= ended + under_way + 1,
+               OPERATIONS["supervisor_interval_seconds"] + 60, "an evaluation of the supervisor")
 
 
 def test_start_launches_exactly_one_run_pause_terminates_it_and_start_resumes(
@@ -448,7 +454,10 @@ def test_eight_pipelines_on_one_instance_get_one_run_each_converge_and_pools_sta
         execute(deployment.config_url,
                 "UPDATE pipelines SET status = 'START' WHERE name LIKE 'fleet%'")
         runs = {name: deployment.streaming_run(name) for name in FLEET}
-        time.sleep(5)  # every stream applies while the writer goes on
+        for name in FLEET:  # every stream applies while the writer goes on
+            wait_until(lambda name=name: fetch(
+                env.destination_url, f"SELECT count(*) FROM replica.{name} WHERE id > 1000"  # noqa: S608
+            )[0][0] > 0, 120, f"{name} to apply the writer's rows")
     finally:
         stop.set()
         writer.join(30)

@@ -21,7 +21,13 @@ stamp=.venv/.rosetta-installed
 wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
   echo "setup: installing dependencies into .venv (first run downloads ~400 MB)"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  # uv resolves and installs the same versions as pip in ~10 s instead of ~55 s here; pip does
+  # the install wherever uv cannot be had.
+  if .venv/bin/python -m pip install --quiet --disable-pip-version-check uv 2>/dev/null; then
+    .venv/bin/uv pip install --quiet --python .venv/bin/python -e ".[test]"
+  else
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  fi
   echo "$wanted" > "$stamp"
 fi
