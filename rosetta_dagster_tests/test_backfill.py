@@ -18,7 +18,7 @@ from psycopg2 import sql
 from rosetta_dagster.core.backfill import BackfillCancelled, BackfillError, BackfillRunner
 from rosetta_dagster.core.config_store import BackfillStatus, ConfigStore, PipelineStatus
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
-from rosetta_dagster.core.pipeline_config import PipelineDefinition
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, PipelineFile
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import (
     StreamingEnv,
@@ -408,8 +408,8 @@ def test_the_sensor_queues_a_partition_run_and_materializing_it_completes_the_jo
         # Known to the instance up front: outside the daemon, evaluate_tick validates partition
         # keys against the instance before applying the tick's own partition requests.
         instance.add_dynamic_partitions("backfill_jobs_bf", [str(job.id)])
-        definitions = Definitions(assets=[build_backfill_asset(pipeline)], sensors=[sensor],
-                                  resources=resources)
+        definitions = Definitions(assets=[build_backfill_asset(pipeline, PipelineFile(path))],
+                                  sensors=[sensor], resources=resources)
         with build_sensor_context(instance=instance, definitions=definitions,
                                   resources=resources) as context:
             # evaluate_tick, as the daemon does: it also checks every request has a target.
@@ -429,7 +429,7 @@ def test_the_sensor_queues_a_partition_run_and_materializing_it_completes_the_jo
             with partition_loading_context(dynamic_partitions_store=instance):
                 again = sensor.evaluate_tick(context)
         assert [r.run_key for r in again.run_requests] == [request.run_key]
-        outcome = materialize([build_backfill_asset(pipeline)], partition_key=str(job.id),
+        outcome = materialize([build_backfill_asset(pipeline, PipelineFile(path))], partition_key=str(job.id),
                               instance=instance, resources=resources)
     assert outcome.success
     metadata = outcome.asset_materializations_for_node("backfill__bf")[0].metadata
@@ -515,7 +515,7 @@ def test_terminating_the_backfill_run_cancels_the_job(
     monkeypatch.setattr(BackfillRunner, "_wait_applied", interrupted)
     with DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions("backfill_jobs_bf", [str(job.id)])
-        outcome = materialize([build_backfill_asset(pipeline)], partition_key=str(job.id),
+        outcome = materialize([build_backfill_asset(pipeline, PipelineFile(path))], partition_key=str(job.id),
                               instance=instance, raise_on_error=False,
                               resources={"config_store": ConfigStoreResource(database_url=database_url)})
     assert not outcome.success

@@ -159,6 +159,16 @@ def test_backfill_jobs_are_claimed_once_with_skip_locked(
     assert store.claim_pending_backfill_jobs() == []
 
 
+def test_a_claim_for_some_pipelines_leaves_the_others_jobs_pending(store: ConfigStore) -> None:
+    for name in ("orders", "ledger"):
+        store.upsert_pipeline(name, source="shop", destinations=["w"], tables=[f"public.{name}"])
+    orders, ledger = (store.create_backfill_job(n, f"public.{n}") for n in ("orders", "ledger"))
+    assert [j.id for j in store.claim_pending_backfill_jobs(pipelines={"ledger"})] == [ledger.id]
+    assert store.get_backfill_job(orders.id).status is BackfillStatus.PENDING
+    assert [j.id for j in store.claim_pending_backfill_jobs(pipelines=set())] == []
+    assert [j.id for j in store.claim_pending_backfill_jobs()] == [orders.id]
+
+
 def test_backfill_progress_and_status_lifecycle(store: ConfigStore) -> None:
     store.upsert_pipeline("orders", source="shop", destinations=["w"], tables=["public.orders"])
     job = store.create_backfill_job(

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from dagster import AssetKey, DagsterInstance, Definitions, materialize
 
 from rosetta_dagster.core.config_store import load_migrations
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
+from rosetta_dagster.core.pipeline_config import PipelineConfigError, PipelineFile
 from rosetta_dagster.definitions import build_definitions, defs
 from rosetta_dagster.defs.platform.assets import config_db
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
@@ -174,14 +176,35 @@ def test_definitions_from_the_pipeline_file(
     assert graph.get(destination).parent_keys == {AssetKey(["source", "src", "public", "orders"])}
 
 
+def test_definitions_of_some_pipelines_of_the_file(
+    tmp_path: Path, pg_cluster: LocalPostgresCluster
+) -> None:
+    path = _pipeline_file(tmp_path, pg_cluster, "shop")
+    document = yaml.safe_load(path.read_text())
+    document["pipelines"]["ledger"] = {**document["pipelines"]["shop"],
+                                       "tables": ["public.ledger"]}
+    path.write_text(yaml.safe_dump(document))
+    everything = build_definitions(path).get_repository_def()
+    assert {"stream_shop", "stream_ledger"} <= set(everything.job_names)
+    some = build_definitions(PipelineFile(path, frozenset({"ledger"}))).get_repository_def()
+    assert "stream_ledger" in some.job_names and "stream_shop" not in some.job_names
+    assert AssetKey(["backfill", "shop"]) not in some.assets_defs_by_key
+    with pytest.raises(PipelineConfigError, match="pipeline 'orders' is not declared"):
+        build_definitions(PipelineFile(path, frozenset({"orders"})))
+
+
 def test_stream_job_failure_is_one_sentence_in_the_dagster_log(
     tmp_path: Path, pg_cluster: LocalPostgresCluster, database_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     source_db = database_url.rsplit("/", 1)[1]
-    monkeypatch.setenv("ROSETTA_CONFIG", str(_pipeline_file(tmp_path, pg_cluster, source_db)))
+    path = _pipeline_file(tmp_path, pg_cluster, source_db)
+    # The run reads the file the definitions were built from, not $ROSETTA_CONFIG.
+    monkeypatch.setenv("ROSETTA_CONFIG", str(tmp_path / "not-this-one.yaml"))
     monkeypatch.setenv("TEST_PG_PASSWORD", "wrong-pw")
-    job = build_definitions().get_repository_def().get_job("stream_shop")
+    job = build_definitions(path, stream_run_tags={"team": "data"}).get_repository_def(
+        ).get_job("stream_shop")
+    assert job.tags == {"team": "data", "rosetta/pipeline": "shop"}
     instance = DagsterInstance.ephemeral()
     result = job.execute_in_process(
         resources={"config_store": ConfigStoreResource(database_url=database_url)},

@@ -326,7 +326,8 @@ def test_the_scheduled_check_job_records_results_in_dagster(
     replica: tuple[StreamingEnv, PipelineDefinition], database_url: str, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The job the schedule launches, executed through Dagster on the streaming replica."""
+    """The job the schedule launches, executed through Dagster on the streaming replica; the
+    checks read the pipeline file the definitions were built from, not $ROSETTA_CONFIG."""
     from dagster import DagsterInstance
 
     from rosetta_dagster.definitions import build_definitions
@@ -338,10 +339,11 @@ def test_the_scheduled_check_job_records_results_in_dagster(
     path.write_text(yaml.safe_dump(document))
     for key, value in env.pipeline_env(path, database_url).items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("ROSETTA_CONFIG", str(tmp_path / "not-this-one.yaml"))
     execute(env.destination_url, "UPDATE replica.items SET v = 'tampered' WHERE id = 3")
     with DagsterInstance.ephemeral() as instance:
-        result = build_definitions().resolve_job_def("replication_health_checks").execute_in_process(
-            instance=instance, raise_on_error=False)
+        result = build_definitions(path).resolve_job_def(
+            "replication_health_checks").execute_in_process(instance=instance, raise_on_error=False)
     evaluations = {(tuple(e.asset_key.path), e.check_name): e
                    for e in result.get_asset_check_evaluations()}
     table = ("destination", "dst", "replica", "items")

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from rosetta_dagster.core.pipeline_config import PipelineConfigError, TableRef, load_config
+from rosetta_dagster.core.pipeline_config import (
+    PipelineConfigError,
+    PipelineFile,
+    TableRef,
+    load_config,
+)
 
 VALID = """
 sources:
@@ -180,14 +185,16 @@ def test_bad_table_options_fail_with_one_clear_sentence(
 def test_destination_assets_and_check_specs_are_the_target_tables(tmp_path: Path) -> None:
     from dagster import AssetKey
 
+    from rosetta_dagster.defs.naming import AssetNaming
     from rosetta_dagster.defs.pipelines.assets import pipeline_asset_specs
     from rosetta_dagster.defs.pipelines.checks import build_pipeline_checks
 
-    pipeline = load_config(_write(tmp_path, OPTIONS), ENV).pipeline("orders")
-    keys = {spec.key for spec in pipeline_asset_specs(pipeline)}
+    path = _write(tmp_path, OPTIONS)
+    pipeline = load_config(path, ENV).pipeline("orders")
+    keys = {spec.key for spec in pipeline_asset_specs(pipeline, AssetNaming())}
     assert {AssetKey(["destination", "wh", "sales", "orders_eu"]),
             AssetKey(["destination", "lake", "raw", "items"]),
             AssetKey(["destination", "lake", "public", "customers"])} <= keys
     assert AssetKey(["destination", "wh", "copy", "orders"]) not in keys
-    (checks,) = build_pipeline_checks(pipeline)
+    (checks,) = build_pipeline_checks(pipeline, PipelineFile(path))
     assert {key.asset_key for key in checks.check_keys} <= keys

@@ -55,15 +55,16 @@ class BackfillCancelled(RosettaError):  # noqa: N818 - an outcome, not a failure
 
 def fetch_pending_jobs(
     store: ConfigStore, log: Log = logger, sleep: Callable[[float], None] = time.sleep,
-    limit: int = 10,
+    limit: int = 10, pipelines: Collection[str] | None = None,
 ) -> list[BackfillJob]:
-    """Claim PENDING jobs (-> QUEUED), retrying connection errors: 3 attempts, 2 s then 4 s.
+    """Claim PENDING jobs (-> QUEUED) of ``pipelines`` (or any), retrying connection errors:
+    3 attempts, 2 s then 4 s.
 
     Checklist scenario 3; other errors are not retried.
     """
     for attempt in range(1, FETCH_ATTEMPTS + 1):
         try:
-            jobs = store.claim_pending_backfill_jobs(limit)
+            jobs = store.claim_pending_backfill_jobs(limit, pipelines)
         except (psycopg2.OperationalError, psycopg2.InterfaceError, DatabaseConnectionError) as exc:
             reason = (summarize_connection_error(exc) if isinstance(exc, psycopg2.Error)
                       else str(exc))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from psycopg2.extras import Json
@@ -70,26 +70,29 @@ class BackfillRecords(StoreBase):
         )
         return [BackfillJob.from_row(row) for row in rows]
 
-    def claim_pending_backfill_jobs(self, limit: int = 10) -> list[BackfillJob]:
-        """Move up to ``limit`` PENDING jobs to QUEUED and return them.
+    def claim_pending_backfill_jobs(
+        self, limit: int = 10, pipelines: Collection[str] | None = None
+    ) -> list[BackfillJob]:
+        """Move up to ``limit`` PENDING jobs (of ``pipelines``, or any) to QUEUED and return them.
 
         ``FOR UPDATE SKIP LOCKED`` lets several claimers run at once without ever handing the
         same job to two of them.
         """
+        names = None if pipelines is None else sorted(pipelines)
         rows = self._query(
             """
             WITH claimed AS (
-                SELECT id FROM backfill_jobs
-                WHERE status = 'PENDING'
-                ORDER BY created_at, id
+                SELECT j.id FROM backfill_jobs j JOIN pipelines p ON p.id = j.pipeline_id
+                WHERE j.status = 'PENDING' AND (%s::text[] IS NULL OR p.name = ANY(%s::text[]))
+                ORDER BY j.created_at, j.id
                 LIMIT %s
-                FOR UPDATE SKIP LOCKED
+                FOR UPDATE OF j SKIP LOCKED
             )
             UPDATE backfill_jobs j SET status = 'QUEUED', updated_at = now()
             FROM claimed WHERE j.id = claimed.id
             RETURNING j.id
             """,
-            (limit,),
+            (names, names, limit),
         )
         return [self.get_backfill_job(row["id"]) for row in sorted(rows, key=lambda r: r["id"])]
 

@@ -4,7 +4,7 @@ pipelines, operations and notification settings."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -254,11 +254,39 @@ class NotificationSettings:
 
 
 @dataclass(frozen=True)
+class PipelineFile:
+    """A pipeline file and which of its pipelines a Dagster code location runs (all of them when
+    ``selected`` is None): what the definitions are built from, and what their runs, checks and
+    sensors read again (for the secrets, resolved at run time), never ``$ROSETTA_CONFIG``."""
+
+    path: Path
+    selected: frozenset[str] | None = None
+
+    def load(self, *, resolve_secrets: bool = True) -> RosettaConfig:
+        from rosetta_dagster.core.pipeline_config.loading import load_config
+
+        config = load_config(self.path, resolve_secrets=resolve_secrets)
+        if self.selected is None:
+            return config
+        unknown = sorted(self.selected - set(config.pipelines))
+        if unknown:
+            raise PipelineConfigError(f"{self.path}: pipeline '{unknown[0]}' is not declared.")
+        return replace(config, selected=self.selected, pipelines={
+            name: pipeline for name, pipeline in config.pipelines.items() if name in self.selected})
+
+
+@dataclass(frozen=True)
 class RosettaConfig:
     path: Path
     pipelines: dict[str, PipelineDefinition]
     operations: OperationsSettings = OperationsSettings()
     notifications: NotificationSettings = NotificationSettings()
+    selected: frozenset[str] | None = None  # pipelines kept from the file (None: all)
+
+    @property
+    def file(self) -> PipelineFile:
+        """Where this came from, to read it again (with the secrets, at run time)."""
+        return PipelineFile(self.path, self.selected)
 
     def pipeline(self, name: str) -> PipelineDefinition:
         try:

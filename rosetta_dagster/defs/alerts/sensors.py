@@ -23,7 +23,8 @@ from dagster import (
 )
 
 from rosetta_dagster.core.notify import OUTBOX_RETRY_S, Alert, Notifier, store_alerts
-from rosetta_dagster.core.pipeline_config import PipelineDefinition, RosettaConfig, load_config
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, RosettaConfig
+from rosetta_dagster.defs.naming import AssetNaming
 from rosetta_dagster.defs.pipelines.assets import (
     replication_slot_key,
     table_copy_key,
@@ -40,23 +41,24 @@ _STREAK_LOOKBACK = 100  # evaluations looked back at for when a failing check be
 _ALERTED_TABLE_CHECKS = tuple(c for c in TABLE_CHECKS if c != "parked_events")
 
 
-def _check_keys(pipeline: PipelineDefinition) -> Iterator[AssetCheckKey]:
+def _check_keys(pipeline: PipelineDefinition, naming: AssetNaming) -> Iterator[AssetCheckKey]:
     for destination in pipeline.destinations:
         for table in pipeline.tables:
             for check in _ALERTED_TABLE_CHECKS:
-                yield AssetCheckKey(table_copy_key(pipeline, destination, table), check)
+                yield AssetCheckKey(naming.key(table_copy_key(pipeline, destination, table)),
+                                    check)
     for check in SLOT_CHECKS:
-        yield AssetCheckKey(replication_slot_key(pipeline), check)
+        yield AssetCheckKey(naming.key(replication_slot_key(pipeline)), check)
 
 
 def check_alerts(context: SensorEvaluationContext, config: RosettaConfig,
-                 active: Mapping[str, Mapping[str, Any]]) -> list[Alert]:
+                 active: Mapping[str, Mapping[str, Any]], naming: AssetNaming) -> list[Alert]:
     """The latest evaluation of each check, where it failed; ``active``: what the cursor
     already knows failing (its start is not looked up again)."""
     owner: dict[AssetCheckKey, str | None] = {
         AssetCheckKey(CONFIG_DB_KEY, check): None for check in POOL_CHECKS}
     for pipeline in config.pipelines.values():
-        owner.update({key: pipeline.name for key in _check_keys(pipeline)})
+        owner.update({key: pipeline.name for key in _check_keys(pipeline, naming)})
     latest = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(
         list(owner))
     alerts = []
@@ -109,8 +111,12 @@ def _scalar(value: object) -> float | int | str | None:
 
 
 def build_notification_sensor(
-    config: RosettaConfig, *, outbox_retry_s: float = OUTBOX_RETRY_S
+    config: RosettaConfig, *, outbox_retry_s: float = OUTBOX_RETRY_S,
+    naming: AssetNaming | None = None,
 ) -> SensorDefinition:
+    """``naming``: the keys of the checks it watches."""
+    naming = naming or AssetNaming()
+
     @sensor(
         name="notifications",
         minimum_interval_seconds=config.operations.supervisor_interval_seconds,
@@ -121,14 +127,14 @@ def build_notification_sensor(
     def notifications(
         context: SensorEvaluationContext, config_store: ConfigStoreResource
     ) -> SensorResult | SkipReason:
-        current = load_config(config.path)
+        current = config.file.load()
         settings = current.notifications
         if not settings.channels:
             return SkipReason("No notification channels in rosetta.yaml.")
         store = config_store.store
         log = TeeLogger(notifications_logger, context.log)
         state = json.loads(context.cursor) if context.cursor else {}
-        alerts = (check_alerts(context, current, state.get("active", {}))
+        alerts = (check_alerts(context, current, state.get("active", {}), naming)
                   + store_alerts(store, current.pipelines))
         deliveries = Notifier(settings, store, log=log, outbox_retry_s=outbox_retry_s).evaluate(
             state, alerts)

@@ -5,6 +5,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetsDefinition,
+    AssetSpec,
     DynamicPartitionsDefinition,
     Failure,
     MaterializeResult,
@@ -14,7 +15,8 @@ from dagster import (
 
 from rosetta_dagster.core.backfill import BackfillCancelled, BackfillError, BackfillRunner
 from rosetta_dagster.core.health import backfill_retry_attempts, backfill_row_parity
-from rosetta_dagster.core.pipeline_config import PipelineDefinition, load_config
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, PipelineFile
+from rosetta_dagster.defs.naming import AssetNaming, RosettaAsset
 from rosetta_dagster.defs.pipelines.checks import check_result
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 
@@ -27,10 +29,17 @@ def backfill_partitions_name(pipeline: str) -> str:
     return f"backfill_jobs_{pipeline}"
 
 
-def build_backfill_asset(pipeline: PipelineDefinition) -> AssetsDefinition:
+def build_backfill_asset(pipeline: PipelineDefinition, pipeline_file: PipelineFile,
+                         naming: AssetNaming | None = None) -> AssetsDefinition:
+    """``pipeline_file``: what the definitions were built from (read again with its secrets by
+    each run); ``naming``: its key and attributes."""
     name = pipeline.name
-
-    key = backfill_asset_key(name)
+    spec = (naming or AssetNaming()).spec(AssetSpec(
+        backfill_asset_key(name), group_name=name, kinds={"postgres"},
+        description=f"Backfill jobs of pipeline {name}: each partition is one job (its id) that "
+        "re-copies matching source rows into every destination while the stream runs.",
+    ), RosettaAsset("backfill", name, pipeline.source.name))
+    key = spec.key
 
     @asset(
         key=key,
@@ -41,14 +50,16 @@ def build_backfill_asset(pipeline: PipelineDefinition) -> AssetsDefinition:
                 "Attempts the job needed: WARN > 1, ERROR > 2 (checklist).")),
         ],
         partitions_def=DynamicPartitionsDefinition(name=backfill_partitions_name(name)),
-        group_name=name,
-        kinds={"postgres"},
-        description=f"Backfill jobs of pipeline {name}: each partition is one job (its id) that "
-        "re-copies matching source rows into every destination while the stream runs.",
+        group_name=spec.group_name,
+        kinds=spec.kinds,
+        tags=spec.tags,
+        owners=spec.owners,
+        metadata=spec.metadata,
+        description=spec.description,
     )
     def backfill(context: AssetExecutionContext, config_store: ConfigStoreResource) -> MaterializeResult:
         job_id = int(context.partition_key)
-        config = load_config()
+        config = pipeline_file.load()
         store = config_store.store
         runner = BackfillRunner(
             config.pipeline(name), store, job_id,

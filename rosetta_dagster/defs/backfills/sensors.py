@@ -21,6 +21,7 @@ from rosetta_dagster.core.backfill import fail_abandoned_job, fetch_pending_jobs
 from rosetta_dagster.core.config_store import BackfillStatus
 from rosetta_dagster.core.pipeline_config import RosettaConfig
 from rosetta_dagster.defs.backfills.assets import backfill_asset_key, backfill_partitions_name
+from rosetta_dagster.defs.naming import AssetNaming
 from rosetta_dagster.defs.platform.logs import TeeLogger
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 
@@ -44,13 +45,16 @@ def jobs_with_unfinished_runs(instance: DagsterInstance) -> set[int]:
     return jobs
 
 
-def build_backfill_sensor(config: RosettaConfig) -> SensorDefinition:
+def build_backfill_sensor(config: RosettaConfig, naming: AssetNaming | None = None
+                          ) -> SensorDefinition:
+    """``naming``: the backfill assets' keys."""
     operations = config.operations
+    naming = naming or AssetNaming()
 
     @sensor(
         name="backfill_jobs_sensor",
         asset_selection=AssetSelection.assets(
-            *[backfill_asset_key(name) for name in config.pipelines]
+            *[naming.key(backfill_asset_key(name)) for name in config.pipelines]
         ),
         minimum_interval_seconds=operations.backfill_sensor_interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
@@ -67,15 +71,17 @@ def build_backfill_sensor(config: RosettaConfig) -> SensorDefinition:
         executing = store.list_backfill_jobs(status=BackfillStatus.EXECUTING)
         running = jobs_with_unfinished_runs(context.instance)
         for job in executing:
-            if job.id not in running:
+            if job.id not in running and job.pipeline in config.pipelines:
                 fail_abandoned_job(store, job, log)
         requests: list[RunRequest] = []
         added: dict[str, list[str]] = {}
-        claimed = fetch_pending_jobs(store, log)
+        # A code location running some of the file's pipelines claims their jobs only.
+        claimed = fetch_pending_jobs(store, log, pipelines=config.selected)
         # Jobs claimed on an earlier tick whose run was not created (that tick failed after
         # claiming) are requested again; the run key makes a second request a no-op.
         waiting = [j for j in store.list_backfill_jobs(status=BackfillStatus.QUEUED)
-                   if j.id not in {c.id for c in claimed}]
+                   if j.id not in {c.id for c in claimed}
+                   and (config.selected is None or j.pipeline in config.selected)]
         for job in [*claimed, *waiting]:
             if job.pipeline not in config.pipelines:
                 store.set_backfill_status(job.id, BackfillStatus.FAILED, error=(
@@ -88,7 +94,7 @@ def build_backfill_sensor(config: RosettaConfig) -> SensorDefinition:
                 # Attempts count executions: retrying a failed job (`rosetta backfill retry`)
                 # gets a new key, a second tick for the same claim does not.
                 run_key=f"backfill-{job.id}-attempt-{job.attempts + 1}",
-                asset_selection=[backfill_asset_key(job.pipeline)],
+                asset_selection=[naming.key(backfill_asset_key(job.pipeline))],
                 partition_key=partition,
                 tags={JOB_TAG: partition, "rosetta/backfill_pipeline": job.pipeline},
             ))

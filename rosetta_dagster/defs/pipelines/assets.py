@@ -3,6 +3,7 @@
 from dagster import AssetKey, AssetSpec
 
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
+from rosetta_dagster.defs.naming import AssetNaming, RosettaAsset
 
 
 def source_table_key(pipeline: PipelineDefinition, table: TableRef) -> AssetKey:
@@ -25,40 +26,39 @@ def replication_slot_key(pipeline: PipelineDefinition | str) -> AssetKey:
     return AssetKey(["replication_slot", name])
 
 
-def pipeline_asset_specs(pipeline: PipelineDefinition) -> list[AssetSpec]:
-    """Source tables upstream of each destination copy, and the pipeline's slot, by pipeline."""
+def pipeline_asset_specs(pipeline: PipelineDefinition, naming: AssetNaming) -> list[AssetSpec]:
+    """Source tables upstream of each destination copy, and the pipeline's slot, by pipeline
+    (named by ``naming``)."""
+    source = pipeline.source.name
     specs = [
-        AssetSpec(
+        naming.spec(AssetSpec(
             replication_slot_key(pipeline),
-            description=f"Replication slot {pipeline.slot_name} on source {pipeline.source.name}; "
+            description=f"Replication slot {pipeline.slot_name} on source {source}; "
             "the WAL monitor records its retained WAL as observations.",
             group_name=pipeline.name,
             kinds={"postgres"},
             metadata={"rosetta/pipeline": pipeline.name, "slot_name": pipeline.slot_name},
-        )
+        ), RosettaAsset("replication_slot", pipeline.name, source))
     ]
     for table in pipeline.tables:
-        source_key = source_table_key(pipeline, table)
-        specs.append(
-            AssetSpec(
-                source_key,
-                description=f"{table.qualified} in source {pipeline.source.name} "
-                f"({pipeline.source.host}:{pipeline.source.port}/{pipeline.source.database}).",
-                group_name=pipeline.name,
-                kinds={"postgres"},
-            )
-        )
+        source_spec = naming.spec(AssetSpec(
+            source_table_key(pipeline, table),
+            description=f"{table.qualified} in source {source} "
+            f"({pipeline.source.host}:{pipeline.source.port}/{pipeline.source.database}).",
+            group_name=pipeline.name,
+            kinds={"postgres"},
+        ), RosettaAsset("source_table", pipeline.name, source, table.qualified))
+        specs.append(source_spec)
         for destination in pipeline.destinations:
             target = pipeline.target(table, destination)
-            specs.append(
-                AssetSpec(
-                    destination_table_key(destination, target),
-                    deps=[source_key],
-                    description=f"{target.qualified} in destination "
-                    f"{destination.name}, kept in sync by the stream_{pipeline.name} job.",
-                    group_name=pipeline.name,
-                    kinds={"postgres"},
-                    metadata={"rosetta/pipeline": pipeline.name},
-                )
-            )
+            specs.append(naming.spec(AssetSpec(
+                destination_table_key(destination, target),
+                deps=[source_table_key(pipeline, table)],
+                description=f"{target.qualified} in destination "
+                f"{destination.name}, kept in sync by the stream_{pipeline.name} job.",
+                group_name=pipeline.name,
+                kinds={"postgres"},
+                metadata={"rosetta/pipeline": pipeline.name},
+            ), RosettaAsset("destination_table", pipeline.name, source, table.qualified,
+                            destination.name, target.qualified)))
     return specs

@@ -27,9 +27,14 @@ from rosetta_dagster.core.health import (
     retained_wal,
 )
 from rosetta_dagster.core.lag import LagReading
-from rosetta_dagster.core.pipeline_config import OperationsSettings, PipelineDefinition, load_config
+from rosetta_dagster.core.pipeline_config import (
+    OperationsSettings,
+    PipelineDefinition,
+    PipelineFile,
+)
 from rosetta_dagster.core.repair import request_repair
 from rosetta_dagster.core.replication import SlotReading
+from rosetta_dagster.defs.naming import AssetNaming
 from rosetta_dagster.defs.pipelines.assets import (
     destination_table_key,
     replication_slot_key,
@@ -60,28 +65,35 @@ def check_evaluation(outcome: CheckOutcome, asset_key: AssetKey) -> AssetCheckEv
     )
 
 
-def retained_wal_evaluation(reading: SlotReading, operations: OperationsSettings) -> AssetCheckEvaluation:
+def retained_wal_evaluation(reading: SlotReading, operations: OperationsSettings,
+                            naming: AssetNaming) -> AssetCheckEvaluation:
     """The WAL monitor's reading as a ``retained_wal`` check evaluation (sensor side)."""
     return check_evaluation(retained_wal(reading, operations),
-                            replication_slot_key(reading.pipeline))
+                            naming.key(replication_slot_key(reading.pipeline)))
 
 
 def lag_evaluations(pipeline: PipelineDefinition, stored: Pipeline, lag: LagReading,
-                    operations: OperationsSettings) -> list[AssetCheckEvaluation]:
+                    operations: OperationsSettings, naming: AssetNaming
+                    ) -> list[AssetCheckEvaluation]:
     """The WAL monitor's lag measurement as ``replication_lag`` on each destination table."""
     outcome = replication_lag(stored, operations, lag)
-    return [check_evaluation(outcome, table_copy_key(pipeline, destination, table))
+    return [check_evaluation(outcome, naming.key(table_copy_key(pipeline, destination, table)))
             for destination in pipeline.destinations for table in pipeline.tables]
 
 
-def build_pipeline_checks(pipeline: PipelineDefinition) -> list[AssetChecksDefinition]:
+def build_pipeline_checks(pipeline: PipelineDefinition, pipeline_file: PipelineFile,
+                          naming: AssetNaming | None = None) -> list[AssetChecksDefinition]:
+    """``pipeline_file``: what the definitions were built from (read again with its secrets at
+    each evaluation); ``naming``: the keys of the assets checked."""
     name = pipeline.name
+    naming = naming or AssetNaming()
     specs = [
-        AssetCheckSpec(check, asset=table_copy_key(pipeline, destination, table))
+        AssetCheckSpec(check, asset=naming.key(table_copy_key(pipeline, destination, table)))
         for destination in pipeline.destinations
         for table in pipeline.tables
         for check in TABLE_CHECKS
-    ] + [AssetCheckSpec(check, asset=replication_slot_key(pipeline)) for check in SLOT_CHECKS]
+    ] + [AssetCheckSpec(check, asset=naming.key(replication_slot_key(pipeline)))
+         for check in SLOT_CHECKS]
 
     @multi_asset_check(
         specs=specs,
@@ -91,7 +103,7 @@ def build_pipeline_checks(pipeline: PipelineDefinition) -> list[AssetChecksDefin
     def replication_health(
         context: AssetCheckExecutionContext, config_store: ConfigStoreResource
     ) -> Iterator[AssetCheckResult]:
-        config = load_config()
+        config = pipeline_file.load()
         store = config_store.store
         stored = store.get_pipeline(name)
         definition = config.pipeline(name)
@@ -101,7 +113,7 @@ def build_pipeline_checks(pipeline: PipelineDefinition) -> list[AssetChecksDefin
             if outcome.differing is not None and definition.verification.repair:
                 outcome = with_repair(outcome, store, name, context.log)
             context.log.info("%s %s: %s", target.label, outcome.name, outcome.description)
-            yield check_result(outcome, asset_key_of(target))
+            yield check_result(outcome, naming.key(asset_key_of(target)))
 
     return [replication_health]
 

@@ -1,5 +1,6 @@
 """The streaming job of a pipeline: one long-running op that owns the capture engine."""
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -19,8 +20,9 @@ from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.events import format_lsn
 from rosetta_dagster.core.health import measure_and_record_lag
 from rosetta_dagster.core.initial_load import TableLoadReport
-from rosetta_dagster.core.pipeline_config import PipelineDefinition, load_config
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, PipelineFile
 from rosetta_dagster.core.streaming import StreamingSession, StreamProgress
+from rosetta_dagster.defs.naming import AssetNaming
 from rosetta_dagster.defs.pipelines.assets import table_copy_key
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
 from rosetta_dagster.settings import offsets_dir
@@ -34,7 +36,7 @@ def stream_job_name(pipeline: str) -> str:
 
 
 def _observe(context: OpExecutionContext, pipeline: PipelineDefinition, progress: StreamProgress,
-             store: ConfigStore) -> None:
+             store: ConfigStore, naming: AssetNaming) -> None:
     """Periodic (not per-batch) progress: a log line and one observation per destination table,
     with the pipeline's replication lag measured on the source (core.lag)."""
     applied_at = (datetime.fromtimestamp(progress.source_position_ms / 1000, UTC)
@@ -58,18 +60,20 @@ def _observe(context: OpExecutionContext, pipeline: PipelineDefinition, progress
             metadata["last_source_commit_ms"] = MetadataValue.int(table_progress.last_source_ts_ms)
         for destination in pipeline.destinations:
             context.log_event(
-                AssetObservation(asset_key=table_copy_key(pipeline, destination, table), metadata=metadata)
+                AssetObservation(asset_key=naming.key(table_copy_key(pipeline, destination, table)),
+                                 metadata=metadata)
             )
 
 
 def _materialize_loaded_table(
-    context: OpExecutionContext, pipeline: PipelineDefinition, report: TableLoadReport
+    context: OpExecutionContext, pipeline: PipelineDefinition, report: TableLoadReport,
+    naming: AssetNaming,
 ) -> None:
     """A destination table whose initial load completed now holds the source's rows."""
     destination = next(d for d in pipeline.destinations if d.name == report.destination)
     context.log_event(
         AssetMaterialization(
-            asset_key=table_copy_key(pipeline, destination, report.table),
+            asset_key=naming.key(table_copy_key(pipeline, destination, report.table)),
             description=f"Initial load of {report.table.qualified} by pipeline {pipeline.name}",
             metadata={
                 "rows": MetadataValue.int(report.rows),
@@ -82,7 +86,13 @@ def _materialize_loaded_table(
     )
 
 
-def build_stream_job(pipeline: PipelineDefinition) -> JobDefinition:
+def build_stream_job(pipeline: PipelineDefinition, pipeline_file: PipelineFile,
+                     run_tags: Mapping[str, str] | None = None,
+                     naming: AssetNaming | None = None) -> JobDefinition:
+    """``pipeline_file``: what the definitions were built from; the run reads it again to
+    resolve the secrets. ``run_tags``: more tags for the job's runs (e.g. for a run launcher).
+    ``naming``: the keys its materializations and observations go to."""
+    naming = naming or AssetNaming()
     name = pipeline.name
 
     engine = pipeline.settings.engine
@@ -93,7 +103,7 @@ def build_stream_job(pipeline: PipelineDefinition) -> JobDefinition:
     )
     def stream(context: OpExecutionContext, config_store: ConfigStoreResource) -> None:
         # Secrets are resolved at run time, so the UI loads even where they are not set.
-        resolved = load_config().pipeline(name)
+        resolved = pipeline_file.load().pipeline(name)
         store = config_store.store
         store.sync_pipeline(resolved)
         session = StreamingSession(
@@ -102,10 +112,11 @@ def build_stream_job(pipeline: PipelineDefinition) -> JobDefinition:
             config_store=store,
             run_id=context.run_id,
             log=context.log,  # type: ignore[arg-type]
-            on_table_loaded=lambda report: _materialize_loaded_table(context, resolved, report),
+            on_table_loaded=lambda report: _materialize_loaded_table(context, resolved, report,
+                                                                     naming),
         )
         session.run(
-            tick=lambda progress: _observe(context, resolved, progress, store),
+            tick=lambda progress: _observe(context, resolved, progress, store, naming),
             tick_interval_s=OBSERVATION_INTERVAL_S,
         )
 
@@ -115,7 +126,7 @@ def build_stream_job(pipeline: PipelineDefinition) -> JobDefinition:
         # process (memory), and the run process is the one that streams and heartbeats.
         executor_def=in_process_executor,
         description=f"Long-running {engine} stream of pipeline {name}; terminate it to stop cleanly.",
-        tags={PIPELINE_TAG: name},
+        tags={**(run_tags or {}), PIPELINE_TAG: name},
     )
     def stream_job() -> None:
         stream()

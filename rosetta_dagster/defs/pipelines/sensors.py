@@ -20,6 +20,7 @@ from dagster import (
     DefaultSensorStatus,
     JobDefinition,
     MetadataValue,
+    RunRecord,
     RunRequest,
     RunsFilter,
     SensorDefinition,
@@ -28,7 +29,6 @@ from dagster import (
     SkipReason,
     sensor,
 )
-from dagster._core.storage.dagster_run import RunRecord
 
 from rosetta_dagster.core.capture import capture_engine
 from rosetta_dagster.core.config_store import PipelineState, PipelineStatus
@@ -37,7 +37,6 @@ from rosetta_dagster.core.health import measure_and_record_lag
 from rosetta_dagster.core.pipeline_config import (
     PipelineDefinition,
     RosettaConfig,
-    load_config,
 )
 from rosetta_dagster.core.replication import (
     delete_stale_offset,
@@ -57,6 +56,7 @@ from rosetta_dagster.core.supervision import (
     is_starting,
     launch_budget,
 )
+from rosetta_dagster.defs.naming import AssetNaming
 from rosetta_dagster.defs.pipelines.assets import replication_slot_key
 from rosetta_dagster.defs.pipelines.checks import lag_evaluations, retained_wal_evaluation
 from rosetta_dagster.defs.pipelines.jobs import PIPELINE_TAG, stream_job_name
@@ -127,7 +127,7 @@ def build_supervisor_sensor(
     ) -> SensorResult:
         log = TeeLogger(supervisor_logger, context.log)
         store = config_store.store
-        declared = load_config(config.path, resolve_secrets=False).pipelines
+        declared = config.file.load(resolve_secrets=False).pipelines
         for pipeline in declared.values():
             store.sync_pipeline(pipeline)
         statuses = {p.name: p for p in store.list_pipelines() if p.name in declared}
@@ -242,7 +242,7 @@ def build_slot_guard_sensor(config: RosettaConfig) -> SensorDefinition:
                                    config_store=store, log=log):
                 cleaned.append(pipeline.name)
 
-        _for_each_pipeline(list(load_config(config.path).pipelines.values()), log, guard)
+        _for_each_pipeline(list(config.file.load().pipelines.values()), log, guard)
         if cleaned:
             return SkipReason(f"Deleted stale offsets of {', '.join(cleaned)}")
         return SkipReason("Every pipeline with an offset file has its replication slot.")
@@ -250,7 +250,10 @@ def build_slot_guard_sensor(config: RosettaConfig) -> SensorDefinition:
     return replication_slot_guard
 
 
-def build_wal_monitor_sensor(config: RosettaConfig) -> SensorDefinition:
+def build_wal_monitor_sensor(config: RosettaConfig, naming: AssetNaming | None = None
+                             ) -> SensorDefinition:
+    naming = naming or AssetNaming()
+
     @sensor(
         name="wal_monitor",
         minimum_interval_seconds=config.operations.wal_monitor_interval_seconds,
@@ -263,7 +266,7 @@ def build_wal_monitor_sensor(config: RosettaConfig) -> SensorDefinition:
     ) -> SensorResult:
         log = TeeLogger(replication_logger, context.log)
         store = config_store.store
-        current = load_config(config.path)
+        current = config.file.load()
         events: list = []
 
         def monitor(pipeline: PipelineDefinition) -> None:
@@ -272,14 +275,14 @@ def build_wal_monitor_sensor(config: RosettaConfig) -> SensorDefinition:
             severity = record_reading(store, reading, current.operations, log)
             metadata = {k: MetadataValue.int(v) for k, v in reading_metadata(reading).items()}
             metadata["severity"] = MetadataValue.text(severity.value)
-            events.append(AssetObservation(asset_key=replication_slot_key(pipeline),
+            events.append(AssetObservation(asset_key=naming.key(replication_slot_key(pipeline)),
                                            metadata=metadata))
-            events.append(retained_wal_evaluation(reading, current.operations))
+            events.append(retained_wal_evaluation(reading, current.operations, naming))
             # The lag too, paused pipelines included: a slot can fall behind while nobody reads.
             stored = store.get_pipeline(pipeline.name)
             lag = measure_and_record_lag(pipeline, store, stored.source_position_at,
                                          stored.applied_lsn)
-            events.extend(lag_evaluations(pipeline, stored, lag, current.operations))
+            events.extend(lag_evaluations(pipeline, stored, lag, current.operations, naming))
 
         _for_each_pipeline(list(current.pipelines.values()), log, monitor)
         return SensorResult(asset_events=events)
@@ -288,10 +291,11 @@ def build_wal_monitor_sensor(config: RosettaConfig) -> SensorDefinition:
 
 
 def build_operation_sensors(
-    config: RosettaConfig, stream_jobs: Sequence[JobDefinition]
+    config: RosettaConfig, stream_jobs: Sequence[JobDefinition], naming: AssetNaming | None = None
 ) -> list[SensorDefinition]:
+    """``naming``: the keys the WAL monitor reports to."""
     return [
         build_supervisor_sensor(config, stream_jobs),
         build_slot_guard_sensor(config),
-        build_wal_monitor_sensor(config),
+        build_wal_monitor_sensor(config, naming),
     ]
