@@ -156,7 +156,7 @@ def write_dagster_instance_yaml(
         # At most one streaming run per pipeline, whoever launches it (UI, sensor, CLI); no
         # overall limit (Dagster's default of 10 would stop an 11th pipeline from streaming).
         "run_coordinator": {
-            "module": "dagster._core.run_coordinator",
+            "module": "dagster.core.run_coordinator",
             "class": "QueuedRunCoordinator",
             "config": {
                 "dequeue_interval_seconds": dequeue_interval_seconds,
