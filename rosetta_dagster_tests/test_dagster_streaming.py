@@ -136,17 +136,6 @@ def _pipeline_file(env: StreamingEnv, path: Path) -> None:
     }))
 
 
-def _before_the_deployment() -> None:
-    """In the deployment's process, before it starts: its processes (webserver, daemon, code
-    server, runs) come before the suite's other workers for the CPU, as a deployment on a host
-    of its own would. The module's claims are about Dagster operating the streams (one run,
-    replaced in seconds, stopped at once), not about how it copes on a saturated machine."""
-    try:
-        os.nice(-5)
-    except PermissionError:
-        pass  # not root: same priority as the rest
-
-
 @pytest.fixture(scope="module")
 def deployment(pg_cluster: LocalPostgresCluster, pg_root: Path) -> Iterator[Deployment]:
     env = new_streaming_env(pg_cluster, pg_root)
@@ -189,7 +178,7 @@ def deployment(pg_cluster: LocalPostgresCluster, pg_root: Path) -> Iterator[Depl
         [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
          "-h", "127.0.0.1", "-p", str(port)],
         cwd=workdir, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        env=environment, preexec_fn=_before_the_deployment,
+        env=environment,
     )
     deployed = Deployment(env, process, port, log, workdir, config_url,
                           pg_cluster.dsn(storage_db), environment)

@@ -156,7 +156,10 @@ class Deployment:
             raise AssertionError(f"validate exit {code}, API {status} {failing}:\n{out}") from None
         code, out, status, failing, checks = seen[-1]
         assert "FAIL ERROR" not in out and out.rstrip().endswith("OK"), out
-        assert set(failing) <= {"stream_health"}, failing
+        # What may still fail, at WARN only: the stream's recovered failures and the closed
+        # connections of the last hour (the checklist's WARN threshold: 1 per hour).
+        assert set(failing) <= {"stream_health", "closed_connection_errors"}, failing
+        assert set(failing.values()) <= {"WARN"}, failing
         assert all(o.passed for name, o in checks.items() if name != "stream_health"), checks
         health = checks["stream_health"]
         assert health.passed or health.severity == "WARN", health
