@@ -497,8 +497,7 @@ def test_terminating_the_backfill_run_cancels_the_job(
     streamed: tuple[StreamingEnv, PipelineDefinition], store: ConfigStore, database_url: str,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from dagster import DagsterInstance, materialize
-    from dagster._core.errors import DagsterExecutionInterruptedError
+    from dagster import DagsterExecutionInterruptedError, DagsterInstance, materialize
 
     from rosetta_dagster.defs.backfills.assets import build_backfill_asset
     from rosetta_dagster.defs.platform.resources import ConfigStoreResource
