@@ -223,6 +223,12 @@ class Backfill:
                     # As the backfill sensor does: an attempt that could not record its
                     # outcome (the config store was down) leaves the job EXECUTING.
                     job = store.get_backfill_job(self.job.id)
+                    if job.status is BackfillStatus.COMPLETED:  # run meanwhile as claimed below
+                        self.completed = True
+                        return
+                    if job.status in (BackfillStatus.PENDING, BackfillStatus.QUEUED):
+                        time.sleep(2)  # claimed (run_requested_backfills), as the sensor does
+                        continue
                     if job.status is BackfillStatus.EXECUTING:
                         fail_abandoned_job(store, job)
                     store.retry_backfill_job(self.job.id)
