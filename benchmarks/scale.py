@@ -1,12 +1,12 @@
-"""Scale: many pipelines on one `dagster dev` instance, as a deployment would run them.
+"""Scale: many pipelines on one `dg dev` instance, as a deployment would run them.
 
 For each shape (pipelines x tables per pipeline) and engine, on a fresh throwaway cluster:
-every pipeline is START before `dagster dev` starts; the supervisor launches one run per
+every pipeline is START before `dg dev` starts; the supervisor launches one run per
 pipeline; then a writer changes rows at a fixed total rate spread over every table, while
 latency probes (one row at a time, round robin over the pipelines) measure the time from a
 source commit to the row being visible in the destination. Reported per shape:
 
-- start -> all streaming: seconds from `dagster dev` starting until every pipeline is RUNNING
+- start -> all streaming: seconds from `dg dev` starting until every pipeline is RUNNING
   (its run started, loaded, and streaming);
 - RSS of the stream processes (Dagster run workers), summed, idle (before the writer) and at
   peak, and idle per pipeline next to the goals (Debezium <= 250 MB, pgoutput <= 120 MB);
@@ -26,7 +26,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -42,7 +41,7 @@ from rosetta_dagster.core.local_postgres import LocalPostgresCluster, find_free_
 from rosetta_dagster.core.pipeline_config import load_config
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.harness import execute, fetch
-from rosetta_dagster.local_stack import write_dagster_instance_yaml
+from rosetta_dagster.local_stack import dagster_dev_command, write_dagster_instance_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SHAPES = ("1x5", "5x5", "10x5", "20x5", "1x100")
@@ -55,7 +54,7 @@ def _table(pipeline: int, table: int) -> str:
 
 
 class _Deployment:
-    """A cluster with source, destination, config and Dagster databases, and `dagster dev`."""
+    """A cluster with source, destination, config and Dagster databases, and `dg dev`."""
 
     def __init__(self, root: Path, engine: str, pipelines: int, tables: int) -> None:
         self.root, self.engine, self.pipelines, self.tables = root, engine, pipelines, tables
@@ -114,8 +113,7 @@ class _Deployment:
                        "ROSETTA_OFFSETS_DIR": str(self.root / "offsets")}
         started = time.monotonic()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
-             "-h", "127.0.0.1", "-p", str(find_free_port())],
+            dagster_dev_command(REPO_ROOT / "workspace.yaml", find_free_port()),
             cwd=self.root, stdout=(self.root / "dagster-dev.log").open("wb"),
             stderr=subprocess.STDOUT, start_new_session=True, env=environment)
         return started
@@ -349,7 +347,7 @@ def main() -> None:
             results.append(result)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     write_results_section("scale", (
-        f"## Scale (`python -m benchmarks.scale`)\n\nMeasured {stamp}: `dagster dev` with every "
+        f"## Scale (`python -m benchmarks.scale`)\n\nMeasured {stamp}: `dg dev` with every "
         f"pipeline START, {args.rate} row changes/s in total over every table for "
         f"{args.seconds} s, 5 latency probes/s.\n\n{table(results)}\n"))
     print(table(results))

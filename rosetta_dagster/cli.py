@@ -25,7 +25,7 @@ from rosetta_dagster.core.pipeline_config import load_config
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.replication import application_name
 from rosetta_dagster.core.streaming import StreamingSession
-from rosetta_dagster.local_stack import LocalStack
+from rosetta_dagster.local_stack import LocalStack, dagster_dev_command
 from rosetta_dagster.settings import (
     CONFIG_DATABASE_URL_ENV,
     PROJECT_ROOT,
@@ -100,7 +100,7 @@ def _free_or_any(port: int) -> int:
 
 
 def _reset_signals() -> None:
-    # A shell's background job inherits SIGINT ignored; dagster dev must obey Ctrl-C/SIGTERM.
+    # A shell's background job inherits SIGINT ignored; dg dev must obey Ctrl-C/SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -153,10 +153,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     example = "INSERT INTO test_table VALUES (1001, 'test data', now())"  # noqa: S608 (shown to users)
     print(f"Try it: source {stack.root / 'env.sh'} && psql \"$DEMO_SOURCE_URL\" -c \"{example}\"",
           flush=True)
-    command = [
-        sys.executable, "-m", "dagster", "dev",
-        "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port),
-    ]
+    command = dagster_dev_command(PROJECT_ROOT / "workspace.yaml", port)
     # Own sessions: a terminal's Ctrl-C reaches only this process, which pauses the pipeline
     # and stops its run through Dagster (cleanly, CANCELED) before stopping the rest; sent to
     # the whole process group it would interrupt the run mid-batch.
@@ -389,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command_name in ("dev", "demo"):
         dev = commands.add_parser(
-            command_name, help="Start local PostgreSQL, migrate, run `dagster dev` and the API "
+            command_name, help="Start local PostgreSQL, migrate, run `dg dev` and the API "
             "(the demo pipeline streams)." + (" Same as `rosetta dev`." if command_name == "demo" else "")
         )
         _dev_arguments(dev)

@@ -5,7 +5,10 @@
 defs`` validates the attributes, ``dg list defs`` shows what it builds and ``dg dev`` runs it.
 The component builds exactly what ``rosetta_dagster.defs.build.build_definitions`` builds for
 its file: everything it builds (stream jobs, checks, backfill assets, sensors) reads that file
-again at run time, for the ``${VAR}`` secrets, never ``$ROSETTA_CONFIG``.
+again at run time, for the ``${VAR}`` secrets, never ``$ROSETTA_CONFIG``. With several
+instances in one code location, each builds its own pipelines' assets and checks; the first (in
+load order) also builds the platform part for all of them (stream jobs, sensors, health-check
+job, ``config_db``); a pipeline name declared by two instances is refused.
 """
 
 from collections.abc import Mapping
@@ -24,10 +27,13 @@ from dagster.components import (
     scaffold_with,
 )
 from dagster.components.utils.translation import TranslationFn, TranslationFnResolver
+from pydantic import BaseModel
 
 from rosetta_dagster.core.pipeline_config import PipelineConfigError, PipelineFile
-from rosetta_dagster.defs.build import build_definitions
-from rosetta_dagster.defs.naming import RosettaAsset
+from rosetta_dagster.defs.build import build_platform_definitions, replication_set_definitions
+from rosetta_dagster.defs.naming import AssetNaming, RosettaAsset
+from rosetta_dagster.defs.platform.logs import ensure_process_logging
+from rosetta_dagster.defs.replication_set import ReplicationSet, refuse_shared_pipelines
 
 STARTER_PIPELINE_FILE = """\
 # Rosetta pipelines of this component (the full reference: docs/manual.md of Rosetta).
@@ -98,6 +104,13 @@ class RosettaReplicationComponent(Component, Resolvable):
     # Tags on the stream jobs' runs, e.g. a run launcher's settings (dagster-k8s/config).
     stream_run_tags: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def load(cls, attributes: BaseModel | None, context: ComponentLoadContext
+             ) -> "RosettaReplicationComponent":
+        component = super().load(attributes, context)
+        component.replication_set(context)  # so that the first instance can serve it too
+        return component
+
     def pipeline_file(self, context: ComponentLoadContext) -> PipelineFile:
         path = Path(self.config)
         if not path.is_absolute():
@@ -105,11 +118,33 @@ class RosettaReplicationComponent(Component, Resolvable):
         selected = None if self.pipelines is None else frozenset(self.pipelines)
         return PipelineFile(path.resolve(), selected)
 
+    def replication_set(self, context: ComponentLoadContext) -> ReplicationSet:
+        """What this instance replicates (made once: its naming is filled as it builds)."""
+        made: ReplicationSet | None = self.__dict__.get("_replication_set")
+        if made is None:
+            try:
+                where = str(context.path.relative_to(context.project_root))
+            except ValueError:
+                where = str(context.path)
+            made = ReplicationSet(self.pipeline_file(context), AssetNaming(self.translation),
+                                  dict(self.stream_run_tags), declared_by=where)
+            self.__dict__["_replication_set"] = made
+        return made
+
     def build_defs(self, context: ComponentLoadContext) -> Definitions:
-        pipeline_file = self.pipeline_file(context)
-        if not pipeline_file.path.exists():
+        ensure_process_logging()
+        own = self.replication_set(context)
+        if not own.file.path.exists():
             raise PipelineConfigError(
-                f"{pipeline_file.path}: file not found (the component's config: {self.config}).")
-        return build_definitions(pipeline_file,
-                                 stream_run_tags=dict(self.stream_run_tags),
-                                 translate=self.translation)
+                f"{own.file.path}: file not found (the component's config: {self.config}).")
+        # Every instance of the code location, in load order; the first serves them all.
+        instances = [c.__dict__.get("_replication_set") for c in
+                     context.component_tree.get_all_components(RosettaReplicationComponent)]
+        sets = [s for s in instances if s is not None]
+        if own not in sets:  # built outside a component tree (e.g. from Python)
+            sets = [own]
+        refuse_shared_pipelines(sets)
+        definitions = replication_set_definitions(own)
+        if sets[0] is own:
+            definitions = Definitions.merge(definitions, build_platform_definitions(sets))
+        return definitions

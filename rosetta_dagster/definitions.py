@@ -1,4 +1,4 @@
-"""Dagster definitions of Rosetta (``dagster dev -w workspace.yaml`` loads ``defs``).
+"""Dagster definitions of Rosetta (``dg dev -w workspace.yaml`` and ``dg check defs`` load ``defs``).
 
 ``defs`` is built from ``rosetta.yaml`` (or ``$ROSETTA_CONFIG``), read when the code location
 loads; without that file only the platform assets load. In a ``dg`` project, use the component

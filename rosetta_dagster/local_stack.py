@@ -7,6 +7,7 @@ event storage, via dagster-postgres, which avoids SQLite locking under concurren
 from __future__ import annotations
 
 import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,14 @@ class LocalStack:
 
     def _write_dagster_yaml(self, cluster: LocalPostgresCluster) -> None:
         write_dagster_instance_yaml(self.dagster_home, cluster, DAGSTER_DB, PASSWORD_ENV)
+
+
+def dagster_dev_command(workspace: Path, port: int) -> list[str]:
+    """The webserver and daemon of a local instance for ``workspace``: ``dg dev`` (the
+    ``dg`` extra, installed by scripts/setup.sh), ``dagster dev`` where ``dg`` is missing."""
+    dg = Path(sys.executable).parent / "dg"
+    launcher = [str(dg)] if dg.exists() else [sys.executable, "-m", "dagster"]
+    return [*launcher, "dev", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)]
 
 
 def write_dagster_instance_yaml(

@@ -391,6 +391,7 @@ def test_the_sensor_queues_a_partition_run_and_materializing_it_completes_the_jo
     from rosetta_dagster.defs.backfills.assets import build_backfill_asset
     from rosetta_dagster.defs.backfills.sensors import build_backfill_sensor
     from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+    from rosetta_dagster.defs.replication_set import ReplicationSet
 
     env, pipeline = streamed
     path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "bf", ["public.big"])
@@ -404,7 +405,7 @@ def test_the_sensor_queues_a_partition_run_and_materializing_it_completes_the_jo
     config = load_config(path)
     caplog.set_level(logging.INFO)
     with DagsterInstance.ephemeral() as instance:
-        sensor = build_backfill_sensor(config)
+        sensor = build_backfill_sensor([ReplicationSet.of(config)])
         # Known to the instance up front: outside the daemon, evaluate_tick validates partition
         # keys against the instance before applying the tick's own partition requests.
         instance.add_dynamic_partitions("backfill_jobs_bf", [str(job.id)])
@@ -580,6 +581,7 @@ def test_the_sensor_fails_a_job_whose_run_ended_without_recording_an_outcome(
     from rosetta_dagster.core.pipeline_config import load_config
     from rosetta_dagster.defs.backfills.sensors import JOB_TAG, build_backfill_sensor
     from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+    from rosetta_dagster.defs.replication_set import ReplicationSet
 
     execute(env.source_url, "CREATE TABLE public.big (id int PRIMARY KEY)")
     path = env.write_pipeline_file(tmp_path / "rosetta.yaml", "bf", ["public.big"])
@@ -613,7 +615,7 @@ def test_the_sensor_fails_a_job_whose_run_ended_without_recording_an_outcome(
             wait_until(lambda: instance.get_run_records(RunsFilter(
                 tags={JOB_TAG: str(going.id)}, statuses=[DagsterRunStatus.STARTED])), 30,
                 "the still-copying run")
-            sensor = build_backfill_sensor(config)
+            sensor = build_backfill_sensor([ReplicationSet.of(config)])
             definitions = Definitions(sensors=[sensor], resources=resources)
             with build_sensor_context(instance=instance, definitions=definitions,
                                       resources=resources) as context:

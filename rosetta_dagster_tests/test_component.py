@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,6 +66,66 @@ def test_scaffolding_writes_a_defs_yaml_and_a_starter_file_that_load_as_build_de
         Definitions.validate_loadable(definitions)
         assert describe(definitions) == describe(build_definitions(starter.resolve()))
     assert "stream_orders" in describe(definitions)["jobs"]
+
+
+def _instance(sandbox: DefsFolderSandbox, folder: str, pipeline: str,
+              translation: str = "") -> Path:
+    """A component instance of its own folder and pipeline file (one pipeline, no secrets
+    needed to load)."""
+    defs_path = sandbox.defs_folder_path / folder
+    defs_path.mkdir()
+    endpoint = {"host": "127.0.0.1", "database": "d", "user": "u", "password": "${P}"}
+    (defs_path / "rosetta.yaml").write_text(yaml.safe_dump({
+        "sources": {"src": endpoint}, "destinations": {"dst": endpoint},
+        "pipelines": {pipeline: {"source": "src", "destinations": ["dst"],
+                                 "tables": [f"public.{pipeline}"]}}}))
+    (defs_path / "defs.yaml").write_text(
+        f"type: {COMPONENT_TYPE}\nattributes:\n  config: rosetta.yaml\n{translation}")
+    return defs_path
+
+
+def test_several_instances_share_one_platform_and_a_pipeline_declared_twice_is_refused(
+    sandbox: DefsFolderSandbox,
+) -> None:
+    _instance(sandbox, "shop", "orders")
+    _instance(sandbox, "finance", "ledger",
+              "  translation:\n    key: \"finance/{{ spec.key.to_user_string() }}\"\n")
+    with sandbox.build_all_defs() as definitions:
+        Definitions.validate_loadable(definitions)
+        shown = describe(definitions)
+        repository = definitions.get_repository_def()
+        graph = definitions.resolve_asset_graph()
+        supervisor = repository.get_sensor_def("pipeline_supervisor")
+        backfills = repository.get_sensor_def("backfill_jobs_sensor")
+        health = definitions.resolve_job_def("replication_health_checks")
+    # One platform: each sensor, the schedule and config_db once, serving both instances.
+    assert shown["sensors"] == ["backfill_jobs_sensor", "notifications", "pipeline_supervisor",
+                                "replication_slot_guard", "wal_monitor"]
+    assert shown["schedules"] == ["replication_health_checks_schedule"]
+    assert {"stream_orders", "stream_ledger", "set_pipeline_status",
+            "config_store_upgrade"} <= set(shown["jobs"])
+    assert sorted(job.name for job in supervisor.jobs) == ["stream_ledger", "stream_orders"]
+    assert backfills.asset_selection is not None
+    assert backfills.asset_selection.resolve(graph) == {
+        AssetKey(["backfill", "orders"]), AssetKey(["finance", "backfill", "ledger"])}
+    checked = {key.asset_key.to_user_string() for key in health.asset_layer.asset_graph.asset_check_keys}
+    assert {"config_db", "destination/dst/public/orders",
+            "finance/destination/dst/public/ledger"} <= checked
+    # Each instance's assets under its own naming.
+    assert "finance/replication_slot/ledger" in shown["assets"]
+    assert "replication_slot/orders" in shown["assets"]
+
+    _instance(sandbox, "again", "orders")
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - Dagster wraps what the component raised
+        with sandbox.build_all_defs():
+            pass
+    causes, error = [], raised.value
+    while error is not None:
+        causes.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any(re.fullmatch(r"Pipeline orders is declared by both \S*defs/(again|shop) and "
+                            r"\S*defs/(again|shop): a code location runs each pipeline once\.", c)
+               for c in causes), causes
 
 
 def _translated_component(sandbox: DefsFolderSandbox, env: StreamingEnv) -> Path:

@@ -1,4 +1,4 @@
-"""Operating the streams through a real Dagster instance: `dagster dev` with its daemon running
+"""Operating the streams through a real Dagster instance: `dg dev` with its daemon running
 the supervisor, slot-guard and WAL-monitor sensors, real streaming runs, real PostgreSQL.
 
 One instance serves the module (starting it costs ~20 s); the tests run in file order and each
@@ -37,7 +37,7 @@ from rosetta_dagster.harness import (
     new_streaming_env,
     wait_until,
 )
-from rosetta_dagster.local_stack import write_dagster_instance_yaml
+from rosetta_dagster.local_stack import dagster_dev_command, write_dagster_instance_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACTIVE = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"}
@@ -175,8 +175,7 @@ def deployment(pg_cluster: LocalPostgresCluster, pg_root: Path) -> Iterator[Depl
     port = find_free_port()
     log = workdir / "dagster-dev.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
-         "-h", "127.0.0.1", "-p", str(port)],
+        dagster_dev_command(REPO_ROOT / "workspace.yaml", port),
         cwd=workdir, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         env=environment,
     )
@@ -207,7 +206,7 @@ def _wait_loaded(deployed: Deployment) -> None:
             return False
         return bool(entries) and all(e["loadStatus"] == "LOADED" for e in entries)
 
-    wait_until(loaded, 120, "dagster dev to load the code location")
+    wait_until(loaded, 120, "dg dev to load the code location")
 
 
 def _flows(deployed: Deployment) -> int:

@@ -32,14 +32,19 @@ def test_definitions_load() -> None:
     assert "config_store" in repository.get_top_level_resources()
 
 
-def test_dagster_cli_validates_the_workspace(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=REPO_ROOT, capture_output=True, text=True, check=False,
-        env={**os.environ, "DAGSTER_HOME": str(tmp_path)},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "All code locations passed validation" in result.stdout + result.stderr
+def test_dg_checks_the_repository_code_location(
+    tmp_path: Path, pg_cluster: LocalPostgresCluster,
+) -> None:
+    """``dg check defs`` in the repository (pyproject's ``[tool.dg]``) loads the workspace's
+    module, here with a pipeline of the file ``$ROSETTA_CONFIG`` names."""
+    environment = {**os.environ, "DAGSTER_HOME": str(tmp_path),
+                   "ROSETTA_CONFIG": str(_pipeline_file(tmp_path, pg_cluster, "shop"))}
+
+    checked = subprocess.run([str(Path(sys.executable).parent / "dg"), "check", "defs"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+                             env=environment, timeout=180)
+    assert checked.returncode == 0, (checked.stdout + checked.stderr)[-3000:]
+    assert "All definitions loaded successfully." in checked.stdout + checked.stderr
 
 
 def test_config_db_asset_migrates_and_reports_pool_health(database_url: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dagster import DagsterInstance, job, op, validate_run_config
 
 from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
@@ -34,6 +35,35 @@ ENV_EXAMPLE = dict(
     line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
     if line and not line.startswith("#")
 )
+
+
+def _load_instance(instance_file: Path, cluster: LocalPostgresCluster, home: Path,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dagster loads the instance file (its schema and every class it names, as the webserver
+    and daemon do), its storage pointed at a test cluster instead of the compose service."""
+    instance = yaml.safe_load(instance_file.read_text())
+    database = instance["storage"]["postgres"]["postgres_db"]
+    name = f"dagster_{home.name}"[:60].lower().replace("-", "_")
+    cluster.create_database(name)
+    database.update(hostname="127.0.0.1", port=cluster.port, username=cluster.superuser,
+                    db_name=name)
+    (home / "dagster.yaml").write_text(yaml.safe_dump(instance))
+    monkeypatch.setenv(database["password"]["env"], cluster.password)
+    with DagsterInstance.from_config(str(home)) as loaded:
+        loaded.get_runs(limit=1)
+        assert loaded.run_launcher is not None and loaded.run_coordinator is not None
+
+
+def _conforms(schema: object, value: object) -> None:
+    """``value`` is valid for the config ``schema`` (raises DagsterInvalidConfigError)."""
+    @op(config_schema=schema)
+    def configured() -> None: ...
+
+    @job
+    def probe() -> None:
+        configured()
+
+    validate_run_config(probe, {"ops": {"configured": {"config": value}}})
 
 
 def _environment(service: str) -> dict[str, str]:
@@ -100,12 +130,11 @@ def test_every_setting_and_secret_the_code_needs_is_provided() -> None:
     assert f"offsets:{environment['ROSETTA_OFFSETS_DIR']}" in SERVICES["compute"]["volumes"]
 
 
-def test_the_dagster_instance_and_workspace_match_the_services(tmp_path: Path) -> None:
-    from dagster._core.instance.config import dagster_instance_config
-
+def test_the_dagster_instance_and_workspace_match_the_services(
+    tmp_path: Path, pg_cluster: LocalPostgresCluster, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     instance = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())
-    shutil.copy(ROOT / "deploy" / "dagster.yaml", tmp_path / "dagster.yaml")
-    dagster_instance_config(str(tmp_path))  # Dagster's own schema validation
+    _load_instance(ROOT / "deploy" / "dagster.yaml", pg_cluster, tmp_path, monkeypatch)
     database = instance["storage"]["postgres"]["postgres_db"]
     assert database["hostname"] == "postgres" and database["scheme"] == "postgresql+psycopg2"
     assert database["password"] == {"env": "DAGSTER_PG_PASSWORD"}
@@ -134,20 +163,16 @@ def _without_launcher(instance: dict[str, object]) -> dict[str, object]:
 
 
 def test_the_docker_run_launcher_variant_runs_each_stream_in_its_own_container(
-    tmp_path: Path,
+    tmp_path: Path, pg_cluster: LocalPostgresCluster, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from dagster._config import process_config
-    from dagster._core.instance.config import dagster_instance_config
     from dagster_docker import DockerRunLauncher
 
     variant = ROOT / "deploy" / "docker-launcher"
-    shutil.copy(variant / "dagster.yaml", tmp_path / "dagster.yaml")
-    dagster_instance_config(str(tmp_path))  # Dagster's own schema validation of the instance
+    _load_instance(variant / "dagster.yaml", pg_cluster, tmp_path, monkeypatch)
     instance = yaml.safe_load((variant / "dagster.yaml").read_text())
     launcher = instance["run_launcher"]
     assert (launcher["module"], launcher["class"]) == ("dagster_docker", "DockerRunLauncher")
-    result = process_config(DockerRunLauncher.config_type(), launcher["config"])  # its schema
-    assert result.success, result.errors
+    _conforms(DockerRunLauncher.config_type(), launcher["config"])  # its schema
     config = launcher["config"]
     # Storage, run coordinator (one run per pipeline) and monitoring are the default stack's.
     default = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())
@@ -181,7 +206,6 @@ def test_the_docker_run_launcher_variant_runs_each_stream_in_its_own_container(
 
 
 def test_the_helm_values_run_each_stream_in_its_own_pod() -> None:
-    from dagster._config import process_config
     from dagster_k8s import K8sRunLauncher
 
     values = yaml.safe_load((ROOT / "deploy" / "k8s" / "values.yaml").read_text())
@@ -198,8 +222,7 @@ def test_the_helm_values_run_each_stream_in_its_own_pod() -> None:
         "run_k8s_config": {"pod_spec_config": k8s["runK8sConfig"]["podSpecConfig"],
                            "container_config": k8s["runK8sConfig"]["containerConfig"]},
     }
-    result = process_config(K8sRunLauncher.config_type(), rendered)
-    assert result.success, result.errors
+    _conforms(K8sRunLauncher.config_type(), rendered)
     assert k8s["runK8sConfig"]["podSpecConfig"]["terminationGracePeriodSeconds"] >= 30
     config_file = "/opt/rosetta/deploy/docker-launcher/rosetta.yaml"  # offset_store: config_db
     assert f"ROSETTA_CONFIG={config_file}" in k8s["envVars"]

@@ -395,6 +395,7 @@ def test_a_divergence_is_repaired_by_the_range_backfill_the_check_names(
     from rosetta_dagster.definitions import build_definitions
     from rosetta_dagster.defs.alerts.sensors import build_notification_sensor
     from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+    from rosetta_dagster.defs.replication_set import ReplicationSet
 
     env, pipeline = replica
     # A divergence planted behind the stream's back: a row changed, one gone, and one the
@@ -436,7 +437,7 @@ def test_a_divergence_is_repaired_by_the_range_backfill_the_check_names(
         assert evaluation.passed is False and evaluation.description.endswith(
             f"Repair already requested: backfill job {repair.id}.")
         assert repair.filter == by_hand.filter and repair.table_name == "public.items"
-        sensor = build_notification_sensor(load_config(path), outbox_retry_s=0)
+        sensor = build_notification_sensor([ReplicationSet.of(load_config(path))], outbox_retry_s=0)
         resources = {"config_store": ConfigStoreResource(database_url=database_url)}
         with build_sensor_context(instance=instance, resources=resources) as context:
             cursor = sensor(context).cursor

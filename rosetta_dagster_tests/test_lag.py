@@ -102,6 +102,7 @@ def test_the_wal_monitor_reports_the_lag_of_a_paused_pipeline_on_each_table(
     from rosetta_dagster.core.pipeline_config import load_config
     from rosetta_dagster.defs.pipelines.sensors import build_wal_monitor_sensor
     from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+    from rosetta_dagster.defs.replication_set import ReplicationSet
 
     execute(env.source_url, "CREATE TABLE public.a (id int PRIMARY KEY)",
             "CREATE TABLE public.b (id int PRIMARY KEY)")
@@ -119,7 +120,7 @@ def test_the_wal_monitor_reports_the_lag_of_a_paused_pipeline_on_each_table(
         instance=DagsterInstance.ephemeral(),
         resources={"config_store": ConfigStoreResource(database_url=database_url)},
     ) as context:
-        result = build_wal_monitor_sensor(config)(context)
+        result = build_wal_monitor_sensor([ReplicationSet.of(config)])(context)
     lags = [e for e in result.asset_events
             if isinstance(e, AssetCheckEvaluation) and e.check_name == "replication_lag"]
     assert sorted(e.asset_key.path[-1] for e in lags) == ["a", "b"]

@@ -147,10 +147,11 @@ def test_one_notification_per_transition_with_filters_retries_and_no_repeats_aft
 
     from rosetta_dagster.defs.alerts.sensors import build_notification_sensor
     from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+    from rosetta_dagster.defs.replication_set import ReplicationSet
 
     caplog.set_level("INFO")
     config = load_config(deployment)
-    sensor = build_notification_sensor(config, outbox_retry_s=0)
+    sensor = build_notification_sensor([ReplicationSet.of(config)], outbox_retry_s=0)
     instance = DagsterInstance.ephemeral()
     resources = {"config_store": ConfigStoreResource(database_url=database_url)}
     lag_asset = AssetKey(["destination", "dst", "replica", "orders"])

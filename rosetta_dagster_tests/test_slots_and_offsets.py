@@ -227,6 +227,7 @@ def _evaluate_wal_monitor(
     from rosetta_dagster.core.pipeline_config import load_config
     from rosetta_dagster.defs.pipelines.sensors import build_wal_monitor_sensor
     from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+    from rosetta_dagster.defs.replication_set import ReplicationSet
 
     execute(env.source_url,
             "CREATE TABLE public.filler (payload text)",
@@ -239,7 +240,7 @@ def _evaluate_wal_monitor(
         patch.setenv("TEST_PG_PASSWORD", env.cluster.password)
         config = load_config(path)
         store.sync_pipeline(config.pipeline("walpipe"))  # the supervisor's job in a deployment
-        sensor = build_wal_monitor_sensor(config)
+        sensor = build_wal_monitor_sensor([ReplicationSet.of(config)])
         caplog.set_level(logging.INFO)
         with build_sensor_context(
             instance=DagsterInstance.ephemeral(),
@@ -310,6 +311,7 @@ def test_the_slot_guard_sensor_deletes_config_db_offsets_whose_slot_is_gone(
     from rosetta_dagster.core.pipeline_config import load_config
     from rosetta_dagster.defs.pipelines.sensors import build_slot_guard_sensor
     from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+    from rosetta_dagster.defs.replication_set import ReplicationSet
 
     monkeypatch.setenv("CONFIG_DATABASE_URL", database_url)
     monkeypatch.setenv("TEST_PG_PASSWORD", env.cluster.password)
@@ -327,7 +329,7 @@ def test_the_slot_guard_sensor_deletes_config_db_offsets_whose_slot_is_gone(
         instance=DagsterInstance.ephemeral(),
         resources={"config_store": ConfigStoreResource(database_url=database_url)},
     ) as context:
-        result = build_slot_guard_sensor(config)(context)
+        result = build_slot_guard_sensor([ReplicationSet.of(config)])(context)
     assert "Deleted stale offsets of guarded" in str(result.skip_message)
     assert not positions.exists()
     assert _stale_lines(caplog) == [

@@ -9,7 +9,7 @@ state, so a daemon restart neither loses nor repeats alerts.
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from dagster import (
@@ -22,7 +22,13 @@ from dagster import (
     sensor,
 )
 
-from rosetta_dagster.core.notify import OUTBOX_RETRY_S, Alert, Notifier, store_alerts
+from rosetta_dagster.core.notify import (
+    OUTBOX_RETRY_S,
+    Alert,
+    Delivery,
+    Notifier,
+    store_alerts,
+)
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, RosettaConfig
 from rosetta_dagster.defs.naming import AssetNaming
 from rosetta_dagster.defs.pipelines.assets import (
@@ -33,6 +39,7 @@ from rosetta_dagster.defs.pipelines.checks import SLOT_CHECKS, TABLE_CHECKS
 from rosetta_dagster.defs.platform.checks import CONFIG_DB_KEY, POOL_CHECKS
 from rosetta_dagster.defs.platform.logs import TeeLogger
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+from rosetta_dagster.defs.replication_set import ReplicationSet, operations_of
 
 notifications_logger = logging.getLogger("rosetta.notifications")
 
@@ -52,11 +59,13 @@ def _check_keys(pipeline: PipelineDefinition, naming: AssetNaming) -> Iterator[A
 
 
 def check_alerts(context: SensorEvaluationContext, config: RosettaConfig,
-                 active: Mapping[str, Mapping[str, Any]], naming: AssetNaming) -> list[Alert]:
-    """The latest evaluation of each check, where it failed; ``active``: what the cursor
-    already knows failing (its start is not looked up again)."""
+                 active: Mapping[str, Mapping[str, Any]], naming: AssetNaming,
+                 platform: bool = True) -> list[Alert]:
+    """The latest evaluation of each check of ``config``'s pipelines (and of the pool checks
+    when ``platform``), where it failed; ``active``: what the cursor already knows failing (its
+    start is not looked up again)."""
     owner: dict[AssetCheckKey, str | None] = {
-        AssetCheckKey(CONFIG_DB_KEY, check): None for check in POOL_CHECKS}
+        AssetCheckKey(CONFIG_DB_KEY, check): None for check in POOL_CHECKS} if platform else {}
     for pipeline in config.pipelines.values():
         owner.update({key: pipeline.name for key in _check_keys(pipeline, naming)})
     latest = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(
@@ -111,15 +120,14 @@ def _scalar(value: object) -> float | int | str | None:
 
 
 def build_notification_sensor(
-    config: RosettaConfig, *, outbox_retry_s: float = OUTBOX_RETRY_S,
-    naming: AssetNaming | None = None,
+    sets: Sequence[ReplicationSet], *, outbox_retry_s: float = OUTBOX_RETRY_S
 ) -> SensorDefinition:
-    """``naming``: the keys of the checks it watches."""
-    naming = naming or AssetNaming()
+    """Once per code location: each set's conditions go to the channels of its own file (the
+    pool checks' to the first set's)."""
 
     @sensor(
         name="notifications",
-        minimum_interval_seconds=config.operations.supervisor_interval_seconds,
+        minimum_interval_seconds=operations_of(sets).supervisor_interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
         description="Posts failing checks, pipelines in ERROR, re-syncs, failed backfills and "
         "parked changes to the webhook channels of rosetta.yaml, on state changes only.",
@@ -127,21 +135,33 @@ def build_notification_sensor(
     def notifications(
         context: SensorEvaluationContext, config_store: ConfigStoreResource
     ) -> SensorResult | SkipReason:
-        current = config.file.load()
-        settings = current.notifications
-        if not settings.channels:
-            return SkipReason("No notification channels in rosetta.yaml.")
         store = config_store.store
         log = TeeLogger(notifications_logger, context.log)
-        state = json.loads(context.cursor) if context.cursor else {}
-        alerts = (check_alerts(context, current, state.get("active", {}), naming)
-                  + store_alerts(store, current.pipelines))
-        deliveries = Notifier(settings, store, log=log, outbox_retry_s=outbox_retry_s).evaluate(
-            state, alerts)
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        alerts: list[Alert] = []
+        deliveries: list[Delivery] = []
+        notifying = False
+        for index, replication_set in enumerate(sets):
+            current = replication_set.file.load()
+            settings = current.notifications
+            if not settings.channels:
+                continue
+            notifying = True
+            # The first set's state is the cursor itself (as with a single file).
+            state = cursor if index == 0 else cursor.setdefault("files", {}).setdefault(
+                str(replication_set.file.path), {})
+            found = (check_alerts(context, current, state.get("active", {}),
+                                  replication_set.naming, platform=index == 0)
+                     + store_alerts(store, current.pipelines))
+            alerts += found
+            deliveries += Notifier(settings, store, log=log,
+                                   outbox_retry_s=outbox_retry_s).evaluate(state, found)
+        if not notifying:
+            return SkipReason("No notification channels in rosetta.yaml.")
         failed = sum(1 for d in deliveries if not d.delivered)
         summary = (f"{len(alerts)} condition(s) failing; {len(deliveries) - failed} "
                    f"notification(s) delivered, {failed} waiting for a retry")
-        return SensorResult(skip_reason=SkipReason(summary), cursor=json.dumps(state))
+        return SensorResult(skip_reason=SkipReason(summary), cursor=json.dumps(cursor))
 
     return notifications
 

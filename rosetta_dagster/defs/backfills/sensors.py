@@ -1,6 +1,7 @@
 """The sensor that turns PENDING backfill jobs into partition runs of the backfill asset."""
 
 import logging
+from collections.abc import Sequence
 
 from dagster import (
     AddDynamicPartitionsRequest,
@@ -19,11 +20,10 @@ from dagster import (
 
 from rosetta_dagster.core.backfill import fail_abandoned_job, fetch_pending_jobs
 from rosetta_dagster.core.config_store import BackfillStatus
-from rosetta_dagster.core.pipeline_config import RosettaConfig
 from rosetta_dagster.defs.backfills.assets import backfill_asset_key, backfill_partitions_name
-from rosetta_dagster.defs.naming import AssetNaming
 from rosetta_dagster.defs.platform.logs import TeeLogger
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+from rosetta_dagster.defs.replication_set import ReplicationSet, operations_of
 
 backfill_logger = logging.getLogger("rosetta.backfill")
 JOB_TAG = "rosetta/backfill_job"
@@ -45,17 +45,23 @@ def jobs_with_unfinished_runs(instance: DagsterInstance) -> set[int]:
     return jobs
 
 
-def build_backfill_sensor(config: RosettaConfig, naming: AssetNaming | None = None
-                          ) -> SensorDefinition:
-    """``naming``: the backfill assets' keys."""
-    operations = config.operations
-    naming = naming or AssetNaming()
+def build_backfill_sensor(sets: Sequence[ReplicationSet]) -> SensorDefinition:
+    """Once per code location, for the pipelines of every set (each backfill asset named by
+    its set's naming)."""
+    operations = operations_of(sets)
+    # The pipelines the definitions were built for, and their backfill assets' keys.
+    keys = {name: replication_set.naming.key(backfill_asset_key(name))
+            for replication_set in sets
+            for name in replication_set.declared_pipelines()}
+    # A code location running every pipeline of its one file claims any job (and fails those
+    # of undeclared pipelines); otherwise only the jobs of its pipelines.
+    claimable = (None if len(sets) == 1 and sets[0].file.selected is None
+                 else frozenset(keys))
+    files = ", ".join(s.file.path.name for s in sets)
 
     @sensor(
         name="backfill_jobs_sensor",
-        asset_selection=AssetSelection.assets(
-            *[naming.key(backfill_asset_key(name)) for name in config.pipelines]
-        ),
+        asset_selection=AssetSelection.assets(*keys.values()),
         minimum_interval_seconds=operations.backfill_sensor_interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
         description="Claims PENDING backfill jobs and runs each as a partition of its pipeline's "
@@ -71,22 +77,21 @@ def build_backfill_sensor(config: RosettaConfig, naming: AssetNaming | None = No
         executing = store.list_backfill_jobs(status=BackfillStatus.EXECUTING)
         running = jobs_with_unfinished_runs(context.instance)
         for job in executing:
-            if job.id not in running and job.pipeline in config.pipelines:
+            if job.id not in running and job.pipeline in keys:
                 fail_abandoned_job(store, job, log)
         requests: list[RunRequest] = []
         added: dict[str, list[str]] = {}
-        # A code location running some of the file's pipelines claims their jobs only.
-        claimed = fetch_pending_jobs(store, log, pipelines=config.selected)
+        claimed = fetch_pending_jobs(store, log, pipelines=claimable)
         # Jobs claimed on an earlier tick whose run was not created (that tick failed after
         # claiming) are requested again; the run key makes a second request a no-op.
         waiting = [j for j in store.list_backfill_jobs(status=BackfillStatus.QUEUED)
                    if j.id not in {c.id for c in claimed}
-                   and (config.selected is None or j.pipeline in config.selected)]
+                   and (claimable is None or j.pipeline in claimable)]
         for job in [*claimed, *waiting]:
-            if job.pipeline not in config.pipelines:
+            if job.pipeline not in keys:
                 store.set_backfill_status(job.id, BackfillStatus.FAILED, error=(
                     f"Backfill job {job.id}: pipeline {job.pipeline} is not declared in "
-                    f"{config.path.name}."))
+                    f"{files}."))
                 continue
             partition = str(job.id)
             added.setdefault(backfill_partitions_name(job.pipeline), []).append(partition)
@@ -94,7 +99,7 @@ def build_backfill_sensor(config: RosettaConfig, naming: AssetNaming | None = No
                 # Attempts count executions: retrying a failed job (`rosetta backfill retry`)
                 # gets a new key, a second tick for the same claim does not.
                 run_key=f"backfill-{job.id}-attempt-{job.attempts + 1}",
-                asset_selection=[naming.key(backfill_asset_key(job.pipeline))],
+                asset_selection=[keys[job.pipeline]],
                 partition_key=partition,
                 tags={JOB_TAG: partition, "rosetta/backfill_pipeline": job.pipeline},
             ))
@@ -103,7 +108,7 @@ def build_backfill_sensor(config: RosettaConfig, naming: AssetNaming | None = No
         # stays usable after thousands of jobs; the jobs stay in the config store.
         expired = store.finished_backfill_job_ids(operations.backfill_partition_retention_days)
         deletions = []
-        for pipeline in config.pipelines:
+        for pipeline in keys:
             partitions_name = backfill_partitions_name(pipeline)
             existing = set(context.instance.get_dynamic_partitions(partitions_name))
             stale = sorted(existing & {str(i) for i in expired.get(pipeline, [])})

@@ -34,10 +34,7 @@ from rosetta_dagster.core.capture import capture_engine
 from rosetta_dagster.core.config_store import PipelineState, PipelineStatus
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.health import measure_and_record_lag
-from rosetta_dagster.core.pipeline_config import (
-    PipelineDefinition,
-    RosettaConfig,
-)
+from rosetta_dagster.core.pipeline_config import OperationsSettings, PipelineDefinition
 from rosetta_dagster.core.replication import (
     delete_stale_offset,
     missing_slot_reason,
@@ -56,12 +53,16 @@ from rosetta_dagster.core.supervision import (
     is_starting,
     launch_budget,
 )
-from rosetta_dagster.defs.naming import AssetNaming
 from rosetta_dagster.defs.pipelines.assets import replication_slot_key
 from rosetta_dagster.defs.pipelines.checks import lag_evaluations, retained_wal_evaluation
 from rosetta_dagster.defs.pipelines.jobs import PIPELINE_TAG, stream_job_name
 from rosetta_dagster.defs.platform.logs import TeeLogger
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
+from rosetta_dagster.defs.replication_set import (
+    ReplicationSet,
+    current_pipelines,
+    operations_of,
+)
 from rosetta_dagster.settings import offsets_dir
 
 supervisor_logger = logging.getLogger("rosetta.supervisor")
@@ -110,9 +111,9 @@ def _daemon_id(context: SensorEvaluationContext) -> str | None:
 
 
 def build_supervisor_sensor(
-    config: RosettaConfig, stream_jobs: Sequence[JobDefinition]
+    sets: Sequence[ReplicationSet], stream_jobs: Sequence[JobDefinition]
 ) -> SensorDefinition:
-    operations = config.operations
+    operations = operations_of(sets)
 
     @sensor(
         name="pipeline_supervisor",
@@ -127,8 +128,12 @@ def build_supervisor_sensor(
     ) -> SensorResult:
         log = TeeLogger(supervisor_logger, context.log)
         store = config_store.store
-        declared = config.file.load(resolve_secrets=False).pipelines
-        for pipeline in declared.values():
+        # Each pipeline with its own file's settings (backoff, heartbeat timeout).
+        settings: dict[str, OperationsSettings] = {}
+        declared: dict[str, PipelineDefinition] = {}
+        for _, config, pipeline in current_pipelines(sets, resolve_secrets=False):
+            declared[pipeline.name] = pipeline
+            settings[pipeline.name] = config.operations
             store.sync_pipeline(pipeline)
         statuses = {p.name: p for p in store.list_pipelines() if p.name in declared}
 
@@ -154,7 +159,7 @@ def build_supervisor_sensor(
                 heartbeat_run_id=stored.run_id,
             )
             runs = [_stream_run(r) for r in records]
-            decision = decide(health, runs, now, operations)
+            decision = decide(health, runs, now, settings[pipeline.name])
             nonlocal starting
             starting += sum(1 for run in runs if is_starting(health, run)
                             and run.run_id not in {dead for dead, _ in decision.dead})
@@ -201,10 +206,10 @@ def _active_runs(context: SensorEvaluationContext, pipeline: str) -> list[RunRec
     ]
 
 
-def build_slot_guard_sensor(config: RosettaConfig) -> SensorDefinition:
+def build_slot_guard_sensor(sets: Sequence[ReplicationSet]) -> SensorDefinition:
     @sensor(
         name="replication_slot_guard",
-        minimum_interval_seconds=config.operations.supervisor_interval_seconds,
+        minimum_interval_seconds=operations_of(sets).supervisor_interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
         description="Deletes the offset file of a pipeline whose replication slot is gone "
         "(stopping its run first), so it restarts with a fresh snapshot.",
@@ -242,7 +247,7 @@ def build_slot_guard_sensor(config: RosettaConfig) -> SensorDefinition:
                                    config_store=store, log=log):
                 cleaned.append(pipeline.name)
 
-        _for_each_pipeline(list(config.file.load().pipelines.values()), log, guard)
+        _for_each_pipeline([p for _, _, p in current_pipelines(sets)], log, guard)
         if cleaned:
             return SkipReason(f"Deleted stale offsets of {', '.join(cleaned)}")
         return SkipReason("Every pipeline with an offset file has its replication slot.")
@@ -250,13 +255,10 @@ def build_slot_guard_sensor(config: RosettaConfig) -> SensorDefinition:
     return replication_slot_guard
 
 
-def build_wal_monitor_sensor(config: RosettaConfig, naming: AssetNaming | None = None
-                             ) -> SensorDefinition:
-    naming = naming or AssetNaming()
-
+def build_wal_monitor_sensor(sets: Sequence[ReplicationSet]) -> SensorDefinition:
     @sensor(
         name="wal_monitor",
-        minimum_interval_seconds=config.operations.wal_monitor_interval_seconds,
+        minimum_interval_seconds=operations_of(sets).wal_monitor_interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
         description="Reads every pipeline slot's retained WAL, stores it in wal_monitor and "
         "reports it on the pipeline's replication_slot asset.",
@@ -266,36 +268,39 @@ def build_wal_monitor_sensor(config: RosettaConfig, naming: AssetNaming | None =
     ) -> SensorResult:
         log = TeeLogger(replication_logger, context.log)
         store = config_store.store
-        current = config.file.load()
         events: list = []
+        current = {p.name: (s, config, p) for s, config, p in current_pipelines(sets)}
 
         def monitor(pipeline: PipelineDefinition) -> None:
+            replication_set, config, _ = current[pipeline.name]
+            naming, operations = replication_set.naming, config.operations
             with source_connection(pipeline) as conn:
                 reading = read_slot(conn, pipeline)
-            severity = record_reading(store, reading, current.operations, log)
+            severity = record_reading(store, reading, operations, log)
             metadata = {k: MetadataValue.int(v) for k, v in reading_metadata(reading).items()}
             metadata["severity"] = MetadataValue.text(severity.value)
             events.append(AssetObservation(asset_key=naming.key(replication_slot_key(pipeline)),
                                            metadata=metadata))
-            events.append(retained_wal_evaluation(reading, current.operations, naming))
+            events.append(retained_wal_evaluation(reading, operations, naming))
             # The lag too, paused pipelines included: a slot can fall behind while nobody reads.
             stored = store.get_pipeline(pipeline.name)
             lag = measure_and_record_lag(pipeline, store, stored.source_position_at,
                                          stored.applied_lsn)
-            events.extend(lag_evaluations(pipeline, stored, lag, current.operations, naming))
+            events.extend(lag_evaluations(pipeline, stored, lag, operations, naming))
 
-        _for_each_pipeline(list(current.pipelines.values()), log, monitor)
+        _for_each_pipeline([p for _, _, p in current.values()], log, monitor)
         return SensorResult(asset_events=events)
 
     return wal_monitor
 
 
 def build_operation_sensors(
-    config: RosettaConfig, stream_jobs: Sequence[JobDefinition], naming: AssetNaming | None = None
+    sets: Sequence[ReplicationSet], stream_jobs: Sequence[JobDefinition]
 ) -> list[SensorDefinition]:
-    """``naming``: the keys the WAL monitor reports to."""
+    """Once per code location, for every set's pipelines (the WAL monitor reports to each
+    set's keys)."""
     return [
-        build_supervisor_sensor(config, stream_jobs),
-        build_slot_guard_sensor(config),
-        build_wal_monitor_sensor(config, naming),
+        build_supervisor_sensor(sets, stream_jobs),
+        build_slot_guard_sensor(sets),
+        build_wal_monitor_sensor(sets),
     ]

@@ -70,7 +70,7 @@ class ConfigStoreResource(ConfigurableResource):
         return PoolSettings.from_env(**overrides)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
-        run = context.dagster_run
+        run = context.run
         # A run's pool is named after its job (stream_<pipeline>, a backfill, ...); everything
         # else that opens this resource is a sensor or schedule tick of the daemon.
         owner = run.job_name if run is not None else "daemon"
