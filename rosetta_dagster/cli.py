@@ -25,7 +25,7 @@ from rosetta_dagster.core.pipeline_config import load_config
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.replication import application_name
 from rosetta_dagster.core.streaming import StreamingSession
-from rosetta_dagster.local_stack import LocalStack, dagster_dev_command
+from rosetta_dagster.local_stack import LocalStack, dagster_dev_command, dagster_graphql
 from rosetta_dagster.settings import (
     CONFIG_DATABASE_URL_ENV,
     PROJECT_ROOT,
@@ -106,9 +106,10 @@ def _reset_signals() -> None:
 
 
 _ACTIVE_STREAM_RUNS = """
-query { runsOrError(filter: {tags: [{key: "rosetta/pipeline", value: "%s"}],
-                             statuses: [QUEUED, NOT_STARTED, STARTING, STARTED]}) {
-  ... on Runs { results { runId } } } }
+query ($pipeline: String!) {
+  runsOrError(filter: {tags: [{key: "rosetta/pipeline", value: $pipeline}],
+                       statuses: [QUEUED, NOT_STARTED, STARTING, STARTED]}) {
+    ... on Runs { results { runId } } } }
 """
 
 
@@ -119,7 +120,8 @@ def _terminate_streams(url: str, pipeline: str) -> None:
     host, port = url.removeprefix("http://").split(":")
     client = DagsterGraphQLClient(host, port_number=int(port))
     try:
-        runs = client._execute(_ACTIVE_STREAM_RUNS % pipeline)["runsOrError"]["results"]
+        runs = dagster_graphql(url, _ACTIVE_STREAM_RUNS, {"pipeline": pipeline}
+                               )["runsOrError"]["results"]
         for run in runs:
             client.terminate_run(run["runId"])
         stop_by = time.monotonic() + 20

@@ -6,10 +6,14 @@ event storage, via dagster-postgres, which avoids SQLite locking under concurren
 
 from __future__ import annotations
 
+import json
 import secrets
 import sys
+import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -134,6 +138,19 @@ def dagster_dev_command(workspace: Path, port: int) -> list[str]:
     dg = Path(sys.executable).parent / "dg"
     launcher = [str(dg)] if dg.exists() else [sys.executable, "-m", "dagster"]
     return [*launcher, "dev", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)]
+
+
+def dagster_graphql(url: str, query: str, variables: Mapping[str, object] | None = None
+                    ) -> dict[str, Any]:
+    """One query to the GraphQL API of the Dagster webserver at ``url`` (its public HTTP API)."""
+    request = urllib.request.Request(
+        f"{url}/graphql", data=json.dumps({"query": query, "variables": dict(variables or {})}
+                                          ).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - our own URL
+        body = json.load(response)
+    if body.get("errors"):
+        raise RuntimeError(f"Dagster GraphQL at {url}: {body['errors'][0].get('message')}")
+    return dict(body["data"])
 
 
 def write_dagster_instance_yaml(

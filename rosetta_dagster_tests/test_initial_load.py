@@ -16,7 +16,8 @@ import pytest
 from psycopg2 import sql
 
 from rosetta_dagster.core.config_store import ConfigStore
-from rosetta_dagster.core.initial_load import SnapshotVisibility, TableLoadReport
+from rosetta_dagster.core.initial_load import TableLoadReport
+from rosetta_dagster.core.load_fences import SnapshotVisibility
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.streaming import StreamingSession

@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import psycopg2
 import psycopg2.extensions
@@ -42,7 +41,8 @@ from psycopg2 import sql
 from rosetta_dagster.core.destination import TableLoad, destination_kind
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
-from rosetta_dagster.core.events import format_lsn, parse_lsn
+from rosetta_dagster.core.events import parse_lsn
+from rosetta_dagster.core.load_fences import LoadFence, SnapshotVisibility
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.replication import (
     Log,
@@ -53,7 +53,6 @@ from rosetta_dagster.core.table_schema import TableSchema, exact_select, read_ta
 
 logger = logging.getLogger("rosetta.initial_load")
 
-_XID_SPACE = 1 << 32
 # Rows per page assumed when the table was never analyzed (reltuples = -1).
 _DEFAULT_ROWS_PER_PAGE = 60
 # As long as Debezium retries an active slot (slot.max.retries x slot.retry.delay.ms).
@@ -64,82 +63,6 @@ SLOT_WAIT_NOTICE_S = 10.0
 
 class InitialLoadError(RosettaError):
     """Creating the slot or copying a table failed; nothing was marked as loaded."""
-
-
-@dataclass(frozen=True)
-class SnapshotVisibility:
-    """Which transactions an exported snapshot sees (``pg_current_snapshot()`` under it)."""
-
-    xmin: int
-    xmax: int
-    xip: frozenset[int] = frozenset()
-
-    @classmethod
-    def parse(cls, text: str) -> SnapshotVisibility:
-        xmin, xmax, xip = text.split(":")
-        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
-
-    def __str__(self) -> str:
-        return f"{self.xmin}:{self.xmax}:{','.join(str(x) for x in sorted(self.xip))}"
-
-    def includes(self, xid: int) -> bool:
-        """True when the committed transaction ``xid`` (32-bit, as in the WAL) is visible."""
-        # Widen to the snapshot's 64-bit xid space: the transaction is within 2^31 of xmax
-        # (either side), which fixes its epoch.
-        full = (self.xmax & ~(_XID_SPACE - 1)) | (xid & (_XID_SPACE - 1))
-        if full > self.xmax + _XID_SPACE // 2:
-            full -= _XID_SPACE
-        elif full < self.xmax - _XID_SPACE // 2:
-            full += _XID_SPACE
-        if full < self.xmin:
-            return True
-        return full < self.xmax and full not in self.xip
-
-
-@dataclass(frozen=True)
-class LoadFence:
-    """A table's load: its rows are the snapshot's; the stream applies only later commits."""
-
-    visibility: SnapshotVisibility
-    consistent_lsn: int
-
-
-@dataclass
-class LoadState:
-    """Which tables the stream covers and the fences of their loads (kept with the position).
-
-    It is what tells a table added to the pipeline (not listed) from one the stream has
-    covered since its load.
-    """
-
-    tables: dict[TableRef, LoadFence | None] = field(default_factory=dict)
-
-    @classmethod
-    def from_document(cls, document: dict[str, Any]) -> LoadState:
-        tables: dict[TableRef, LoadFence | None] = {}
-        for name, fence in document.get("tables", {}).items():
-            tables[TableRef.parse(name)] = None if fence is None else LoadFence(
-                SnapshotVisibility.parse(fence["snapshot"]), int(fence["consistent_lsn"])
-            )
-        return cls(tables)
-
-    def document(self) -> dict[str, Any]:
-        return {"tables": {
-            table.qualified: None if fence is None else {
-                "snapshot": str(fence.visibility), "consistent_lsn": fence.consistent_lsn,
-                "consistent_point": format_lsn(fence.consistent_lsn),
-            }
-            for table, fence in sorted(self.tables.items(), key=lambda item: item[0].qualified)
-        }}
-
-    def drop_passed_fences(self, stream_lsn: int | None) -> None:
-        """A stream whose stored offset is at or past a load's consistent point can no longer
-        deliver a transaction the load contained: the fence is no longer needed."""
-        if stream_lsn is None:
-            return
-        for table, fence in self.tables.items():
-            if fence is not None and fence.consistent_lsn <= stream_lsn:
-                self.tables[table] = None
 
 
 @dataclass(frozen=True)

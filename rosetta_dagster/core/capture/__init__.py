@@ -36,7 +36,7 @@ from rosetta_dagster.core.table_schema import TableSchema
 from rosetta_dagster.core.values import ValueCodec
 
 if TYPE_CHECKING:
-    from rosetta_dagster.core.initial_load import LoadState
+    from rosetta_dagster.core.load_fences import LoadState
     from rosetta_dagster.core.position_tracking import PositionTracking
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]

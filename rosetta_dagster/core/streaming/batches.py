@@ -10,7 +10,7 @@ from rosetta_dagster.core.backfill.window import ChunkWindows
 from rosetta_dagster.core.capture import CaptureBatch
 from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.events import ChangeEvent, Watermark
-from rosetta_dagster.core.initial_load import SnapshotVisibility
+from rosetta_dagster.core.load_fences import SnapshotVisibility
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.replication import Log
 from rosetta_dagster.core.streaming.catalog_watch import CatalogWatch

@@ -6,12 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from rosetta_dagster.core.capture import PositionStore
-from rosetta_dagster.core.initial_load import (
-    InitialLoader,
-    LoadState,
-    SnapshotVisibility,
-    TableLoadReport,
-)
+from rosetta_dagster.core.initial_load import InitialLoader, TableLoadReport
+from rosetta_dagster.core.load_fences import LoadState, SnapshotVisibility
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.replication import Log
 from rosetta_dagster.core.table_schema import TableSchema

@@ -9,7 +9,7 @@ import psycopg2.extensions
 
 from rosetta_dagster.core.capture import CaptureEngine, PositionStore
 from rosetta_dagster.core.config_store import ConfigStore
-from rosetta_dagster.core.initial_load import format_lsn
+from rosetta_dagster.core.events import format_lsn
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.replication import (
     Log,

@@ -32,6 +32,8 @@ def ensure_process_logging() -> None:
     if logging.getLogger().handlers or any(getattr(h, "_rosetta", False) for h in rosetta.handlers):
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # The process id: the code server, the daemon and every run write to the same output.
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"))
     handler._rosetta = True  # type: ignore[attr-defined]
     rosetta.addHandler(handler)

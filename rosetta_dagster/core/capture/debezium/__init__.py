@@ -25,7 +25,7 @@ from rosetta_dagster.core.capture.debezium.offsets import (
 )
 from rosetta_dagster.core.capture.debezium.values import DEBEZIUM_VALUES
 from rosetta_dagster.core.errors import DatabaseConnectionError
-from rosetta_dagster.core.initial_load import LoadState
+from rosetta_dagster.core.load_fences import LoadState
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
 from rosetta_dagster.core.position_tracking import PositionTracking
 from rosetta_dagster.core.table_schema import TableSchema

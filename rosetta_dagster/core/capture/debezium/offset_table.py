@@ -28,7 +28,7 @@ from rosetta_dagster.core.capture.debezium import DebeziumOffsets
 from rosetta_dagster.core.capture.debezium.offsets import offset_key
 from rosetta_dagster.core.dsn import pinned_options, summarize_connection_error
 from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
-from rosetta_dagster.core.initial_load import LoadState
+from rosetta_dagster.core.load_fences import LoadState
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
 from rosetta_dagster.settings import CONFIG_DATABASE_URL_ENV
 

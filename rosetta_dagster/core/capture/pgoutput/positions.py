@@ -13,7 +13,7 @@ from psycopg2.extras import Json
 
 from rosetta_dagster.core.capture import Log, StoredPosition
 from rosetta_dagster.core.events import format_lsn
-from rosetta_dagster.core.initial_load import LoadState
+from rosetta_dagster.core.load_fences import LoadState
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
 from rosetta_dagster.core.position_tracking import PositionTracking
 from rosetta_dagster.core.replication import destination_connection

@@ -46,15 +46,13 @@ from rosetta_dagster.core.destination import (
 from rosetta_dagster.core.destination.errors import ApplyError, classify
 from rosetta_dagster.core.destination.net_changes import NetChanges
 from rosetta_dagster.core.destination.postgres.ddl import ensure_destination_table
+from rosetta_dagster.core.destination.postgres.left_out import resolve_left_out
 from rosetta_dagster.core.destination.postgres.plan import TablePlan, copy_lines, keys_table_name
 from rosetta_dagster.core.destination.postgres.staging import merge_chunk
 from rosetta_dagster.core.destination.postgres.statements import (
     batch_statements,
-    delete_staged,
-    fill_left_out,
     resync_statements,
 )
-from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import ResilientConnectionPool
@@ -472,7 +470,7 @@ class PostgresApplier:
             try:
                 cursor.copy_expert(statements.copy_stage, buffer)
                 if left_out:
-                    self._resolve_left_out(cursor, plan, moved=any(
+                    resolve_left_out(cursor, plan, self.source_rows, self.name, moved=any(
                         o.moved_from is not None for o in net.origins.values()))
                 cursor.execute("SAVEPOINT _rosetta_merge")
                 cursor.execute(statements.merge)
@@ -490,39 +488,3 @@ class PostgresApplier:
             cursor.execute(statements.clear_stage if small else statements.truncate_stage)
         result.rows_written += rows
         result.unchanged_toast_values += unchanged_toast
-
-    def _resolve_left_out(self, cursor: psycopg2.extensions.cursor, plan: TablePlan, *,
-                          moved: bool) -> None:
-        """Give staged rows the values their changes left out where the destination row at
-        their own key does not hold them: from the row at a moved row's old key, else read
-        back from the source (a row gone from the source since is deleted: its own delete
-        follows)."""
-        statements = plan.statements
-        if moved:
-            cursor.execute(statements.resolve_from_old_key)
-        cursor.execute(statements.unresolved_rows)
-        unresolved = cursor.fetchall()
-        if not unresolved:
-            return
-        keys = len(plan.schema.primary_key)
-        wanted: dict[tuple[str, ...], list[tuple[str | None, ...]]] = {}
-        for row in unresolved:
-            columns = tuple(c for c in row[keys] if c in plan.converter_of)
-            wanted.setdefault(columns, []).append(tuple(row[:keys]))
-        if self.source_rows is None:
-            raise RosettaError(f"Destination {self.name}: {len(unresolved)} change(s) of "
-                             f"{plan.schema.table.qualified} left values out that no row holds, "
-                             "and this applier cannot read the source.")
-        gone = delete_staged(plan.schema, plan.stage_name)
-        for columns, key_texts in wanted.items():
-            found = self.source_rows.read(plan.schema, columns, key_texts)
-            fill = fill_left_out(plan.schema, plan.stage_name, columns)
-            for key in key_texts:
-                values = found.get(key)
-                if values is None:  # gone from the source since: its delete follows
-                    cursor.execute(gone, key)
-                else:
-                    cursor.execute(fill, [*values, *key])
-        logger.info("Destination %s: %d change(s) of %s had values left out that no destination "
-                    "row held; read them back from the source", self.name, len(unresolved),
-                    plan.schema.table.qualified)
