@@ -8,6 +8,7 @@ the beginning and must never disturb `orders`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from dagster import EventLogEntry, deserialize_value
@@ -190,12 +192,18 @@ def deployment(pg_cluster: LocalPostgresCluster, pg_root: Path) -> Iterator[Depl
         yield deployed
     finally:
         print(deployed.output()[-8000:])  # shown by pytest when a test of the module failed
+        # The code servers run in sessions of their own: collected first, killed if they outlive
+        # dg dev (one once did, for an hour, after a failed run of the module).
+        descendants = psutil.Process(process.pid).children(recursive=True)
         os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
+        for child in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
 
 def _wait_loaded(deployed: Deployment) -> None:
