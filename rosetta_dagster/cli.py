@@ -13,7 +13,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
+
+import psutil
 
 from rosetta_dagster.core.config_store import BackfillStatus, ConfigStore, Pipeline, PipelineState
 from rosetta_dagster.core.destination.errors import RefusedChange
@@ -169,11 +171,18 @@ def _cmd_dev(args: argparse.Namespace) -> int:
         start_new_session=True,
     )
 
+    # dg dev's code servers run in sessions of their own, and one waits for the runs it launched
+    # (say a scheduled health check that started just now): collected while dg dev runs, so
+    # that none outlives it (it would retry the stopped PostgreSQL for minutes).
+    descendants: list[psutil.Process] = []
+
     def forward(signum: int, _frame: object) -> None:
         # Pause first so the supervisor does not relaunch what is being stopped.
         with _open_config_store(environment[CONFIG_DATABASE_URL_ENV]) as store:
             store.set_pipeline_status(demo, "PAUSE")
         _terminate_streams(url, demo)
+        with suppress(psutil.NoSuchProcess):
+            descendants.extend(psutil.Process(child.pid).children(recursive=True))
         child.send_signal(signum)
 
     signal.signal(signal.SIGINT, forward)
@@ -185,6 +194,10 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     finally:
         api.terminate()
         api.wait(10)
+        _, alive = psutil.wait_procs(descendants, timeout=10)
+        for process in alive:
+            with suppress(psutil.NoSuchProcess):
+                process.kill()
         if not args.keep_postgres:
             stack.down()
 

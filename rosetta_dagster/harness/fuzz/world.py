@@ -111,6 +111,9 @@ class FuzzWorld:
             cluster.destroy()
 
 
+SLOW_STOP_S = 15.0
+
+
 class StreamProcess:
     """``rosetta stream NAME`` kept running by a supervisor thread while it is wanted."""
 
@@ -169,6 +172,7 @@ class StreamProcess:
             process = self._process
         if process is None:
             return
+        asked = time.monotonic()
         with suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)
         try:
@@ -176,6 +180,11 @@ class StreamProcess:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        took = time.monotonic() - asked
+        if took > SLOW_STOP_S:  # a stream should end within seconds of SIGTERM: worth a look
+            print(f"    stream {self.name} took {took:.0f} s to stop after SIGTERM"
+                  + (" (killed)" if took >= timeout_s else f"; see {self.log_path}"),
+                  file=sys.stderr, flush=True)
         with self._lock:
             if self._process is process:
                 self.exits.append(process.returncode)
