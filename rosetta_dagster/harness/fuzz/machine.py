@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ from rosetta_dagster.harness.fuzz.workload import (
 from rosetta_dagster.harness.fuzz.world import Backfill, Example, FuzzWorld, backfill_failures
 
 CONNECTIONS = ("A", "B")
+# An example converging after this long is printed whole (script and stream log): worth a look.
+SLOW_EXAMPLE_S = 60.0
 # An added column's type, and what ALTER COLUMN TYPE turns each type into.
 ADDED_KINDS = {"int": "int", "text": "text", "numeric": "numeric", "big": "text"}
 RETYPES = {"int": ("bigint", "int"), "bigint": ("numeric", "numeric"),
@@ -710,6 +713,12 @@ class RosettaMachine(RuleBasedStateMachine):
                   f"faults, {self.ddl} schema changes, "
                   f"{sum(b.completed for b in backfills)}/{len(backfills)} backfills completed, "
                   f"{time.monotonic() - self.began:.0f} s, {outcome}", file=sys.stderr, flush=True)
+            took = time.monotonic() - self.began
+            if took > SLOW_EXAMPLE_S and outcome == "converged":  # right, but worth a look
+                print("    a slow example; its script, then its stream's last lines:\n"
+                      + textwrap.indent("\n".join(self.script.lines), "      ") + "\n"
+                      + textwrap.indent(self.example.stream.log_tail(40), "      | "),
+                      file=sys.stderr, flush=True)
             for backfill in backfills:
                 if not backfill.completed and backfill.errors:  # what stopped it, for a look
                     print(f"    backfill job {backfill.job.id} ({backfill.job.table_name}) did "
