@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from rosetta_dagster.core.pipeline_config import (
     OperationsSettings,
@@ -39,7 +40,13 @@ class ReplicationSet:
         return self.declared_by or str(self.file.path)
 
     def declared(self) -> RosettaConfig | None:
-        """The file as the definitions see it (no secrets), None when it does not exist."""
+        """The file as the definitions see it (no secrets), None when it does not exist: read
+        once per set (the builders and every sensor's settings ask it while the code location
+        loads; the sensors read the file again at each tick, with its secrets)."""
+        return self._declared
+
+    @cached_property
+    def _declared(self) -> RosettaConfig | None:
         return self.file.load(resolve_secrets=False) if self.file.path.exists() else None
 
     def declared_pipelines(self) -> dict[str, PipelineDefinition]:
