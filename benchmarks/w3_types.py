@@ -47,7 +47,7 @@ def create_wide_table(env: StreamingEnv, engine: str) -> list[str]:
         schema = read_table_schema(conn, TableRef("public", "wide"), "benchmark source")
         values = capture_engine(engine).values
         refused = [c.name for c in schema.columns
-                   if values.refusal(c, c.name in schema.primary_key) is not None]
+                   if values.refusal(c, c.name in schema.key_columns) is not None]
         for name in refused:
             for table in ("wide", "wide_template"):
                 cursor.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(

@@ -1,10 +1,13 @@
-"""Collapsing a batch to one net change per key without losing values it left out (no
-database)."""
+"""Collapsing a batch to one net change per key without losing values it left out, and a
+keyless table's batch to a net count per row (no database)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+from rosetta_dagster.core.destination.keyless_changes import KeylessChangeError, KeylessChanges
 from rosetta_dagster.core.destination.net_changes import KEEP, NetChanges, Origin
 from rosetta_dagster.core.events import UNCHANGED_TOAST, ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
@@ -102,3 +105,57 @@ def test_a_row_moved_onto_a_key_reused_later_keeps_its_values() -> None:
 
 def test_keep_is_the_default_origin() -> None:
     assert Origin(True) == KEEP
+
+
+def test_a_row_that_leaves_its_key_in_one_update_frees_the_old_key() -> None:
+    # Debezium keys its events by the primary key: an UPDATE of another replica identity
+    # index's columns comes as one update whose old row has the old key.
+    lone = ChangeEvent(T, "u", {"id": 1}, _row(101, "n", U), lsn=7)
+    net = collapse(lone)
+    assert net.changes[(1,)].op == "d"
+    assert net.origins == {(101,): Origin(True, (1,))}
+
+
+# -- tables without a key: a net count per row ---------------------------------------------
+
+def _keyless() -> KeylessChanges:
+    return KeylessChanges(lambda row: "\t".join(str(row.get(c)) for c in ("n", "big")),
+                          lambda value: value is U, "public.w")
+
+
+def _counts(*events: ChangeEvent) -> dict[str, int]:
+    changes = _keyless()
+    for event in events:
+        changes.add(event)
+    return changes.counts
+
+
+def _full(op: str, before: dict[str, Any] | None, after: dict[str, Any] | None,
+          lsn: int = 1) -> ChangeEvent:
+    return ChangeEvent(T, op, before, after, lsn=lsn)
+
+
+def test_a_keyless_batch_counts_each_row_added_and_removed() -> None:
+    a, b = {"n": 1, "big": "x"}, {"n": 2, "big": "x"}
+    counts = _counts(_full("c", None, a, 1), _full("c", None, a, 2),  # a duplicate
+                     _full("u", a, b, 3),  # one of the two changes
+                     _full("d", {"n": 9, "big": None}, None, 4))
+    assert counts == {"1\tx": 1, "2\tx": 1, "9\tNone": -1}
+    # Added and removed in the batch: nothing left to do.
+    assert _counts(_full("c", None, a, 1), _full("d", a, None, 2)) == {}
+
+
+def test_pgoutputs_delete_and_new_row_of_one_update_remove_the_old_row_once() -> None:
+    a, b = {"n": 1, "big": "x"}, {"n": 2, "big": "x"}
+    assert _counts(_full("d", a, None, 5), _full("u", a, b, 5)) == {"1\tx": -1, "2\tx": 1}
+    # Two changes: a delete, then another row updated from an equal old row.
+    assert _counts(_full("d", a, None, 5), _full("u", a, b, 6)) == {"1\tx": -2, "2\tx": 1}
+
+
+def test_a_keyless_update_takes_left_out_values_from_its_old_row() -> None:
+    old, new = {"n": 1, "big": "B"}, {"n": 2, "big": U}
+    assert _counts(_full("u", old, new)) == {"1\tB": -1, "2\tB": 1}
+    with pytest.raises(KeylessChangeError, match="left column big out"):
+        _counts(_full("u", {"n": 1, "big": U}, new))
+    with pytest.raises(KeylessChangeError, match="came without its old row"):
+        _counts(_full("d", None, None))

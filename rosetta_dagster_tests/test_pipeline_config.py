@@ -124,6 +124,7 @@ pipelines:
       - name: public.items
         exclude_columns: [secret]
         target: {wh: items_copy, lake: raw.items}
+        replicate: inserts_only
 """
 
 
@@ -135,6 +136,8 @@ def test_table_options_are_read_with_their_targets_per_destination(tmp_path: Pat
     assert pipeline.options(orders).where == "status <> 'draft' AND note = 'a;b' AND x = 'it''s'"
     assert pipeline.options(items).exclude_columns == ("secret",)
     assert not pipeline.options(customers).filters_rows_or_columns
+    assert pipeline.options(items).inserts_only and not pipeline.options(orders).inserts_only
+    assert pipeline.publication_names == "rosetta_orders,rosetta_orders_inserts"
     assert [pipeline.target(t, d).qualified for t in (customers, orders, items)
             for d in (wh, lake)] == ["copy.customers", "public.customers", "sales.orders_eu",
                                      "sales.orders_eu", "copy.items_copy", "raw.items"]
@@ -147,7 +150,9 @@ def test_table_options_are_read_with_their_targets_per_destination(tmp_path: Pat
          "table 'public.orders' field 'exclude_columns' cannot be combined with columns"),
         (("columns: [id, total, status]", "filter: x"),
          "table 'public.orders' field 'filter' is not a table option (use columns, "
-         "exclude_columns, name, target, where)."),
+         "exclude_columns, name, replicate, target, where)."),
+        (("columns: [id, total, status]", "replicate: updates_only"),
+         "table 'public.orders' field 'replicate' must be one of all, inserts_only."),
         (("columns: [id, total, status]", "columns: []"),
          "table 'public.orders' field 'columns' must be a non-empty list of column names."),
         (("AND x = 'it''s'", "); DROP TABLE x; --"),
@@ -168,7 +173,8 @@ def test_table_options_are_read_with_their_targets_per_destination(tmp_path: Pat
          "pipeline 'orders' streaming field 'initial_load' must be copy when a table has "
          "columns, exclude_columns or where."),
     ],
-    ids=["columns_and_exclude", "unknown_option", "empty_columns", "where_escapes_parentheses",
+    ids=["columns_and_exclude", "unknown_option", "bad_replicate", "empty_columns",
+         "where_escapes_parentheses",
          "where_two_statements", "target_unknown_destination", "target_bad_name",
          "duplicate_targets", "debezium_snapshot_with_options"],
 )

@@ -12,11 +12,19 @@ from rosetta_dagster.core.destination.postgres.statements import (
     batch_statements,
     chunk_merge_statements,
     fill_left_out,
+    keyless_statements,
     render,
     resync_statements,
 )
 from rosetta_dagster.core.pipeline_config import TableRef
-from rosetta_dagster.core.table_schema import Column, TableSchema, TypeRef, UserType
+from rosetta_dagster.core.table_schema import (
+    Column,
+    RowIdentity,
+    TableSchema,
+    TypeRef,
+    UserType,
+    row_identity,
+)
 
 # A composite key, a name that needs quoting twice over, a user type (lives in the destination's
 # schema).
@@ -152,3 +160,46 @@ def test_a_chunk_of_unknown_bounds_is_confined_to_its_keys() -> None:
     assert merge.range_params == []
     assert render(merge.insert).endswith('AND x."line" = "s"."line" AND TRUE)')
     assert render(merge.insert_into_empty).endswith("WHERE TRUE")
+
+
+KEYLESS = TableSchema(
+    TableRef("public", "log"),
+    (Column("at", "timestamptz", "timestamptz", False, -1),
+     Column("doc", "json", "json", False, -1)),
+    (), identity=RowIdentity.FULL_ROW)
+
+
+def test_a_keyless_batch_removes_equal_rows_by_count_and_adds_copies() -> None:
+    statements = keyless_statements(KEYLESS, sql.Identifier("replica", "log"), "replica", STAGE)
+    assert render(statements.create_stage) == (
+        'CREATE TEMP TABLE IF NOT EXISTS "_rosetta_stage_7" ("at" timestamptz, "doc" json, '
+        '"_rosetta_count" integer NOT NULL) ON COMMIT PRESERVE ROWS')
+    assert render(statements.copy_stage) == (
+        'COPY "_rosetta_stage_7" ("at", "doc", "_rosetta_count") FROM STDIN')
+    # Equal: the whole row's text (json has no equality operator; NULL equals NULL).
+    assert render(statements.delete) == (
+        'DELETE FROM "replica"."log" AS t USING (SELECT m.row_id FROM (SELECT d.ctid AS row_id, '
+        's."_rosetta_count" AS wanted, row_number() OVER (PARTITION BY s.ctid) AS n '
+        'FROM "replica"."log" AS d JOIN "_rosetta_stage_7" AS s ON '
+        'ROW("d"."at", "d"."doc")::text = ROW("s"."at", "s"."doc")::text '
+        'WHERE s."_rosetta_count" < 0) AS m WHERE m.n <= -m.wanted) AS found '
+        'WHERE t.ctid = found.row_id')
+    assert render(statements.insert) == (
+        'INSERT INTO "replica"."log" ("at", "doc") SELECT s."at", s."doc" FROM '
+        '"_rosetta_stage_7" AS s CROSS JOIN LATERAL generate_series(1, s."_rosetta_count") '
+        'WHERE s."_rosetta_count" > 0')
+
+
+def test_the_key_is_the_replica_identity() -> None:
+    assert row_identity("d", ["id"], [], False) == (RowIdentity.PRIMARY_KEY, ("id",))
+    assert row_identity("f", ["id"], [], False) == (RowIdentity.PRIMARY_KEY, ("id",))
+    # An identity index that covers the primary key: the primary key.
+    assert row_identity("i", ["id"], ["id", "status"], False) == (RowIdentity.PRIMARY_KEY,
+                                                                   ("id",))
+    assert row_identity("i", ["id"], ["email"], False) == (RowIdentity.UNIQUE_INDEX, ("email",))
+    assert row_identity("i", [], ["email", "region"], False) == (RowIdentity.UNIQUE_INDEX,
+                                                                 ("email", "region"))
+    assert row_identity("f", [], [], False) == (RowIdentity.FULL_ROW, ())
+    for no_identity in (("d", []), ("n", ["id"]), ("i", [])):  # "i": its index was dropped
+        assert row_identity(no_identity[0], no_identity[1], [], False) is None
+    assert row_identity("n", [], [], True) == (RowIdentity.INSERTS_ONLY, ())

@@ -13,9 +13,10 @@ from rosetta_dagster.core.backfill import BackfillRunner
 from rosetta_dagster.core.capture.debezium.engine import CaptureError
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState, PipelineStatus
 from rosetta_dagster.core.errors import RosettaError
-from rosetta_dagster.core.pipeline_config import PipelineDefinition
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.pool import ResilientConnectionPool
 from rosetta_dagster.core.streaming import StreamingSession
+from rosetta_dagster.core.table_schema import no_identity_refusal
 from rosetta_dagster.harness import (
     StreamingEnv,
     count_rows,
@@ -422,8 +423,7 @@ def test_restart_resumes_from_offsets_without_a_new_snapshot(
             "CREATE TABLE public.nokey (id int, v text)",
             ["public.nokey"],
             None,
-            "Table public.nokey in source src has no primary key; Rosetta needs one to apply "
-            "updates and deletes exactly.",
+            no_identity_refusal(TableRef("public", "nokey"), "source src"),
         ),
         (
             "CREATE TABLE public.nokey (id int, v text); CREATE TABLE public.ok (id int PRIMARY "
@@ -431,13 +431,12 @@ def test_restart_resumes_from_offsets_without_a_new_snapshot(
             ["public.nokey", "public.ok", "public.keyless", "public.missing"],
             None,
             "Pipeline several_tables cannot stream 3 of its tables, so nothing was written: "
-            "Table public.nokey in source src has no primary key; Rosetta needs one to apply "
-            "updates and deletes exactly; Table public.keyless in source src has no primary key; "
-            "Rosetta needs one to apply updates and deletes exactly; Table public.missing does "
-            "not exist in source src.",
+            + "; ".join(no_identity_refusal(TableRef("public", t), "source src").removesuffix(
+                ", so nothing was written.") for t in ("nokey", "keyless"))
+            + "; Table public.missing does not exist in source src.",
         ),
     ],
-    ids=["bad_password", "missing_table", "no_primary_key", "several_tables"],
+    ids=["bad_password", "missing_table", "no_replica_identity", "several_tables"],
 )
 def test_bad_input_fails_with_one_clear_sentence_and_writes_nothing(
     env: StreamingEnv, store: ConfigStore, request: pytest.FixtureRequest,

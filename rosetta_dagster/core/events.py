@@ -99,6 +99,9 @@ class Watermark:
     after_key: list[Any] | None = None
     bounds_known: bool = False
     row_filter: list[dict[str, Any]] | None = None  # high only: the job's filter
+    # high only, a table without a key: the transactions the chunk's snapshot saw
+    # (``xmin:xmax:xip``); the window's changes of the others are applied after the chunk.
+    visibility: str | None = None
 
 
 def watermark_from_message(content: bytes, source_ts_ms: int | None) -> Watermark:
@@ -109,6 +112,6 @@ def watermark_from_message(content: bytes, source_ts_ms: int | None) -> Watermar
         table=TableRef.parse(body["table"]), last_key=body.get("last_key"),
         rows=int(body.get("rows", 0)), source_ts_ms=source_ts_ms,
         after_key=body.get("after_key"), bounds_known="after_key" in body,
-        row_filter=body.get("filter"),
+        row_filter=body.get("filter"), visibility=body.get("snapshot"),
     )
 

@@ -79,7 +79,7 @@ def measure_lag(
     try:
         with _slot_copy(conn, pipeline.slot_name, f"rosettalag_{pid}") as peek:
             for limit in PEEK_CHANGE_LIMITS:
-                begins, decoded = peek(pipeline.publication_name, limit)
+                begins, decoded = peek(pipeline.publication_names, limit)
                 pending = [
                     commit_at for commit_lsn, commit_at in begins
                     if (applied_lsn is None or commit_lsn > applied_lsn)

@@ -21,7 +21,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
-from rosetta_dagster.core.table_schema import SchemaError, TableSchema
+from rosetta_dagster.core.table_schema import RowIdentity, SchemaError, TableSchema
 
 # Column lists and row filters in publications: PostgreSQL 15.
 OPTIONS_SERVER_VERSION = 150000
@@ -143,11 +143,13 @@ def _desired(cursor: psycopg2.extensions.cursor, pipeline: PipelineDefinition,
     the filter, the identity checks, and the definition it would report."""
     probe = f"_rosetta_probe_{pipeline.name}"
     source = pipeline.source.name
+    inserts_only = schema.identity is RowIdentity.INSERTS_ONLY
     cursor.execute("SAVEPOINT rosetta_probe")
     try:
         try:
-            cursor.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                sql.Identifier(probe), _table_clause(schema)), ())  # () : see replicated_rows
+            cursor.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}{}").format(
+                sql.Identifier(probe), _table_clause(schema),
+                _INSERTS_ONLY if inserts_only else sql.SQL("")), ())  # () : see replicated_rows
         except psycopg2.Error as exc:
             diag = exc.diag
             reason = (diag.message_primary or str(exc).strip()).rstrip(".")
@@ -156,7 +158,8 @@ def _desired(cursor: psycopg2.extensions.cursor, pipeline: PipelineDefinition,
                 f"Table {schema.table.qualified}: source {source} refuses its options "
                 f"({reason}{detail}), so nothing was written.") from None
         kind, identity = _identity(cursor, schema)
-        refusal = _refusal(schema, kind, identity, _filter_columns(cursor, probe, schema))
+        refusal = None if inserts_only else _refusal(schema, kind, identity,
+                                                      _filter_columns(cursor, probe, schema))
         if refusal is not None:
             raise SchemaError(f"Table {schema.table.qualified}: {refusal}, so nothing was "
                               "written.")
@@ -183,31 +186,66 @@ def ensure_publication(
     before_commit: Callable[[Sequence[TableRef]], None] = lambda changed: None,
 ) -> list[TableRef]:
     """Create the publication, or set its tables, column lists and row filters to the
-    pipeline's. Returns the tables already published whose column list or filter changed;
+    pipeline's (tables that replicate inserts only: in a second publication that publishes
+    inserts only). Returns the tables already published whose column list or filter changed;
     ``before_commit`` is called with them before the change commits (so a crash cannot leave
     a changed publication without the repair it needs)."""
     _refuse_old_server(conn, pipeline)
-    name = pipeline.publication_name
     tables = [schemas[t] for t in pipeline.tables]
+    every_change = [s for s in tables if s.identity is not RowIdentity.INSERTS_ONLY]
+    inserts = [s for s in tables if s.identity is RowIdentity.INSERTS_ONLY]
     with _transaction(conn, commit=True) as cursor:
         changed: list[TableRef] = []
         if server_version(conn) >= OPTIONS_SERVER_VERSION:
-            current = _definitions(cursor, name)
+            current = {**_definitions(cursor, pipeline.publication_name),
+                       **_definitions(cursor, pipeline.inserts_publication_name)}
             for schema in tables:
                 wanted = _desired(cursor, pipeline, schema)
                 if schema.table in current and current[schema.table] != wanted:
                     changed.append(schema.table)
-        clauses = sql.SQL(", ").join(_table_clause(s) for s in tables)
-        cursor.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
-        exists = cursor.fetchone() is not None
-        cursor.execute(sql.SQL("ALTER PUBLICATION {} SET TABLE {}" if exists else
-                               "CREATE PUBLICATION {} FOR TABLE {}").format(
-            sql.Identifier(name), clauses), ())  # () : see replicated_rows
+        created = _set_tables(cursor, pipeline.publication_name, every_change, inserts_only=False)
+        if inserts:
+            _set_tables(cursor, pipeline.inserts_publication_name, inserts, inserts_only=True)
+            # Debezium checks that a publication named as its publication.name exists, then
+            # hands that name to pgoutput, which reads it as the list of both.
+            _set_tables(cursor, pipeline.publication_names, [], inserts_only=False)
+        else:
+            for unused in (pipeline.inserts_publication_name,
+                           f"{pipeline.publication_name},{pipeline.inserts_publication_name}"):
+                cursor.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
+                    sql.Identifier(unused)))
         if changed:
             before_commit(changed)
-    if not exists:
-        log(f"Created publication {name}")
+    if created:
+        log(f"Created publication {pipeline.publication_name}")
     return changed
+
+
+_INSERTS_ONLY = sql.SQL(" WITH (publish = 'insert')")
+
+
+def _set_tables(cursor: psycopg2.extensions.cursor, name: str, tables: Sequence[TableSchema], *,
+                inserts_only: bool) -> bool:
+    """Create publication ``name`` with ``tables``, or set its tables to them; True when it
+    was created."""
+    publication = sql.Identifier(name)
+    publish = _INSERTS_ONLY if inserts_only else sql.SQL("")
+    cursor.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,))
+    exists = cursor.fetchone() is not None
+    if tables:
+        clauses = sql.SQL(", ").join(_table_clause(s) for s in tables)
+        cursor.execute(sql.SQL("ALTER PUBLICATION {} SET TABLE {}" if exists else
+                               "CREATE PUBLICATION {} FOR TABLE {}{}").format(
+            publication, clauses, publish), ())  # () : see replicated_rows
+    elif not exists:
+        cursor.execute(sql.SQL("CREATE PUBLICATION {}{}").format(publication, publish))
+    else:  # no table any more: SET TABLE needs one
+        current = list(_definitions(cursor, name))
+        if current:
+            cursor.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                publication, sql.SQL(", ").join(sql.Identifier(t.schema, t.name)
+                                                for t in current)))
+    return not exists
 
 
 def publication_current(conn: psycopg2.extensions.connection, pipeline: PipelineDefinition,
@@ -216,6 +254,8 @@ def publication_current(conn: psycopg2.extensions.connection, pipeline: Pipeline
     stream applies changed options when it starts)."""
     if server_version(conn) < OPTIONS_SERVER_VERSION:
         return True
+    name = (pipeline.inserts_publication_name if schema.identity is RowIdentity.INSERTS_ONLY
+            else pipeline.publication_name)
     with _transaction(conn, commit=False) as cursor:
-        current = _definitions(cursor, pipeline.publication_name).get(schema.table)
+        current = _definitions(cursor, name).get(schema.table)
         return current == _desired(cursor, pipeline, schema)

@@ -25,7 +25,7 @@ KeyText = tuple[str | None, ...]
 def read_by_key_query(schema: TableSchema, columns: Sequence[str], keys: int) -> sql.Composed:
     """``WITH k (_rosetta_ord, key...) AS (VALUES ...) SELECT ord, column::text ... JOIN``:
     parameters per key are its ordinal, then its columns' text."""
-    key_columns = schema.primary_key
+    key_columns = schema.key_columns
     row = sql.SQL("({})").format(sql.SQL(", ").join(
         [sql.SQL("%s::int")] + [sql.SQL("%s::{}").format(sql.SQL(schema.column(k).type_sql))
                                 for k in key_columns]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -14,7 +15,21 @@ from rosetta_dagster.core.pipeline_config import NO_OPTIONS, TableOptions, Table
 
 
 class SchemaError(RosettaError):
-    """A source table cannot be replicated as it is (missing, no primary key, odd types)."""
+    """A source table cannot be replicated as it is (missing, no replica identity, odd types)."""
+
+
+class RowIdentity(enum.Enum):
+    """How the rows of a table are told apart: the source's replica identity, which is what
+    its UPDATEs and DELETEs carry of the old row."""
+
+    PRIMARY_KEY = "primary key"  # REPLICA IDENTITY DEFAULT (or FULL) with a primary key
+    UNIQUE_INDEX = "unique index"  # REPLICA IDENTITY USING INDEX: that index is the key
+    # REPLICA IDENTITY FULL without a primary key: no key; rows are a multiset, an UPDATE or
+    # DELETE affects one row equal to its old row (duplicates stay duplicates).
+    FULL_ROW = "full row"
+    # No replica identity, and the table's ``replicate: inserts_only`` option: only its
+    # INSERTs are published (an UPDATE or DELETE would fail on the source otherwise).
+    INSERTS_ONLY = "inserts only"
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,10 @@ class TableSchema:
 
     table: TableRef
     columns: tuple[Column, ...]
-    primary_key: tuple[str, ...]
+    # The replica identity's columns: the primary key, or the USING INDEX index's columns
+    # (empty for a table without a key: FULL_ROW, INSERTS_ONLY).
+    key_columns: tuple[str, ...]
+    identity: RowIdentity = RowIdentity.PRIMARY_KEY
     row_filter: str | None = None  # the publication's WHERE: only these rows are replicated
     # Source columns left out by the options: an event may still carry them (sent before the
     # publication changed); they are ignored, not a schema change.
@@ -94,6 +112,11 @@ class TableSchema:
     @property
     def column_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns)
+
+    @property
+    def keyless(self) -> bool:
+        """Rows without a key: a multiset, loaded and repaired a whole table at a time."""
+        return not self.key_columns
 
     @property
     def column_types(self) -> dict[str, tuple[int, int]]:
@@ -187,14 +210,47 @@ _COLUMNS_QUERY = """
     ORDER BY a.attnum
 """
 
-_PRIMARY_KEY_QUERY = """
-    SELECT a.attname
-    FROM pg_index i
-    JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position) ON true
-    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-    WHERE i.indrelid = %s::regclass AND i.indisprimary
-    ORDER BY k.position
+_IDENTITY_QUERY = """
+    SELECT c.relreplident,
+           (SELECT array_agg(a.attname ORDER BY k.position) FROM pg_index i
+            JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position) ON true
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+            WHERE i.indrelid = c.oid AND i.indisprimary),
+           (SELECT array_agg(a.attname ORDER BY k.position) FROM pg_index i
+            JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position) ON true
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+            WHERE i.indrelid = c.oid AND i.indisreplident)
+    FROM pg_class c WHERE c.oid = %s::regclass
 """
+
+
+def row_identity(replident: str, primary_key: Sequence[str], identity_index: Sequence[str],
+                 inserts_only: bool) -> tuple[RowIdentity, tuple[str, ...]] | None:
+    """The table's row identity and key from its replica identity setting (``relreplident``),
+    its primary key and its replica identity index; None: it has no replica identity."""
+    if inserts_only:
+        return RowIdentity.INSERTS_ONLY, ()
+    # An identity index that covers the primary key carries it in every old-key tuple: the
+    # primary key stays the key (Debezium keys its events by it too).
+    covered = bool(primary_key) and set(primary_key) <= set(identity_index)
+    if replident == "i" and identity_index and not covered:
+        return RowIdentity.UNIQUE_INDEX, tuple(identity_index)
+    if (replident in ("d", "f") and primary_key) or covered:
+        return RowIdentity.PRIMARY_KEY, tuple(primary_key)
+    if replident == "f":
+        return RowIdentity.FULL_ROW, ()
+    return None  # NOTHING, DEFAULT without a primary key, or USING a dropped index
+
+
+def no_identity_refusal(table: TableRef, where: str) -> str:
+    qualified = table.qualified
+    return (f"Table {qualified} in {where} has no replica identity (no primary key, no "  # noqa: S608
+            "REPLICA IDENTITY FULL or USING INDEX), so publishing it would make every UPDATE "
+            f"and DELETE of it fail on the source; give it one (ALTER TABLE {qualified} "
+            f"REPLICA IDENTITY FULL, or a unique index on NOT NULL columns and ALTER TABLE "
+            f"{qualified} REPLICA IDENTITY USING INDEX <index>) or set replicate: "
+            "inserts_only on the table to replicate its inserts only, so nothing was written.")
+
 
 
 def _regclass(table: TableRef) -> str:
@@ -299,16 +355,16 @@ def read_table_schema(conn: psycopg2.extensions.connection, table: TableRef, whe
                     type_oid=oid,
                 )
             )
-        cursor.execute(_PRIMARY_KEY_QUERY, (relation,))
-        primary_key = tuple(r[0] for r in cursor.fetchall())
+        cursor.execute(_IDENTITY_QUERY, (relation,))
+        replident, primary_key, identity_index = cursor.fetchone()  # type: ignore[misc]
     conn.rollback()
-    if not primary_key:
-        raise SchemaError(
-            f"Table {table.qualified} in {where} has no primary key; Rosetta needs one to apply "
-            "updates and deletes exactly."
-        )
-    return _projected(TableSchema(table=table, columns=tuple(columns), primary_key=primary_key),
-                      options, where)
+    found = row_identity(str(replident), primary_key or (), identity_index or (),
+                         options.inserts_only)
+    if found is None:
+        raise SchemaError(no_identity_refusal(table, where))
+    identity, key_columns = found
+    return _projected(TableSchema(table=table, columns=tuple(columns), key_columns=key_columns,
+                                  identity=identity), options, where)
 
 
 def _projected(schema: TableSchema, options: TableOptions, where: str) -> TableSchema:
@@ -321,13 +377,13 @@ def _projected(schema: TableSchema, options: TableOptions, where: str) -> TableS
             raise SchemaError(
                 f"Table {schema.table.qualified}: its {key} option names "
                 f"{', '.join(unknown)}, which {where} does not have, so nothing was written.")
-    excluded_keys = [c for c in options.exclude_columns if c in schema.primary_key]
+    excluded_keys = [c for c in options.exclude_columns if c in schema.key_columns]
     if excluded_keys:
         raise SchemaError(
-            f"Table {schema.table.qualified}: its exclude_columns option names the primary key "
+            f"Table {schema.table.qualified}: its exclude_columns option names the key "
             f"column(s) {', '.join(excluded_keys)}, which are always replicated, so nothing was "
             "written.")
-    kept = set(options.columns) | set(schema.primary_key) if options.columns is not None else (
+    kept = set(options.columns) | set(schema.key_columns) if options.columns is not None else (
         names - set(options.exclude_columns))
     return dataclasses.replace(
         schema, columns=tuple(c for c in schema.columns if c.name in kept),
@@ -348,14 +404,14 @@ def key_range(
     so every key type (infinity, BC, bytea, ...) round-trips exactly.
     """
     key = sql.SQL("ROW({})").format(sql.SQL(", ").join(
-        sql.Identifier(alias, k) if alias else sql.Identifier(k) for k in schema.primary_key))
+        sql.Identifier(alias, k) if alias else sql.Identifier(k) for k in schema.key_columns))
     parts: list[sql.Composable] = []
     params: list[str | None] = []
     for operator, bound in ((">", after), ("<=", through)):
         if bound is None:
             continue
         values = sql.SQL(", ").join(
-            sql.SQL("%s::{}").format(type_of(schema.column(k))) for k in schema.primary_key)
+            sql.SQL("%s::{}").format(type_of(schema.column(k))) for k in schema.key_columns)
         parts.append(sql.SQL("{} " + operator + " ROW({})").format(key, values))
         params.extend(bound)
     return (sql.SQL(" AND ").join(parts) if parts else sql.SQL("TRUE")), params

@@ -7,7 +7,8 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,6 +223,8 @@ class BackfillRunner:
                                                table.qualified)
             except RosettaError as exc:
                 raise self._fail(f"Backfill job {job.id} rejected: {exc}") from None
+            if schema.keyless and job.filter:
+                raise self._fail(f"Backfill job {job.id} rejected: {keyless_backfill(table)}")
             total = _count(source, schema, where, params)
             self.store.update_backfill_progress(job.id, count_record=job.count_record,
                                                 total_record=total)
@@ -307,9 +310,9 @@ class BackfillRunner:
         last_key: list[Any] | None = resume.get("last_key")
         if resume.get("final"):
             return chunk
-        keys = sql.SQL(", ").join(sql.Identifier(k) for k in schema.primary_key)
+        keys = sql.SQL(", ").join(sql.Identifier(k) for k in schema.key_columns)
         keys_as_text = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k))
-                                          for k in schema.primary_key)
+                                          for k in schema.key_columns)
         selected = sql.SQL(", ").join(exact_select(c) for c in schema.columns)
         table = schema.source_sql
         # The job's filter within the rows the pipeline replicates (the table's row filter).
@@ -325,18 +328,27 @@ class BackfillRunner:
             select = sql.SQL("SELECT {columns} FROM {table} WHERE ({where}) AND {range}").format(
                 columns=selected, table=table, where=where, range=range_sql)
             rows = 0
-            for index, staging in enumerate(stagings):
-                # Each destination reads the chunk itself, inside the same window.
-                staged = staging.stage(source, select, [*params, *range_params], number)
-                rows = staged if index == 0 else rows
+            with _one_snapshot(source, schema.keyless) as snapshot:
+                for index, staging in enumerate(stagings):
+                    # Each destination reads the chunk itself, inside the same window.
+                    staged = staging.stage(source, select, [*params, *range_params], number)
+                    rows = staged if index == 0 else rows
             # The stream deletes what the destination has in the range and the chunk has not.
             _emit_watermark(source, {**body, "kind": "high", "after_key": after,
-                                     "last_key": upper, "rows": rows, "filter": job.filter})
+                                     "last_key": upper, "rows": rows, "filter": job.filter,
+                                     **({"snapshot": snapshot} if snapshot else {})})
 
         # One chunk is read and staged while the stream applies the one before it.
         in_flight: deque[tuple[int, list[Any] | None, list[Any] | None]] = deque()
         while True:
             self._check_cancelled()
+            if schema.keyless:  # no key to chunk by: the whole table is one chunk
+                chunk += 1
+                issue(chunk, None, None)
+                while not self._wait_applied(chunk):
+                    chunk += 1
+                    issue(chunk, None, None)
+                return chunks + 1
             bounds, bound_params = key_range(schema, last_key, None, _source_type)
             with source.cursor() as cursor:
                 cursor.execute(sql.SQL(
@@ -388,6 +400,30 @@ class BackfillRunner:
             f"Backfill job {self.job_id}: pipeline {self.pipeline.name} did not apply chunk "
             f"{chunk} within {self.chunk_timeout_s:.0f}s; is its stream running?"
         )
+
+
+@contextmanager
+def _one_snapshot(source: psycopg2.extensions.connection, fixed: bool) -> Iterator[str | None]:
+    """``fixed``: every destination's read of the chunk in one REPEATABLE READ transaction of
+    the source; yields the transactions its snapshot sees (``pg_current_snapshot()``), which
+    the stream uses to tell the window's changes the chunk already holds from the others (a
+    table without a key, whose rows are replaced whole). Otherwise each read is its own."""
+    if not fixed:
+        yield None
+        return
+    with source.cursor() as cursor:
+        cursor.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        try:
+            cursor.execute("SELECT pg_current_snapshot()::text")
+            yield str(cursor.fetchone()[0])  # type: ignore[index]
+        finally:
+            cursor.execute("ROLLBACK")  # read only
+
+
+def keyless_backfill(table: TableRef) -> str:
+    """Why a backfill of a table without a key takes no filter."""
+    return (f"{table.qualified} has no key, so a backfill re-copies the whole table (one chunk, "
+            "replaced at once); request it without a filter.")
 
 
 def _count(conn: psycopg2.extensions.connection, schema: TableSchema, where: sql.Composable,

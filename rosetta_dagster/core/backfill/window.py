@@ -13,6 +13,7 @@ from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.destination import ChunkCounts, DestinationWriter
 from rosetta_dagster.core.events import ChangeEvent, Watermark
 from rosetta_dagster.core.filters import compile_filter, parse_filter
+from rosetta_dagster.core.load_fences import SnapshotVisibility
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.replication import Log
 from rosetta_dagster.core.table_schema import TableSchema
@@ -25,10 +26,15 @@ class ChunkWindow:
     table: TableRef
     keys: set[tuple[Any, ...]] = field(default_factory=set)
     truncated: bool = False
+    # A table without a key: the changes themselves (see ChunkWindows.on_watermark).
+    changes: list[ChangeEvent] = field(default_factory=list)
 
     def note(self, event: ChangeEvent, key_columns: Sequence[str]) -> None:
         if not event.carries_row:
             self.truncated = self.truncated or event.op == "t"
+            return
+        if not key_columns:
+            self.changes.append(event)
             return
         row = event.row
         self.keys.add(tuple(row.get(k) for k in key_columns))
@@ -51,7 +57,7 @@ class ChunkWindows:
         """A change the stream applies: remembered by each window open on its table."""
         for window in self._open.values():  # empty unless a chunk is being read
             if window.table == event.table:
-                window.note(event, self._schemas[event.table].primary_key)
+                window.note(event, self._schemas[event.table].key_columns)
 
     def on_watermark(self, watermark: Watermark) -> None:
         """A chunk read between its low and high watermarks is applied at the high one, minus
@@ -72,6 +78,9 @@ class ChunkWindows:
             store.request_backfill_chunk_redo(watermark.job_id, watermark.chunk)
             return
         schema = self._schemas[watermark.table]
+        if schema.keyless:
+            self._replace(watermark, window, store)
+            return
         # The job's filter, checked against the source's columns when the job started.
         row_filter = compile_filter(parse_filter(watermark.row_filter), schema.column_names,
                                     watermark.table.qualified, alias="t")
@@ -95,3 +104,27 @@ class ChunkWindows:
             watermark.job_id, watermark.chunk, last_key=watermark.last_key, rows=watermark.rows,
             inserted=counts.inserted, updated=counts.updated, deleted=counts.deleted,
         )
+
+    def _replace(self, watermark: Watermark, window: ChunkWindow, store: ConfigStore) -> None:
+        """A table without a key, read whole under one snapshot: each destination's rows
+        become the chunk's, then the window's changes the snapshot did not see are applied
+        again (they were applied to the rows replaced). A TRUNCATE in the window: read again."""
+        if watermark.visibility is None or window.truncated:
+            store.request_backfill_chunk_redo(watermark.job_id, watermark.chunk)
+            return
+        seen = SnapshotVisibility.parse(watermark.visibility)
+        later = [e for e in window.changes if e.xid is None or not seen.includes(e.xid)]
+        counts = ChunkCounts()
+        for writer in self._writers:
+            replaced = writer.replace_rows(watermark.table, watermark.job_id, watermark.chunk,
+                                           later=later)
+            if replaced is None:
+                store.request_backfill_chunk_redo(watermark.job_id, watermark.chunk)
+                return
+            counts += replaced
+        self._log.info("Backfill %d: %s re-copied whole (%d rows), %d later change(s) applied "
+                       "again", watermark.job_id, watermark.table.qualified, watermark.rows,
+                       len(later))
+        store.record_backfill_chunk(
+            watermark.job_id, watermark.chunk, last_key=None, rows=watermark.rows,
+            inserted=counts.inserted, updated=counts.updated, deleted=counts.deleted)

@@ -132,8 +132,14 @@ class DestinationWriter(Protocol):
         """Make the rows in a staged chunk's key range equal the chunk, except ``excluded``
         keys (see ``core.backfill.chunk_merge``). None: the chunk is not staged."""
 
+    def replace_rows(self, table: TableRef, job_id: int, chunk: int, *,
+                     later: Sequence[ChangeEvent]) -> ChunkCounts | None:
+        """A table without a key: its rows become the staged chunk (the whole table), then
+        ``later`` (changes the chunk's snapshot did not see) are applied, in one transaction
+        that consumes the chunk. None: the chunk is not staged."""
+
     def key_text(self, event: ChangeEvent) -> dict[str, str | None]:
-        """The change's primary key in PostgreSQL's text form, by column."""
+        """The change's key in PostgreSQL's text form, by column (no key: every column)."""
 
     def event_as_text(self, event: ChangeEvent) -> dict[str, Any]:
         """The change with every value in its text form, as JSON for the config store."""

@@ -10,6 +10,7 @@ else fails the run as before. Decided per SQLSTATE (class or exact code); docs/m
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -21,6 +22,9 @@ from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.values import SourceText
 
 ErrorKind = Literal["transient", "data", "other"]
+
+# Where a COPY failed: "COPY <table>, line N, column C: ..." in the error's context.
+COPY_CONTEXT = re.compile(r", line (\d+)(?:, column (\S+?))?(?::|$)")
 
 TRANSIENT_SQLSTATES: dict[str, str] = {
     "40001": "serialization failure",

@@ -83,6 +83,7 @@ class NetChanges:
                 moved_from = old_key
         base: ChangeEvent | None
         if moved_from is not None:
+            self._leave(moved_from, event)
             base, base_origin = self._state_at(moved_from)
             # Where the moved row's values were: the earliest destination row they came from.
             source_key = base_origin.moved_from or (moved_from if base_origin.keep else None)
@@ -119,6 +120,17 @@ class NetChanges:
         # Not a plain insert any more (an insert goes straight into the table only when it
         # carries every value).
         return replace(event, op="u", after=values)
+
+    def _leave(self, old_key: Key, event: ChangeEvent) -> None:
+        """The row of ``event`` left ``old_key``: unless the same change deleted it already
+        (pgoutput, and Debezium for its own message key, deliver a delete first), the old key
+        goes away here (Debezium keys its events by the primary key, and an UPDATE of another
+        replica identity index's columns comes as one update)."""
+        pending = self.changes.get(old_key)
+        if pending is not None and pending.op == "d" and pending.lsn == event.lsn:
+            return
+        self.add(ChangeEvent(event.table, "d", event.before, None, event.source_ts_ms, event.lsn,
+                             event.xid, event.snapshot, event.commit_lsn))
 
     def _state_at(self, key: Key) -> tuple[ChangeEvent | None, Origin]:
         """What the row at ``key`` held just before the change in progress moved it away: its

@@ -17,20 +17,25 @@ Severity = Literal["WARN", "ERROR"]
 @dataclass(frozen=True)
 class KeyRange:
     """Where a table differs from its source, as a backfill can take it: the first key
-    column's values from ``first`` through ``last`` (PostgreSQL's text of each)."""
+    column's values from ``first`` through ``last`` (PostgreSQL's text of each); ``column``
+    None: the whole table (one without a key)."""
 
     table: TableRef
-    column: str
+    column: str | None
     first: str
     last: str
 
     def backfill_filter(self) -> list[dict[str, object]]:
+        if self.column is None:
+            return []
         return [{"column": self.column, "operator": "between", "value": [self.first, self.last]}]
 
     def command(self, pipeline: str) -> str:
         """The one command that requests the repair."""
-        return shlex.join(["rosetta", "backfill", "request", pipeline, self.table.qualified,
-                           "--key-range", self.column, self.first, self.last])
+        words = ["rosetta", "backfill", "request", pipeline, self.table.qualified]
+        if self.column is not None:
+            words += ["--key-range", self.column, self.first, self.last]
+        return shlex.join(words)
 
 
 @dataclass(frozen=True)

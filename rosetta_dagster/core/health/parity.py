@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,7 +86,8 @@ def content_parity(
     sleep: Callable[[float], None] = time.sleep,
     pipeline: str | None = None,
 ) -> CheckOutcome:
-    """Ordered checksum over every column, chunk by chunk of primary keys on both sides.
+    """Ordered checksum over every column, chunk by chunk of keys on both sides (a table
+    without a key: of row checksums, so equal multisets of rows compare equal).
 
     A differing chunk is re-read for up to ``window_s`` (changes in flight); if it still differs
     the first differing key range is reported, with its first differing keys and (given the
@@ -96,7 +98,7 @@ def content_parity(
     while True:
         source_chunk = source.row_hashes(table.source_sql, table, after, None, chunk_rows,
                                          table.source_filter)
-        through = source_chunk[-1][0] if len(source_chunk) == chunk_rows else None
+        through = source_chunk[-1][0] if len(source_chunk) >= chunk_rows else None
         deadline = time.monotonic() + window_s
         while True:
             destination_chunk = destination.row_hashes(target, table, after, through, None)
@@ -105,12 +107,15 @@ def content_parity(
             sleep(1.0)
             source_chunk = source.row_hashes(table.source_sql, table, after, through, None,
                                              table.source_filter)
+        if _digest(source_chunk) != _digest(destination_chunk) and table.keyless:
+            return _multiset_difference(table, source_chunk, destination_chunk, chunks, rows,
+                                        pipeline)
         if _digest(source_chunk) != _digest(destination_chunk):
             differing = _differences(source_chunk, destination_chunk)
             # The keys the chunk really holds on either side: both ends are real keys.
             keys = [key for key, _ in (*source_chunk, *destination_chunk)]
             low, high = min(keys), max(keys)
-            repair = KeyRange(table.table, table.primary_key[0], _text(low[0]), _text(high[0]))
+            repair = KeyRange(table.table, table.key_columns[0], _text(low[0]), _text(high[0]))
             metadata: dict[str, float | int | str] = {
                 "value": 1, "threshold": 0, "chunks_compared": chunks, "rows_compared": rows,
                 "first_differing_key": _fmt(differing[0]),
@@ -133,6 +138,29 @@ def content_parity(
                                 {"value": 0, "threshold": 0, "chunks_compared": chunks,
                                  "rows_compared": rows})
         after = through
+
+
+def _multiset_difference(
+    table: TableSchema, source: Sequence[tuple[tuple[Any, ...], str]],
+    destination: Sequence[tuple[tuple[Any, ...], str]], chunks: int, rows: int,
+    pipeline: str | None,
+) -> CheckOutcome:
+    """A table without a key differs: rows (counted with their duplicates) that one side has
+    more often than the other; the repair re-copies the whole table."""
+    source_counts = Counter(h for _, h in source)
+    destination_counts = Counter(h for _, h in destination)
+    missing = sum((source_counts - destination_counts).values())
+    extra = sum((destination_counts - source_counts).values())
+    repair = KeyRange(table.table, None, "", "")
+    metadata: dict[str, float | int | str] = {
+        "value": 1, "threshold": 0, "chunks_compared": chunks, "rows_compared": rows,
+        "rows_missing": missing, "rows_extra": extra}
+    description = (f"Rows differ: {missing} source row(s) missing and {extra} extra row(s) at "
+                   "the destination (a table without a key, compared as a multiset).")
+    if pipeline is not None:
+        metadata["repair_command"] = repair.command(pipeline)
+        description += f" Repair: {repair.command(pipeline)}"
+    return CheckOutcome("content_parity", False, "ERROR", description, metadata, differing=repair)
 
 
 def _differences(

@@ -24,6 +24,7 @@ from rosetta_dagster.core.pipeline_config.records import (
     NAME_PATTERN,
     NO_OPTIONS,
     OFFSET_STORES,
+    REPLICATE_MODES,
     SEVERITIES,
     Destination,
     NotificationChannel,
@@ -359,7 +360,7 @@ def _resolve_references(reader: _Reader, key: str, value: str) -> str:
     return _ENV_REFERENCE.sub(lambda m: reader.environ[m.group(1)], value)  # type: ignore[index]
 
 
-_TABLE_KEYS = {"name", "columns", "exclude_columns", "where", "target"}
+_TABLE_KEYS = {"name", "columns", "exclude_columns", "where", "target", "replicate"}
 _PIPELINE_KEYS = {"source", "destinations", "tables", "streaming", "verification"}
 
 
@@ -387,8 +388,12 @@ def _table_entry(path: Path, pipeline: str, raw: Any, destinations: Sequence[Des
     where = reader.text("where") if "where" in reader.data else None
     if where is not None and (problem := _expression_problem(where)) is not None:
         reader.fail("where", f"must be one boolean expression ({problem})")
+    replicate = reader.text("replicate", "all")
+    if replicate not in REPLICATE_MODES:
+        reader.fail("replicate", f"must be one of {', '.join(REPLICATE_MODES)}")
     return table, TableOptions(columns=columns, exclude_columns=excluded, where=where,
-                               targets=_targets(reader, table, destinations))
+                               targets=_targets(reader, table, destinations),
+                               inserts_only=replicate == "inserts_only")
 
 
 def _expression_problem(text: str) -> str | None:

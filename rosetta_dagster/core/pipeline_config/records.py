@@ -54,9 +54,12 @@ class TableOptions:
     The column list and row filter go into the pipeline's publication (PostgreSQL 15+), so the
     source sends only what is wanted; loads, backfills and checks read the same projection."""
 
-    columns: tuple[str, ...] | None = None  # only these (the primary key is always kept)
+    columns: tuple[str, ...] | None = None  # only these (the key is always kept)
     exclude_columns: tuple[str, ...] = ()
     where: str | None = None  # SQL boolean expression over the source table's columns
+    # ``replicate: inserts_only``: only INSERTs are published and applied (a table without a
+    # replica identity, whose UPDATEs and DELETEs a publication would make fail).
+    inserts_only: bool = False
     # The destination table written, per destination name (absent: same name, its schema).
     targets: tuple[tuple[str, TableRef], ...] = ()
 
@@ -101,6 +104,7 @@ class Destination(PostgresEndpoint):
 
 
 INITIAL_LOAD_METHODS = ("copy", "debezium")
+REPLICATE_MODES = ("all", "inserts_only")
 CAPTURE_ENGINES = ("debezium", "pgoutput")
 APPLY_ERROR_POLICIES = ("stop", "park")
 OFFSET_STORES = ("file", "config_db")
@@ -183,6 +187,20 @@ class PipelineDefinition:
     @property
     def publication_name(self) -> str:
         return f"rosetta_{self.name}"
+
+    @property
+    def inserts_publication_name(self) -> str:
+        """The publication of the tables that replicate their inserts only (``publish =
+        'insert'``: a table without a replica identity keeps its UPDATEs and DELETEs)."""
+        return f"rosetta_{self.name}_inserts"
+
+    @property
+    def publication_names(self) -> str:
+        """The publications the slot is read with, as pgoutput's ``publication_names`` option
+        takes them (comma-separated)."""
+        if any(options.inserts_only for _, options in self.table_options):
+            return f"{self.publication_name},{self.inserts_publication_name}"
+        return self.publication_name
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,14 @@ from rosetta_dagster.core.replication import (
     slot_confirmed_lsn,
     slot_exists,
 )
-from rosetta_dagster.core.table_schema import SchemaError, TableSchema, read_table_schema
+from rosetta_dagster.core.table_schema import Column, SchemaError, TableSchema, read_table_schema
 
 STALE_OFFSET_ERROR = "no longer available on the server"
 
 
 def read_schemas(pipeline: PipelineDefinition, source: psycopg2.extensions.connection
                  ) -> dict[TableRef, TableSchema]:
-    """Every table's schema; what makes any of them unreplicable (missing, no primary key, an
+    """Every table's schema; what makes any of them unreplicable (missing, no replica identity, an
     option naming a column it lacks) is refused for all of them in one sentence."""
     where = f"source {pipeline.source.name}"
     schemas: dict[TableRef, TableSchema] = {}
@@ -51,6 +51,7 @@ def refuse_unstreamable(pipeline: PipelineDefinition, engine: CaptureEngine,
                         source: psycopg2.extensions.connection) -> None:
     """Raise SchemaError when the pipeline cannot be streamed exactly with its engine."""
     _refuse_unsupported_columns(pipeline, engine, schemas)
+    _refuse_keyless_without_copy_load(pipeline, schemas)
     if (reason := engine.source_refusal(source)) is not None:
         raise SchemaError(f"Pipeline {pipeline.name} cannot stream source "
                           f"{pipeline.source.name} with the {engine.name} "
@@ -64,14 +65,35 @@ def _refuse_unsupported_columns(pipeline: PipelineDefinition, engine: CaptureEng
     refused = [
         f"{schema.table.qualified}.{column.name} ({column.type_sql}): {reason}"
         for schema in schemas.values() for column in schema.columns
-        if (reason := engine.values.refusal(column, column.name in schema.primary_key))
-        is not None
+        if (reason := _column_refusal(engine, schema, column)) is not None
     ]
     if refused:
         raise SchemaError(
             f"Pipeline {pipeline.name} cannot replicate these columns exactly with the "
             f"{engine.name} engine, so nothing was written: {'; '.join(refused)}."
         )
+
+
+def _column_refusal(engine: CaptureEngine, schema: TableSchema, column: Column) -> str | None:
+    reason = engine.values.refusal(column, column.name in schema.key_columns)
+    if reason is None and schema.keyless and engine.values.always_reread(column):
+        reason = (f"the {engine.name} engine does not carry its values, which are re-read from "
+                  f"the source by key, and the table has none ({schema.identity.value}); give "
+                  "the table a primary key or REPLICA IDENTITY USING INDEX, leave the column "
+                  "out with exclude_columns, or use the engine that carries it exactly")
+    return reason
+
+
+def _refuse_keyless_without_copy_load(pipeline: PipelineDefinition,
+                                      schemas: Mapping[TableRef, TableSchema]) -> None:
+    """A re-snapshot through the engine finds the rows it did not deliver by key; a table
+    without one is re-copied whole, which only the copy load does."""
+    keyless = [s.table.qualified for s in schemas.values() if s.keyless]
+    if keyless and pipeline.settings.initial_load != "copy":
+        raise SchemaError(
+            f"Pipeline {pipeline.name} loads with initial_load: "
+            f"{pipeline.settings.initial_load}, which needs a key in every table, and "
+            f"{', '.join(keyless)} have none; use initial_load: copy, so nothing was written.")
 
 
 def _refuse_money_across_locales(pipeline: PipelineDefinition,

@@ -86,7 +86,9 @@ def connector_properties(
         "topic.prefix": f"rosetta_{pipeline.name}",
         "plugin.name": "pgoutput",
         "slot.name": pipeline.slot_name,
-        "publication.name": pipeline.publication_name,
+        # Handed to pgoutput as its publication_names, which it splits at commas: with tables
+        # that replicate inserts only, both publications (see core.publication).
+        "publication.name": pipeline.publication_names,
         # Rosetta creates the publication itself, before the slot, for exactly these tables.
         "publication.autocreate.mode": "disabled",
         "table.include.list": ",".join(

@@ -237,7 +237,7 @@ class PgoutputCapture:
                 slot_name=self.pipeline.slot_name, decode=False,
                 start_lsn=format_lsn(self.start_position),
                 options={"proto_version": "1",
-                         "publication_names": self.pipeline.publication_name,
+                         "publication_names": self.pipeline.publication_names,
                          "messages": "true"},
             )
             logger.info("Pipeline %s: pgoutput stream of slot %s from %s", self.pipeline.name,

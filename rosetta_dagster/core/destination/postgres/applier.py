@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -43,14 +42,21 @@ from rosetta_dagster.core.destination import (
     RetypedColumn,
     SchemaSource,
 )
-from rosetta_dagster.core.destination.errors import ApplyError, classify
+from rosetta_dagster.core.destination.errors import COPY_CONTEXT, ApplyError, classify
+from rosetta_dagster.core.destination.keyless_changes import KeylessChanges
 from rosetta_dagster.core.destination.net_changes import NetChanges
 from rosetta_dagster.core.destination.postgres.ddl import ensure_destination_table
+from rosetta_dagster.core.destination.postgres.keyless import apply_keyless
 from rosetta_dagster.core.destination.postgres.left_out import resolve_left_out
-from rosetta_dagster.core.destination.postgres.plan import TablePlan, copy_lines, keys_table_name
-from rosetta_dagster.core.destination.postgres.staging import merge_chunk
+from rosetta_dagster.core.destination.postgres.plan import (
+    TablePlan,
+    copy_lines,
+    keys_table_name,
+)
+from rosetta_dagster.core.destination.postgres.staging import merge_chunk, replace_table
 from rosetta_dagster.core.destination.postgres.statements import (
     batch_statements,
+    keyless_statements,
     resync_statements,
 )
 from rosetta_dagster.core.events import ChangeEvent
@@ -64,6 +70,9 @@ from rosetta_dagster.core.values import (
 )
 
 logger = logging.getLogger("rosetta.apply")
+
+# A table's changes in one flush: net change per key, or net count per row (no key).
+PendingChanges = NetChanges | KeylessChanges
 
 
 def _note_run(counts: dict[TableRef, int], last_ts: dict[TableRef, int], table: TableRef,
@@ -132,8 +141,9 @@ class PostgresApplier:
             return {k: None if v is None else str(v) for k, v in event.row.items()}
         converters = plan.converter_of
         row = event.row
-        return {k: None if row.get(k) is None else converters[k](row[k])
-                for k in plan.schema.primary_key}
+        # A row without a key is told by all its columns.
+        names = plan.schema.key_columns or tuple(n for n in plan.column_names if n in row)
+        return {k: None if row.get(k) is None else converters[k](row[k]) for k in names}
 
     def event_as_text(self, event: ChangeEvent) -> dict[str, Any]:
         """The change with every value in its text form (unchanged TOAST values left out, so a
@@ -184,21 +194,28 @@ class PostgresApplier:
             [(c.name, self.values.converter_for(c)) for c in schema.columns],
             batch_statements(schema, target, self.target_schema, stage_name),
             resync_statements(schema, target, self.target_schema, keys_table, stage_name),
+            keyless_statements(schema, target, self.target_schema, stage_name)
+            if schema.keyless else None,
         )
+
+    def _keyed_plans(self) -> list[TablePlan]:
+        """Plans of tables with a key: only their re-snapshots record keys (a keyless table
+        is re-copied whole, see ``initial_load``)."""
+        return [plan for plan in self._plans.values() if not plan.schema.keyless]
 
     # -- re-snapshot reconciliation ---------------------------------------------------------
 
     def begin_resync(self) -> None:
         """Start recording snapshot keys (empty key tables for every prepared table)."""
         with self.pool.connection() as conn, conn.cursor() as cursor:
-            for plan in self._plans.values():
+            for plan in self._keyed_plans():
                 cursor.execute(plan.resync.create_keys)
                 cursor.execute(plan.resync.truncate_keys)
 
     def resync_pending(self) -> bool:
         """True when a re-snapshot began but its reconciliation has not run (e.g. a crash)."""
         with self.pool.connection() as conn, conn.cursor() as cursor:
-            for plan in self._plans.values():
+            for plan in self._keyed_plans():
                 cursor.execute("SELECT to_regclass(%s)", (plan.resync.keys_table.as_string(conn),))
                 row = cursor.fetchone()
                 if row is not None and row[0] is not None:
@@ -209,7 +226,8 @@ class PostgresApplier:
         """Delete rows the snapshot did not contain; drop the key tables. One transaction."""
         removed: dict[TableRef, int] = {}
         with self.pool.connection() as conn, conn.cursor() as cursor:
-            for table, plan in self._plans.items():
+            for plan in self._keyed_plans():
+                table = plan.schema.table
                 cursor.execute(plan.resync.create_keys)  # a table added meanwhile has none yet
                 cursor.execute(plan.resync.delete_unrecorded)
                 removed[table] = cursor.rowcount
@@ -232,6 +250,16 @@ class PostgresApplier:
             return merge_chunk(conn, plan, self.target_schema, job_id, chunk,
                                excluded=excluded, skip_all=skip_all, bounds=bounds,
                                row_filter=row_filter)
+
+    def replace_rows(self, table: TableRef, job_id: int, chunk: int, *,
+                     later: Sequence[ChangeEvent]) -> ChunkCounts | None:
+        plan = self._plans[table]
+        changes = KeylessChanges(plan.row_line, self.values.is_unchanged, table.qualified)
+        for event in later:
+            changes.add(event)
+        with self.pool.connection() as conn:
+            return replace_table(conn, plan, self.target_schema, job_id, chunk, later=changes,
+                                 destination=self.name)
 
     # -- connections -----------------------------------------------------------------------
 
@@ -312,15 +340,15 @@ class PostgresApplier:
             if record_keys and events and events[0].snapshot == "first":
                 # Debezium (re)started the snapshot: keys of an interrupted attempt are void.
                 with conn.cursor() as cursor:
-                    for plan in self._plans.values():
-                        cursor.execute(plan.resync.create_keys)
-                        cursor.execute(plan.resync.truncate_keys)
-            pending: dict[TableRef, NetChanges] = {}
+                    for keyed in self._keyed_plans():
+                        cursor.execute(keyed.resync.create_keys)
+                        cursor.execute(keyed.resync.truncate_keys)
+            pending: dict[TableRef, PendingChanges] = {}
             # The table of the previous event, with its plan and pending changes: consecutive
             # events of one table (the common case) look nothing up again.
             table: TableRef | None = None
             plan: TablePlan | None = None
-            per_table: NetChanges | None = None
+            per_table: PendingChanges | None = None
             # Events of ``table`` since it was looked up, and the newest source time among them.
             run, run_ts = 0, None
             for event in events:
@@ -374,14 +402,14 @@ class PostgresApplier:
         until one fails the same way."""
         diag = exc.diag
         culprit: ChangeEvent | None = None
-        copy_line = re.search(r", line (\d+)(?:, column (\S+?))?(?::|$)", diag.context or "")
+        copy_line = COPY_CONTEXT.search(diag.context or "")
         if copy_line:
             culprit = events[int(copy_line.group(1)) - 1]
         else:
             cursor.execute("ROLLBACK TO SAVEPOINT _rosetta_merge")
             converters = plan.converter_of
             for event in events:
-                key = [converters[k](event.row[k]) for k in plan.schema.primary_key]
+                key = [converters[k](event.row[k]) for k in plan.schema.key_columns]
                 try:
                     cursor.execute("SAVEPOINT _rosetta_row")
                     cursor.execute(plan.statements.merge_one, key)
@@ -391,7 +419,7 @@ class PostgresApplier:
                 cursor.execute("RELEASE SAVEPOINT _rosetta_row")
         where = f"Destination {self.name}: a change of {plan.schema.table.qualified}"
         if culprit is not None:
-            key_text = ", ".join(f"{k}={culprit.row.get(k)}" for k in plan.schema.primary_key)
+            key_text = ", ".join(f"{k}={culprit.row.get(k)}" for k in plan.schema.key_columns)
             where += f" with key ({key_text})"
         column = (copy_line.group(2) if copy_line else None) or diag.column_name
         detail = f" ({diag.message_detail})" if diag.message_detail and not copy_line else ""
@@ -404,27 +432,41 @@ class PostgresApplier:
             cursor.execute(sql.SQL("TRUNCATE {}").format(self._plans[table].target))
         logger.info("Destination %s: applied TRUNCATE of %s", self.name, table.qualified)
 
-    def _pending_of(self, pending: dict[TableRef, NetChanges], table: TableRef,
-                    plan: TablePlan | None) -> NetChanges | None:
+    def _pending_of(self, pending: dict[TableRef, PendingChanges], table: TableRef,
+                    plan: TablePlan | None) -> PendingChanges | None:
         """The table's net changes of this flush (None until the table has a plan)."""
         if plan is None:
             return None
         net = pending.get(table)
-        if net is None or net.key_of is not plan.key_of:
+        if plan.keyless is not None:
+            if not isinstance(net, KeylessChanges) or net.row_line != plan.row_line:
+                net = pending[table] = KeylessChanges(plan.row_line, self.values.is_unchanged,
+                                                      table.qualified)
+            return net
+        if not isinstance(net, NetChanges) or net.key_of is not plan.key_of:
             net = pending[table] = NetChanges(plan.key_of, self.values.is_unchanged)
         return net
 
     def _flush(
         self,
         conn: psycopg2.extensions.connection,
-        pending: dict[TableRef, NetChanges],
+        pending: dict[TableRef, PendingChanges],
         result: BatchResult,
         record_keys: bool,
     ) -> None:
         for table, net in pending.items():
-            if net.changes:
+            if isinstance(net, KeylessChanges):
+                if net.counts:
+                    self._apply_keyless(conn, self._plans[table], net, result)
+            elif net.changes:
                 self._merge(conn, self._plans[table], net, result, record_keys)
         pending.clear()
+
+    def _apply_keyless(self, conn: psycopg2.extensions.connection, plan: TablePlan,
+                       changes: KeylessChanges, result: BatchResult) -> None:
+        small = len(changes.counts) < 1000 and not self._spans_pieces
+        with conn.cursor() as cursor:
+            result.rows_written += apply_keyless(cursor, plan, changes, self.name, small=small)
 
     @staticmethod
     def _copy_direct(cursor: psycopg2.extensions.cursor, plan: TablePlan,

@@ -9,7 +9,14 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from rosetta_dagster.core.destination import RetypedColumn
-from rosetta_dagster.core.table_schema import Column, SchemaError, TableSchema, UserType, user_types
+from rosetta_dagster.core.table_schema import (
+    Column,
+    RowIdentity,
+    SchemaError,
+    TableSchema,
+    UserType,
+    user_types,
+)
 
 
 def destination_type(column: Column, target_schema: str) -> sql.Composable:
@@ -49,11 +56,12 @@ def ensure_destination_table(
             sql.SQL("{} {}").format(sql.Identifier(c.name), destination_type(c, target_schema))
             for c in schema.columns
         ]
-        definitions.append(
-            sql.SQL("PRIMARY KEY ({})").format(
-                sql.SQL(", ").join(map(sql.Identifier, schema.primary_key))
-            )
-        )
+        key = sql.SQL(", ").join(map(sql.Identifier, schema.key_columns))
+        if schema.identity is RowIdentity.PRIMARY_KEY:
+            definitions.append(sql.SQL("PRIMARY KEY ({})").format(key))
+        elif schema.identity is RowIdentity.UNIQUE_INDEX:
+            # The source's replica identity index: unique, on NOT NULL columns.
+            definitions.append(sql.SQL("UNIQUE ({})").format(key))
         cursor.execute(
             sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
                 target, sql.SQL(", ").join(definitions)
@@ -136,7 +144,7 @@ def _retype_columns(
             cursor.execute(alter)
         except psycopg2.Error as exc:
             cursor.execute("ROLLBACK TO SAVEPOINT rosetta_retype")
-            if column.name in schema.primary_key:
+            if column.name in schema.key_columns:
                 reason = str(exc).strip().splitlines()[0]
                 raise SchemaError(
                     f"Table {schema.table.qualified}: key column {column.name} changed type on "

@@ -28,7 +28,7 @@ def resolve_left_out(cursor: psycopg2.extensions.cursor, plan: TablePlan,
     unresolved = cursor.fetchall()
     if not unresolved:
         return
-    keys = len(plan.schema.primary_key)
+    keys = len(plan.schema.key_columns)
     wanted: dict[tuple[str, ...], list[tuple[str | None, ...]]] = {}
     for row in unresolved:
         columns = tuple(c for c in row[keys] if c in plan.converter_of)

@@ -12,7 +12,11 @@ from typing import Any
 from psycopg2 import sql
 
 from rosetta_dagster.core.destination.net_changes import Origin
-from rosetta_dagster.core.destination.postgres.statements import BatchStatements, ResyncStatements
+from rosetta_dagster.core.destination.postgres.statements import (
+    BatchStatements,
+    KeylessStatements,
+    ResyncStatements,
+)
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.table_schema import TableSchema
@@ -36,6 +40,7 @@ class TablePlan:
     converters: list[tuple[str, Converter]]
     statements: BatchStatements
     resync: ResyncStatements
+    keyless: KeylessStatements | None = None  # a table without a key
     known_columns: frozenset[str] = field(init=False)
     converter_of: dict[str, Converter] = field(init=False)  # by column name
     column_names: tuple[str, ...] = field(init=False)  # in COPY order
@@ -46,14 +51,42 @@ class TablePlan:
         self.known_columns = frozenset(self.schema.column_names) | self.schema.ignored_columns
         self.converter_of = dict(self.converters)
         self.column_names = tuple(name for name, _ in self.converters)
-        key = self.schema.primary_key
-        self.key_of = lambda row: tuple(map(row.get, key))  # a row's primary key
+        key = self.schema.key_columns
+        self.key_of = lambda row: tuple(map(row.get, key))  # a row's key
+
+    def row_line(self, values: Mapping[str, Any]) -> str:
+        """A whole row as its COPY text line: what identifies a row of a table without a key.
+        A column the change lacks (added on the source after it) has the value the source's
+        rows got when it was added."""
+        fields = []
+        for column, (name, convert) in zip(self.schema.columns, self.converters, strict=True):
+            if name in values:
+                value = values[name]
+                fields.append(COPY_NULL if value is None else copy_field(convert(value)))
+            else:
+                missing = column.missing_value
+                fields.append(COPY_NULL if missing is None else copy_field(missing))
+        return "\t".join(fields)
 
 
 def keys_table_name(table: TableRef) -> str:
     """Key table of a re-snapshot; hashed suffix keeps long names unique within 63 bytes."""
     digest = hashlib.sha1(table.qualified.encode()).hexdigest()[:8]
     return f"_rosetta_resync_{table.name[:30]}_{digest}"
+
+
+def keyless_lines(counts: Mapping[str, int], *, staged: bool) -> io.StringIO:
+    """COPY text of a keyless batch's rows: each row with its net count (``staged``), or each
+    row as many times as it is added (a batch that only adds rows)."""
+    buffer = io.StringIO()
+    write = buffer.write
+    for line, count in counts.items():
+        if staged:
+            write(f"{line}\t{count}\n")
+        else:
+            write(f"{line}\n" * count)
+    buffer.seek(0)
+    return buffer
 
 
 def copy_lines(plan: TablePlan, events: list[ChangeEvent], codec: ValueCodec, *,
@@ -64,7 +97,7 @@ def copy_lines(plan: TablePlan, events: list[ChangeEvent], codec: ValueCodec, *,
     with its rows, the unchanged TOAST values it leaves out and all values left out."""
     buffer = io.StringIO()
     write = buffer.write
-    key_columns = set(plan.schema.primary_key)
+    key_columns = set(plan.schema.key_columns)
     names = plan.column_names
     rows = 0
     unchanged_toast = 0
@@ -72,7 +105,7 @@ def copy_lines(plan: TablePlan, events: list[ChangeEvent], codec: ValueCodec, *,
     is_unchanged = codec.is_unchanged
     whole_rows = codec.text_as_sent
     # The stage's origin columns of a change that keeps the destination row's values.
-    keep_suffix = "\tt" + "\t\\N" * len(plan.schema.primary_key)
+    keep_suffix = "\tt" + "\t\\N" * len(plan.schema.key_columns)
     for event in events:
         values = event.row
         delete = event.is_delete
@@ -131,10 +164,10 @@ def _origin_fields(plan: TablePlan, origin: Origin) -> str:
     elsewhere than the destination row at its key."""
     fields = ["t" if origin.keep else "f"]
     if origin.moved_from is None:
-        fields.extend(COPY_NULL for _ in plan.schema.primary_key)
+        fields.extend(COPY_NULL for _ in plan.schema.key_columns)
     else:
         converters = plan.converter_of
         fields.extend(COPY_NULL if value is None else copy_field(converters[name](value))
-                      for name, value in zip(plan.schema.primary_key, origin.moved_from,
+                      for name, value in zip(plan.schema.key_columns, origin.moved_from,
                                              strict=True))
     return "\t" + "\t".join(fields)

@@ -1,6 +1,7 @@
 """Reading a PostgreSQL table's rows for the parity checks: counts and per-row checksums in key
-order. The source is read the same way (it is PostgreSQL too), so both sides hash the same text:
-each row's replicated columns as PostgreSQL prints them (``exact_select``)."""
+order (a table without a key: in checksum order). The source is read the same way (it is
+PostgreSQL too), so both sides hash the same text: each row's replicated columns as PostgreSQL
+prints them (``exact_select``)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,12 @@ class PostgresTableReader:
                    after: tuple[Any, ...] | None, through: tuple[Any, ...] | None,
                    limit: int | None, condition: sql.Composable = EVERY_ROW,
                    ) -> list[tuple[tuple[Any, ...], str]]:
-        keys = sql.SQL(", ").join(sql.Identifier(k) for k in table.primary_key)
+        row_hash = sql.SQL("md5(ROW({})::text)").format(
+            sql.SQL(", ").join(exact_select(c) for c in table.columns))
+        # A table without a key is a multiset: its rows are ordered (and chunked) by their
+        # checksum, equal rows side by side.
+        keys = (row_hash if table.keyless
+                else sql.SQL(", ").join(sql.Identifier(k) for k in table.key_columns))
         key_row = sql.SQL("ROW({})").format(keys)
         conditions: list[sql.Composable] = [condition]
         params: list[Any] = []
@@ -42,12 +48,14 @@ class PostgresTableReader:
                     key_row, sql.SQL(", ").join(sql.Placeholder() * len(bound))))
                 params.extend(bound)
         query = sql.SQL(
-            "SELECT {keys}, md5(ROW({columns})::text) FROM {table} WHERE {where} ORDER BY {keys}"
-        ).format(keys=keys, columns=sql.SQL(", ").join(exact_select(c) for c in table.columns),
-                 table=relation, where=sql.SQL(" AND ").join(conditions))
+            "SELECT {keys}, {row_hash} FROM {table} WHERE {where} ORDER BY {keys}"
+        ).format(keys=keys, row_hash=row_hash, table=relation,
+                 where=sql.SQL(" AND ").join(conditions))
         if limit is not None:
-            query = query + sql.SQL(" LIMIT {}").format(sql.Literal(limit))
-        width = len(table.primary_key)
+            # Without a key, equal rows at the limit all come: a chunk never splits them.
+            query = query + sql.SQL(" FETCH FIRST {} ROWS WITH TIES" if table.keyless
+                                    else " LIMIT {}").format(sql.Literal(limit))
+        width = len(table.key_columns) or 1
         with self.conn.cursor() as cursor:
             cursor.execute(query, params)
             return [(tuple(row[:width]), row[width]) for row in cursor.fetchall()]

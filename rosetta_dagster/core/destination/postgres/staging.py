@@ -20,10 +20,15 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from rosetta_dagster.core.destination import ChunkCounts, KeyBounds
+from rosetta_dagster.core.destination.keyless_changes import KeylessChanges
 from rosetta_dagster.core.destination.postgres.bulk import binary_copy, pipe_copy
 from rosetta_dagster.core.destination.postgres.ddl import columns_unlike_source
+from rosetta_dagster.core.destination.postgres.keyless import apply_keyless
 from rosetta_dagster.core.destination.postgres.plan import TablePlan
-from rosetta_dagster.core.destination.postgres.statements import chunk_merge_statements
+from rosetta_dagster.core.destination.postgres.statements import (
+    chunk_merge_statements,
+    replace_with_chunk,
+)
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
 from rosetta_dagster.core.replication import connect_destination, destination_connection
 from rosetta_dagster.core.table_schema import TableSchema
@@ -121,20 +126,48 @@ def merge_chunk(
     """The stream's side: see ``DestinationWriter.merge_chunk``. One transaction (``conn``'s),
     which also consumes the chunk's mark and drops its table."""
     stage = sql.Identifier(target_schema, chunk_table(job_id, chunk))
-    marks = sql.Identifier(target_schema, marks_table(job_id))
     counts = ChunkCounts()
     with conn.cursor() as cursor:
-        cursor.execute("SELECT to_regclass(%s), to_regclass(%s)",
-                       (marks.as_string(conn), stage.as_string(conn)))
-        if None in cursor.fetchone():  # type: ignore[operator]
+        if not _consume_mark(cursor, target_schema, job_id, chunk):
             return None  # applied already (a replayed watermark), or the job ended
-        cursor.execute(sql.SQL("DELETE FROM {} WHERE chunk = %s").format(marks), (chunk,))
-        if cursor.rowcount == 0:
-            return None
         if not skip_all:
             counts = _merge(cursor, plan, target_schema, stage, excluded, bounds, row_filter)
         cursor.execute(sql.SQL("DROP TABLE {}").format(stage))
     return counts
+
+
+def replace_table(conn: psycopg2.extensions.connection, plan: TablePlan, target_schema: str,
+                  job_id: int, chunk: int, *, later: KeylessChanges, destination: str
+                  ) -> ChunkCounts | None:
+    """The stream's side for a table without a key: see ``DestinationWriter.replace_rows``.
+    One transaction (``conn``'s), which also consumes the chunk's mark and drops its table."""
+    stage = sql.Identifier(target_schema, chunk_table(job_id, chunk))
+    delete_all, insert_chunk = replace_with_chunk(plan.schema, plan.target, stage)
+    counts = ChunkCounts()
+    with conn.cursor() as cursor:
+        if not _consume_mark(cursor, target_schema, job_id, chunk):
+            return None
+        cursor.execute(delete_all)
+        counts.deleted = cursor.rowcount
+        cursor.execute(insert_chunk)
+        counts.inserted = cursor.rowcount
+        if later.counts:
+            apply_keyless(cursor, plan, later, destination, small=True)
+        cursor.execute(sql.SQL("DROP TABLE {}").format(stage))
+    return counts
+
+
+def _consume_mark(cursor: psycopg2.extensions.cursor, target_schema: str, job_id: int,
+                  chunk: int) -> bool:
+    """Take the chunk's mark; False when it is not staged (applied already, or lost)."""
+    stage = sql.Identifier(target_schema, chunk_table(job_id, chunk))
+    marks = sql.Identifier(target_schema, marks_table(job_id))
+    cursor.execute("SELECT to_regclass(%s), to_regclass(%s)",
+                   (marks.as_string(cursor), stage.as_string(cursor)))
+    if None in cursor.fetchone():  # type: ignore[operator]
+        return False
+    cursor.execute(sql.SQL("DELETE FROM {} WHERE chunk = %s").format(marks), (chunk,))
+    return cursor.rowcount > 0
 
 
 def _merge(cursor: psycopg2.extensions.cursor, plan: TablePlan, target_schema: str,
@@ -176,7 +209,7 @@ def _copy_keys(cursor: psycopg2.extensions.cursor, plan: TablePlan, copy: sql.Co
     for key in keys:
         buffer.write("\t".join(
             COPY_NULL if value is None else copy_field(plan.converter_of[name](value))
-            for name, value in zip(plan.schema.primary_key, key, strict=True)) + "\n")
+            for name, value in zip(plan.schema.key_columns, key, strict=True)) + "\n")
     buffer.seek(0)
     cursor.copy_expert(copy, buffer)
 

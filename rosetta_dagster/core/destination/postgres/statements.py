@@ -65,10 +65,10 @@ def _join(parts: Sequence[sql.Composable], separator: str = ", ") -> sql.Compose
 def _key_match(schema: TableSchema, left: str, right: str,
                right_columns: Sequence[str] | None = None) -> sql.Composed:
     """``left.k1 = right.k1 AND ...`` (``right_columns``: other names on the right side)."""
-    names = right_columns or schema.primary_key
+    names = right_columns or schema.key_columns
     return _join([sql.SQL("{}.{} = {}.{}").format(sql.Identifier(left), sql.Identifier(k),
                                                    sql.Identifier(right), sql.Identifier(r))
-                  for k, r in zip(schema.primary_key, names, strict=True)], " AND ")
+                  for k, r in zip(schema.key_columns, names, strict=True)], " AND ")
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class BatchStatements:
 def batch_statements(schema: TableSchema, target: sql.Identifier, target_schema: str,
                      stage_name: str) -> BatchStatements:
     stage = sql.Identifier(stage_name)
-    keys = schema.primary_key
+    keys = schema.key_columns
     columns = [sql.Identifier(c.name) for c in schema.columns]
     column_list = _join(columns)
     from_columns = [from_column(i) for i in range(len(keys))]
@@ -156,13 +156,83 @@ def batch_statements(schema: TableSchema, target: sql.Identifier, target_schema:
     )
 
 
+COUNT = "_rosetta_count"
+
+
+@dataclass(frozen=True)
+class KeylessStatements:
+    """A batch of a table without a key (see ``keyless_changes``): each distinct row staged
+    once with its net count; ``delete`` removes that many equal destination rows per row of
+    negative count (equal: the same text in every column, NULL equal to NULL, so types
+    without an equality operator compare too), ``insert`` adds that many copies of each row
+    of positive count."""
+
+    create_stage: sql.Composed
+    copy_stage: sql.Composed
+    copy_direct: sql.Composed  # a batch that only adds rows: straight into the table
+    delete: sql.Composed
+    insert: sql.Composed
+    clear_stage: sql.Composed
+    truncate_stage: sql.Composed
+
+
+def row_text(schema: TableSchema, alias: str) -> sql.Composed:
+    """The row's columns as one text value (``ROW(...)::text``): equal exactly when every
+    column prints the same (NULL is an empty field, '' a quoted one); hashable, so finding a
+    batch's rows is one hash join over the table."""
+    return sql.SQL("ROW({})::text").format(_join(
+        [sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(c))
+         for c in schema.column_names]))
+
+
+def keyless_statements(schema: TableSchema, target: sql.Identifier, target_schema: str,
+                       stage_name: str) -> KeylessStatements:
+    stage = sql.Identifier(stage_name)
+    count = sql.Identifier(COUNT)
+    column_list = _join([sql.Identifier(c) for c in schema.column_names])
+    stage_columns = [
+        sql.SQL("{} {}").format(sql.Identifier(c.name), destination_type(c, target_schema))
+        for c in schema.columns] + [sql.SQL("{} integer NOT NULL").format(count)]
+    return KeylessStatements(
+        create_stage=sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT PRESERVE ROWS"
+                             ).format(stage, _join(stage_columns)),
+        copy_stage=sql.SQL("COPY {} ({}, {}) FROM STDIN").format(stage, column_list, count),
+        copy_direct=sql.SQL("COPY {} ({}) FROM STDIN").format(target, column_list),
+        delete=sql.SQL(
+            "DELETE FROM {target} AS t USING (SELECT m.row_id FROM (SELECT d.ctid AS row_id, "
+            "s.{count} AS wanted, row_number() OVER (PARTITION BY s.ctid) AS n "
+            "FROM {target} AS d JOIN {stage} AS s ON {d_row} = {s_row} WHERE s.{count} < 0) "
+            "AS m WHERE m.n <= -m.wanted) AS found WHERE t.ctid = found.row_id"
+        ).format(target=target, stage=stage, count=count, d_row=row_text(schema, "d"),
+                 s_row=row_text(schema, "s")),
+        insert=sql.SQL(
+            "INSERT INTO {target} ({columns}) SELECT {values} FROM {stage} AS s "
+            "CROSS JOIN LATERAL generate_series(1, s.{count}) WHERE s.{count} > 0"
+        ).format(target=target, columns=column_list, stage=stage, count=count,
+                 values=_join([sql.SQL("s.{}").format(sql.Identifier(c))
+                               for c in schema.column_names])),
+        clear_stage=sql.SQL("DELETE FROM {}").format(stage),
+        truncate_stage=sql.SQL("TRUNCATE {}").format(stage),
+    )
+
+
+def replace_with_chunk(schema: TableSchema, target: sql.Identifier, chunk: sql.Identifier
+                       ) -> tuple[sql.Composed, sql.Composed]:
+    """A table without a key backfilled whole: every row deleted, then the staged chunk's
+    rows inserted (in the stream's transaction, see ``staging.replace_table``)."""
+    columns = _join([sql.Identifier(c) for c in schema.column_names])
+    return (sql.SQL("DELETE FROM {}").format(target),
+            sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(target, columns, columns,
+                                                                   chunk))
+
+
 def delete_staged(schema: TableSchema, stage_name: str) -> sql.Composed:
     """Make a staged row a delete of its key (key parameters): its row is gone from the source,
     whose own delete follows; until then no older value stays to be copied by a later change."""
     return sql.SQL("UPDATE {stage} SET {op} = 'd', {unchanged} = NULL WHERE {match}").format(
         stage=sql.Identifier(stage_name), op=sql.Identifier(OP),
         unchanged=sql.Identifier(UNCHANGED),
-        match=_join([sql.SQL("{} = %s").format(sql.Identifier(k)) for k in schema.primary_key],
+        match=_join([sql.SQL("{} = %s").format(sql.Identifier(k)) for k in schema.key_columns],
                     " AND "))
 
 
@@ -173,7 +243,7 @@ def fill_left_out(schema: TableSchema, stage_name: str, columns: Sequence[str]) 
         stage=sql.Identifier(stage_name),
         sets=_join([sql.SQL("{} = %s").format(sql.Identifier(c)) for c in columns]),
         unchanged=sql.Identifier(UNCHANGED),
-        match=_join([sql.SQL("{} = %s").format(sql.Identifier(k)) for k in schema.primary_key],
+        match=_join([sql.SQL("{} = %s").format(sql.Identifier(k)) for k in schema.key_columns],
                     " AND "))
 
 
@@ -192,14 +262,14 @@ class ResyncStatements:
 
 def resync_statements(schema: TableSchema, target: sql.Identifier, target_schema: str,
                       keys_table: sql.Identifier, stage_name: str) -> ResyncStatements:
-    key_columns = _join([sql.Identifier(k) for k in schema.primary_key])
+    key_columns = _join([sql.Identifier(k) for k in schema.key_columns])
     return ResyncStatements(
         keys_table=keys_table,
         create_keys=sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
             keys_table,
             _join([sql.SQL("{} {}").format(sql.Identifier(k),
                                            destination_type(schema.column(k), target_schema))
-                   for k in schema.primary_key]),
+                   for k in schema.key_columns]),
             key_columns),
         truncate_keys=sql.SQL("TRUNCATE {}").format(keys_table),
         record_keys=sql.SQL(
@@ -245,7 +315,7 @@ def chunk_merge_statements(
     """``bounds``: the chunk's ``after < key <= through`` as key text (None: unknown, which
     confines every statement to the staged keys and deletes nothing); ``row_filter``: the
     job's filter on alias ``t``; ``any_excluded``: whether the excluded table has rows."""
-    keys = [sql.Identifier(k) for k in schema.primary_key]
+    keys = [sql.Identifier(k) for k in schema.key_columns]
     type_of = lambda c: destination_type(c, target_schema)  # noqa: E731
 
     def in_range(alias: str) -> tuple[sql.Composable, list[str | None]]:
@@ -274,7 +344,7 @@ def chunk_merge_statements(
     values = _join([sql.SQL("s.{}").format(sql.Identifier(c)) for c in schema.column_names])
     not_excluded = (sql.SQL(" AND {}").format(absent("s", excluded)) if any_excluded
                     else sql.SQL(""))
-    updates = [c for c in schema.column_names if c not in schema.primary_key]
+    updates = [c for c in schema.column_names if c not in schema.key_columns]
     update = None
     if updates:
         # Binary image comparison: works for types without an equality operator (json,
@@ -291,7 +361,7 @@ def chunk_merge_statements(
             "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
                 excluded, _join([sql.SQL("{} {}").format(sql.Identifier(k),
                                                          type_of(schema.column(k)))
-                                 for k in schema.primary_key])),
+                                 for k in schema.key_columns])),
         copy_excluded=sql.SQL("COPY {} FROM STDIN").format(excluded),
         occupied=sql.SQL("SELECT EXISTS (SELECT 1 FROM {} AS t WHERE {})").format(
             target, t_range),
