@@ -33,6 +33,8 @@ from rosetta_dagster.harness import (
     wait_until,
 )
 from rosetta_dagster.harness.type_matrix import (
+    FULL_TABLE,
+    INDEX_TABLE,
     change_matrix,
     create_matrix,
     differences,
@@ -123,10 +125,18 @@ def _damage(env: StreamingEnv, tables: list[str]) -> None:
     the source never had (copies of hostile values under new keys)."""
     for table in tables:
         name = sql.Identifier("replica", table.split(".")[1])
+        if table == f"public.{FULL_TABLE}":  # no key: one of two equal rows lost, a ghost
+            execute(env.destination_url, sql.SQL(
+                "DELETE FROM {0} WHERE ctid IN (SELECT min(ctid) FROM {0} GROUP BY n "
+                "HAVING count(*) > 1); UPDATE {0} SET n = NULL WHERE n = 1; "
+                "INSERT INTO {0} (n) VALUES (-5)").format(name))
+            continue
+        value = "n" if table == f"public.{INDEX_TABLE}" else "v"
         execute(env.destination_url,
                 sql.SQL("DELETE FROM {} WHERE id % 4 = 1").format(name),
-                sql.SQL("UPDATE {} SET v = NULL WHERE id % 4 = 2").format(name),
-                sql.SQL("INSERT INTO {0} (id, n, v) SELECT id + 5000, n, v FROM {0} "
+                sql.SQL("UPDATE {} SET {} = NULL WHERE id % 4 = 2").format(
+                    name, sql.Identifier(value)),
+                sql.SQL("INSERT INTO {0} (id, n) SELECT id + 5000, n FROM {0} "
                         "WHERE id < 4").format(name))
 
 
@@ -134,10 +144,12 @@ def test_every_type_is_exact_through_load_and_stream(
     matrix_env: StreamingEnv, store: ConfigStore
 ) -> None:
     """Initial load, streamed changes, a repairing backfill of every table and a re-sync after
-    a dropped slot, each leaving the destination equal to the source row by row, as text."""
+    a dropped slot, each leaving the destination equal to the source row by row, as text: each
+    family in a table of its own, and all of them in a table keyed by a replica identity index
+    and in a REPLICA IDENTITY FULL table without a key (a multiset of rows)."""
     env = matrix_env
     families = families_for(env.engine)
-    tables = create_matrix(env.source_url, families)
+    tables = create_matrix(env.source_url, families, env.engine)
     pipeline = env.pipeline("matrix", tables)
     store.sync_pipeline(pipeline)
     store.set_pipeline_status("matrix", PipelineStatus.START)

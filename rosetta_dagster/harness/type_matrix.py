@@ -8,6 +8,7 @@ settings, so "equal" means exactly what the product promises.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import psycopg2
@@ -150,8 +151,17 @@ def table_name(family: Family) -> str:
     return f"m_{family.name}"
 
 
-def create_matrix(url: str, families: tuple[Family, ...] = FAMILIES) -> list[str]:
-    """Create and fill every family's table; returns their qualified names."""
+# Every family again in two tables without a primary key, one column each (``v_<family>``),
+# row i holding each family's i-th value: keyed by a replica identity index, and REPLICA
+# IDENTITY FULL (a multiset: every row twice).
+INDEX_TABLE, FULL_TABLE = "m_index", "m_full"
+
+
+def create_matrix(url: str, families: tuple[Family, ...] = FAMILIES,
+                  engine: str | None = None) -> list[str]:
+    """Create and fill every family's table, and the two wide tables without a primary key
+    (``engine``: the FULL table keeps only the columns that engine carries without a key);
+    returns their qualified names."""
     conn = pinned_connection(url)
     with conn.cursor() as cursor:
         cursor.execute(user_types_for(families))
@@ -160,8 +170,57 @@ def create_matrix(url: str, families: tuple[Family, ...] = FAMILIES) -> list[str
             cursor.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, "
                                    "v {})").format(table, sql.SQL(family.type_sql)))
             insert_values(cursor, family, first_id=1)
+        _create_wide_tables(cursor, families)
+    if engine is not None:
+        _leave_out_uncarried(conn, engine)
     conn.close()
-    return [f"public.{table_name(f)}" for f in families]
+    return [f"public.{table_name(f)}" for f in families] + [
+        f"public.{INDEX_TABLE}", f"public.{FULL_TABLE}"]
+
+
+def _wide_column(family: Family) -> sql.Identifier:
+    return sql.Identifier(f"v_{family.name}")
+
+
+def _create_wide_tables(cursor: psycopg2.extensions.cursor, families: tuple[Family, ...]) -> None:
+    columns = sql.SQL(", ").join(sql.SQL("{} {}").format(_wide_column(f), sql.SQL(f.type_sql))
+                                 for f in families)
+    index, full = sql.Identifier("public", INDEX_TABLE), sql.Identifier("public", FULL_TABLE)
+    cursor.execute(sql.SQL(
+        "CREATE TABLE {index} (id int NOT NULL, n int, {columns}); "
+        "CREATE UNIQUE INDEX m_index_identity ON {index} (id); "
+        "ALTER TABLE {index} REPLICA IDENTITY USING INDEX m_index_identity; "
+        "CREATE TABLE {full} (n int, {columns}); "
+        "ALTER TABLE {full} REPLICA IDENTITY FULL").format(index=index, full=full,
+                                                           columns=columns))
+    rows = max(len(f.values) for f in families) + 1  # the last row: NULL in every family
+    names = sql.SQL(", ").join(_wide_column(f) for f in families)
+    casts = sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(f.type_sql)) for f in families)
+    for row in range(rows):
+        values = [f.values[row] if row < len(f.values) else None for f in families]
+        cursor.execute(sql.SQL("INSERT INTO {} (id, n, {}) VALUES (%s, %s, {})").format(
+            index, names, casts), (row + 1, row, *values))
+    cursor.execute(sql.SQL("INSERT INTO {full} SELECT n, {names} FROM {index}; "
+                           "INSERT INTO {full} SELECT * FROM {full}").format(
+        full=full, index=index, names=names))
+
+
+def _leave_out_uncarried(conn: psycopg2.extensions.connection, engine: str) -> None:
+    """Drop the FULL table's columns ``engine`` cannot carry without a key (it re-reads them
+    from the source by key: the stream refuses them, see core.streaming.prestream)."""
+    from rosetta_dagster.core.capture import capture_engine
+    from rosetta_dagster.core.pipeline_config import TableRef
+    from rosetta_dagster.core.table_schema import read_table_schema
+
+    values = capture_engine(engine).values
+    schema = read_table_schema(conn, TableRef("public", FULL_TABLE), "matrix")
+    conn.autocommit = True
+    dropped = [c.name for c in schema.columns if values.reread(c)]
+    if dropped:
+        with conn.cursor() as cursor:
+            cursor.execute(sql.SQL("ALTER TABLE {} {}").format(
+                sql.Identifier("public", FULL_TABLE), sql.SQL(", ").join(
+                    sql.SQL("DROP COLUMN {}").format(sql.Identifier(c)) for c in dropped)))
 
 
 def insert_values(cursor: psycopg2.extensions.cursor, family: Family, first_id: int) -> None:
@@ -190,7 +249,36 @@ def change_matrix(url: str, families: tuple[Family, ...] = FAMILIES) -> None:
                 "AND s.id = t.id %% %s + 1").format(table), (count,))
             cursor.execute(sql.SQL("UPDATE {} SET v = NULL WHERE id = 1001").format(table))
             cursor.execute(sql.SQL("DELETE FROM {} WHERE id % 3 = 0").format(table))
+        _change_wide_tables(cursor)
     conn.close()
+
+
+def _change_wide_tables(cursor: psycopg2.extensions.cursor) -> None:
+    """The same kinds of changes without a primary key: key updates on the index table; on the
+    FULL table, one of two equal rows changed or deleted, and more duplicates."""
+    index, full = sql.Identifier("public", INDEX_TABLE), sql.Identifier("public", FULL_TABLE)
+    rest = _other_columns(cursor, INDEX_TABLE)
+    for statement in (
+        "INSERT INTO {index} SELECT id + 2000, n, {rest} FROM {index}",
+        "UPDATE {index} SET n = n + 1",
+        "UPDATE {index} SET id = id + 1000 WHERE id % 4 = 1",
+        "DELETE FROM {index} WHERE id % 3 = 0",
+        # Each of these in a transaction of its own: every row twice, even ones three times;
+        # then one copy of each changes (an update of one of several equal rows); then one
+        # of each even row's two copies left goes.
+        "INSERT INTO {full} SELECT * FROM {full} WHERE n % 2 = 0",
+        "UPDATE {full} SET n = n + 100 WHERE ctid IN (SELECT min(ctid) FROM {full} GROUP BY n)",
+        "DELETE FROM {full} WHERE ctid IN (SELECT min(ctid) FROM {full} WHERE n < 100 "
+        "GROUP BY n HAVING count(*) > 1)",
+    ):
+        cursor.execute(sql.SQL(statement).format(index=index, full=full, rest=rest))
+
+
+def _other_columns(cursor: psycopg2.extensions.cursor, table: str) -> sql.Composed:
+    """The table's columns after ``id`` and ``n``."""
+    cursor.execute("SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND "
+                   "attnum > 2 AND NOT attisdropped ORDER BY attnum", (f"public.{table}",))
+    return sql.SQL(", ").join(sql.Identifier(r[0]) for r in cursor.fetchall())
 
 
 def rows_as_text(url: str | psycopg2.extensions.connection, schema: str, table: str
@@ -209,6 +297,17 @@ def rows_as_text(url: str | psycopg2.extensions.connection, schema: str, table: 
             conn.close()
 
 
+def multiset_rows(conn: psycopg2.extensions.connection, schema: str, table: str) -> list[str]:
+    """Every row's text, sorted (equal lists: equal multisets); none when the table is absent."""
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(sql.SQL("SELECT ROW(t.*)::text FROM {} AS t ORDER BY 1").format(
+                sql.Identifier(schema, table)))
+            return [str(row[0]) for row in cursor.fetchall()]
+    except psycopg2.errors.UndefinedTable:
+        return []
+
+
 def differences(
     source_url: str, destination_url: str, schema: str, families: tuple[Family, ...] = FAMILIES
 ) -> list[str]:
@@ -217,13 +316,19 @@ def differences(
     found = []
     source_conn, destination_conn = pinned_connection(source_url), pinned_connection(destination_url)
     try:
-        for family in families:
-            source = dict(rows_as_text(source_conn, "public", table_name(family)))
-            destination = dict(rows_as_text(destination_conn, schema, table_name(family)))
+        for table in [*(table_name(f) for f in families), INDEX_TABLE]:
+            source = dict(rows_as_text(source_conn, "public", table))
+            destination = dict(rows_as_text(destination_conn, schema, table))
             for key in sorted(set(source) | set(destination)):
                 if source.get(key) != destination.get(key):
-                    found.append(f"{table_name(family)} id {key}: source {source.get(key)!r} != "
+                    found.append(f"{table} id {key}: source {source.get(key)!r} != "
                                  f"destination {destination.get(key)!r}")
+        source_rows = Counter(multiset_rows(source_conn, "public", FULL_TABLE))
+        destination_rows = Counter(multiset_rows(destination_conn, schema, FULL_TABLE))
+        found += [f"{FULL_TABLE}: {count} more time(s) at the source: {row!r}"
+                  for row, count in (source_rows - destination_rows).items()]
+        found += [f"{FULL_TABLE}: {count} more time(s) at the destination: {row!r}"
+                  for row, count in (destination_rows - source_rows).items()]
     finally:
         source_conn.close()
         destination_conn.close()
