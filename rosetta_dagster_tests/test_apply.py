@@ -8,7 +8,8 @@ import psycopg2
 import pytest
 
 from rosetta_dagster.core.capture.debezium.values import DEBEZIUM_VALUES
-from rosetta_dagster.core.destination.postgres.applier import ApplyError, PostgresApplier
+from rosetta_dagster.core.destination.errors import ApplyError
+from rosetta_dagster.core.destination.postgres.applier import PostgresApplier
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool

@@ -181,7 +181,8 @@ def test_a_keyless_batch_removes_equal_rows_by_count_and_adds_copies() -> None:
         'DELETE FROM "replica"."log" AS t USING (SELECT m.row_id FROM (SELECT d.ctid AS row_id, '
         's."_rosetta_count" AS wanted, row_number() OVER (PARTITION BY s.ctid) AS n '
         'FROM "replica"."log" AS d JOIN "_rosetta_stage_7" AS s ON '
-        'ROW("d"."at", "d"."doc")::text = ROW("s"."at", "s"."doc")::text '
+        """coalesce("d"."at"::text, '') = coalesce("s"."at"::text, '') AND """
+        'ROW("d"."at", "d"."doc")::text IS NOT DISTINCT FROM ROW("s"."at", "s"."doc")::text '
         'WHERE s."_rosetta_count" < 0) AS m WHERE m.n <= -m.wanted) AS found '
         'WHERE t.ctid = found.row_id')
     assert render(statements.insert) == (

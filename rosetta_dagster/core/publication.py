@@ -206,14 +206,9 @@ def ensure_publication(
         created = _set_tables(cursor, pipeline.publication_name, every_change, inserts_only=False)
         if inserts:
             _set_tables(cursor, pipeline.inserts_publication_name, inserts, inserts_only=True)
-            # Debezium checks that a publication named as its publication.name exists, then
-            # hands that name to pgoutput, which reads it as the list of both.
-            _set_tables(cursor, pipeline.publication_names, [], inserts_only=False)
         else:
-            for unused in (pipeline.inserts_publication_name,
-                           f"{pipeline.publication_name},{pipeline.inserts_publication_name}"):
-                cursor.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
-                    sql.Identifier(unused)))
+            cursor.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
+                sql.Identifier(pipeline.inserts_publication_name)))
         if changed:
             before_commit(changed)
     if created:

@@ -171,11 +171,11 @@ def create_matrix(url: str, families: tuple[Family, ...] = FAMILIES,
                                    "v {})").format(table, sql.SQL(family.type_sql)))
             insert_values(cursor, family, first_id=1)
         _create_wide_tables(cursor, families)
-    if engine is not None:
-        _leave_out_uncarried(conn, engine)
+    wide = [INDEX_TABLE, FULL_TABLE]
+    if engine is not None and not _leave_out_uncarried(conn, engine):
+        wide.remove(FULL_TABLE)
     conn.close()
-    return [f"public.{table_name(f)}" for f in families] + [
-        f"public.{INDEX_TABLE}", f"public.{FULL_TABLE}"]
+    return [f"public.{table_name(f)}" for f in families] + [f"public.{t}" for t in wide]
 
 
 def _wide_column(family: Family) -> sql.Identifier:
@@ -205,22 +205,27 @@ def _create_wide_tables(cursor: psycopg2.extensions.cursor, families: tuple[Fami
         full=full, index=index, names=names))
 
 
-def _leave_out_uncarried(conn: psycopg2.extensions.connection, engine: str) -> None:
-    """Drop the FULL table's columns ``engine`` cannot carry without a key (it re-reads them
-    from the source by key: the stream refuses them, see core.streaming.prestream)."""
+def _leave_out_uncarried(conn: psycopg2.extensions.connection, engine: str) -> bool:
+    """The FULL table as ``engine`` can replicate it, as the stream decides (see
+    core.streaming.prestream): without the columns it cannot carry without a key, or not at
+    all (dropped: False) when it does not apply each change exactly once."""
     from rosetta_dagster.core.capture import capture_engine
     from rosetta_dagster.core.pipeline_config import TableRef
     from rosetta_dagster.core.table_schema import read_table_schema
 
-    values = capture_engine(engine).values
+    capture = capture_engine(engine)
+    table = sql.Identifier("public", FULL_TABLE)
     schema = read_table_schema(conn, TableRef("public", FULL_TABLE), "matrix")
     conn.autocommit = True
-    dropped = [c.name for c in schema.columns if values.reread(c)]
-    if dropped:
-        with conn.cursor() as cursor:
-            cursor.execute(sql.SQL("ALTER TABLE {} {}").format(
-                sql.Identifier("public", FULL_TABLE), sql.SQL(", ").join(
-                    sql.SQL("DROP COLUMN {}").format(sql.Identifier(c)) for c in dropped)))
+    dropped = [c.name for c in schema.columns if capture.values.reread(c)]
+    with conn.cursor() as cursor:
+        if not capture.applies_once:
+            cursor.execute(sql.SQL("DROP TABLE {}").format(table))
+            return False
+        if dropped:
+            cursor.execute(sql.SQL("ALTER TABLE {} {}").format(table, sql.SQL(", ").join(
+                sql.SQL("DROP COLUMN {}").format(sql.Identifier(c)) for c in dropped)))
+    return True
 
 
 def insert_values(cursor: psycopg2.extensions.cursor, family: Family, first_id: int) -> None:
@@ -258,6 +263,8 @@ def _change_wide_tables(cursor: psycopg2.extensions.cursor) -> None:
     FULL table, one of two equal rows changed or deleted, and more duplicates."""
     index, full = sql.Identifier("public", INDEX_TABLE), sql.Identifier("public", FULL_TABLE)
     rest = _other_columns(cursor, INDEX_TABLE)
+    cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (f"public.{FULL_TABLE}",))
+    with_full = bool(cursor.fetchone()[0])  # type: ignore[index]
     for statement in (
         "INSERT INTO {index} SELECT id + 2000, n, {rest} FROM {index}",
         "UPDATE {index} SET n = n + 1",
@@ -271,7 +278,8 @@ def _change_wide_tables(cursor: psycopg2.extensions.cursor) -> None:
         "DELETE FROM {full} WHERE ctid IN (SELECT min(ctid) FROM {full} WHERE n < 100 "
         "GROUP BY n HAVING count(*) > 1)",
     ):
-        cursor.execute(sql.SQL(statement).format(index=index, full=full, rest=rest))
+        if with_full or "{full}" not in statement:
+            cursor.execute(sql.SQL(statement).format(index=index, full=full, rest=rest))
 
 
 def _other_columns(cursor: psycopg2.extensions.cursor, table: str) -> sql.Composed:

@@ -127,6 +127,10 @@ class Capture(Protocol):
 class CaptureEngine(Protocol):
     name: str
     values: ValueCodec
+    # Each change is applied once, even across a crash: the position is committed with the
+    # rows. Otherwise the changes after the engine's last saved position are delivered again,
+    # which leaves a keyed row as it was but would apply a row without a key twice.
+    applies_once: bool
 
     def source_refusal(self, conn: psycopg2.extensions.connection) -> str | None:
         """Why the engine cannot stream this source database at all (None: it can)."""

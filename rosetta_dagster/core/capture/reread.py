@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rosetta_dagster.core.destination.keyless_changes import KeylessChangeError
 from rosetta_dagster.core.events import ChangeEvent, Watermark
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.source_rows import KeyText, SourceRows
@@ -42,14 +41,6 @@ class _TableReread:
         return bool(self.always) or any(
             (value := after.get(name)) is not None and not ordinary(value)
             for name, ordinary in self.checks)
-
-    def unordinary(self, event: ChangeEvent) -> str | None:
-        """A column of the old or new row whose value is outside the engine's exact range."""
-        for row in (event.before or {}, event.after or {}):
-            for name, ordinary in self.checks:
-                if (value := row.get(name)) is not None and not ordinary(value):
-                    return name
-        return None
 
     def key(self, event: ChangeEvent) -> KeyText:
         after = event.after or {}
@@ -75,26 +66,15 @@ def _deleted(event: ChangeEvent, key: Sequence[str]) -> ChangeEvent:
                        event.lsn, event.xid, event.snapshot, event.commit_lsn)
 
 
-def _refuse_unordinary(plan: _TableReread, event: ChangeEvent) -> None:
-    column = plan.unordinary(event)
-    if column is not None:
-        raise KeylessChangeError(
-            f"A change of {event.table.qualified} holds a value of column {column} that the "
-            "engine does not carry exactly (infinity, a BC date, ...), and the table has no key "
-            "to re-read it from the source by; use the pgoutput engine for this table, or give "
-            "it a primary key or REPLICA IDENTITY USING INDEX.")
-
-
 class SourceReread:
     """Fills the columns an engine cannot carry into a batch's events, from the source."""
 
     def __init__(self, schemas: Mapping[TableRef, TableSchema], codec: ValueCodec) -> None:
         self.schemas = schemas
-        plans = {table: plan for table, schema in schemas.items()
-                 if (plan := _plan(schema, codec)) is not None}
-        self.tables = {t: plan for t, plan in plans.items() if not plan.schema.keyless}
-        # Without a key nothing can be re-read: a value outside the exact range is refused.
-        self.keyless = {t: plan for t, plan in plans.items() if plan.schema.keyless}
+        # A table without a key has nothing to re-read by: its engine carries every column
+        # exactly, or the stream refused the table (core.streaming.prestream).
+        self.tables = {table: plan for table, schema in schemas.items()
+                       if not schema.keyless and (plan := _plan(schema, codec)) is not None}
 
     def always(self, table: TableRef) -> tuple[str, ...]:
         """The table's columns re-read in every event."""
@@ -107,9 +87,6 @@ class SourceReread:
         """The items with re-read values in place; events of rows gone are deletes."""
         wanted: dict[TableRef, dict[KeyText, None]] = {}
         for item in items:
-            if isinstance(item, ChangeEvent) and item.table in self.keyless:
-                _refuse_unordinary(self.keyless[item.table], item)
-                continue
             if (isinstance(item, ChangeEvent) and item.table in self.tables and item.after
                     and self.tables[item.table].needed(item)):
                 wanted.setdefault(item.table, {})[self.tables[item.table].key(item)] = None

@@ -22,6 +22,7 @@ from rosetta_dagster.core.replication import (
     source_connection,
 )
 from rosetta_dagster.core.table_schema import (
+    RowIdentity,
     TableSchema,
     replicated_rows,
 )
@@ -53,6 +54,8 @@ def row_count_parity(
     """Counts equal, allowing rows in flight: re-counted each second for up to ``window_s``.
     The source's rows are those the table's row filter replicates; ``target``: the
     destination table."""
+    if table.identity is RowIdentity.INSERTS_ONLY:
+        return _not_compared("row_count_parity", table)
     source_rows, destination_rows = _counts_within_window(
         lambda: source.count(table.source_sql, table.source_filter),
         lambda: destination.count(target), window_s, sleep)
@@ -70,6 +73,15 @@ def row_count_parity(
         f"Source has {source_rows} rows, destination {destination_rows} (difference {difference:+d}) "
         f"after waiting {window_s:g}s for rows in flight.", metadata,
     )
+
+
+def _not_compared(name: str, table: TableSchema) -> CheckOutcome:
+    """A table that replicates its inserts only keeps the rows the source updates or deletes:
+    no equality to check (said, not faked)."""
+    return CheckOutcome(name, True, "ERROR", (
+        f"Not compared: {table.table.qualified} replicates its inserts only (replicate: "
+        "inserts_only), so the destination keeps rows the source has updated or deleted since."),
+        {"value": 0, "threshold": 0, "compared": 0})
 
 
 def _digest(rows: Sequence[tuple[tuple[Any, ...], str]]) -> str:
@@ -93,6 +105,8 @@ def content_parity(
     the first differing key range is reported, with its first differing keys and (given the
     ``pipeline``) the command that repairs it.
     """
+    if table.identity is RowIdentity.INSERTS_ONLY:
+        return _not_compared("content_parity", table)
     after: tuple[Any, ...] | None = None
     chunks = rows = 0
     while True:
@@ -155,8 +169,9 @@ def _multiset_difference(
     metadata: dict[str, float | int | str] = {
         "value": 1, "threshold": 0, "chunks_compared": chunks, "rows_compared": rows,
         "rows_missing": missing, "rows_extra": extra}
-    description = (f"Rows differ: {missing} source row(s) missing and {extra} extra row(s) at "
-                   "the destination (a table without a key, compared as a multiset).")
+    description = (f"Rows differ (a table without a key, compared as a multiset): "
+                   f"{missing} source row(s) missing and {extra} extra row(s) at the destination "
+                   f"in the first differing chunk of {max(len(source), len(destination))} rows.")
     if pipeline is not None:
         metadata["repair_command"] = repair.command(pipeline)
         description += f" Repair: {repair.command(pipeline)}"

@@ -120,6 +120,12 @@ class _Reader:
             self.fail(key, "must be a non-empty string")
         return str(value)
 
+    def choice(self, key: str, default: str, choices: Sequence[str], upper: bool = False) -> str:
+        value = self.text(key, default).upper() if upper else self.text(key, default)
+        if value not in choices:
+            self.fail(key, f"must be one of {', '.join(choices)}")
+        return value
+
     def boolean(self, key: str, default: bool) -> bool:
         value = self.data.get(key, default)
         if not isinstance(value, bool):
@@ -238,8 +244,9 @@ def load_config(
         if unknown:  # a misspelt setting would otherwise be silently left at its default
             stream.fail(unknown[0], "is not a known setting")
         settings = StreamSettings(
-            engine=stream.text("engine", StreamSettings.engine),
-            offset_store=stream.text("offset_store", StreamSettings.offset_store),
+            engine=stream.choice("engine", StreamSettings.engine, CAPTURE_ENGINES),
+            offset_store=stream.choice("offset_store", StreamSettings.offset_store,
+                                       OFFSET_STORES),
             max_batch_size=stream.integer("max_batch_size", StreamSettings.max_batch_size),
             max_queue_size=stream.integer("max_queue_size", StreamSettings.max_queue_size),
             max_queue_mb=stream.integer("max_queue_mb", StreamSettings.max_queue_mb, maximum=4096),
@@ -251,31 +258,25 @@ def load_config(
                 "heartbeat_interval_ms", StreamSettings.heartbeat_interval_ms
             ),
             jvm_max_heap=stream.text("jvm_max_heap", StreamSettings.jvm_max_heap),
-            initial_load=stream.text("initial_load", StreamSettings.initial_load),
+            initial_load=stream.choice("initial_load", StreamSettings.initial_load,
+                                       INITIAL_LOAD_METHODS),
             initial_load_workers=stream.integer(
                 "initial_load_workers", StreamSettings.initial_load_workers, maximum=64
             ),
             initial_load_range_rows=stream.integer(
                 "initial_load_range_rows", StreamSettings.initial_load_range_rows, minimum=1000
             ),
-            on_apply_error=stream.text("on_apply_error", StreamSettings.on_apply_error),
+            on_apply_error=stream.choice("on_apply_error", StreamSettings.on_apply_error,
+                                         APPLY_ERROR_POLICIES),
             apply_retry_seconds=stream.integer(
                 "apply_retry_seconds", StreamSettings.apply_retry_seconds, minimum=0
             ),
         )
-        if settings.on_apply_error not in APPLY_ERROR_POLICIES:
-            stream.fail("on_apply_error", f"must be one of {', '.join(APPLY_ERROR_POLICIES)}")
-        if settings.engine not in CAPTURE_ENGINES:
-            stream.fail("engine", f"must be one of {', '.join(CAPTURE_ENGINES)}")
-        if settings.offset_store not in OFFSET_STORES:
-            stream.fail("offset_store", f"must be one of {', '.join(OFFSET_STORES)}")
         if settings.engine == "pgoutput" and settings.offset_store != "file":
             stream.fail("offset_store", "applies to the debezium engine only (pgoutput keeps "
                         "its positions in the destinations)")
         if settings.engine == "pgoutput" and settings.initial_load != "copy":
             stream.fail("initial_load", "must be copy with the pgoutput engine")
-        if settings.initial_load not in INITIAL_LOAD_METHODS:
-            stream.fail("initial_load", f"must be one of {', '.join(INITIAL_LOAD_METHODS)}")
         if settings.max_queue_size <= settings.max_batch_size:
             stream.fail("max_queue_size", "must be larger than max_batch_size")
         if not re.fullmatch(r"\d+[kmgKMG]?", settings.jvm_max_heap):
@@ -325,9 +326,7 @@ def _notifications(path: Path, top: _Reader, environ: Mapping[str, str] | None,
         headers = channel.data.get("headers") or {}
         if not isinstance(headers, dict):
             channel.fail("headers", "must be a mapping of header names to values")
-        severity = channel.text("min_severity", "WARN").upper()
-        if severity not in SEVERITIES:
-            channel.fail("min_severity", f"must be one of {', '.join(SEVERITIES)}")
+        severity = channel.choice("min_severity", "WARN", SEVERITIES, upper=True)
         names = channel.data.get("pipelines") or []
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             channel.fail("pipelines", "must be a list of pipeline names")
@@ -388,9 +387,7 @@ def _table_entry(path: Path, pipeline: str, raw: Any, destinations: Sequence[Des
     where = reader.text("where") if "where" in reader.data else None
     if where is not None and (problem := _expression_problem(where)) is not None:
         reader.fail("where", f"must be one boolean expression ({problem})")
-    replicate = reader.text("replicate", "all")
-    if replicate not in REPLICATE_MODES:
-        reader.fail("replicate", f"must be one of {', '.join(REPLICATE_MODES)}")
+    replicate = reader.choice("replicate", "all", REPLICATE_MODES)
     return table, TableOptions(columns=columns, exclude_columns=excluded, where=where,
                                targets=_targets(reader, table, destinations),
                                inserts_only=replicate == "inserts_only")

@@ -52,7 +52,7 @@ class BatchRouter:
             items = self._catalog.changed_tables(self.progress.source_position_ms) + list(items)
         for item in items:
             if isinstance(item, Watermark):
-                self._apply_events(segment, streaming_seen)
+                self._apply_events(segment, streaming_seen, position=_past(segment))
                 segment = []
                 self._windows.on_watermark(item)
             else:
@@ -132,3 +132,14 @@ class BatchRouter:
                     for table, count in first.events_by_table.items()
                 ],
             )
+
+
+def _past(segment: Sequence[ChangeEvent]) -> int | None:
+    """The position just past a segment of whole transactions before a watermark (engines
+    that keep positions with the data; None otherwise): recorded with it, so that a crash
+    before the batch's end never applies it again after the watermark's chunk (a row
+    without a key would be added or removed twice)."""
+    commits = [e.commit_lsn for e in segment]
+    if not commits or None in commits:
+        return None
+    return max(commits) + 1  # type: ignore[type-var, operator]

@@ -50,8 +50,8 @@ def refuse_unstreamable(pipeline: PipelineDefinition, engine: CaptureEngine,
                         schemas: Mapping[TableRef, TableSchema],
                         source: psycopg2.extensions.connection) -> None:
     """Raise SchemaError when the pipeline cannot be streamed exactly with its engine."""
+    _refuse_keyless(pipeline, engine, schemas)
     _refuse_unsupported_columns(pipeline, engine, schemas)
-    _refuse_keyless_without_copy_load(pipeline, schemas)
     if (reason := engine.source_refusal(source)) is not None:
         raise SchemaError(f"Pipeline {pipeline.name} cannot stream source "
                           f"{pipeline.source.name} with the {engine.name} "
@@ -77,23 +77,32 @@ def _refuse_unsupported_columns(pipeline: PipelineDefinition, engine: CaptureEng
 def _column_refusal(engine: CaptureEngine, schema: TableSchema, column: Column) -> str | None:
     reason = engine.values.refusal(column, column.name in schema.key_columns)
     if reason is None and schema.keyless and engine.values.always_reread(column):
-        reason = (f"the {engine.name} engine does not carry its values, which are re-read from "
-                  f"the source by key, and the table has none ({schema.identity.value}); give "
-                  "the table a primary key or REPLICA IDENTITY USING INDEX, leave the column "
-                  "out with exclude_columns, or use the engine that carries it exactly")
+        reason = (f"the {engine.name} engine does not carry its values exactly (they are "
+                  "re-read from the source by key), and the table has no key; give it one (a "
+                  "primary key or REPLICA IDENTITY USING INDEX) or leave the column out with "
+                  "exclude_columns")
     return reason
 
 
-def _refuse_keyless_without_copy_load(pipeline: PipelineDefinition,
-                                      schemas: Mapping[TableRef, TableSchema]) -> None:
-    """A re-snapshot through the engine finds the rows it did not deliver by key; a table
-    without one is re-copied whole, which only the copy load does."""
-    keyless = [s.table.qualified for s in schemas.values() if s.keyless]
+def _refuse_keyless(pipeline: PipelineDefinition, engine: CaptureEngine,
+                    schemas: Mapping[TableRef, TableSchema]) -> None:
+    """Tables without a key need each change applied exactly once (a change applied again
+    would add or remove one more row), and a re-snapshot that copies them whole (one through
+    the engine finds the rows it did not deliver by key)."""
+    keyless = ", ".join(s.table.qualified for s in schemas.values() if s.keyless)
+    if keyless and not engine.applies_once:
+        raise SchemaError(
+            f"Pipeline {pipeline.name} cannot replicate {keyless} with the {engine.name} engine, "
+            "so nothing was written: a table without a key is a multiset of rows, and this "
+            "engine delivers again the changes after its last saved offset when it restarts, "
+            "which would apply a row twice; use streaming.engine: pgoutput, which commits its "
+            "position with the rows, or give the table a key (a primary key or REPLICA "
+            "IDENTITY USING INDEX).")
     if keyless and pipeline.settings.initial_load != "copy":
         raise SchemaError(
             f"Pipeline {pipeline.name} loads with initial_load: "
             f"{pipeline.settings.initial_load}, which needs a key in every table, and "
-            f"{', '.join(keyless)} have none; use initial_load: copy, so nothing was written.")
+            f"{keyless} have none; use initial_load: copy, so nothing was written.")
 
 
 def _refuse_money_across_locales(pipeline: PipelineDefinition,

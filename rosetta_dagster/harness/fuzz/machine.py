@@ -263,7 +263,8 @@ class RosettaMachine(RuleBasedStateMachine):
     def _free_key(self, data: st.DataObject, conn: str, table: FuzzTable, existing: list[Row]
                   ) -> Row | None:
         blocked, whole = self._blocked(conn, table.name)
-        taken = set(existing) | blocked
+        # Without a key, a handle already taken makes a duplicate.
+        taken = blocked if table.keyless else set(existing) | blocked
         free = [] if whole else [k for k in key_values(table) if k not in taken]
         return self._pick(data, free, "new key")
 
@@ -275,6 +276,7 @@ class RosettaMachine(RuleBasedStateMachine):
 
     def _insert(self, conn: str, data: st.DataObject, table: FuzzTable,
                 upsert: bool = False) -> None:
+        upsert = upsert and not table.keyless  # ON CONFLICT needs a unique key
         existing = self._keys(conn, table)
         on_existing = upsert and data.draw(st.booleans(), label="on an existing key")
         existing_key = self._existing_key(data, conn, table, existing) if upsert else None
@@ -492,7 +494,9 @@ class RosettaMachine(RuleBasedStateMachine):
     @rule(data=st.data(), full=st.booleans())
     def replica_identity(self, data: st.DataObject, full: bool) -> None:
         table = self._table(data)
-        if table.options:  # a column list or row filter depends on the replica identity
+        if table.options or table.identity != "primary_key":
+            # A column list or row filter depends on the replica identity; without a primary
+            # key, DEFAULT would leave the table none.
             return
         self._ddl(sql.SQL("ALTER TABLE {} REPLICA IDENTITY {}").format(
             self.example.qualified(table.name), sql.SQL("FULL" if full else "DEFAULT")),
@@ -605,7 +609,8 @@ class RosettaMachine(RuleBasedStateMachine):
     # -- the oracle ----------------------------------------------------------------------------
 
     def _views(self) -> list[TableView]:
-        return [TableView(self.example.schema, name, self.tables[name].key,
+        return [TableView(self.example.schema, name,
+                          () if self.tables[name].keyless else self.tables[name].key,
                           tuple(self.tables[name].options.get("exclude_columns", [])),  # type: ignore[arg-type]
                           self.tables[name].replicated)
                 for name in sorted(self.example.in_pipeline)]

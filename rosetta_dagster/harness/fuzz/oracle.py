@@ -54,11 +54,16 @@ def rows(conn: psycopg2.extensions.connection, schema: str, name: str, key: Sequ
             return None
         selected = [sql.SQL("{}::text").format(sql.Identifier(c)) if c in present
                     else sql.SQL("'<column missing>'") for c in columns]
+        values = sql.SQL(", ").join(selected)
+        keys: sql.Composable = sql.SQL(", ").join(
+            sql.SQL("{}::text").format(sql.Identifier(k)) for k in key)
+        if not key:  # a multiset: each row by its text and which of its equal copies it is
+            keys = sql.SQL("ROW({0})::text, (row_number() OVER (PARTITION BY {0}))::text").format(
+                values)
         cursor.execute(sql.SQL("SELECT {keys}, {values} FROM {table} WHERE {condition}").format(
-            keys=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in key),
-            values=sql.SQL(", ").join(selected), table=sql.Identifier(schema, name),
+            keys=keys, values=values, table=sql.Identifier(schema, name),
             condition=sql.SQL(condition)))
-        width = len(key)
+        width = len(key) or 2
         return {tuple(row[:width]): tuple(row[width:]) for row in cursor.fetchall()}
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from hypothesis import strategies as st
 from psycopg2 import sql
 
+from rosetta_dagster.core.capture import capture_engine
 from rosetta_dagster.harness.type_matrix import Family, families_for
 
 # Hostile text: quotes, backslashes, newlines, tabs, emoji, the COPY null marker, spaces.
@@ -76,12 +77,20 @@ class FuzzTable:
     name: str
     columns: tuple[FuzzColumn, ...]
     key: tuple[str, ...]
-    key_kind: str  # int | text | uuid | int_text
+    key_kind: str  # int | text | uuid | int_text | few (a handle repeated among rows)
     options: dict[str, object] = field(default_factory=dict)  # the pipeline file's table entry
     in_pipeline: bool = True  # False: added to the pipeline later (a load under a fence)
     identity_full: bool = False  # REPLICA IDENTITY FULL from the start (row filters need it)
+    # How the source tells its rows apart: "primary_key"; "index" (no primary key, REPLICA
+    # IDENTITY USING a unique index on ``key``); "full" (no key at all, REPLICA IDENTITY FULL:
+    # ``key`` is only the workload's handle on rows, repeated among duplicates).
+    identity: str = "primary_key"
     # The rows a pipeline replicates, as a condition on the table (the row filter).
     replicated: str = "TRUE"
+
+    @property
+    def keyless(self) -> bool:
+        return self.identity == "full"
 
     @property
     def value_columns(self) -> tuple[FuzzColumn, ...]:
@@ -123,6 +132,16 @@ def fuzz_tables(engine: str) -> tuple[FuzzTable, ...]:
                   replicated="region <> 'eu'"),
         FuzzTable("late", (_c("id", "int", "int"), _c("val", "text", "text"),
                            _c("big", "text", "big")), ("id",), "int", in_pipeline=False),
+        # No primary key: keyed by a replica identity index; and no key at all (duplicates).
+        FuzzTable("indexed", (_c("email", "text", "text"), _c("n", "int", "int"),
+                              _c("big", "text", "big", "EXTERNAL"), _c("spec", "jsonb", "jsonb")),
+                  ("email",), "text", identity="index"),
+        *((FuzzTable("events", (_c("k", "int", "int"), _c("label", "text", "text"),
+                                _c("big", "text", "big", "EXTERNAL"),
+                                _c("amount", "numeric", "numeric"),
+                                _c("spec", "jsonb", "jsonb")),
+                     ("k",), "few", identity="full"),)
+          if capture_engine(engine).applies_once else ()),  # else refused: see the manual
     )
 
 
@@ -174,6 +193,8 @@ def key_values(table: FuzzTable) -> list[tuple[object, ...]]:
     moved onto)."""
     if table.key_kind == "int":
         return [(i,) for i in range(1, 41)]
+    if table.key_kind == "few":
+        return [(i,) for i in range(1, 7)]
     if table.key_kind == "text":
         return [(k,) for k in TEXT_KEYS]
     if table.key_kind == "uuid":
@@ -193,11 +214,19 @@ def create_table_sql(schema: str, table: FuzzTable) -> list[sql.Composable]:
     qualified = sql.Identifier(schema, table.name)
     columns = sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.type_sql))
                                  for c in table.columns)
-    statements: list[sql.Composable] = [sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY ({}))").format(
-        qualified, columns, names(table.key))]
+    if table.identity == "primary_key":
+        columns = sql.SQL("{}, PRIMARY KEY ({})").format(columns, names(table.key))
+    statements: list[sql.Composable] = [sql.SQL("CREATE TABLE {} ({})").format(qualified, columns)]
+    if table.identity == "index":
+        index = sql.Identifier(f"{table.name}_identity")
+        statements += [sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(
+            qualified, sql.Identifier(k)) for k in table.key]
+        statements += [sql.SQL("CREATE UNIQUE INDEX {} ON {} ({})").format(
+            index, qualified, names(table.key)),
+            sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(qualified, index)]
     statements += [sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STORAGE {}").format(
         qualified, sql.Identifier(c.name), sql.SQL(c.storage)) for c in table.columns if c.storage]
-    if table.identity_full:
+    if table.identity_full or table.keyless:
         statements.append(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(qualified))
     return statements
 

@@ -202,6 +202,7 @@ class OffsetFile(DebeziumOffsets):
 class DebeziumEngine:
     name = "debezium"
     values = DEBEZIUM_VALUES
+    applies_once = False  # it resumes from its offset, saved apart from the destinations
 
     def source_refusal(self, conn: psycopg2.extensions.connection) -> str | None:
         """Debezium's type registry fails when it starts (a NullPointerException) on a database

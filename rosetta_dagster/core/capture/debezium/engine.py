@@ -86,9 +86,7 @@ def connector_properties(
         "topic.prefix": f"rosetta_{pipeline.name}",
         "plugin.name": "pgoutput",
         "slot.name": pipeline.slot_name,
-        # Handed to pgoutput as its publication_names, which it splits at commas: with tables
-        # that replicate inserts only, both publications (see core.publication).
-        "publication.name": pipeline.publication_names,
+        "publication.name": pipeline.publication_name,
         # Rosetta creates the publication itself, before the slot, for exactly these tables.
         "publication.autocreate.mode": "disabled",
         "table.include.list": ",".join(

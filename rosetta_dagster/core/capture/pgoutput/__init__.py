@@ -54,6 +54,7 @@ PGOUTPUT_VALUES = ValueCodec(converter_for=lambda column: _as_sent,
 class PgoutputEngine:
     name = "pgoutput"
     values = PGOUTPUT_VALUES
+    applies_once = True  # each destination commits its position with the batch
 
     def source_refusal(self, conn: psycopg2.extensions.connection) -> str | None:
         return None

@@ -42,9 +42,10 @@ from rosetta_dagster.core.destination import (
     RetypedColumn,
     SchemaSource,
 )
-from rosetta_dagster.core.destination.errors import COPY_CONTEXT, ApplyError, classify
+from rosetta_dagster.core.destination.errors import classify
 from rosetta_dagster.core.destination.keyless_changes import KeylessChanges
 from rosetta_dagster.core.destination.net_changes import NetChanges
+from rosetta_dagster.core.destination.postgres.apply_errors import keyed_failure
 from rosetta_dagster.core.destination.postgres.ddl import ensure_destination_table
 from rosetta_dagster.core.destination.postgres.keyless import apply_keyless
 from rosetta_dagster.core.destination.postgres.left_out import resolve_left_out
@@ -393,40 +394,6 @@ class PostgresApplier:
             self.position = position
         return result
 
-    def _failure(
-        self, cursor: psycopg2.extensions.cursor, exc: psycopg2.Error, plan: TablePlan,
-        events: list[ChangeEvent],
-    ) -> ApplyError:
-        """One sentence naming the source table, the row's key and the column (never the
-        staging table): from the failing COPY line, or by merging the staged rows one by one
-        until one fails the same way."""
-        diag = exc.diag
-        culprit: ChangeEvent | None = None
-        copy_line = COPY_CONTEXT.search(diag.context or "")
-        if copy_line:
-            culprit = events[int(copy_line.group(1)) - 1]
-        else:
-            cursor.execute("ROLLBACK TO SAVEPOINT _rosetta_merge")
-            converters = plan.converter_of
-            for event in events:
-                key = [converters[k](event.row[k]) for k in plan.schema.key_columns]
-                try:
-                    cursor.execute("SAVEPOINT _rosetta_row")
-                    cursor.execute(plan.statements.merge_one, key)
-                except psycopg2.Error:
-                    culprit = event
-                    break
-                cursor.execute("RELEASE SAVEPOINT _rosetta_row")
-        where = f"Destination {self.name}: a change of {plan.schema.table.qualified}"
-        if culprit is not None:
-            key_text = ", ".join(f"{k}={culprit.row.get(k)}" for k in plan.schema.key_columns)
-            where += f" with key ({key_text})"
-        column = (copy_line.group(2) if copy_line else None) or diag.column_name
-        detail = f" ({diag.message_detail})" if diag.message_detail and not copy_line else ""
-        reason = f"{diag.message_primary or str(exc).strip()}{detail}"
-        return ApplyError(f"{where} could not be applied" + (f" at column {column}" if column else "")
-                          + f": {reason}.", sqlstate=exc.pgcode, column=column, reason=reason)
-
     def _truncate(self, conn: psycopg2.extensions.connection, table: TableRef) -> None:
         with conn.cursor() as cursor:
             cursor.execute(sql.SQL("TRUNCATE {}").format(self._plans[table].target))
@@ -519,7 +486,7 @@ class PostgresApplier:
             except psycopg2.Error as exc:
                 if classify(exc) != "data":
                     raise
-                raise self._failure(cursor, exc, plan, events) from None
+                raise keyed_failure(cursor, exc, plan, events, self.name) from None
             if record_keys:
                 cursor.execute(plan.resync.create_keys)  # a table added during the snapshot
                 cursor.execute(plan.resync.record_keys)

@@ -10,8 +10,9 @@ import logging
 import psycopg2
 import psycopg2.extensions
 
-from rosetta_dagster.core.destination.errors import COPY_CONTEXT, ApplyError, classify
+from rosetta_dagster.core.destination.errors import classify
 from rosetta_dagster.core.destination.keyless_changes import KeylessChanges
+from rosetta_dagster.core.destination.postgres.apply_errors import keyless_failure
 from rosetta_dagster.core.destination.postgres.plan import TablePlan, keyless_lines
 
 logger = logging.getLogger("rosetta.apply")
@@ -30,6 +31,7 @@ def apply_keyless(cursor: psycopg2.extensions.cursor, plan: TablePlan, changes: 
             return sum(counts.values())
         cursor.execute(statements.create_stage)
         cursor.copy_expert(statements.copy_stage, keyless_lines(counts, staged=True))
+        cursor.execute(statements.analyze_stage)
         cursor.execute(statements.delete)
         removed = cursor.rowcount
         cursor.execute(statements.insert)
@@ -37,7 +39,7 @@ def apply_keyless(cursor: psycopg2.extensions.cursor, plan: TablePlan, changes: 
     except psycopg2.Error as exc:
         if classify(exc) != "data":
             raise
-        raise _failure(exc, plan, destination) from None
+        raise keyless_failure(exc, plan, destination) from None
     cursor.execute(statements.clear_stage if small else statements.truncate_stage)
     wanted = -sum(count for count in counts.values() if count < 0)
     if removed < wanted:
@@ -47,15 +49,3 @@ def apply_keyless(cursor: psycopg2.extensions.cursor, plan: TablePlan, changes: 
                        "not found; the other changes were applied", destination,
                        wanted - removed, plan.schema.table.qualified)
     return removed + added
-
-
-def _failure(exc: psycopg2.Error, plan: TablePlan, destination: str) -> ApplyError:
-    """One sentence naming the source table and the column (never the staging table)."""
-    diag = exc.diag
-    copy_line = COPY_CONTEXT.search(diag.context or "")
-    column = (copy_line.group(2) if copy_line else None) or diag.column_name
-    reason = diag.message_primary or str(exc).strip()
-    return ApplyError(
-        f"Destination {destination}: a change of {plan.schema.table.qualified} could not be "
-        "applied" + (f" at column {column}" if column else "") + f": {reason}.",
-        sqlstate=exc.pgcode, column=column, reason=reason)

@@ -169,6 +169,9 @@ class KeylessStatements:
 
     create_stage: sql.Composed
     copy_stage: sql.Composed
+    # Statistics of the stage: the planner then hashes its few rows and probes the table once
+    # (without them it sorts the whole table for a merge join, ~8x slower on 100k rows).
+    analyze_stage: sql.Composed
     copy_direct: sql.Composed  # a batch that only adds rows: straight into the table
     delete: sql.Composed
     insert: sql.Composed
@@ -185,6 +188,20 @@ def row_text(schema: TableSchema, alias: str) -> sql.Composed:
          for c in schema.column_names]))
 
 
+# Types whose text is cheap to print: a probe column of one of them finds candidate rows.
+_CHEAP_TEXT = ("int2", "int4", "int8", "text", "varchar", "bpchar", "uuid", "date", "bool")
+
+
+def _probe(schema: TableSchema, alias: str) -> sql.Composed:
+    """One column's text (NULL as ''), the hash join's key: cheap to compute on every row of
+    the table, unlike the whole row's text, which is compared only for the rows it matches
+    (``IS NOT DISTINCT FROM``: not a hash key; a false match costs time, never a wrong row)."""
+    column = next((c for c in schema.columns if c.base_type in _CHEAP_TEXT and not c.is_array),
+                  schema.columns[0])
+    return sql.SQL("coalesce({}.{}::text, '')").format(sql.Identifier(alias),
+                                                      sql.Identifier(column.name))
+
+
 def keyless_statements(schema: TableSchema, target: sql.Identifier, target_schema: str,
                        stage_name: str) -> KeylessStatements:
     stage = sql.Identifier(stage_name)
@@ -197,14 +214,18 @@ def keyless_statements(schema: TableSchema, target: sql.Identifier, target_schem
         create_stage=sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT PRESERVE ROWS"
                              ).format(stage, _join(stage_columns)),
         copy_stage=sql.SQL("COPY {} ({}, {}) FROM STDIN").format(stage, column_list, count),
+        analyze_stage=sql.SQL("ANALYZE {}").format(stage),
         copy_direct=sql.SQL("COPY {} ({}) FROM STDIN").format(target, column_list),
         delete=sql.SQL(
             "DELETE FROM {target} AS t USING (SELECT m.row_id FROM (SELECT d.ctid AS row_id, "
             "s.{count} AS wanted, row_number() OVER (PARTITION BY s.ctid) AS n "
-            "FROM {target} AS d JOIN {stage} AS s ON {d_row} = {s_row} WHERE s.{count} < 0) "
-            "AS m WHERE m.n <= -m.wanted) AS found WHERE t.ctid = found.row_id"
+            "FROM {target} AS d JOIN {stage} AS s ON {d_probe} = {s_probe} "
+            "AND {d_row} IS NOT DISTINCT FROM {s_row} "
+            "WHERE s.{count} < 0) AS m WHERE m.n <= -m.wanted) AS found "
+            "WHERE t.ctid = found.row_id"
         ).format(target=target, stage=stage, count=count, d_row=row_text(schema, "d"),
-                 s_row=row_text(schema, "s")),
+                 s_row=row_text(schema, "s"), d_probe=_probe(schema, "d"),
+                 s_probe=_probe(schema, "s")),
         insert=sql.SQL(
             "INSERT INTO {target} ({columns}) SELECT {values} FROM {stage} AS s "
             "CROSS JOIN LATERAL generate_series(1, s.{count}) WHERE s.{count} > 0"
