@@ -6,13 +6,16 @@ from collections.abc import Iterator
 
 import psycopg2
 import pytest
+from psycopg2 import sql
 
 from rosetta_dagster.core.capture.debezium.values import DEBEZIUM_VALUES
+from rosetta_dagster.core.capture.pgoutput import PGOUTPUT_VALUES
 from rosetta_dagster.core.destination.errors import ApplyError
 from rosetta_dagster.core.destination.postgres.applier import PostgresApplier
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
+from rosetta_dagster.core.position_tracking import PositionTracking
 from rosetta_dagster.core.source_rows import SourceRows
 from rosetta_dagster.core.table_schema import read_table_schema
 from rosetta_dagster.harness import execute, fetch
@@ -138,3 +141,30 @@ def test_a_row_escaped_whole_equals_the_row_escaped_field_by_field() -> None:
         assert copy_row([ROW_NULL if v is None else v for v in row]) == expected
     with pytest.raises(TypeError):  # the marker is not text: the field-by-field path takes it
         copy_row(["1", UNCHANGED_TOAST])  # type: ignore[list-item]
+
+
+def test_a_replay_behind_the_destinations_position_is_skipped_even_behind_a_schema_event(
+    database_url: str
+) -> None:
+    """A destination ahead of the stream's restart point skips what it committed, also when
+    the session put a schema event (no position) in front of the replayed batch: for a row
+    without a key, applying it again would add a copy (found by the fuzzer)."""
+    log = TableRef("public", "log")
+    execute(database_url, "CREATE TABLE public.log (n int, v text)",
+            "ALTER TABLE public.log REPLICA IDENTITY FULL", "CREATE SCHEMA replica",
+            "CREATE TABLE replica.positions (pipeline text PRIMARY KEY, position pg_lsn, "
+            "updated_at timestamptz)", "INSERT INTO replica.positions VALUES ('p', '0/0', now())")
+    conn = psycopg2.connect(database_url)
+    schema = read_table_schema(conn, log, "test source")
+    conn.close()
+    with ResilientConnectionPool(database_url, PoolSettings(max_conn=2)) as pool:
+        applier = PostgresApplier(pool, "replica", lambda _table: schema, values=PGOUTPUT_VALUES,
+                                  tracking=PositionTracking("p", sql.Identifier("replica",
+                                                                                "positions")))
+        applier.prepare([schema])
+        insert = ChangeEvent(log, "c", None, {"n": "1", "v": "a"}, commit_lsn=100)
+        applier.apply([insert], position=150)
+        later = ChangeEvent(log, "c", None, {"n": "2", "v": "b"}, commit_lsn=200)
+        applier.apply([ChangeEvent(log, "s", None, None), insert, later], position=250)
+    assert fetch(database_url, "SELECT n, v FROM replica.log ORDER BY n") == [(1, "a"), (2, "b")]
+    assert fetch(database_url, "SELECT position::text FROM replica.positions") == [("0/FA",)]

@@ -198,6 +198,20 @@ def test_a_full_table_stays_exact_across_a_kill_9_under_a_concurrent_writer(
             wait_until(lambda: len(rows_multiset(env.destination_url, "replica", "events"))
                        > rows + 60, 60, "the restarted stream")
         wait_until(lambda: same_rows(env, "events"), 60, "the destination to equal the source")
+        # A backfill request says what it will do (and takes no filter).
+
+        def request(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "rosetta_dagster.cli", "backfill",
+                                   "request", "crashy", "public.events", *extra], cwd=workdir,
+                                  env=process_env, capture_output=True, text=True, timeout=120)
+
+        filtered = request("--where", "n = 1")
+        assert filtered.returncode != 0 and (
+            "public.events has no key, so a backfill re-copies the whole table (one chunk, "
+            "replaced at once); request it without a filter." in filtered.stderr), filtered
+        whole = request()
+        assert whole.returncode == 0 and whole.stdout.endswith(
+            "(no key: the whole table is re-copied in one chunk and replaced at once)\n"), whole
     finally:
         stream.send_signal(signal.SIGTERM)
         stream.wait(60)

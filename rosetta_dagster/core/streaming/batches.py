@@ -139,7 +139,8 @@ def _past(segment: Sequence[ChangeEvent]) -> int | None:
     that keep positions with the data; None otherwise): recorded with it, so that a crash
     before the batch's end never applies it again after the watermark's chunk (a row
     without a key would be added or removed twice)."""
-    commits = [e.commit_lsn for e in segment]
-    if not commits or None in commits:
+    # Schema events the session adds in front carry no position; the rows all do (pgoutput).
+    commits = [e.commit_lsn for e in segment if e.commit_lsn is not None]
+    if not commits or len(commits) < sum(1 for e in segment if e.carries_row):
         return None
-    return max(commits) + 1  # type: ignore[type-var, operator]
+    return max(commits) + 1

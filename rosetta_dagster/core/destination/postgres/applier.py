@@ -1,27 +1,22 @@
-"""Set-wise, idempotent application of change-event batches to a PostgreSQL destination.
+"""Set-wise application of change-event batches to a PostgreSQL destination.
 
 One destination transaction per batch: the net change per key (``net_changes``) is COPYed into
-a temporary staging table, then a single ``MERGE`` inserts, updates and deletes (the statements
-are pure functions in ``statements``; this module executes them). Replaying a batch changes
-nothing, because every statement sets rows to their final values.
+a temporary staging table, then a single ``MERGE`` inserts, updates and deletes (statements:
+the pure ``statements``; this module executes them). Replaying such a batch changes nothing:
+every statement sets rows to their final values. A table without a key is applied by net count
+per row (``keyless``), which is not idempotent: it needs an engine that keeps positions with
+the data, and what a destination has committed is skipped when the stream resumes behind it.
 
-Order: events are applied in the order the capture engine delivers them (source commit order),
-batch after batch, and within a batch the last change per key wins. After a crash the engine
-replays from the last position the destinations (or its offsets) committed, in the same order,
-so the destination passes through the same states again and ends on the latest one; no per-row
-version column is added, so destination tables stay exact copies of the source.
+Order: source commit order, batch after batch; within a batch the last change per key wins.
+After a crash the stream replays from the last committed position, so the destination passes
+through the same states again and ends on the latest (no per-row version column: destination
+tables stay exact copies). Values a change leaves out (unchanged TOAST) are never written as
+NULL: they come from the row at the key, at a moved row's old key, or from the source.
+PostgreSQL 15+ (MERGE).
 
-Values a change leaves out (unchanged TOAST) are never written as NULL: they come from the
-destination row at the key, at the old key of a row whose key changed, or, failing both, from
-the source. Requires PostgreSQL 15+ on the destination (MERGE).
-
-Re-snapshots (first start, or after a dropped slot) upsert every source row but cannot, by
-themselves, remove destination rows whose source row was deleted while nothing was streaming.
-During such a snapshot the applier records every snapshot key in a key table next to the
-destination table (same transaction as the MERGE); when the snapshot ends, rows whose key was
-not recorded are deleted and the key tables dropped (:meth:`PostgresApplier.finish_resync`).
-That point is exact: the snapshot is a consistent read, and streaming events are only applied
-after it. Backfill chunks are merged by ``staging.merge_chunk`` (see ``core.backfill``).
+A re-snapshot through the engine (Debezium's own) records every key it writes in a key table
+beside the destination table, in the batch's transaction; when it ends, rows whose key it did
+not write are deleted (:meth:`PostgresApplier.finish_resync`). Backfill chunks: ``staging``.
 """
 
 from __future__ import annotations
@@ -82,6 +77,12 @@ def _note_run(counts: dict[TableRef, int], last_ts: dict[TableRef, int], table: 
     counts[table] = counts.get(table, 0) + events
     if source_ts_ms is not None:
         last_ts[table] = source_ts_ms
+
+
+def _first_commit(events: Sequence[ChangeEvent]) -> int:
+    """The commit position of the batch's first transaction (events are in commit order; a
+    schema event the session adds in front has none)."""
+    return next((e.commit_lsn for e in events if e.commit_lsn is not None), 1 << 64)
 
 
 class PostgresApplier:
@@ -332,8 +333,9 @@ class PostgresApplier:
         counts = result.events_by_table
         last_ts = result.last_source_ts_ms
         applied = self.position
-        if applied is not None and events and (events[0].commit_lsn or applied) < applied:
-            # Resumed behind this destination: what it has already committed is skipped.
+        if applied is not None and events and _first_commit(events) < applied:
+            # Resumed behind this destination: what it has already committed is skipped (a
+            # row without a key would be applied twice).
             events = [e for e in events if e.commit_lsn is None or e.commit_lsn >= applied]
         if not events and position is None:
             return result
