@@ -143,28 +143,58 @@ def test_a_row_escaped_whole_equals_the_row_escaped_field_by_field() -> None:
         copy_row(["1", UNCHANGED_TOAST])  # type: ignore[list-item]
 
 
+def _keyless_applier(database_url: str, pool: ResilientConnectionPool) -> PostgresApplier:
+    """A destination keeping its position with the data, and a table without a key."""
+    execute(database_url, "CREATE TABLE public.log (n int, v text)",
+            "ALTER TABLE public.log REPLICA IDENTITY FULL", "CREATE SCHEMA replica",
+            "CREATE TABLE replica.positions (pipeline text PRIMARY KEY, position pg_lsn, "
+            "updated_at timestamptz)", "INSERT INTO replica.positions VALUES ('p', '0/0', now())")
+    conn = psycopg2.connect(database_url)
+    schema = read_table_schema(conn, LOG, "test source")
+    conn.close()
+    applier = PostgresApplier(pool, "replica", lambda _table: schema, values=PGOUTPUT_VALUES,
+                              tracking=PositionTracking("p", sql.Identifier("replica",
+                                                                            "positions")))
+    applier.prepare([schema])
+    return applier
+
+
+LOG = TableRef("public", "log")
+
+
+def test_a_batch_whose_commit_was_lost_is_not_applied_twice(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection goes during COMMIT, after the server committed: the retried batch must
+    find the position it recorded (a row without a key would be added twice)."""
+    with ResilientConnectionPool(database_url, PoolSettings(max_conn=2)) as pool:
+        applier = _keyless_applier(database_url, pool)
+        insert = ChangeEvent(LOG, "c", None, {"n": "1", "v": "a"}, commit_lsn=100)
+        close_open = PostgresApplier._close_open
+
+        def committed_then_lost(self: PostgresApplier, exc: BaseException | None) -> None:
+            close_open(self, exc)
+            monkeypatch.setattr(PostgresApplier, "_close_open", close_open)
+            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(PostgresApplier, "_close_open", committed_then_lost)
+        with pytest.raises(psycopg2.OperationalError):
+            applier.apply([insert], position=150)
+        applier.apply([insert], position=150)  # the retry
+    assert fetch(database_url, "SELECT n, v FROM replica.log") == [(1, "a")]
+
+
 def test_a_replay_behind_the_destinations_position_is_skipped_even_behind_a_schema_event(
     database_url: str
 ) -> None:
     """A destination ahead of the stream's restart point skips what it committed, also when
     the session put a schema event (no position) in front of the replayed batch: for a row
     without a key, applying it again would add a copy (found by the fuzzer)."""
-    log = TableRef("public", "log")
-    execute(database_url, "CREATE TABLE public.log (n int, v text)",
-            "ALTER TABLE public.log REPLICA IDENTITY FULL", "CREATE SCHEMA replica",
-            "CREATE TABLE replica.positions (pipeline text PRIMARY KEY, position pg_lsn, "
-            "updated_at timestamptz)", "INSERT INTO replica.positions VALUES ('p', '0/0', now())")
-    conn = psycopg2.connect(database_url)
-    schema = read_table_schema(conn, log, "test source")
-    conn.close()
     with ResilientConnectionPool(database_url, PoolSettings(max_conn=2)) as pool:
-        applier = PostgresApplier(pool, "replica", lambda _table: schema, values=PGOUTPUT_VALUES,
-                                  tracking=PositionTracking("p", sql.Identifier("replica",
-                                                                                "positions")))
-        applier.prepare([schema])
-        insert = ChangeEvent(log, "c", None, {"n": "1", "v": "a"}, commit_lsn=100)
+        applier = _keyless_applier(database_url, pool)
+        insert = ChangeEvent(LOG, "c", None, {"n": "1", "v": "a"}, commit_lsn=100)
         applier.apply([insert], position=150)
-        later = ChangeEvent(log, "c", None, {"n": "2", "v": "b"}, commit_lsn=200)
-        applier.apply([ChangeEvent(log, "s", None, None), insert, later], position=250)
+        later = ChangeEvent(LOG, "c", None, {"n": "2", "v": "b"}, commit_lsn=200)
+        applier.apply([ChangeEvent(LOG, "s", None, None), insert, later], position=250)
     assert fetch(database_url, "SELECT n, v FROM replica.log ORDER BY n") == [(1, "a"), (2, "b")]
     assert fetch(database_url, "SELECT position::text FROM replica.positions") == [("0/FA",)]

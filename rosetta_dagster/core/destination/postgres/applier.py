@@ -48,6 +48,7 @@ from rosetta_dagster.core.destination.postgres.plan import (
     TablePlan,
     copy_lines,
     keys_table_name,
+    note_run,
 )
 from rosetta_dagster.core.destination.postgres.staging import merge_chunk, replace_table
 from rosetta_dagster.core.destination.postgres.statements import (
@@ -69,14 +70,6 @@ logger = logging.getLogger("rosetta.apply")
 
 # A table's changes in one flush: net change per key, or net count per row (no key).
 PendingChanges = NetChanges | KeylessChanges
-
-
-def _note_run(counts: dict[TableRef, int], last_ts: dict[TableRef, int], table: TableRef,
-              events: int, source_ts_ms: int | None) -> None:
-    """Count a run of consecutive events of one table (per run, not per event)."""
-    counts[table] = counts.get(table, 0) + events
-    if source_ts_ms is not None:
-        last_ts[table] = source_ts_ms
 
 
 def _first_commit(events: Sequence[ChangeEvent]) -> int:
@@ -115,6 +108,7 @@ class PostgresApplier:
         self._open: AbstractContextManager[psycopg2.extensions.connection] | None = None
         self._open_conn: psycopg2.extensions.connection | None = None
         self._spans_pieces = False  # the open transaction is one source transaction in pieces
+        self._position_unknown = False  # a COMMIT failed: did the batch land? (tracking)
         # Tables whose destination table prepare() created (first start, added, new target).
         self.created: set[TableRef] = set()
         # Tables with columns given the source's new type (ALTER COLUMN TYPE); the caller
@@ -297,7 +291,12 @@ class PostgresApplier:
             self._close_open(exc)
             raise
         if complete:
-            self._close_open(None)
+            try:
+                self._close_open(None)
+            except BaseException:
+                # Lost during COMMIT, the batch may be in: its position is read again first.
+                self._position_unknown = True
+                raise
 
     def _close_open(self, exc: BaseException | None) -> None:
         """Commit (no ``exc``) or roll back the open transaction and return its connection."""
@@ -332,6 +331,9 @@ class PostgresApplier:
         result = BatchResult({}, 0, 0, {}, 0)
         counts = result.events_by_table
         last_ts = result.last_source_ts_ms
+        if self._position_unknown and self.tracking is not None:
+            self.read_position()  # a retried batch that did land is then skipped
+        self._position_unknown = False
         applied = self.position
         if applied is not None and events and _first_commit(events) < applied:
             # Resumed behind this destination: what it has already committed is skipped (a
@@ -357,7 +359,7 @@ class PostgresApplier:
             for event in events:
                 if event.table is not table or plan is None:  # identity: no hashing
                     if run:
-                        _note_run(counts, last_ts, table, run, run_ts)  # type: ignore[arg-type]
+                        note_run(counts, last_ts, table, run, run_ts)  # type: ignore[arg-type]
                         run, run_ts = 0, None
                     table = event.table
                     plan = self._plans.get(table)
@@ -385,7 +387,7 @@ class PostgresApplier:
                     per_table = self._pending_of(pending, table, plan)
                 per_table.add(event)  # type: ignore[union-attr]
             if run:
-                _note_run(counts, last_ts, table, run, run_ts)  # type: ignore[arg-type]
+                note_run(counts, last_ts, table, run, run_ts)  # type: ignore[arg-type]
             self._flush(conn, pending, result, record_keys)
             if position is not None and self.tracking is not None and (
                     applied is None or position > applied):

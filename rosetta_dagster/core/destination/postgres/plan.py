@@ -171,3 +171,11 @@ def _origin_fields(plan: TablePlan, origin: Origin) -> str:
                       for name, value in zip(plan.schema.key_columns, origin.moved_from,
                                              strict=True))
     return "\t" + "\t".join(fields)
+
+
+def note_run(counts: dict[TableRef, int], last_ts: dict[TableRef, int], table: TableRef,
+             events: int, source_ts_ms: int | None) -> None:
+    """Count a run of consecutive events of one table (per run, not per event)."""
+    counts[table] = counts.get(table, 0) + events
+    if source_ts_ms is not None:
+        last_ts[table] = source_ts_ms
