@@ -19,6 +19,13 @@ A row updated or deleted while the chunk was read can therefore never be put bac
 value or resurrected, and changes after the high watermark are applied after the chunk, as
 usual. Rows move with COPY in and out and three set-wise statements per chunk.
 
+A table without a key (REPLICA IDENTITY FULL, or inserts only) cannot be chunked: the whole
+table is one chunk, read by every destination under one REPEATABLE READ snapshot whose
+visibility the high watermark carries; the window keeps the table's changes themselves, and at
+the high watermark each destination's rows become the chunk and the window's changes that
+snapshot did not see are applied again (``window.ChunkWindows._replace``,
+``DestinationWriter.replace_rows``).
+
 Progress (``count_record``, the resume point) is written by the stream when it applies a chunk,
 so a crashed backfill resumes after the last applied chunk. Backfills therefore need the
 pipeline's stream to run (START).
