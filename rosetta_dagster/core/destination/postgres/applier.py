@@ -435,9 +435,14 @@ class PostgresApplier:
 
     def _apply_keyless(self, conn: psycopg2.extensions.connection, plan: TablePlan,
                        changes: KeylessChanges, result: BatchResult) -> None:
-        small = len(changes.counts) < 1000 and not self._spans_pieces
         with conn.cursor() as cursor:
-            result.rows_written += apply_keyless(cursor, plan, changes, self.name, small=small)
+            result.rows_written += apply_keyless(cursor, plan, changes, self.name,
+                                                 small=self._small_stage(len(changes.counts)))
+
+    def _small_stage(self, rows: int) -> bool:
+        """DELETE empties a small batch's stage (no new file); TRUNCATE a large one's, and a
+        large transaction's pieces' (dead rows would pile up until its commit)."""
+        return rows < 1000 and not self._spans_pieces
 
     @staticmethod
     def _copy_direct(cursor: psycopg2.extensions.cursor, plan: TablePlan,
@@ -494,10 +499,7 @@ class PostgresApplier:
             if record_keys:
                 cursor.execute(plan.resync.create_keys)  # a table added during the snapshot
                 cursor.execute(plan.resync.record_keys)
-            # Small batches: DELETE (no new relation file, unlike TRUNCATE). Large ones, and the
-            # pieces of one large transaction (dead rows would pile up until its commit and
-            # every later MERGE would scan them): TRUNCATE.
-            small = rows < 1000 and not self._spans_pieces
-            cursor.execute(statements.clear_stage if small else statements.truncate_stage)
+            cursor.execute(statements.clear_stage if self._small_stage(rows)
+                           else statements.truncate_stage)
         result.rows_written += rows
         result.unchanged_toast_values += unchanged_toast

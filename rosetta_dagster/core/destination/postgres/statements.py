@@ -86,6 +86,12 @@ class BatchStatements:
     truncate_stage: sql.Composed
 
 
+def _stage_clearing(stage: sql.Identifier) -> dict[str, sql.Composed]:
+    """Emptying a stage after its batch: DELETE (small) or TRUNCATE (large), see the applier."""
+    return {"clear_stage": sql.SQL("DELETE FROM {}").format(stage),
+            "truncate_stage": sql.SQL("TRUNCATE {}").format(stage)}
+
+
 def batch_statements(schema: TableSchema, target: sql.Identifier, target_schema: str,
                      stage_name: str) -> BatchStatements:
     stage = sql.Identifier(stage_name)
@@ -151,8 +157,7 @@ def batch_statements(schema: TableSchema, target: sql.Identifier, target_schema:
         copy_direct=sql.SQL("COPY {} ({}) FROM STDIN").format(target, column_list),
         resolve_from_old_key=resolve_from_old_key,
         unresolved_rows=unresolved_rows,
-        clear_stage=sql.SQL("DELETE FROM {}").format(stage),
-        truncate_stage=sql.SQL("TRUNCATE {}").format(stage),
+        **_stage_clearing(stage),
     )
 
 
@@ -232,8 +237,7 @@ def keyless_statements(schema: TableSchema, target: sql.Identifier, target_schem
         ).format(target=target, columns=column_list, stage=stage, count=count,
                  values=_join([sql.SQL("s.{}").format(sql.Identifier(c))
                                for c in schema.column_names])),
-        clear_stage=sql.SQL("DELETE FROM {}").format(stage),
-        truncate_stage=sql.SQL("TRUNCATE {}").format(stage),
+        **_stage_clearing(stage),
     )
 
 
