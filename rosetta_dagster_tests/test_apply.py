@@ -17,7 +17,7 @@ from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.position_tracking import PositionTracking
 from rosetta_dagster.core.source_rows import SourceRows
-from rosetta_dagster.core.table_schema import read_table_schema
+from rosetta_dagster.core.table_schema import TableSchema, read_table_schema
 from rosetta_dagster.harness import execute, fetch
 
 TABLE = TableRef("public", "accounts")
@@ -127,6 +127,45 @@ def test_a_failing_batch_rolls_back_entirely(applier: PostgresApplier, database_
     assert str(raised.value) == (
         "Destination destination: a change of public.accounts with key (id=1) could not be "
         'applied at column balance: invalid input syntax for type integer: "not a number".')
+
+
+def test_a_column_added_in_a_batch_that_rolled_back_is_added_again(database_url: str) -> None:
+    """The ALTER TABLE went with the failed batch's transaction: the applier must not think
+    the destination has the column (the retry would write into a column that is not there)."""
+    execute(database_url, "CREATE TABLE public.accounts (id int PRIMARY KEY, owner text)")
+
+    def source_schema(table: TableRef) -> TableSchema:
+        conn = psycopg2.connect(database_url)
+        try:
+            return read_table_schema(conn, table, "test source")
+        finally:
+            conn.close()
+
+    with ResilientConnectionPool(database_url, PoolSettings(max_conn=2)) as pool:
+        applier = PostgresApplier(pool, "replica", source_schema, values=PGOUTPUT_VALUES)
+        applier.prepare([source_schema(TABLE)])
+        execute(database_url, "ALTER TABLE public.accounts ADD COLUMN balance int")
+        widened = ChangeEvent(TABLE, "c", None, {"id": "1", "owner": "a", "balance": "5"})
+        refused = ChangeEvent(TABLE, "c", None, {"id": "2", "owner": "b", "balance": "x"})
+        assert applier.first_refused([], [widened]) is None  # rolled back on purpose
+        with pytest.raises(ApplyError):
+            applier.apply([widened, refused])  # rolled back by the refused change
+        applier.apply([widened])
+    assert fetch(database_url, "SELECT id, owner, balance FROM replica.accounts") == [(1, "a", 5)]
+
+
+def test_the_first_refused_change_is_found_and_nothing_is_committed(
+    applier: PostgresApplier, database_url: str
+) -> None:
+    applier.apply([_event("c", 1, "kept", 1)])
+    bad = _event("u", 4, "bad", "x")  # type: ignore[arg-type]
+    events = [_event("d", 1), *(_event("c", n, "new", n) for n in range(2, 9)), bad,
+              _event("c", 9, "after", 9)]
+    for before in ([], [_event("c", 10, "earlier", 10)]):
+        found = applier.first_refused(before, events)
+        assert found is not None and found[0] == 8 and "invalid input syntax" in str(found[1])
+    assert applier.first_refused([], events[:8] + events[9:]) is None
+    assert _rows(database_url) == [(1, "kept", 1)]
 
 
 def test_a_row_escaped_whole_equals_the_row_escaped_field_by_field() -> None:

@@ -82,7 +82,8 @@ def _db_args(database_url: str) -> list[str]:
 
 
 def test_stop_names_the_change_applies_what_came_before_and_resumes_or_skips(
-    env: StreamingEnv, store: ConfigStore, database_url: str, capsys: pytest.CaptureFixture[str]
+    env: StreamingEnv, store: ConfigStore, database_url: str, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     stopped = _run_until_it_stops(_session(env, store), [CHECK], env, [ROWS])
     report = stopped.report
@@ -103,14 +104,27 @@ def test_stop_names_the_change_applies_what_came_before_and_resumes_or_skips(
         '{"id": "7000"}', "23514", report.position)
     assert rosetta(["pipeline", *_db_args(database_url), "status", "refuse"]) == 1
     assert f"insert of public.acct (id=7000) at {report.position} on dst" in capsys.readouterr().out
+    if env.engine == "pgoutput":
+        # The slot may already be confirmed up to the refused transaction (psycopg2 confirms a
+        # keepalive's WAL end by itself once all it received was confirmed): the stop moved the
+        # destination's position to that transaction (past what came before it), so the next
+        # start resumes on it instead of reading the slot as re-created (a reload).
+        [(position,)] = fetch(env.destination_url, "SELECT position::text FROM "
+                              "replica._rosetta_positions WHERE pipeline = 'refuse'")
+        assert fetch(env.destination_url, "SELECT %s::pg_lsn > %s::pg_lsn",
+                     (position, report.position)) == [(True,)]
+        execute(env.source_url, "SELECT pg_replication_slot_advance(slot_name, %s) FROM "
+                "pg_replication_slots WHERE slot_name = %s AND confirmed_flush_lsn < %s",
+                params=(position, env.pipeline("refuse", ["public.acct"]).slot_name, position))
 
-    # The user fixes the destination and starts again: nothing was lost.
+    # The user fixes the destination and starts again: nothing was lost, nothing reloaded.
     execute(env.destination_url, "ALTER TABLE replica.acct DROP CONSTRAINT amount_below_a_million")
     with streaming(_session(env, store)):
         wait_until(lambda: env.converged("public.acct"), 60, "the resumed stream")
         # Cleared in the config store once the batch past it committed at the destination.
         wait_until(lambda: store.get_pipeline("refuse").last_apply_error is None, 30,
                    "the stop to be cleared")
+    assert not [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]
 
     # Refused again; this time the user skips exactly that change, after confirming.
     stopped = _run_until_it_stops(_session(env, store), [CHECK], env, [
@@ -130,6 +144,37 @@ def test_stop_names_the_change_applies_what_came_before_and_resumes_or_skips(
     skips = store.list_skips("refuse")
     assert [(s.position, s.requested_by, s.skipped_at is not None) for s in skips] == [
         (position, "ops@example.com", True)]
+
+
+@pytest.mark.parametrize("engine", ["pgoutput"])  # tables without a key: pgoutput only
+def test_a_stop_inside_a_transaction_adds_no_row_of_a_keyless_table_twice(
+    env: StreamingEnv, store: ConfigStore
+) -> None:
+    """The refused transaction's earlier rows of a table without a key wait for its replay;
+    the transactions before it are applied once, with the position past them."""
+    execute(env.source_url, "CREATE TABLE public.log (note text)",
+            "ALTER TABLE public.log REPLICA IDENTITY FULL", "INSERT INTO public.log VALUES ('a')")
+    pipeline = env.pipeline("refuse", ["public.acct", "public.log"])
+    store.sync_pipeline(pipeline)
+    store.set_pipeline_status("refuse", PipelineStatus.START)
+
+    def session() -> StreamingSession:
+        return StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
+
+    def notes() -> list[tuple[object, ...]]:
+        return fetch(env.destination_url, "SELECT note FROM replica.log ORDER BY note")
+
+    stopped = _run_until_it_stops(session(), [CHECK], env, [
+        "INSERT INTO public.log VALUES ('b'), ('b')",
+        "INSERT INTO public.log VALUES ('c'); INSERT INTO public.acct VALUES (1, 2000000, 'no'); "
+        "INSERT INTO public.log VALUES ('d')"])
+    assert stopped.report.key == {"id": "1"}
+    wait_until(lambda: notes() == [("a",), ("b",), ("b",)], 10, "what came before, once")
+    execute(env.destination_url, "ALTER TABLE replica.acct DROP CONSTRAINT amount_below_a_million")
+    with streaming(session()):
+        wait_until(lambda: notes() == [("a",), ("b",), ("b",), ("c",), ("d",)], 60,
+                   "the replayed transaction, once")
+        wait_until(lambda: env.converged("public.acct"), 60, "the refused row")
 
 
 @pytest.mark.parametrize("engine", ["debezium"])  # above the capture (test_capture_contract)

@@ -107,6 +107,14 @@ class DestinationWriter(Protocol):
         any error. ``record_keys``: the batch belongs to a re-snapshot. ``complete=False``: a
         piece of one source transaction; the transaction stays open for the next piece."""
 
+    def first_refused(self, applied: Sequence[ChangeEvent], events: Sequence[ChangeEvent]
+                      ) -> tuple[int, Exception] | None:
+        """The index of the first of ``events`` the destination refuses after ``applied``, and
+        its error (None: it takes them all), in a transaction that is rolled back."""
+
+    def has_key(self, table: TableRef) -> bool:
+        """Whether ``table``'s rows have a key here (applying a change again is harmless)."""
+
     @property
     def in_transaction(self) -> bool:
         """True while pieces of one source transaction wait in an open transaction."""

@@ -1,13 +1,17 @@
 """Applying a batch when a destination may refuse some of it.
 
 Transient errors are retried, same batch, with backoff, for ``apply_retry_seconds``. A data
-error is isolated: the batch is split in halves (in stream order) until the one refused change
-is known, and everything before it is applied. Then the pipeline's ``on_apply_error`` policy:
+error is isolated: in one destination transaction that is rolled back afterwards, halves of
+the batch are tried under a savepoint (in stream order) until the one refused change is known
+(``DestinationWriter.first_refused``); then the rest is applied with the batch's position in
+one transaction, so a crash never replays something applied. Then the pipeline's
+``on_apply_error`` policy:
 
 - ``stop``: the report (source table, key, operation, position, time, destination, column,
   PostgreSQL's message) is recorded, the pipeline is set to PAUSE so nothing restarts it, and
-  the run fails with that sentence. Its position is not moved past the change, so the next start
-  resumes on it; ``rosetta pipeline skip`` drops exactly that change once a person confirmed.
+  the run fails with that sentence. What came before is applied and the position moves to the
+  change's source transaction, never past it, so the next start replays that transaction;
+  ``rosetta pipeline skip`` drops exactly that change once a person confirmed.
 - ``park``: the change is stored whole in the config store and the stream goes on. Later
   changes of the same key (same destination) are parked behind it, so an older value can never
   overwrite a newer one. ``rosetta parked retry`` asks the stream to replay a key's changes in
@@ -23,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from rosetta_dagster.core.config_store import ApplySkip, ConfigStore, ParkedRow, PipelineStatus
 from rosetta_dagster.core.destination import BatchResult, DestinationWriter
@@ -41,6 +45,8 @@ from rosetta_dagster.core.pipeline_config import PipelineDefinition
 from rosetta_dagster.core.replication import Log
 
 logger = logging.getLogger("rosetta.apply")
+
+_T = TypeVar("_T")
 
 MAX_RETRY_DELAY_S = 30.0
 PARKED_POLL_S = 1.0
@@ -112,10 +118,10 @@ class RefusedChanges:
                 if data and events:
                     self._note_unsplittable(writer, events, exc)
                 raise
-            return self._isolate(writer, list(events), position, exc)
+            return self._isolate(writer, list(events), position)
 
-    def _retrying(self, writer: DestinationWriter, attempt: Callable[[], BatchResult],
-                  raise_at_once: bool) -> BatchResult:
+    def _retrying(self, writer: DestinationWriter, attempt: Callable[[], _T],
+                  raise_at_once: bool) -> _T:
         deadline: float | None = None
         tries = 0
         while True:
@@ -139,46 +145,42 @@ class RefusedChanges:
                 self.sleep(delay)
 
     def _isolate(self, writer: DestinationWriter, events: list[ChangeEvent],
-                 position: int | None, first_refusal: BaseException) -> BatchResult:
+                 position: int | None) -> BatchResult:
+        """Find the refused changes in a transaction that is rolled back, then apply the rest
+        and the batch's position in one transaction: a crash in between replays nothing that
+        was applied (a row without a key would be added twice)."""
+        kept: list[ChangeEvent] = []
         remaining = events
-        refusal: BaseException | None = first_refusal
         while remaining:
-            index, exc = self._first_refused(writer, remaining, refusal)
-            if index is None or exc is None:
+            found = self._retrying(
+                writer, lambda done=kept, todo=remaining: writer.first_refused(done, todo), False)
+            if found is None:
+                kept.extend(remaining)
                 break
+            index, exc = found
             event = remaining[index]
             report = RefusedChange.of(self.pipeline.name, writer.name, event,
                                       writer.key_text(event), exc)
+            kept.extend(remaining[:index])
             if not self.park:
+                self._apply_before(writer, kept, event)
                 self._stop(report)
             self.log.error("%s Parked with the key's later changes (on_apply_error: park).",
                            report.sentence())
             self._park(writer, [event], report)
             remaining = self._park_behind(writer, remaining[index + 1:])
-            refusal = None
-        # Everything else is applied: now the batch's position moves.
-        return self._retrying(writer, lambda: writer.apply([], position=position), False)
+        return self._retrying(writer, lambda: writer.apply(kept, position=position), False)
 
-    def _first_refused(self, writer: DestinationWriter, events: list[ChangeEvent],
-                       refusal: BaseException | None) -> tuple[int | None, BaseException | None]:
-        """Apply ``events`` up to the first one the destination refuses: its index and error,
-        or None when all went through. ``refusal``: the error applying all of them gave."""
-        if refusal is None:
-            try:
-                self._retrying(writer, lambda: writer.apply(events), False)
-                return None, None
-            except Exception as exc:
-                if classify(exc) != "data":
-                    raise
-                refusal = exc
-        if len(events) == 1:
-            return 0, refusal
-        middle = len(events) // 2
-        index, exc = self._first_refused(writer, events[:middle], None)
-        if index is not None:
-            return index, exc
-        index, exc = self._first_refused(writer, events[middle:], None)
-        return (middle + index, exc) if index is not None else (None, None)
+    def _apply_before(self, writer: DestinationWriter, before: list[ChangeEvent],
+                      refused: ChangeEvent) -> None:
+        """Before stopping: what came before the refused change is applied, and the position
+        moves to the start of its transaction (its commit), which the next start replays
+        whole. That transaction's earlier changes to tables without a key wait for the replay:
+        applied now they would be there twice."""
+        transaction = refused.commit_lsn
+        kept = [e for e in before
+                if transaction is None or e.commit_lsn != transaction or writer.has_key(e.table)]
+        self._retrying(writer, lambda: writer.apply(kept, position=transaction), False)
 
     def _stop(self, report: RefusedChange) -> None:
         if self.store is not None:

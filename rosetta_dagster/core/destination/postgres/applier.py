@@ -21,10 +21,10 @@ not write are deleted (:meth:`PostgresApplier.finish_resync`). Backfill chunks: 
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg2.extensions
@@ -40,15 +40,20 @@ from rosetta_dagster.core.destination import (
 from rosetta_dagster.core.destination.errors import classify
 from rosetta_dagster.core.destination.keyless_changes import KeylessChanges
 from rosetta_dagster.core.destination.net_changes import NetChanges
-from rosetta_dagster.core.destination.postgres.apply_errors import keyed_failure
 from rosetta_dagster.core.destination.postgres.ddl import ensure_destination_table
+from rosetta_dagster.core.destination.postgres.keyed import apply_keyed
 from rosetta_dagster.core.destination.postgres.keyless import apply_keyless
-from rosetta_dagster.core.destination.postgres.left_out import resolve_left_out
 from rosetta_dagster.core.destination.postgres.plan import (
     TablePlan,
-    copy_lines,
+    event_text,
+    key_text,
     keys_table_name,
     note_run,
+)
+from rosetta_dagster.core.destination.postgres.resync import (
+    begin_resync,
+    finish_resync,
+    resync_pending,
 )
 from rosetta_dagster.core.destination.postgres.staging import merge_chunk, replace_table
 from rosetta_dagster.core.destination.postgres.statements import (
@@ -62,14 +67,28 @@ from rosetta_dagster.core.pool import ResilientConnectionPool
 from rosetta_dagster.core.position_tracking import PositionTracking
 from rosetta_dagster.core.source_rows import SourceRows
 from rosetta_dagster.core.table_schema import TableSchema
-from rosetta_dagster.core.values import (
-    ValueCodec,
-)
+from rosetta_dagster.core.values import ValueCodec
 
 logger = logging.getLogger("rosetta.apply")
 
 # A table's changes in one flush: net change per key, or net count per row (no key).
 PendingChanges = NetChanges | KeylessChanges
+
+
+@dataclass(frozen=True)
+class _SchemaState:
+    """The applier's picture of its tables before a transaction changed them."""
+
+    plans: dict[TableRef, TablePlan]
+    created: set[TableRef]
+    retyped: dict[TableRef, tuple[RetypedColumn, ...]]
+
+
+class _Probed(Exception):  # noqa: N818 - not an error: how a probe's transaction ends
+    """Rolls back a probe's transaction."""
+
+
+_PROBED = _Probed()
 
 
 def _first_commit(events: Sequence[ChangeEvent]) -> int:
@@ -114,6 +133,9 @@ class PostgresApplier:
         # Tables with columns given the source's new type (ALTER COLUMN TYPE); the caller
         # takes them (their other rows were converted on the source without a change event).
         self.retyped: dict[TableRef, tuple[RetypedColumn, ...]] = {}
+        # What the open transaction's table refreshes replaced: restored if it rolls back (its
+        # DDL is gone with it, so the next batch widens the table again).
+        self._undo: _SchemaState | None = None
 
     # -- schema ----------------------------------------------------------------------------
 
@@ -130,34 +152,18 @@ class PostgresApplier:
         """How ``table`` is staged and merged here (after :meth:`prepare`)."""
         return self._plans[table]
 
+    def has_key(self, table: TableRef) -> bool:
+        """Whether ``table``'s rows have a key here (applying a change again is harmless)."""
+        plan = self._plans.get(table)
+        return plan is None or not plan.schema.keyless
+
     def key_text(self, event: ChangeEvent) -> dict[str, str | None]:
-        """The event's primary key in PostgreSQL's text form, by column."""
-        plan = self._plans.get(event.table)
-        if plan is None:
-            return {k: None if v is None else str(v) for k, v in event.row.items()}
-        converters = plan.converter_of
-        row = event.row
-        # A row without a key is told by all its columns.
-        names = plan.schema.key_columns or tuple(n for n in plan.column_names if n in row)
-        return {k: None if row.get(k) is None else converters[k](row[k]) for k in names}
+        """The event's key in PostgreSQL's text form, by column (no key: every column)."""
+        return key_text(self._plans.get(event.table), event)
 
     def event_as_text(self, event: ChangeEvent) -> dict[str, Any]:
-        """The change with every value in its text form (unchanged TOAST values left out, so a
-        replay keeps the destination's value), as JSON for the config store."""
-        plan = self._plans[event.table]
-        converters = plan.converter_of
-        is_unchanged = self.values.is_unchanged
-
-        def as_text(values: dict[str, Any] | None) -> dict[str, str | None] | None:
-            if values is None:
-                return None
-            return {name: None if value is None else converters[name](value)
-                    for name, value in values.items()
-                    if name in converters and not is_unchanged(value)}
-
-        return {"table": event.table.qualified, "op": event.op, "before": as_text(event.before),
-                "after": as_text(event.after), "source_ts_ms": event.source_ts_ms,
-                "lsn": event.lsn, "xid": event.xid, "commit_lsn": event.commit_lsn}
+        """The change with every value in its text form, as JSON for the config store."""
+        return event_text(self._plans[event.table], event, self.values.is_unchanged)
 
     def _ensure_table(self, conn: psycopg2.extensions.connection, schema: TableSchema) -> None:
         done = ensure_destination_table(conn, schema, self.target_schema, self.name)
@@ -170,6 +176,8 @@ class PostgresApplier:
                             f"{c.name} {c.old_type} -> {c.new_type}" for c in done.retyped))
 
     def _refresh(self, conn: psycopg2.extensions.connection, table: TableRef) -> TablePlan:
+        if self._undo is None:
+            self._undo = _SchemaState(dict(self._plans), set(self.created), dict(self.retyped))
         schema = self.schema_source(table)
         self._ensure_table(conn, schema)
         plan = self._plan(schema)
@@ -203,38 +211,15 @@ class PostgresApplier:
 
     def begin_resync(self) -> None:
         """Start recording snapshot keys (empty key tables for every prepared table)."""
-        with self.pool.connection() as conn, conn.cursor() as cursor:
-            for plan in self._keyed_plans():
-                cursor.execute(plan.resync.create_keys)
-                cursor.execute(plan.resync.truncate_keys)
+        begin_resync(self.pool, self._keyed_plans())
 
     def resync_pending(self) -> bool:
         """True when a re-snapshot began but its reconciliation has not run (e.g. a crash)."""
-        with self.pool.connection() as conn, conn.cursor() as cursor:
-            for plan in self._keyed_plans():
-                cursor.execute("SELECT to_regclass(%s)", (plan.resync.keys_table.as_string(conn),))
-                row = cursor.fetchone()
-                if row is not None and row[0] is not None:
-                    return True
-        return False
+        return resync_pending(self.pool, self._keyed_plans())
 
     def finish_resync(self) -> dict[TableRef, int]:
         """Delete rows the snapshot did not contain; drop the key tables. One transaction."""
-        removed: dict[TableRef, int] = {}
-        with self.pool.connection() as conn, conn.cursor() as cursor:
-            for plan in self._keyed_plans():
-                table = plan.schema.table
-                cursor.execute(plan.resync.create_keys)  # a table added meanwhile has none yet
-                cursor.execute(plan.resync.delete_unrecorded)
-                removed[table] = cursor.rowcount
-                cursor.execute(plan.resync.drop_keys)
-        for table, count in removed.items():
-            if count:
-                logger.info(
-                    "Destination %s: removed %d row(s) of %s that no longer exist in the source",
-                    self.name, count, table.qualified,
-                )
-        return removed
+        return finish_resync(self.pool, self._keyed_plans(), self.name)
 
     # -- backfill chunks -------------------------------------------------------------------
 
@@ -277,8 +262,10 @@ class PostgresApplier:
         return self.position
 
     @contextmanager
-    def _transaction(self, complete: bool) -> Iterator[psycopg2.extensions.connection]:
-        """The batch's destination transaction; kept open across pieces until ``complete``."""
+    def _transaction(self, complete: bool, *, probe: bool = False
+                     ) -> Iterator[psycopg2.extensions.connection]:
+        """The batch's destination transaction; kept open across pieces until ``complete``.
+        ``probe``: rolled back at the end instead of committed."""
         if self._open is None:
             context = self.pool.connection()
             self._open_conn = context.__enter__()  # may raise: then nothing is open
@@ -290,7 +277,9 @@ class PostgresApplier:
         except BaseException as exc:
             self._close_open(exc)
             raise
-        if complete:
+        if probe:
+            self._close_open(_PROBED)
+        elif complete:
             try:
                 self._close_open(None)
             except BaseException:
@@ -301,8 +290,17 @@ class PostgresApplier:
     def _close_open(self, exc: BaseException | None) -> None:
         """Commit (no ``exc``) or roll back the open transaction and return its connection."""
         context, self._open, self._open_conn = self._open, None, None
-        if context is not None:
-            context.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
+        undo, self._undo = self._undo, None
+        try:
+            if context is not None:
+                context.__exit__(type(exc) if exc else None, exc,
+                                 exc.__traceback__ if exc else None)
+        except BaseException:
+            exc = exc or RuntimeError("commit failed")
+            raise
+        finally:
+            if exc is not None and undo is not None:
+                self._plans, self.created, self.retyped = undo.plans, undo.created, undo.retyped
 
     @property
     def in_transaction(self) -> bool:
@@ -329,66 +327,15 @@ class PostgresApplier:
         a piece of a larger source transaction; the transaction stays open for the next piece.
         """
         result = BatchResult({}, 0, 0, {}, 0)
-        counts = result.events_by_table
-        last_ts = result.last_source_ts_ms
         if self._position_unknown and self.tracking is not None:
             self.read_position()  # a retried batch that did land is then skipped
         self._position_unknown = False
         applied = self.position
-        if applied is not None and events and _first_commit(events) < applied:
-            # Resumed behind this destination: what it has already committed is skipped (a
-            # row without a key would be applied twice).
-            events = [e for e in events if e.commit_lsn is None or e.commit_lsn >= applied]
+        events = self._unapplied(events)
         if not events and position is None:
             return result
         with self._transaction(complete) as conn:
-            if record_keys and events and events[0].snapshot == "first":
-                # Debezium (re)started the snapshot: keys of an interrupted attempt are void.
-                with conn.cursor() as cursor:
-                    for keyed in self._keyed_plans():
-                        cursor.execute(keyed.resync.create_keys)
-                        cursor.execute(keyed.resync.truncate_keys)
-            pending: dict[TableRef, PendingChanges] = {}
-            # The table of the previous event, with its plan and pending changes: consecutive
-            # events of one table (the common case) look nothing up again.
-            table: TableRef | None = None
-            plan: TablePlan | None = None
-            per_table: PendingChanges | None = None
-            # Events of ``table`` since it was looked up, and the newest source time among them.
-            run, run_ts = 0, None
-            for event in events:
-                if event.table is not table or plan is None:  # identity: no hashing
-                    if run:
-                        note_run(counts, last_ts, table, run, run_ts)  # type: ignore[arg-type]
-                        run, run_ts = 0, None
-                    table = event.table
-                    plan = self._plans.get(table)
-                    per_table = self._pending_of(pending, table, plan)
-                if event.op == "s":
-                    # Column types changed on the source: rows before it land in the old types,
-                    # then the destination's columns take the new ones, then the rows after.
-                    self._flush(conn, pending, result, record_keys)
-                    plan = self._refresh(conn, table)
-                    per_table = self._pending_of(pending, table, plan)
-                    continue
-                run += 1
-                if event.source_ts_ms is not None:
-                    run_ts = event.source_ts_ms
-                if event.op == "t":
-                    # Everything before the truncate must land first, in order.
-                    self._flush(conn, pending, result, record_keys)
-                    self._truncate(conn, table)
-                    result.truncates += 1
-                    plan = None
-                    continue
-                if plan is None or not plan.known_columns.issuperset(event.row):
-                    self._flush(conn, pending, result, record_keys)
-                    plan = self._refresh(conn, table)
-                    per_table = self._pending_of(pending, table, plan)
-                per_table.add(event)  # type: ignore[union-attr]
-            if run:
-                note_run(counts, last_ts, table, run, run_ts)  # type: ignore[arg-type]
-            self._flush(conn, pending, result, record_keys)
+            self._apply_events(conn, events, record_keys, result)
             if position is not None and self.tracking is not None and (
                     applied is None or position > applied):
                 with conn.cursor() as cursor:
@@ -397,6 +344,106 @@ class PostgresApplier:
                 applied is None or position > applied):
             self.position = position
         return result
+
+    def _unapplied(self, events: Sequence[ChangeEvent]) -> Sequence[ChangeEvent]:
+        """Resumed behind this destination: what it has already committed is left out (a row
+        without a key would be applied twice)."""
+        applied = self.position
+        if applied is None or not events or _first_commit(events) >= applied:
+            return events
+        return [e for e in events if e.commit_lsn is None or e.commit_lsn >= applied]
+
+    def first_refused(self, applied: Sequence[ChangeEvent], events: Sequence[ChangeEvent]
+                      ) -> tuple[int, Exception] | None:
+        """The first of ``events`` the destination refuses after ``applied``, and its error;
+        None when it takes them all. One transaction, rolled back: halves are tried under a
+        savepoint (a refused half rolled back, a taken one kept) until one change is left."""
+        with self._transaction(True, probe=True) as conn:
+            self._apply_events(conn, self._unapplied(applied), False, BatchResult({}, 0, 0, {}, 0))
+            start, end = 0, len(events)
+            refused: tuple[int, Exception] | None = None  # the last refused part: its start, error
+            while end > start:
+                middle = (start + end + 1) // 2 if end - start > 1 else end
+                error = self._attempt(conn, events[start:middle])
+                if error is None:
+                    start = middle
+                    continue
+                if middle - start == 1:
+                    refused = (start, error)
+                    break
+                end = middle
+        return refused
+
+    def _attempt(self, conn: psycopg2.extensions.connection, events: Sequence[ChangeEvent]
+                 ) -> Exception | None:
+        """Apply ``events`` under a savepoint; a data error rolls them back and is returned."""
+        before = _SchemaState(dict(self._plans), set(self.created), dict(self.retyped))
+        with conn.cursor() as cursor:
+            cursor.execute("SAVEPOINT _rosetta_probe")
+            try:
+                self._apply_events(conn, self._unapplied(events), False,
+                                   BatchResult({}, 0, 0, {}, 0))
+            except Exception as exc:
+                if classify(exc) != "data":
+                    raise
+                cursor.execute("ROLLBACK TO SAVEPOINT _rosetta_probe")
+                self._plans, self.created, self.retyped = before.plans, before.created, before.retyped
+                return exc
+            cursor.execute("RELEASE SAVEPOINT _rosetta_probe")
+        return None
+
+    def _apply_events(self, conn: psycopg2.extensions.connection, events: Sequence[ChangeEvent],
+                      record_keys: bool, result: BatchResult) -> None:
+        """Apply ``events`` inside the open transaction, counting into ``result``."""
+        counts = result.events_by_table
+        last_ts = result.last_source_ts_ms
+        if record_keys and events and events[0].snapshot == "first":
+            # Debezium (re)started the snapshot: keys of an interrupted attempt are void.
+            with conn.cursor() as cursor:
+                for keyed in self._keyed_plans():
+                    cursor.execute(keyed.resync.create_keys)
+                    cursor.execute(keyed.resync.truncate_keys)
+        pending: dict[TableRef, PendingChanges] = {}
+        # The table of the previous event, with its plan and pending changes: consecutive
+        # events of one table (the common case) look nothing up again.
+        table: TableRef | None = None
+        plan: TablePlan | None = None
+        per_table: PendingChanges | None = None
+        # Events of ``table`` since it was looked up, and the newest source time among them.
+        run, run_ts = 0, None
+        for event in events:
+            if event.table is not table or plan is None:  # identity: no hashing
+                if run:
+                    note_run(counts, last_ts, table, run, run_ts)  # type: ignore[arg-type]
+                    run, run_ts = 0, None
+                table = event.table
+                plan = self._plans.get(table)
+                per_table = self._pending_of(pending, table, plan)
+            if event.op == "s":
+                # Column types changed on the source: rows before it land in the old types,
+                # then the destination's columns take the new ones, then the rows after.
+                self._flush(conn, pending, result, record_keys)
+                plan = self._refresh(conn, table)
+                per_table = self._pending_of(pending, table, plan)
+                continue
+            run += 1
+            if event.source_ts_ms is not None:
+                run_ts = event.source_ts_ms
+            if event.op == "t":
+                # Everything before the truncate must land first, in order.
+                self._flush(conn, pending, result, record_keys)
+                self._truncate(conn, table)
+                result.truncates += 1
+                plan = None
+                continue
+            if plan is None or not plan.known_columns.issuperset(event.row):
+                self._flush(conn, pending, result, record_keys)
+                plan = self._refresh(conn, table)
+                per_table = self._pending_of(pending, table, plan)
+            per_table.add(event)  # type: ignore[union-attr]
+        if run:
+            note_run(counts, last_ts, table, run, run_ts)  # type: ignore[arg-type]
+        self._flush(conn, pending, result, record_keys)
 
     def _truncate(self, conn: psycopg2.extensions.connection, table: TableRef) -> None:
         with conn.cursor() as cursor:
@@ -430,8 +477,17 @@ class PostgresApplier:
                 if net.counts:
                     self._apply_keyless(conn, self._plans[table], net, result)
             elif net.changes:
-                self._merge(conn, self._plans[table], net, result, record_keys)
+                self._apply_keyed(conn, self._plans[table], net, result, record_keys)
         pending.clear()
+
+    def _apply_keyed(self, conn: psycopg2.extensions.connection, plan: TablePlan,
+                     changes: NetChanges, result: BatchResult, record_keys: bool) -> None:
+        with conn.cursor() as cursor:
+            rows, unchanged_toast = apply_keyed(
+                cursor, plan, changes, self.values, self.source_rows, self.name,
+                record_keys=record_keys, small=self._small_stage)
+        result.rows_written += rows
+        result.unchanged_toast_values += unchanged_toast
 
     def _apply_keyless(self, conn: psycopg2.extensions.connection, plan: TablePlan,
                        changes: KeylessChanges, result: BatchResult) -> None:
@@ -443,63 +499,3 @@ class PostgresApplier:
         """DELETE empties a small batch's stage (no new file); TRUNCATE a large one's, and a
         large transaction's pieces' (dead rows would pile up until its commit)."""
         return rows < 1000 and not self._spans_pieces
-
-    @staticmethod
-    def _copy_direct(cursor: psycopg2.extensions.cursor, plan: TablePlan,
-                     rows: io.StringIO) -> bool:
-        """COPY new rows into the table itself; False (nothing written) when it refuses."""
-        rows.seek(0)
-        cursor.execute("SAVEPOINT _rosetta_direct")
-        try:
-            cursor.copy_expert(plan.statements.copy_direct, rows)
-        except psycopg2.Error as exc:
-            if classify(exc) == "transient":
-                raise
-            cursor.execute("ROLLBACK TO SAVEPOINT _rosetta_direct")
-            return False
-        cursor.execute("RELEASE SAVEPOINT _rosetta_direct")
-        return True
-
-    def _merge(
-        self,
-        conn: psycopg2.extensions.connection,
-        plan: TablePlan,
-        net: NetChanges,
-        result: BatchResult,
-        record_keys: bool,
-    ) -> None:
-        events = list(net.changes.values())
-        statements = plan.statements
-        # Only new rows carrying every value (the common case of an insert-heavy stream): COPY
-        # them straight into the table; a key already there, or any refusal, falls back to
-        # staging + MERGE, which upserts (or reports) exactly as before.
-        if not record_keys and all(e.op == "c" for e in events):
-            direct, rows, _, left_out = copy_lines(plan, events, self.values, staged=False)
-            # (an insert that leaves values out: Debezium's half of a key update whose other
-            # half came in the batch before)
-            with conn.cursor() as cursor:
-                if not left_out and self._copy_direct(cursor, plan, direct):
-                    result.rows_written += rows
-                    return
-        buffer, rows, unchanged_toast, left_out = copy_lines(
-            plan, events, self.values, origins=net.origins, staged=True)
-        with conn.cursor() as cursor:
-            cursor.execute(statements.create_stage)
-            try:
-                cursor.copy_expert(statements.copy_stage, buffer)
-                if left_out:
-                    resolve_left_out(cursor, plan, self.source_rows, self.name, moved=any(
-                        o.moved_from is not None for o in net.origins.values()))
-                cursor.execute("SAVEPOINT _rosetta_merge")
-                cursor.execute(statements.merge)
-            except psycopg2.Error as exc:
-                if classify(exc) != "data":
-                    raise
-                raise keyed_failure(cursor, exc, plan, events, self.name) from None
-            if record_keys:
-                cursor.execute(plan.resync.create_keys)  # a table added during the snapshot
-                cursor.execute(plan.resync.record_keys)
-            cursor.execute(statements.clear_stage if self._small_stage(rows)
-                           else statements.truncate_stage)
-        result.rows_written += rows
-        result.unchanged_toast_values += unchanged_toast

@@ -69,6 +69,35 @@ class TablePlan:
         return "\t".join(fields)
 
 
+def key_text(plan: TablePlan | None, event: ChangeEvent) -> dict[str, str | None]:
+    """The event's key in PostgreSQL's text form, by column; a row without a key is told by
+    all its columns."""
+    if plan is None:
+        return {k: None if v is None else str(v) for k, v in event.row.items()}
+    converters = plan.converter_of
+    row = event.row
+    names = plan.schema.key_columns or tuple(n for n in plan.column_names if n in row)
+    return {k: None if row.get(k) is None else converters[k](row[k]) for k in names}
+
+
+def event_text(plan: TablePlan, event: ChangeEvent,
+               is_unchanged: Callable[[Any], bool]) -> dict[str, Any]:
+    """The change with every value in its text form (unchanged TOAST values left out, so a
+    replay keeps the destination's value), as JSON for the config store."""
+    converters = plan.converter_of
+
+    def as_text(values: dict[str, Any] | None) -> dict[str, str | None] | None:
+        if values is None:
+            return None
+        return {name: None if value is None else converters[name](value)
+                for name, value in values.items()
+                if name in converters and not is_unchanged(value)}
+
+    return {"table": event.table.qualified, "op": event.op, "before": as_text(event.before),
+            "after": as_text(event.after), "source_ts_ms": event.source_ts_ms,
+            "lsn": event.lsn, "xid": event.xid, "commit_lsn": event.commit_lsn}
+
+
 def keys_table_name(table: TableRef) -> str:
     """Key table of a re-snapshot; hashed suffix keeps long names unique within 63 bytes."""
     digest = hashlib.sha1(table.qualified.encode()).hexdigest()[:8]
