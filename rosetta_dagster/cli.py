@@ -16,9 +16,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 
 import psutil
-import psycopg2
 
-from rosetta_dagster.core.backfill.chunk_copy import keyless_backfill
+from rosetta_dagster.core.backfill.request import KEYLESS_NOTE, check_backfill_request
 from rosetta_dagster.core.config_store import BackfillStatus, ConfigStore, Pipeline, PipelineState
 from rosetta_dagster.core.destination.errors import RefusedChange
 from rosetta_dagster.core.dsn import mask_secrets
@@ -453,14 +452,12 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
                 column, first, last = args.key_range
                 raw.append({"column": column, "operator": "between", "value": [first, last]})
             conditions = parse_filter(raw)
-            keyless = _keyless(pipeline.name, args.table)
-            if keyless and conditions:
-                raise FilterError(keyless_backfill(TableRef.parse(args.table)))
+            keyless = check_backfill_request(pipeline.name, TableRef.parse(args.table),
+                                             conditions)
             job = store.create_backfill_job(pipeline.name, args.table,
                                             [c.as_dict() for c in conditions])
             print(f"Backfill job {job.id}: {job.pipeline} {job.table_name} {job.status.value}"
-                  + (" (no key: the whole table is re-copied in one chunk and replaced at once)"
-                     if keyless else ""))
+                  + (f" ({KEYLESS_NOTE})" if keyless else ""))
             return 0
         if args.backfill_command in ("cancel", "retry"):
             change = store.cancel_backfill_job if args.backfill_command == "cancel" else (
@@ -475,23 +472,6 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
                   f"{job.count_record}/{total}\t+{job.rows_inserted} ~{job.rows_updated} "
                   f"-{job.rows_deleted}\t{job.error or ''}")
     return 0
-
-
-def _keyless(pipeline_name: str, table: str) -> bool:
-    """Whether the source table has no key (read with the pipeline file, when there is one)."""
-    from rosetta_dagster.core.replication import source_connection
-    from rosetta_dagster.core.table_schema import read_table_schema
-
-    ref = TableRef.parse(table)
-    try:
-        pipeline = load_config().pipeline(pipeline_name)
-        with source_connection(pipeline) as conn:
-            return read_table_schema(conn, ref, f"source {pipeline.source.name}",
-                                     pipeline.options(ref)).keyless
-    except (RosettaError, psycopg2.Error):
-        # No pipeline file here, or the source is out of reach: the job is queued as asked,
-        # and its run refuses a filter on a table without a key.
-        return False
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

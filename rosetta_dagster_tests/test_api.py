@@ -5,17 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 
 from rosetta_dagster.core.config_store import ConfigStore, ParkedRow, PipelineState
 from rosetta_dagster.core.destination.errors import RefusedChange
-from rosetta_dagster.core.local_postgres import find_free_port
+from rosetta_dagster.core.local_postgres import LocalPostgresCluster, find_free_port
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, PostgresEndpoint, TableRef
-from rosetta_dagster.harness import wait_until
+from rosetta_dagster.harness import execute, new_streaming_env, wait_until
 
 TOKEN = "test-token-0123456789"
 
@@ -33,8 +35,9 @@ class Api:
         return httpx.post(self.url + path, json=json, headers=headers, timeout=10)
 
 
-def _serve(database_url: str, *args: str, token: str | None = TOKEN) -> subprocess.Popen[str]:
-    env = {**os.environ, "CONFIG_DATABASE_URL": database_url}
+def _serve(database_url: str, *args: str, token: str | None = TOKEN,
+           environment: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+    env = {**(environment or os.environ), "CONFIG_DATABASE_URL": database_url}
     env.pop("ROSETTA_API_TOKEN", None)
     if token:
         env["ROSETTA_API_TOKEN"] = token
@@ -52,8 +55,14 @@ def api(store: ConfigStore, database_url: str) -> Iterator[Api]:
                                   user="u", password=None),),
         tables=(TableRef("public", "orders"), TableRef("public", "customers")),
     ))
+    with _served(database_url) as served:
+        yield served
+
+
+@contextmanager
+def _served(database_url: str, environment: Mapping[str, str] | None = None) -> Iterator[Api]:
     port = find_free_port()
-    process = _serve(database_url, "--port", str(port))
+    process = _serve(database_url, "--port", str(port), environment=environment)
     served = Api(f"http://127.0.0.1:{port}", process)
 
     def up() -> bool:
@@ -63,10 +72,12 @@ def api(store: ConfigStore, database_url: str) -> Iterator[Api]:
         except httpx.HTTPError:
             return False
 
-    wait_until(up, 60, "the API to serve")
-    yield served
-    process.terminate()
-    process.wait(10)
+    try:
+        wait_until(up, 60, "the API to serve")
+        yield served
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def test_pipelines_can_be_listed_read_started_and_paused(api: Api, store: ConfigStore) -> None:
@@ -120,6 +131,27 @@ def test_backfills_are_requested_read_and_cancelled(api: Api, store: ConfigStore
     assert api.post("/api/v1/backfills/999999/cancel").status_code == 404
 
 
+def test_a_filtered_backfill_of_a_table_without_a_key_is_refused_before_it_is_queued(
+    pg_cluster: LocalPostgresCluster, pg_root: Path, store: ConfigStore, database_url: str,
+    tmp_path: Path,
+) -> None:
+    """The API reads the source table's key with the pipeline file, as the CLI does."""
+    env = new_streaming_env(pg_cluster, pg_root, "pgoutput")
+    execute(env.source_url, "CREATE TABLE public.log (note text)",
+            "ALTER TABLE public.log REPLICA IDENTITY FULL")
+    pipeline_file = env.write_pipeline_file(tmp_path / "rosetta.yaml", "logs", ["public.log"])
+    store.sync_pipeline(env.load_pipeline(pipeline_file, "logs"))
+    with _served(database_url, env.pipeline_env(pipeline_file, database_url)) as api:
+        filtered = api.post("/api/v1/pipelines/logs/backfills", {
+            "table": "public.log", "filter": [{"column": "note", "operator": "=", "value": "x"}]})
+        assert (filtered.status_code, filtered.json()) == (422, {
+            "error": "Invalid request: public.log has no key, so a backfill re-copies the whole "
+                     "table (one chunk, replaced at once); request it without a filter."})
+        assert store.list_backfill_jobs(pipeline="logs") == []
+        whole = api.post("/api/v1/pipelines/logs/backfills", {"table": "public.log"})
+        assert whole.status_code == 201, whole.text
+
+
 @pytest.mark.parametrize(("body", "field"), [
     ({"filter": []}, "table"),
     ({"table": "public.nope"}, "table"),
@@ -152,11 +184,9 @@ def test_health_metrics_and_openapi(api: Api, store: ConfigStore) -> None:
 
 
 def test_healthz_fails_when_the_config_store_is_gone(
-    dedicated_cluster: object, tmp_path: object
+    dedicated_cluster: LocalPostgresCluster, tmp_path: Path
 ) -> None:
-    from rosetta_dagster.core.local_postgres import LocalPostgresCluster
-
-    cluster: LocalPostgresCluster = dedicated_cluster  # type: ignore[assignment]
+    cluster = dedicated_cluster
     cluster.create_database("config_api")
     port = find_free_port()
     process = _serve(cluster.dsn("config_api"), "--port", str(port))

@@ -21,7 +21,14 @@ from rosetta_dagster.core.dsn import pinned_options
 from rosetta_dagster.core.events import BACKFILL_MESSAGE_PREFIX, ChangeEvent, Watermark
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.streaming import StreamingSession
-from rosetta_dagster.harness import StreamingEnv, drop_slots, execute, new_streaming_env, streaming
+from rosetta_dagster.harness import (
+    StreamingEnv,
+    drop_slots,
+    execute,
+    fetch,
+    new_streaming_env,
+    streaming,
+)
 from rosetta_dagster.harness import wait_until as wait
 
 TABLE = """
@@ -143,6 +150,11 @@ def _run_workload(env: StreamingEnv) -> list[tuple[object, ...]]:
 
     session.batches.on_batch = record  # type: ignore[method-assign]
     with streaming(session):
+        # Streaming, past the load: the empty table converges before the slot exists, and
+        # rows written then would reach the destination by the load's copy, not as items.
+        wait(lambda: fetch(env.source_url, "SELECT active FROM pg_replication_slots WHERE "
+                           "slot_name = %s", (session.pipeline.slot_name,)) == [(True,)],
+             message="the stream to start")
         wait(lambda: env.converged("public.contract"), message="the initial load")
         for number, phase in enumerate(PHASES, 1):
             execute(env.source_url, *phase)

@@ -26,11 +26,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rosetta_dagster.core.backfill.request import check_backfill_request
 from rosetta_dagster.core.config_store import BackfillJob, ConfigStore, ParkedEvent, Pipeline
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.filters import OPERATORS, FilterError, parse_filter
-from rosetta_dagster.core.pipeline_config import load_config
+from rosetta_dagster.core.pipeline_config import TableRef, load_config
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.replication import application_name
 from rosetta_dagster.validation import build_report
@@ -414,6 +415,7 @@ def create_app(database_url: str, *, token: str | None = None) -> FastAPI:
                               f"'{body.table}' (it has {', '.join(pipeline.tables)}).")
         try:
             conditions = parse_filter([c.model_dump() for c in body.filter])
+            check_backfill_request(name, TableRef.parse(body.table), conditions)
         except FilterError as exc:
             raise _error(422, f"Invalid request: {exc}") from None
         job = config_store.create_backfill_job(name, body.table, [c.as_dict() for c in conditions])
