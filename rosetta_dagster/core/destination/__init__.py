@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg2.extensions
@@ -51,13 +51,14 @@ ConnectionTracker = Callable[[Any], AbstractContextManager[None]]
 
 @dataclass
 class BatchResult:
-    """What applying one batch did on one destination."""
+    """What applying one batch did on one destination (nothing, as constructed)."""
 
-    events_by_table: dict[TableRef, int]
-    rows_written: int
-    truncates: int
-    last_source_ts_ms: dict[TableRef, int]  # source commit time of each table's last event
-    unchanged_toast_values: int  # placeholders seen and kept at the destination's value
+    events_by_table: dict[TableRef, int] = field(default_factory=dict)
+    rows_written: int = 0
+    truncates: int = 0
+    # source commit time of each table's last event
+    last_source_ts_ms: dict[TableRef, int] = field(default_factory=dict)
+    unchanged_toast_values: int = 0  # placeholders seen and kept at the destination's value
 
 
 @dataclass

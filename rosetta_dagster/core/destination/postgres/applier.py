@@ -291,15 +291,14 @@ class PostgresApplier:
         """Commit (no ``exc``) or roll back the open transaction and return its connection."""
         context, self._open, self._open_conn = self._open, None, None
         undo, self._undo = self._undo, None
+        committed = False
         try:
             if context is not None:
                 context.__exit__(type(exc) if exc else None, exc,
                                  exc.__traceback__ if exc else None)
-        except BaseException:
-            exc = exc or RuntimeError("commit failed")
-            raise
+            committed = exc is None
         finally:
-            if exc is not None and undo is not None:
+            if not committed and undo is not None:  # rolled back, or the COMMIT failed
                 self._plans, self.created, self.retyped = undo.plans, undo.created, undo.retyped
 
     @property
@@ -326,7 +325,7 @@ class PostgresApplier:
         ``position``: recorded in the same transaction (with tracking). ``complete=False``:
         a piece of a larger source transaction; the transaction stays open for the next piece.
         """
-        result = BatchResult({}, 0, 0, {}, 0)
+        result = BatchResult()
         if self._position_unknown and self.tracking is not None:
             self.read_position()  # a retried batch that did land is then skipped
         self._position_unknown = False
@@ -359,7 +358,7 @@ class PostgresApplier:
         None when it takes them all. One transaction, rolled back: halves are tried under a
         savepoint (a refused half rolled back, a taken one kept) until one change is left."""
         with self._transaction(True, probe=True) as conn:
-            self._apply_events(conn, self._unapplied(applied), False, BatchResult({}, 0, 0, {}, 0))
+            self._apply_events(conn, self._unapplied(applied), False, BatchResult())
             start, end = 0, len(events)
             refused: tuple[int, Exception] | None = None  # the last refused part: its start, error
             while end > start:
@@ -381,8 +380,7 @@ class PostgresApplier:
         with conn.cursor() as cursor:
             cursor.execute("SAVEPOINT _rosetta_probe")
             try:
-                self._apply_events(conn, self._unapplied(events), False,
-                                   BatchResult({}, 0, 0, {}, 0))
+                self._apply_events(conn, self._unapplied(events), False, BatchResult())
             except Exception as exc:
                 if classify(exc) != "data":
                     raise
