@@ -592,7 +592,7 @@ def test_the_sensor_fails_a_job_whose_run_ended_without_recording_an_outcome(
     ended, going = (store.create_backfill_job("bf", "public.big") for _ in range(2))
     for job in (ended, going):
         store.set_backfill_status(job.id, BackfillStatus.EXECUTING)
-    release = threading.Event()
+    copying_started, release = threading.Event(), threading.Event()
 
     @asset
     def lost_the_store() -> None:
@@ -600,6 +600,7 @@ def test_the_sensor_fails_a_job_whose_run_ended_without_recording_an_outcome(
 
     @asset
     def still_copying() -> None:
+        copying_started.set()
         release.wait(60)
 
     resources = {"config_store": ConfigStoreResource(database_url=database_url)}
@@ -612,9 +613,11 @@ def test_the_sensor_fails_a_job_whose_run_ended_without_recording_an_outcome(
             "instance": instance, "tags": {JOB_TAG: str(going.id)}})
         copying.start()
         try:
-            wait_until(lambda: instance.get_run_records(RunsFilter(
-                tags={JOB_TAG: str(going.id)}, statuses=[DagsterRunStatus.STARTED])), 30,
-                "the still-copying run")
+            # Told by the asset itself, not by polling the instance: the ephemeral instance's
+            # in-memory SQLite refuses a read while the run's thread writes ("table is locked").
+            assert copying_started.wait(30), "the still-copying run did not start"
+            assert instance.get_run_records(RunsFilter(
+                tags={JOB_TAG: str(going.id)}, statuses=[DagsterRunStatus.STARTED]))
             sensor = build_backfill_sensor([ReplicationSet.of(config)])
             definitions = Definitions(sensors=[sensor], resources=resources)
             with build_sensor_context(instance=instance, definitions=definitions,

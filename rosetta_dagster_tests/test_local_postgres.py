@@ -109,6 +109,23 @@ def test_server_never_runs_as_root(pg_cluster: LocalPostgresCluster) -> None:
     assert pwd.getpwuid(uid).pw_name == expected
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root creates the server's OS account")
+def test_processes_starting_at_once_agree_on_the_server_account() -> None:
+    """Test workers on a new machine each start a cluster at once: concurrent useradd calls
+    used to create the account twice, and initdb ran as a user id that no longer existed."""
+    name = f"rosetta-t{os.getpid() % 100000}"
+    code = ("import sys; from rosetta_dagster.core.local_postgres import _ensure_server_os_user;"
+            f" u = _ensure_server_os_user({name!r}); print(u.uid, u.gid)")
+    try:
+        starts = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                   text=True, cwd=REPO_ROOT) for _ in range(6)]
+        seen = {start.communicate(timeout=60)[0].strip() for start in starts}
+        entry = pwd.getpwnam(name)
+        assert seen == {f"{entry.pw_uid} {entry.pw_gid}"}
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, check=False)
+
+
 def _python_runnable_by(user: pwd.struct_passwd) -> str:
     """An interpreter of this Python version that ``user`` can execute."""
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"

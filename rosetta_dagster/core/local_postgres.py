@@ -10,6 +10,7 @@ unprivileged OS user that is created on first use.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import logging
 import os
@@ -35,6 +36,8 @@ logger = logging.getLogger("rosetta.local_postgres")
 
 PG_BIN_ENV = "ROSETTA_PG_BIN"
 SERVER_OS_USER = "rosetta-postgres"
+# Serializes creating that account between processes (see _ensure_server_os_user).
+_OS_USER_LOCK = "/tmp/rosetta-os-user.lock"
 REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
 
 DEFAULT_SERVER_SETTINGS: dict[str, str] = {
@@ -125,23 +128,29 @@ class _OsUser:
     gid: int
 
 
-def _ensure_server_os_user() -> _OsUser:
-    """The unprivileged account that runs servers when the caller is root."""
-    try:
-        entry = pwd.getpwnam(SERVER_OS_USER)
-    except KeyError:
-        result = subprocess.run(
-            ["useradd", "--system", "--user-group", "--no-create-home", "--shell",
-             "/usr/sbin/nologin", SERVER_OS_USER],
-            capture_output=True, text=True, check=False,
-        )
+def _ensure_server_os_user(name: str = SERVER_OS_USER) -> _OsUser:
+    """The unprivileged account that runs servers when the caller is root.
+
+    Created under an exclusive lock: concurrent ``useradd`` calls (test workers starting at
+    once on a new machine) can each create the account, the last one with other ids than
+    the first callers saw, and initdb then runs as a user id that no longer exists."""
+    with open(_OS_USER_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            entry = pwd.getpwnam(SERVER_OS_USER)
+            entry = pwd.getpwnam(name)
         except KeyError:
-            raise LocalPostgresError(
-                f"PostgreSQL cannot run as root and creating the OS user '{SERVER_OS_USER}' "
-                f"failed: {result.stderr.strip() or result.returncode}."
-            ) from None
+            result = subprocess.run(
+                ["useradd", "--system", "--user-group", "--no-create-home", "--shell",
+                 "/usr/sbin/nologin", name],
+                capture_output=True, text=True, check=False,
+            )
+            try:
+                entry = pwd.getpwnam(name)
+            except KeyError:
+                raise LocalPostgresError(
+                    f"PostgreSQL cannot run as root and creating the OS user "
+                    f"'{name}' failed: {result.stderr.strip() or result.returncode}."
+                ) from None
     return _OsUser(entry.pw_uid, entry.pw_gid)
 
 
