@@ -283,9 +283,14 @@ class _Load(threading.Thread):
                 time.sleep(0.005)
         destination.close()
 
-    def lags_ms(self) -> list[float]:
-        return sorted((self.seen[k] - at) * 1000 for k, (_, at) in self.probes.items()
-                      if k in self.seen)
+    def lags_ms(self, half: int | None = None) -> list[float]:
+        """The probes' lags, sorted; ``half`` 0 or 1: only the first or second half of the
+        write phase's probes (lag that grows over the run shows as a worse second half)."""
+        probes = sorted(self.probes.items(), key=lambda item: item[1][1])
+        if half is not None:
+            middle = len(probes) // 2
+            probes = probes[:middle] if half == 0 else probes[middle:]
+        return sorted((self.seen[k] - at) * 1000 for k, (_, at) in probes if k in self.seen)
 
 
 def _percentile(values: list[float], share: float) -> float:
@@ -344,10 +349,16 @@ def measure(engine: str, pipelines: int, tables: int, rate: int, seconds: int) -
             "stream_cpu_cores_by_thread": cores_by_kind,
             "probes": len(load.probes), "probes_seen": len(lags),
             "lag_p50_ms": _percentile(lags, 0.5), "lag_p99_ms": _percentile(lags, 0.99),
+            "lag_p99_halves_ms": [_percentile(load.lags_ms(half), 0.99) for half in (0, 1)],
             "sessions": sessions, "exact": exact,
         }
     finally:
         deployment.close()
+
+
+def _halves(result: dict[str, Any]) -> str:
+    first, second = result.get("lag_p99_halves_ms", [float("nan")] * 2)
+    return f"p99 {first:.0f} then {second:.0f}"
 
 
 def _kinds(result: dict[str, Any]) -> str:
@@ -359,7 +370,7 @@ def _kinds(result: dict[str, Any]) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| engine | pipelines x tables | start -> all streaming | stream RSS idle (per "
              "pipeline; goal) | peak RSS | stream CPU (JIT / GC+VM / Debezium reader / engine "
-             "handler / other) | lag p50 / p99 | sessions: config_db / "
+             "handler / other) | lag p50 / p99 (p99 of the first and second half) | sessions: config_db / "
              "source / destination / Dagster + walsenders | exact |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in results:
@@ -371,7 +382,8 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['start_to_all_streaming_s']:.0f} s | {r['idle_rss_mb']:,.0f} MB ({per:.0f} MB; "
             f"<= {goal}: {'met' if per <= goal else '**not met**'}) | "
             f"{r['peak_rss_mb']:,.0f} MB | {r['stream_cpu_cores']:.2f} cores ({_kinds(r)}) | "
-            f"{r['lag_p50_ms']:.0f} / {r['lag_p99_ms']:.0f} ms | {s.get('config_db', 0)} / "
+            f"{r['lag_p50_ms']:.0f} / {r['lag_p99_ms']:.0f} ms ({_halves(r)}) | "
+            f"{s.get('config_db', 0)} / "
             f"{s.get('src', 0)} / {s.get('dst', 0)} / {s.get('dagster', 0)} + "
             f"{s.get('walsenders', 0)} | {'yes' if r['exact'] else '**no**'} |")
     return "\n".join(lines)

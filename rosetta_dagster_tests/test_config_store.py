@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg2
@@ -186,6 +188,36 @@ def test_backfill_progress_and_status_lifecycle(store: ConfigStore) -> None:
     assert [j.id for j in store.list_backfill_jobs(status=BackfillStatus.COMPLETED)] == [job.id]
     with pytest.raises(ConfigStoreError, match="Pipeline 'nope' does not exist"):
         store.create_backfill_job("nope", "public.orders")
+
+
+def test_batch_counts_keep_a_row_and_a_time_per_batch_and_are_written_once_a_second(
+        store: ConfigStore, database_url: str) -> None:
+    """A stream of many small batches writes their counts together (not one config-store
+    transaction per batch), each batch still its own row with the time it was applied."""
+    from rosetta_dagster.core.streaming.flows import FlowRecorder
+
+    store.upsert_pipeline("orders", source="shop", destinations=["w"], tables=["public.orders"])
+
+    def rows() -> list[tuple[str, int, datetime.datetime]]:
+        with psycopg2.connect(database_url) as conn, conn.cursor() as cursor:
+            cursor.execute("SELECT destination, record_count, created_at FROM "
+                           "data_flow_record_monitoring ORDER BY id")
+            found = cursor.fetchall()
+        conn.close()
+        return found
+
+    flows = FlowRecorder(store, "orders", interval_s=3600)
+    flows.note([("w", "public.orders", 3), ("lake", "public.orders", 3)])
+    time.sleep(0.01)
+    flows.note([("w", "public.orders", 5)])
+    assert rows() == []  # not due yet
+    flows.write()
+    written = rows()
+    assert [(d, n) for d, n, _ in written] == [("w", 3), ("lake", 3), ("w", 5)]
+    assert written[0][2] == written[1][2] < written[2][2]  # each batch's own time
+    due = FlowRecorder(store, "orders", interval_s=0)
+    due.note([("w", "public.orders", 7)])
+    assert [(d, n) for d, n, _ in rows()][-1] == ("w", 7)
 
 
 def test_flow_records_and_wal_readings(store: ConfigStore, database_url: str) -> None:

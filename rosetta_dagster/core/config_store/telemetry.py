@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from collections.abc import Sequence
@@ -28,22 +29,25 @@ from rosetta_dagster.core.pool import ResilientConnectionPool
 class TelemetryRecords(StoreBase):
     # -- monitoring ------------------------------------------------------------------------
 
-    def record_flows(self, pipeline: str, flows: Sequence[tuple[str, str, int]]) -> None:
-        """Append one batch's applied record counts, ``(destination, table, count)`` each."""
+    def record_flows(self, pipeline: str, flows: Sequence[tuple[str, str, int]],
+                     at: Sequence[datetime.datetime] | None = None) -> None:
+        """Append applied record counts, ``(destination, table, count)`` each, one row per
+        batch and table; ``at``: when each was applied (now when not given)."""
         if not flows:
             return
         destinations, tables, counts = (list(column) for column in zip(*flows, strict=True))
         self._query(
             """
             INSERT INTO data_flow_record_monitoring (pipeline_id, destination, table_name,
-                                                     record_count)
-            SELECT p.id, f.destination, f.table_name, f.record_count
+                                                     record_count, created_at)
+            SELECT p.id, f.destination, f.table_name, f.record_count, coalesce(f.at, now())
             FROM pipelines p,
-                 unnest(%s::text[], %s::text[], %s::bigint[])
-                     AS f(destination, table_name, record_count)
+                 unnest(%s::text[], %s::text[], %s::bigint[], %s::timestamptz[])
+                     AS f(destination, table_name, record_count, at)
             WHERE p.name = %s
             """,
-            (destinations, tables, counts, pipeline),
+            (destinations, tables, counts, list(at) if at is not None else [None] * len(flows),
+             pipeline),
         )
 
     def record_wal_reading(

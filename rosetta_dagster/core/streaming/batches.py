@@ -15,6 +15,7 @@ from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.replication import Log
 from rosetta_dagster.core.streaming.catalog_watch import CatalogWatch
 from rosetta_dagster.core.streaming.fanout import DestinationFanout
+from rosetta_dagster.core.streaming.flows import FlowRecorder
 from rosetta_dagster.core.streaming.progress import StreamProgress
 from rosetta_dagster.core.streaming.refused import RefusedChanges
 
@@ -33,6 +34,7 @@ class BatchRouter:
         self._refused = refused
         self.progress = progress
         self._config_store = config_store
+        self.flows = FlowRecorder(config_store, pipeline.name)
         self._log = log
         self._request_backfills = request_backfills
         # Set by the session before the capture starts.
@@ -123,15 +125,9 @@ class BatchRouter:
         first = results[0]
         self.progress.note_batch(len(events), first.events_by_table, first.last_source_ts_ms,
                                  sum(r.unchanged_toast_values for r in results))
-        if self._config_store is not None:
-            self._config_store.record_flows(
-                self._pipeline.name,
-                [
-                    (destination.name, table.qualified, count)
-                    for destination in self._pipeline.destinations
-                    for table, count in first.events_by_table.items()
-                ],
-            )
+        self.flows.note([(destination.name, table.qualified, count)
+                         for destination in self._pipeline.destinations
+                         for table, count in first.events_by_table.items()])
 
 
 def _past(segment: Sequence[ChangeEvent]) -> int | None:

@@ -167,6 +167,7 @@ class StreamingSession:
                 if stop_when is not None and stop_when(self.progress):
                     break
             self._stop_capture()
+            self.batches.flows.write()
             assert self._capture is not None
             self._capture.raise_if_failed()
             if tick is not None:
@@ -175,6 +176,7 @@ class StreamingSession:
             return self.progress
         except BaseException as exc:
             self._stop_capture()
+            self._write_flows_quietly()
             if isinstance(exc, Exception):
                 self._record_error(exc)
             else:
@@ -185,9 +187,18 @@ class StreamingSession:
             self.destinations.close()
             self._source_rows.close()
 
+    def _write_flows_quietly(self) -> None:
+        """The last batches' counts, on the way out of a failure (which matters more)."""
+        try:
+            self.batches.flows.write()
+        except RosettaError as store_error:
+            self.log.error("Could not record batch counts in the config store: %s", store_error)
+
     def _heartbeat_if_due(self) -> None:
         """Stamp the pipeline alive (the supervisor replaces runs that stop doing this), and
-        report a new applied position within a second (the lag is judged against it)."""
+        report a new applied position within a second (the lag is judged against it); the
+        batches' counts of the last second too."""
+        self.batches.flows.write_if_due()
         now = time.monotonic()
         progress = self.progress
         position = (progress.source_position_ms, progress.applied_lsn)
