@@ -25,6 +25,7 @@ from benchmarks.support import (
     binary_copy_seconds,
     create_table,
     emit,
+    run_main,
 )
 from rosetta_dagster.core.backfill import BackfillRunner
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
@@ -129,4 +130,4 @@ def _writing(url: str, rows: int, per_second: int) -> Iterator[list[int]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

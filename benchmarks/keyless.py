@@ -27,7 +27,7 @@ import time
 import psycopg2
 import psycopg2.errors
 
-from benchmarks.support import benchmark_env, emit, log, wait_for, write_results_section
+from benchmarks.support import benchmark_env, emit, log, run_main, wait_for, write_results_section
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import StreamingEnv, execute, fetch, streaming
 
@@ -118,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
+from rosetta_dagster.core.capture.debezium.jvm import exit_now_if_jvm_runs
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.harness import StreamingEnv, execute, fetch, new_streaming_env
 
@@ -159,3 +160,11 @@ def write_results_section(name: str, text: str) -> None:
     else:
         updated = current.rstrip() + "\n\n" + section + "\n"
     RESULTS_FILE.write_text(updated)
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a benchmark's ``main`` and end the process as the CLI does: a JVM may run in it,
+    and a normal exit that a Java thread calling into Python meets can abort (SIGABRT; seen
+    once at the end of W2's Debezium snapshot)."""
+    main()
+    exit_now_if_jvm_runs(0)

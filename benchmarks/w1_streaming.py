@@ -28,6 +28,7 @@ from benchmarks.support import (
     create_table,
     emit,
     log,
+    run_main,
     wait_for,
 )
 from rosetta_dagster.core.streaming import StreamingSession
@@ -216,4 +217,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

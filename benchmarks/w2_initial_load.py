@@ -22,6 +22,7 @@ from benchmarks.support import (
     create_table,
     emit,
     log,
+    run_main,
     wait_for,
 )
 from rosetta_dagster.core.initial_load import TableLoadReport
@@ -79,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -16,7 +16,7 @@ import time
 
 from psycopg2 import sql
 
-from benchmarks.support import aggregate, benchmark_env, emit, log, wait_for
+from benchmarks.support import aggregate, benchmark_env, emit, log, run_main, wait_for
 from rosetta_dagster.core.capture import capture_engine
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.pipeline_config import TableRef
@@ -109,4 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
