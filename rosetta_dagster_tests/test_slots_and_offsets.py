@@ -27,8 +27,13 @@ from rosetta_dagster.harness import (
 
 
 def _stream_until_converged(env: StreamingEnv, session: StreamingSession, table: str) -> None:
+    """Stream until ``table`` converged, then until the server let the slot go: its walsender
+    can outlive the stopped engine by a moment, and a drop meanwhile is refused (in use)."""
     with streaming(session):
         wait_until(lambda: env.converged(table), message=f"{table} to converge")
+    slot = session.pipeline.slot_name
+    wait_until(lambda: not fetch(env.source_url, "SELECT 1 FROM pg_replication_slots WHERE "
+                                 "slot_name = %s AND active", (slot,)), 30, "the slot's release")
 
 
 def _stale_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
