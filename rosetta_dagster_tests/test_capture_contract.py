@@ -212,5 +212,10 @@ def test_debezium_reads_the_source_catalog_only_when_a_tables_schema_is_new(
         assert schema_events({table: [9]}) == ["s"]
         execute(database_url, "ALTER TABLE public.watched ALTER COLUMN n TYPE numeric(16,4)")
         assert schema_events({}) == ["s"]  # a change without its table's identity: read
+        # However steady the identities, the catalog is read again after recheck_s.
+        watch = TypeWatch({table: read_table_schema(conn, table, "the source")}, recheck_s=0)
+        assert schema_events({table: [9]}) == []
+        execute(database_url, "ALTER TABLE public.watched ALTER COLUMN n TYPE numeric(18,4)")
+        assert schema_events({table: [9]}) == ["s"]
     finally:
         conn.close()

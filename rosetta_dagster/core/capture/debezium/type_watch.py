@@ -16,6 +16,8 @@ from rosetta_dagster.core.table_schema import TableSchema, read_column_types
 # table (see DebeziumCapture). Debezium builds a new one when a relation message describes the
 # table differently, and pgoutput sends one before the first change after an ALTER TABLE.
 SchemaTokens = Mapping[TableRef, Sequence[int]]
+# However steady the tokens, the catalog is read at least this often while changes stream.
+CATALOG_RECHECK_S = 30.0
 
 
 class TypeWatch:
@@ -26,12 +28,18 @@ class TypeWatch:
 
     The source catalog is read when a batch brings a table's schema token not seen before (the
     first batch, and after Debezium rebuilt the table's schema), not with every batch: at
-    hundreds of small batches a second the query was a third of the handler's time."""
+    hundreds of small batches a second the query was a third of the handler's time. It is
+    also read once ``recheck_s`` passed since the last reading, so that a change the tokens
+    did not show (two schema objects with the same identity hash) is still found, late, and
+    repaired by the backfill it causes."""
 
-    def __init__(self, schemas: Mapping[TableRef, TableSchema]) -> None:
+    def __init__(self, schemas: Mapping[TableRef, TableSchema], *,
+                 recheck_s: float = CATALOG_RECHECK_S) -> None:
         self._known = {table: dict(schema.column_types) for table, schema in schemas.items()}
         self._ignored = {table: schema.ignored_columns for table, schema in schemas.items()}
         self._tokens: dict[TableRef, int] = {}
+        self._recheck_s = recheck_s
+        self._read_at = float("-inf")
 
     def with_schema_events(self, source: psycopg2.extensions.connection,
                            items: Sequence[ChangeEvent | Watermark],
@@ -44,10 +52,11 @@ class TypeWatch:
         if not streamed:
             return items
         tables = set(streamed)
-        if tokens is not None and all(
+        if tokens is not None and time.monotonic() < self._read_at + self._recheck_s and all(
                 list(tokens.get(table, ())) == [self._tokens.get(table)] for table in tables):
             return items
         retyped = self._retyped(source)
+        self._read_at = time.monotonic()
         if tokens is not None:
             for table, seen in tokens.items():
                 self._tokens[table] = seen[-1]
