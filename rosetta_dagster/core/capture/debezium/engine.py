@@ -255,7 +255,11 @@ class DebeziumCapture:
             if isinstance(event, Watermark):
                 marker = PositionMarker(event.source_ts_ms)
             elif not event.from_snapshot:
-                ends.setdefault(event.table, [record, record])[1] = record
+                span = ends.get(event.table)  # no list built per event
+                if span is None:
+                    ends[event.table] = [record, record]
+                else:
+                    span[1] = record
         events = mark_key_changes(events)
         if self.reread is not None and self.reread.tables and events:
             events = self.reread.fill(self._source_rows, events)

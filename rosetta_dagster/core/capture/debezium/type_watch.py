@@ -47,13 +47,14 @@ class TypeWatch:
                            ) -> Sequence[ChangeEvent | Watermark]:
         """``tokens``: the schema tokens of the batch's streamed changes per table, in stream
         order without repeats; without them the catalog is read for every batch."""
-        streamed = {item.table: index for index, item in reversed(list(enumerate(items)))
-                    if isinstance(item, ChangeEvent) and not item.from_snapshot}
-        if not streamed:
+        first: dict[TableRef, int] = {}  # each table's first streamed change in the batch
+        for index, item in enumerate(items):
+            if isinstance(item, ChangeEvent) and not item.from_snapshot:
+                first.setdefault(item.table, index)
+        if not first:
             return items
-        tables = set(streamed)
         if tokens is not None and time.monotonic() < self._read_at + self._recheck_s and all(
-                list(tokens.get(table, ())) == [self._tokens.get(table)] for table in tables):
+                list(tokens.get(table, ())) == [self._tokens.get(table)] for table in first):
             return items
         retyped = self._retyped(source)
         self._read_at = time.monotonic()
@@ -64,8 +65,8 @@ class TypeWatch:
             return items
         now_ms = int(time.time() * 1000)
         events = [ChangeEvent(table, "s", None, None, source_ts_ms=now_ms) for table in retyped]
-        first = min(streamed.values())
-        return [*items[:first], *events, *items[first:]]
+        cut = min(first.values())
+        return [*items[:cut], *events, *items[cut:]]
 
     def _retyped(self, source: psycopg2.extensions.connection) -> list[TableRef]:
         """The tables whose columns changed type since the last reading (added columns are
