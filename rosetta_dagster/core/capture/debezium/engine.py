@@ -19,6 +19,7 @@ import jpype
 from rosetta_dagster.core.capture import BatchHandler, CaptureBatch, PositionLost
 from rosetta_dagster.core.capture.debezium.events import decode_event, mark_key_changes
 from rosetta_dagster.core.capture.debezium.jvm import ensure_jvm
+from rosetta_dagster.core.capture.debezium.marking import ENDS_GROUPS, Group, OffsetMarking
 from rosetta_dagster.core.capture.debezium.type_watch import TypeWatch
 from rosetta_dagster.core.capture.reread import SourceReread
 from rosetta_dagster.core.dsn import mask_secrets, pinned_options
@@ -157,30 +158,44 @@ class _CompletionCallback:
 
 @jpype.JImplements("io.debezium.engine.DebeziumEngine$ChangeConsumer", deferred=True)
 class _BatchConsumer:
-    """Hands each engine batch to ``handle``, then marks its records processed (the engine
-    stores their offsets). The batch list crosses JPype once (toArray), for both; a failure is
-    kept for the caller's thread and ends the engine, with nothing of the batch marked."""
+    """Hands each engine batch to ``handle``, then marks processed (the engine stores their
+    offsets) the records whose LSN group is complete (see :mod:`.marking`). The batch list
+    crosses JPype once (toArray), for both; a failure is kept for the caller's thread and ends
+    the engine, with nothing of the batch marked."""
 
-    def __init__(self, handle: Callable[[Sequence[Any]], None]) -> None:
+    def __init__(self, handle: Callable[[Sequence[Any]], list[Group]]) -> None:
         self.handle = handle
+        self.marking = OffsetMarking()
         self.error: BaseException | None = None
 
     @jpype.JOverride
     def handleBatch(self, records: Any, committer: Any) -> None:  # noqa: N802 (Java names)
         array = records.toArray()
         try:
-            self.handle(array)
+            groups = self.handle(array)
         except Exception as exc:  # noqa: BLE001 - reported by DebeziumCapture.raise_if_failed
             self.error = exc
             jpype.JClass("java.lang.Thread").currentThread().interrupt()
             return
-        for record in array:
+        for record in self.marking.markable(array, groups):
             committer.markProcessed(record)
         committer.markBatchFinished()
 
     @jpype.JOverride
     def supportsTombstoneEvents(self) -> bool:  # noqa: N802 (Java name)
         return True
+
+
+def heartbeat_group(record: Any) -> Group:
+    """The LSN group of a record without a row (a heartbeat, a logical message), from its
+    stored offset: none when its last processed LSN is a commit's or a message's (Debezium
+    stores both as commits), else the group of the change before it (a heartbeat taken
+    inside a transaction)."""
+    offset = record.sourceRecord().sourceOffset()
+    processed, committed = offset.get("lsn_proc"), offset.get("lsn_commit")
+    if processed is None or (committed is not None and int(processed) == int(committed)):
+        return ENDS_GROUPS
+    return int(processed)
 
 
 class DebeziumCapture:
@@ -234,10 +249,11 @@ class DebeziumCapture:
         )
         self._thread.start()
 
-    def _handle(self, records: Sequence[Any]) -> None:
+    def _handle(self, records: Sequence[Any]) -> list[Group]:
         """One engine batch: decoded, completed (key moves, re-read values, type changes) and
-        handed to ``on_batch``."""
+        handed to ``on_batch``. Returns each record's LSN group (see :mod:`.marking`)."""
         events: list[ChangeEvent | Watermark] = []
+        groups: list[Group] = []
         marker: PositionMarker | None = None
         # Per table, its first and last streamed record: their schemas tell whether the
         # table's schema changed before or within the batch (see TypeWatch).
@@ -245,16 +261,22 @@ class DebeziumCapture:
         for record in records:
             value = record.value()
             if value is None:
+                groups.append(heartbeat_group(record))
                 continue
             # No destination() call: heartbeats are told by their shape.
             event = decode_event(str(value))
             if isinstance(event, PositionMarker):
+                groups.append(heartbeat_group(record))
                 marker = event
                 continue
             events.append(event)
             if isinstance(event, Watermark):
+                groups.append(heartbeat_group(record))
                 marker = PositionMarker(event.source_ts_ms)
-            elif not event.from_snapshot:
+            elif event.from_snapshot:
+                groups.append(ENDS_GROUPS)
+            else:
+                groups.append(event.lsn)
                 span = ends.get(event.table)  # no list built per event
                 if span is None:
                     ends[event.table] = [record, record]
@@ -268,6 +290,7 @@ class DebeziumCapture:
                 self._source_rows.connection(), events, schema_tokens(ends)))
         if events or marker is not None:
             self.on_batch(CaptureBatch(events, marker))
+        return groups
 
     def _run(self) -> None:
         try:

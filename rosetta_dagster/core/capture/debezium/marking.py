@@ -1,0 +1,54 @@
+"""Which Debezium records may have their offsets stored: never one inside an unfinished LSN group.
+
+Changes can share one LSN: COPY writes a page of rows as one WAL record, a TRUNCATE of several
+tables is one message, an UPDATE of the primary key becomes a delete and a create. Debezium
+3.6's stored offset names the LSN of the last change processed, and on restart it resumes at
+the first *different* LSN (``WalPositionLocator``): an offset stored after part of such a group
+skips the rest of it for good (reproduced: a stream ended after the first batch of a COPY lost
+the rest of that page's rows; debezium/dbz#1554, fixed upstream after 3.6). So a record is
+marked processed only once the group it ends is known complete: a later record with another
+LSN, or a record at a commit or a logical message, has been applied. The held-back tail is
+marked with a later batch; a stream that stops meanwhile gets it delivered again, which a
+keyed apply absorbs.
+
+Pure Python: the engine gives each record's group (see :data:`ENDS_GROUPS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# A record's group: the LSN of the change it carries (or, for a heartbeat taken inside a
+# transaction, of the last change before it), or ENDS_GROUPS for a record stored at a commit
+# or a logical message (or of the snapshot), after which every earlier group is complete.
+ENDS_GROUPS = None
+Group = int | None
+
+
+def complete_prefix(groups: Sequence[Group]) -> int:
+    """How many leading records of ``groups`` (in stream order) end complete groups."""
+    complete = 0
+    for index, group in enumerate(groups):
+        if group is ENDS_GROUPS:
+            complete = index + 1
+        elif index > 0 and group != groups[index - 1]:
+            complete = max(complete, index)
+    return complete
+
+
+class OffsetMarking:
+    """The records of a stream, across batches, whose offsets may be stored now; holds back
+    the tail that may belong to an unfinished group."""
+
+    def __init__(self) -> None:
+        self._held: list[Any] = []
+        self._held_groups: list[Group] = []
+
+    def markable(self, records: Sequence[Any], groups: Sequence[Group]) -> list[Any]:
+        """After ``records`` were applied: the records (held ones first) to mark processed."""
+        pending = [*self._held, *records]
+        pending_groups = [*self._held_groups, *groups]
+        count = complete_prefix(pending_groups)
+        self._held, self._held_groups = pending[count:], pending_groups[count:]
+        return pending[:count]
