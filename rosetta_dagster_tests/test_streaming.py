@@ -435,8 +435,22 @@ def test_restart_resumes_from_offsets_without_a_new_snapshot(
                 ", so nothing was written.") for t in ("nokey", "keyless"))
             + "; Table public.missing does not exist in source src.",
         ),
+        (
+            # Changes of a partitioned table are published per partition, and a view has none.
+            "CREATE TABLE public.parted (id int, at date, PRIMARY KEY (id, at)) PARTITION BY "
+            "RANGE (at); CREATE TABLE public.parted_2026 PARTITION OF public.parted FOR VALUES "
+            "FROM ('2026-01-01') TO ('2027-01-01'); CREATE VIEW public.recent AS SELECT * FROM "
+            "public.parted",
+            ["public.parted", "public.recent", "public.parted_2026"],
+            None,
+            "Pipeline partitioned cannot stream 2 of its tables, so nothing was written: Table "
+            "public.parted in source src is partitioned, and PostgreSQL publishes its changes "
+            "per partition; list its partitions as tables instead (each replicates into a "
+            "table of its own); public.recent in source src is a view, whose rows logical "
+            "replication does not carry (it publishes ordinary tables only).",
+        ),
     ],
-    ids=["bad_password", "missing_table", "no_replica_identity", "several_tables"],
+    ids=["bad_password", "missing_table", "no_replica_identity", "several_tables", "partitioned"],
 )
 def test_bad_input_fails_with_one_clear_sentence_and_writes_nothing(
     env: StreamingEnv, store: ConfigStore, request: pytest.FixtureRequest,

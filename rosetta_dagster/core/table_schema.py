@@ -325,15 +325,35 @@ def read_column_types(conn: psycopg2.extensions.connection, tables: Sequence[Tab
     return found
 
 
+_RELATION_KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table",
+                   "S": "a sequence", "i": "an index", "I": "a partitioned index",
+                   "c": "a composite type", "t": "a TOAST table"}
+
+
+def _not_a_table(table: TableRef, where: str, relkind: str) -> str:
+    """Why a relation that is not an ordinary table is refused (logical replication publishes
+    the changes of ordinary tables only)."""
+    if relkind == "p":
+        return (f"Table {table.qualified} in {where} is partitioned, and PostgreSQL publishes "
+                "its changes per partition; list its partitions as tables instead (each "
+                "replicates into a table of its own), so nothing was written.")
+    return (f"{table.qualified} in {where} is {_RELATION_KINDS.get(relkind, 'not a table')}, "
+            "whose rows logical replication does not carry (it publishes ordinary tables "
+            "only), so nothing was written.")
+
+
 def read_table_schema(conn: psycopg2.extensions.connection, table: TableRef, where: str,
                       options: TableOptions = NO_OPTIONS) -> TableSchema:
     """Columns and primary key of ``table``, projected by its ``options``; ``where`` names the
     database in errors."""
     with conn.cursor() as cursor:
-        cursor.execute("SELECT to_regclass(%s)", (_regclass(table).as_string(conn),))
+        cursor.execute("SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)",
+                       (_regclass(table).as_string(conn),))
         row = cursor.fetchone()
-        if row is None or row[0] is None:
+        if row is None:
             raise SchemaError(f"Table {table.qualified} does not exist in {where}.")
+        if row[0] != "r":
+            raise SchemaError(_not_a_table(table, where, str(row[0])))
         relation = _regclass(table).as_string(conn)
         cursor.execute(_COLUMNS_QUERY, (relation,))
         rows = cursor.fetchall()

@@ -15,6 +15,7 @@ is a minimal one.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import sys
@@ -322,9 +323,12 @@ class RosettaMachine(RuleBasedStateMachine):
         table = self._table(data)
         operation = data.draw(st.sampled_from(
             ("insert", "insert", "update", "update", "update_key", "update_key", "delete",
-             "upsert", "update_many")), label="operation")
+             "upsert", "update_many", "copy")), label="operation")
         if operation in ("insert", "upsert"):
             self._insert(conn, data, table, upsert=operation == "upsert")
+            return
+        if operation == "copy":
+            self._copy(conn, data, table)
             return
         if operation == "update_many":
             self._update_many(conn, data, table)
@@ -353,6 +357,51 @@ class RosettaMachine(RuleBasedStateMachine):
                                           for k in table.key]
         if self._run(conn, _update(target, key_sets + sets, where), [*new_key, *params, *key]):
             self._touch(conn, table.name, key, new_key)
+
+    def _copy(self, conn: str, data: st.DataObject, table: FuzzTable) -> None:
+        """Rows at new keys in one COPY, each a copy of an existing row's values (or NULLs):
+        PostgreSQL writes a page of COPY rows as one WAL record, so their changes share one
+        LSN, and a stream that stops inside such a group must still deliver all of it."""
+        existing = self._keys(conn, table)
+        template = self._existing_key(data, conn, table, existing)
+        keys: list[Row] = []
+        for _ in range(data.draw(st.integers(2, 40), label="rows copied")):
+            key = self._free_key(data, conn, table, [*existing, *keys])
+            if key is not None and (table.keyless or key not in keys):
+                keys.append(key)
+        if not keys:
+            return
+        others = [c.name for c in self.columns[table.name] if c.name not in table.key]
+        target = self.example.qualified(table.name)
+        # The server renders the rows as COPY text: hostile values stay exact.
+        rows = sql.SQL("SELECT k.*{others} FROM (VALUES {keys}) AS k ({key}) LEFT JOIN "
+                       "LATERAL (SELECT * FROM {target} WHERE {match} LIMIT 1) AS t ON true").format(
+            others=sql.SQL("").join(sql.SQL(", t.{}").format(sql.Identifier(c)) for c in others),
+            keys=sql.SQL(", ").join(sql.SQL("({})").format(sql.SQL(", ").join(
+                sql.Placeholder() * len(table.key))) for _ in keys),
+            key=names(table.key), target=target,
+            match=key_condition(table) if template is not None else sql.SQL("false"))
+        params = [*(v for key in keys for v in key), *(template or ())]
+        copy_in = sql.SQL("COPY {} ({}) FROM STDIN").format(target, names([*table.key, *others]))
+        connection = self.conns[conn]
+        try:
+            with connection.cursor() as cursor:
+                text = io.StringIO()
+                select = cursor.mogrify(rows, params).decode()
+                cursor.copy_expert(f"COPY ({select}) TO STDOUT", text)
+                self.script.sql(conn, f"{copy_in.as_string(connection)};\n{text.getvalue()}\\.")
+                text.seek(0)
+                cursor.copy_expert(copy_in.as_string(connection), text)
+        except LOST_CONNECTION as exc:
+            self.script.note(f"[{conn}] connection lost: {_first_line(exc)}")
+            self._lost(conn)
+            return
+        except psycopg2.Error as exc:
+            self.script.note(f"[{conn}] failed: {_first_line(exc)}")
+            if self.tx[conn] is not None:
+                self._end(conn, "ROLLBACK")
+            return
+        self._touch(conn, table.name, *keys)
 
     def _update_many(self, conn: str, data: st.DataObject, table: FuzzTable) -> None:
         """Many rows in one statement (whole-table lock on the other connection's side)."""

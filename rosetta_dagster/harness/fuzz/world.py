@@ -357,8 +357,11 @@ class Example:
             },
             "pipelines": {self.name: {
                 "source": "src", "destinations": ["d1", "d2"], "tables": entries,
+                # Small batches: a transaction (pgoutput) or an LSN group of COPY rows
+                # (Debezium) often spans several.
                 "streaming": {"engine": self.engine, "heartbeat_interval_ms": 1000,
-                              "apply_retry_seconds": 5, "offset_flush_interval_ms": 200}}},
+                              "apply_retry_seconds": 5, "offset_flush_interval_ms": 200,
+                              "max_batch_size": 16}}},
         }))
 
     def pipeline(self) -> PipelineDefinition:
