@@ -2,15 +2,15 @@
 stream, the source itself as the oracle.
 
 One example: tables with a few rows are created, the stream starts (initial load), then steps
-run in any order: inserts, updates, key updates, deletes and upserts with hostile values on two
-connections (transactions interleaved, savepoints rolled back, whole transactions rolled
+run in any order: inserts, updates, key updates, deletes, upserts and COPY with hostile values
+on two connections (transactions interleaved, savepoints rolled back, whole transactions rolled
 back), TRUNCATE, ADD/DROP COLUMN, ALTER COLUMN TYPE, REPLICA IDENTITY changes, a table added to
-the pipeline, and faults: kill -9 of the stream, restarts of either destination or the source
-(fast or a crash), the replication slot dropped (re-sync), the second destination down for a
-while, backfills while writes go on. At the end every destination must hold exactly what the
-source replicates (row by row, as text under the pinned settings); otherwise the example fails
-with the SQL script that ran. Hypothesis shrinks a failing example, so the script printed last
-is a minimal one.
+the pipeline, and faults: kill -9 of the stream, its clean restart (SIGTERM), restarts of either
+destination or the source (fast or a crash), the replication slot dropped (re-sync), the second
+destination down for a while, backfills while writes go on. At the end every destination must
+hold exactly what the source replicates (row by row, as text under the pinned settings);
+otherwise the example fails with the SQL script that ran. Hypothesis shrinks a failing
+example, so the script printed last is a minimal one.
 """
 
 from __future__ import annotations
@@ -581,6 +581,15 @@ class RosettaMachine(RuleBasedStateMachine):
         self.example.stream.wanted = False
         self.example.stream.kill()
         time.sleep(delay)
+        self.example.stream.start()
+
+    @precondition(lambda self: self.faults < self.max_faults)
+    @rule()
+    def restart_stream(self) -> None:
+        """SIGTERM (a clean close: the engine stores what it marked processed) and start."""
+        self.faults += 1
+        self.script.note("restart the stream (SIGTERM)")
+        self.example.stream.stop()
         self.example.stream.start()
 
     @precondition(lambda self: self.faults < self.max_faults)
