@@ -475,6 +475,33 @@ def test_bad_input_fails_with_one_clear_sentence_and_writes_nothing(
     assert replica_tables(env) == 0
 
 
+def test_partitions_listed_as_tables_follow_a_row_moved_between_them(env: StreamingEnv) -> None:
+    """A partitioned table is refused (above); its partitions are ordinary tables, and an
+    UPDATE that moves a row to another partition arrives as a delete and an insert."""
+    execute(env.source_url,
+            "CREATE TABLE public.parted (id int, at date, v text, PRIMARY KEY (id, at)) "
+            "PARTITION BY RANGE (at)",
+            "CREATE TABLE public.parted_2025 PARTITION OF public.parted FOR VALUES FROM "
+            "('2025-01-01') TO ('2026-01-01')",
+            "CREATE TABLE public.parted_2026 PARTITION OF public.parted FOR VALUES FROM "
+            "('2026-01-01') TO ('2027-01-01')",
+            "INSERT INTO public.parted SELECT g, date '2025-03-01' + g * 30, repeat('v', g) "
+            "FROM generate_series(1, 20) g")
+    pipeline = env.pipeline("partitions", ["public.parted_2025", "public.parted_2026"])
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
+        for table in ("public.parted_2025", "public.parted_2026"):
+            wait_until(lambda t=table: env.converged(t), message=f"{table}: the initial load")
+        execute(env.source_url,
+                "UPDATE public.parted SET at = at + 365, v = 'moved' WHERE id <= 3",
+                "UPDATE public.parted SET v = 'stayed' WHERE id = 15",
+                "DELETE FROM public.parted WHERE id = 16",
+                "INSERT INTO public.parted VALUES (99, '2025-12-31', 'new')")
+        for table in ("public.parted_2025", "public.parted_2026"):
+            wait_until(lambda t=table: env.converged(t), message=f"{table}: the moved rows")
+    assert fetch(env.destination_url, "SELECT count(*) FROM replica.parted_2026 WHERE v = "
+                 "'moved'") == [(3,)]
+
+
 @pytest.mark.parametrize("engine", ["debezium"])
 def test_connector_failure_fails_the_session_with_the_connectors_message(
     env: StreamingEnv, store: ConfigStore
