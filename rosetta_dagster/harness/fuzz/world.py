@@ -264,6 +264,9 @@ class Example:
         self.schema = f"x{os.getpid()}_{number}"
         self.target_schema = f"r{os.getpid()}_{number}"
         self.name = f"fz{os.getpid()}_{number}"
+        # Offsets flushed after (about) every batch, every 200 ms or every 2 s (Debezium): an offset
+        # stored inside a group of changes, or a long stretch delivered again after a kill.
+        self.offset_flush_interval_ms = (1, 200, 2000)[number % 3]
         self.source_db = world.source_db(engine)
         self.tables = fuzz_tables(engine)
         self.directory = world.root / self.name
@@ -360,7 +363,8 @@ class Example:
                 # Small batches: a transaction (pgoutput) or an LSN group of COPY rows
                 # (Debezium) often spans several.
                 "streaming": {"engine": self.engine, "heartbeat_interval_ms": 1000,
-                              "apply_retry_seconds": 5, "offset_flush_interval_ms": 200,
+                              "apply_retry_seconds": 5,
+                              "offset_flush_interval_ms": self.offset_flush_interval_ms,
                               "max_batch_size": 16}}},
         }))
 
