@@ -10,9 +10,12 @@ the pinned settings (see ``core.source_rows``).
 
 Consistency: the value read may be newer than the event's (the row changed again since); the
 destination then passes through that newer value earlier and converges when the later event is
-applied. An event whose row is gone from the source becomes a delete of its key: the source's
-own delete follows, and until then no older value stays at the destination for a later change
-(an UPDATE of the key that leaves a TOASTed value out) to copy.
+applied. When the row is gone from the source (deleted, or moved to another key), the event
+keeps its own values and leaves the re-read columns out (as unchanged: the destination row
+keeps what it has): the change that removed the row follows, and if it moved the row, it
+takes the TOASTed values it leaves out from this one (as the old row was just before it) and
+re-reads its own. (Turning such an event into a delete of its key lost the values it carried:
+the moved row then took older ones.)
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rosetta_dagster.core.events import ChangeEvent, Watermark
+from rosetta_dagster.core.events import UNCHANGED_TOAST, ChangeEvent, Watermark
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.source_rows import KeyText, SourceRows
 from rosetta_dagster.core.table_schema import TableSchema
@@ -42,6 +45,14 @@ class _TableReread:
             (value := after.get(name)) is not None and not ordinary(value)
             for name, ordinary in self.checks)
 
+    def leave_out(self, after: dict[str, Any]) -> None:
+        """The row is gone from the source: the values that needed re-reading are left out."""
+        for name in self.always:
+            after[name] = UNCHANGED_TOAST
+        for name, ordinary in self.checks:
+            if (value := after.get(name)) is not None and not ordinary(value):
+                after[name] = UNCHANGED_TOAST
+
     def key(self, event: ChangeEvent) -> KeyText:
         after = event.after or {}
         return tuple(None if (v := after.get(k)) is None else text(v)
@@ -58,12 +69,6 @@ def _plan(schema: TableSchema, codec: ValueCodec) -> _TableReread | None:
     return _TableReread(schema, tuple(c.name for c in columns),
                         tuple(c.name for c in columns if codec.always_reread(c)), checks,
                         tuple(codec.converter_for(schema.column(k)) for k in schema.key_columns))
-
-
-def _deleted(event: ChangeEvent, key: Sequence[str]) -> ChangeEvent:
-    after = event.after or {}
-    return ChangeEvent(event.table, "d", {k: after.get(k) for k in key}, None, event.source_ts_ms,
-                       event.lsn, event.xid, event.snapshot, event.commit_lsn)
 
 
 class SourceReread:
@@ -84,7 +89,7 @@ class SourceReread:
     def fill(
         self, source: SourceRows, items: Sequence[ChangeEvent | Watermark]
     ) -> list[ChangeEvent | Watermark]:
-        """The items with re-read values in place; events of rows gone are deletes."""
+        """The items with re-read values in place (left out where the row is gone)."""
         wanted: dict[TableRef, dict[KeyText, None]] = {}
         for item in items:
             if (isinstance(item, ChangeEvent) and item.table in self.tables and item.after
@@ -102,10 +107,9 @@ class SourceReread:
                 key = plan.key(item)
                 if key in wanted[item.table]:
                     values = found[item.table].get(key)
-                    if values is None:
-                        # Gone from the source: its delete follows. Until then the row is
-                        # absent, never kept with older values a later change could copy.
-                        kept.append(_deleted(item, plan.schema.key_columns))
+                    if values is None:  # gone from the source: the change that did it follows
+                        plan.leave_out(item.after)
+                        kept.append(item)
                         continue
                     for name, value in zip(plan.columns, values, strict=True):
                         item.after[name] = None if value is None else SourceText(value)

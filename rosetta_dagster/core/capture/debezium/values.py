@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rosetta_dagster.core.errors import RosettaError
+from rosetta_dagster.core.events import UNCHANGED_TOAST
 from rosetta_dagster.core.table_schema import NESTED_XML_REFUSAL, Column, nested_xml
 from rosetta_dagster.core.values import Converter, SourceText, ValueCodec
 
@@ -40,7 +41,10 @@ class UnsupportedValueError(RosettaError):
 
 
 def is_unavailable(value: Any) -> bool:
-    """True for Debezium's unchanged-TOAST placeholder in any of its encodings."""
+    """True for Debezium's unchanged-TOAST placeholder in any of its encodings (and for the
+    engine-neutral marker: a re-read value of a row gone from the source, core.capture.reread)."""
+    if value is UNCHANGED_TOAST:
+        return True
     if isinstance(value, str):
         return value in (UNAVAILABLE_VALUE, _UNAVAILABLE_HEX, _UNAVAILABLE_BASE64)
     if isinstance(value, list) and len(value) == 1:
