@@ -18,8 +18,8 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
-from rosetta_dagster.core.capture.debezium.jvm import exit_now_if_jvm_runs
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
+from rosetta_dagster.core.streaming.termination import exit_now
 from rosetta_dagster.harness import StreamingEnv, execute, fetch, new_streaming_env
 
 # The W2 row shape of the issue: bigint pk, int, text, numeric(12,2), timestamptz, jsonb.
@@ -167,4 +167,4 @@ def run_main(main: Callable[[], None]) -> None:
     and a normal exit that a Java thread calling into Python meets can abort (SIGABRT; seen
     once at the end of W2's Debezium snapshot)."""
     main()
-    exit_now_if_jvm_runs(0)
+    exit_now(0)

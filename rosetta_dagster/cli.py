@@ -28,6 +28,7 @@ from rosetta_dagster.core.pipeline_config import TableRef, load_config
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.replication import application_name
 from rosetta_dagster.core.streaming import StreamingSession
+from rosetta_dagster.core.streaming.termination import exit_now, termination_event
 from rosetta_dagster.local_stack import LocalStack, dagster_dev_command, dagster_graphql
 from rosetta_dagster.settings import (
     CONFIG_DATABASE_URL_ENV,
@@ -204,22 +205,26 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 
 
 def _cmd_stream(args: argparse.Namespace) -> int:
-    """Stream one pipeline in the foreground (what the Dagster op does, without Dagster)."""
+    """Stream one pipeline in the foreground (what the Dagster op does, without Dagster).
+    SIGTERM or Ctrl-C close the engine and end it with exit code 0."""
     pipeline = load_config().pipeline(args.pipeline)
-
-    def terminate(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt  # lands in the waiting thread, which closes the engine
-
-    signal.signal(signal.SIGTERM, terminate)
-    with _config_store(args) as store:
-        store.upgrade()
-        store.sync_pipeline(pipeline)
-        session = StreamingSession(pipeline, offsets_dir=offsets_dir(), config_store=store)
+    interrupted = False
+    with termination_event() as terminating:
         try:
-            session.run(tick=lambda p: logger.info("Pipeline %s: %d events applied",
-                                                   pipeline.name, p.events_applied))
-        except KeyboardInterrupt:
-            print(f"Pipeline {pipeline.name} stopped.")
+            with _config_store(args) as store:
+                store.upgrade()
+                store.sync_pipeline(pipeline)
+                session = StreamingSession(pipeline, offsets_dir=offsets_dir(),
+                                           config_store=store)
+                if not terminating.is_set():
+                    session.run(tick=lambda p: logger.info("Pipeline %s: %d events applied",
+                                                           pipeline.name, p.events_applied),
+                                stop_when=lambda _: terminating.is_set())
+        except KeyboardInterrupt:  # lands in the waiting thread, which closed the engine
+            interrupted = True
+    if interrupted or terminating.is_set():
+        print(f"Pipeline {pipeline.name} stopped.")
+        exit_now(0)  # everything is closed (see exit_now: a signal can spoil the teardown)
     return 0
 
 
@@ -598,10 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run() -> None:
     """The program's entry point (the ``rosetta`` command, ``python -m``)."""
     code = main()
-    if "jpype" in sys.modules:  # a Debezium stream ran here: end without the teardown
-        from rosetta_dagster.core.capture.debezium.jvm import exit_now_if_jvm_runs
-
-        exit_now_if_jvm_runs(code)
+    if "jpype" in sys.modules:  # a Debezium stream ran (or began) here: no teardown
+        exit_now(code)
     sys.exit(code)
 
 

@@ -30,12 +30,13 @@ from rosetta_dagster.core.pipeline_config import (
 from rosetta_dagster.core.streaming import StreamingSession
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 60, message: str = "") -> None:
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 60, message: str = "",
+               interval_s: float = 0.2) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {message or predicate}")
-        time.sleep(0.2)
+        time.sleep(interval_s)
 
 
 def execute(

@@ -8,6 +8,7 @@ from dagster import (
     AssetMaterialization,
     AssetObservation,
     Config,
+    DagsterExecutionInterruptedError,
     JobDefinition,
     MetadataValue,
     OpExecutionContext,
@@ -22,6 +23,7 @@ from rosetta_dagster.core.health import measure_and_record_lag
 from rosetta_dagster.core.initial_load import TableLoadReport
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, PipelineFile
 from rosetta_dagster.core.streaming import StreamingSession, StreamProgress
+from rosetta_dagster.core.streaming.termination import termination_event
 from rosetta_dagster.defs.naming import AssetNaming
 from rosetta_dagster.defs.pipelines.assets import table_copy_key
 from rosetta_dagster.defs.platform.resources import ConfigStoreResource
@@ -115,10 +117,14 @@ def build_stream_job(pipeline: PipelineDefinition, pipeline_file: PipelineFile,
             on_table_loaded=lambda report: _materialize_loaded_table(context, resolved, report,
                                                                      naming),
         )
-        session.run(
-            tick=lambda progress: _observe(context, resolved, progress, store, naming),
-            tick_interval_s=OBSERVATION_INTERVAL_S,
-        )
+        with termination_event() as terminating:
+            session.run(
+                tick=lambda progress: _observe(context, resolved, progress, store, naming),
+                tick_interval_s=OBSERVATION_INTERVAL_S,
+                stop_when=lambda _: terminating.is_set(),
+            )
+        if terminating.is_set():  # Dagster's interrupt was lost on its way (see termination)
+            raise DagsterExecutionInterruptedError()
 
     @job(
         name=stream_job_name(name),

@@ -13,7 +13,6 @@ import importlib.util
 import logging
 import os
 import shlex
-import sys
 from pathlib import Path
 
 import jpype
@@ -107,19 +106,3 @@ def ensure_jvm(max_heap: str = "256m") -> None:
         raise JvmError(f"The JVM at {path} could not start: {exc}.") from None
     logger.info("JVM started from %s with -Xmx%s%s", path, max_heap,
                 f" and {os.environ[JVM_OPTIONS_ENV]}" if os.environ.get(JVM_OPTIONS_ENV) else "")
-
-
-def exit_now_if_jvm_runs(code: int) -> None:
-    """End the process with ``code`` at once when a JVM runs in it; return otherwise.
-
-    The JVM is never destroyed (see :func:`ensure_jvm`), so a normal exit tears the process
-    down (interpreter finalization, the C library's exit handlers) around Java threads that
-    still run: rarely, one crashes in it and the JVM aborts the process (SIGABRT), after the
-    engine was closed and every offset stored. Called once everything is closed and flushed.
-    """
-    if not jpype.isJVMStarted():
-        return
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
