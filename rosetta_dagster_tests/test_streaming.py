@@ -401,6 +401,30 @@ def _register(store: ConfigStore, pipeline: PipelineDefinition) -> None:
     store.sync_pipeline(pipeline)
 
 
+def test_a_stop_asked_for_before_the_stream_begins_ends_the_initial_load(
+    env: StreamingEnv, store: ConfigStore
+) -> None:
+    """``stop_when`` (what a termination signal sets, even when the exception it raised was
+    lost) is heeded before the stream begins: before the load, and at the load's waits
+    (creating the slot, copying: an initial load can take hours). The session ends PAUSED,
+    and the next start loads afresh."""
+    execute(env.source_url, "CREATE TABLE public.bulky (id int PRIMARY KEY, v text)",
+            "INSERT INTO public.bulky SELECT g, repeat('v', 200) FROM generate_series(1, 50000) g")
+    pipeline = env.pipeline("bulky", ["public.bulky"])
+    _register(store, pipeline)
+    asked = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
+    asked.run(stop_when=lambda _: True)  # before the load: nothing copied
+    assert store.get_pipeline("bulky").state is PipelineState.PAUSED
+    assert count_rows(env.destination_url, "replica.bulky") == 0
+    calls = iter(range(1_000_000))
+    during = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
+    during.run(stop_when=lambda _: next(calls) >= 1)  # at the load's first wait
+    assert store.get_pipeline("bulky").state is PipelineState.PAUSED
+    assert not env.positions(pipeline).exists()  # the load did not complete
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
+        wait_until(lambda: env.converged("public.bulky"), message="the next start's load")
+
+
 def test_restart_resumes_from_offsets_without_a_new_snapshot(
     env: StreamingEnv, store: ConfigStore
 ) -> None:

@@ -163,6 +163,8 @@ class InitialLoader:
                     row = cursor.fetchone()
                     if row is None or row[0] is None or time.monotonic() > deadline:
                         break
+                    if self.on_wait is not None:
+                        self.on_wait()
                     time.sleep(0.5)
                 if row is not None:
                     if row[0] is not None:

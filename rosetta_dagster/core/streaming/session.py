@@ -39,6 +39,10 @@ HEARTBEAT_INTERVAL_S = 5.0
 POSITION_STAMP_S = 1.0  # a moved position is reported at most this often
 
 
+class _StopAsked(BaseException):  # noqa: N818 - a request, not an error
+    """``stop_when`` held before the stream began: unwinds the load (which cancels its copies)."""
+
+
 class StreamingSession:
     """Streams one pipeline until stopped, failing loudly and recording its state."""
 
@@ -64,6 +68,7 @@ class StreamingSession:
         self._schemas: dict[TableRef, TableSchema] = {}
         self.destinations = DestinationFanout(pipeline, log)
         self._capture: Capture | None = None
+        self._stop_when: Callable[[StreamProgress], bool] | None = None
         self._restarted_stale = False
         self._next_heartbeat = self._next_pool_report = time.monotonic()
         self._last_stamp = 0.0
@@ -133,12 +138,14 @@ class StreamingSession:
         The engine runs in its own thread; this thread only waits, heartbeats and ticks, so a
         termination signal lands here and closes the engine cleanly before re-raising.
         """
+        self._stop_when = stop_when
         try:
             # Alive from the start: preparing and an initial load can take long, and the
             # supervisor judges this run by its own heartbeats.
             self._heartbeat_if_due()
             if not self.destinations.opened:
                 self.prepare()
+            self._stop_if_asked()
             self._start_capture()
             self._record_state(PipelineState.RUNNING)
             self.log.info(
@@ -172,6 +179,11 @@ class StreamingSession:
             self._capture.raise_if_failed()
             if tick is not None:
                 tick(self.progress)
+            self._record_state(PipelineState.PAUSED)
+            return self.progress
+        except _StopAsked:  # before the stream began: ends as when the loop stops
+            self._stop_capture()
+            self._write_flows_quietly()
             self._record_state(PipelineState.PAUSED)
             return self.progress
         except BaseException as exc:
@@ -215,8 +227,19 @@ class StreamingSession:
         self.batches.fences = load_uncovered_tables(
             self.pipeline, self.positions, self._schemas,
             created={t for a in self.destinations.writers for t in a.created}, log=self.log,
-            on_table_loaded=self._table_loaded, on_wait=self._heartbeat_if_due,
+            on_table_loaded=self._table_loaded, on_wait=self._while_loading,
             request_backfills=self._request_backfills)
+
+    def _while_loading(self) -> None:
+        self._heartbeat_if_due()
+        self._stop_if_asked()
+
+    def _stop_if_asked(self) -> None:
+        """``stop_when`` is also heeded before the stream begins (an initial load can take
+        hours): a termination signal sets what it reads even when the exception the signal
+        raised was lost (see core.streaming.termination)."""
+        if self._stop_when is not None and self._stop_when(self.progress):
+            raise _StopAsked
 
     def _table_loaded(self, report: TableLoadReport) -> None:
         if self.config_store is not None:  # loaded rows count as records that flowed
