@@ -3,6 +3,8 @@
 * ``postgres/`` - a PostgreSQL database: batches merged set-wise in one transaction with the
   stream position, tables created and widened like the source's, chunks staged in unlogged
   tables.
+* ``duckdb/`` - a DuckDB database file (``type: duckdb``), owned by the stream's process:
+  batches merged per table with the position in the same transaction; no backfills yet.
 
 What the rest of the product needs from a destination is here and nothing else:
 
@@ -24,7 +26,7 @@ per key of a batch in ``net_changes``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     from rosetta_dagster.core.pool import ResilientConnectionPool
     from rosetta_dagster.core.position_tracking import PositionTracking
     from rosetta_dagster.core.source_rows import SourceRows
-    from rosetta_dagster.core.values import ValueCodec
+    from rosetta_dagster.core.values import Converter, ValueCodec
 
 # A chunk's key range: (after, through), key values in their text form; None = open.
 KeyBounds = tuple[Sequence[str | None] | None, Sequence[str | None] | None]
@@ -234,9 +236,46 @@ class DestinationKind(Protocol):
                     ) -> AbstractContextManager[TableReader]:
         """A reader on a connection of its own, closed with the block."""
 
+    def position_row(self, pipeline: PipelineDefinition, destination: Destination
+                     ) -> PositionRow: ...
+
+
+class PositionRow(Protocol):
+    """A pipeline's row in a destination's positions table (engines that keep their position
+    with the data): the position it has committed and the load state document."""
+
+    def read(self) -> tuple[int, dict[str, Any]] | None: ...
+
+    def write_start(self, slot_name: str, lsn: int, loads: dict[str, Any]) -> None: ...
+
+    def write_loads(self, loads: dict[str, Any]) -> None: ...
+
+    def delete(self) -> bool: ...
+
+
+def change_as_text(converters: Mapping[str, Converter], event: ChangeEvent,
+                   is_unchanged: Callable[[Any], bool]) -> dict[str, Any]:
+    """The change with every value in its text form (unchanged TOAST values left out, so a
+    replay keeps the destination's value), as JSON for the config store."""
+
+    def as_text(values: dict[str, Any] | None) -> dict[str, str | None] | None:
+        if values is None:
+            return None
+        return {name: None if value is None else converters[name](value)
+                for name, value in values.items()
+                if name in converters and not is_unchanged(value)}
+
+    return {"table": event.table.qualified, "op": event.op, "before": as_text(event.before),
+            "after": as_text(event.after), "source_ts_ms": event.source_ts_ms,
+            "lsn": event.lsn, "xid": event.xid, "commit_lsn": event.commit_lsn}
+
 
 def destination_kind(destination: Destination) -> DestinationKind:
     """The implementation for ``destination`` (imported only when used)."""
+    if destination.kind == "duckdb":
+        from rosetta_dagster.core.destination.duckdb import DUCKDB
+
+        return DUCKDB
     from rosetta_dagster.core.destination.postgres import POSTGRES
 
     return POSTGRES

@@ -101,7 +101,7 @@ def servers_of(
              f"{pipeline.source.host}:{pipeline.source.port}")]
         endpoints += [(f"destination {d.name}",
                        lambda p=pipeline, d=d: destination_connection(p, d), f"{d.host}:{d.port}")
-                      for d in pipeline.destinations]
+                      for d in pipeline.destinations if d.kind == "postgres"]
         for server, connect, where in endpoints:
             if where in seen:
                 continue

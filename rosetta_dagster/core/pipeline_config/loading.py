@@ -19,6 +19,7 @@ import yaml
 from rosetta_dagster.core.pipeline_config.records import (
     APPLY_ERROR_POLICIES,
     CAPTURE_ENGINES,
+    DESTINATION_KINDS,
     IDENTIFIER_PATTERN,
     INITIAL_LOAD_METHODS,
     NAME_PATTERN,
@@ -164,6 +165,17 @@ class _Reader:
         }
 
 
+def _duckdb_path(reader: _Reader, base: Path) -> str:
+    """A DuckDB destination's database file (relative: to the pipeline file's folder). One
+    process writes it for as long as the stream runs, so an in-memory database (gone with that
+    process, unreadable by the checks) is refused."""
+    raw = reader.text("path")
+    if raw.strip() == ":memory:" or raw.startswith(":memory:"):
+        reader.fail("path", "is ':memory:', which no other process can read and which is lost "
+                            "when the stream stops; give a database file path")
+    return str((base / raw).resolve())
+
+
 def load_config(
     path: Path | str | None = None,
     environ: Mapping[str, str] | None = None,
@@ -201,10 +213,16 @@ def load_config(
     destinations: dict[str, Destination] = {}
     for name, data in (top.data.get("destinations") or {}).items():
         reader = _Reader(path, f"destination '{name}'", data, environ)
-        schema = reader.text("schema", "public")
+        kind = reader.choice("type", "postgres", DESTINATION_KINDS)
+        schema = reader.text("schema", "public" if kind == "postgres" else "main")
         if not IDENTIFIER_PATTERN.match(schema):
             reader.fail("schema", f"'{schema}' is not a valid schema name")
-        destinations[name] = Destination(**reader.endpoint_kwargs(name), schema=schema)
+        if kind == "duckdb":
+            destinations[name] = Destination(
+                name=name, host="", port=0, database="", user="", schema=schema, kind=kind,
+                path=_duckdb_path(reader, path.parent))
+        else:
+            destinations[name] = Destination(**reader.endpoint_kwargs(name), schema=schema)
 
     raw_pipelines = top.data.get("pipelines")
     if not isinstance(raw_pipelines, dict) or not raw_pipelines:

@@ -98,9 +98,22 @@ class PostgresEndpoint:
         return f"{self.user}@{self.host}:{self.port}/{self.database}"
 
 
+DESTINATION_KINDS = ("postgres", "duckdb")
+
+
 @dataclass(frozen=True)
 class Destination(PostgresEndpoint):
     schema: str = "public"
+    # ``type:`` in rosetta.yaml: "postgres" (the endpoint's fields) or "duckdb" (``path``: a
+    # database file; the endpoint's fields are empty).
+    kind: str = "postgres"
+    path: str | None = None
+
+    @property
+    def description(self) -> str:
+        if self.kind == "duckdb":
+            return f"duckdb:{self.path}"
+        return super().description
 
 
 INITIAL_LOAD_METHODS = ("copy", "debezium")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from rosetta_dagster.core.destination.postgres.applier import PostgresApplier
 from rosetta_dagster.core.destination.postgres.bulk import PostgresTableLoad
+from rosetta_dagster.core.destination.postgres.positions import PostgresPositionRow
 from rosetta_dagster.core.destination.postgres.reader import PostgresTableReader
 from rosetta_dagster.core.destination.postgres.staging import (
     PostgresChunkStaging,
@@ -70,6 +71,10 @@ class PostgresDestinations:
                     ) -> Iterator[PostgresTableReader]:
         with destination_connection(pipeline, destination) as conn:
             yield PostgresTableReader(conn)
+
+    def position_row(self, pipeline: PipelineDefinition, destination: Destination
+                     ) -> PostgresPositionRow:
+        return PostgresPositionRow(pipeline, destination)
 
 
 POSTGRES = PostgresDestinations()

@@ -36,6 +36,7 @@ from rosetta_dagster.core.destination import (
     KeyBounds,
     RetypedColumn,
     SchemaSource,
+    change_as_text,
 )
 from rosetta_dagster.core.destination.errors import classify
 from rosetta_dagster.core.destination.keyless_changes import KeylessChanges
@@ -45,7 +46,6 @@ from rosetta_dagster.core.destination.postgres.keyed import apply_keyed
 from rosetta_dagster.core.destination.postgres.keyless import apply_keyless
 from rosetta_dagster.core.destination.postgres.plan import (
     TablePlan,
-    event_text,
     key_text,
     keys_table_name,
     note_run,
@@ -163,7 +163,8 @@ class PostgresApplier:
 
     def event_as_text(self, event: ChangeEvent) -> dict[str, Any]:
         """The change with every value in its text form, as JSON for the config store."""
-        return event_text(self._plans[event.table], event, self.values.is_unchanged)
+        return change_as_text(self._plans[event.table].converter_of, event,
+                              self.values.is_unchanged)
 
     def _ensure_table(self, conn: psycopg2.extensions.connection, schema: TableSchema) -> None:
         done = ensure_destination_table(conn, schema, self.target_schema, self.name)

@@ -80,24 +80,6 @@ def key_text(plan: TablePlan | None, event: ChangeEvent) -> dict[str, str | None
     return {k: None if row.get(k) is None else converters[k](row[k]) for k in names}
 
 
-def event_text(plan: TablePlan, event: ChangeEvent,
-               is_unchanged: Callable[[Any], bool]) -> dict[str, Any]:
-    """The change with every value in its text form (unchanged TOAST values left out, so a
-    replay keeps the destination's value), as JSON for the config store."""
-    converters = plan.converter_of
-
-    def as_text(values: dict[str, Any] | None) -> dict[str, str | None] | None:
-        if values is None:
-            return None
-        return {name: None if value is None else converters[name](value)
-                for name, value in values.items()
-                if name in converters and not is_unchanged(value)}
-
-    return {"table": event.table.qualified, "op": event.op, "before": as_text(event.before),
-            "after": as_text(event.after), "source_ts_ms": event.source_ts_ms,
-            "lsn": event.lsn, "xid": event.xid, "commit_lsn": event.commit_lsn}
-
-
 def keys_table_name(table: TableRef) -> str:
     """Key table of a re-snapshot; hashed suffix keeps long names unique within 63 bytes."""
     digest = hashlib.sha1(table.qualified.encode()).hexdigest()[:8]

@@ -1,0 +1,156 @@
+"""One DuckDB database file, one writing process: the stream's.
+
+DuckDB lets one process open a database file for writing, and no other process open it at all
+meanwhile (not even to read). So the stream process owns the file, and lets go of it between
+batches when somebody else needs it:
+
+* a reader (the parity checks, ``rosetta validate``, a test) *asks* by creating a request file
+  beside the database (``<file>.read-request``), waits until it can open the file read-only,
+  reads, closes it and removes the request (:func:`read_access`);
+* the stream's writer (:class:`OwnedDatabase`) closes its connection after a committed batch
+  when a request is there, and whenever it has been idle for a second; before it opens the file
+  again it waits until no fresh request is left.
+
+A batch is never cut short for a reader: a reader waits at most one batch (and gives up, in
+one sentence, after ``READ_WAIT_S``). Within the stream process the initial load's workers
+open the same database (one DuckDB instance per process and file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+
+from rosetta_dagster.core.errors import RosettaError
+
+READ_WAIT_S = 60.0
+IDLE_RELEASE_S = 1.0
+_POLL_S = 0.05
+
+
+def request_path(path: str) -> Path:
+    return Path(f"{path}.read-request")
+
+
+def _fresh_request(path: str) -> bool:
+    """A reader is waiting (a request older than ``READ_WAIT_S`` was left by a reader that
+    died: ignored)."""
+    try:
+        return time.time() - request_path(path).stat().st_mtime < READ_WAIT_S
+    except FileNotFoundError:
+        return False
+
+
+def _locked(exc: duckdb.Error) -> bool:
+    """Held elsewhere: by another process (a lock), or in this one with the other mode (a
+    reader in the stream's own process, e.g. a test)."""
+    message = str(exc).lower()
+    return "lock" in message or "different configuration" in message
+
+
+def catalog(conn: duckdb.DuckDBPyConnection) -> str:
+    """The database's catalog name (the file's name without its extension)."""
+    row = conn.execute("SELECT current_database()").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def connect(path: str, *, read_only: bool = False, wait_s: float = READ_WAIT_S,
+            what: str = "the database") -> duckdb.DuckDBPyConnection:
+    """Open the file, retrying while another process holds it (up to ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return duckdb.connect(path, read_only=read_only)
+        except (duckdb.IOException, duckdb.ConnectionException) as exc:
+            if not _locked(exc) or time.monotonic() >= deadline:
+                raise RosettaError(
+                    f"DuckDB file {path} could not be opened for {what}: another process "
+                    f"held it for {wait_s:g}s ({str(exc).splitlines()[0]}).") from None
+            time.sleep(_POLL_S)
+
+
+@contextlib.contextmanager
+def read_access(path: str) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only connection to a database the stream may own (see the module's text)."""
+    if not Path(path).exists():
+        raise RosettaError(f"DuckDB file {path} does not exist yet (no stream has written it).")
+    request = request_path(path)
+    request.write_text(str(os.getpid()))
+    try:
+        conn = connect(path, read_only=True, what="reading")
+        try:
+            yield conn
+        finally:
+            conn.close()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            request.unlink()
+
+
+class OwnedDatabase:
+    """The stream's connection to its DuckDB file: opened when a batch needs it, closed when a
+    reader asks or it has been idle (thread-safe; the stream applies on one thread)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._conn: duckdb.DuckDBPyConnection | None = None
+        self._lock = threading.RLock()
+        self._timer: threading.Timer | None = None
+        self.in_transaction = False
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The connection, held by the caller for the block (no release meanwhile)."""
+        with self._lock:
+            self._cancel_timer()
+            if self._conn is None:
+                deadline = time.monotonic() + READ_WAIT_S
+                while _fresh_request(self.path) and time.monotonic() < deadline:
+                    time.sleep(_POLL_S)  # a reader is at it: let it finish
+                self._conn = connect(self.path, what="writing")
+            yield self._conn
+
+    def batch_done(self) -> None:
+        """A batch committed: let a waiting reader in now, else close when idle."""
+        with self._lock:
+            if self.in_transaction:
+                return
+            if _fresh_request(self.path):
+                self._close()
+                return
+            self._cancel_timer()
+            self._timer = threading.Timer(IDLE_RELEASE_S, self._release_idle)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _release_idle(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            return  # a batch is running: it schedules the next release itself
+        try:
+            if not self.in_transaction:
+                self._close()
+        finally:
+            self._lock.release()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(duckdb.Error):
+                self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._cancel_timer()
+            self._close()

@@ -1,0 +1,489 @@
+"""A stream's writer to a DuckDB database file: each batch's net change per key (``net_changes``)
+staged from a pandas DataFrame and merged by one ``MERGE`` per table, with the stream position
+(engines that keep it with the data) in the same transaction. Statements: ``statements``.
+
+Not here yet, refused before anything is written (``unsupported``): tables without a key,
+re-snapshots through the engine (``initial_load: debezium``) and backfills.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import pandas
+from psycopg2 import sql
+
+from rosetta_dagster.core.destination import (
+    BatchResult,
+    ChunkCounts,
+    KeyBounds,
+    RetypedColumn,
+    change_as_text,
+)
+from rosetta_dagster.core.destination.duckdb.database import OwnedDatabase, catalog
+from rosetta_dagster.core.destination.duckdb.statements import (
+    BatchStatements,
+    add_column,
+    batch_statements,
+    create_table,
+    delete_staged,
+    drop_default,
+    fill_left_out,
+    from_column,
+    left_out_column,
+    positions_statements,
+    quote,
+    value_column,
+)
+from rosetta_dagster.core.destination.duckdb.types import duck_type
+from rosetta_dagster.core.destination.errors import ApplyError
+from rosetta_dagster.core.destination.net_changes import NetChanges
+from rosetta_dagster.core.errors import RosettaError
+from rosetta_dagster.core.events import ChangeEvent
+from rosetta_dagster.core.pipeline_config import TableRef
+from rosetta_dagster.core.position_tracking import PositionTracking
+from rosetta_dagster.core.source_rows import SourceRows
+from rosetta_dagster.core.table_schema import Column, TableSchema, xml_as_text
+from rosetta_dagster.core.values import Converter, ValueCodec
+
+logger = logging.getLogger("rosetta.apply")
+
+
+@dataclass
+class DuckTablePlan:
+    """How one table is staged and merged, built once per schema version."""
+
+    schema: TableSchema
+    target: str
+    stage: str
+    statements: BatchStatements
+    converters: list[tuple[str, Converter]]
+    known_columns: frozenset[str] = field(init=False)
+    converter_of: dict[str, Converter] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.known_columns = frozenset(self.schema.column_names) | self.schema.ignored_columns
+        self.converter_of = dict(self.converters)
+        keys = self.schema.key_columns
+        self.key_of = lambda row: tuple(map(row.get, keys))
+
+
+def unsupported(schema: TableSchema, destination: str) -> str | None:
+    """Why ``schema`` cannot go to a DuckDB destination yet (None: it can)."""
+    if schema.keyless:
+        return (f"{schema.table.qualified} has no key, and destination {destination} is DuckDB, "
+                "which takes tables with a primary key or a replica identity index only")
+    return None
+
+
+class DuckDBWriter:
+    """Applies batches to one DuckDB destination, creating and widening its tables."""
+
+    def __init__(self, database: OwnedDatabase, target_schema: str, schema_source: Any, *,
+                 values: ValueCodec, name: str, pipeline: str,
+                 tracking: PositionTracking | None, source_rows: SourceRows | None) -> None:
+        self.database = database
+        self.target_schema = target_schema
+        self.schema_source = schema_source
+        self.values = values
+        self.name = name
+        self.pipeline = pipeline
+        self.tracking = tracking
+        self.source_rows = source_rows
+        self.position: int | None = None
+        self.created: set[TableRef] = set()
+        self.retyped: dict[TableRef, tuple[RetypedColumn, ...]] = {}
+        self._plans: dict[TableRef, DuckTablePlan] = {}
+        self._open: Any = None  # the block holding the connection while a transaction is open
+        self._conn: duckdb.DuckDBPyConnection | None = None
+
+    # -- schema ----------------------------------------------------------------------------
+
+    def prepare(self, schemas: Iterable[TableSchema]) -> None:
+        with self.database.connection() as conn:
+            for schema in schemas:
+                self._plans[schema.table] = self._ensure(conn, schema)
+        self.database.batch_done()
+
+    def _ensure(self, conn: duckdb.DuckDBPyConnection, schema: TableSchema) -> DuckTablePlan:
+        why = unsupported(schema, self.name)
+        if why is not None:
+            raise RosettaError(f"Pipeline {self.pipeline}: {why}; nothing was written.")
+        table = schema.target(self.name, self.target_schema)
+        target = quote(catalog(conn), table.schema, table.name)
+        ensure_table(conn, schema, table, self.created)
+        stage = quote(f"_rosetta_stage_{abs(hash((schema.table, schema.columns))) % 10**12}")
+        return DuckTablePlan(schema, target, stage, batch_statements(schema, target, stage),
+                             [(c.name, self.values.converter_for(c)) for c in schema.columns])
+
+    def has_key(self, table: TableRef) -> bool:
+        return True
+
+    def key_text(self, event: ChangeEvent) -> dict[str, str | None]:
+        plan = self._plans.get(event.table)
+        row = event.row
+        if plan is None:
+            return {k: None if v is None else str(v) for k, v in row.items()}
+        return {k: None if row.get(k) is None else plan.converter_of[k](row[k])
+                for k in plan.schema.key_columns}
+
+    def event_as_text(self, event: ChangeEvent) -> dict[str, Any]:
+        return change_as_text(self._plans[event.table].converter_of, event,
+                              self.values.is_unchanged)
+
+    # -- positions -------------------------------------------------------------------------
+
+    def read_position(self) -> int | None:
+        if self.tracking is not None:
+            with self.database.connection() as conn:
+                self.position = read_position(conn, self.target_schema, self.pipeline)
+            self.database.batch_done()
+        return self.position
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self, complete: bool, *, probe: bool = False
+                     ) -> Iterator[duckdb.DuckDBPyConnection]:
+        if self._open is None:
+            block = self.database.connection()
+            self._conn = block.__enter__()
+            self._open = block
+            self._conn.execute("BEGIN TRANSACTION")
+            self.database.in_transaction = True
+        assert self._conn is not None
+        try:
+            yield self._conn
+        except BaseException:
+            self._end(commit=False)
+            raise
+        if probe:
+            self._end(commit=False)
+        elif complete:
+            self._end(commit=True)
+
+    def _end(self, *, commit: bool) -> None:
+        block, conn, self._open, self._conn = self._open, self._conn, None, None
+        self.database.in_transaction = False
+        try:
+            if conn is not None:
+                conn.execute("COMMIT" if commit else "ROLLBACK")
+        except duckdb.Error:
+            if commit:
+                raise
+        finally:
+            if block is not None:
+                block.__exit__(None, None, None)
+            self.database.batch_done()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._open is not None
+
+    def abort(self) -> None:
+        if self._open is not None:
+            self._end(commit=False)
+
+    # -- apply -----------------------------------------------------------------------------
+
+    def apply(self, events: Sequence[ChangeEvent], *, record_keys: bool = False,
+              position: int | None = None, complete: bool = True) -> BatchResult:
+        if record_keys:
+            raise RosettaError(f"Destination {self.name} is DuckDB, which cannot take a "
+                               "re-snapshot through the engine; use initial_load: copy.")
+        result = BatchResult()
+        applied = self.position
+        if applied is not None:
+            events = [e for e in events if e.commit_lsn is None or e.commit_lsn >= applied]
+        if not events and position is None:
+            return result
+        advance = (position is not None and self.tracking is not None
+                   and (applied is None or position > applied))
+        with self._transaction(complete) as conn:
+            self._apply_events(conn, events, result)
+            if advance:
+                table, _ = positions_statements(catalog(conn), self.target_schema)
+                conn.execute(f"UPDATE {table} SET position = ?, updated_at = now() "  # noqa: S608
+                             "WHERE pipeline = ?", [position, self.pipeline])
+        if advance and complete:
+            self.position = position
+        return result
+
+    def first_refused(self, applied: Sequence[ChangeEvent], events: Sequence[ChangeEvent]
+                      ) -> tuple[int, Exception] | None:
+        """Bisected over rolled-back transactions (DuckDB has no savepoints): the shortest
+        prefix of ``events`` the destination refuses after ``applied``."""
+        self.abort()
+
+        def refusal(count: int) -> Exception | None:
+            try:
+                with self._transaction(True, probe=True) as conn:
+                    self._apply_events(conn, [*applied, *events[:count]], BatchResult())
+            except ApplyError as exc:
+                return exc
+            return None
+
+        if refusal(len(events)) is None:
+            return None
+        low, high = 0, len(events)  # refusal(low) is None, refusal(high) is not
+        while high - low > 1:
+            middle = (low + high) // 2
+            if refusal(middle) is None:
+                low = middle
+            else:
+                high = middle
+        error = refusal(high)
+        assert error is not None
+        return high - 1, error
+
+    def _apply_events(self, conn: duckdb.DuckDBPyConnection, events: Sequence[ChangeEvent],
+                      result: BatchResult) -> None:
+        pending: dict[TableRef, NetChanges] = {}
+        for event in events:
+            table = event.table
+            plan = self._plans.get(table)
+            if event.op == "s" or plan is None or (
+                    event.carries_row and not plan.known_columns.issuperset(event.row)):
+                self._flush(conn, pending, result)
+                plan = self._plans[table] = self._ensure(conn, self.schema_source(table))
+                if event.op == "s":
+                    continue
+            result.events_by_table[table] = result.events_by_table.get(table, 0) + 1
+            if event.source_ts_ms is not None:
+                result.last_source_ts_ms[table] = event.source_ts_ms
+            if event.op == "t":
+                self._flush(conn, pending, result)
+                conn.execute(f"DELETE FROM {plan.target}")  # noqa: S608
+                result.truncates += 1
+                logger.info("Destination %s: applied TRUNCATE of %s", self.name, table.qualified)
+                continue
+            net = pending.get(table)
+            if net is None or net.key_of is not plan.key_of:
+                net = pending[table] = NetChanges(plan.key_of, self.values.is_unchanged)
+            net.add(event)
+        self._flush(conn, pending, result)
+
+    def _flush(self, conn: duckdb.DuckDBPyConnection, pending: dict[TableRef, NetChanges],
+               result: BatchResult) -> None:
+        for table, net in pending.items():
+            if net.changes:
+                self._merge(conn, self._plans[table], net, result)
+        pending.clear()
+
+    def _merge(self, conn: duckdb.DuckDBPyConnection, plan: DuckTablePlan, net: NetChanges,
+               result: BatchResult) -> None:
+        frame, unchanged_toast, left_out = _stage_frame(plan, net, self.values, self._canonical)
+        statements = plan.statements
+        conn.execute(statements.create_stage)
+        conn.register("batch", frame)
+        try:
+            conn.execute(statements.fill_stage)
+        except duckdb.Error as exc:
+            raise ApplyError(f"Destination {self.name} refused a change of "
+                             f"{plan.schema.table.qualified}: {str(exc).splitlines()[0]}",
+                             sqlstate="22000") from None
+        finally:
+            conn.unregister("batch")
+        if left_out:
+            if net.origins:
+                conn.execute(statements.resolve_from_old_key)
+            self._read_back(conn, plan)
+        conn.execute(statements.merge)
+        conn.execute(statements.clear_stage)
+        result.rows_written += len(frame)
+        result.unchanged_toast_values += unchanged_toast
+
+    def _canonical(self, column: Column, texts: list[str | None]) -> list[str | None]:
+        """A column kept as text: its values as PostgreSQL prints them. An engine that sends
+        the source's own text (pgoutput) has them already; Debezium's values are text
+        PostgreSQL reads (``NAN``, ``-0.0``, ISO 8601 times...), printed back by the source,
+        which has every type (one statement per column and batch). Not ``xml``: re-read from the
+        source as its stored text, which its output function would change."""
+        if (self.values.text_as_sent or duck_type(column).native or xml_as_text(column)
+                or all(t is None for t in texts)):
+            return texts
+        if self.source_rows is None:
+            raise RosettaError(f"Destination {self.name} cannot print {column.name} values "
+                               "as PostgreSQL does without a source connection.")
+        conn = self.source_rows.connection()
+        with conn.cursor() as cursor:
+            cursor.execute(sql.SQL(
+                # format(): the type's output function (a cast to text may print otherwise:
+                # inet's keeps a /32).
+                "SELECT CASE WHEN v IS NOT NULL THEN format('%%s', v::{}) END "
+                "FROM unnest(%s::text[]) WITH ORDINALITY AS u (v, n) ORDER BY n"
+            ).format(sql.SQL(column.type_sql)), (texts,))
+            printed = [row[0] for row in cursor.fetchall()]
+        if not conn.autocommit:
+            conn.rollback()
+        return printed
+
+    def _read_back(self, conn: duckdb.DuckDBPyConnection, plan: DuckTablePlan) -> None:
+        """Left-out values no destination row holds: read back from the source (a row gone
+        from the source since becomes a delete: its own delete follows)."""
+        schema = plan.schema
+        unresolved = conn.execute(plan.statements.unresolved_rows).fetchall()
+        if not unresolved:
+            return
+        keys = len(schema.key_columns)
+        renders = [duck_type(schema.column(k)).render for k in schema.key_columns]
+        wanted: dict[tuple[str, ...], list[tuple[str | None, ...]]] = {}
+        for row in unresolved:
+            columns = tuple(c.name for c, flag in zip(schema.columns, row[keys:], strict=True)
+                            if flag)
+            key = tuple(None if v is None else render(v)
+                        for render, v in zip(renders, row[:keys], strict=True))
+            wanted.setdefault(columns, []).append(key)
+        if self.source_rows is None:
+            raise RosettaError(f"Destination {self.name}: {len(unresolved)} change(s) of "
+                               f"{schema.table.qualified} left values out that no row holds, "
+                               "and this writer cannot read the source.")
+        gone = delete_staged(schema, plan.stage)
+        for columns, key_texts in wanted.items():
+            found = self.source_rows.read(schema, columns, key_texts)
+            fill = fill_left_out(schema, plan.stage, columns)
+            for key in key_texts:
+                values = found.get(key)
+                if values is None:
+                    conn.execute(gone, list(key))
+                else:
+                    conn.execute(fill, [*values, *key])
+        logger.info("Destination %s: %d change(s) of %s had values left out that no destination "
+                    "row held; read them back from the source", self.name, len(unresolved),
+                    schema.table.qualified)
+
+    # -- not (yet) for DuckDB --------------------------------------------------------------
+
+    def begin_resync(self) -> None:
+        raise RosettaError(f"Destination {self.name} is DuckDB, which cannot take a "
+                           "re-snapshot through the engine; use initial_load: copy.")
+
+    def resync_pending(self) -> bool:
+        return False
+
+    def finish_resync(self) -> dict[TableRef, int]:
+        return {}
+
+    def merge_chunk(self, table: TableRef, job_id: int, chunk: int, *,
+                    excluded: set[tuple[Any, ...]], skip_all: bool, bounds: KeyBounds | None,
+                    row_filter: Any) -> ChunkCounts | None:
+        return None  # never staged: backfills into DuckDB are refused when requested
+
+    def replace_rows(self, table: TableRef, job_id: int, chunk: int, *,
+                     later: Sequence[ChangeEvent]) -> ChunkCounts | None:
+        return None
+
+    @property
+    def pools(self) -> Sequence[Any]:
+        return ()
+
+    def close(self) -> None:
+        self.abort()
+        self.database.close()
+
+
+def _stage_frame(plan: DuckTablePlan, net: NetChanges, codec: ValueCodec,
+                 canonical: Callable[[Column, list[str | None]], list[str | None]]
+                 ) -> tuple[pandas.DataFrame, int, int]:
+    """The net changes as a DataFrame of PostgreSQL text (see ``statements``), with the
+    unchanged TOAST values and all values it leaves out."""
+    schema = plan.schema
+    keys = schema.key_columns
+    key_set = set(keys)
+    is_unchanged = codec.is_unchanged
+    width = len(schema.columns)
+    values: list[list[str | None]] = [[] for _ in range(width)]
+    lefts: list[list[bool]] = [[] for _ in range(width)]
+    froms: list[list[str | None]] = [[] for _ in keys]
+    ops: list[str] = []
+    keeps: list[bool] = []
+    unchanged_toast = left_out = 0
+    for event in net.changes.values():
+        row = event.row
+        delete = event.is_delete
+        for i, (name, convert) in enumerate(plan.converters):
+            left = False
+            if name not in row:
+                text = None
+                left = not delete  # added on the source since: keep the current value
+            else:
+                value = row[name]
+                if value is None or (delete and name not in key_set):
+                    text = None
+                elif is_unchanged(value):
+                    text, left = None, True
+                    unchanged_toast += 1
+                else:
+                    text = convert(value)
+            values[i].append(text)
+            lefts[i].append(left)
+            left_out += left
+        ops.append("d" if delete else "u")
+        origin = net.origins.get(plan.key_of(row))
+        keeps.append(origin is None or origin.keep)
+        moved = None if origin is None else origin.moved_from
+        for j, name in enumerate(keys):
+            value = None if moved is None else moved[j]
+            froms[j].append(None if value is None else plan.converter_of[name](value))
+    values = [canonical(column, texts) for column, texts in zip(schema.columns, values,
+                                                                   strict=True)]
+    froms = [canonical(schema.column(name), texts) for name, texts in zip(keys, froms,
+                                                                         strict=True)]
+    columns: dict[str, Any] = {value_column(i): pandas.Series(v, dtype=object)
+                               for i, v in enumerate(values)}
+    columns["op"] = ops
+    columns["keep"] = keeps
+    columns.update({left_out_column(i): pandas.Series(v, dtype=bool) for i, v in enumerate(lefts)})
+    columns.update({from_column(j): pandas.Series(v, dtype=object) for j, v in enumerate(froms)})
+    return pandas.DataFrame(columns), unchanged_toast, left_out
+
+
+def ensure_table(conn: duckdb.DuckDBPyConnection, schema: TableSchema, table: TableRef,
+                 created: set[TableRef]) -> None:
+    """Create the destination table like the source and add new columns (each column's
+    comment holds its source type: a type changed on the source is refused)."""
+    name = catalog(conn)
+    target = quote(name, table.schema, table.name)
+    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(name, table.schema)}")
+    existing = {name: comment for name, comment in conn.execute(
+        "SELECT column_name, comment FROM duckdb_columns() "
+        "WHERE schema_name = ? AND table_name = ?", [table.schema, table.name]).fetchall()}
+    if not existing:
+        conn.execute(create_table(schema, target))
+        created.add(schema.table)
+    for column in schema.columns:
+        if existing and column.name not in existing:
+            statement, params = add_column(target, column)
+            conn.execute(statement, params)
+            if params:
+                conn.execute(drop_default(target, column))
+        elif existing and existing[column.name] not in (None, column.type_sql):
+            raise RosettaError(
+                f"Column {column.name} of {schema.table.qualified} changed type on the source "
+                f"({existing[column.name]} -> {column.type_sql}); destination table "
+                f"{table.qualified} is in DuckDB, which cannot follow a type change yet: "
+                "drop the destination table and restart the stream to load it again.")
+        if not existing or existing.get(column.name) != column.type_sql:
+            conn.execute(f"COMMENT ON COLUMN {target}.{quote(column.name)} IS "
+                         f"{_literal(column.type_sql)}")
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def read_position(conn: duckdb.DuckDBPyConnection, target_schema: str,
+                  pipeline: str) -> int | None:
+    table, _ = positions_statements(catalog(conn), target_schema)
+    exists = conn.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND "
+                          "table_name = '_rosetta_positions'", [target_schema]).fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = conn.execute(f"SELECT position FROM {table} WHERE pipeline = ?",  # noqa: S608
+                       [pipeline]).fetchone()
+    return None if row is None else int(row[0])
