@@ -124,13 +124,18 @@ def test_every_type_is_exact_in_duckdb_through_load_and_stream(
         conn = pinned_connection(env.source_url)
         try:
             source = PostgresTableReader(conn)
+            reader = DuckDBTableReader(str(duckdb_path))
             for schema in schemas[:6]:
                 target = sql.Identifier("replica", schema.table.name)
-                with read_access(str(duckdb_path)) as duck:
-                    reader = DuckDBTableReader(duck)
-                    assert row_count_parity(source, reader, schema, target, 5).passed
-                    outcome = content_parity(source, reader, schema, target, 2, 5)
-                    assert outcome.passed, outcome.description
+                assert row_count_parity(source, reader, schema, target, 5).passed
+                outcome = content_parity(source, reader, schema, target, 2, 5)
+                assert outcome.passed, outcome.description
+            # A key DuckDB does not sort as PostgreSQL does: said, not compared in another order.
+            numeric = next(s for s in schemas if s.table.name == "m_numeric")
+            outcome = content_parity(source, reader, dataclasses.replace(numeric, key_columns=("v",)),
+                                     sql.Identifier("replica", "m_numeric"), 2, 1)
+            assert not outcome.passed
+            assert "is not compared in DuckDB: its key (v) does not sort" in outcome.description
         finally:
             conn.close()
     assert session.progress.events_applied > 0

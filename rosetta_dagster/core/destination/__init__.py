@@ -197,6 +197,11 @@ class TableLoad(Protocol):
         """Every range is in: make them the table's rows."""
 
 
+class NotComparable(Exception):  # noqa: N818 - an answer, not a failure of the reader
+    """A destination cannot read a table's rows in the source's key order (the sentence says
+    why): its content is not compared."""
+
+
 class TableReader(Protocol):
     """Reads a destination table for the parity checks, as the source is read (same row text,
     same checksum), so a row differs only when its values differ."""

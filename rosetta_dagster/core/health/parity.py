@@ -11,7 +11,7 @@ from typing import Any
 
 from psycopg2 import sql
 
-from rosetta_dagster.core.destination import TableReader, destination_kind
+from rosetta_dagster.core.destination import NotComparable, TableReader, destination_kind
 from rosetta_dagster.core.destination.postgres.reader import PostgresTableReader
 from rosetta_dagster.core.health.outcome import CheckOutcome, KeyRange
 from rosetta_dagster.core.pipeline_config import (
@@ -107,6 +107,18 @@ def content_parity(
     """
     if table.identity is RowIdentity.INSERTS_ONLY:
         return _not_compared("content_parity", table)
+    try:
+        return _content_parity(source, destination, table, target, chunk_rows, window_s, sleep,
+                               pipeline)
+    except NotComparable as exc:
+        return CheckOutcome("content_parity", False, "ERROR", str(exc),
+                            {"value": 1, "threshold": 0, "compared": 0})
+
+
+def _content_parity(
+    source: TableReader, destination: TableReader, table: TableSchema, target: sql.Composable,
+    chunk_rows: int, window_s: float, sleep: Callable[[float], None], pipeline: str | None,
+) -> CheckOutcome:
     after: tuple[Any, ...] | None = None
     chunks = rows = 0
     while True:

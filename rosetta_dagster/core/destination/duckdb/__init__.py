@@ -22,7 +22,6 @@ from rosetta_dagster.core.destination.duckdb.database import (
     OwnedDatabase,
     catalog,
     connect,
-    read_access,
 )
 from rosetta_dagster.core.destination.duckdb.load import DuckDBTableLoad
 from rosetta_dagster.core.destination.duckdb.reader import DuckDBTableReader
@@ -92,6 +91,12 @@ class DuckDBDestinations:
                     read_schema: SchemaSource, source_rows: SourceRows | None,
                     application_name: str) -> DuckDBWriter:
         assert destination.path is not None
+        if pipeline.settings.initial_load != "copy":
+            raise RosettaError(
+                f"Pipeline {pipeline.name} loads with initial_load: "
+                f"{pipeline.settings.initial_load}, and destination {destination.name} is "
+                "DuckDB, which takes the initial load by copy only; use initial_load: copy, so "
+                "nothing was written.")
         return DuckDBWriter(OwnedDatabase(destination.path), destination.schema, read_schema,
                             values=values, name=destination.name, pipeline=pipeline.name,
                             tracking=tracking, source_rows=source_rows)
@@ -114,8 +119,7 @@ class DuckDBDestinations:
     def open_reader(self, pipeline: PipelineDefinition, destination: Destination
                     ) -> Iterator[DuckDBTableReader]:
         assert destination.path is not None
-        with read_access(destination.path) as conn:
-            yield DuckDBTableReader(conn)
+        yield DuckDBTableReader(destination.path)
 
     def position_row(self, pipeline: PipelineDefinition, destination: Destination
                      ) -> DuckDBPositionRow:

@@ -6,7 +6,8 @@ batches when somebody else needs it:
 
 * a reader (the parity checks, ``rosetta validate``, a test) *asks* by creating a request file
   beside the database (``<file>.read-request``), waits until it can open the file read-only,
-  reads, closes it and removes the request (:func:`read_access`);
+  reads, closes it and removes the request (:func:`read_access`; the checks do this for each
+  statement, so the stream goes on between them);
 * the stream's writer (:class:`OwnedDatabase`) closes its connection after a committed batch
   when a request is there, and whenever it has been idle for a second; before it opens the file
   again it waits until no fresh request is left.

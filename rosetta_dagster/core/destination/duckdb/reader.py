@@ -11,19 +11,20 @@ another order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import duckdb
 from psycopg2 import sql
 
-from rosetta_dagster.core.destination.duckdb.database import catalog
+from rosetta_dagster.core.destination import NotComparable
+from rosetta_dagster.core.destination.duckdb.database import catalog, read_access
 from rosetta_dagster.core.destination.duckdb.statements import quote, row_select
 from rosetta_dagster.core.destination.duckdb.types import duck_type
 from rosetta_dagster.core.destination.postgres.reader import EVERY_ROW
 from rosetta_dagster.core.destination.postgres.statements import render
-from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.table_schema import TableSchema
 
 _ORDERED_LIKE_POSTGRES = ("BOOLEAN", "SMALLINT", "INTEGER", "BIGINT", "UUID")
@@ -44,21 +45,25 @@ def row_text(fields: Sequence[str | None]) -> str:
 
 
 class DuckDBTableReader:
-    """Reads on one (read-only) connection, the caller's."""
+    """Reads the database file one statement at a time, each through the hand-off
+    (``database.read_access``): the stream goes on between them, so a count re-taken while
+    rows are in flight sees them land."""
 
-    def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
-        self.conn = conn
-        self.catalog = catalog(conn)
+    def __init__(self, path: str) -> None:
+        self.path = path
 
-    def _relation(self, relation: sql.Composable) -> str:
-        """A ``schema.table`` identifier named with the file's catalog."""
-        return f"{quote(self.catalog)}.{render(relation)}"
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, str]]:
+        """A connection and the file's catalog (tables are named with it)."""
+        with read_access(self.path) as conn:
+            yield conn, quote(catalog(conn))
 
     def count(self, relation: sql.Composable, condition: sql.Composable = EVERY_ROW,
               params: Sequence[Any] = ()) -> int:
-        row = self.conn.execute(f"SELECT count(*) FROM {self._relation(relation)} "  # noqa: S608
-                                f"WHERE {render(condition).replace('%s', '?')}",
-                                list(params)).fetchone()
+        with self._read() as (conn, catalog_name):
+            row = conn.execute(f"SELECT count(*) FROM {catalog_name}.{render(relation)} "
+                               f"WHERE {render(condition).replace('%s', '?')}",
+                               list(params)).fetchone()
         return int(row[0]) if row else 0
 
     def row_hashes(self, relation: sql.Composable, table: TableSchema,
@@ -69,7 +74,7 @@ class DuckDBTableReader:
         unordered = [k for k, t in zip(table.key_columns, key_types, strict=True)
                      if t.sql not in _ORDERED_LIKE_POSTGRES]
         if unordered or table.keyless:
-            raise RosettaError(
+            raise NotComparable(
                 f"Content of {table.table.qualified} is not compared in DuckDB: its key "
                 f"({', '.join(unordered) or 'none'}) does not sort there as in PostgreSQL "
                 "(integer, uuid and boolean keys do).")
@@ -77,12 +82,15 @@ class DuckDBTableReader:
         for bound in (after, through):
             if bound is not None:
                 params.extend(None if v is None else str(v) for v in bound)
-        statement = row_select(table, self._relation(relation), after=after is not None,
-                               through=through is not None, limit=limit)
         renders = [duck_type(c).render for c in table.columns]
         width = len(table.key_columns)
         hashes = []
-        for row in self.conn.execute(statement, params).fetchall():
+        with self._read() as (conn, catalog_name):
+            statement = row_select(table, f"{catalog_name}.{render(relation)}",
+                                   after=after is not None, through=through is not None,
+                                   limit=limit)
+            rows = conn.execute(statement, params).fetchall()
+        for row in rows:
             text = row_text([None if v is None else render_value(v)
                              for render_value, v in zip(renders, row[width:], strict=True)])
             hashes.append((tuple(row[:width]),
