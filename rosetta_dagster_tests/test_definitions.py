@@ -269,3 +269,17 @@ def test_cli_pipeline_status_and_backfill_request_list_cancel(
     ):
         refused = _rosetta("backfill", "request", "shop", *args, env=env)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+
+
+def test_a_duckdb_destination_table_asset_has_the_duckdb_kind(
+    tmp_path: Path, pg_cluster: LocalPostgresCluster
+) -> None:
+    path = _pipeline_file(tmp_path, pg_cluster, "shop")
+    document = yaml.safe_load(path.read_text())
+    document["destinations"]["lake"] = {"type": "duckdb", "path": "lake.duckdb"}
+    document["pipelines"]["shop"]["destinations"] = ["dst", "lake"]
+    path.write_text(yaml.safe_dump(document))
+    graph = build_definitions(path).get_repository_def().asset_graph
+    assert graph.get(AssetKey(["destination", "lake", "main", "orders"])).kinds == {"duckdb"}
+    assert graph.get(AssetKey(["destination", "dst", "replica", "orders"])).kinds == {"postgres"}
+    assert graph.get(AssetKey(["backfill", "shop"])).kinds == {"postgres", "duckdb"}

@@ -35,7 +35,8 @@ def build_backfill_asset(pipeline: PipelineDefinition, pipeline_file: PipelineFi
     each run); ``naming``: its key and attributes."""
     name = pipeline.name
     spec = (naming or AssetNaming()).spec(AssetSpec(
-        backfill_asset_key(name), group_name=name, kinds={"postgres"},
+        backfill_asset_key(name), group_name=name,
+        kinds={"postgres", *(d.kind for d in pipeline.destinations)},
         description=f"Backfill jobs of pipeline {name}: each partition is one job (its id) that "
         "re-copies matching source rows into every destination while the stream runs.",
     ), RosettaAsset("backfill", name, pipeline.source.name))

@@ -57,7 +57,7 @@ def pipeline_asset_specs(pipeline: PipelineDefinition, naming: AssetNaming) -> l
                 description=f"{target.qualified} in destination "
                 f"{destination.name}, kept in sync by the stream_{pipeline.name} job.",
                 group_name=pipeline.name,
-                kinds={"postgres"},
+                kinds={destination.kind},
                 metadata={"rosetta/pipeline": pipeline.name},
             ), RosettaAsset("destination_table", pipeline.name, source, table.qualified,
                             destination.name, target.qualified)))

@@ -63,13 +63,18 @@ def create_table(schema: TableSchema, target: str) -> str:
     return f"CREATE TABLE IF NOT EXISTS {target} ({_join(columns)})"
 
 
-def add_column(target: str, column: Column) -> tuple[str, list[str]]:
+def literal(text: str) -> str:
+    """A string literal, for DDL (DuckDB takes no parameters there): quotes doubled."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def add_column(target: str, column: Column) -> str:
     """A column added on the source: rows that existed take the value they read as on the
-    source (its missing value), as a parameter."""
+    source (its missing value, as a literal: DDL)."""
     statement = f"ALTER TABLE {target} ADD COLUMN {quote(column.name)} {duck_type(column).sql}"
     if column.missing_value is None:
-        return statement, []
-    return f"{statement} DEFAULT {cast(column, '?::VARCHAR')}", [column.missing_value]
+        return statement
+    return f"{statement} DEFAULT {cast(column, literal(column.missing_value))}"
 
 
 def drop_default(target: str, column: Column) -> str:

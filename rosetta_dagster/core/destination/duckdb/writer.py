@@ -36,6 +36,7 @@ from rosetta_dagster.core.destination.duckdb.statements import (
     fill_left_out,
     from_column,
     left_out_column,
+    literal,
     positions_statements,
     quote,
     value_column,
@@ -458,9 +459,8 @@ def ensure_table(conn: duckdb.DuckDBPyConnection, schema: TableSchema, table: Ta
         created.add(schema.table)
     for column in schema.columns:
         if existing and column.name not in existing:
-            statement, params = add_column(target, column)
-            conn.execute(statement, params)
-            if params:
+            conn.execute(add_column(target, column))
+            if column.missing_value is not None:
                 conn.execute(drop_default(target, column))
         elif existing and existing[column.name] not in (None, column.type_sql):
             raise RosettaError(
@@ -470,11 +470,7 @@ def ensure_table(conn: duckdb.DuckDBPyConnection, schema: TableSchema, table: Ta
                 "drop the destination table and restart the stream to load it again.")
         if not existing or existing.get(column.name) != column.type_sql:
             conn.execute(f"COMMENT ON COLUMN {target}.{quote(column.name)} IS "
-                         f"{_literal(column.type_sql)}")
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+                         f"{literal(column.type_sql)}")
 
 
 def read_position(conn: duckdb.DuckDBPyConnection, target_schema: str,
