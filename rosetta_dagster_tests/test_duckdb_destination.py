@@ -15,16 +15,22 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
 from psycopg2 import sql
 
+from rosetta_dagster.core.backfill import BackfillError, BackfillRunner
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
-from rosetta_dagster.core.destination.duckdb.database import catalog, read_access
+from rosetta_dagster.core.destination.duckdb.database import catalog, connect, read_access
 from rosetta_dagster.core.destination.duckdb.reader import DuckDBTableReader, row_text
-from rosetta_dagster.core.destination.duckdb.statements import batch_statements, quote
+from rosetta_dagster.core.destination.duckdb.statements import (
+    batch_statements,
+    chunk_merge_statements,
+    quote,
+)
 from rosetta_dagster.core.destination.duckdb.types import duck_type
 from rosetta_dagster.core.destination.postgres.reader import PostgresTableReader
 from rosetta_dagster.core.errors import RosettaError
@@ -37,6 +43,7 @@ from rosetta_dagster.core.table_schema import Column, TableSchema, read_table_sc
 from rosetta_dagster.harness import StreamingEnv, execute, streaming, wait_until
 from rosetta_dagster.harness.type_matrix import (
     FULL_TABLE,
+    INDEX_TABLE,
     change_matrix,
     create_matrix,
     families_for,
@@ -103,12 +110,30 @@ def duckdb_path(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path / "replica.duckdb"
 
 
-def test_every_type_is_exact_in_duckdb_through_load_and_stream(
+def _damage(path: Path, schemas: list[TableSchema]) -> None:
+    """What an incident leaves in DuckDB: rows missing, rows wrong (NULL), rows the source never
+    had (written in this process, which shares the stream's database)."""
+    conn = connect(str(path))
+    try:
+        name = catalog(conn)
+        for schema in schemas:
+            table = quote(name, "replica", schema.table.name)
+            value = quote("n" if schema.table.name == INDEX_TABLE else "v")
+            conn.execute(f"DELETE FROM {table} WHERE id % 4 = 1")  # noqa: S608
+            conn.execute(f"UPDATE {table} SET {value} = NULL WHERE id % 4 = 2")  # noqa: S608
+            conn.execute(f"INSERT INTO {table} (id, n) SELECT id + 5000, n FROM {table} "  # noqa: S608
+                         "WHERE id < 4")
+    finally:
+        conn.close()
+
+
+def test_every_type_is_exact_in_duckdb_through_load_stream_and_backfill(
     env: StreamingEnv, store: ConfigStore, duckdb_path: Path
 ) -> None:
     """The type matrix (every family, hostile values; the table keyed by a replica identity
     index too) loaded and streamed into DuckDB, then compared row by row as PostgreSQL text;
-    the parity checks read the DuckDB file while the stream owns it."""
+    the parity checks read the DuckDB file while the stream owns it; then DuckDB is damaged
+    and a backfill of every table (chunks of 3 rows, four jobs at a time) repairs it."""
     families = families_for(env.engine)
     tables = [t for t in create_matrix(env.source_url, families, env.engine)
               if t != f"public.{FULL_TABLE}"]
@@ -146,6 +171,18 @@ def test_every_type_is_exact_in_duckdb_through_load_and_stream(
             assert "is not compared in DuckDB: its key (v) does not sort" in outcome.description
         finally:
             conn.close()
+        _damage(duckdb_path, schemas)
+        assert differing()
+        jobs = [store.create_backfill_job("ducks", table).id for table in tables]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda job: BackfillRunner(pipeline, store, job, chunk_rows=3,
+                                                     chunk_timeout_s=60).run(), jobs))
+        assert not differing(), "after the backfills:\n" + "\n".join(differing()[:40])
+        # A job with a filter is refused before anything is staged.
+        job = store.create_backfill_job("ducks", "public.m_int",
+                                        [{"column": "id", "operator": ">", "value": 3}])
+        with pytest.raises(BackfillError, match="DuckDB, which takes backfills of whole tables"):
+            BackfillRunner(pipeline, store, job.id, chunk_rows=3, chunk_timeout_s=60).run()
     assert session.progress.events_applied > 0
 
 
@@ -357,3 +394,31 @@ def test_deletes_truncate_and_added_columns_in_duckdb(
                 "UPDATE public.items SET note = '' WHERE id = 1")
         wait_until(lambda: not differing(), 60, "the added columns")
     assert len(duckdb_rows(duckdb_path, source_schemas(env, ["public.items"])[0])) == 3
+
+
+def test_duckdb_chunk_merge_statements_golden() -> None:
+    """A two-column key: its range is lexicographic, each bound's text a numbered parameter."""
+    schema = TableSchema(TableRef("public", "t"), (
+        Column("a", "integer", "int4", False, -1), Column("b", "uuid", "uuid", False, -1),
+        Column("v", "numeric", "numeric", False, -1)), ("a", "b"))
+    statements = chunk_merge_statements(schema, quote("c", "s", "t"), quote("_chunk"),
+                                        quote("_excl"), after=True, through=True)
+    assert statements.delete == (
+        'DELETE FROM "c"."s"."t" AS t WHERE ((t."a" > CAST($1::VARCHAR AS INTEGER)) OR '
+        '(t."a" = CAST($1::VARCHAR AS INTEGER) AND t."b" > CAST($2::VARCHAR AS UUID))) AND '
+        '((t."a" < CAST($3::VARCHAR AS INTEGER)) OR (t."a" = CAST($3::VARCHAR AS INTEGER) AND '
+        't."b" <= CAST($4::VARCHAR AS UUID))) AND NOT EXISTS (SELECT 1 FROM "_chunk" AS x '
+        'WHERE x."a" = t."a" AND x."b" = t."b") AND NOT EXISTS (SELECT 1 FROM "_excl" AS x '
+        'WHERE x."a" = t."a" AND x."b" = t."b")')
+    assert statements.update == (
+        'UPDATE "c"."s"."t" AS t SET "v" = s."v" FROM "_chunk" AS s WHERE t."a" = s."a" AND '
+        't."b" = s."b" AND (t."v" IS DISTINCT FROM s."v") AND NOT EXISTS (SELECT 1 FROM '
+        '"_excl" AS x WHERE x."a" = t."a" AND x."b" = t."b")')
+    assert statements.insert == (
+        'INSERT INTO "c"."s"."t" ("a", "b", "v") SELECT s."a", s."b", s."v" FROM "_chunk" AS s '
+        'WHERE NOT EXISTS (SELECT 1 FROM "c"."s"."t" AS x WHERE x."a" = s."a" AND '
+        'x."b" = s."b") AND NOT EXISTS (SELECT 1 FROM "_excl" AS x WHERE x."a" = s."a" AND '
+        'x."b" = s."b")')
+    only_through = chunk_merge_statements(schema, quote("c", "s", "t"), quote("_chunk"),
+                                          quote("_excl"), after=False, through=True)
+    assert "$1" in only_through.delete and "$3" not in only_through.delete

@@ -22,7 +22,7 @@ from rosetta_dagster.core.config_store import (
     ConfigStore,
     PipelineStatus,
 )
-from rosetta_dagster.core.destination import ChunkStaging, destination_kind
+from rosetta_dagster.core.destination import BackfillRefused, ChunkStaging, destination_kind
 from rosetta_dagster.core.dsn import summarize_connection_error
 from rosetta_dagster.core.errors import DatabaseConnectionError, RosettaError
 from rosetta_dagster.core.events import BACKFILL_MESSAGE_PREFIX
@@ -231,8 +231,12 @@ class BackfillRunner:
             stagings: list[ChunkStaging] = []
             try:
                 for destination in self.pipeline.destinations:
-                    stagings.append(destination_kind(destination).open_staging(
-                        self.pipeline, destination, schema, job.id))
+                    try:
+                        stagings.append(destination_kind(destination).open_staging(
+                            self.pipeline, destination, schema, job.id,
+                            filtered=bool(job.filter)))
+                    except BackfillRefused as exc:
+                        raise self._fail(str(exc)) from None
                     self._wait_for_destination_table(stagings[-1], schema)
                 chunks = self._copy_chunks(job, source, schema, where, params, stagings, total,
                                            started)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import psycopg2.extensions
 from psycopg2 import sql
 
+from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
 from rosetta_dagster.core.table_schema import TableSchema
@@ -197,6 +198,10 @@ class TableLoad(Protocol):
         """Every range is in: make them the table's rows."""
 
 
+class BackfillRefused(RosettaError):
+    """A destination cannot take a backfill job (the sentence says why): the job fails."""
+
+
 class NotComparable(Exception):  # noqa: N818 - an answer, not a failure of the reader
     """A destination cannot read a table's rows in the source's key order (the sentence says
     why): its content is not compared."""
@@ -227,7 +232,9 @@ class DestinationKind(Protocol):
         """A writer with its connections open (not yet prepared)."""
 
     def open_staging(self, pipeline: PipelineDefinition, destination: Destination,
-                     schema: TableSchema, job_id: int) -> ChunkStaging: ...
+                     schema: TableSchema, job_id: int, *, filtered: bool = False
+                     ) -> ChunkStaging:
+        """``filtered``: the job has a row filter (a kind may refuse it, in one sentence)."""
 
     def drop_staging(self, pipeline: PipelineDefinition, destination: Destination,
                      job_ids: Collection[int]) -> None:

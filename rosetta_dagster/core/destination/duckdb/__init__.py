@@ -6,9 +6,11 @@
 * ``writer`` - the stream's writer: batches merged per table, position in the same
   transaction;
 * ``load`` - whole tables from the source's COPY (CSV) for the initial load;
-* ``reader`` - counts and row checksums for the parity checks.
+* ``reader`` - counts and row checksums for the parity checks;
+* ``staging`` - backfill chunks staged by the job as files, merged by the stream.
 
-Not yet: tables without a key, backfills, re-snapshots through the engine, type changes.
+Not yet: tables without a key, filtered backfills, re-snapshots through the engine, type
+changes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from rosetta_dagster.core.destination.duckdb.database import (
 )
 from rosetta_dagster.core.destination.duckdb.load import DuckDBTableLoad
 from rosetta_dagster.core.destination.duckdb.reader import DuckDBTableReader
+from rosetta_dagster.core.destination.duckdb.staging import DuckDBChunkStaging, drop_job_staging
 from rosetta_dagster.core.destination.duckdb.statements import positions_statements, quote
 from rosetta_dagster.core.destination.duckdb.writer import DuckDBWriter, read_position
 from rosetta_dagster.core.errors import RosettaError
@@ -102,14 +105,13 @@ class DuckDBDestinations:
                             tracking=tracking, source_rows=source_rows)
 
     def open_staging(self, pipeline: PipelineDefinition, destination: Destination,
-                     schema: TableSchema, job_id: int) -> Any:
-        raise RosettaError(
-            f"Backfill of {schema.table.qualified} refused: destination {destination.name} is "
-            "DuckDB, which takes no backfill yet (re-sync the pipeline to copy it again).")
+                     schema: TableSchema, job_id: int, *, filtered: bool = False
+                     ) -> DuckDBChunkStaging:
+        return DuckDBChunkStaging(pipeline, destination, schema, job_id, filtered=filtered)
 
     def drop_staging(self, pipeline: PipelineDefinition, destination: Destination,
                      job_ids: Collection[int]) -> None:
-        """Nothing is ever staged in DuckDB."""
+        drop_job_staging(destination, job_ids)
 
     def open_table_load(self, pipeline: PipelineDefinition, destination: Destination,
                         schema: TableSchema, *, widen: bool) -> DuckDBTableLoad:

@@ -15,25 +15,10 @@ from psycopg2 import sql
 
 from rosetta_dagster.core.destination import ConnectionTracker
 from rosetta_dagster.core.destination.duckdb.database import catalog, connect
-from rosetta_dagster.core.destination.duckdb.statements import cast, create_table, quote
+from rosetta_dagster.core.destination.duckdb.statements import create_table, csv_insert, quote
 from rosetta_dagster.core.destination.duckdb.writer import ensure_table
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
 from rosetta_dagster.core.table_schema import TableSchema
-
-# Large enough for any value PostgreSQL can hold in a row (1 GB fields).
-_MAX_LINE_BYTES = 1 << 30
-
-
-def csv_insert(schema: TableSchema, target: str) -> str:
-    """``INSERT`` of a spooled CSV range (the file's path as a parameter) into ``target``."""
-    names = [f"c{i}" for i in range(len(schema.columns))]
-    columns = "{" + ", ".join(f"'{name}': 'VARCHAR'" for name in names) + "}"
-    values = ", ".join(cast(column, name) for column, name in zip(schema.columns, names,
-                                                                  strict=True))
-    return (f"INSERT INTO {target} SELECT {values} FROM read_csv(?, columns = {columns}, "  # noqa: S608
-            "header = false, delim = ',', quote = '\"', escape = '\"', nullstr = '', "
-            "allow_quoted_nulls = false, auto_detect = false, parallel = false, "
-            f"max_line_size = {_MAX_LINE_BYTES}, buffer_size = {2 * _MAX_LINE_BYTES})")
 
 
 class DuckDBTableLoad:

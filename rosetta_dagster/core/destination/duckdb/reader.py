@@ -22,12 +22,11 @@ from psycopg2 import sql
 from rosetta_dagster.core.destination import NotComparable
 from rosetta_dagster.core.destination.duckdb.database import catalog, read_access
 from rosetta_dagster.core.destination.duckdb.statements import quote, row_select
-from rosetta_dagster.core.destination.duckdb.types import duck_type
+from rosetta_dagster.core.destination.duckdb.types import duck_type, ordered_like_postgres
 from rosetta_dagster.core.destination.postgres.reader import EVERY_ROW
 from rosetta_dagster.core.destination.postgres.statements import render
 from rosetta_dagster.core.table_schema import TableSchema
 
-_ORDERED_LIKE_POSTGRES = ("BOOLEAN", "SMALLINT", "INTEGER", "BIGINT", "UUID")
 _QUOTE_WHEN = frozenset('"\\(),') | frozenset(" \t\n\r\v\f")
 
 
@@ -70,9 +69,7 @@ class DuckDBTableReader:
                    after: tuple[Any, ...] | None, through: tuple[Any, ...] | None,
                    limit: int | None, condition: sql.Composable = EVERY_ROW,
                    ) -> list[tuple[tuple[Any, ...], str]]:
-        key_types = [duck_type(table.column(k)) for k in table.key_columns]
-        unordered = [k for k, t in zip(table.key_columns, key_types, strict=True)
-                     if t.sql not in _ORDERED_LIKE_POSTGRES]
+        unordered = [k for k in table.key_columns if not ordered_like_postgres(table.column(k))]
         if unordered or table.keyless:
             raise NotComparable(
                 f"Content of {table.table.qualified} is not compared in DuckDB: its key "

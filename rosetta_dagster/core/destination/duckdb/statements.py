@@ -184,3 +184,101 @@ def row_select(schema: TableSchema, relation: str, *, after: bool, through: bool
     statement = (f"SELECT {keys}, {_join([quote(c.name) for c in schema.columns])} "
                  f"FROM {relation} WHERE {_join(conditions, ' AND ')} ORDER BY {keys}")
     return statement if limit is None else f"{statement} LIMIT {int(limit)}"
+
+
+BACKFILL_CHUNKS = "_rosetta_backfill_chunks"
+
+
+def _key_beyond(keys: Sequence[str], alias: str, bound: Sequence[str], *, after: bool) -> str:
+    """``alias``'s key after (``key > bound``) or through (``key <= bound``) a bound, in key
+    order: lexicographic over the key's columns (``bound``: an SQL expression per column)."""
+    terms = []
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        operator = ">" if after else ("<=" if last else "<")
+        equal = [f"{alias}.{quote(k)} = {b}" for k, b in zip(keys[:i], bound, strict=False)]
+        terms.append("(" + " AND ".join([*equal, f"{alias}.{quote(key)} {operator} {bound[i]}"])
+                     + ")")
+    return "(" + " OR ".join(terms) + ")"
+
+
+@dataclass(frozen=True)
+class ChunkMergeStatements:
+    """What makes the destination's rows in a backfill chunk's key range equal the chunk
+    (``core.backfill.chunk_merge``), except the keys the stream changed meanwhile (``excluded``,
+    a temporary table)."""
+
+    create_chunk: str
+    fill_chunk: str  # a spooled CSV (its path as the parameter) into the chunk table
+    create_excluded: str
+    fill_excluded: str  # from the DataFrame registered as ``excluded_keys`` (k0..kN text)
+    delete: str  # FALSE without bounds: nothing is deleted
+    update: str | None
+    insert: str
+
+
+def chunk_merge_statements(schema: TableSchema, target: str, chunk_table: str,
+                           excluded_table: str, *, after: bool, through: bool
+                           ) -> ChunkMergeStatements:
+    """``after`` / ``through``: whether the chunk's bounds are known: ``delete`` then takes
+    the key text of ``after``, then of ``through`` (``$1``...). A job with a row filter is
+    refused before it stages anything (see ``staging``): every row in the range is the job's."""
+    keys = list(schema.key_columns)
+    key_types = [duck_type(schema.column(k)) for k in keys]
+    conditions = []
+    number = 0
+    for known, is_after in ((after, True), (through, False)):
+        if known:
+            # Numbered parameters: the lexicographic form uses each more than once.
+            bound = [cast(schema.column(k), f"${number + i + 1}::VARCHAR")
+                     for i, k in enumerate(keys)]
+            number += len(keys)
+            conditions.append(_key_beyond(keys, "t", bound, after=is_after))
+    in_range = " AND ".join(conditions) if conditions else "FALSE"
+    match = " AND ".join(f"x.{quote(k)} = t.{quote(k)}" for k in keys)
+    staged_match = " AND ".join(f"x.{quote(k)} = s.{quote(k)}" for k in keys)
+    columns = [quote(c.name) for c in schema.columns]
+    non_key = [quote(c.name) for c in schema.columns if c.name not in keys]
+    from_excluded = f"NOT EXISTS (SELECT 1 FROM {excluded_table} AS x WHERE {match})"
+    update = None
+    if non_key:
+        differs = " OR ".join(f"t.{c} IS DISTINCT FROM s.{c}" for c in non_key)
+        update = (f"UPDATE {target} AS t SET {_join([f'{c} = s.{c}' for c in non_key])} "
+                  f"FROM {chunk_table} AS s WHERE "
+                  f"{' AND '.join(f't.{quote(k)} = s.{quote(k)}' for k in keys)} "
+                  f"AND ({differs}) AND {from_excluded}")
+    names = [f"k{i}" for i in range(len(keys))]
+    return ChunkMergeStatements(
+        create_chunk=(f"CREATE OR REPLACE TEMP TABLE {chunk_table} ("
+                      f"{_join([f'{quote(c.name)} {duck_type(c).sql}' for c in schema.columns])})"),
+        fill_chunk=csv_insert(schema, chunk_table),
+        create_excluded=(f"CREATE OR REPLACE TEMP TABLE {excluded_table} ("
+                         f"{_join([f'{quote(k)} {t.sql}' for k, t in zip(keys, key_types, strict=True)])})"),
+        fill_excluded=(f"INSERT INTO {excluded_table} SELECT "
+                       f"{_join([cast(schema.column(k), n) for k, n in zip(keys, names, strict=True)])} "
+                       "FROM excluded_keys"),
+        delete=(f"DELETE FROM {target} AS t WHERE {in_range} AND NOT EXISTS "
+                f"(SELECT 1 FROM {chunk_table} AS x WHERE {match}) AND {from_excluded}"),
+        update=update,
+        insert=(f"INSERT INTO {target} ({_join(columns)}) SELECT "
+                f"{_join([f's.{c}' for c in columns])} FROM {chunk_table} AS s WHERE NOT EXISTS "
+                f"(SELECT 1 FROM {target} AS x WHERE {staged_match}) AND NOT EXISTS "
+                f"(SELECT 1 FROM {excluded_table} AS x WHERE {staged_match})"),
+    )
+
+
+# Large enough for any value PostgreSQL can hold in a row (1 GB fields).
+_MAX_LINE_BYTES = 1 << 30
+
+
+def csv_insert(schema: TableSchema, target: str) -> str:
+    """``INSERT`` of a spooled CSV of the source's rows (every value its PostgreSQL text;
+    NULL unquoted, '' quoted; the file's path as the parameter) into ``target``."""
+    names = [f"c{i}" for i in range(len(schema.columns))]
+    columns = "{" + ", ".join(f"'{name}': 'VARCHAR'" for name in names) + "}"
+    values = ", ".join(cast(column, name) for column, name in zip(schema.columns, names,
+                                                                  strict=True))
+    return (f"INSERT INTO {target} SELECT {values} FROM read_csv(?, columns = {columns}, "
+            "header = false, delim = ',', quote = '\"', escape = '\"', nullstr = '', "
+            "allow_quoted_nulls = false, auto_detect = false, parallel = false, "
+            f"max_line_size = {_MAX_LINE_BYTES}, buffer_size = {2 * _MAX_LINE_BYTES})")

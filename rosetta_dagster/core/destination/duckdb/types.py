@@ -67,3 +67,13 @@ def duck_type(column: Column) -> DuckType:
     if column.is_array or column.type_ref is not None and column.type_ref.user is not None:
         return TEXT
     return _NATIVE.get(column.base_type, TEXT)
+
+
+# DuckDB types whose order is PostgreSQL's (text only under the C collation: not here).
+_ORDERED = ("BOOLEAN", "SMALLINT", "INTEGER", "BIGINT", "UUID")
+
+
+def ordered_like_postgres(column: Column) -> bool:
+    """Whether DuckDB sorts and compares the column's values as PostgreSQL does (key ranges
+    of backfill chunks and of the parity checks' chunks mean the same rows on both sides)."""
+    return duck_type(column).sql in _ORDERED

@@ -2,8 +2,9 @@
 staged from a pandas DataFrame and merged by one ``MERGE`` per table, with the stream position
 (engines that keep it with the data) in the same transaction. Statements: ``statements``.
 
-Not here yet, refused before anything is written (``unsupported``): tables without a key,
-re-snapshots through the engine (``initial_load: debezium``) and backfills.
+Backfill chunks (staged as files by the job, see ``staging``) are merged here. Not here yet,
+refused before anything is written (``unsupported``): tables without a key and re-snapshots
+through the engine (``initial_load: debezium``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -26,10 +28,13 @@ from rosetta_dagster.core.destination import (
     change_as_text,
 )
 from rosetta_dagster.core.destination.duckdb.database import OwnedDatabase, catalog
+from rosetta_dagster.core.destination.duckdb.staging import chunk_file
 from rosetta_dagster.core.destination.duckdb.statements import (
+    BACKFILL_CHUNKS,
     BatchStatements,
     add_column,
     batch_statements,
+    chunk_merge_statements,
     create_table,
     delete_staged,
     drop_default,
@@ -373,7 +378,54 @@ class DuckDBWriter:
     def merge_chunk(self, table: TableRef, job_id: int, chunk: int, *,
                     excluded: set[tuple[Any, ...]], skip_all: bool, bounds: KeyBounds | None,
                     row_filter: Any) -> ChunkCounts | None:
-        return None  # never staged: backfills into DuckDB are refused when requested
+        """See ``core.backfill.chunk_merge`` and ``staging``: one transaction that also
+        records the chunk as applied; None when it is not staged or applied already."""
+        if self.in_transaction:
+            raise RosettaError(f"Destination {self.name}: a backfill chunk of "
+                               f"{table.qualified} arrived inside a source transaction.")
+        plan = self._plans[table]
+        spooled = chunk_file(self.database.path, job_id, chunk)
+        counts = ChunkCounts()
+        with self._transaction(True) as conn:
+            chunks = _applied_chunks_table(conn, self.target_schema)
+            applied = conn.execute(f"SELECT count(*) FROM {chunks} WHERE job = ? AND chunk = ?",
+                                   [job_id, chunk]).fetchone()
+            if (applied and applied[0]) or not spooled.exists():
+                return None
+            conn.execute(f"INSERT INTO {chunks} VALUES (?, ?)", [job_id, chunk])
+            if not skip_all:
+                counts = self._merge_chunk(conn, plan, spooled, excluded, bounds)
+        spooled.unlink(missing_ok=True)
+        return counts
+
+    def _merge_chunk(self, conn: duckdb.DuckDBPyConnection, plan: DuckTablePlan, spooled: Path,
+                     excluded: set[tuple[Any, ...]], bounds: KeyBounds | None) -> ChunkCounts:
+        schema = plan.schema
+        after, through = bounds if bounds is not None else (None, None)
+        statements = chunk_merge_statements(
+            schema, plan.target, quote("_rosetta_chunk"), quote("_rosetta_excluded"),
+            after=after is not None, through=through is not None)
+        conn.execute(statements.create_chunk)
+        conn.execute(statements.fill_chunk, [str(spooled)])
+        conn.execute(statements.create_excluded)
+        if excluded:
+            keys = schema.key_columns
+            frame = pandas.DataFrame({f"k{i}": pandas.Series(
+                [None if key[i] is None else plan.converter_of[name](key[i]) for key in excluded],
+                dtype=object) for i, name in enumerate(keys)})
+            conn.register("excluded_keys", frame)
+            try:
+                conn.execute(statements.fill_excluded)
+            finally:
+                conn.unregister("excluded_keys")
+        counts = ChunkCounts()
+        if bounds is not None:
+            counts.deleted = _affected(conn, statements.delete,
+                                       [*(after or ()), *(through or ())])
+        if statements.update is not None:
+            counts.updated = _affected(conn, statements.update, [])
+        counts.inserted = _affected(conn, statements.insert, [])
+        return counts
 
     def replace_rows(self, table: TableRef, job_id: int, chunk: int, *,
                      later: Sequence[ChangeEvent]) -> ChunkCounts | None:
@@ -471,6 +523,22 @@ def ensure_table(conn: duckdb.DuckDBPyConnection, schema: TableSchema, table: Ta
         if not existing or existing.get(column.name) != column.type_sql:
             conn.execute(f"COMMENT ON COLUMN {target}.{quote(column.name)} IS "
                          f"{literal(column.type_sql)}")
+
+
+def _affected(conn: duckdb.DuckDBPyConnection, statement: str, params: list[Any]) -> int:
+    """Run an INSERT, UPDATE or DELETE; the rows it changed."""
+    row = conn.execute(statement, params).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _applied_chunks_table(conn: duckdb.DuckDBPyConnection, target_schema: str) -> str:
+    """The backfill chunks merged here (a replayed high watermark finds its chunk in it)."""
+    name = catalog(conn)
+    table = quote(name, target_schema, BACKFILL_CHUNKS)
+    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(name, target_schema)}")
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (job BIGINT NOT NULL, "
+                 "chunk INTEGER NOT NULL)")
+    return table
 
 
 def read_position(conn: duckdb.DuckDBPyConnection, target_schema: str,

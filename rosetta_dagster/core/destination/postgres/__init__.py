@@ -55,7 +55,8 @@ class PostgresDestinations:
                                source_rows=source_rows)
 
     def open_staging(self, pipeline: PipelineDefinition, destination: Destination,
-                     schema: TableSchema, job_id: int) -> PostgresChunkStaging:
+                     schema: TableSchema, job_id: int, *, filtered: bool = False
+                     ) -> PostgresChunkStaging:
         return PostgresChunkStaging(pipeline, destination, schema, job_id)
 
     def drop_staging(self, pipeline: PipelineDefinition, destination: Destination,
