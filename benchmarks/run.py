@@ -97,6 +97,10 @@ def table(w1: dict[str, dict[str, Any]], w2: dict[str, Any], w3: dict[str, dict[
                  f">= {TARGETS['initial_load_ratio']}x COPY: " + _verdict(
                      w2["rosetta_rows_per_s"] / w2["copy_rows_per_s"]
                      >= TARGETS["initial_load_ratio"])))
+    if "duckdb_rows_per_s" in w2:
+        rows.append(("W2 initial load into DuckDB", f"{w2['duckdb_rows_per_s']:,.0f} rows/s",
+                     f"into PostgreSQL {w2['rosetta_rows_per_s']:,.0f} rows/s",
+                     f"{w2['duckdb_rows_per_s'] / w2['rosetta_rows_per_s']:.2f}", ""))
     if "debezium_rows_per_s" in w2:
         rows.append(("W2 vs Debezium snapshot", f"{w2['rosetta_rows_per_s']:,.0f} rows/s",
                      f"Debezium snapshot {w2['debezium_rows_per_s']:,.0f} rows/s",

@@ -1,6 +1,7 @@
 """W2 initial load: a 1M-row table (bigint pk, int, text, numeric(12,2), timestamptz, jsonb)
 loaded by the pipeline's first start, next to a binary COPY pipe and Debezium's own snapshot
-of the same table on the same machine, in one run.
+of the same table on the same machine, in one run; and the same load into a DuckDB
+destination (a database file), next to the PostgreSQL destination's.
 
 The pipeline is timed from the session's start (slot creation included) to the moment its
 table load is reported complete; Debezium's snapshot from the session's start until the
@@ -25,7 +26,9 @@ from benchmarks.support import (
     run_main,
     wait_for,
 )
+from rosetta_dagster.core.destination.duckdb.database import read_access
 from rosetta_dagster.core.initial_load import TableLoadReport
+from rosetta_dagster.core.pipeline_config import Destination
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import count_rows, execute, streaming, table_fingerprint
 
@@ -61,6 +64,23 @@ def main() -> None:
                                      W2_COLUMNS)
         result.update(copy_seconds=copy_s, copy_rows_per_s=args.rows / copy_s)
         log(f"W2: binary COPY {copy_s:.2f} s")
+
+        duckdb_path = env.offsets_dir.parent / "w2.duckdb"
+        duck = dataclasses.replace(pipeline, name="duck", destinations=(Destination(
+            name="lake", host="", port=0, database="", user="", schema="replica",
+            kind="duckdb", path=str(duckdb_path)),))
+        loaded.clear()
+        session = StreamingSession(duck, offsets_dir=env.offsets_dir,
+                                   on_table_loaded=lambda r: loaded.append((time.monotonic(), r)))
+        started = time.monotonic()
+        with streaming(session):
+            wait_for(lambda: loaded, 1800)
+        duckdb_s = loaded[0][0] - started
+        with read_access(str(duckdb_path)) as conn:
+            row = conn.execute("SELECT count(*) FROM replica.bench").fetchone()
+        assert row is not None and row[0] == args.rows, "DuckDB lacks rows"
+        result.update(duckdb_seconds=duckdb_s, duckdb_rows_per_s=args.rows / duckdb_s)
+        log(f"W2: initial load into DuckDB {duckdb_s:.2f} s")
 
         if not args.skip_debezium:
             destination = dataclasses.replace(pipeline.destinations[0], schema="debezium")

@@ -16,6 +16,7 @@ import psycopg2
 from psycopg2 import sql
 
 from rosetta_dagster.core.capture import CaptureBatch
+from rosetta_dagster.core.capture.debezium.events import mark_key_changes
 from rosetta_dagster.core.destination.postgres.applier import PostgresApplier
 from rosetta_dagster.core.dsn import pinned_options
 from rosetta_dagster.core.events import BACKFILL_MESSAGE_PREFIX, ChangeEvent, Watermark
@@ -98,7 +99,9 @@ def _normalized(items: Sequence[ChangeEvent | Watermark], applier: PostgresAppli
                 canonical: _Canonical) -> list[tuple[object, ...]]:
     """Items in an engine-neutral form: values as stored text, a key move as one item."""
     out: list[tuple[object, ...]] = []
-    for item in items:
+    # Debezium's two halves of a key update may come in two engine batches, and the engine
+    # pairs them within a batch: the recorded items span batches, so pair them here too.
+    for item in mark_key_changes(list(items)):
         if isinstance(item, Watermark):
             out.append(("watermark", item.kind, item.job_id, item.chunk, item.table.qualified,
                         item.after_key, item.last_key, item.rows))
