@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from pathlib import Path
 
 from benchmarks.support import (
     W2_COLUMNS,
@@ -28,9 +29,20 @@ from benchmarks.support import (
 )
 from rosetta_dagster.core.destination.duckdb.database import read_access
 from rosetta_dagster.core.initial_load import TableLoadReport
-from rosetta_dagster.core.pipeline_config import Destination
+from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.harness import count_rows, execute, streaming, table_fingerprint
+
+
+def _load_seconds(pipeline: PipelineDefinition, offsets_dir: Path) -> float:
+    """From the session's start (slot creation included) to its table load's report."""
+    loaded: list[tuple[float, TableLoadReport]] = []
+    session = StreamingSession(pipeline, offsets_dir=offsets_dir,
+                               on_table_loaded=lambda r: loaded.append((time.monotonic(), r)))
+    started = time.monotonic()
+    with streaming(session):
+        wait_for(lambda: loaded, 1800)
+    return loaded[0][0] - started
 
 
 def main() -> None:
@@ -48,13 +60,7 @@ def main() -> None:
         result: dict[str, float | str] = {"workload": "W2", "rows": args.rows}
 
         pipeline = env.pipeline("bench", ["public.bench"], initial_load_workers=args.workers)
-        loaded: list[tuple[float, TableLoadReport]] = []
-        session = StreamingSession(pipeline, offsets_dir=env.offsets_dir,
-                                   on_table_loaded=lambda r: loaded.append((time.monotonic(), r)))
-        started = time.monotonic()
-        with streaming(session):
-            wait_for(lambda: loaded, 1800)
-        rosetta_s = loaded[0][0] - started
+        rosetta_s = _load_seconds(pipeline, env.offsets_dir)
         assert table_fingerprint(env.source_url, "public", "bench") == table_fingerprint(
             env.destination_url, "replica", "bench"), "the loaded table differs from the source"
         result.update(rosetta_seconds=rosetta_s, rosetta_rows_per_s=args.rows / rosetta_s)
@@ -69,13 +75,7 @@ def main() -> None:
         duck = dataclasses.replace(pipeline, name="duck", destinations=(Destination(
             name="lake", host="", port=0, database="", user="", schema="replica",
             kind="duckdb", path=str(duckdb_path)),))
-        loaded.clear()
-        session = StreamingSession(duck, offsets_dir=env.offsets_dir,
-                                   on_table_loaded=lambda r: loaded.append((time.monotonic(), r)))
-        started = time.monotonic()
-        with streaming(session):
-            wait_for(lambda: loaded, 1800)
-        duckdb_s = loaded[0][0] - started
+        duckdb_s = _load_seconds(duck, env.offsets_dir)
         with read_access(str(duckdb_path)) as conn:
             row = conn.execute("SELECT count(*) FROM replica.bench").fetchone()
         assert row is not None and row[0] == args.rows, "DuckDB lacks rows"
@@ -88,7 +88,6 @@ def main() -> None:
                 pipeline, name="dbz", destinations=(destination,),
                 settings=dataclasses.replace(pipeline.settings, initial_load="debezium"),
             )
-            started = time.monotonic()
             with streaming(StreamingSession(debezium, offsets_dir=env.offsets_dir)):
                 debezium_s = wait_for(
                     lambda: count_rows(env.destination_url, "debezium.bench") == args.rows,
