@@ -517,3 +517,44 @@ def test_random_change_sequences_leave_duckdb_exact(
                         duckdb_differences(env, path, schemas)[:20])) from None
     finally:
         conn.close()
+
+
+def test_a_column_type_changed_on_the_source_is_followed_in_duckdb(
+    env: StreamingEnv, store: ConfigStore, duckdb_path: Path
+) -> None:
+    """ALTER COLUMN TYPE rewrites the source's rows without a change event: the DuckDB column
+    follows (a kept-as-text family stays text, an integer becomes text, a text an integer),
+    rows streamed after it are exact, and the backfill the stream requests re-copies the
+    rest; a change made while the stream is stopped is found at the next start."""
+    execute(env.source_url,
+            "CREATE TABLE public.prices (id int PRIMARY KEY, amount numeric(10,2), n int, "
+            "code varchar(4))",
+            "INSERT INTO public.prices VALUES (1, 12345678.91, -2147483648, '12'), "
+            "(2, 'NaN', 0, 'ab'), (3, NULL, NULL, NULL)")
+    pipeline = duckdb_pipeline(env, duckdb_path, "retype", ["public.prices"])
+    store.sync_pipeline(pipeline)
+    store.set_pipeline_status(pipeline.name, PipelineStatus.START)
+
+    def differing() -> list[str]:
+        return duckdb_differences(env, duckdb_path, source_schemas(env, ["public.prices"]))
+
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
+        wait_until(lambda: not differing(), 60, "the initial load")
+        execute(env.source_url,
+                "ALTER TABLE public.prices ALTER COLUMN amount TYPE numeric(14,4), "
+                "ALTER COLUMN n TYPE numeric USING n::numeric * 1000000, "
+                "ALTER COLUMN code TYPE int USING length(code)",
+                "INSERT INTO public.prices VALUES (5, 1234567890.1234, 9007199254740993, 7)")
+        wait_until(lambda: store.list_backfill_jobs(pipeline=pipeline.name), 60,
+                   "the stream to request a backfill")
+        (job,) = store.list_backfill_jobs(pipeline=pipeline.name)
+        BackfillRunner(pipeline, store, job.id, chunk_timeout_s=60).run()
+        wait_until(lambda: not differing(), 60, "the rows the source rewrote")
+    execute(env.source_url, "ALTER TABLE public.prices ALTER COLUMN amount TYPE numeric(20,6) "
+            "USING amount * 2", "INSERT INTO public.prices VALUES (6, 0.000001)")
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
+        wait_until(lambda: len(store.list_backfill_jobs(pipeline=pipeline.name)) == 2, 60,
+                   "a backfill requested at start")
+        job = max(store.list_backfill_jobs(pipeline=pipeline.name), key=lambda j: j.id)
+        BackfillRunner(pipeline, store, job.id, chunk_timeout_s=60).run()
+        wait_until(lambda: not differing(), 60, "the rows rewritten meanwhile")

@@ -9,8 +9,7 @@
 * ``reader`` - counts and row checksums for the parity checks;
 * ``staging`` - backfill chunks staged by the job as files, merged by the stream.
 
-Not yet: tables without a key, filtered backfills, re-snapshots through the engine, type
-changes.
+Not yet: tables without a key, filtered backfills, re-snapshots through the engine.
 """
 
 from __future__ import annotations

@@ -81,6 +81,16 @@ def drop_default(target: str, column: Column) -> str:
     return f"ALTER TABLE {target} ALTER COLUMN {quote(column.name)} DROP DEFAULT"
 
 
+def retype_column(target: str, column: Column) -> str:
+    """A column whose source type changed takes the DuckDB type of its new family (the same
+    type: its values stay until the caller copies the rows again); a value the cast cannot
+    take is NULL until then."""
+    name = quote(column.name)
+    wanted = duck_type(column).sql
+    return (f"ALTER TABLE {target} ALTER COLUMN {name} SET DATA TYPE {wanted} "
+            f"USING TRY_CAST({name} AS {wanted})")
+
+
 @dataclass(frozen=True)
 class BatchStatements:
     """Everything that stages and merges one table's batch, built once per schema version."""

@@ -44,6 +44,7 @@ from rosetta_dagster.core.destination.duckdb.statements import (
     literal,
     positions_statements,
     quote,
+    retype_column,
     value_column,
 )
 from rosetta_dagster.core.destination.duckdb.types import duck_type
@@ -107,6 +108,8 @@ class DuckDBWriter:
         self._plans: dict[TableRef, DuckTablePlan] = {}
         self._open: Any = None  # the block holding the connection while a transaction is open
         self._conn: duckdb.DuckDBPyConnection | None = None
+        self._undo: tuple[dict[TableRef, DuckTablePlan], set[TableRef],
+                          dict[TableRef, tuple[RetypedColumn, ...]]] | None = None
 
     # -- schema ----------------------------------------------------------------------------
 
@@ -122,7 +125,7 @@ class DuckDBWriter:
             raise RosettaError(f"Pipeline {self.pipeline}: {why}; nothing was written.")
         table = schema.target(self.name, self.target_schema)
         target = quote(catalog(conn), table.schema, table.name)
-        ensure_table(conn, schema, table, self.created)
+        ensure_table(conn, schema, table, self.created, self.retyped)
         stage = quote(f"_rosetta_stage_{abs(hash((schema.table, schema.columns))) % 10**12}")
         return DuckTablePlan(schema, target, stage, batch_statements(schema, target, stage),
                              [(c.name, self.values.converter_for(c)) for c in schema.columns])
@@ -162,6 +165,9 @@ class DuckDBWriter:
             self._open = block
             self._conn.execute("BEGIN TRANSACTION")
             self.database.in_transaction = True
+            # Tables created, widened or retyped inside it are as before if it rolls back
+            # (its DDL is gone with it: the next batch does it again).
+            self._undo = (dict(self._plans), set(self.created), dict(self.retyped))
         assert self._conn is not None
         try:
             yield self._conn
@@ -175,14 +181,19 @@ class DuckDBWriter:
 
     def _end(self, *, commit: bool) -> None:
         block, conn, self._open, self._conn = self._open, self._conn, None, None
+        undo, self._undo = self._undo, None
         self.database.in_transaction = False
+        committed = False
         try:
             if conn is not None:
                 conn.execute("COMMIT" if commit else "ROLLBACK")
+                committed = commit
         except duckdb.Error:
             if commit:
                 raise
         finally:
+            if not committed and undo is not None:
+                self._plans, self.created, self.retyped = undo
             if block is not None:
                 block.__exit__(None, None, None)
             self.database.batch_done()
@@ -497,9 +508,13 @@ def _stage_frame(plan: DuckTablePlan, net: NetChanges, codec: ValueCodec,
 
 
 def ensure_table(conn: duckdb.DuckDBPyConnection, schema: TableSchema, table: TableRef,
-                 created: set[TableRef]) -> None:
-    """Create the destination table like the source and add new columns (each column's
-    comment holds its source type: a type changed on the source is refused)."""
+                 created: set[TableRef],
+                 retyped: dict[TableRef, tuple[RetypedColumn, ...]] | None = None) -> None:
+    """Create the destination table like the source, add new columns, and follow a column
+    whose type changed on the source (each column's comment holds its source type): its
+    DuckDB type changes where the new family is kept otherwise (a best-effort cast: NULL
+    where it fails), and it is reported in ``retyped``, whose rows the caller copies again
+    (the source rewrote them without a change event)."""
     name = catalog(conn)
     target = quote(name, table.schema, table.name)
     conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(name, table.schema)}")
@@ -515,11 +530,10 @@ def ensure_table(conn: duckdb.DuckDBPyConnection, schema: TableSchema, table: Ta
             if column.missing_value is not None:
                 conn.execute(drop_default(target, column))
         elif existing and existing[column.name] not in (None, column.type_sql):
-            raise RosettaError(
-                f"Column {column.name} of {schema.table.qualified} changed type on the source "
-                f"({existing[column.name]} -> {column.type_sql}); destination table "
-                f"{table.qualified} is in DuckDB, which cannot follow a type change yet: "
-                "drop the destination table and restart the stream to load it again.")
+            conn.execute(retype_column(target, column))
+            if retyped is not None:
+                retyped[schema.table] = (*retyped.get(schema.table, ()), RetypedColumn(
+                    column.name, existing[column.name], column.type_sql))
         if not existing or existing.get(column.name) != column.type_sql:
             conn.execute(f"COMMENT ON COLUMN {target}.{quote(column.name)} IS "
                          f"{literal(column.type_sql)}")
