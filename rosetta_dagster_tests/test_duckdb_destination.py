@@ -42,7 +42,13 @@ from rosetta_dagster.core.pipeline_config.loading import load_config
 from rosetta_dagster.core.pipeline_config.records import PipelineConfigError
 from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.core.table_schema import Column, TableSchema, read_table_schema
-from rosetta_dagster.harness import StreamingEnv, execute, streaming, wait_until
+from rosetta_dagster.harness import (
+    StreamingEnv,
+    execute,
+    run_requested_backfill,
+    streaming,
+    wait_until,
+)
 from rosetta_dagster.harness.type_matrix import (
     FULL_TABLE,
     INDEX_TABLE,
@@ -545,16 +551,10 @@ def test_a_column_type_changed_on_the_source_is_followed_in_duckdb(
                 "ALTER COLUMN n TYPE numeric USING n::numeric * 1000000, "
                 "ALTER COLUMN code TYPE int USING length(code)",
                 "INSERT INTO public.prices VALUES (5, 1234567890.1234, 9007199254740993, 7)")
-        wait_until(lambda: store.list_backfill_jobs(pipeline=pipeline.name), 60,
-                   "the stream to request a backfill")
-        (job,) = store.list_backfill_jobs(pipeline=pipeline.name)
-        BackfillRunner(pipeline, store, job.id, chunk_timeout_s=60).run()
+        run_requested_backfill(store, pipeline, 1, "the stream to request a backfill")
         wait_until(lambda: not differing(), 60, "the rows the source rewrote")
     execute(env.source_url, "ALTER TABLE public.prices ALTER COLUMN amount TYPE numeric(20,6) "
             "USING amount * 2", "INSERT INTO public.prices VALUES (6, 0.000001)")
     with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
-        wait_until(lambda: len(store.list_backfill_jobs(pipeline=pipeline.name)) == 2, 60,
-                   "a backfill requested at start")
-        job = max(store.list_backfill_jobs(pipeline=pipeline.name), key=lambda j: j.id)
-        BackfillRunner(pipeline, store, job.id, chunk_timeout_s=60).run()
+        run_requested_backfill(store, pipeline, 2, "a backfill requested at start")
         wait_until(lambda: not differing(), 60, "the rows rewritten meanwhile")

@@ -23,6 +23,7 @@ from rosetta_dagster.harness import (
     execute,
     fetch,
     replica_tables,
+    run_requested_backfill,
     streaming,
     wait_until,
 )
@@ -377,10 +378,7 @@ def test_a_column_type_changed_on_the_source_is_followed_exactly(
             ("1234567890.1234", "longer than four", "2026-11-30 12:00:00.123456",
              9007199254740993, "[2:3]={9007199254740993,NULL}", "[9007199254740993,)")], 60,
             "the row inserted after the change")
-        wait_until(lambda: store.list_backfill_jobs(pipeline=pipeline.name), 60,
-                   "the stream to request a backfill")
-        (job,) = store.list_backfill_jobs(pipeline=pipeline.name)
-        BackfillRunner(pipeline, store, job.id, chunk_timeout_s=60).run()
+        run_requested_backfill(store, pipeline, 1, "the stream to request a backfill")
         wait_until(lambda: env.converged("public.prices"), 60, "the rows the source rewrote")
     assert fetch(env.destination_url, "SELECT n FROM replica.prices WHERE id = 1") == [
         (-2147483648000000,)]
@@ -388,10 +386,7 @@ def test_a_column_type_changed_on_the_source_is_followed_exactly(
     execute(env.source_url, "ALTER TABLE public.prices ALTER COLUMN amount TYPE numeric(20,6) "
             "USING amount * 2", "INSERT INTO public.prices VALUES (6, 0.000001)")
     with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
-        wait_until(lambda: len(store.list_backfill_jobs(pipeline=pipeline.name)) == 2, 60,
-                   "a backfill requested at start")
-        job = max(store.list_backfill_jobs(pipeline=pipeline.name), key=lambda j: j.id)
-        BackfillRunner(pipeline, store, job.id, chunk_timeout_s=60).run()
+        run_requested_backfill(store, pipeline, 2, "a backfill requested at start")
         wait_until(lambda: env.converged("public.prices"), 60, "the rows rewritten meanwhile")
     assert _column_types(env.destination_url, "replica.prices") == _column_types(
         env.source_url, "public.prices")

@@ -17,7 +17,9 @@ import psycopg2
 import yaml
 from psycopg2 import sql
 
+from rosetta_dagster.core.backfill import BackfillRunner
 from rosetta_dagster.core.capture import PositionStore, capture_engine
+from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import (
     Destination,
@@ -243,6 +245,15 @@ def replica_tables(env: StreamingEnv) -> int:
     rows = fetch(env.destination_url,
                  "SELECT count(*) FROM pg_tables WHERE schemaname = 'replica'")
     return int(rows[0][0])  # type: ignore[call-overload]
+
+
+def run_requested_backfill(store: ConfigStore, pipeline: PipelineDefinition, jobs: int,
+                           message: str) -> None:
+    """Wait until the stream has requested the pipeline's ``jobs``-th backfill job (a column
+    type changed on the source), then run the newest job to its end here."""
+    wait_until(lambda: len(store.list_backfill_jobs(pipeline=pipeline.name)) == jobs, 60, message)
+    job = max(store.list_backfill_jobs(pipeline=pipeline.name), key=lambda j: j.id)
+    BackfillRunner(pipeline, store, job.id, chunk_timeout_s=60).run()
 
 
 @contextmanager
