@@ -344,15 +344,17 @@ def differences(
 
 
 def type_table(url: str) -> str:
-    """The type table of docs/design.md, from the matrix's tables in ``url`` and each engine's own
-    classification of their columns (the matrix test proves every line exact)."""
+    """The type table of docs/design.md, from the matrix's tables in ``url``, each engine's own
+    classification of their columns and each column's DuckDB type (the matrix tests prove
+    every line exact)."""
     from rosetta_dagster.core.capture import capture_engine
+    from rosetta_dagster.core.destination.duckdb.types import duck_type
     from rosetta_dagster.core.pipeline_config import CAPTURE_ENGINES, TableRef
     from rosetta_dagster.core.table_schema import read_table_schema
 
     conn = pinned_connection(url)
-    lines = ["| family | type | " + " | ".join(CAPTURE_ENGINES) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in CAPTURE_ENGINES) + " |"]
+    lines = ["| family | type | " + " | ".join(CAPTURE_ENGINES) + " | in DuckDB |",
+             "| --- | --- | " + " | ".join("---" for _ in CAPTURE_ENGINES) + " | --- |"]
     for family in FAMILIES:
         column = read_table_schema(conn, TableRef("public", table_name(family)), "matrix").column("v")
         cells = []
@@ -364,6 +366,8 @@ def type_table(url: str) -> str:
                 cells.append(f"refused: {reason}")
             else:
                 cells.append("exact, re-read from the source" if values.reread(column) else "exact")
+        kept = duck_type(column)
+        cells.append(f"`{kept.sql}`" if kept.native else "`VARCHAR` (PostgreSQL's text)")
         lines.append(f"| {family.name} | `{family.type_sql}` | " + " | ".join(cells) + " |")
     conn.close()
     return "\n".join(lines)
