@@ -35,7 +35,6 @@ from rosetta_dagster.core.destination.duckdb.statements import (
 )
 from rosetta_dagster.core.destination.duckdb.types import duck_type
 from rosetta_dagster.core.destination.postgres.reader import PostgresTableReader
-from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.health.parity import content_parity, row_count_parity
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
 from rosetta_dagster.core.pipeline_config.loading import load_config
@@ -68,9 +67,10 @@ def duckdb_pipeline(env: StreamingEnv, path: Path, name: str, tables: list[str]
     return dataclasses.replace(pipeline, destinations=(destination,))
 
 
-def duckdb_rows(path: Path, schema: TableSchema, target_schema: str = "replica"
-                ) -> list[tuple[int, str]]:
-    """``(id, row as PostgreSQL text)`` of the DuckDB table, in key order ([] before it exists)."""
+def duckdb_rows(path: Path, schema: TableSchema, target_schema: str = "replica", *,
+                keyed: bool = True) -> list[tuple[int, str]]:
+    """``(id, row as PostgreSQL text)`` of the DuckDB table in key order ([] before it
+    exists); ``keyed=False``: a table without a key, its rows numbered in no order."""
     renders = [duck_type(c).render for c in schema.columns]
     if not path.exists():
         return []
@@ -79,13 +79,14 @@ def duckdb_rows(path: Path, schema: TableSchema, target_schema: str = "replica"
                               "table_name = ?", [target_schema, schema.table.name]).fetchone()
         if not exists or not exists[0]:
             return []
-        rows = conn.execute(f"SELECT * FROM {quote(catalog(conn), target_schema, schema.table.name)} "  # noqa: S608
-                            "ORDER BY id").fetchall()
+        rows = conn.execute(f"SELECT * FROM {quote(catalog(conn), target_schema, schema.table.name)}"  # noqa: S608
+                            + (" ORDER BY id" if keyed else "")).fetchall()
     # A row of another width: the destination has not followed a column added on the source.
-    return [(int(row[0]), row_text([None if v is None else render(v)
-                                    for render, v in zip(renders, row, strict=True)])
+    return [(int(row[0]) if keyed else number,
+             row_text([None if v is None else render(v)
+                       for render, v in zip(renders, row, strict=True)])
              if len(row) == len(renders) else f"{len(row)} columns")
-            for row in rows]
+            for number, row in enumerate(rows)]
 
 
 def duckdb_differences(env: StreamingEnv, path: Path, schemas: list[TableSchema]) -> list[str]:
@@ -244,19 +245,55 @@ pipelines:
 
 
 @pytest.mark.parametrize("engine", ["pgoutput"])  # Debezium refuses such tables itself
-def test_a_table_without_a_key_is_refused_for_duckdb(
+def test_a_table_without_a_key_is_a_multiset_in_duckdb(
     env: StreamingEnv, store: ConfigStore, duckdb_path: Path
 ) -> None:
-    """Refused before anything is written, in one sentence naming the table."""
-    execute(env.source_url, "CREATE TABLE public.log (at int, msg text); "
-            "ALTER TABLE public.log REPLICA IDENTITY FULL")
+    """REPLICA IDENTITY FULL without a key: duplicates stay duplicates, an UPDATE or DELETE
+    of one of them affects one row (NULL-safe, also for json, point and arrays), and the
+    content parity check compares the multisets."""
+    execute(env.source_url,
+            "CREATE TABLE public.log (at int, msg text, doc json, p point, tags text[])",
+            "ALTER TABLE public.log REPLICA IDENTITY FULL",
+            "INSERT INTO public.log VALUES (1, 'a', '{\"k\": 1}', '(1,2)', '{x,NULL}'), "
+            "(1, 'a', '{\"k\": 1}', '(1,2)', '{x,NULL}'), (2, NULL, NULL, NULL, NULL), "
+            "(2, NULL, NULL, NULL, NULL), (3, '', '[]', '(0,0)', '{}')")
     pipeline = duckdb_pipeline(env, duckdb_path, "logs", ["public.log"])
     store.sync_pipeline(pipeline)
     store.set_pipeline_status("logs", PipelineStatus.START)
+    (schema,) = source_schemas(env, ["public.log"])
+
+    def multisets() -> tuple[list[str], list[str]]:
+        conn = pinned_connection(env.source_url)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT ROW(t.*)::text FROM public.log AS t")
+                source = sorted(row[0] for row in cursor.fetchall())
+        finally:
+            conn.close()
+        return source, sorted(text for _, text in duckdb_rows(duckdb_path, schema, keyed=False))
+
     session = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
-    with pytest.raises(RosettaError, match="public.log has no key, and destination dst is DuckDB"):
-        session.run(stop_when=lambda _: False)
-    assert not duckdb_rows(duckdb_path, source_schemas(env, ["public.log"])[0])
+    with streaming(session):
+        wait_until(lambda: multisets()[0] == multisets()[1], 60, "the initial load")
+        execute(env.source_url,
+                "UPDATE public.log SET msg = 'one of two' WHERE ctid = (SELECT min(ctid) FROM "
+                "public.log WHERE at = 1)",
+                "DELETE FROM public.log WHERE ctid = (SELECT min(ctid) FROM public.log "
+                "WHERE at = 2)",
+                "INSERT INTO public.log SELECT * FROM public.log WHERE at = 3",
+                "UPDATE public.log SET tags = '{{a,b},{c,NULL}}' WHERE at = 3 AND ctid = "
+                "(SELECT max(ctid) FROM public.log WHERE at = 3)")
+        try:
+            wait_until(lambda: multisets()[0] == multisets()[1], 60, "the changes")
+        except AssertionError:
+            raise AssertionError(f"source != DuckDB: {multisets()}") from None
+        conn = pinned_connection(env.source_url)
+        try:
+            outcome = content_parity(PostgresTableReader(conn), DuckDBTableReader(str(duckdb_path)),
+                                     schema, sql.Identifier("replica", "log"), 2, 5)
+        finally:
+            conn.close()
+        assert outcome.passed, outcome.description
 
 
 def test_duckdb_batch_statements_golden() -> None:

@@ -9,7 +9,8 @@
 * ``reader`` - counts and row checksums for the parity checks;
 * ``staging`` - backfill chunks staged by the job as files, merged by the stream.
 
-Not yet: tables without a key, filtered backfills, re-snapshots through the engine.
+Not yet: backfills of a table without a key or with a row filter, re-snapshots through the
+engine.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import duckdb
@@ -43,6 +43,13 @@ def row_text(fields: Sequence[str | None]) -> str:
     return "(" + ",".join(record_field(f) for f in fields) + ")"
 
 
+def _row_hash(renders: Sequence[Callable[[Any], str]], values: Sequence[Any]) -> str:
+    """md5 of the row's PostgreSQL record text (as ``md5(ROW(...)::text)`` on the source)."""
+    text = row_text([None if v is None else render(v)
+                     for render, v in zip(renders, values, strict=True)])
+    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+
+
 class DuckDBTableReader:
     """Reads the database file one statement at a time, each through the hand-off
     (``database.read_access``): the stream goes on between them, so a count re-taken while
@@ -69,11 +76,13 @@ class DuckDBTableReader:
                    after: tuple[Any, ...] | None, through: tuple[Any, ...] | None,
                    limit: int | None, condition: sql.Composable = EVERY_ROW,
                    ) -> list[tuple[tuple[Any, ...], str]]:
+        if table.keyless:
+            return self._multiset_hashes(relation, table, after, through, limit)
         unordered = [k for k in table.key_columns if not ordered_like_postgres(table.column(k))]
-        if unordered or table.keyless:
+        if unordered:
             raise NotComparable(
                 f"Content of {table.table.qualified} is not compared in DuckDB: its key "
-                f"({', '.join(unordered) or 'none'}) does not sort there as in PostgreSQL "
+                f"({', '.join(unordered)}) does not sort there as in PostgreSQL "
                 "(integer, uuid and boolean keys do).")
         params: list[Any] = []
         for bound in (after, through):
@@ -88,8 +97,26 @@ class DuckDBTableReader:
                                    limit=limit)
             rows = conn.execute(statement, params).fetchall()
         for row in rows:
-            text = row_text([None if v is None else render_value(v)
-                             for render_value, v in zip(renders, row[width:], strict=True)])
-            hashes.append((tuple(row[:width]),
-                           hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()))
+            hashes.append((tuple(row[:width]), _row_hash(renders, row[width:])))
         return hashes
+
+    def _multiset_hashes(self, relation: sql.Composable, table: TableSchema,
+                         after: tuple[Any, ...] | None, through: tuple[Any, ...] | None,
+                         limit: int | None) -> list[tuple[tuple[Any, ...], str]]:
+        """A table without a key, as the source reads it: rows ordered (and bounded) by their
+        checksum, equal rows side by side and never split by the limit. The whole table is
+        read and ordered here (hex digits order alike in every collation)."""
+        renders = [duck_type(c).render for c in table.columns]
+        columns = ", ".join(quote(c.name) for c in table.columns)
+        with self._read() as (conn, catalog_name):
+            rows = conn.execute(f"SELECT {columns} FROM {catalog_name}.{render(relation)}"
+                                ).fetchall()
+        hashes = sorted(_row_hash(renders, row) for row in rows)
+        chosen = [h for h in hashes if (after is None or h > after[0])
+                  and (through is None or h <= through[0])]
+        if limit is not None and len(chosen) > limit:
+            end = limit  # with ties: the copies of the last row come too
+            while end < len(chosen) and chosen[end] == chosen[limit - 1]:
+                end += 1
+            chosen = chosen[:end]
+        return [((h,), h) for h in chosen]

@@ -292,3 +292,39 @@ def csv_insert(schema: TableSchema, target: str) -> str:
             "header = false, delim = ',', quote = '\"', escape = '\"', nullstr = '', "
             "allow_quoted_nulls = false, auto_detect = false, parallel = false, "
             f"max_line_size = {_MAX_LINE_BYTES}, buffer_size = {2 * _MAX_LINE_BYTES})")
+
+
+@dataclass(frozen=True)
+class KeylessStatements:
+    """A batch of a table without a key (see ``keyless_changes``): each distinct row staged
+    once with its net count (``ord``: its place in the stage); ``delete`` removes that many
+    equal destination rows per row of negative count (equal: NULL-safe in every column, which
+    for a family kept as text is its text), ``insert`` adds that many copies of each row of
+    positive count."""
+
+    create_stage: str
+    fill_stage: str  # from the DataFrame registered as ``batch`` (c0..cN text, ord, count)
+    delete: str
+    insert: str
+    clear_stage: str
+
+
+def keyless_statements(schema: TableSchema, target: str, stage: str) -> KeylessStatements:
+    columns = list(schema.columns)
+    names = [quote(c.name) for c in columns]
+    equal = " AND ".join(f"t.{n} IS NOT DISTINCT FROM s.{n}" for n in names)
+    return KeylessStatements(
+        create_stage=(f"CREATE TEMP TABLE IF NOT EXISTS {stage} ("
+                      f"{_join([f'{quote(c.name)} {duck_type(c).sql}' for c in columns])}, "
+                      "ord INTEGER, count INTEGER)"),
+        fill_stage=(f"INSERT INTO {stage} SELECT "
+                    f"{_join([cast(c, value_column(i)) for i, c in enumerate(columns)])}, "
+                    "ord, count FROM batch"),
+        delete=(f"DELETE FROM {target} WHERE rowid IN (SELECT row_id FROM (SELECT t.rowid AS "
+                "row_id, s.count AS wanted, row_number() OVER (PARTITION BY s.ord ORDER BY "
+                f"t.rowid) AS n FROM {target} AS t JOIN {stage} AS s ON {equal} "
+                "WHERE s.count < 0) WHERE n <= -wanted)"),
+        insert=(f"INSERT INTO {target} ({_join(names)}) SELECT {_join(names)} FROM (SELECT "
+                f"{_join(names)}, unnest(range(count)) FROM {stage} WHERE count > 0)"),
+        clear_stage=f"DELETE FROM {stage}",
+    )

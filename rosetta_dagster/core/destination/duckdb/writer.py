@@ -2,15 +2,16 @@
 staged from a pandas DataFrame and merged by one ``MERGE`` per table, with the stream position
 (engines that keep it with the data) in the same transaction. Statements: ``statements``.
 
-Backfill chunks (staged as files by the job, see ``staging``) are merged here. Not here yet,
-refused before anything is written (``unsupported``): tables without a key and re-snapshots
-through the engine (``initial_load: debezium``).
+A table without a key is applied by net count per row (``keyless_changes``, pgoutput only).
+Backfill chunks (staged as files by the job, see ``staging``) are merged here. Not here:
+re-snapshots through the engine (``initial_load: debezium``, refused before anything is
+written).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from rosetta_dagster.core.destination.duckdb.staging import chunk_file
 from rosetta_dagster.core.destination.duckdb.statements import (
     BACKFILL_CHUNKS,
     BatchStatements,
+    KeylessStatements,
     add_column,
     batch_statements,
     chunk_merge_statements,
@@ -40,6 +42,7 @@ from rosetta_dagster.core.destination.duckdb.statements import (
     drop_default,
     fill_left_out,
     from_column,
+    keyless_statements,
     left_out_column,
     literal,
     positions_statements,
@@ -49,6 +52,7 @@ from rosetta_dagster.core.destination.duckdb.statements import (
 )
 from rosetta_dagster.core.destination.duckdb.types import duck_type
 from rosetta_dagster.core.destination.errors import ApplyError
+from rosetta_dagster.core.destination.keyless_changes import KeylessChanges
 from rosetta_dagster.core.destination.net_changes import NetChanges
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import ChangeEvent
@@ -60,6 +64,8 @@ from rosetta_dagster.core.values import Converter, ValueCodec
 
 logger = logging.getLogger("rosetta.apply")
 
+_NULL_FIELD = "\ud800"
+
 
 @dataclass
 class DuckTablePlan:
@@ -70,6 +76,7 @@ class DuckTablePlan:
     stage: str
     statements: BatchStatements
     converters: list[tuple[str, Converter]]
+    keyless: KeylessStatements | None = None  # a table without a key
     known_columns: frozenset[str] = field(init=False)
     converter_of: dict[str, Converter] = field(init=False)
 
@@ -79,12 +86,24 @@ class DuckTablePlan:
         keys = self.schema.key_columns
         self.key_of = lambda row: tuple(map(row.get, keys))
 
+    def row_line(self, values: Mapping[str, Any]) -> str:
+        """A whole row as one hashable text (a table without a key: what tells rows apart):
+        each column's PostgreSQL text joined by NUL, which no PostgreSQL text holds; NULL as a
+        lone surrogate, which no UTF-8 text holds (a column the change lacks: the value its
+        rows got when the column was added)."""
+        fields = []
+        for column, (name, convert) in zip(self.schema.columns, self.converters, strict=True):
+            value = values[name] if name in values else column.missing_value
+            fields.append(_NULL_FIELD if value is None else convert(value))
+        return "\x00".join(fields)
 
-def unsupported(schema: TableSchema, destination: str) -> str | None:
-    """Why ``schema`` cannot go to a DuckDB destination yet (None: it can)."""
-    if schema.keyless:
+
+def unsupported(schema: TableSchema, destination: str, values: ValueCodec) -> str | None:
+    """Why ``schema`` cannot go to a DuckDB destination (None: it can)."""
+    if schema.keyless and not values.text_as_sent:
         return (f"{schema.table.qualified} has no key, and destination {destination} is DuckDB, "
-                "which takes tables with a primary key or a replica identity index only")
+                "which compares the rows of such a table by their PostgreSQL text: it takes "
+                "them from the pgoutput engine only")
     return None
 
 
@@ -120,7 +139,7 @@ class DuckDBWriter:
         self.database.batch_done()
 
     def _ensure(self, conn: duckdb.DuckDBPyConnection, schema: TableSchema) -> DuckTablePlan:
-        why = unsupported(schema, self.name)
+        why = unsupported(schema, self.name, self.values)
         if why is not None:
             raise RosettaError(f"Pipeline {self.pipeline}: {why}; nothing was written.")
         table = schema.target(self.name, self.target_schema)
@@ -128,10 +147,13 @@ class DuckDBWriter:
         ensure_table(conn, schema, table, self.created, self.retyped)
         stage = quote(f"_rosetta_stage_{abs(hash((schema.table, schema.columns))) % 10**12}")
         return DuckTablePlan(schema, target, stage, batch_statements(schema, target, stage),
-                             [(c.name, self.values.converter_for(c)) for c in schema.columns])
+                             [(c.name, self.values.converter_for(c)) for c in schema.columns],
+                             keyless_statements(schema, target, stage) if schema.keyless
+                             else None)
 
     def has_key(self, table: TableRef) -> bool:
-        return True
+        plan = self._plans.get(table)
+        return plan is None or plan.keyless is None
 
     def key_text(self, event: ChangeEvent) -> dict[str, str | None]:
         plan = self._plans.get(event.table)
@@ -280,17 +302,50 @@ class DuckDBWriter:
                 logger.info("Destination %s: applied TRUNCATE of %s", self.name, table.qualified)
                 continue
             net = pending.get(table)
-            if net is None or net.key_of is not plan.key_of:
+            if plan.keyless is not None:
+                if not isinstance(net, KeylessChanges) or net.row_line != plan.row_line:
+                    net = pending[table] = KeylessChanges(plan.row_line, self.values.is_unchanged,
+                                                          table.qualified)
+            elif not isinstance(net, NetChanges) or net.key_of is not plan.key_of:
                 net = pending[table] = NetChanges(plan.key_of, self.values.is_unchanged)
             net.add(event)
         self._flush(conn, pending, result)
 
-    def _flush(self, conn: duckdb.DuckDBPyConnection, pending: dict[TableRef, NetChanges],
-               result: BatchResult) -> None:
+    def _flush(self, conn: duckdb.DuckDBPyConnection,
+               pending: dict[TableRef, NetChanges | KeylessChanges], result: BatchResult) -> None:
         for table, net in pending.items():
-            if net.changes:
+            if isinstance(net, KeylessChanges):
+                if net.counts:
+                    self._apply_counts(conn, self._plans[table], net, result)
+            elif net.changes:
                 self._merge(conn, self._plans[table], net, result)
         pending.clear()
+
+    def _apply_counts(self, conn: duckdb.DuckDBPyConnection, plan: DuckTablePlan,
+                      changes: KeylessChanges, result: BatchResult) -> None:
+        """A table without a key: remove that many equal rows, add that many copies."""
+        statements = plan.keyless
+        assert statements is not None
+        width = len(plan.schema.columns)
+        fields: list[list[str | None]] = [[] for _ in range(width)]
+        for line in changes.counts:
+            for i, text in enumerate(line.split("\x00")):
+                fields[i].append(None if text == _NULL_FIELD else text)
+        frame = pandas.DataFrame({
+            **{value_column(i): pandas.Series(texts, dtype=object)
+               for i, texts in enumerate(fields)},
+            "ord": range(len(changes.counts)), "count": list(changes.counts.values())})
+        conn.execute(statements.create_stage)
+        conn.register("batch", frame)
+        try:
+            conn.execute(statements.fill_stage)
+        finally:
+            conn.unregister("batch")
+        if changes.removes_rows:
+            conn.execute(statements.delete)
+        conn.execute(statements.insert)
+        conn.execute(statements.clear_stage)
+        result.rows_written += sum(abs(count) for count in changes.counts.values())
 
     def _merge(self, conn: duckdb.DuckDBPyConnection, plan: DuckTablePlan, net: NetChanges,
                result: BatchResult) -> None:
