@@ -18,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Collection, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rosetta_dagster.core.destination.duckdb.database import (
     OwnedDatabase,
     catalog,
     connect,
+    read_access,
 )
 from rosetta_dagster.core.destination.duckdb.load import DuckDBTableLoad
 from rosetta_dagster.core.destination.duckdb.reader import DuckDBTableReader
@@ -51,7 +53,10 @@ class DuckDBPositionRow:
         self.pipeline = pipeline.name
 
     def read(self) -> tuple[int, dict[str, Any]] | None:
-        with contextlib.closing(connect(self.path, what="its positions")) as conn:
+        """Through the hand-off: other processes read it too (the slot guard sensor)."""
+        if not Path(self.path).exists():
+            return None
+        with read_access(self.path) as conn:
             position = read_position(conn, self.schema, self.pipeline)
             if position is None:
                 return None
