@@ -34,7 +34,9 @@ from rosetta_dagster.core.destination.duckdb.statements import (
     quote,
 )
 from rosetta_dagster.core.destination.duckdb.types import duck_type
+from rosetta_dagster.core.destination.duckdb.writer import printed_by_source
 from rosetta_dagster.core.destination.postgres.reader import PostgresTableReader
+from rosetta_dagster.core.destination.postgres.statements import render
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.health.parity import content_parity, row_count_parity
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
@@ -646,3 +648,13 @@ def test_a_column_type_changed_on_the_source_is_followed_in_duckdb(
     with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
         run_requested_backfill(store, pipeline, 2, "a backfill requested at start")
         wait_until(lambda: not differing(), 60, "the rows rewritten meanwhile")
+
+
+def test_values_printed_by_the_source_golden() -> None:
+    """Debezium's values of columns kept as text go through the source's output functions:
+    every such column of a batch in one statement."""
+    assert render(printed_by_source(["numeric", "inet[]"])) == (
+        "SELECT CASE WHEN u.\"v0\" IS NOT NULL THEN format('%%s', u.\"v0\"::numeric) END, "
+        "CASE WHEN u.\"v1\" IS NOT NULL THEN format('%%s', u.\"v1\"::inet[]) END "
+        "FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS u (\"v0\", \"v1\", n) "
+        "ORDER BY n")

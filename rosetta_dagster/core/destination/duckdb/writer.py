@@ -370,29 +370,33 @@ class DuckDBWriter:
         result.rows_written += len(frame)
         result.unchanged_toast_values += unchanged_toast
 
-    def _canonical(self, column: Column, texts: list[str | None]) -> list[str | None]:
-        """A column kept as text: its values as PostgreSQL prints them. An engine that sends
+    def _canonical(self, columns: Sequence[Column], texts: list[list[str | None]]
+                   ) -> list[list[str | None]]:
+        """Columns kept as text: their values as PostgreSQL prints them. An engine that sends
         the source's own text (pgoutput) has them already; Debezium's values are text
         PostgreSQL reads (``NAN``, ``-0.0``, ISO 8601 times...), printed back by the source,
-        which has every type (one statement per column and batch). Not ``xml``: re-read from the
-        source as its stored text, which its output function would change."""
-        if (self.values.text_as_sent or duck_type(column).native or xml_as_text(column)
-                or all(t is None for t in texts)):
+        which has every type: one statement per batch for all such columns. Not ``xml``:
+        re-read from the source as its stored text, which its output function would change."""
+        if self.values.text_as_sent:
+            return texts
+        wanted = [i for i, (column, values) in enumerate(zip(columns, texts, strict=True))
+                  if not duck_type(column).native and not xml_as_text(column)
+                  and any(v is not None for v in values)]
+        if not wanted:
             return texts
         if self.source_rows is None:
-            raise RosettaError(f"Destination {self.name} cannot print {column.name} values "
-                               "as PostgreSQL does without a source connection.")
+            raise RosettaError(f"Destination {self.name} cannot print values as PostgreSQL "
+                               "does without a source connection.")
         conn = self.source_rows.connection()
         with conn.cursor() as cursor:
-            cursor.execute(sql.SQL(
-                # format(): the type's output function (a cast to text may print otherwise:
-                # inet's keeps a /32).
-                "SELECT CASE WHEN v IS NOT NULL THEN format('%%s', v::{}) END "
-                "FROM unnest(%s::text[]) WITH ORDINALITY AS u (v, n) ORDER BY n"
-            ).format(sql.SQL(column.type_sql)), (texts,))
-            printed = [row[0] for row in cursor.fetchall()]
+            cursor.execute(printed_by_source([columns[i].type_sql for i in wanted]),
+                           [texts[i] for i in wanted])
+            rows = cursor.fetchall()
         if not conn.autocommit:
             conn.rollback()
+        printed = list(texts)
+        for place, i in enumerate(wanted):
+            printed[i] = [row[place] for row in rows]
         return printed
 
     def _read_back(self, conn: duckdb.DuckDBPyConnection, plan: DuckTablePlan) -> None:
@@ -506,8 +510,21 @@ class DuckDBWriter:
         self.database.close()
 
 
+def printed_by_source(type_sqls: Sequence[str]) -> sql.Composed:
+    """Values (one text array parameter per column, all of one length) as PostgreSQL prints
+    them, row by row in their order: ``format()`` is the type's output function (a cast to
+    text may print otherwise: inet's keeps a /32)."""
+    columns = [sql.SQL("CASE WHEN u.{0} IS NOT NULL THEN format('%%s', u.{0}::{1}) END").format(
+        sql.Identifier(f"v{i}"), sql.SQL(type_sql)) for i, type_sql in enumerate(type_sqls)]
+    return sql.SQL("SELECT {} FROM unnest({}) WITH ORDINALITY AS u ({}, n) ORDER BY n").format(
+        sql.SQL(", ").join(columns),
+        sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in type_sqls),
+        sql.SQL(", ").join([sql.Identifier(f"v{i}") for i in range(len(type_sqls))]))
+
+
 def _stage_frame(plan: DuckTablePlan, net: NetChanges, codec: ValueCodec,
-                 canonical: Callable[[Column, list[str | None]], list[str | None]]
+                 canonical: Callable[[Sequence[Column], list[list[str | None]]],
+                                     list[list[str | None]]]
                  ) -> tuple[pandas.DataFrame, int, int]:
     """The net changes as a DataFrame of PostgreSQL text (see ``statements``), with the
     unchanged TOAST values and all values it leaves out."""
@@ -549,10 +566,8 @@ def _stage_frame(plan: DuckTablePlan, net: NetChanges, codec: ValueCodec,
         for j, name in enumerate(keys):
             value = None if moved is None else moved[j]
             froms[j].append(None if value is None else plan.converter_of[name](value))
-    values = [canonical(column, texts) for column, texts in zip(schema.columns, values,
-                                                                   strict=True)]
-    froms = [canonical(schema.column(name), texts) for name, texts in zip(keys, froms,
-                                                                         strict=True)]
+    values = canonical(schema.columns, values)
+    froms = canonical([schema.column(name) for name in keys], froms)
     columns: dict[str, Any] = {value_column(i): pandas.Series(v, dtype=object)
                                for i, v in enumerate(values)}
     columns["op"] = ops
