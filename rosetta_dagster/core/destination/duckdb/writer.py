@@ -183,9 +183,13 @@ class DuckDBWriter:
                      ) -> Iterator[duckdb.DuckDBPyConnection]:
         if self._open is None:
             block = self.database.connection()
-            self._conn = block.__enter__()
-            self._open = block
-            self._conn.execute("BEGIN TRANSACTION")
+            conn = block.__enter__()
+            try:
+                conn.execute("BEGIN TRANSACTION")
+            except BaseException:
+                block.__exit__(None, None, None)  # nothing open: the file is not held
+                raise
+            self._conn, self._open = conn, block
             self.database.in_transaction = True
             # Tables created, widened or retyped inside it are as before if it rolls back
             # (its DDL is gone with it: the next batch does it again).
