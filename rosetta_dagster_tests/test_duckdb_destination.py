@@ -26,7 +26,13 @@ from psycopg2 import sql
 
 from rosetta_dagster.core.backfill import BackfillError, BackfillRunner
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
-from rosetta_dagster.core.destination.duckdb.database import catalog, connect, read_access
+from rosetta_dagster.core.destination.duckdb.database import (
+    OwnedDatabase,
+    catalog,
+    connect,
+    read_access,
+    request_path,
+)
 from rosetta_dagster.core.destination.duckdb.reader import DuckDBTableReader, row_text
 from rosetta_dagster.core.destination.duckdb.statements import (
     batch_statements,
@@ -658,3 +664,23 @@ def test_values_printed_by_the_source_golden() -> None:
         "CASE WHEN u.\"v1\" IS NOT NULL THEN format('%%s', u.\"v1\"::inet[]) END "
         "FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS u (\"v0\", \"v1\", n) "
         "ORDER BY n")
+
+
+def test_readers_of_several_processes_each_keep_their_own_request(tmp_path: Path) -> None:
+    """The stream lets go of the file while any reader waits: one reader finishing does not
+    withdraw another's request (a reader in another process, or the stream's own read)."""
+    path = str(tmp_path / "shared.duckdb")
+    connect(path).close()
+    database = OwnedDatabase(path)
+    with database.connection() as conn:
+        conn.execute("CREATE TABLE t (a int)")
+    first, second = request_path(path), request_path(path)
+    first.write_text("1")
+    second.write_text("2")
+    first.unlink()  # one reader done
+    database.batch_done()  # the other still waits: the file is let go at once
+    assert database._conn is None  # noqa: SLF001 - the state under test
+    second.unlink()
+    with database.connection() as conn:  # nobody waits: opened again without delay
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    database.close()

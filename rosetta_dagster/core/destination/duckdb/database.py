@@ -5,7 +5,8 @@ meanwhile (not even to read). So the stream process owns the file, and lets go o
 batches when somebody else needs it:
 
 * a reader (the parity checks, ``rosetta validate``, a test) *asks* by creating a request file
-  beside the database (``<file>.read-request``), waits until it can open the file read-only,
+  of its own beside the database (``<file>.read-request.<pid>.<n>``), waits until it can open
+  the file read-only,
   reads, closes it and removes the request (:func:`read_access`; the checks do this for each
   statement, so the stream goes on between them);
 * the stream's writer (:class:`OwnedDatabase`) closes its connection after a committed batch
@@ -13,16 +14,20 @@ batches when somebody else needs it:
   again it waits until no fresh request is left.
 
 A batch is never cut short for a reader: a reader waits at most one batch (and gives up, in
-one sentence, after ``READ_WAIT_S``). Within the stream process the initial load's workers
-open the same database (one DuckDB instance per process and file).
+one sentence, after ``READ_WAIT_S``). Within the stream process (the initial load's workers,
+its own reads, a test that runs the stream in a thread) connections share the one open
+database: DuckDB keeps one instance per process and file, and refuses a read-only connection
+beside a writing one, so a reader there takes an ordinary connection instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,23 +41,36 @@ _POLL_S = 0.05
 
 
 def request_path(path: str) -> Path:
-    return Path(f"{path}.read-request")
+    """A new reader's own request (each reader removes only its own: readers in several
+    processes, and the stream's own reads, overlap)."""
+    return Path(f"{path}.read-request.{os.getpid()}.{uuid.uuid4().hex[:8]}")
 
 
 def _fresh_request(path: str) -> bool:
     """A reader is waiting (a request older than ``READ_WAIT_S`` was left by a reader that
     died: ignored)."""
-    try:
-        return time.time() - request_path(path).stat().st_mtime < READ_WAIT_S
-    except FileNotFoundError:
-        return False
+    file = Path(path)
+    now = time.time()
+    for request in file.parent.glob(f"{glob.escape(file.name)}.read-request.*"):
+        try:
+            if now - request.stat().st_mtime < READ_WAIT_S:
+                return True
+        except FileNotFoundError:
+            continue  # its reader is done
+    return False
 
 
 def _locked(exc: duckdb.Error) -> bool:
     """Held elsewhere: by another process (a lock), or in this one with the other mode (a
-    reader in the stream's own process, e.g. a test)."""
+    writer waiting for a reader of its own process)."""
     message = str(exc).lower()
     return "lock" in message or "different configuration" in message
+
+
+def _open_for_writing_here(exc: duckdb.Error) -> bool:
+    """The file is open in this process with another configuration (for writing, when a
+    read-only connection was asked for)."""
+    return "different configuration" in str(exc).lower()
 
 
 def catalog(conn: duckdb.DuckDBPyConnection) -> str:
@@ -69,7 +87,17 @@ def connect(path: str, *, read_only: bool = False, wait_s: float = READ_WAIT_S,
     while True:
         try:
             return duckdb.connect(path, read_only=read_only)
-        except (duckdb.IOException, duckdb.ConnectionException) as exc:
+        except duckdb.ConnectionException as exc:
+            if read_only and _open_for_writing_here(exc):
+                # This process writes the file (the stream's own reads, or a test that runs
+                # the stream in a thread): share that open database rather than wait for it.
+                return duckdb.connect(path)
+            if not _locked(exc) or time.monotonic() >= deadline:
+                raise RosettaError(
+                    f"DuckDB file {path} could not be opened for {what}: this process held "
+                    f"it otherwise for {wait_s:g}s ({str(exc).splitlines()[0]}).") from None
+            time.sleep(_POLL_S)
+        except duckdb.IOException as exc:
             if not _locked(exc) or time.monotonic() >= deadline:
                 raise RosettaError(
                     f"DuckDB file {path} could not be opened for {what}: another process "
