@@ -26,10 +26,12 @@ from rosetta_dagster.core.pipeline_config import (
     OperationsSettings,
     PipelineDefinition,
     PostgresEndpoint,
+    TableRef,
 )
 
 if TYPE_CHECKING:
     from rosetta_dagster.core.capture import PositionStore
+    from rosetta_dagster.core.table_schema import TableSchema
 
 logger = logging.getLogger("rosetta.replication")
 
@@ -135,6 +137,15 @@ def _closing(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.extensio
 def source_connection(pipeline: PipelineDefinition) -> ContextManager[psycopg2.extensions.connection]:
     """An autocommit connection to the pipeline's source, closed after the block."""
     return _closing(connect_source(pipeline))
+
+
+def read_source_schema(pipeline: PipelineDefinition, table: TableRef) -> TableSchema:
+    """``table`` as the pipeline replicates it, read from the source's catalog now."""
+    from rosetta_dagster.core.table_schema import read_table_schema
+
+    with source_connection(pipeline) as conn:
+        return read_table_schema(conn, table, f"source {pipeline.source.name}",
+                                 pipeline.options(table))
 
 
 def destination_connection(

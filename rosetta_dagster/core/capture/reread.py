@@ -72,14 +72,47 @@ def _plan(schema: TableSchema, codec: ValueCodec) -> _TableReread | None:
 
 
 class SourceReread:
-    """Fills the columns an engine cannot carry into a batch's events, from the source."""
+    """Fills the columns an engine cannot carry into a batch's events, from the source.
 
-    def __init__(self, schemas: Mapping[TableRef, TableSchema], codec: ValueCodec) -> None:
-        self.schemas = schemas
-        # A table without a key has nothing to re-read by: its engine carries every column
-        # exactly, or the stream refused the table (core.streaming.prestream).
-        self.tables = {table: plan for table, schema in schemas.items()
-                       if not schema.keyless and (plan := _plan(schema, codec)) is not None}
+    A column added on the source after the stream read its tables (``ALTER TABLE … ADD
+    COLUMN``, maybe of a type to re-read, with a value out of the engine's range, e.g. a BC
+    date) arrives in events first: the table's schema is then read again (``read_schema``)
+    before the batch is filled, so its values are re-read like those of any other column."""
+
+    def __init__(self, schemas: Mapping[TableRef, TableSchema], codec: ValueCodec,
+                 read_schema: Callable[[TableRef], TableSchema] | None = None) -> None:
+        self.schemas = dict(schemas)
+        self.codec = codec
+        self.read_schema = read_schema
+        self.tables: dict[TableRef, _TableReread] = {}
+        self._known: dict[TableRef, frozenset[str]] = {}
+        for table, schema in schemas.items():
+            self._follow(table, schema)
+
+    def _follow(self, table: TableRef, schema: TableSchema) -> None:
+        """Plan ``table``'s re-reads from ``schema``. A table without a key has nothing to
+        re-read by: its engine carries every column exactly, or the stream refused the table
+        (core.streaming.prestream)."""
+        self.schemas[table] = schema
+        self._known[table] = frozenset(schema.column_names) | schema.ignored_columns
+        plan = None if schema.keyless else _plan(schema, self.codec)
+        if plan is None:
+            self.tables.pop(table, None)
+        else:
+            self.tables[table] = plan
+
+    def _follow_added_columns(self, items: Sequence[ChangeEvent | Watermark]) -> None:
+        """Tables an event shows a column of that their schema lacks: read again."""
+        if self.read_schema is None:
+            return
+        stale: set[TableRef] = set()
+        known = self._known
+        for item in items:
+            if (isinstance(item, ChangeEvent) and item.after and item.table in known
+                    and not known[item.table].issuperset(item.after)):
+                stale.add(item.table)
+        for table in stale:
+            self._follow(table, self.read_schema(table))
 
     def always(self, table: TableRef) -> tuple[str, ...]:
         """The table's columns re-read in every event."""
@@ -90,6 +123,7 @@ class SourceReread:
         self, source: SourceRows, items: Sequence[ChangeEvent | Watermark]
     ) -> list[ChangeEvent | Watermark]:
         """The items with re-read values in place (left out where the row is gone)."""
+        self._follow_added_columns(items)
         wanted: dict[TableRef, dict[KeyText, None]] = {}
         for item in items:
             if (isinstance(item, ChangeEvent) and item.table in self.tables and item.after

@@ -17,7 +17,12 @@ from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.initial_load import TableLoadReport
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.publication import ensure_publication
-from rosetta_dagster.core.replication import connect_source, delete_stale_offset, source_connection
+from rosetta_dagster.core.replication import (
+    connect_source,
+    delete_stale_offset,
+    read_source_schema,
+    source_connection,
+)
 from rosetta_dagster.core.source_rows import SourceRows
 from rosetta_dagster.core.streaming.batches import BatchRouter
 from rosetta_dagster.core.streaming.catalog_watch import CatalogWatch
@@ -31,7 +36,7 @@ from rosetta_dagster.core.streaming.prestream import (
 )
 from rosetta_dagster.core.streaming.progress import StreamProgress
 from rosetta_dagster.core.streaming.refused import RefusedChanges
-from rosetta_dagster.core.table_schema import TableSchema, read_table_schema
+from rosetta_dagster.core.table_schema import TableSchema
 
 logger = logging.getLogger("rosetta.streaming")
 
@@ -86,9 +91,7 @@ class StreamingSession:
     # -- preparation -----------------------------------------------------------------------
 
     def _read_schema(self, table: TableRef) -> TableSchema:
-        with source_connection(self.pipeline) as conn:
-            return read_table_schema(conn, table, f"source {self.pipeline.source.name}",
-                                     self.pipeline.options(table))
+        return read_source_schema(self.pipeline, table)
 
     def prepare(self) -> dict[TableRef, TableSchema]:
         """Check the source, create the publication and destination tables. No rows move yet."""

@@ -243,6 +243,7 @@ class DebeziumEngine:
         from rosetta_dagster.core.capture.debezium.engine import DebeziumCapture
         from rosetta_dagster.core.capture.debezium.offset_table import OffsetTable
         from rosetta_dagster.core.capture.reread import SourceReread
+        from rosetta_dagster.core.replication import read_source_schema
 
         assert isinstance(positions, OffsetFile | OffsetTable)
         from rosetta_dagster.core.capture.debezium.type_watch import TypeWatch
@@ -250,7 +251,9 @@ class DebeziumEngine:
         copied = pipeline.settings.initial_load == "copy"
         return DebeziumCapture(pipeline, positions.engine_properties(), on_batch,
                                snapshot_mode="no_data" if copied else None,
-                               reread=SourceReread(schemas, DEBEZIUM_VALUES),
+                               reread=SourceReread(
+                                   schemas, DEBEZIUM_VALUES,
+                                   read_schema=lambda t: read_source_schema(pipeline, t)),
                                type_watch=TypeWatch(schemas))
 
 

@@ -283,7 +283,7 @@ class DebeziumCapture:
                 else:
                     span[1] = record
         events = mark_key_changes(events)
-        if self.reread is not None and self.reread.tables and events:
+        if self.reread is not None and events:
             events = self.reread.fill(self._source_rows, events)
         if self.type_watch is not None and events:
             events = list(self.type_watch.with_schema_events(

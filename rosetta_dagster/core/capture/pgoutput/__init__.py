@@ -75,10 +75,13 @@ class PgoutputEngine:
 
         assert start is not None, "the pgoutput engine starts from a stored position"
         from rosetta_dagster.core.capture.reread import SourceReread
+        from rosetta_dagster.core.replication import read_source_schema
 
         known_types = {table: schema.column_types for table, schema in schemas.items()}
         return PgoutputCapture(pipeline, start, on_batch, known_types,
-                               reread=SourceReread(schemas, PGOUTPUT_VALUES))
+                               reread=SourceReread(
+                                   schemas, PGOUTPUT_VALUES,
+                                   read_schema=lambda t: read_source_schema(pipeline, t)))
 
 
 PGOUTPUT = PgoutputEngine()

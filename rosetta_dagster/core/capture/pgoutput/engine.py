@@ -131,7 +131,7 @@ class PgoutputCapture:
         self.on_batch = on_batch
         self.known_types = known_types
         # Columns whose text is read back from the source (the dispatcher's connection).
-        self.reread = reread if reread is not None and reread.tables else None
+        self.reread = reread
         self._source_rows = SourceRows(lambda: connect_source(pipeline))
         limit = settings.max_queue_mb * 1024 * 1024
         self._queue = _ByteBoundedQueue(limit)
