@@ -202,6 +202,16 @@ def test_every_type_is_exact_in_duckdb_through_load_stream_and_backfill(
         with pytest.raises(BackfillError, match="DuckDB, which takes backfills of whole tables"):
             BackfillRunner(pipeline, store, job.id, chunk_rows=3, chunk_timeout_s=60).run()
     assert session.progress.events_applied > 0
+    # Re-sync: the slot is dropped while stopped and DuckDB damaged again; the tables, which
+    # hold rows, are loaded beside themselves and swapped in.
+    execute(env.cluster.dsn(), "SELECT pg_drop_replication_slot(slot_name) FROM "
+            "pg_replication_slots WHERE NOT active AND database = %s", params=(env.source_db,))
+    _damage(duckdb_path, schemas)
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
+        try:
+            wait_until(lambda: not differing(), 120, "the re-sync")
+        except AssertionError:
+            raise AssertionError("after the re-sync:\n" + "\n".join(differing()[:40])) from None
 
 
 def test_a_key_update_keeps_the_toasted_values_in_duckdb(
@@ -427,8 +437,9 @@ def test_kill_9_mid_load_then_restart_converges_in_duckdb(
 def test_deletes_truncate_and_added_columns_in_duckdb(
     env: StreamingEnv, store: ConfigStore, duckdb_path: Path
 ) -> None:
-    """A TRUNCATE between inserts of one batch, deletes, a column added with a default (rows
-    that existed read the default, as on the source) and one without, then values in them."""
+    """A TRUNCATE between inserts of one batch, deletes, columns added with defaults (rows
+    that existed read the default, as on the source: -infinity, a BC date, -0, NaN, a 2-D
+    array with lower bounds) and one without, then values and NULLs in them."""
     execute(env.source_url, "CREATE TABLE public.items (id int PRIMARY KEY, name text)",
             "INSERT INTO public.items SELECT i, 'item ' || i FROM generate_series(1, 50) i")
     pipeline = duckdb_pipeline(env, duckdb_path, "items", ["public.items"])
@@ -446,9 +457,15 @@ def test_deletes_truncate_and_added_columns_in_duckdb(
                 "TRUNCATE public.items; INSERT INTO public.items VALUES (1, 'again'), "
                 "(2, NULL); COMMIT")
         wait_until(lambda: not differing(), 60, "the truncate")
+        # Rows that existed read each column's default (hostile ones too), a row inserted with
+        # NULL in them keeps NULL.
         execute(env.source_url, "ALTER TABLE public.items ADD COLUMN qty int DEFAULT 7, "
-                "ADD COLUMN note text",
-                "INSERT INTO public.items VALUES (3, 'three', 3, 'a \"note\", with (parens)')",
+                "ADD COLUMN note text, ADD COLUMN at timestamptz DEFAULT '-infinity', "
+                "ADD COLUMN born date DEFAULT '0044-03-15 BC', ADD COLUMN ratio float8 "
+                "DEFAULT '-0', ADD COLUMN amount numeric DEFAULT 'NaN', "
+                "ADD COLUMN grid int[] DEFAULT '[0:1][-1:0]={{1,NULL},{3,4}}'",
+                "INSERT INTO public.items VALUES (3, 'three', 3, 'a \"note\", with (parens)', "
+                "NULL, NULL, NULL, NULL, NULL)",
                 "UPDATE public.items SET note = '' WHERE id = 1")
         wait_until(lambda: not differing(), 60, "the added columns")
     assert len(duckdb_rows(duckdb_path, source_schemas(env, ["public.items"])[0])) == 3
