@@ -263,7 +263,25 @@ pipelines:
         load_config(write(":memory:"), {"PW": "x"})
 
 
-@pytest.mark.parametrize("engine", ["pgoutput"])  # Debezium refuses such tables itself
+@pytest.mark.parametrize("engine", ["debezium"])
+def test_a_table_without_a_key_from_debezium_is_refused_by_duckdb(
+    env: StreamingEnv, duckdb_path: Path
+) -> None:
+    """DuckDB compares the rows of a table without a key by their PostgreSQL text, which
+    only the pgoutput engine sends as such: refused in one sentence before anything is
+    written (a PostgreSQL destination takes such a table from either engine)."""
+    execute(env.source_url, "CREATE TABLE public.log (at int, msg text)",
+            "ALTER TABLE public.log REPLICA IDENTITY FULL")
+    pipeline = duckdb_pipeline(env, duckdb_path, "logs", ["public.log"])
+    with pytest.raises(RosettaError) as refused:
+        StreamingSession(pipeline, offsets_dir=env.offsets_dir).run()
+    assert str(refused.value) == (
+        "Pipeline logs: public.log has no key, and destination dst is DuckDB, which compares "
+        "the rows of such a table by their PostgreSQL text: it takes them from the pgoutput "
+        "engine only; nothing was written.")
+
+
+@pytest.mark.parametrize("engine", ["pgoutput"])  # Debezium: refused (the test above)
 def test_a_table_without_a_key_is_a_multiset_in_duckdb(
     env: StreamingEnv, store: ConfigStore, duckdb_path: Path
 ) -> None:
@@ -591,7 +609,7 @@ def test_random_change_sequences_leave_duckdb_exact(
     compared after every restart too."""
     rnd = random.Random(seed)
     path = tmp_path / "seq.duckdb"
-    keyless = env.engine == "pgoutput"  # Debezium refuses a table without a key
+    keyless = env.engine == "pgoutput"  # DuckDB takes a table without a key from pgoutput only
     execute(env.source_url, SEQUENCE_TABLE, SEQUENCE_LOG)
     tables = ["public.seq", *(["public.seqlog"] if keyless else [])]
     base = duckdb_pipeline(env, path, "seq", tables)

@@ -36,6 +36,18 @@ class _Unchanged:
 UNCHANGED_TOAST = _Unchanged()
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where a record stands in what an engine delivers again after a restart (Debezium
+    resumes after its last stored offset): the identity of the record's offset, which the
+    records of one WAL record share (a COPY page, a key move's two halves), and the record's
+    ordinal among consecutive records of that identity. The same record gets the same
+    delivery when it is delivered again (see core.streaming.redelivery)."""
+
+    record: str
+    ordinal: int
+
+
 @dataclass(slots=True)  # not frozen: created per change, and a frozen __init__ costs ~3x
 class ChangeEvent:
     """One row change. ``op`` is c(reate), u(pdate), d(elete), r(ead: snapshot), t(runcate) or
@@ -55,6 +67,9 @@ class ChangeEvent:
     # LSN of the transaction's commit record (engines that keep positions with the data):
     # a destination whose position is past it already has this change.
     commit_lsn: int | None = None
+    # Engines that deliver again after a restart, in pipelines with tables without a key:
+    # the change's place in what the engine delivers (see Delivery).
+    delivery: Delivery | None = None
 
     @property
     def from_snapshot(self) -> bool:

@@ -209,6 +209,7 @@ def ensure_publication(
         else:
             cursor.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
                 sql.Identifier(pipeline.inserts_publication_name)))
+        _name_the_list(cursor, pipeline, wanted=bool(inserts))
         if changed:
             before_commit(changed)
     if created:
@@ -217,6 +218,22 @@ def ensure_publication(
 
 
 _INSERTS_ONLY = sql.SQL(" WITH (publish = 'insert')")
+
+
+def _name_the_list(cursor: psycopg2.extensions.cursor, pipeline: PipelineDefinition, *,
+                   wanted: bool) -> None:
+    """Debezium reads one publication (``publication.name``): it checks that a publication of
+    that name exists, then hands the name to pgoutput, which reads it as a comma-separated
+    list. A pipeline with tables that replicate inserts only reads two, so it gets an empty
+    publication named after the list of both (``rosetta_<p>,rosetta_<p>_inserts``)."""
+    listed = sql.Identifier(f"{pipeline.publication_name},{pipeline.inserts_publication_name}")
+    if wanted and pipeline.settings.engine == "debezium":
+        cursor.execute("SELECT 1 FROM pg_publication WHERE pubname = %s",
+                       (pipeline.publication_names,))
+        if cursor.fetchone() is None:
+            cursor.execute(sql.SQL("CREATE PUBLICATION {}").format(listed))
+    else:
+        cursor.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(listed))
 
 
 def _set_tables(cursor: psycopg2.extensions.cursor, name: str, tables: Sequence[TableSchema], *,

@@ -172,8 +172,8 @@ def create_matrix(url: str, families: tuple[Family, ...] = FAMILIES,
             insert_values(cursor, family, first_id=1)
         _create_wide_tables(cursor, families)
     wide = [INDEX_TABLE, FULL_TABLE]
-    if engine is not None and not _leave_out_uncarried(conn, engine):
-        wide.remove(FULL_TABLE)
+    if engine is not None:
+        _leave_out_uncarried(conn, engine)
     conn.close()
     return [f"public.{table_name(f)}" for f in families] + [f"public.{t}" for t in wide]
 
@@ -205,10 +205,11 @@ def _create_wide_tables(cursor: psycopg2.extensions.cursor, families: tuple[Fami
         full=full, index=index, names=names))
 
 
-def _leave_out_uncarried(conn: psycopg2.extensions.connection, engine: str) -> bool:
+def _leave_out_uncarried(conn: psycopg2.extensions.connection, engine: str) -> None:
     """The FULL table as ``engine`` can replicate it, as the stream decides (see
-    core.streaming.prestream): without the columns it cannot carry without a key, or not at
-    all (dropped: False) when it does not apply each change exactly once."""
+    core.streaming.prestream): without the columns it re-reads by key, which it cannot do
+    without one (Debezium: also those it carries in an ordinary range only, e.g. dates:
+    their out-of-range values would stop the stream)."""
     from rosetta_dagster.core.capture import capture_engine
     from rosetta_dagster.core.pipeline_config import TableRef
     from rosetta_dagster.core.table_schema import read_table_schema
@@ -218,14 +219,10 @@ def _leave_out_uncarried(conn: psycopg2.extensions.connection, engine: str) -> b
     schema = read_table_schema(conn, TableRef("public", FULL_TABLE), "matrix")
     conn.autocommit = True
     dropped = [c.name for c in schema.columns if capture.values.reread(c)]
-    with conn.cursor() as cursor:
-        if not capture.applies_once:
-            cursor.execute(sql.SQL("DROP TABLE {}").format(table))
-            return False
-        if dropped:
+    if dropped:
+        with conn.cursor() as cursor:
             cursor.execute(sql.SQL("ALTER TABLE {} {}").format(table, sql.SQL(", ").join(
                 sql.SQL("DROP COLUMN {}").format(sql.Identifier(c)) for c in dropped)))
-    return True
 
 
 def insert_values(cursor: psycopg2.extensions.cursor, family: Family, first_id: int) -> None:

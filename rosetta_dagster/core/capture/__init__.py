@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 import psycopg2.extensions
 
 from rosetta_dagster.core.errors import RosettaError
-from rosetta_dagster.core.events import ChangeEvent, PositionMarker, Watermark
+from rosetta_dagster.core.events import ChangeEvent, Delivery, PositionMarker, Watermark
 from rosetta_dagster.core.pipeline_config import (
     CAPTURE_ENGINES,
     Destination,
@@ -62,6 +62,10 @@ class CaptureBatch:
     # False: a piece of one source transaction too large to hold in memory; the pieces that
     # follow belong to the same destination transaction, committed with the last piece.
     complete: bool = True
+    # Engines that deliver again after a restart, in pipelines with tables without a key:
+    # every record of the batch that a restart may deliver again, in stream order (rows,
+    # watermarks, logical messages); see core.streaming.redelivery.
+    deliveries: tuple[Delivery, ...] = ()
 
 
 # Applies a batch; returns the position every destination has committed, which the engine may
@@ -105,6 +109,10 @@ class PositionStore(Protocol):
     def tracking(self, destination: Destination) -> PositionTracking | None:
         """How a destination records the position with each batch (None: the engine does)."""
 
+    def resumes_after(self) -> str | None:
+        """Engines that deliver again after a restart: the identity of the record the stored
+        position names (the engine resumes after it; ``Delivery.record``); None otherwise."""
+
 
 class Capture(Protocol):
     """A running capture: its own threads, stopped by :meth:`stop`."""
@@ -129,7 +137,8 @@ class CaptureEngine(Protocol):
     values: ValueCodec
     # Each change is applied once, even across a crash: the position is committed with the
     # rows. Otherwise the changes after the engine's last saved position are delivered again,
-    # which leaves a keyed row as it was but would apply a row without a key twice.
+    # which leaves a keyed row as it was but would apply a row without a key twice: such
+    # an engine tells each record's place (Delivery) in pipelines with tables without a key.
     applies_once: bool
 
     def source_refusal(self, conn: psycopg2.extensions.connection) -> str | None:
@@ -149,6 +158,12 @@ class CaptureEngine(Protocol):
         """A capture of the pipeline's slot, not started. ``start``: the lowest position the
         destinations committed, where engines that keep positions with the data resume (None
         for engines that keep their own, in ``positions``)."""
+
+
+def tells_deliveries(engine: CaptureEngine, schemas: Mapping[TableRef, TableSchema]) -> bool:
+    """Whether the engine's changes carry their place in what it delivers again (Delivery):
+    an engine that delivers again after a restart, streaming a table without a key."""
+    return not engine.applies_once and any(schema.keyless for schema in schemas.values())
 
 
 def capture_engine(name: str) -> CaptureEngine:

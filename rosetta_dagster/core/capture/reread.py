@@ -24,7 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rosetta_dagster.core.events import UNCHANGED_TOAST, ChangeEvent, Watermark
+from rosetta_dagster.core.errors import RosettaError
+from rosetta_dagster.core.events import UNCHANGED_TOAST, ChangeEvent, Watermark, format_lsn
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.source_rows import KeyText, SourceRows
 from rosetta_dagster.core.table_schema import TableSchema
@@ -59,13 +60,42 @@ class _TableReread:
                      for k, text in zip(self.schema.key_columns, self.key_text, strict=True))
 
 
+class UnreadableValue(RosettaError):  # noqa: N818 - a value the stream cannot take
+    """A table without a key received a value the engine does not carry exactly: it has no
+    key to read the value back from the source by."""
+
+
+def _range_checks(schema: TableSchema, codec: ValueCodec
+                  ) -> tuple[tuple[str, Callable[[Any], bool]], ...]:
+    return tuple((c.name, check) for c in schema.columns
+                 if not codec.always_reread(c) and (check := codec.reread_when(c)) is not None)
+
+
+def _refuse_unreadable(event: ChangeEvent, checks: Sequence[tuple[str, Callable[[Any], bool]]],
+                       schema: TableSchema) -> None:
+    """A change of a table without a key with a value out of the engine's exact range (in its
+    new or its old row) stops the stream, naming the change: taken as it is, the value would
+    be another one."""
+    for values in (event.after, event.before):
+        for name, ordinary in checks:
+            if values and (value := values.get(name)) is not None and not ordinary(value):
+                where = f" at LSN {format_lsn(event.lsn)}" if event.lsn is not None else ""
+                raise UnreadableValue(
+                    f"A change of {schema.table.qualified}{where} has a value in column {name} "
+                    f"({schema.column(name).type_sql}) outside the range the Debezium engine "
+                    "carries exactly (a year before 1 or after 9999, or ±infinity), and the "
+                    "table has no key to read it back from the source by; give the table a "
+                    "key (a primary key or REPLICA IDENTITY USING INDEX) or use "
+                    "streaming.engine: pgoutput.")
+
+
 def _plan(schema: TableSchema, codec: ValueCodec) -> _TableReread | None:
     columns = [c for c in schema.columns
                if c.name not in schema.key_columns and codec.reread(c)]
     if not columns:
         return None
-    checks = tuple((c.name, check) for c in columns
-                   if not codec.always_reread(c) and (check := codec.reread_when(c)) is not None)
+    checks = tuple(check for check in _range_checks(schema, codec)
+                   if check[0] not in schema.key_columns)
     return _TableReread(schema, tuple(c.name for c in columns),
                         tuple(c.name for c in columns if codec.always_reread(c)), checks,
                         tuple(codec.converter_for(schema.column(k)) for k in schema.key_columns))
@@ -85,6 +115,8 @@ class SourceReread:
         self.codec = codec
         self.read_schema = read_schema
         self.tables: dict[TableRef, _TableReread] = {}
+        # Tables without a key: the range checks of their columns (nothing to re-read by).
+        self.unreadable: dict[TableRef, tuple[tuple[str, Callable[[Any], bool]], ...]] = {}
         self._known: dict[TableRef, frozenset[str]] = {}
         for table, schema in schemas.items():
             self._follow(table, schema)
@@ -96,6 +128,11 @@ class SourceReread:
         self.schemas[table] = schema
         self._known[table] = frozenset(schema.column_names) | schema.ignored_columns
         plan = None if schema.keyless else _plan(schema, self.codec)
+        checks = _range_checks(schema, self.codec) if schema.keyless else ()
+        if checks:
+            self.unreadable[table] = checks
+        else:
+            self.unreadable.pop(table, None)
         if plan is None:
             self.tables.pop(table, None)
         else:
@@ -125,7 +162,10 @@ class SourceReread:
         """The items with re-read values in place (left out where the row is gone)."""
         self._follow_added_columns(items)
         wanted: dict[TableRef, dict[KeyText, None]] = {}
+        unreadable = self.unreadable
         for item in items:
+            if unreadable and isinstance(item, ChangeEvent) and item.table in unreadable:
+                _refuse_unreadable(item, unreadable[item.table], self.schemas[item.table])
             if (isinstance(item, ChangeEvent) and item.table in self.tables and item.after
                     and self.tables[item.table].needed(item)):
                 wanted.setdefault(item.table, {})[self.tables[item.table].key(item)] = None

@@ -35,7 +35,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from rosetta_dagster.core.errors import RosettaError
-from rosetta_dagster.core.events import ChangeEvent
+from rosetta_dagster.core.events import ChangeEvent, Delivery
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition, TableRef
 from rosetta_dagster.core.table_schema import TableSchema
 
@@ -106,10 +106,19 @@ class DestinationWriter(Protocol):
         """Create or widen every destination table like its source, before any change."""
 
     def apply(self, events: Sequence[ChangeEvent], *, record_keys: bool = False,
-              position: int | None = None, complete: bool = True) -> BatchResult:
+              position: int | None = None, complete: bool = True,
+              delivered: Delivery | None = None) -> BatchResult:
         """Apply a batch (and record ``position``) in one transaction; raise and roll back on
         any error. ``record_keys``: the batch belongs to a re-snapshot. ``complete=False``: a
-        piece of one source transaction; the transaction stays open for the next piece."""
+        piece of one source transaction; the transaction stays open for the next piece.
+        ``delivered``: the last record the batch takes from an engine that delivers again
+        after a restart, recorded in the same transaction (see core.streaming.redelivery)."""
+
+    def read_delivered(self) -> Delivery | None:
+        """The last record this destination took from an engine that delivers again."""
+
+    def forget_delivered(self) -> None:
+        """The stream starts afresh (a new load and slot): nothing was delivered yet."""
 
     def first_refused(self, applied: Sequence[ChangeEvent], events: Sequence[ChangeEvent]
                       ) -> tuple[int, Exception] | None:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from rosetta_dagster.core.backfill.window import ChunkWindows
 from rosetta_dagster.core.capture import CaptureBatch
 from rosetta_dagster.core.config_store import ConfigStore
-from rosetta_dagster.core.events import ChangeEvent, Watermark
+from rosetta_dagster.core.events import ChangeEvent, Delivery, Watermark
 from rosetta_dagster.core.load_fences import SnapshotVisibility
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.replication import Log
@@ -47,6 +47,8 @@ class BatchRouter:
         Returns the position every destination has committed (for engines that confirm it)."""
         writers = self._destinations.writers
         self._refused.replay_requested(writers)  # parked changes go before newer ones
+        self._destinations.begin_batch(batch.deliveries)
+        self._refused.deliveries = batch.deliveries
         segment: list[ChangeEvent] = []
         streaming_seen = batch.marker is not None
         items = batch.items
@@ -54,7 +56,8 @@ class BatchRouter:
             items = self._catalog.changed_tables(self.progress.source_position_ms) + list(items)
         for item in items:
             if isinstance(item, Watermark):
-                self._apply_events(segment, streaming_seen, position=_past(segment))
+                self._apply_events(segment, streaming_seen, position=_past(segment),
+                                   delivered=_last_delivered(segment))
                 segment = []
                 self._windows.on_watermark(item)
             else:
@@ -63,7 +66,8 @@ class BatchRouter:
                 segment.append(item)
                 self._windows.note(item)
         self._apply_events(segment, streaming_seen, position=batch.position,
-                           complete=batch.complete)
+                           complete=batch.complete,
+                           delivered=batch.deliveries[-1] if batch.deliveries else None)
         if batch.marker is not None and batch.marker.source_ts_ms is not None:
             self.progress.note_source_position(batch.marker.source_ts_ms)
         committed = self._destinations.committed()
@@ -90,7 +94,7 @@ class BatchRouter:
 
     def _apply_events(
         self, events: Sequence[ChangeEvent], streaming_seen: bool, *,
-        position: int | None = None, complete: bool = True,
+        position: int | None = None, complete: bool = True, delivered: Delivery | None = None,
     ) -> None:
         if self.resyncing:
             # Snapshot events first (recording their keys), then reconcile as soon as the
@@ -105,15 +109,16 @@ class BatchRouter:
                 self.resyncing = False
                 self._log.info("Pipeline %s: snapshot complete; destinations reconciled",
                               self._pipeline.name)
-        if events or position is not None:
-            self._apply(events, position=position, complete=complete)
+        if events or position is not None or delivered is not None:
+            self._apply(events, position=position, complete=complete, delivered=delivered)
 
     def _apply(
         self, events: Sequence[ChangeEvent], *, record_keys: bool = False,
-        position: int | None = None, complete: bool = True,
+        position: int | None = None, complete: bool = True, delivered: Delivery | None = None,
     ) -> None:
         results = self._destinations.apply(self._refused, events, record_keys=record_keys,
-                                          position=position, complete=complete)
+                                          position=position, complete=complete,
+                                          delivered=delivered)
         if any(writer.retyped for writer in self._destinations.writers):
             self.request_retyped_backfills()
         if not events:
@@ -128,6 +133,11 @@ class BatchRouter:
         self.flows.note([(destination.name, table.qualified, count)
                          for destination in self._pipeline.destinations
                          for table, count in first.events_by_table.items()])
+
+
+def _last_delivered(segment: Sequence[ChangeEvent]) -> Delivery | None:
+    """The last record of a segment before a watermark (engines that deliver again)."""
+    return next((e.delivery for e in reversed(segment) if e.delivery is not None), None)
 
 
 def _past(segment: Sequence[ChangeEvent]) -> int | None:

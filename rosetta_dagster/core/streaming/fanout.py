@@ -12,11 +12,12 @@ from rosetta_dagster.core.capture import CaptureEngine, PositionStore
 from rosetta_dagster.core.destination import BatchResult, DestinationWriter, destination_kind
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import DatabaseConnectionError
-from rosetta_dagster.core.events import ChangeEvent
+from rosetta_dagster.core.events import ChangeEvent, Delivery
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.pool import ResilientConnectionPool
 from rosetta_dagster.core.replication import Log, stream_application_name
 from rosetta_dagster.core.source_rows import SourceRows
+from rosetta_dagster.core.streaming.redelivery import Redelivery
 from rosetta_dagster.core.streaming.refused import RefusedChanges
 from rosetta_dagster.core.table_schema import TableSchema
 
@@ -42,6 +43,9 @@ class DestinationFanout:
         self.writers: list[DestinationWriter] = []
         # Destinations that became unreachable, with when to try them again.
         self._down: dict[int, float] = {}
+        # Per writer, what a restarted engine delivers again that it already took (engines
+        # that deliver again, tables without a key; empty otherwise).
+        self._redelivery: list[Redelivery] = []
 
     def open(self, engine: CaptureEngine, positions: PositionStore,
              schemas: Iterable[TableSchema], read_schema: Callable[[TableRef], TableSchema],
@@ -61,8 +65,26 @@ class DestinationFanout:
     def opened(self) -> bool:
         return bool(self.writers)
 
+    def expect_redelivery(self, resumes_after: str | None) -> None:
+        """The engine delivers again what follows ``resumes_after`` (its stored offset's
+        record): each destination skips the changes of tables without a key it already took."""
+        self._redelivery = [
+            Redelivery(writer.read_delivered(), resumes_after,
+                       lambda table, writer=writer: not writer.has_key(table))
+            for writer in self.writers]
+
+    def forget_deliveries(self) -> None:
+        """The stream starts afresh: what destinations recorded as delivered no longer holds."""
+        for writer in self.writers:
+            writer.forget_delivered()
+
+    def begin_batch(self, deliveries: Sequence[Delivery]) -> None:
+        for redelivery in self._redelivery:
+            redelivery.begin_batch(deliveries)
+
     def apply(self, refused: RefusedChanges, events: Sequence[ChangeEvent], *,
-              record_keys: bool, position: int | None, complete: bool) -> list[BatchResult]:
+              record_keys: bool, position: int | None, complete: bool,
+              delivered: Delivery | None = None) -> list[BatchResult]:
         """Apply to every destination in rotation; one that cannot be reached is taken out
         when each destination keeps its own position (else the error stops the stream)."""
         results = []
@@ -70,10 +92,11 @@ class DestinationFanout:
             if index in self._down:
                 continue
             rotates = writer.tracking is not None and len(self.writers) > 1
+            untaken = self._redelivery[index].untaken(events) if self._redelivery else events
             try:
                 results.append(refused.apply(
-                    writer, events, record_keys=record_keys, position=position,
-                    complete=complete, unreachable_handled=rotates))
+                    writer, untaken, record_keys=record_keys, position=position,
+                    complete=complete, unreachable_handled=rotates, delivered=delivered))
             except _UNREACHABLE as exc:
                 if not rotates:
                     raise  # one position for all destinations: every one must keep up
@@ -144,3 +167,4 @@ class DestinationFanout:
         for writer in self.writers:
             writer.close()
         self.writers.clear()
+        self._redelivery.clear()

@@ -50,7 +50,7 @@ def refuse_unstreamable(pipeline: PipelineDefinition, engine: CaptureEngine,
                         schemas: Mapping[TableRef, TableSchema],
                         source: psycopg2.extensions.connection) -> None:
     """Raise SchemaError when the pipeline cannot be streamed exactly with its engine."""
-    _refuse_keyless(pipeline, engine, schemas)
+    _refuse_keyless(pipeline, schemas)
     _refuse_unsupported_columns(pipeline, engine, schemas)
     if (reason := engine.source_refusal(source)) is not None:
         raise SchemaError(f"Pipeline {pipeline.name} cannot stream source "
@@ -84,20 +84,11 @@ def _column_refusal(engine: CaptureEngine, schema: TableSchema, column: Column) 
     return reason
 
 
-def _refuse_keyless(pipeline: PipelineDefinition, engine: CaptureEngine,
-                    schemas: Mapping[TableRef, TableSchema]) -> None:
-    """Tables without a key need each change applied exactly once (a change applied again
-    would add or remove one more row), and a re-snapshot that copies them whole (one through
-    the engine finds the rows it did not deliver by key)."""
+def _refuse_keyless(pipeline: PipelineDefinition, schemas: Mapping[TableRef, TableSchema]
+                    ) -> None:
+    """Tables without a key need a re-snapshot that copies them whole (one through the engine
+    finds the rows it did not deliver by key)."""
     keyless = ", ".join(s.table.qualified for s in schemas.values() if s.keyless)
-    if keyless and not engine.applies_once:
-        raise SchemaError(
-            f"Pipeline {pipeline.name} cannot replicate {keyless} with the {engine.name} engine, "
-            "so nothing was written: a table without a key is a multiset of rows, and this "
-            "engine delivers again the changes after its last saved offset when it restarts, "
-            "which would apply a row twice; use streaming.engine: pgoutput, which commits its "
-            "position with the rows, or give the table a key (a primary key or REPLICA "
-            "IDENTITY USING INDEX).")
     if keyless and pipeline.settings.initial_load != "copy":
         raise SchemaError(
             f"Pipeline {pipeline.name} loads with initial_load: "

@@ -40,7 +40,7 @@ from rosetta_dagster.core.destination.errors import (
     event_position,
 )
 from rosetta_dagster.core.errors import RosettaError
-from rosetta_dagster.core.events import ChangeEvent
+from rosetta_dagster.core.events import ChangeEvent, Delivery
 from rosetta_dagster.core.pipeline_config import PipelineDefinition
 from rosetta_dagster.core.replication import Log
 
@@ -84,6 +84,9 @@ class RefusedChanges:
         self._skips: list[ApplySkip] = []
         self._next_poll = 0.0
         self.stopped_on: RefusedChange | None = None  # the change the last run stopped on
+        # The current batch's records, when the engine delivers again (see
+        # core.streaming.redelivery): a stop records the one before the refused change.
+        self.deliveries: Sequence[Delivery] = ()
 
     def load(self) -> None:
         """What the config store says before streaming: skips, parked keys, the last stop."""
@@ -97,7 +100,7 @@ class RefusedChanges:
 
     def apply(self, writer: DestinationWriter, events: Sequence[ChangeEvent], *,
               record_keys: bool, position: int | None, complete: bool,
-              unreachable_handled: bool) -> BatchResult:
+              unreachable_handled: bool, delivered: Delivery | None = None) -> BatchResult:
         """Apply a batch to one destination, whatever it refuses (see the module docstring).
 
         ``unreachable_handled``: the caller takes a lost destination out of rotation, so a
@@ -110,15 +113,15 @@ class RefusedChanges:
         spanning = writer.in_transaction  # earlier pieces are in the open transaction
         try:
             return self._retrying(writer, lambda: writer.apply(
-                events, record_keys=record_keys, position=position, complete=complete),
-                spanning or unreachable_handled)
+                events, record_keys=record_keys, position=position, complete=complete,
+                delivered=delivered), spanning or unreachable_handled)
         except Exception as exc:  # noqa: BLE001 - classified just below
             data = classify(exc) == "data"
             if not data or spanning or not complete or record_keys:
                 if data and events:
                     self._note_unsplittable(writer, events, exc)
                 raise
-            return self._isolate(writer, list(events), position)
+            return self._isolate(writer, list(events), position, delivered)
 
     def _retrying(self, writer: DestinationWriter, attempt: Callable[[], _T],
                   raise_at_once: bool) -> _T:
@@ -145,7 +148,7 @@ class RefusedChanges:
                 self.sleep(delay)
 
     def _isolate(self, writer: DestinationWriter, events: list[ChangeEvent],
-                 position: int | None) -> BatchResult:
+                 position: int | None, delivered: Delivery | None) -> BatchResult:
         """Find the refused changes in a transaction that is rolled back, then apply the rest
         and the batch's position in one transaction: a crash in between replays nothing that
         was applied (a row without a key would be added twice)."""
@@ -169,7 +172,8 @@ class RefusedChanges:
                            report.sentence())
             self._park(writer, [event], report)
             remaining = self._park_behind(writer, remaining[index + 1:])
-        return self._retrying(writer, lambda: writer.apply(kept, position=position), False)
+        return self._retrying(writer, lambda: writer.apply(kept, position=position,
+                                                           delivered=delivered), False)
 
     def _apply_before(self, writer: DestinationWriter, before: list[ChangeEvent],
                       refused: ChangeEvent) -> None:
@@ -180,7 +184,16 @@ class RefusedChanges:
         transaction = refused.commit_lsn
         kept = [e for e in before
                 if transaction is None or e.commit_lsn != transaction or writer.has_key(e.table)]
-        self._retrying(writer, lambda: writer.apply(kept, position=transaction), False)
+        self._retrying(writer, lambda: writer.apply(
+            kept, position=transaction, delivered=self._delivered_before(refused)), False)
+
+    def _delivered_before(self, refused: ChangeEvent) -> Delivery | None:
+        """The record before ``refused`` in the batch: the next start delivers ``refused``
+        again, and what came before it is taken. None: it is the batch's first record."""
+        if refused.delivery is None or refused.delivery not in self.deliveries:
+            return None
+        index = self.deliveries.index(refused.delivery)
+        return self.deliveries[index - 1] if index > 0 else None
 
     def _stop(self, report: RefusedChange) -> None:
         if self.store is not None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rosetta_dagster.core.backfill.window import ChunkWindows
-from rosetta_dagster.core.capture import Capture, PositionLost, capture_engine
+from rosetta_dagster.core.capture import Capture, PositionLost, capture_engine, tells_deliveries
 from rosetta_dagster.core.config_store import ConfigStore, PipelineState
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
@@ -226,6 +226,10 @@ class StreamingSession:
             self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
             self._stamped_position, self._last_stamp = position, now
 
+    @property
+    def _tells_deliveries(self) -> bool:
+        return tells_deliveries(self.engine, self._schemas)
+
     def _initial_load(self) -> None:
         self.batches.fences = load_uncovered_tables(
             self.pipeline, self.positions, self._schemas,
@@ -255,6 +259,8 @@ class StreamingSession:
     def _start_capture(self) -> None:
         """Start the engine; without a position it snapshots, and the destinations reconcile."""
         copy_load = self.pipeline.settings.initial_load == "copy"
+        if self._tells_deliveries and not self.positions.exists():
+            self.destinations.forget_deliveries()  # before the load: a new slot, a new count
         if copy_load:
             self._initial_load()
         self.batches.request_retyped_backfills()  # changed while the stream was stopped
@@ -271,6 +277,12 @@ class StreamingSession:
     def _start_engine(self) -> None:
         """Each destination resumes from its own committed position; the stream from the
         lowest (engines that keep positions with the data)."""
+        if self._tells_deliveries:
+            self.destinations.expect_redelivery(self.positions.resumes_after())
+        elif not self.engine.applies_once:
+            # Streamed without noting deliveries: a later start with a table without a key
+            # must not wait for a record recorded before.
+            self.destinations.forget_deliveries()
         self._capture = self.engine.capture(
             self.pipeline, self.positions, self.batches.on_batch, schemas=self._schemas,
             start=self.destinations.start_position())

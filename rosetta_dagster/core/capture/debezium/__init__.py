@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING
 import psycopg2.errors
 import psycopg2.extensions
 
-from rosetta_dagster.core.capture import BatchHandler, Capture, Log, PositionStore, StoredPosition
+from rosetta_dagster.core.capture import (
+    BatchHandler,
+    Capture,
+    Log,
+    PositionStore,
+    StoredPosition,
+    tells_deliveries,
+)
 from rosetta_dagster.core.capture.debezium.offsets import (
     StoredOffset,
     parse_offset_value,
@@ -109,6 +116,12 @@ class DebeziumOffsets:
 
     def tracking(self, destination: Destination) -> PositionTracking | None:
         return None  # the engine commits its own offsets after each batch
+
+    def resumes_after(self) -> str | None:
+        from rosetta_dagster.core.capture.debezium.offsets import record_identity
+
+        value = self.value()
+        return None if value is None else record_identity(json.loads(value.decode()))
 
     def take_over(self, other: DebeziumOffsets, log: Log) -> None:
         """Carry ``other``'s position over (once: ``other`` gives it up), logged: switching
@@ -254,7 +267,8 @@ class DebeziumEngine:
                                reread=SourceReread(
                                    schemas, DEBEZIUM_VALUES,
                                    read_schema=lambda t: read_source_schema(pipeline, t)),
-                               type_watch=TypeWatch(schemas))
+                               type_watch=TypeWatch(schemas),
+                               deliveries=tells_deliveries(self, schemas))
 
 
 DEBEZIUM = DebeziumEngine()

@@ -17,9 +17,19 @@ from typing import Any
 import jpype
 
 from rosetta_dagster.core.capture import BatchHandler, CaptureBatch, PositionLost
-from rosetta_dagster.core.capture.debezium.events import decode_event, mark_key_changes
+from rosetta_dagster.core.capture.debezium.events import (
+    TimerHeartbeat,
+    decode_event,
+    mark_key_changes,
+)
 from rosetta_dagster.core.capture.debezium.jvm import ensure_jvm
-from rosetta_dagster.core.capture.debezium.marking import ENDS_GROUPS, Group, OffsetMarking
+from rosetta_dagster.core.capture.debezium.marking import (
+    ENDS_GROUPS,
+    NEVER_MARKED,
+    Group,
+    OffsetMarking,
+)
+from rosetta_dagster.core.capture.debezium.offsets import record_identity
 from rosetta_dagster.core.capture.debezium.type_watch import TypeWatch
 from rosetta_dagster.core.capture.reread import SourceReread
 from rosetta_dagster.core.dsn import mask_secrets, pinned_options
@@ -27,6 +37,7 @@ from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.events import (
     HEARTBEAT_MESSAGE_PREFIX,
     ChangeEvent,
+    Delivery,
     PositionMarker,
     Watermark,
 )
@@ -87,7 +98,7 @@ def connector_properties(
         "topic.prefix": f"rosetta_{pipeline.name}",
         "plugin.name": "pgoutput",
         "slot.name": pipeline.slot_name,
-        "publication.name": pipeline.publication_name,
+        "publication.name": pipeline.publication_names,
         # Rosetta creates the publication itself, before the slot, for exactly these tables.
         "publication.autocreate.mode": "disabled",
         "table.include.list": ",".join(
@@ -210,8 +221,13 @@ class DebeziumCapture:
         snapshot_mode: str | None = None,
         reread: SourceReread | None = None,
         type_watch: TypeWatch | None = None,
+        deliveries: bool = False,
     ) -> None:
         self.pipeline = pipeline
+        # Tell each record's place in what the engine delivers again after a restart (tables
+        # without a key: see core.streaming.redelivery); timer heartbeats then stay unmarked.
+        self.deliveries = deliveries
+        self._last_delivery = Delivery("", 0)
         self.reread = reread
         self.type_watch = type_watch
         self.offset_storage = offset_storage
@@ -258,13 +274,20 @@ class DebeziumCapture:
         # Per table, its first and last streamed record: their schemas tell whether the
         # table's schema changed before or within the batch (see TypeWatch).
         ends: dict[TableRef, list[Any]] = {}
+        deliveries: list[Delivery] | None = [] if self.deliveries else None
         for record in records:
             value = record.value()
-            if value is None:
-                groups.append(heartbeat_group(record))
-                continue
             # No destination() call: heartbeats are told by their shape.
-            event = decode_event(str(value))
+            event = None if value is None else decode_event(str(value))
+            if event is None or isinstance(event, TimerHeartbeat):
+                # Not a record of the WAL: never delivered again (see .marking).
+                groups.append(heartbeat_group(record) if deliveries is None else NEVER_MARKED)
+                marker = event or marker
+                continue
+            if deliveries is not None:
+                deliveries.append(self._delivery(record))
+                if isinstance(event, ChangeEvent):
+                    event.delivery = deliveries[-1]
             if isinstance(event, PositionMarker):
                 groups.append(heartbeat_group(record))
                 marker = event
@@ -288,9 +311,19 @@ class DebeziumCapture:
         if self.type_watch is not None and events:
             events = list(self.type_watch.with_schema_events(
                 self._source_rows.connection(), events, schema_tokens(ends)))
-        if events or marker is not None:
-            self.on_batch(CaptureBatch(events, marker))
+        if events or marker is not None or deliveries:
+            self.on_batch(CaptureBatch(events, marker, deliveries=tuple(deliveries or ())))
         return groups
+
+    def _delivery(self, record: Any) -> Delivery:
+        """The record's place in what the engine delivers again: its offset's identity, and
+        its ordinal among the consecutive records that share it (counted across batches; a
+        restart resumes at the first record of an identity, see .marking)."""
+        identity = record_identity(record.sourceRecord().sourceOffset())
+        last = self._last_delivery
+        ordinal = last.ordinal + 1 if identity == last.record else 1
+        self._last_delivery = Delivery(identity, ordinal)
+        return self._last_delivery
 
     def _run(self) -> None:
         try:

@@ -16,6 +16,13 @@ from rosetta_dagster.core.events import (
 from rosetta_dagster.core.pipeline_config import TableRef
 
 
+class TimerHeartbeat(PositionMarker):
+    """Debezium's heartbeat record (``heartbeat.interval.ms``): made by a timer, not read from
+    the WAL, so a restart never delivers it again."""
+
+    __slots__ = ()
+
+
 def decode_event(value: str) -> ChangeEvent | PositionMarker | Watermark:
     """Parse one Debezium JSON envelope (schemas disabled).
 
@@ -25,7 +32,7 @@ def decode_event(value: str) -> ChangeEvent | PositionMarker | Watermark:
     payload = orjson.loads(value)
     op = payload.get("op")
     if op is None:  # a heartbeat record: {"ts_ms": ...}
-        return PositionMarker(payload.get("ts_ms"))
+        return TimerHeartbeat(payload.get("ts_ms"))
     if op == "m":
         ts_ms = payload.get("source", {}).get("ts_ms")
         message = payload.get("message") or {}

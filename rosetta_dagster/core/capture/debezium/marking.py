@@ -11,6 +11,11 @@ LSN, or a record at a commit or a logical message, has been applied. The held-ba
 marked with a later batch; a stream that stops meanwhile gets it delivered again, which a
 keyed apply absorbs.
 
+Where changes are told apart from their replays (pipelines with tables without a key, see
+core.streaming.redelivery), a timer heartbeat record is never marked: its offset may name a
+position no record carries (past a commit), which a destination could not recognise as its own.
+The heartbeat action's logical messages are records of their own and move the offset.
+
 Pure Python: the engine gives each record's group (see :data:`ENDS_GROUPS`).
 """
 
@@ -23,17 +28,23 @@ from typing import Any
 # transaction, of the last change before it), or ENDS_GROUPS for a record stored at a commit
 # or a logical message (or of the snapshot), after which every earlier group is complete.
 ENDS_GROUPS = None
+# A record passed over as if absent, and never marked.
+NEVER_MARKED = -1
 Group = int | None
 
 
 def complete_prefix(groups: Sequence[Group]) -> int:
     """How many leading records of ``groups`` (in stream order) end complete groups."""
     complete = 0
+    previous: Group = ENDS_GROUPS
     for index, group in enumerate(groups):
+        if group == NEVER_MARKED:
+            continue
         if group is ENDS_GROUPS:
             complete = index + 1
-        elif index > 0 and group != groups[index - 1]:
+        elif index > 0 and group != previous:
             complete = max(complete, index)
+        previous = group
     return complete
 
 
@@ -51,4 +62,5 @@ class OffsetMarking:
         pending_groups = [*self._held_groups, *groups]
         count = complete_prefix(pending_groups)
         self._held, self._held_groups = pending[count:], pending_groups[count:]
-        return pending[:count]
+        return [record for record, group in zip(pending[:count], pending_groups[:count],
+                                                strict=True) if group != NEVER_MARKED]

@@ -126,3 +126,14 @@ def write_offset_value(path: Path, pipeline: PipelineDefinition, value: bytes) -
     except jpype.JException as exc:
         raise OffsetFileError(f"Pipeline {pipeline.name}: cannot write offsets {path}: {exc}") from None
     os.replace(partial, path)
+
+
+# The offset entries that place a record; the others (times, snapshot flags) do not.
+_PLACING_KEYS = ("lsn", "lsn_proc", "lsn_commit", "txId")
+
+
+def record_identity(offset: Any) -> str:
+    """A record's place as its stored offset names it (the engine's Java map, or the stored
+    JSON read back): the records of one WAL record share it."""
+    return "/".join("" if (value := offset.get(key)) is None else str(int(value))
+                    for key in _PLACING_KEYS)

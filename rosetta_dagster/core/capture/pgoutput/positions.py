@@ -87,3 +87,6 @@ class DestinationPositions:
 
     def tracking(self, destination: Destination) -> PositionTracking:
         return PositionTracking(self.pipeline.name, self.table(destination))
+
+    def resumes_after(self) -> None:
+        return None  # applies each change once: nothing is delivered again

@@ -55,7 +55,7 @@ from rosetta_dagster.core.destination.errors import ApplyError
 from rosetta_dagster.core.destination.keyless_changes import KeylessChanges
 from rosetta_dagster.core.destination.net_changes import NetChanges
 from rosetta_dagster.core.errors import RosettaError
-from rosetta_dagster.core.events import ChangeEvent
+from rosetta_dagster.core.events import ChangeEvent, Delivery
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.position_tracking import PositionTracking
 from rosetta_dagster.core.source_rows import SourceRows
@@ -234,8 +234,18 @@ class DuckDBWriter:
 
     # -- apply -----------------------------------------------------------------------------
 
+    def read_delivered(self) -> Delivery | None:
+        return None  # it takes no table without a key from an engine that delivers again
+
+    def forget_delivered(self) -> None:
+        return None
+
     def apply(self, events: Sequence[ChangeEvent], *, record_keys: bool = False,
-              position: int | None = None, complete: bool = True) -> BatchResult:
+              position: int | None = None, complete: bool = True,
+              delivered: Delivery | None = None) -> BatchResult:
+        if delivered is not None:  # unsupported() refuses such tables before streaming
+            raise RosettaError(f"Destination {self.name} is DuckDB, which does not record "
+                               "what an engine that delivers again has delivered.")
         if record_keys:
             raise RosettaError(f"Destination {self.name} is DuckDB, which cannot take a "
                                "re-snapshot through the engine; use initial_load: copy.")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from rosetta_dagster.core.destination.postgres.applier import PostgresApplier
 from rosetta_dagster.core.destination.postgres.bulk import PostgresTableLoad
+from rosetta_dagster.core.destination.postgres.deliveries import DeliveryLog
 from rosetta_dagster.core.destination.postgres.positions import PostgresPositionRow
 from rosetta_dagster.core.destination.postgres.reader import PostgresTableReader
 from rosetta_dagster.core.destination.postgres.staging import (
@@ -52,7 +53,8 @@ class PostgresDestinations:
         ).open()
         return PostgresApplier(pool, destination.schema, read_schema, values=values,
                                name=destination.name, tracking=tracking,
-                               source_rows=source_rows)
+                               source_rows=source_rows,
+                               deliveries=DeliveryLog(pipeline.name, destination.schema))
 
     def open_staging(self, pipeline: PipelineDefinition, destination: Destination,
                      schema: TableSchema, job_id: int, *, filtered: bool = False

@@ -42,6 +42,7 @@ from rosetta_dagster.core.destination.errors import classify
 from rosetta_dagster.core.destination.keyless_changes import KeylessChanges
 from rosetta_dagster.core.destination.net_changes import NetChanges
 from rosetta_dagster.core.destination.postgres.ddl import ensure_destination_table
+from rosetta_dagster.core.destination.postgres.deliveries import DeliveryLog
 from rosetta_dagster.core.destination.postgres.keyed import apply_keyed
 from rosetta_dagster.core.destination.postgres.keyless import apply_keyless
 from rosetta_dagster.core.destination.postgres.plan import (
@@ -61,7 +62,7 @@ from rosetta_dagster.core.destination.postgres.statements import (
     keyless_statements,
     resync_statements,
 )
-from rosetta_dagster.core.events import ChangeEvent
+from rosetta_dagster.core.events import ChangeEvent, Delivery
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import ResilientConnectionPool
 from rosetta_dagster.core.position_tracking import PositionTracking
@@ -110,8 +111,12 @@ class PostgresApplier:
         name: str = "destination",
         tracking: PositionTracking | None = None,
         source_rows: SourceRows | None = None,
+        deliveries: DeliveryLog | None = None,
     ) -> None:
         self.pool = pool
+        # Engines that deliver again after a restart: the last record taken, recorded with
+        # each batch (see core.streaming.redelivery).
+        self.deliveries = deliveries
         # Reads back values a change left out that no destination row holds.
         self.source_rows = source_rows
         self.target_schema = target_schema
@@ -262,6 +267,18 @@ class PostgresApplier:
                 self.position = self.tracking.read(cursor)
         return self.position
 
+    def read_delivered(self) -> Delivery | None:
+        """The last record this destination took from an engine that delivers again."""
+        if self.deliveries is None:
+            return None
+        with self.pool.connection() as conn, conn.cursor() as cursor:
+            return self.deliveries.read(cursor)
+
+    def forget_delivered(self) -> None:
+        if self.deliveries is not None:
+            with self.pool.connection() as conn, conn.cursor() as cursor:
+                self.deliveries.forget(cursor)
+
     @contextmanager
     def _transaction(self, complete: bool, *, probe: bool = False
                      ) -> Iterator[psycopg2.extensions.connection]:
@@ -319,20 +336,26 @@ class PostgresApplier:
         record_keys: bool = False,
         position: int | None = None,
         complete: bool = True,
+        delivered: Delivery | None = None,
     ) -> BatchResult:
         """Apply a batch in one transaction; raises (and rolls back) on any error.
 
         ``record_keys``: the batch belongs to a re-snapshot (see :meth:`begin_resync`).
         ``position``: recorded in the same transaction (with tracking). ``complete=False``:
         a piece of a larger source transaction; the transaction stays open for the next piece.
+        ``delivered``: the batch's last record, recorded in the same transaction.
         """
         result = BatchResult()
+        if self._position_unknown and delivered is not None and (
+                self.read_delivered() == delivered):
+            self._position_unknown = False
+            return result  # the retried batch did land (only its COMMIT's answer was lost)
         if self._position_unknown and self.tracking is not None:
             self.read_position()  # a retried batch that did land is then skipped
         self._position_unknown = False
         applied = self.position
         events = self._unapplied(events)
-        if not events and position is None:
+        if not events and position is None and delivered is None:
             return result
         with self._transaction(complete) as conn:
             self._apply_events(conn, events, record_keys, result)
@@ -340,6 +363,9 @@ class PostgresApplier:
                     applied is None or position > applied):
                 with conn.cursor() as cursor:
                     self.tracking.record(cursor, position)
+            if delivered is not None and self.deliveries is not None:
+                with conn.cursor() as cursor:
+                    self.deliveries.record(cursor, delivered)
         if position is not None and self.tracking is not None and complete and (
                 applied is None or position > applied):
             self.position = position
