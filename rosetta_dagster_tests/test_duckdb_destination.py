@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import duckdb
 import pytest
 import yaml
 from psycopg2 import sql
@@ -719,3 +720,31 @@ def test_readers_of_several_processes_each_keep_their_own_request(tmp_path: Path
     with database.connection() as conn:  # nobody waits: opened again without delay
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (0,)
     database.close()
+
+
+def test_a_reader_joins_whichever_open_database_this_process_has_after_a_hand_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the stream's process, a reader that finds the file open for writing joins that
+    database; if the writer lets go meanwhile and another reader of the process opens it
+    read-only (here, scripted between the two attempts), the reader joins that one instead
+    of failing ("different configuration": four backfill threads hit it in a suite run)."""
+    path = str(tmp_path / "race.duckdb")
+    real_connect = duckdb.connect
+    writer = real_connect(path)
+    writer.execute("CREATE TABLE t AS SELECT 1 AS n")
+    held: list[duckdb.DuckDBPyConnection] = []
+
+    def connect(database: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        try:
+            return real_connect(database, read_only=read_only)
+        except duckdb.ConnectionException:
+            if not held:  # the hand-over, once: the writer closes, another reader opens
+                writer.close()
+                held.append(real_connect(database, read_only=True))
+            raise
+
+    monkeypatch.setattr(duckdb, "connect", connect)
+    with read_access(path) as conn:
+        assert conn.execute("SELECT n FROM t").fetchall() == [(1,)]
+    held[0].close()

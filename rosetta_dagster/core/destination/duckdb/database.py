@@ -91,7 +91,12 @@ def connect(path: str, *, read_only: bool = False, wait_s: float = READ_WAIT_S,
             if read_only and _open_for_writing_here(exc):
                 # This process writes the file (the stream's own reads, or a test that runs
                 # the stream in a thread): share that open database rather than wait for it.
-                return duckdb.connect(path)
+                try:
+                    return duckdb.connect(path)
+                except duckdb.ConnectionException as again:
+                    # Meanwhile the writer let go and another reader of this process opened
+                    # it read-only: the next round joins that one.
+                    exc = again
             if not _locked(exc) or time.monotonic() >= deadline:
                 raise RosettaError(
                     f"DuckDB file {path} could not be opened for {what}: this process held "
