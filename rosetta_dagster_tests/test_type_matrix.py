@@ -23,6 +23,7 @@ from rosetta_dagster.core.backfill import BackfillRunner
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster, PostgresBinaries
 from rosetta_dagster.core.streaming import StreamingSession
+from rosetta_dagster.core.table_schema import SchemaError
 from rosetta_dagster.harness import (
     StreamingEnv,
     drop_slots,
@@ -192,6 +193,55 @@ def test_every_type_is_exact_through_load_and_stream(
         expected = type_table(env.source_url)
         assert table == expected, ("The type table in docs/design.md is out of date; it should "
                                    f"read:\n{expected}")
+
+
+@pytest.mark.parametrize("engine", ["debezium"])
+def test_every_type_is_exact_through_the_engines_snapshot(env: StreamingEnv) -> None:
+    """``initial_load: debezium``: the type matrix loaded by Debezium's own snapshot, and
+    again after a dropped slot with the destination damaged (the re-snapshot reconciles).
+    Its snapshot read '4713-01-01 BC' as 4713-01-01 (AD), silently, in a row with no other
+    value out of its ordinary range: dates of a snapshot are read from the source."""
+    families = families_for(env.engine)
+    tables = create_matrix(env.source_url, families, env.engine)
+    # A table without a key needs initial_load: copy (refused otherwise).
+    execute(env.source_url, f"DROP TABLE public.{FULL_TABLE}")
+    tables.remove(f"public.{FULL_TABLE}")
+    pipeline = env.pipeline("snapshotted", tables, initial_load="debezium")
+
+    def differing() -> list[str]:
+        return differences(env.source_url, env.destination_url, "replica", families)
+
+    def converge(what: str) -> None:
+        try:
+            wait_until(lambda: not differing(), timeout_s=90, message=what)
+        except AssertionError:
+            raise AssertionError(f"{what}: destination differs:\n"
+                                 + "\n".join(differing()[:40])) from None
+
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
+        converge("the snapshot")
+        change_matrix(env.source_url, families)
+        converge("the streamed changes")
+    execute(env.cluster.dsn(), "SELECT pg_drop_replication_slot(slot_name) FROM "
+            "pg_replication_slots WHERE NOT active AND database = %s", params=(env.source_db,))
+    _damage(env, tables)
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
+        converge("the re-snapshot")
+
+
+@pytest.mark.parametrize("engine", ["debezium"])
+def test_a_date_key_is_refused_for_the_engines_snapshot(env: StreamingEnv) -> None:
+    """A date key read without its era could not be read back from the source by."""
+    execute(env.source_url, "CREATE TABLE public.days (day date PRIMARY KEY, n int)")
+    pipeline = env.pipeline("days", ["public.days"], initial_load="debezium")
+    with pytest.raises(SchemaError) as refused:
+        StreamingSession(pipeline, offsets_dir=env.offsets_dir).run()
+    assert str(refused.value) == (
+        "Pipeline days loads with initial_load: debezium, whose snapshot reads a date without "
+        "its era (a BC date as AD), and public.days.day is a key column of type date, which "
+        "the stream could not then read back from the source; use initial_load: copy, so "
+        "nothing was written.")
+    assert fetch(env.source_url, "SELECT count(*) FROM pg_publication") == [(0,)]
 
 
 SETTINGS_SENSITIVE = """

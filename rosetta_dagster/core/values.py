@@ -62,6 +62,9 @@ class ValueCodec:
     reread: Callable[[Column], bool] = lambda column: False
     always_reread: Callable[[Column], bool] = lambda column: False
     reread_when: Callable[[Column], Callable[[Any], bool] | None] = lambda column: None
+    # Re-read in every event of the engine's own snapshot (a value it reads there cannot be
+    # told from another one, e.g. Debezium's BC dates, which its snapshot reads as AD).
+    reread_in_snapshot: Callable[[Column], bool] = lambda column: False
     # Every converter passes values through unchanged and values are str decoded as strict
     # UTF-8 (or None / the unchanged marker): rows may be escaped whole (copy_row).
     text_as_sent: bool = False

@@ -39,12 +39,15 @@ class _TableReread:
     always: tuple[str, ...]  # re-read in every event of the table
     checks: tuple[tuple[str, Callable[[Any], bool]], ...]  # ordinary-range tests of the others
     key_text: tuple[Converter, ...]  # the engine's key values -> PostgreSQL text
+    in_snapshot: tuple[str, ...] = ()  # re-read in every event of the engine's snapshot
 
     def needed(self, event: ChangeEvent) -> bool:
         after = event.after or {}
         return bool(self.always) or any(
             (value := after.get(name)) is not None and not ordinary(value)
-            for name, ordinary in self.checks)
+            for name, ordinary in self.checks) or (
+            bool(self.in_snapshot) and event.from_snapshot
+            and any(after.get(name) is not None for name in self.in_snapshot))
 
     def leave_out(self, after: dict[str, Any]) -> None:
         """The row is gone from the source: the values that needed re-reading are left out."""
@@ -98,7 +101,8 @@ def _plan(schema: TableSchema, codec: ValueCodec) -> _TableReread | None:
                    if check[0] not in schema.key_columns)
     return _TableReread(schema, tuple(c.name for c in columns),
                         tuple(c.name for c in columns if codec.always_reread(c)), checks,
-                        tuple(codec.converter_for(schema.column(k)) for k in schema.key_columns))
+                        tuple(codec.converter_for(schema.column(k)) for k in schema.key_columns),
+                        tuple(c.name for c in columns if codec.reread_in_snapshot(c)))
 
 
 class SourceReread:

@@ -51,6 +51,7 @@ def refuse_unstreamable(pipeline: PipelineDefinition, engine: CaptureEngine,
                         source: psycopg2.extensions.connection) -> None:
     """Raise SchemaError when the pipeline cannot be streamed exactly with its engine."""
     _refuse_keyless(pipeline, schemas)
+    _refuse_snapshot_keys(pipeline, engine, schemas)
     _refuse_unsupported_columns(pipeline, engine, schemas)
     if (reason := engine.source_refusal(source)) is not None:
         raise SchemaError(f"Pipeline {pipeline.name} cannot stream source "
@@ -94,6 +95,24 @@ def _refuse_keyless(pipeline: PipelineDefinition, schemas: Mapping[TableRef, Tab
             f"Pipeline {pipeline.name} loads with initial_load: "
             f"{pipeline.settings.initial_load}, which needs a key in every table, and "
             f"{keyless} have none; use initial_load: copy, so nothing was written.")
+
+
+def _refuse_snapshot_keys(pipeline: PipelineDefinition, engine: CaptureEngine,
+                          schemas: Mapping[TableRef, TableSchema]) -> None:
+    """A key column whose values the engine's snapshot cannot tell apart (Debezium: a BC
+    date read as AD) leaves nothing to read the right value back by."""
+    if pipeline.settings.initial_load == "copy":
+        return
+    columns = [f"{schema.table.qualified}.{name}" for schema in schemas.values()
+               for name in schema.key_columns
+               if engine.values.reread_in_snapshot(schema.column(name))]
+    if columns:
+        raise SchemaError(
+            f"Pipeline {pipeline.name} loads with initial_load: "
+            f"{pipeline.settings.initial_load}, whose snapshot reads a date without its era "
+            f"(a BC date as AD), and {', '.join(columns)} is a key column of type date, which "
+            "the stream could not then read back from the source; use initial_load: copy, so "
+            "nothing was written.")
 
 
 def _refuse_money_across_locales(pipeline: PipelineDefinition,

@@ -197,6 +197,13 @@ def reread_when(column: Column) -> Callable[[Any], bool] | None:
     return None if column.is_array else ORDINARY_VALUE.get(column.base_type)
 
 
+def reread_in_snapshot(column: Column) -> bool:
+    """Debezium's snapshot reads a ``date`` through JDBC and drops its era: '4713-01-01 BC'
+    arrives as the day number of 4713-01-01 AD, in the ordinary range (its stream parses the
+    text and keeps the era). Every date of a snapshot is therefore read from the source."""
+    return not column.is_array and column.base_type == "date"
+
+
 _NAMES_SOURCE_OBJECTS = frozenset({"regclass", "regproc", "regprocedure", "regoper",
                                    "regoperator", "regnamespace", "regrole", "regcollation"})
 
@@ -235,4 +242,4 @@ def _converter(column: Column) -> Converter:
 
 DEBEZIUM_VALUES = ValueCodec(converter_for=_converter, is_unchanged=is_unavailable,
                              refusal=refusal, reread=needs_reread, always_reread=always_reread,
-                             reread_when=reread_when)
+                             reread_when=reread_when, reread_in_snapshot=reread_in_snapshot)
