@@ -39,6 +39,7 @@ from rosetta_dagster.core.destination.duckdb.statements import (
     batch_statements,
     chunk_merge_statements,
     quote,
+    resync_statements,
 )
 from rosetta_dagster.core.destination.duckdb.types import duck_type
 from rosetta_dagster.core.destination.duckdb.writer import printed_by_source
@@ -53,6 +54,7 @@ from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.core.table_schema import Column, TableSchema, read_table_schema
 from rosetta_dagster.harness import (
     StreamingEnv,
+    drop_slots,
     execute,
     run_requested_backfill,
     streaming,
@@ -215,6 +217,52 @@ def test_every_type_is_exact_in_duckdb_through_load_stream_and_backfill(
             raise AssertionError("after the re-sync:\n" + "\n".join(differing()[:40])) from None
 
 
+@pytest.mark.parametrize("engine", ["debezium"])
+def test_a_debezium_snapshot_loads_duckdb_and_a_re_snapshot_removes_what_the_source_deleted(
+    env: StreamingEnv, duckdb_path: Path
+) -> None:
+    """``initial_load: debezium``: the type matrix (every family, hostile values) snapshotted
+    by the engine into DuckDB, then streamed; the slot is dropped while stopped and rows are
+    deleted, updated and inserted meanwhile: the re-snapshot records the keys it writes and
+    then deletes the rows it did not write (a crash in between keeps the key tables, so the
+    next start reconciles)."""
+    families = families_for(env.engine)
+    tables = [t for t in create_matrix(env.source_url, families, env.engine)
+              if t != f"public.{FULL_TABLE}"]
+    pipeline = dataclasses.replace(
+        duckdb_pipeline(env, duckdb_path, "snap", tables),
+        settings=dataclasses.replace(env.pipeline("snap", tables).settings,
+                                     initial_load="debezium"))
+    schemas = source_schemas(env, tables)
+
+    def differing() -> list[str]:
+        return duckdb_differences(env, duckdb_path, schemas)
+
+    def converge(what: str) -> None:
+        try:
+            wait_until(lambda: not differing(), timeout_s=90, message=what)
+        except AssertionError:
+            raise AssertionError(f"{what}: DuckDB differs:\n" + "\n".join(differing()[:40])
+                                 ) from None
+
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
+        converge("the snapshot")
+        change_matrix(env.source_url, families)
+        converge("the streamed changes")
+    drop_slots(env)
+    conn = pinned_connection(env.source_url)
+    with conn.cursor() as cursor:
+        for table in tables:
+            cursor.execute(f"DELETE FROM {table} WHERE id % 2 = 0")  # noqa: S608
+            cursor.execute(f"UPDATE {table} SET n = n + 100")  # noqa: S608
+    conn.close()
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
+        converge("the re-snapshot")
+    with read_access(str(duckdb_path)) as duck:
+        assert duck.execute("SELECT count(*) FROM duckdb_tables() WHERE "
+                            "starts_with(table_name, '_rosetta_resync_')").fetchone() == (0,)
+
+
 def test_a_key_update_keeps_the_toasted_values_in_duckdb(
     env: StreamingEnv, store: ConfigStore, duckdb_path: Path
 ) -> None:
@@ -354,6 +402,16 @@ def test_duckdb_batch_statements_golden() -> None:
         '"at" = CASE WHEN s.l2 THEN t."at" ELSE s."at" END '
         "WHEN NOT MATCHED AND s.op <> 'd' THEN INSERT (\"id\", \"doc\", \"at\") "
         'VALUES (s."id", s."doc", s."at")')
+    resync = resync_statements(schema, quote("replica", 'we"ird'), quote("_stage"),
+                               quote("replica", '_rosetta_resync_we"ird'))
+    assert resync.create_keys == (
+        'CREATE TABLE IF NOT EXISTS "replica"."_rosetta_resync_we""ird" ("id" INTEGER)')
+    assert resync.record_keys == (
+        'INSERT INTO "replica"."_rosetta_resync_we""ird" SELECT "id" FROM "_stage" '
+        "WHERE op <> 'd'")
+    assert resync.delete_unrecorded == (
+        'DELETE FROM "replica"."we""ird" AS t WHERE NOT EXISTS (SELECT 1 FROM '
+        '"replica"."_rosetta_resync_we""ird" AS k WHERE k."id" = t."id")')
 
 
 def _duckdb_pipeline_file(env: StreamingEnv, workdir: Path, name: str, path: Path) -> Path:

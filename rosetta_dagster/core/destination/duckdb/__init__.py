@@ -32,7 +32,6 @@ from rosetta_dagster.core.destination.duckdb.reader import DuckDBTableReader
 from rosetta_dagster.core.destination.duckdb.staging import DuckDBChunkStaging, drop_job_staging
 from rosetta_dagster.core.destination.duckdb.statements import positions_statements, quote
 from rosetta_dagster.core.destination.duckdb.writer import DuckDBWriter, read_position
-from rosetta_dagster.core.errors import RosettaError
 
 if TYPE_CHECKING:
     from rosetta_dagster.core.destination import SchemaSource
@@ -99,12 +98,6 @@ class DuckDBDestinations:
                     read_schema: SchemaSource, source_rows: SourceRows | None,
                     application_name: str) -> DuckDBWriter:
         assert destination.path is not None
-        if pipeline.settings.initial_load != "copy":
-            raise RosettaError(
-                f"Pipeline {pipeline.name} loads with initial_load: "
-                f"{pipeline.settings.initial_load}, and destination {destination.name} is "
-                "DuckDB, which takes the initial load by copy only; use initial_load: copy, so "
-                "nothing was written.")
         return DuckDBWriter(OwnedDatabase(destination.path), destination.schema, read_schema,
                             values=values, name=destination.name, pipeline=pipeline.name,
                             tracking=tracking, source_rows=source_rows)

@@ -170,6 +170,36 @@ def delete_staged(schema: TableSchema, stage: str) -> str:
     return f"UPDATE {stage} SET op = 'd', {clear} WHERE {key_condition(schema)}"
 
 
+@dataclass(frozen=True)
+class ResyncStatements:
+    """A re-snapshot through the engine (``initial_load: debezium``): the keys it writes are
+    recorded in a table beside the target (kept across a crash), and at its end the rows whose
+    key it did not write (deleted on the source meanwhile) are deleted."""
+
+    create_keys: str
+    clear_keys: str
+    record_keys: str  # from the batch's stage, before it is cleared
+    delete_unrecorded: str
+    drop_keys: str
+
+
+def resync_statements(schema: TableSchema, target: str, stage: str, keys_table: str
+                      ) -> ResyncStatements:
+    keys = schema.key_columns
+    key_list = _join([quote(k) for k in keys])
+    match = _join([f"k.{quote(k)} = t.{quote(k)}" for k in keys], " AND ")
+    return ResyncStatements(
+        create_keys=(f"CREATE TABLE IF NOT EXISTS {keys_table} ("
+                     + _join([f"{quote(k)} {duck_type(schema.column(k)).sql}" for k in keys])
+                     + ")"),
+        clear_keys=f"DELETE FROM {keys_table}",
+        record_keys=f"INSERT INTO {keys_table} SELECT {key_list} FROM {stage} WHERE op <> 'd'",
+        delete_unrecorded=(f"DELETE FROM {target} AS t WHERE NOT EXISTS "
+                           f"(SELECT 1 FROM {keys_table} AS k WHERE {match})"),
+        drop_keys=f"DROP TABLE IF EXISTS {keys_table}",
+    )
+
+
 def positions_statements(catalog: str, schema_name: str) -> tuple[str, str]:
     """The positions table (one row per pipeline) and its creation."""
     table = quote(catalog, schema_name, POSITIONS_TABLE)

@@ -34,6 +34,7 @@ from rosetta_dagster.core.destination.duckdb.statements import (
     BACKFILL_CHUNKS,
     BatchStatements,
     KeylessStatements,
+    ResyncStatements,
     add_column,
     batch_statements,
     chunk_merge_statements,
@@ -47,6 +48,7 @@ from rosetta_dagster.core.destination.duckdb.statements import (
     literal,
     positions_statements,
     quote,
+    resync_statements,
     retype_column,
     value_column,
 )
@@ -77,6 +79,7 @@ class DuckTablePlan:
     statements: BatchStatements
     converters: list[tuple[str, Converter]]
     keyless: KeylessStatements | None = None  # a table without a key
+    resync: ResyncStatements | None = None  # a table with a key
     known_columns: frozenset[str] = field(init=False)
     converter_of: dict[str, Converter] = field(init=False)
 
@@ -127,6 +130,7 @@ class DuckDBWriter:
         self._plans: dict[TableRef, DuckTablePlan] = {}
         self._open: Any = None  # the block holding the connection while a transaction is open
         self._conn: duckdb.DuckDBPyConnection | None = None
+        self._recording_keys = False  # the batch belongs to a re-snapshot (record its keys)
         self._undo: tuple[dict[TableRef, DuckTablePlan], set[TableRef],
                           dict[TableRef, tuple[RetypedColumn, ...]]] | None = None
 
@@ -146,10 +150,13 @@ class DuckDBWriter:
         target = quote(catalog(conn), table.schema, table.name)
         ensure_table(conn, schema, table, self.created, self.retyped)
         stage = quote(f"_rosetta_stage_{abs(hash((schema.table, schema.columns))) % 10**12}")
+        keys = quote(catalog(conn), table.schema, f"_rosetta_resync_{table.name}")
         return DuckTablePlan(schema, target, stage, batch_statements(schema, target, stage),
                              [(c.name, self.values.converter_for(c)) for c in schema.columns],
                              keyless_statements(schema, target, stage) if schema.keyless
-                             else None)
+                             else None,
+                             None if schema.keyless
+                             else resync_statements(schema, target, stage, keys))
 
     def has_key(self, table: TableRef) -> bool:
         plan = self._plans.get(table)
@@ -246,10 +253,8 @@ class DuckDBWriter:
         if delivered is not None:  # unsupported() refuses such tables before streaming
             raise RosettaError(f"Destination {self.name} is DuckDB, which does not record "
                                "what an engine that delivers again has delivered.")
-        if record_keys:
-            raise RosettaError(f"Destination {self.name} is DuckDB, which cannot take a "
-                               "re-snapshot through the engine; use initial_load: copy.")
         result = BatchResult()
+        self._recording_keys = record_keys
         applied = self.position
         if applied is not None:
             events = [e for e in events if e.commit_lsn is None or e.commit_lsn >= applied]
@@ -380,6 +385,9 @@ class DuckDBWriter:
                 conn.execute(statements.resolve_from_old_key)
             self._read_back(conn, plan)
         conn.execute(statements.merge)
+        if self._recording_keys and plan.resync is not None:
+            conn.execute(plan.resync.create_keys)  # a table added since the re-snapshot began
+            conn.execute(plan.resync.record_keys)
         conn.execute(statements.clear_stage)
         result.rows_written += len(frame)
         result.unchanged_toast_values += unchanged_toast
@@ -447,17 +455,46 @@ class DuckDBWriter:
                     "row held; read them back from the source", self.name, len(unresolved),
                     schema.table.qualified)
 
-    # -- not (yet) for DuckDB --------------------------------------------------------------
+    # -- re-snapshot through the engine -----------------------------------------------------
+
+    def _keyed_plans(self) -> list[DuckTablePlan]:
+        return [plan for plan in self._plans.values() if plan.resync is not None]
 
     def begin_resync(self) -> None:
-        raise RosettaError(f"Destination {self.name} is DuckDB, which cannot take a "
-                           "re-snapshot through the engine; use initial_load: copy.")
+        """Empty key tables for every table with a key (see ``statements.ResyncStatements``)."""
+        with self.database.connection() as conn:
+            for plan in self._keyed_plans():
+                assert plan.resync is not None
+                conn.execute(plan.resync.create_keys)
+                conn.execute(plan.resync.clear_keys)
+        self.database.batch_done()
 
     def resync_pending(self) -> bool:
-        return False
+        """A re-snapshot began and its reconciliation has not run (its key tables exist)."""
+        with self.database.connection() as conn:
+            names = {row[0] for row in conn.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE schema_name = ? AND "
+                "starts_with(table_name, '_rosetta_resync_')", [self.target_schema]).fetchall()}
+        self.database.batch_done()
+        return any(f"_rosetta_resync_{plan.schema.target(self.name, self.target_schema).name}"
+                   in names for plan in self._keyed_plans())
 
     def finish_resync(self) -> dict[TableRef, int]:
-        return {}
+        """Delete the rows whose key the re-snapshot did not write and drop the key tables,
+        in one transaction; the rows removed per table."""
+        removed: dict[TableRef, int] = {}
+        with self._transaction(True) as conn:
+            for plan in self._keyed_plans():
+                assert plan.resync is not None
+                conn.execute(plan.resync.create_keys)
+                row = conn.execute(plan.resync.delete_unrecorded).fetchone()
+                removed[plan.schema.table] = int(row[0]) if row else 0
+                conn.execute(plan.resync.drop_keys)
+        for table, count in removed.items():
+            if count:
+                logger.info("Destination %s: removed %d row(s) of %s that no longer exist in "
+                            "the source", self.name, count, table.qualified)
+        return removed
 
     def merge_chunk(self, table: TableRef, job_id: int, chunk: int, *,
                     excluded: set[tuple[Any, ...]], skip_all: bool, bounds: KeyBounds | None,
