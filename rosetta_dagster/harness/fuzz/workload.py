@@ -103,7 +103,16 @@ def _c(name: str, type_sql: str, kind: str, storage: str | None = None) -> FuzzC
     return FuzzColumn(name, type_sql, kind, storage)
 
 
-def fuzz_tables(engine: str) -> tuple[FuzzTable, ...]:
+def fuzz_tables(engine: str, *, engine_snapshot: bool = False) -> tuple[FuzzTable, ...]:
+    """The example's tables; ``engine_snapshot``: loaded by the engine's own snapshot
+    (``initial_load: debezium``), which takes neither tables without a key nor table options."""
+    tables = _all_tables(engine)
+    if engine_snapshot:
+        return tuple(t for t in tables if not t.keyless and not t.options)
+    return tables
+
+
+def _all_tables(engine: str) -> tuple[FuzzTable, ...]:
     matrix = tuple(_c(f"v_{f.name}", f.type_sql, f"family:{f.name}") for f in _families(engine))
     return (
         FuzzTable("orders", (_c("id", "int", "int"), _c("note", "text", "text"),
