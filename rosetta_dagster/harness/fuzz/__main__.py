@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from rosetta_dagster.harness.fuzz import FuzzWorld, Profile, run
+from rosetta_dagster.harness.fuzz import FuzzWorld, Profile, engine_snapshot_round, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             engine = engines[rounds % len(engines)]
             round_seed = args.seed if args.seed is not None else random.randrange(2**32)
             began = time.monotonic()
+            snapshot = " (loaded by the engine's snapshot)" if engine_snapshot_round(
+                engine, round_seed) else ""
             print(f"[{(began - started) / 60:5.1f} min] {engine}: {args.examples} example(s), "
-                  f"seed {round_seed}", flush=True)
+                  f"seed {round_seed}{snapshot}", flush=True)
             try:
                 run(world, engine, profile, fixed_seed=round_seed)
             except Exception:  # noqa: BLE001 - the report is the product of this command

@@ -83,6 +83,8 @@ class RosettaMachine(RuleBasedStateMachine):
     engine: ClassVar[str]
     native: ClassVar[bool] = False
     converge_timeout_s: ClassVar[float] = 120.0
+    # Examples load (and re-sync) by the engine's own snapshot (one round in three, Debezium).
+    engine_snapshot: ClassVar[bool] = False
     # Per example, at most: schema changes, and faults (beyond them, steps write).
     max_ddl: ClassVar[int] = 4
     max_faults: ClassVar[int] = 3
@@ -93,7 +95,7 @@ class RosettaMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.example = Example(self.world, self.engine)
+        self.example = Example(self.world, self.engine, engine_snapshot=self.engine_snapshot)
         self.example.create()
         self.script = Script(echo=os.environ.get("ROSETTA_FUZZ_VERBOSE") == "1")
         self.tables = {t.name: t for t in self.example.tables}
@@ -851,7 +853,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def machine_for(world: FuzzWorld, engine: str, *, native: bool = False,
-                converge_timeout_s: float = 120.0) -> type[RosettaMachine]:
+                converge_timeout_s: float = 120.0, engine_snapshot: bool = False
+                ) -> type[RosettaMachine]:
     return type(f"Rosetta{engine.capitalize()}Machine", (RosettaMachine,),
                 {"world": world, "engine": engine, "native": native,
-                 "converge_timeout_s": converge_timeout_s, "stats": {}, "divergences": []})
+                 "converge_timeout_s": converge_timeout_s, "engine_snapshot": engine_snapshot,
+                 "stats": {}, "divergences": []})
