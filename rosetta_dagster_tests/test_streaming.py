@@ -803,3 +803,26 @@ def test_a_column_added_while_streaming_is_re_read_where_the_engine_cannot_carry
                 "UPDATE public.items SET name = '' WHERE id = 1",
                 "INSERT INTO public.items VALUES (6, 'new', '4713-01-01 BC', 'infinity', 'NaN')")
         wait_until(lambda: env.converged("public.items"), 60, "the added columns")
+
+
+@pytest.mark.parametrize("engine", ["debezium"])
+def test_a_table_added_to_a_pipeline_loaded_by_the_engines_snapshot_is_loaded(
+    env: StreamingEnv
+) -> None:
+    """``initial_load: debezium``: the engine's snapshot covers the tables it started with; a
+    table added later is copied under a fence, as with ``initial_load: copy`` (its rows that
+    existed before were never loaded: found by the fuzzer)."""
+    execute(env.source_url, "CREATE TABLE public.first (id int PRIMARY KEY, v text)",
+            "CREATE TABLE public.later (id int PRIMARY KEY, v text)",
+            "INSERT INTO public.first VALUES (1, 'a')",
+            "INSERT INTO public.later SELECT g, 'existing ' || g FROM generate_series(1, 50) g")
+    one = env.pipeline("grow", ["public.first"], initial_load="debezium")
+    with streaming(StreamingSession(one, offsets_dir=env.offsets_dir)):
+        wait_until(lambda: env.converged("public.first"), 60, "the snapshot")
+    both = env.pipeline("grow", ["public.first", "public.later"], initial_load="debezium")
+    with streaming(StreamingSession(both, offsets_dir=env.offsets_dir)):
+        execute(env.source_url, "INSERT INTO public.later VALUES (51, 'streamed')",
+                "UPDATE public.later SET v = 'changed' WHERE id = 7")
+        wait_until(lambda: env.converged("public.later"), 60, "the added table")
+        execute(env.source_url, "INSERT INTO public.first VALUES (2, 'b')")
+        wait_until(lambda: env.converged("public.first"), 60, "the first table streaming on")

@@ -15,6 +15,7 @@ from rosetta_dagster.core.config_store import ConfigStore, PipelineState
 from rosetta_dagster.core.dsn import mask_secrets
 from rosetta_dagster.core.errors import RosettaError
 from rosetta_dagster.core.initial_load import TableLoadReport
+from rosetta_dagster.core.load_fences import LoadState
 from rosetta_dagster.core.pipeline_config import PipelineDefinition, TableRef
 from rosetta_dagster.core.publication import ensure_publication
 from rosetta_dagster.core.replication import (
@@ -261,8 +262,14 @@ class StreamingSession:
         copy_load = self.pipeline.settings.initial_load == "copy"
         if self._tells_deliveries and not self.positions.exists():
             self.destinations.forget_deliveries()  # before the load: a new slot, a new count
-        if copy_load:
+        if copy_load or self.positions.exists():
+            # With initial_load: debezium, tables added since the engine's snapshot are
+            # copied too (its snapshot covered the tables it was started with).
             self._initial_load()
+        else:
+            # The engine's snapshot covers the tables listed now: recorded, so that a table
+            # added later is told apart and loaded.
+            self.positions.write_loads(LoadState({t: None for t in self.pipeline.tables}))
         self.batches.request_retyped_backfills()  # changed while the stream was stopped
         fresh_snapshot = not self.positions.exists() and self.pipeline.settings.snapshot_mode in (
             "initial", "always", "when_needed"
