@@ -12,7 +12,8 @@ from rosetta_dagster.core.capture.debezium.values import DEBEZIUM_VALUES
 from rosetta_dagster.core.capture.pgoutput import PGOUTPUT_VALUES
 from rosetta_dagster.core.destination.errors import ApplyError
 from rosetta_dagster.core.destination.postgres.applier import PostgresApplier
-from rosetta_dagster.core.events import ChangeEvent
+from rosetta_dagster.core.destination.postgres.deliveries import DeliveryLog
+from rosetta_dagster.core.events import ChangeEvent, Delivery
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.core.position_tracking import PositionTracking
@@ -221,6 +222,42 @@ def test_a_batch_whose_commit_was_lost_is_not_applied_twice(
             applier.apply([insert], position=150)
         applier.apply([insert], position=150)  # the retry
     assert fetch(database_url, "SELECT n, v FROM replica.log") == [(1, "a")]
+
+
+def test_a_debezium_batch_whose_commit_was_lost_is_not_applied_twice(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with an engine that delivers again (Debezium): no position, but the batch's
+    last record recorded as delivered in its transaction tells that the batch landed."""
+    execute(database_url, "CREATE TABLE public.log (n int, v text)",
+            "ALTER TABLE public.log REPLICA IDENTITY FULL")
+    conn = psycopg2.connect(database_url)
+    schema = read_table_schema(conn, LOG, "test source")
+    conn.close()
+    with ResilientConnectionPool(database_url, PoolSettings(max_conn=2)) as pool:
+        applier = PostgresApplier(pool, "replica", lambda _table: schema, values=DEBEZIUM_VALUES,
+                                  deliveries=DeliveryLog("p", "replica"))
+        applier.prepare([schema])
+        assert applier.read_delivered() is None
+        insert = ChangeEvent(LOG, "c", None, {"n": 1, "v": "a"})
+        close_open = PostgresApplier._close_open
+
+        def committed_then_lost(self: PostgresApplier, exc: BaseException | None) -> None:
+            close_open(self, exc)
+            monkeypatch.setattr(PostgresApplier, "_close_open", close_open)
+            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(PostgresApplier, "_close_open", committed_then_lost)
+        with pytest.raises(psycopg2.OperationalError):
+            applier.apply([insert], delivered=Delivery("7/100/100/90", 1))
+        applier.apply([insert], delivered=Delivery("7/100/100/90", 1))  # the retry
+        assert applier.read_delivered() == Delivery("7/100/100/90", 1)
+        # A batch that did not land (its COMMIT failed before the server had it) is applied
+        # on its retry: the recorded delivery is the previous batch's.
+        later = ChangeEvent(LOG, "c", None, {"n": 2, "v": "b"})
+        applier._position_unknown = True  # as after a COMMIT whose answer was lost
+        applier.apply([later], delivered=Delivery("8/200/200/150", 1))
+    assert fetch(database_url, "SELECT n, v FROM replica.log ORDER BY n") == [(1, "a"), (2, "b")]
 
 
 def test_a_replay_behind_the_destinations_position_is_skipped_even_behind_a_schema_event(
