@@ -202,6 +202,18 @@ def _keyless_applier(database_url: str, pool: ResilientConnectionPool) -> Postgr
 LOG = TableRef("public", "log")
 
 
+def _lose_the_next_commits_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next COMMIT reaches the server, then the connection goes before its answer."""
+    close_open = PostgresApplier._close_open
+
+    def committed_then_lost(self: PostgresApplier, exc: BaseException | None) -> None:
+        close_open(self, exc)
+        monkeypatch.setattr(PostgresApplier, "_close_open", close_open)
+        raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(PostgresApplier, "_close_open", committed_then_lost)
+
+
 def test_a_batch_whose_commit_was_lost_is_not_applied_twice(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -210,14 +222,7 @@ def test_a_batch_whose_commit_was_lost_is_not_applied_twice(
     with ResilientConnectionPool(database_url, PoolSettings(max_conn=2)) as pool:
         applier = _keyless_applier(database_url, pool)
         insert = ChangeEvent(LOG, "c", None, {"n": "1", "v": "a"}, commit_lsn=100)
-        close_open = PostgresApplier._close_open
-
-        def committed_then_lost(self: PostgresApplier, exc: BaseException | None) -> None:
-            close_open(self, exc)
-            monkeypatch.setattr(PostgresApplier, "_close_open", close_open)
-            raise psycopg2.OperationalError("server closed the connection unexpectedly")
-
-        monkeypatch.setattr(PostgresApplier, "_close_open", committed_then_lost)
+        _lose_the_next_commits_answer(monkeypatch)
         with pytest.raises(psycopg2.OperationalError):
             applier.apply([insert], position=150)
         applier.apply([insert], position=150)  # the retry
@@ -240,14 +245,7 @@ def test_a_debezium_batch_whose_commit_was_lost_is_not_applied_twice(
         applier.prepare([schema])
         assert applier.read_delivered() is None
         insert = ChangeEvent(LOG, "c", None, {"n": 1, "v": "a"})
-        close_open = PostgresApplier._close_open
-
-        def committed_then_lost(self: PostgresApplier, exc: BaseException | None) -> None:
-            close_open(self, exc)
-            monkeypatch.setattr(PostgresApplier, "_close_open", close_open)
-            raise psycopg2.OperationalError("server closed the connection unexpectedly")
-
-        monkeypatch.setattr(PostgresApplier, "_close_open", committed_then_lost)
+        _lose_the_next_commits_answer(monkeypatch)
         with pytest.raises(psycopg2.OperationalError):
             applier.apply([insert], delivered=Delivery("7/100/100/90", 1))
         applier.apply([insert], delivered=Delivery("7/100/100/90", 1))  # the retry
