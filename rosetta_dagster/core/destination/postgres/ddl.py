@@ -19,6 +19,13 @@ from rosetta_dagster.core.table_schema import (
 )
 
 
+def table_exists(cursor: psycopg2.extensions.cursor, table: sql.Identifier) -> bool:
+    """Whether the destination has ``table`` (a qualified identifier)."""
+    cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (table.as_string(cursor),))
+    row = cursor.fetchone()
+    return bool(row and row[0])
+
+
 def destination_type(column: Column, target_schema: str) -> sql.Composable:
     """The column's type on the destination (user types live in the destination's schema)."""
     if column.type_ref is not None:
@@ -45,8 +52,7 @@ def ensure_destination_table(
     table = schema.target(destination, target_schema)
     target = sql.Identifier(table.schema, table.name)
     with conn.cursor() as cursor:
-        cursor.execute("SELECT to_regclass(%s) IS NULL", (target.as_string(conn),))
-        created = bool(cursor.fetchone()[0])  # type: ignore[index]
+        created = not table_exists(cursor, target)
         for schema_name in dict.fromkeys((target_schema, table.schema)):
             cursor.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
                 sql.Identifier(schema_name)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import psycopg2.extensions
 from psycopg2 import sql
 
+from rosetta_dagster.core.destination.postgres.ddl import table_exists
 from rosetta_dagster.core.events import Delivery
 
 DELIVERIES_TABLE = "_rosetta_deliveries"
@@ -40,8 +41,6 @@ class DeliveryLog:
             (self.pipeline, delivery.record, delivery.ordinal))
 
     def forget(self, cursor: psycopg2.extensions.cursor) -> None:
-        cursor.execute("SELECT to_regclass(%s)", (self.table.as_string(cursor),))
-        row = cursor.fetchone()
-        if row is not None and row[0] is not None:
+        if table_exists(cursor, self.table):
             cursor.execute(sql.SQL("DELETE FROM {} WHERE pipeline = %s").format(self.table),
                            (self.pipeline,))

@@ -8,6 +8,7 @@ from typing import Any
 from psycopg2 import sql
 from psycopg2.extras import Json
 
+from rosetta_dagster.core.destination.postgres.ddl import table_exists
 from rosetta_dagster.core.events import format_lsn
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
 from rosetta_dagster.core.replication import destination_connection
@@ -24,9 +25,7 @@ class PostgresPositionRow:
     def read(self) -> tuple[int, dict[str, Any]] | None:
         with destination_connection(self.pipeline, self.destination) as conn, \
                 conn.cursor() as cursor:
-            cursor.execute("SELECT to_regclass(%s)", (self.table.as_string(conn),))
-            row = cursor.fetchone()
-            if row is None or row[0] is None:
+            if not table_exists(cursor, self.table):
                 return None
             cursor.execute(sql.SQL(
                 "SELECT position - '0/0'::pg_lsn, loads FROM {} WHERE pipeline = %s"
@@ -59,9 +58,7 @@ class PostgresPositionRow:
     def delete(self) -> bool:
         with destination_connection(self.pipeline, self.destination) as conn, \
                 conn.cursor() as cursor:
-            cursor.execute("SELECT to_regclass(%s)", (self.table.as_string(conn),))
-            row = cursor.fetchone()
-            if row is None or row[0] is None:
+            if not table_exists(cursor, self.table):
                 return False
             cursor.execute(sql.SQL("DELETE FROM {} WHERE pipeline = %s").format(self.table),
                            (self.pipeline.name,))

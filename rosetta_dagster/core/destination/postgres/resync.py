@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from rosetta_dagster.core.destination.postgres.ddl import table_exists
 from rosetta_dagster.core.destination.postgres.plan import TablePlan
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.pool import ResilientConnectionPool
@@ -26,12 +27,7 @@ def begin_resync(pool: ResilientConnectionPool, plans: Sequence[TablePlan]) -> N
 def resync_pending(pool: ResilientConnectionPool, plans: Sequence[TablePlan]) -> bool:
     """True when a re-snapshot began but its reconciliation has not run (e.g. a crash)."""
     with pool.connection() as conn, conn.cursor() as cursor:
-        for plan in plans:
-            cursor.execute("SELECT to_regclass(%s)", (plan.resync.keys_table.as_string(conn),))
-            row = cursor.fetchone()
-            if row is not None and row[0] is not None:
-                return True
-    return False
+        return any(table_exists(cursor, plan.resync.keys_table) for plan in plans)
 
 
 def finish_resync(pool: ResilientConnectionPool, plans: Sequence[TablePlan],
