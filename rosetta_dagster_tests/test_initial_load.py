@@ -16,11 +16,13 @@ import pytest
 from psycopg2 import sql
 
 from rosetta_dagster.core.config_store import ConfigStore
+from rosetta_dagster.core.destination.postgres import POSTGRES
 from rosetta_dagster.core.initial_load import TableLoadReport
 from rosetta_dagster.core.load_fences import SnapshotVisibility
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.streaming import StreamingSession
+from rosetta_dagster.core.table_schema import read_table_schema
 from rosetta_dagster.harness import (
     BackgroundWriter,
     StreamingEnv,
@@ -293,3 +295,27 @@ def test_slot_creation_waiting_on_an_open_transaction_keeps_heartbeating(
     finally:
         blocker.close()
     assert count_rows(env.destination_url, "replica.waits") == 101
+
+
+@pytest.mark.parametrize("engine", ["pgoutput"])  # the destination side only
+def test_a_load_that_widens_a_table_gives_a_retyped_column_its_new_type(
+    env: StreamingEnv
+) -> None:
+    """A load of a table the destination already holds (a re-sync, a table added back) first
+    gives it the source's columns; a column whose type changed is converted in a transaction
+    (a cast that fails is retried under a savepoint). The load's connection was in
+    autocommit: 'SAVEPOINT can only be used in transaction blocks', and the stream restarted
+    until the writer had converted it (found by the fuzzer: a slow example)."""
+    execute(env.source_url, "CREATE TABLE public.lines (id int PRIMARY KEY, qty bigint)",
+            "INSERT INTO public.lines VALUES (1, 9223372036854775807)")
+    execute(env.destination_url, "CREATE SCHEMA replica",
+            "CREATE TABLE replica.lines (id int PRIMARY KEY, qty integer)",
+            "INSERT INTO replica.lines VALUES (1, 5)")
+    pipeline = env.pipeline("widen", ["public.lines"])
+    conn = psycopg2.connect(env.source_url)
+    schema = read_table_schema(conn, TableRef("public", "lines"), "source src")
+    conn.close()
+    load = POSTGRES.open_table_load(pipeline, pipeline.destinations[0], schema, widen=True)
+    assert load.mode == "swap"
+    assert fetch(env.destination_url, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                 "WHERE attrelid = 'replica.lines'::regclass AND attname = 'qty'") == [("bigint",)]

@@ -162,7 +162,10 @@ class PostgresTableLoad:
         self.destination = destination.name
         with destination_connection(pipeline, destination) as conn:
             if widen:
-                ensure_destination_table(conn, schema, destination.schema, destination.name)
+                conn.autocommit = False  # one transaction (a retyped column: under a savepoint)
+                with conn:
+                    ensure_destination_table(conn, schema, destination.schema, destination.name)
+                conn.autocommit = True
             self._bulk = BulkTableLoad.begin(conn, destination.schema, schema, destination.name)
         self.mode = self._bulk.mode
 

@@ -49,6 +49,8 @@ def ensure_destination_table(
     give columns whose source type changed (ALTER COLUMN TYPE) the new type. User types live
     in ``target_schema`` (the destination's); the table where ``schema`` targets it in
     ``destination``."""
+    if conn.autocommit:  # a column whose cast fails is retried under a savepoint
+        raise ValueError("ensure_destination_table needs a transaction (autocommit is on)")
     table = schema.target(destination, target_schema)
     target = sql.Identifier(table.schema, table.name)
     with conn.cursor() as cursor:
