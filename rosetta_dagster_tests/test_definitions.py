@@ -271,15 +271,19 @@ def test_cli_pipeline_status_and_backfill_request_list_cancel(
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
 
 
-def test_a_duckdb_destination_table_asset_has_the_duckdb_kind(
+def test_warehouse_destination_table_assets_have_their_kind(
     tmp_path: Path, pg_cluster: LocalPostgresCluster
 ) -> None:
     path = _pipeline_file(tmp_path, pg_cluster, "shop")
     document = yaml.safe_load(path.read_text())
     document["destinations"]["lake"] = {"type": "duckdb", "path": "lake.duckdb"}
-    document["pipelines"]["shop"]["destinations"] = ["dst", "lake"]
+    document["destinations"]["wh"] = {"type": "snowflake", "account": "acct", "user": "R",
+                                      "database": "DB", "schema": "replica",
+                                      "password": "${SNOWFLAKE_PASSWORD}"}
+    document["pipelines"]["shop"]["destinations"] = ["dst", "lake", "wh"]
     path.write_text(yaml.safe_dump(document))
     graph = build_definitions(path).get_repository_def().asset_graph
     assert graph.get(AssetKey(["destination", "lake", "main", "orders"])).kinds == {"duckdb"}
+    assert graph.get(AssetKey(["destination", "wh", "replica", "orders"])).kinds == {"snowflake"}
     assert graph.get(AssetKey(["destination", "dst", "replica", "orders"])).kinds == {"postgres"}
-    assert graph.get(AssetKey(["backfill", "shop"])).kinds == {"postgres", "duckdb"}
+    assert graph.get(AssetKey(["backfill", "shop"])).kinds == {"postgres", "duckdb", "snowflake"}

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psycopg2
 from psycopg2 import sql
 
 from rosetta_dagster.core.dsn import pinned_options
+
+if TYPE_CHECKING:
+    from rosetta_dagster.core.table_schema import TableSchema
+    from rosetta_dagster.harness import StreamingEnv
 
 USER_TYPES = """
 CREATE TYPE public.mood AS ENUM ('sad', 'ok', 'happy', 'it''s "complicated"');
@@ -342,16 +347,17 @@ def differences(
 
 def type_table(url: str) -> str:
     """The type table of docs/design.md, from the matrix's tables in ``url``, each engine's own
-    classification of their columns and each column's DuckDB type (the matrix tests prove
+    classification of their columns and each column's DuckDB and Snowflake types (the matrix tests prove
     every line exact)."""
     from rosetta_dagster.core.capture import capture_engine
     from rosetta_dagster.core.destination.duckdb.types import duck_type
+    from rosetta_dagster.core.destination.snowflake.types import snow_type
     from rosetta_dagster.core.pipeline_config import CAPTURE_ENGINES, TableRef
     from rosetta_dagster.core.table_schema import read_table_schema
 
     conn = pinned_connection(url)
-    lines = ["| family | type | " + " | ".join(CAPTURE_ENGINES) + " | in DuckDB |",
-             "| --- | --- | " + " | ".join("---" for _ in CAPTURE_ENGINES) + " | --- |"]
+    lines = ["| family | type | " + " | ".join(CAPTURE_ENGINES) + " | in DuckDB | in Snowflake |",
+             "| --- | --- | " + " | ".join("---" for _ in CAPTURE_ENGINES) + " | --- | --- |"]
     for family in FAMILIES:
         column = read_table_schema(conn, TableRef("public", table_name(family)), "matrix").column("v")
         cells = []
@@ -363,8 +369,21 @@ def type_table(url: str) -> str:
                 cells.append(f"refused: {reason}")
             else:
                 cells.append("exact, re-read from the source" if values.reread(column) else "exact")
-        kept = duck_type(column)
-        cells.append(f"`{kept.sql}`" if kept.native else "`VARCHAR` (PostgreSQL's text)")
+        for kept in (duck_type(column), snow_type(column)):
+            cells.append(f"`{kept.sql}`" if kept.native else "`VARCHAR` (PostgreSQL's text)")
         lines.append(f"| {family.name} | `{family.type_sql}` | " + " | ".join(cells) + " |")
     conn.close()
     return "\n".join(lines)
+
+
+def source_schemas(env: StreamingEnv, tables: list[str]) -> list[TableSchema]:
+    """The source's schema of each of ``tables`` (qualified names), read under the pinned
+    settings."""
+    from rosetta_dagster.core.pipeline_config import TableRef
+    from rosetta_dagster.core.table_schema import read_table_schema
+
+    conn = pinned_connection(env.source_url)
+    try:
+        return [read_table_schema(conn, TableRef.parse(t), "matrix") for t in tables]
+    finally:
+        conn.close()

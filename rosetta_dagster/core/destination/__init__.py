@@ -3,8 +3,10 @@
 * ``postgres/`` - a PostgreSQL database: batches merged set-wise in one transaction with the
   stream position, tables created and widened like the source's, chunks staged in unlogged
   tables.
-* ``duckdb/`` - a DuckDB database file (``type: duckdb``), owned by the stream's process:
-  batches merged per table with the position in the same transaction; no backfills yet.
+* ``duckdb/`` - a DuckDB database file (``type: duckdb``), owned by the stream's process;
+* ``snowflake/`` - a Snowflake database (``type: snowflake``);
+* ``warehouse/`` - what those two share: the writer's protocol, values kept natively or as
+  PostgreSQL's text, the parity reader.
 
 What the rest of the product needs from a destination is here and nothing else:
 
@@ -297,6 +299,10 @@ def destination_kind(destination: Destination) -> DestinationKind:
         from rosetta_dagster.core.destination.duckdb import DUCKDB
 
         return DUCKDB
+    if destination.kind == "snowflake":
+        from rosetta_dagster.core.destination.snowflake import SNOWFLAKE
+
+        return SNOWFLAKE
     from rosetta_dagster.core.destination.postgres import POSTGRES
 
     return POSTGRES

@@ -27,6 +27,7 @@ from rosetta_dagster.core.pipeline_config.records import (
     OFFSET_STORES,
     REPLICATE_MODES,
     SEVERITIES,
+    SNOWFLAKE_PROTOCOLS,
     Destination,
     NotificationChannel,
     NotificationSettings,
@@ -35,6 +36,7 @@ from rosetta_dagster.core.pipeline_config.records import (
     PipelineDefinition,
     PostgresEndpoint,
     RosettaConfig,
+    SnowflakeAccount,
     StreamSettings,
     TableOptions,
     TableRef,
@@ -176,6 +178,41 @@ def _duckdb_path(reader: _Reader, base: Path) -> str:
     return str((base / raw).resolve())
 
 
+_SNOWFLAKE_KEYS = frozenset({"type", "schema", "account", "user", "password", "private_key_file",
+                             "private_key_passphrase", "database", "warehouse", "role", "host",
+                             "port", "protocol"})
+
+
+def _snowflake_destination(reader: _Reader, name: str, schema: str) -> Destination:
+    """``type: snowflake``: the account, user and database; a password or a key pair (each a
+    ${VAR} reference); warehouse and role optional; host, port and protocol only for an explicit
+    endpoint (private connectivity, or an emulator)."""
+    unknown = sorted(set(reader.data) - _SNOWFLAKE_KEYS)
+    if unknown:
+        reader.fail(unknown[0], "is not a Snowflake setting")
+    with_password = "password" in reader.data
+    with_key = "private_key_file" in reader.data
+    if with_password == with_key:
+        reader.fail("", "needs exactly one of 'password' and 'private_key_file'")
+    if "private_key_passphrase" in reader.data and not with_key:
+        reader.fail("private_key_passphrase", "is set without 'private_key_file'")
+    host = reader.text("host") if "host" in reader.data else ""
+    account = SnowflakeAccount(
+        account=reader.text("account"),
+        warehouse=reader.text("warehouse") if "warehouse" in reader.data else None,
+        role=reader.text("role") if "role" in reader.data else None,
+        private_key_file=str(Path(reader.text("private_key_file")).expanduser())
+        if with_key else None,
+        private_key_passphrase=reader.secret("private_key_passphrase")
+        if "private_key_passphrase" in reader.data else None,
+        protocol=reader.choice("protocol", "https", SNOWFLAKE_PROTOCOLS))
+    return Destination(
+        name=name, host=host, port=reader.integer("port", 443, maximum=65535) if host else 0,
+        database=reader.text("database"), user=reader.text("user"),
+        password=reader.secret("password") if with_password else None, schema=schema,
+        kind="snowflake", snowflake=account)
+
+
 def load_config(
     path: Path | str | None = None,
     environ: Mapping[str, str] | None = None,
@@ -221,6 +258,8 @@ def load_config(
             destinations[name] = Destination(
                 name=name, host="", port=0, database="", user="", schema=schema, kind=kind,
                 path=_duckdb_path(reader, path.parent))
+        elif kind == "snowflake":
+            destinations[name] = _snowflake_destination(reader, name, schema)
         else:
             destinations[name] = Destination(**reader.endpoint_kwargs(name), schema=schema)
 

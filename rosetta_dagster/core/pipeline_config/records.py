@@ -98,21 +98,40 @@ class PostgresEndpoint:
         return f"{self.user}@{self.host}:{self.port}/{self.database}"
 
 
-DESTINATION_KINDS = ("postgres", "duckdb")
+DESTINATION_KINDS = ("postgres", "duckdb", "snowflake")
+SNOWFLAKE_PROTOCOLS = ("https", "http")
+
+
+@dataclass(frozen=True)
+class SnowflakeAccount:
+    """A Snowflake destination's account settings (the endpoint holds user, database and the
+    password; host and port only for an explicit endpoint)."""
+
+    account: str
+    warehouse: str | None = None
+    role: str | None = None
+    # Key-pair authentication: a PEM private key file, its passphrase from ${VAR} (optional).
+    private_key_file: str | None = None
+    private_key_passphrase: str | None = field(repr=False, default=None)
+    protocol: str = "https"
 
 
 @dataclass(frozen=True)
 class Destination(PostgresEndpoint):
     schema: str = "public"
-    # ``type:`` in rosetta.yaml: "postgres" (the endpoint's fields) or "duckdb" (``path``: a
-    # database file; the endpoint's fields are empty).
+    # ``type:`` in rosetta.yaml: "postgres" (the endpoint's fields), "duckdb" (``path``: a
+    # database file; the endpoint's fields are empty) or "snowflake" (``snowflake``: the
+    # account; user, database and password in the endpoint's fields).
     kind: str = "postgres"
     path: str | None = None
+    snowflake: SnowflakeAccount | None = None
 
     @property
     def description(self) -> str:
         if self.kind == "duckdb":
             return f"duckdb:{self.path}"
+        if self.kind == "snowflake" and self.snowflake is not None:
+            return f"snowflake:{self.user}@{self.snowflake.account}/{self.database}"
         return super().description
 
 

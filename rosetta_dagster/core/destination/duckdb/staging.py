@@ -26,9 +26,9 @@ from typing import Any
 import psycopg2.extensions
 from psycopg2 import sql
 
-from rosetta_dagster.core.destination import BackfillRefused
 from rosetta_dagster.core.destination.duckdb.database import read_access
 from rosetta_dagster.core.destination.duckdb.types import ordered_like_postgres
+from rosetta_dagster.core.destination.warehouse.types import refuse_backfill
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
 from rosetta_dagster.core.table_schema import TableSchema
 
@@ -41,28 +41,14 @@ def chunk_file(path: str, job_id: int, chunk: int) -> Path:
     return staging_root(path) / f"job{int(job_id)}" / f"chunk{int(chunk)}.csv"
 
 
-def refusal(schema: TableSchema, destination: str, *, filtered: bool) -> str | None:
-    """Why a backfill of ``schema`` into DuckDB destination ``destination`` is refused."""
-    if filtered:
-        return (f"destination {destination} is DuckDB, which takes backfills of whole tables "
-                "only (no filter) yet")
-    unordered = [k for k in schema.key_columns if not ordered_like_postgres(schema.column(k))]
-    if unordered or schema.keyless:
-        return (f"destination {destination} is DuckDB, where the key of "
-                f"{schema.table.qualified} ({', '.join(unordered) or 'none'}) does not sort as in "
-                "PostgreSQL, so a chunk's key range would hold other rows")
-    return None
-
 
 class DuckDBChunkStaging:
     """One job's chunk files for one DuckDB destination."""
 
     def __init__(self, pipeline: PipelineDefinition, destination: Destination,
                  schema: TableSchema, job_id: int, *, filtered: bool) -> None:
-        why = refusal(schema, destination.name, filtered=filtered)
-        if why is not None:
-            raise BackfillRefused(f"Backfill job {job_id} of {schema.table.qualified} refused: "
-                               f"{why}.")
+        refuse_backfill(schema, destination.name, "DuckDB", job_id, filtered=filtered,
+                        ordered=ordered_like_postgres)
         assert destination.path is not None
         self.name = destination.name
         self._path = destination.path

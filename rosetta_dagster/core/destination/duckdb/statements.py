@@ -2,9 +2,8 @@
 database). Identifiers are double-quoted here (:func:`quote`); values are always parameters
 (``?``) or come from the staged batch, never formatted into the text.
 
-A batch's net changes (one per key, see ``net_changes``) arrive as a pandas DataFrame of
-PostgreSQL text (columns ``c0..cN`` by position, so a user's column name never meets pandas),
-plus:
+A batch's net changes arrive as a pandas DataFrame of PostgreSQL text, registered as
+``batch`` (its columns: ``warehouse.statements``), plus:
 
 * ``op``: ``d`` (delete) or ``u`` (insert or update);
 * ``l0..lN``: the column's value was left out (unchanged TOAST): the row keeps its value;
@@ -19,53 +18,33 @@ the same transaction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rosetta_dagster.core.destination.duckdb.types import duck_type
+from rosetta_dagster.core.destination.warehouse import statements as shared
+from rosetta_dagster.core.destination.warehouse.statements import (
+    BACKFILL_CHUNKS,
+    BatchStatements,
+    ChunkMergeStatements,
+    ResyncStatements,
+    join,
+    literal,
+    quote,
+    value_column,
+)
 from rosetta_dagster.core.table_schema import Column, TableSchema
 
-POSITIONS_TABLE = "_rosetta_positions"
-
-
-def quote(*names: str) -> str:
-    """A (qualified) identifier, double-quoted: ``"catalog"."schema"."name"`` (a table is
-    always named with its catalog, the database file's: a schema may have the same name)."""
-    return ".".join('"' + name.replace('"', '""') + '"' for name in names)
-
-
-def _join(parts: Sequence[str], separator: str = ", ") -> str:
-    return separator.join(parts)
-
-
-def value_column(position: int) -> str:
-    return f"c{position}"
-
-
-def left_out_column(position: int) -> str:
-    return f"l{position}"
-
-
-def from_column(position: int) -> str:
-    return f"f{position}"
+__all__ = ["BACKFILL_CHUNKS", "BatchStatements", "ChunkMergeStatements", "ResyncStatements",
+           "literal", "quote"]
 
 
 def cast(column: Column, expression: str) -> str:
     """A PostgreSQL text value (``expression``, a VARCHAR) as the column's DuckDB type."""
-    return duck_type(column).cast.format(expression)
+    return shared.cast(duck_type, column, expression)
 
 
 def create_table(schema: TableSchema, target: str) -> str:
-    """The destination table, columns in the source's order. No PRIMARY KEY: DuckDB checks a
-    unique index eagerly within a transaction (a key deleted and inserted again by one batch
-    would be refused), and the MERGE keeps keys unique by construction."""
-    columns = [f"{quote(c.name)} {duck_type(c).sql}" for c in schema.columns]
-    return f"CREATE TABLE IF NOT EXISTS {target} ({_join(columns)})"
-
-
-def literal(text: str) -> str:
-    """A string literal, for DDL (DuckDB takes no parameters there): quotes doubled."""
-    return "'" + text.replace("'", "''") + "'"
+    return shared.create_table(duck_type, schema, target)
 
 
 def add_column(target: str, column: Column) -> str:
@@ -91,118 +70,35 @@ def retype_column(target: str, column: Column) -> str:
             f"USING TRY_CAST({name} AS {wanted})")
 
 
-@dataclass(frozen=True)
-class BatchStatements:
-    """Everything that stages and merges one table's batch, built once per schema version."""
-
-    create_stage: str
-    fill_stage: str  # from the DataFrame registered as ``batch``
-    resolve_from_old_key: str
-    unresolved_rows: str  # the key (as stored) and the left-out flags of each
-    merge: str
-    clear_stage: str
-
-
 def batch_statements(schema: TableSchema, target: str, stage: str) -> BatchStatements:
-    keys = schema.key_columns
+    """A temporary stage (the connection is let go between batches: made in each batch's
+    transaction) filled from the DataFrame ``batch``; one ``MERGE``."""
+    parts = shared.stage_parts(duck_type, schema, target, stage)
     columns = list(schema.columns)
-    position = {c.name: i for i, c in enumerate(columns)}
-    lefts = [left_out_column(i) for i in range(len(columns))]
-    froms = [from_column(i) for i in range(len(keys))]
-    stage_columns = ([f"{quote(c.name)} {duck_type(c).sql}" for c in columns]
-                     + ["op VARCHAR", "keep BOOLEAN"] + [f"{name} BOOLEAN" for name in lefts]
-                     + [f"{name} {duck_type(schema.column(k)).sql}"
-                        for name, k in zip(froms, keys, strict=True)])
-    fill_values = ([cast(c, value_column(i)) for i, c in enumerate(columns)] + ["op", "keep"]
-                   + lefts + [cast(schema.column(k), name)
-                              for name, k in zip(froms, keys, strict=True)])
-    match = _join([f"t.{quote(k)} = s.{quote(k)}" for k in keys], " AND ")
-    any_left_out = _join([f"s.{name}" for name in lefts], " OR ")
-    kept = f"s.keep AND EXISTS (SELECT 1 FROM {target} AS t WHERE {match})"
-    pending = f"s.op <> 'd' AND ({any_left_out}) AND NOT ({kept})"
-    non_key = [c for c in columns if c.name not in keys]
-    from_match = _join([f"o.{quote(k)} = s.{f}" for k, f in zip(keys, froms, strict=True)],
-                       " AND ")
-    resolve_sets = ([f"{quote(c.name)} = CASE WHEN s.{left_out_column(position[c.name])} "
-                     f"THEN o.{quote(c.name)} ELSE s.{quote(c.name)} END" for c in non_key]
-                    + [f"{name} = FALSE" for name in lefts])
-    updates = [f"{quote(c.name)} = CASE WHEN s.{left_out_column(position[c.name])} "
-               f"THEN t.{quote(c.name)} ELSE s.{quote(c.name)} END" for c in non_key]
-    when_matched_update = (f"WHEN MATCHED THEN UPDATE SET {_join(updates)}" if updates
+    when_matched_update = (f"WHEN MATCHED THEN UPDATE SET {join(parts.updates)}" if parts.updates
                            else "WHEN MATCHED THEN DO NOTHING")
-    column_list = _join([quote(c.name) for c in columns])
+    column_list = join([quote(c.name) for c in columns])
     return BatchStatements(
-        create_stage=f"CREATE TEMP TABLE IF NOT EXISTS {stage} ({_join(stage_columns)})",
-        fill_stage=f"INSERT INTO {stage} SELECT {_join(fill_values)} FROM batch",
-        resolve_from_old_key=(
-            f"UPDATE {stage} AS s SET {_join(resolve_sets)} FROM {target} AS o "
-            f"WHERE {from_match} AND {pending}"),
-        unresolved_rows=(f"SELECT {_join([f's.{quote(k)}' for k in keys])}, "
-                         f"{_join([f's.{name}' for name in lefts])} FROM {stage} AS s "
-                         f"WHERE {pending}"),
-        merge=(f"MERGE INTO {target} AS t USING {stage} AS s ON ({match}) "
+        create_stage=f"CREATE TEMP TABLE IF NOT EXISTS {stage} ({join(parts.stage_columns)})",
+        fill_stage=f"INSERT INTO {stage} SELECT {join(parts.fill_values)} FROM batch",
+        resolve_from_old_key=parts.resolve_from_old_key,
+        unresolved_rows=parts.unresolved_rows,
+        merge=(f"MERGE INTO {target} AS t USING {stage} AS s ON ({parts.match}) "
                f"WHEN MATCHED AND s.op = 'd' THEN DELETE {when_matched_update} "
                f"WHEN NOT MATCHED AND s.op <> 'd' THEN INSERT ({column_list}) "
-               f"VALUES ({_join([f's.{quote(c.name)}' for c in columns])})"),
+               f"VALUES ({join([f's.{quote(c.name)}' for c in columns])})",),
         clear_stage=f"DELETE FROM {stage}",
     )
 
 
-def key_condition(schema: TableSchema, alias: str | None = None) -> str:
-    """``k1 = <cast of ?> AND ...``: a row by its key, given as PostgreSQL text parameters."""
-    prefix = f"{alias}." if alias else ""
-    return _join([f"{prefix}{quote(k)} = {cast(schema.column(k), '?::VARCHAR')}"
-                  for k in schema.key_columns], " AND ")
-
-
-def fill_left_out(schema: TableSchema, stage: str, columns: Sequence[str]) -> str:
-    """Set a staged row's left-out ``columns`` to values read from the source (text
-    parameters, then the key's); the row then leaves nothing out."""
-    sets = [f"{quote(name)} = {cast(schema.column(name), '?::VARCHAR')}" for name in columns]
-    sets += [f"{left_out_column(i)} = FALSE" for i in range(len(schema.columns))]
-    return f"UPDATE {stage} SET {_join(sets)} WHERE {key_condition(schema)}"
-
-
-def delete_staged(schema: TableSchema, stage: str) -> str:
-    """Make a staged row a delete of its key (key parameters): its row is gone from the
-    source, whose own delete follows."""
-    clear = _join([f"{left_out_column(i)} = FALSE" for i in range(len(schema.columns))])
-    return f"UPDATE {stage} SET op = 'd', {clear} WHERE {key_condition(schema)}"
-
-
-@dataclass(frozen=True)
-class ResyncStatements:
-    """A re-snapshot through the engine (``initial_load: debezium``): the keys it writes are
-    recorded in a table beside the target (kept across a crash), and at its end the rows whose
-    key it did not write (deleted on the source meanwhile) are deleted."""
-
-    create_keys: str
-    clear_keys: str
-    record_keys: str  # from the batch's stage, before it is cleared
-    delete_unrecorded: str
-    drop_keys: str
-
-
 def resync_statements(schema: TableSchema, target: str, stage: str, keys_table: str
                       ) -> ResyncStatements:
-    keys = schema.key_columns
-    key_list = _join([quote(k) for k in keys])
-    match = _join([f"k.{quote(k)} = t.{quote(k)}" for k in keys], " AND ")
-    return ResyncStatements(
-        create_keys=(f"CREATE TABLE IF NOT EXISTS {keys_table} ("
-                     + _join([f"{quote(k)} {duck_type(schema.column(k)).sql}" for k in keys])
-                     + ")"),
-        clear_keys=f"DELETE FROM {keys_table}",
-        record_keys=f"INSERT INTO {keys_table} SELECT {key_list} FROM {stage} WHERE op <> 'd'",
-        delete_unrecorded=(f"DELETE FROM {target} AS t WHERE NOT EXISTS "
-                           f"(SELECT 1 FROM {keys_table} AS k WHERE {match})"),
-        drop_keys=f"DROP TABLE IF EXISTS {keys_table}",
-    )
+    return shared.resync_statements(duck_type, schema, target, stage, keys_table)
 
 
 def positions_statements(catalog: str, schema_name: str) -> tuple[str, str]:
     """The positions table (one row per pipeline) and its creation."""
-    table = quote(catalog, schema_name, POSITIONS_TABLE)
+    table = quote(catalog, schema_name, shared.POSITIONS_TABLE)
     return table, (f"CREATE TABLE IF NOT EXISTS {table} (pipeline VARCHAR PRIMARY KEY, "
                    "slot_name VARCHAR NOT NULL, position UBIGINT NOT NULL, loads VARCHAR NOT NULL, "
                    "updated_at TIMESTAMPTZ NOT NULL DEFAULT now())")
@@ -210,100 +106,33 @@ def positions_statements(catalog: str, schema_name: str) -> tuple[str, str]:
 
 def row_select(schema: TableSchema, relation: str, *, after: bool, through: bool,
                limit: int | None) -> str:
-    """The parity reader's rows in key order: key columns, then every column; ``after`` /
-    ``through``: ``key > (?)`` / ``key <= (?)`` with the key's text as parameters."""
-    keys = _join([quote(k) for k in schema.key_columns])
-    key_row = f"({keys})" if len(schema.key_columns) > 1 else keys
-    bounds = ", ".join(cast(schema.column(k), "?::VARCHAR") for k in schema.key_columns)
-    bound_row = f"({bounds})" if len(schema.key_columns) > 1 else bounds
-    conditions = ["TRUE"]
-    if after:
-        conditions.append(f"{key_row} > {bound_row}")
-    if through:
-        conditions.append(f"{key_row} <= {bound_row}")
-    statement = (f"SELECT {keys}, {_join([quote(c.name) for c in schema.columns])} "
-                 f"FROM {relation} WHERE {_join(conditions, ' AND ')} ORDER BY {keys}")
-    return statement if limit is None else f"{statement} LIMIT {int(limit)}"
-
-
-BACKFILL_CHUNKS = "_rosetta_backfill_chunks"
-
-
-def _key_beyond(keys: Sequence[str], alias: str, bound: Sequence[str], *, after: bool) -> str:
-    """``alias``'s key after (``key > bound``) or through (``key <= bound``) a bound, in key
-    order: lexicographic over the key's columns (``bound``: an SQL expression per column)."""
-    terms = []
-    for i, key in enumerate(keys):
-        last = i == len(keys) - 1
-        operator = ">" if after else ("<=" if last else "<")
-        equal = [f"{alias}.{quote(k)} = {b}" for k, b in zip(keys[:i], bound, strict=False)]
-        terms.append("(" + " AND ".join([*equal, f"{alias}.{quote(key)} {operator} {bound[i]}"])
-                     + ")")
-    return "(" + " OR ".join(terms) + ")"
-
-
-@dataclass(frozen=True)
-class ChunkMergeStatements:
-    """What makes the destination's rows in a backfill chunk's key range equal the chunk
-    (``core.backfill.chunk_merge``), except the keys the stream changed meanwhile (``excluded``,
-    a temporary table)."""
-
-    create_chunk: str
-    fill_chunk: str  # a spooled CSV (its path as the parameter) into the chunk table
-    create_excluded: str
-    fill_excluded: str  # from the DataFrame registered as ``excluded_keys`` (k0..kN text)
-    delete: str  # FALSE without bounds: nothing is deleted
-    update: str | None
-    insert: str
+    return shared.row_select(duck_type, schema, relation, after=after, through=through,
+                             limit=limit)
 
 
 def chunk_merge_statements(schema: TableSchema, target: str, chunk_table: str,
                            excluded_table: str, *, after: bool, through: bool
                            ) -> ChunkMergeStatements:
-    """``after`` / ``through``: whether the chunk's bounds are known: ``delete`` then takes
-    the key text of ``after``, then of ``through`` (``$1``...). A job with a row filter is
-    refused before it stages anything (see ``staging``): every row in the range is the job's."""
+    """The chunk from its spooled CSV into a temporary table; bounds as numbered parameters
+    (the lexicographic form uses each more than once)."""
+    parts = shared.chunk_merge_parts(duck_type, schema, target, chunk_table, excluded_table,
+                                     after=after, through=through,
+                                     parameter=lambda number: f"${number}::VARCHAR")
     keys = list(schema.key_columns)
-    key_types = [duck_type(schema.column(k)) for k in keys]
-    conditions = []
-    number = 0
-    for known, is_after in ((after, True), (through, False)):
-        if known:
-            # Numbered parameters: the lexicographic form uses each more than once.
-            bound = [cast(schema.column(k), f"${number + i + 1}::VARCHAR")
-                     for i, k in enumerate(keys)]
-            number += len(keys)
-            conditions.append(_key_beyond(keys, "t", bound, after=is_after))
-    in_range = " AND ".join(conditions) if conditions else "FALSE"
-    match = " AND ".join(f"x.{quote(k)} = t.{quote(k)}" for k in keys)
-    staged_match = " AND ".join(f"x.{quote(k)} = s.{quote(k)}" for k in keys)
-    columns = [quote(c.name) for c in schema.columns]
-    non_key = [quote(c.name) for c in schema.columns if c.name not in keys]
-    from_excluded = f"NOT EXISTS (SELECT 1 FROM {excluded_table} AS x WHERE {match})"
-    update = None
-    if non_key:
-        differs = " OR ".join(f"t.{c} IS DISTINCT FROM s.{c}" for c in non_key)
-        update = (f"UPDATE {target} AS t SET {_join([f'{c} = s.{c}' for c in non_key])} "
-                  f"FROM {chunk_table} AS s WHERE "
-                  f"{' AND '.join(f't.{quote(k)} = s.{quote(k)}' for k in keys)} "
-                  f"AND ({differs}) AND {from_excluded}")
     names = [f"k{i}" for i in range(len(keys))]
+    key_columns = [f"{quote(k)} {duck_type(schema.column(k)).sql}" for k in keys]
     return ChunkMergeStatements(
         create_chunk=(f"CREATE OR REPLACE TEMP TABLE {chunk_table} ("
-                      f"{_join([f'{quote(c.name)} {duck_type(c).sql}' for c in schema.columns])})"),
+                      f"{join([f'{quote(c.name)} {duck_type(c).sql}' for c in schema.columns])})"),
         fill_chunk=csv_insert(schema, chunk_table),
-        create_excluded=(f"CREATE OR REPLACE TEMP TABLE {excluded_table} ("
-                         f"{_join([f'{quote(k)} {t.sql}' for k, t in zip(keys, key_types, strict=True)])})"),
+        create_excluded=f"CREATE OR REPLACE TEMP TABLE {excluded_table} ({join(key_columns)})",
         fill_excluded=(f"INSERT INTO {excluded_table} SELECT "
-                       f"{_join([cast(schema.column(k), n) for k, n in zip(keys, names, strict=True)])} "
+                       f"{join([cast(schema.column(k), n) for k, n in zip(keys, names, strict=True)])} "
                        "FROM excluded_keys"),
-        delete=(f"DELETE FROM {target} AS t WHERE {in_range} AND NOT EXISTS "
-                f"(SELECT 1 FROM {chunk_table} AS x WHERE {match}) AND {from_excluded}"),
-        update=update,
-        insert=(f"INSERT INTO {target} ({_join(columns)}) SELECT "
-                f"{_join([f's.{c}' for c in columns])} FROM {chunk_table} AS s WHERE NOT EXISTS "
-                f"(SELECT 1 FROM {target} AS x WHERE {staged_match}) AND NOT EXISTS "
-                f"(SELECT 1 FROM {excluded_table} AS x WHERE {staged_match})"),
+        delete=f"DELETE FROM {target} AS t WHERE {parts.delete_where}",
+        update=parts.update,
+        insert=parts.insert,
+        clear=(),
     )
 
 
@@ -345,16 +174,16 @@ def keyless_statements(schema: TableSchema, target: str, stage: str) -> KeylessS
     equal = " AND ".join(f"t.{n} IS NOT DISTINCT FROM s.{n}" for n in names)
     return KeylessStatements(
         create_stage=(f"CREATE TEMP TABLE IF NOT EXISTS {stage} ("
-                      f"{_join([f'{quote(c.name)} {duck_type(c).sql}' for c in columns])}, "
+                      f"{join([f'{quote(c.name)} {duck_type(c).sql}' for c in columns])}, "
                       "ord INTEGER, count INTEGER)"),
         fill_stage=(f"INSERT INTO {stage} SELECT "
-                    f"{_join([cast(c, value_column(i)) for i, c in enumerate(columns)])}, "
+                    f"{join([cast(c, value_column(i)) for i, c in enumerate(columns)])}, "
                     "ord, count FROM batch"),
         delete=(f"DELETE FROM {target} WHERE rowid IN (SELECT row_id FROM (SELECT t.rowid AS "
                 "row_id, s.count AS wanted, row_number() OVER (PARTITION BY s.ord ORDER BY "
                 f"t.rowid) AS n FROM {target} AS t JOIN {stage} AS s ON {equal} "
                 "WHERE s.count < 0) WHERE n <= -wanted)"),
-        insert=(f"INSERT INTO {target} ({_join(names)}) SELECT {_join(names)} FROM (SELECT "
-                f"{_join(names)}, unnest(range(count)) FROM {stage} WHERE count > 0)"),
+        insert=(f"INSERT INTO {target} ({join(names)}) SELECT {join(names)} FROM (SELECT "
+                f"{join(names)}, unnest(range(count)) FROM {stage} WHERE count > 0)"),
         clear_stage=f"DELETE FROM {stage}",
     )
