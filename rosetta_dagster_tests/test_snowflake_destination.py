@@ -41,6 +41,7 @@ from rosetta_dagster.core.destination.snowflake.statements import (
     bound_parameters,
     chunk_merge_statements,
     in_schema,
+    keyless_statements,
     quote,
 )
 from rosetta_dagster.core.destination.snowflake.types import snow_type
@@ -65,7 +66,7 @@ from rosetta_dagster.harness import (
     streaming,
     wait_until,
 )
-from rosetta_dagster.harness.random_changes import SEQUENCE_TABLE, random_change
+from rosetta_dagster.harness.random_changes import SEQUENCE_LOG, SEQUENCE_TABLE, random_change
 from rosetta_dagster.harness.type_matrix import (
     FULL_TABLE,
     INDEX_TABLE,
@@ -304,18 +305,88 @@ def test_deletes_truncate_added_and_retyped_columns_in_the_snowflake_emulator(
         wait_until(lambda: not differing(), 60, "the rows the source rewrote")
 
 
-@pytest.mark.parametrize("engine", ["pgoutput"])
-def test_a_table_without_a_key_is_refused_by_snowflake(
+@pytest.mark.parametrize("engine", ["debezium"])
+def test_a_table_without_a_key_from_debezium_is_refused_by_snowflake(
     env: StreamingEnv, emulated: Destination
 ) -> None:
+    """Snowflake compares the rows of a table without a key by their PostgreSQL text, which
+    only the pgoutput engine sends as such: refused in one sentence before anything is
+    written."""
     execute(env.source_url, "CREATE TABLE public.log (at int, msg text)",
             "ALTER TABLE public.log REPLICA IDENTITY FULL")
     pipeline = snowflake_pipeline(env, emulated, "logs", ["public.log"])
     with pytest.raises(RosettaError) as refused:
         StreamingSession(pipeline, offsets_dir=env.offsets_dir).run()
     assert str(refused.value) == (
-        "Pipeline logs: public.log has no key, and destination dst is Snowflake, which takes "
-        "tables with a key (or a replica identity index) only; nothing was written.")
+        "Pipeline logs: public.log has no key, and destination dst is Snowflake, which compares "
+        "the rows of such a table by their PostgreSQL text: it takes them from the pgoutput "
+        "engine only; nothing was written.")
+
+
+@pytest.mark.parametrize("engine", ["pgoutput"])  # Debezium: refused (the test above)
+def test_a_table_without_a_key_is_a_multiset_in_the_snowflake_emulator(
+    env: StreamingEnv, store: ConfigStore, emulated: Destination
+) -> None:
+    """REPLICA IDENTITY FULL without a key: duplicates stay duplicates, an UPDATE or DELETE
+    of one of them affects one row (NULL-safe, also for json, point and arrays), many copies
+    inserted at once, a TRUNCATE, and the content parity check compares the multisets."""
+    execute(env.source_url,
+            "CREATE TABLE public.log (at int, msg text, doc json, p point, tags text[], b bytea)",
+            "ALTER TABLE public.log REPLICA IDENTITY FULL",
+            "INSERT INTO public.log VALUES (1, 'a', '{\"k\": 1}', '(1,2)', '{x,NULL}', '\\x00'), "
+            "(1, 'a', '{\"k\": 1}', '(1,2)', '{x,NULL}', '\\x00'), (2, NULL, NULL, NULL, NULL, "
+            "NULL), (2, NULL, NULL, NULL, NULL, NULL), (3, '', '[]', '(0,0)', '{}', '\\x')")
+    pipeline = snowflake_pipeline(env, emulated, "logs", ["public.log"])
+    store.sync_pipeline(pipeline)
+    store.set_pipeline_status("logs", PipelineStatus.START)
+    (schema,) = source_schemas(env, ["public.log"])
+    renders = [snow_type(c).render for c in schema.columns]
+
+    def multisets() -> tuple[list[str], list[str]]:
+        conn = pinned_connection(env.source_url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT ROW(t.*)::text FROM public.log AS t")
+                source = sorted(row[0] for row in cur.fetchall())
+        finally:
+            conn.close()
+        with cursor(emulated) as cur:
+            if "log" not in existing_tables(cur, emulated):
+                return source, []
+            rows = cur.execute('SELECT * FROM "replica"."log"').fetchall()
+        return source, sorted(row_text([None if v is None else render(v)
+                                        for render, v in zip(renders, row, strict=True)])
+                              for row in rows)
+
+    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
+        wait_until(lambda: multisets()[0] == multisets()[1], 60, "the initial load")
+        execute(env.source_url,
+                "UPDATE public.log SET msg = 'one of two' WHERE ctid = (SELECT min(ctid) FROM "
+                "public.log WHERE at = 1)",
+                "DELETE FROM public.log WHERE ctid = (SELECT min(ctid) FROM public.log "
+                "WHERE at = 2)",
+                "INSERT INTO public.log SELECT * FROM public.log WHERE at = 3",
+                "UPDATE public.log SET tags = '{{a,b},{c,NULL}}' WHERE at = 3 AND ctid = "
+                "(SELECT max(ctid) FROM public.log WHERE at = 3)",
+                "INSERT INTO public.log SELECT 4, 'many', NULL, NULL, NULL, NULL "
+                "FROM generate_series(1, 25)",
+                "DELETE FROM public.log WHERE ctid IN (SELECT ctid FROM public.log "
+                "WHERE at = 4 LIMIT 10)")
+        try:
+            wait_until(lambda: multisets()[0] == multisets()[1], 60, "the changes")
+        except AssertionError:
+            raise AssertionError(f"source != Snowflake: {multisets()}") from None
+        conn = pinned_connection(env.source_url)
+        try:
+            with cursor(emulated) as cur:
+                outcome = content_parity(PostgresTableReader(conn), SnowflakeTableReader(cur),
+                                         schema, sql.Identifier("replica", "log"), 2, 5)
+        finally:
+            conn.close()
+        assert outcome.passed, outcome.description
+        execute(env.source_url, "BEGIN; TRUNCATE public.log; INSERT INTO public.log (at) "
+                "VALUES (9), (9); COMMIT")
+        wait_until(lambda: multisets()[0] == multisets()[1], 60, "the truncate")
 
 
 def test_snowflake_statements_golden() -> None:
@@ -354,6 +425,17 @@ def test_snowflake_statements_golden() -> None:
         'AND NOT EXISTS (SELECT 1 FROM "r"."_x" AS x WHERE x."order" = t."order" AND '
         'x."line" = t."line")')
     assert bound_parameters(["7", "2"], None) == ["7", "7", "2"]
+    keyless = keyless_statements(TableSchema(TableRef("public", "log"), (
+        Column("at", "integer", "int4", False, -1), Column("msg", "text", "text", False, -1)), ()),
+        '"r"."log"', '"r"."_s"', '"r"."_raw"', '"r"."_n"')
+    assert keyless.count_existing == (
+        'UPDATE "r"."_s" AS s SET existing = x.n FROM (SELECT s.ord, count(*) AS n FROM "r"."_s" '
+        'AS s JOIN "r"."log" AS t ON t."at" IS NOT DISTINCT FROM s."at" AND t."msg" IS NOT '
+        'DISTINCT FROM s."msg" WHERE s.count < 0 GROUP BY s.ord) AS x WHERE s.ord = x.ord')
+    assert keyless.insert == (
+        'INSERT INTO "r"."log" ("at", "msg") SELECT s."at", s."msg" FROM "r"."_s" AS s JOIN '
+        '(SELECT DISTINCT n FROM "r"."_n") AS k ON k.n <= CASE WHEN s.count < 0 THEN '
+        "GREATEST(s.existing + s.count, 0) ELSE s.count END")
     assert chunk.fill_excluded == (
         'INSERT INTO "r"."_x" SELECT CAST(k0 AS NUMBER(19, 0)), CAST(k1 AS NUMBER(10, 0)) '
         'FROM "r"."_xr"')
@@ -445,12 +527,15 @@ def test_random_change_sequences_leave_the_snowflake_emulator_exact(
     env: StreamingEnv, store: ConfigStore, emulated: Destination, seed: int
 ) -> None:
     """Transactions of random inserts, updates that leave TOASTed values untouched, key updates,
-    deletes, TRUNCATEs and added columns with hostile values, applied in batches of 1, 3 or 16,
-    the stream stopped and restarted between them: Snowflake ends exactly equal to the source,
-    and is compared after every restart too."""
+    deletes, TRUNCATEs and added columns with hostile values (and, with pgoutput, changes of
+    duplicate rows of a table without a key), applied in batches of 1, 3 or 16, the stream
+    stopped and restarted between them: Snowflake ends exactly equal to the source, and is
+    compared after every restart too."""
     rnd = random.Random(seed)
-    execute(env.source_url, SEQUENCE_TABLE)
-    base = snowflake_pipeline(env, emulated, "seq", ["public.seq"])
+    keyless = env.engine == "pgoutput"  # a table without a key from pgoutput only
+    execute(env.source_url, SEQUENCE_TABLE, SEQUENCE_LOG)
+    tables = ["public.seq", *(["public.seqlog"] if keyless else [])]
+    base = snowflake_pipeline(env, emulated, "seq", tables)
     pipeline = dataclasses.replace(base, settings=dataclasses.replace(
         base.settings, max_batch_size=rnd.choice((1, 3, 16)), offset_flush_interval_ms=100))
     store.sync_pipeline(pipeline)
@@ -459,7 +544,21 @@ def test_random_change_sequences_leave_the_snowflake_emulator_exact(
     added: list[str] = []
 
     def differing() -> list[str]:
-        return snowflake_differences(env, emulated, source_schemas(env, ["public.seq"]))
+        seq, *log = source_schemas(env, tables)
+        found = snowflake_differences(env, emulated, [seq])
+        for schema in log:
+            with conn.cursor() as cur:
+                cur.execute("SELECT ROW(t.*)::text FROM public.seqlog AS t")
+                expected = sorted(row[0] for row in cur.fetchall())
+            conn.commit()
+            renders = [snow_type(c).render for c in schema.columns]
+            with cursor(emulated) as cur:
+                rows = (cur.execute('SELECT * FROM "replica"."seqlog"').fetchall()
+                        if "seqlog" in existing_tables(cur, emulated) else [])
+            if expected != sorted(row_text([None if v is None else render(v) for render, v
+                                            in zip(renders, row, strict=True)]) for row in rows):
+                found.append(f"seqlog differs: source {expected}")
+        return found
 
     conn = pinned_connection(env.source_url)
     try:
@@ -469,7 +568,7 @@ def test_random_change_sequences_leave_the_snowflake_emulator_exact(
                 for _transaction in range(rnd.randint(4, 10)):
                     with conn.cursor() as cur:
                         for _change in range(rnd.randint(1, 6)):
-                            cur.execute(*random_change(rnd, keys, added, False))
+                            cur.execute(*random_change(rnd, keys, added, keyless))
                     conn.commit()
                     with conn.cursor() as cur:
                         cur.execute("SELECT id FROM public.seq")

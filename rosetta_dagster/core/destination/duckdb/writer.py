@@ -33,12 +33,11 @@ from rosetta_dagster.core.destination.duckdb.statements import (
 )
 from rosetta_dagster.core.destination.duckdb.types import duck_type
 from rosetta_dagster.core.destination.keyless_changes import KeylessChanges
-from rosetta_dagster.core.destination.warehouse.statements import value_column
 from rosetta_dagster.core.destination.warehouse.types import KeptType
 from rosetta_dagster.core.destination.warehouse.writer import (
-    NULL_FIELD,
     TablePlan,
     WarehouseWriter,
+    keyless_frame,
 )
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.table_schema import Column, TableSchema
@@ -99,21 +98,8 @@ class DuckDBWriter(WarehouseWriter):
         """A table without a key: remove that many equal rows, add that many copies."""
         statements = plan.keyless
         assert statements is not None
-        width = len(plan.schema.columns)
-        fields: list[list[str | None]] = [[] for _ in range(width)]
-        for line in changes.counts:
-            for i, text in enumerate(line.split("\x00")):
-                fields[i].append(None if text == NULL_FIELD else text)
-        frame = pandas.DataFrame({
-            **{value_column(i): pandas.Series(texts, dtype=object)
-               for i, texts in enumerate(fields)},
-            "ord": range(len(changes.counts)), "count": list(changes.counts.values())})
         conn.execute(statements.create_stage)
-        conn.register("batch", frame)
-        try:
-            conn.execute(statements.fill_stage)
-        finally:
-            conn.unregister("batch")
+        self._put_rows(conn, keyless_frame(changes), "batch", statements.fill_stage)
         if changes.removes_rows:
             conn.execute(statements.delete)
         conn.execute(statements.insert)

@@ -11,8 +11,8 @@ key pair; see ``connection``).
 * ``staging`` - backfill chunks staged by the job as tables, merged by the stream.
 
 Tested end to end against ``fakesnow``, an emulator of Snowflake on DuckDB (not Snowflake
-itself), and by one live test when ``SNOWFLAKE_*`` variables name an account. Not yet: tables
-without a key, backfills with a row filter.
+itself), and by one live test when ``SNOWFLAKE_*`` variables name an account. Not yet:
+backfills with a row filter or of a table without a key; a table without a key from Debezium.
 """
 
 from __future__ import annotations

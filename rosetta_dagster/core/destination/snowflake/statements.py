@@ -244,3 +244,61 @@ def insert_loaded(schema: TableSchema, target: str, loaded: str) -> str:
 
 def loaded_columns(schema: TableSchema) -> list[str]:
     return [f"{kind}{i} VARCHAR" for i in range(len(schema.columns)) for kind in ("n", "c")]
+
+
+NUMBERS_TABLE = "_rosetta_numbers"
+
+
+@dataclass(frozen=True)
+class KeylessStatements:
+    """A batch of a table without a key (see ``keyless_changes``): each distinct row staged
+    once with its net count (``ord``: its place). Snowflake has no row identity a DELETE could
+    name, so a row with a negative count has all its equal rows counted (``existing``) and
+    deleted, then ``existing + count`` copies inserted again; a row with a positive count gets
+    ``count`` copies (copies: a join with a table of the numbers 1..n). Equal: NULL-safe in
+    every column, which for a family kept as text is its text."""
+
+    create: tuple[str, ...]  # before any batch: raw rows, stage, numbers
+    numbers: str
+    fill_stage: str
+    count_existing: str
+    most_copies: str  # the numbers the insert needs
+    delete: str
+    insert: str
+    clear_stage: str
+
+
+def keyless_statements(schema: TableSchema, target: str, stage: str, raw: str,
+                       numbers: str) -> KeylessStatements:
+    columns = list(schema.columns)
+    names = [quote(c.name) for c in columns]
+    equal = " AND ".join(f"t.{n} IS NOT DISTINCT FROM s.{n}" for n in names)
+    copies = "CASE WHEN s.count < 0 THEN GREATEST(s.existing + s.count, 0) ELSE s.count END"
+    return KeylessStatements(
+        create=(
+            f"CREATE OR REPLACE TABLE {raw} ("
+            + join([f"{value_column(i)} VARCHAR" for i in range(len(columns))])
+            + ", ord NUMBER(10, 0), count NUMBER(19, 0))",
+            f"CREATE OR REPLACE TABLE {stage} ("
+            + join([f"{quote(c.name)} {snow_type(c).sql}" for c in columns])
+            + ", ord NUMBER(10, 0), count NUMBER(19, 0), existing NUMBER(19, 0))",
+            f"CREATE TABLE IF NOT EXISTS {numbers} (n NUMBER(19, 0) NOT NULL)",
+        ),
+        numbers=numbers,
+        fill_stage=(f"INSERT INTO {stage} SELECT "
+                    + join([cast(c, value_column(i)) for i, c in enumerate(columns)])
+                    + f", ord, count, 0 FROM {raw}"),
+        count_existing=(f"UPDATE {stage} AS s SET existing = x.n FROM (SELECT s.ord, count(*) "
+                        f"AS n FROM {stage} AS s JOIN {target} AS t ON {equal} "
+                        "WHERE s.count < 0 GROUP BY s.ord) AS x WHERE s.ord = x.ord"),
+        most_copies=f"SELECT COALESCE(MAX({copies}), 0), (SELECT COALESCE(MAX(n), 0) FROM "
+                    f"{numbers}) FROM {stage} AS s",
+        delete=(f"DELETE FROM {target} AS t WHERE EXISTS (SELECT 1 FROM {stage} AS s "
+                f"WHERE s.count < 0 AND {equal})"),
+        insert=(f"INSERT INTO {target} ({join(names)}) SELECT "
+                + join([f"s.{n}" for n in names])
+                # DISTINCT: pipelines writing one schema share the numbers table.
+                + f" FROM {stage} AS s JOIN (SELECT DISTINCT n FROM {numbers}) AS k "
+                f"ON k.n <= {copies}"),
+        clear_stage=f"DELETE FROM {stage}",
+    )

@@ -3,8 +3,8 @@ writer does): the batch's text rows bound into a raw stage table, cast into the 
 a DELETE and an INSERT per table (``statements``), the position in the same transaction. Every
 table a batch needs is made before its transaction begins (Snowflake commits at DDL).
 
-Not here: tables without a key (refused before anything is written: their rows are told apart
-by a row identity Snowflake does not expose to a DELETE).
+A table without a key (pgoutput only) is applied by net count per row (``keyless_changes``;
+statements: ``statements.keyless_statements``).
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ import pandas
 import snowflake.connector
 from snowflake.connector.cursor import SnowflakeCursor
 
-from rosetta_dagster.core.destination import KeyBounds, RetypedColumn
+from rosetta_dagster.core.destination import BatchResult, KeyBounds, RetypedColumn
+from rosetta_dagster.core.destination.keyless_changes import KeylessChanges
 from rosetta_dagster.core.destination.snowflake.statements import (
     IN_SCHEMA,
+    NUMBERS_TABLE,
     TEXT_PARAMETER,
     ChunkMergeStatements,
+    KeylessStatements,
     add_column,
     batch_statements,
     bound_parameters,
@@ -31,6 +34,7 @@ from rosetta_dagster.core.destination.snowflake.statements import (
     fill_added_column,
     in_schema,
     insert_rows,
+    keyless_statements,
     positions_statements,
     quote,
     resync_statements,
@@ -39,7 +43,11 @@ from rosetta_dagster.core.destination.snowflake.statements import (
 )
 from rosetta_dagster.core.destination.snowflake.types import snow_type
 from rosetta_dagster.core.destination.warehouse.types import KeptType
-from rosetta_dagster.core.destination.warehouse.writer import TablePlan, WarehouseWriter
+from rosetta_dagster.core.destination.warehouse.writer import (
+    TablePlan,
+    WarehouseWriter,
+    keyless_frame,
+)
 from rosetta_dagster.core.pipeline_config import TableRef
 from rosetta_dagster.core.table_schema import Column, TableSchema
 
@@ -133,9 +141,10 @@ class SnowflakeWriter(WarehouseWriter):
         return snow_type(column)
 
     def refusal(self, schema: TableSchema) -> str | None:
-        if schema.keyless:
+        if schema.keyless and not self.values.text_as_sent:
             return (f"{schema.table.qualified} has no key, and destination {self.name} is "
-                    "Snowflake, which takes tables with a key (or a replica identity index) only")
+                    "Snowflake, which compares the rows of such a table by their PostgreSQL "
+                    "text: it takes them from the pgoutput engine only")
         return None
 
     def _names(self, table: TableRef, what: str) -> str:
@@ -146,15 +155,41 @@ class SnowflakeWriter(WarehouseWriter):
         target = quote(table.schema, table.name)
         ensure_table(conn, schema, table, self.created, self.retyped)
         stage, raw = self._names(table, "stage"), self._names(table, "raw")
+        converters = [(c.name, self.values.converter_for(c)) for c in schema.columns]
+        conn.execute(chunks_statements(self.target_schema)[1])
+        if schema.keyless:
+            keyless = keyless_statements(schema, target, stage, raw,
+                                         quote(table.schema, NUMBERS_TABLE))
+            for statement in keyless.create:
+                conn.execute(statement)
+            return TablePlan(schema, target, stage, batch_statements(schema, target, stage, raw),
+                             converters, raw_rows=raw, keyless=keyless)
         for statement in stage_tables(schema, stage, raw, self._names(table, "excluded"),
                                       self._names(table, "excluded_raw")).create:
             conn.execute(statement)
-        conn.execute(chunks_statements(self.target_schema)[1])
         return TablePlan(schema, target, stage, batch_statements(schema, target, stage, raw),
-                         [(c.name, self.values.converter_for(c)) for c in schema.columns],
-                         raw_rows=raw,
+                         converters, raw_rows=raw,
                          resync=resync_statements(schema, target, stage,
                                                   self._names(table, "resync")))
+
+    def _apply_counts(self, conn: SnowflakeCursor, plan: TablePlan, changes: KeylessChanges,
+                      result: BatchResult) -> None:
+        """A table without a key: the rows of negative count removed (all equal rows, then the
+        ones that stay inserted again), copies of the others inserted."""
+        statements: KeylessStatements = plan.keyless
+        frame = keyless_frame(changes)
+        self._put_rows(conn, frame, plan.raw_rows, statements.fill_stage)
+        if changes.removes_rows:
+            conn.execute(statements.count_existing)
+        row = conn.execute(statements.most_copies).fetchone()
+        wanted, have = (int(row[0]), int(row[1])) if row else (0, 0)
+        if wanted > have:  # the numbers 1..wanted, for the copies
+            put_rows(conn, statements.numbers, [(n,) for n in range(have + 1, wanted + 1)])
+        if changes.removes_rows:
+            conn.execute(statements.delete)
+        conn.execute(statements.insert)
+        conn.execute(statements.clear_stage)
+        result.rows_written += sum(abs(count) for count in changes.counts.values())
 
     def _put_rows(self, conn: SnowflakeCursor, frame: pandas.DataFrame, raw: str,
                   fill: str) -> None:

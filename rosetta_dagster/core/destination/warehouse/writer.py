@@ -718,6 +718,19 @@ def stage_frame(plan: TablePlan, net: NetChanges, codec: ValueCodec,
     return pandas.DataFrame(columns), unchanged_toast, left_out
 
 
+def keyless_frame(changes: KeylessChanges) -> pandas.DataFrame:
+    """A table without a key: each distinct row's text (``c0..cN``), its place (``ord``) and
+    its net count (``count``)."""
+    width = len(next(iter(changes.counts)).split("\x00")) if changes.counts else 0
+    fields: list[list[str | None]] = [[] for _ in range(width)]
+    for line in changes.counts:
+        for i, text in enumerate(line.split("\x00")):
+            fields[i].append(None if text == NULL_FIELD else text)
+    return pandas.DataFrame({
+        **{value_column(i): pandas.Series(texts, dtype=object) for i, texts in enumerate(fields)},
+        "ord": range(len(changes.counts)), "count": list(changes.counts.values())})
+
+
 def affected(conn: Any, statement: str, params: list[Any]) -> int:
     """Run an INSERT, UPDATE or DELETE; the rows it changed."""
     row = conn.execute(statement, params).fetchone()
