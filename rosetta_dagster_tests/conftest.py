@@ -1,18 +1,22 @@
-"""Shared fixtures: one throwaway PostgreSQL cluster per session, a fresh database per test."""
+"""Shared fixtures: one throwaway PostgreSQL cluster per session, a fresh database per test; the
+fakesnow emulator of Snowflake for the Snowflake destination's tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rosetta_dagster.core.config_store import ConfigStore
 from rosetta_dagster.core.local_postgres import LocalPostgresCluster
+from rosetta_dagster.core.pipeline_config import Destination, SnowflakeAccount
 from rosetta_dagster.core.pool import PoolSettings, ResilientConnectionPool
 from rosetta_dagster.harness import StreamingEnv, drop_slots, new_streaming_env
 
@@ -22,8 +26,9 @@ TEST_PASSWORD = "s3cret-Test-Pw"
 # with whole files as the unit (--dist loadfile: a module's tests stay together, in order, with
 # their module-scoped servers) in this order (--no-loadscope-reorder): a long module started
 # last would leave one worker idle while the other finishes it.
-SLOWEST_FIRST = ("test_dagster_streaming", "test_type_matrix", "test_fuzz", "test_crash_recovery",
-                 "test_refused_changes", "test_initial_load", "test_backfill", "test_streaming")
+SLOWEST_FIRST = ("test_dagster_streaming", "test_type_matrix", "test_fuzz", "test_snowflake_types",
+                 "test_crash_recovery", "test_snowflake_destination", "test_refused_changes",
+                 "test_initial_load", "test_backfill", "test_streaming", "test_duckdb_destination")
 
 
 @pytest.hookimpl(trylast=True)
@@ -100,3 +105,30 @@ def env(pg_cluster: LocalPostgresCluster, pg_root: Path, engine: str) -> Iterato
     yield environment
     shutil.rmtree(environment.offsets_dir, ignore_errors=True)
     drop_slots(environment)
+
+
+@pytest.fixture(scope="session")
+def fakesnow_server() -> Iterator[dict[str, Any]]:
+    """The emulator, served on a port the OS picks, in this process (its databases are in
+    memory, shared by every session)."""
+    import fakesnow
+
+    with fakesnow.server() as options:
+        yield options
+
+
+@pytest.fixture
+def emulated(fakesnow_server: dict[str, Any]) -> Destination:
+    """A destination in a database of its own on the emulator."""
+    from rosetta_dagster.core.destination.snowflake.connection import cursor
+
+    database = f"TEST_{uuid.uuid4().hex[:10].upper()}"
+    destination = Destination(
+        name="dst", host=fakesnow_server["host"], port=fakesnow_server["port"],
+        # The emulator takes any password: a distinctive one, looked for in the logs.
+        database=database, user=fakesnow_server["user"], password=f"pw-{uuid.uuid4().hex}",
+        schema="replica", kind="snowflake",
+        snowflake=SnowflakeAccount(account=fakesnow_server["account"], protocol="http"))
+    with cursor(dataclasses.replace(destination, database="")) as cur:
+        cur.execute(f"CREATE DATABASE IF NOT EXISTS {database}")
+    return destination

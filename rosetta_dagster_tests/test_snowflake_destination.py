@@ -20,37 +20,29 @@ import signal
 import subprocess
 import sys
 import threading
-import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from psycopg2 import sql
 
-from rosetta_dagster.core.backfill import BackfillError, BackfillRunner
 from rosetta_dagster.core.config_store import ConfigStore, PipelineStatus
 from rosetta_dagster.core.destination.postgres.reader import PostgresTableReader
 from rosetta_dagster.core.destination.snowflake.connection import cursor
 from rosetta_dagster.core.destination.snowflake.reader import SnowflakeTableReader
 from rosetta_dagster.core.destination.snowflake.statements import (
-    IN_SCHEMA,
     batch_statements,
     bound_parameters,
     chunk_merge_statements,
-    in_schema,
     keyless_statements,
     quote,
 )
 from rosetta_dagster.core.destination.snowflake.types import snow_type
 from rosetta_dagster.core.destination.warehouse.reader import row_text
 from rosetta_dagster.core.errors import RosettaError
-from rosetta_dagster.core.health.parity import content_parity, row_count_parity
+from rosetta_dagster.core.health.parity import content_parity
 from rosetta_dagster.core.pipeline_config import (
     Destination,
-    PipelineDefinition,
     SnowflakeAccount,
     TableRef,
 )
@@ -60,180 +52,22 @@ from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.core.table_schema import Column, TableSchema
 from rosetta_dagster.harness import (
     StreamingEnv,
-    drop_slots,
     execute,
     run_requested_backfill,
     streaming,
     wait_until,
 )
 from rosetta_dagster.harness.random_changes import SEQUENCE_LOG, SEQUENCE_TABLE, random_change
+from rosetta_dagster.harness.snowflake import (
+    existing_tables,
+    snowflake_differences,
+    snowflake_pipeline,
+    snowflake_rows,
+)
 from rosetta_dagster.harness.type_matrix import (
-    FULL_TABLE,
-    INDEX_TABLE,
-    change_matrix,
-    create_matrix,
-    families_for,
     pinned_connection,
-    rows_as_text,
     source_schemas,
 )
-
-
-@pytest.fixture(scope="session")
-def fakesnow_server() -> Iterator[dict[str, Any]]:
-    """The emulator, served on a port the OS picks, in this process (its databases are in
-    memory, shared by every session)."""
-    import fakesnow
-
-    with fakesnow.server() as options:
-        yield options
-
-
-@pytest.fixture
-def emulated(fakesnow_server: dict[str, Any]) -> Destination:
-    """A destination in a database of its own on the emulator."""
-    database = f"TEST_{uuid.uuid4().hex[:10].upper()}"
-    destination = Destination(
-        name="dst", host=fakesnow_server["host"], port=fakesnow_server["port"],
-        # The emulator takes any password: a distinctive one, looked for in the logs.
-        database=database, user=fakesnow_server["user"], password=f"pw-{uuid.uuid4().hex}",
-        schema="replica", kind="snowflake",
-        snowflake=SnowflakeAccount(account=fakesnow_server["account"], protocol="http"))
-    with cursor(dataclasses.replace(destination, database="")) as cur:
-        cur.execute(f"CREATE DATABASE IF NOT EXISTS {database}")
-    return destination
-
-
-def snowflake_pipeline(env: StreamingEnv, destination: Destination, name: str,
-                       tables: list[str]) -> PipelineDefinition:
-    return dataclasses.replace(env.pipeline(name, tables), destinations=(destination,))
-
-
-def existing_tables(cur: Any, destination: Destination) -> set[str]:
-    return {row[0] for row in cur.execute(
-        f"SELECT table_name FROM information_schema.tables WHERE {IN_SCHEMA}",  # noqa: S608
-        in_schema(destination.schema)).fetchall()}
-
-
-def snowflake_rows(cur: Any, destination: Destination, schema: TableSchema,
-                   existing: set[str] | None = None) -> list[tuple[int, str]]:
-    """``(id, row as PostgreSQL text)`` of the Snowflake table in key order ([] before it
-    exists; ``existing``: the schema's tables, when known)."""
-    renders = [snow_type(c).render for c in schema.columns]
-    if schema.table.name not in (existing_tables(cur, destination) if existing is None
-                                 else existing):
-        return []
-    names = ", ".join(quote(c.name) for c in schema.columns)
-    try:
-        rows = cur.execute(f"SELECT {names} FROM {quote(destination.schema, schema.table.name)} "  # noqa: S608
-                           'ORDER BY "id"').fetchall()
-    except Exception as exc:  # a column the destination lacks yet
-        return [(0, f"unreadable: {str(exc).splitlines()[0]}")]
-    return [(int(row[0]), row_text([None if v is None else render(v)
-                                    for render, v in zip(renders, row, strict=True)]))
-            for row in rows]
-
-
-def snowflake_differences(env: StreamingEnv, destination: Destination,
-                          schemas: list[TableSchema]) -> list[str]:
-    found = []
-    conn = pinned_connection(env.source_url)
-    try:
-        with cursor(destination) as cur:
-            existing = existing_tables(cur, destination)
-            for schema in schemas:
-                source = dict(rows_as_text(conn, "public", schema.table.name))
-                target = dict(snowflake_rows(cur, destination, schema, existing))
-                for key in sorted(set(source) | set(target)):
-                    if source.get(key) != target.get(key):
-                        found.append(f"{schema.table.name} {key}: {source.get(key)!r} != "
-                                     f"{target.get(key)!r}")
-    finally:
-        conn.close()
-    return found
-
-
-def converge(env: StreamingEnv, destination: Destination, schemas: list[TableSchema],
-             what: str) -> None:
-    """Wait until the destination equals the source, else fail listing what differs."""
-    try:
-        wait_until(lambda: not snowflake_differences(env, destination, schemas), 120, what)
-    except AssertionError:
-        raise AssertionError(f"{what}: Snowflake differs:\n" + "\n".join(
-            snowflake_differences(env, destination, schemas)[:40])) from None
-
-
-def _damage(destination: Destination, schemas: list[TableSchema]) -> None:
-    """What an incident leaves: rows missing, rows wrong (NULL), rows the source never had."""
-    with cursor(destination) as cur:
-        for schema in schemas:
-            table = quote("replica", schema.table.name)
-            value = quote("n" if schema.table.name == INDEX_TABLE else "v")
-            cur.execute(f'DELETE FROM {table} WHERE MOD("id", 4) = 1')  # noqa: S608
-            cur.execute(f'UPDATE {table} SET {value} = NULL WHERE MOD("id", 4) = 2')  # noqa: S608
-            cur.execute(f'INSERT INTO {table} ("id", "n") SELECT "id" + 5000, "n" FROM {table} '  # noqa: S608
-                        'WHERE "id" < 4')
-
-
-def test_every_type_is_exact_in_the_snowflake_emulator_through_load_stream_and_backfill(
-    env: StreamingEnv, store: ConfigStore, emulated: Destination
-) -> None:
-    """The type matrix (every family, hostile values; the table keyed by a replica identity
-    index too) loaded and streamed into Snowflake (emulated), then compared row by row as
-    PostgreSQL text; the parity checks; then the destination is damaged and a backfill of
-    every table (chunks of 3 rows, four jobs at a time) repairs it; a filtered job is refused."""
-    families = families_for(env.engine)
-    tables = [t for t in create_matrix(env.source_url, families, env.engine)
-              if t != f"public.{FULL_TABLE}"]
-    pipeline = snowflake_pipeline(env, emulated, "snow", tables)
-    store.sync_pipeline(pipeline)
-    store.set_pipeline_status("snow", PipelineStatus.START)
-    schemas = source_schemas(env, tables)
-    session = StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)
-
-    with streaming(session):
-        converge(env, emulated, schemas, "the initial load")
-        change_matrix(env.source_url, families)
-        converge(env, emulated, schemas, "the streamed changes")
-        conn = pinned_connection(env.source_url)
-        try:
-            source = PostgresTableReader(conn)
-            with cursor(emulated) as cur:
-                reader = SnowflakeTableReader(cur)
-                for schema in schemas[:6]:
-                    target = sql.Identifier("replica", schema.table.name)
-                    assert row_count_parity(source, reader, schema, target, 5).passed
-                    outcome = content_parity(source, reader, schema, target, 2, 5)
-                    assert outcome.passed, outcome.description
-                numeric = next(s for s in schemas if s.table.name == "m_numeric")
-                outcome = content_parity(
-                    source, reader, dataclasses.replace(numeric, key_columns=("v",)),
-                    sql.Identifier("replica", "m_numeric"), 2, 1)
-                assert not outcome.passed
-                assert "is not compared in Snowflake: its key (v) does not sort" in (
-                    outcome.description)
-        finally:
-            conn.close()
-        # The backfill repairs a sample of the families (its rows take the initial load's path,
-        # which every family took above), the replica identity index's table among them.
-        repaired = [s for s in schemas if s.table.name in (
-            INDEX_TABLE, "m_int", "m_text", "m_bytea", "m_uuid", "m_bool", "m_numeric",
-            "m_timestamptz", "m_composite", "m_int_array")]
-        _damage(emulated, repaired)
-        assert snowflake_differences(env, emulated, repaired)
-        jobs = [store.create_backfill_job("snow", s.table.qualified).id for s in repaired]
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(lambda job: BackfillRunner(pipeline, store, job, chunk_rows=3,
-                                                     chunk_timeout_s=120).run(), jobs))
-        converge(env, emulated, schemas, "the backfills")
-        job = store.create_backfill_job("snow", "public.m_int",
-                                        [{"column": "id", "operator": ">", "value": 3}])
-        with pytest.raises(BackfillError, match="Snowflake, which takes backfills of whole"):
-            BackfillRunner(pipeline, store, job.id, chunk_rows=3, chunk_timeout_s=60).run()
-    with cursor(emulated) as cur:
-        left = cur.execute("SELECT count(*) FROM information_schema.tables WHERE "
-                           "STARTSWITH(table_name, '_rosetta_chunk')").fetchone()
-    assert left == (0,)
 
 
 def test_a_key_update_keeps_the_toasted_values_in_the_snowflake_emulator(
@@ -488,37 +322,6 @@ def test_a_wrong_password_is_one_sentence_without_the_secret(emulated: Destinati
     assert "hunter2" not in str(failed.value)
 
 
-_LIVE = ("SNOWFLAKE_ACCOUNT", "SNOWFLAKE_USER", "SNOWFLAKE_PASSWORD", "SNOWFLAKE_DATABASE")
-
-
-@pytest.mark.skipif(not all(os.environ.get(name) for name in _LIVE),
-                    reason="not run: no Snowflake account (set " + ", ".join(_LIVE)
-                    + " and optionally SNOWFLAKE_WAREHOUSE, SNOWFLAKE_ROLE)")
-def test_live_snowflake_account(env: StreamingEnv, store: ConfigStore) -> None:
-    """The type matrix loaded and streamed into a real Snowflake account, in a schema of its
-    own (dropped at the end)."""
-    schema = f"rosetta_test_{uuid.uuid4().hex[:8]}"
-    destination = Destination(
-        name="dst", host="", port=0, database=os.environ["SNOWFLAKE_DATABASE"],
-        user=os.environ["SNOWFLAKE_USER"], password=os.environ["SNOWFLAKE_PASSWORD"],
-        schema=schema, kind="snowflake", snowflake=SnowflakeAccount(
-            account=os.environ["SNOWFLAKE_ACCOUNT"],
-            warehouse=os.environ.get("SNOWFLAKE_WAREHOUSE"), role=os.environ.get("SNOWFLAKE_ROLE")))
-    families = families_for(env.engine)
-    tables = [t for t in create_matrix(env.source_url, families, env.engine)
-              if t != f"public.{FULL_TABLE}"]
-    pipeline = dataclasses.replace(env.pipeline("live", tables), destinations=(destination,))
-    schemas = source_schemas(env, tables)
-    try:
-        with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
-            change_matrix(env.source_url, families)
-            wait_until(lambda: not snowflake_differences(env, destination, schemas), 300,
-                       "the live account to equal the source")
-    finally:
-        with cursor(destination) as cur:
-            cur.execute(f"DROP SCHEMA IF EXISTS {quote(schema)}")
-
-
 SEEDS = [int(seed) for seed in os.environ.get("ROSETTA_SNOWFLAKE_SEEDS", "20261205").split(",")]
 
 
@@ -582,47 +385,6 @@ def test_random_change_sequences_leave_the_snowflake_emulator_exact(
                         differing()[:20])) from None
     finally:
         conn.close()
-
-
-SNAPSHOT_SAMPLE = ("int", "bigint", "text", "bytea", "uuid", "bool", "date", "numeric",
-                   "timestamptz", "int_array", "composite")
-
-
-@pytest.mark.parametrize("engine", ["debezium"])
-def test_a_debezium_snapshot_loads_the_snowflake_emulator_and_a_re_snapshot_removes_deleted_rows(
-    env: StreamingEnv, emulated: Destination
-) -> None:
-    """``initial_load: debezium``: the type matrix snapshotted by the engine into Snowflake,
-    then streamed; the slot is dropped while stopped and rows are deleted, updated and inserted
-    meanwhile: the re-snapshot records the keys it writes (key tables made before each batch's
-    transaction) and then deletes the rows it did not write."""
-    # A sample of the families (each family's values through the engine's snapshot are
-    # proven on PostgreSQL and DuckDB; here: the re-snapshot's key tables and reconciliation).
-    families = tuple(f for f in families_for(env.engine) if f.name in SNAPSHOT_SAMPLE)
-    tables = [t for t in create_matrix(env.source_url, families, env.engine)
-              if t not in (f"public.{FULL_TABLE}", f"public.{INDEX_TABLE}")]
-    base = snowflake_pipeline(env, emulated, "snap", tables)
-    pipeline = dataclasses.replace(base, settings=dataclasses.replace(
-        base.settings, initial_load="debezium"))
-    schemas = source_schemas(env, tables)
-
-    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
-        converge(env, emulated, schemas, "the snapshot")
-        change_matrix(env.source_url, families)
-        converge(env, emulated, schemas, "the streamed changes")
-    drop_slots(env)
-    conn = pinned_connection(env.source_url)
-    with conn.cursor() as cur:
-        for table in tables:
-            cur.execute(f"DELETE FROM {table} WHERE id % 2 = 0")  # noqa: S608
-            cur.execute(f"UPDATE {table} SET n = n + 100")  # noqa: S608
-    conn.close()
-    with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
-        converge(env, emulated, schemas, "the re-snapshot")
-    with cursor(emulated) as cur:
-        left = cur.execute("SELECT count(*) FROM information_schema.tables WHERE "
-                           "STARTSWITH(table_name, '_rosetta_resync_')").fetchone()
-    assert left == (0,)
 
 
 def test_kill_9_mid_batch_then_restart_converges_in_the_snowflake_emulator(

@@ -68,33 +68,36 @@ def drop_column(target: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class ColumnsStatements:
-    """The recorded source type of each destination column (parameters: the table's name)."""
+    """The recorded source type of each destination column."""
 
+    table: str  # rows: table name, column name, source type
     create: str
-    read: str  # column, source type
-    record: tuple[str, ...]  # parameters: table, column, then type, table, column
+    read: str  # column, source type (parameter: the table's name)
+
+    def forget(self, columns: int) -> str:
+        """Delete the records of ``columns`` columns (parameters: the table, the columns)."""
+        return (f"DELETE FROM {self.table} WHERE table_name = ? AND column_name IN "
+                f"({join(['?'] * columns)})")
 
 
 def columns_statements(schema_name: str) -> ColumnsStatements:
     table = quote(schema_name, COLUMNS_TABLE)
     return ColumnsStatements(
+        table=table,
         create=(f"CREATE TABLE IF NOT EXISTS {table} (table_name VARCHAR NOT NULL, "
                 "column_name VARCHAR NOT NULL, source_type VARCHAR NOT NULL)"),
         read=f"SELECT column_name, source_type FROM {table} WHERE table_name = ?",
-        record=(f"DELETE FROM {table} WHERE table_name = ? AND column_name = ?",
-                f"INSERT INTO {table} (source_type, table_name, column_name) VALUES (?, ?, ?)"),
     )
 
 
-# The catalog's rows of a schema, by its name as written (quoted: case kept). The emulator
-# reports quoted names in upper case, so that spelling is taken too (a schema of the same name
-# in upper case beside it would be read as well: Rosetta does not make one).
-IN_SCHEMA = "table_schema IN (?, UPPER(?))"
+# The catalog's rows of a schema, by its name as written (quoted: case kept; the connection
+# has no current schema, whose name the emulator would report in upper case).
+IN_SCHEMA = "table_schema = ?"
 
 
 def in_schema(schema_name: str) -> list[str]:
     """The parameters of :data:`IN_SCHEMA`."""
-    return [schema_name, schema_name]
+    return [schema_name]
 
 
 def table_columns(schema_name: str) -> tuple[str, list[str]]:

@@ -102,6 +102,7 @@ def ensure_table(cursor: SnowflakeCursor, schema: TableSchema, table: TableRef,
         # Another connection (the initial load's) may have made it meanwhile.
         existing = dict(cursor.execute(statement, [*params, table.name]).fetchall())
     recorded = dict(cursor.execute(record.read, [table.name]).fetchall())
+    recording: list[Column] = []
     for column in schema.columns:
         was = recorded.get(column.name)
         if was == column.type_sql:
@@ -125,8 +126,12 @@ def ensure_table(cursor: SnowflakeCursor, schema: TableSchema, table: TableRef,
                                          RetypedColumn(column.name, was, column.type_sql))
         if fill:
             cursor.execute(fill_added_column(target, column))
-        cursor.execute(record.record[0], [table.name, column.name])
-        cursor.execute(record.record[1], [column.type_sql, table.name, column.name])
+        recording.append(column)
+    if recording:  # last: a crash before leaves the columns to be finished by the next call
+        names = [column.name for column in recording]
+        cursor.execute(record.forget(len(names)), [table.name, *names])
+        put_rows(cursor, record.table,
+                 [(table.name, column.name, column.type_sql) for column in recording])
 
 
 class SnowflakeWriter(WarehouseWriter):
