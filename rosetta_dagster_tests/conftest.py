@@ -22,7 +22,7 @@ from rosetta_dagster.harness import StreamingEnv, drop_slots, new_streaming_env
 
 TEST_PASSWORD = "s3cret-Test-Pw"
 
-# The modules that take minutes, slowest first. scripts/test.sh runs two pytest-xdist workers
+# The modules that take minutes, slowest first. scripts/test.sh runs three pytest-xdist workers
 # with whole files as the unit (--dist loadfile: a module's tests stay together, in order, with
 # their module-scoped servers) in this order (--no-loadscope-reorder): a long module started
 # last would leave one worker idle while the other finishes it.
