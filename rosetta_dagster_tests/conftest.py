@@ -6,7 +6,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,13 +112,32 @@ def env(pg_cluster: LocalPostgresCluster, pg_root: Path, engine: str) -> Iterato
 
 
 @pytest.fixture(scope="session")
-def fakesnow_server() -> Iterator[dict[str, Any]]:
-    """The emulator, served on a port the OS picks, in this process (its databases are in
-    memory, shared by every session)."""
-    import fakesnow
-
-    with fakesnow.server() as options:
-        yield options
+def fakesnow_server(pg_root: Path) -> Iterator[dict[str, Any]]:
+    """The emulator, served by a process of its own (its work would otherwise share this
+    process's interpreter lock with the streams under test) on a port the OS picked; its
+    databases are in memory, shared by every session."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (pg_root / "fakesnow.log").open("ab")
+    server = subprocess.Popen([sys.executable, "-m", "fakesnow", "-s", "--host", "127.0.0.1",
+                               "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fakesnow did not start: see {log.name}") from None
+            time.sleep(0.1)
+    try:
+        yield {"user": "fake", "password": "snow", "account": "fakesnow",
+               "host": "127.0.0.1", "port": port}
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
 
 
 @pytest.fixture
