@@ -30,7 +30,7 @@ TEST_PASSWORD = "s3cret-Test-Pw"
 # with whole files as the unit (--dist loadfile: a module's tests stay together, in order, with
 # their module-scoped servers) in this order (--no-loadscope-reorder): a long module started
 # last would leave one worker idle while the other finishes it.
-SLOWEST_FIRST = ("test_dagster_streaming", "test_type_matrix", "test_fuzz", "test_snowflake_types",
+SLOWEST_FIRST = ("test_snowflake_types", "test_dagster_streaming", "test_type_matrix", "test_fuzz",
                  "test_crash_recovery", "test_snowflake_destination", "test_refused_changes",
                  "test_initial_load", "test_backfill", "test_streaming", "test_duckdb_destination")
 

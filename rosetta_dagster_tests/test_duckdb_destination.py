@@ -68,7 +68,7 @@ from rosetta_dagster.harness.type_matrix import (
     create_matrix,
     families_for,
     pinned_connection,
-    rows_as_text,
+    row_differences,
     source_schemas,
 )
 
@@ -104,19 +104,7 @@ def duckdb_rows(path: Path, schema: TableSchema, target_schema: str = "replica",
 
 
 def duckdb_differences(env: StreamingEnv, path: Path, schemas: list[TableSchema]) -> list[str]:
-    found = []
-    conn = pinned_connection(env.source_url)
-    try:
-        for schema in schemas:
-            source = dict(rows_as_text(conn, "public", schema.table.name))
-            destination = dict(duckdb_rows(path, schema))
-            for key in sorted(set(source) | set(destination)):
-                if source.get(key) != destination.get(key):
-                    found.append(f"{schema.table.name} {key}: {source.get(key)!r} != "
-                                 f"{destination.get(key)!r}")
-    finally:
-        conn.close()
-    return found
+    return row_differences(env, schemas, lambda schema: duckdb_rows(path, schema))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from rosetta_dagster.core.destination.warehouse.reader import row_text
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
 from rosetta_dagster.core.table_schema import TableSchema
 from rosetta_dagster.harness import StreamingEnv, wait_until
-from rosetta_dagster.harness.type_matrix import pinned_connection, rows_as_text
+from rosetta_dagster.harness.type_matrix import row_differences
 
 
 def snowflake_pipeline(env: StreamingEnv, destination: Destination, name: str,
@@ -50,21 +50,10 @@ def snowflake_rows(cur: Any, destination: Destination, schema: TableSchema,
 
 def snowflake_differences(env: StreamingEnv, destination: Destination,
                           schemas: list[TableSchema]) -> list[str]:
-    found = []
-    conn = pinned_connection(env.source_url)
-    try:
-        with cursor(destination) as cur:
-            existing = existing_tables(cur, destination)
-            for schema in schemas:
-                source = dict(rows_as_text(conn, "public", schema.table.name))
-                target = dict(snowflake_rows(cur, destination, schema, existing))
-                for key in sorted(set(source) | set(target)):
-                    if source.get(key) != target.get(key):
-                        found.append(f"{schema.table.name} {key}: {source.get(key)!r} != "
-                                     f"{target.get(key)!r}")
-    finally:
-        conn.close()
-    return found
+    with cursor(destination) as cur:
+        existing = existing_tables(cur, destination)
+        return row_differences(env, schemas,
+                               lambda schema: snowflake_rows(cur, destination, schema, existing))
 
 
 def converge(env: StreamingEnv, destination: Destination, schemas: list[TableSchema],

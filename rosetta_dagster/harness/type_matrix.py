@@ -9,6 +9,7 @@ settings, so "equal" means exactly what the product promises.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -387,3 +388,23 @@ def source_schemas(env: StreamingEnv, tables: list[str]) -> list[TableSchema]:
         return [read_table_schema(conn, TableRef.parse(t), "matrix") for t in tables]
     finally:
         conn.close()
+
+
+def row_differences(env: StreamingEnv, schemas: list[TableSchema],
+                    destination_rows: Callable[[TableSchema], list[tuple[int, str]]]
+                    ) -> list[str]:
+    """Each row that differs between the source and a destination, both as PostgreSQL's row
+    text by id (``destination_rows``: a table's ``(id, row text)`` at the destination)."""
+    found = []
+    conn = pinned_connection(env.source_url)
+    try:
+        for schema in schemas:
+            source = dict(rows_as_text(conn, "public", schema.table.name))
+            target = dict(destination_rows(schema))
+            for key in sorted(set(source) | set(target)):
+                if source.get(key) != target.get(key):
+                    found.append(f"{schema.table.name} {key}: {source.get(key)!r} != "
+                                 f"{target.get(key)!r}")
+    finally:
+        conn.close()
+    return found
