@@ -331,6 +331,32 @@ def test_a_failed_connection_is_one_sentence_without_the_secret(emulated: Destin
     assert "hunter2" not in str(failed.value)
 
 
+def test_a_connection_reaches_the_account_endpoint_and_nothing_else(
+    emulated: Destination,
+) -> None:
+    """The connector's login probes cloud metadata endpoints (AWS, Azure, GCP) unless told not
+    to: each probe waits up to its timeout, longer where the addresses are dropped, on every
+    connection. Every socket a connection opens (Python's audit events, all threads) goes to
+    the destination's endpoint."""
+    addresses: list[object] = []
+    recording = threading.Event()
+
+    def audit(event: str, args: tuple[object, ...]) -> None:
+        if recording.is_set() and event == "socket.connect":
+            addresses.append(args[1])
+
+    sys.addaudithook(audit)  # cannot be removed: inert once recording is cleared
+    recording.set()
+    try:
+        with cursor(emulated) as cur:
+            cur.execute("SELECT 1")
+    finally:
+        recording.clear()
+    endpoint = (emulated.host, emulated.port)
+    assert addresses and all(isinstance(address, tuple) and address[:2] == endpoint
+                             for address in addresses), addresses
+
+
 SEEDS = [int(seed) for seed in os.environ.get("ROSETTA_SNOWFLAKE_SEEDS", "20261205").split(",")]
 
 

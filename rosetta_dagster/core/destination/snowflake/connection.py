@@ -64,6 +64,10 @@ def connect(destination: Destination) -> SnowflakeConnection:
         "paramstyle": "qmark", "autocommit": True,
         "client_session_keep_alive": True, "login_timeout": 60, "network_timeout": 300,
         "session_parameters": dict(SESSION_PARAMETERS), "application": "Rosetta",
+        # No probes of cloud metadata endpoints (the login's client-environment report): up
+        # to 0.2 s per connection, and longer where those addresses are dropped rather than
+        # refused (DNS and AWS credential lookups run to their own timeouts).
+        "platform_detection_timeout_seconds": 0.0,
     }
     for key, value in (("warehouse", account.warehouse), ("role", account.role)):
         if value:
