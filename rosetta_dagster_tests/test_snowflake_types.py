@@ -70,7 +70,8 @@ def test_every_type_is_exact_in_the_snowflake_emulator_through_load_stream_and_b
     """The type matrix (every family, hostile values; the table keyed by a replica identity
     index too) loaded and streamed into Snowflake (emulated), then compared row by row as
     PostgreSQL text; the parity checks; then the destination is damaged and a backfill of
-    every table (chunks of 3 rows, four jobs at a time) repairs it; a filtered job is refused."""
+    every table (chunks of 3 rows, four jobs at a time) repairs it; a filtered job is refused;
+    then (pgoutput) a re-sync after the slot was dropped repairs it again."""
     families = families_for(env.engine)
     tables = [t for t in create_matrix(env.source_url, families, env.engine)
               if t != f"public.{FULL_TABLE}"]
@@ -123,8 +124,12 @@ def test_every_type_is_exact_in_the_snowflake_emulator_through_load_stream_and_b
         left = cur.execute("SELECT count(*) FROM information_schema.tables WHERE "
                            "STARTSWITH(table_name, '_rosetta_chunk')").fetchone()
     assert left == (0,)
+    if env.engine != "pgoutput":
+        return
     # Re-sync: the slot is dropped while stopped and the destination damaged again; the
-    # tables, which hold rows, are loaded beside themselves and swapped in.
+    # tables, which hold rows, are loaded beside themselves and swapped in. Rosetta's load,
+    # the same for both engines (what is engine-specific in a re-sync, the offsets and the
+    # engine's start, is tested with PostgreSQL destinations in test_slots_and_offsets).
     drop_slots(env)
     _damage(emulated, repaired)
     with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):

@@ -49,18 +49,21 @@ def snowflake_rows(cur: Any, destination: Destination, schema: TableSchema,
 
 
 def snowflake_differences(env: StreamingEnv, destination: Destination,
-                          schemas: list[TableSchema]) -> list[str]:
+                          schemas: list[TableSchema], *, first_table_only: bool = False
+                          ) -> list[str]:
     with cursor(destination) as cur:
         existing = existing_tables(cur, destination)
         return row_differences(env, schemas,
-                               lambda schema: snowflake_rows(cur, destination, schema, existing))
+                               lambda schema: snowflake_rows(cur, destination, schema, existing),
+                               first_table_only=first_table_only)
 
 
 def converge(env: StreamingEnv, destination: Destination, schemas: list[TableSchema],
              what: str) -> None:
     """Wait until the destination equals the source, else fail listing what differs."""
     try:
-        wait_until(lambda: not snowflake_differences(env, destination, schemas), 120, what)
+        wait_until(lambda: not snowflake_differences(env, destination, schemas,
+                                                     first_table_only=True), 120, what)
     except AssertionError:
         raise AssertionError(f"{what}: Snowflake differs:\n" + "\n".join(
             snowflake_differences(env, destination, schemas)[:40])) from None

@@ -391,14 +391,17 @@ def source_schemas(env: StreamingEnv, tables: list[str]) -> list[TableSchema]:
 
 
 def row_differences(env: StreamingEnv, schemas: list[TableSchema],
-                    destination_rows: Callable[[TableSchema], list[tuple[int, str]]]
-                    ) -> list[str]:
+                    destination_rows: Callable[[TableSchema], list[tuple[int, str]]],
+                    *, first_table_only: bool = False) -> list[str]:
     """Each row that differs between the source and a destination, both as PostgreSQL's row
-    text by id (``destination_rows``: a table's ``(id, row text)`` at the destination)."""
-    found = []
+    text by id (``destination_rows``: a table's ``(id, row text)`` at the destination);
+    ``first_table_only``: those of the first table that differs (enough while waiting)."""
+    found: list[str] = []
     conn = pinned_connection(env.source_url)
     try:
         for schema in schemas:
+            if found and first_table_only:
+                break
             source = dict(rows_as_text(conn, "public", schema.table.name))
             target = dict(destination_rows(schema))
             for key in sorted(set(source) | set(target)):
