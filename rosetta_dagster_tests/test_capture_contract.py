@@ -8,14 +8,17 @@ running on both.
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg2
+import pytest
 from psycopg2 import sql
 
 from rosetta_dagster.core.capture import CaptureBatch
+from rosetta_dagster.core.capture.debezium.engine import DebeziumCapture
 from rosetta_dagster.core.capture.debezium.events import mark_key_changes
 from rosetta_dagster.core.destination.postgres.applier import PostgresApplier
 from rosetta_dagster.core.dsn import pinned_options
@@ -222,3 +225,43 @@ def test_debezium_reads_the_source_catalog_only_when_a_tables_schema_is_new(
         assert schema_events({table: [9]}) == ["s"]
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("engine", ["debezium"])
+def test_debezium_streams_without_per_event_summaries_or_linked_collectors(
+        env: StreamingEnv) -> None:
+    """Two costs measured in W1 are off while Debezium streams (docs/benchmarks.md): the
+    metrics' text summary of every event (after the first batch no event reaches the
+    metrics: their count and last event stay as they were) and JPype's link between Python's
+    and Java's garbage collectors (its hook is not in ``gc.callbacks``)."""
+    import _jpype
+    import jpype
+
+    execute(env.source_url, "CREATE TABLE public.quiet (id int PRIMARY KEY, v text)")
+    session = StreamingSession(env.pipeline("quiet", ["public.quiet"]),
+                               offsets_dir=env.offsets_dir)
+    with streaming(session):
+        wait(lambda: fetch(env.source_url, "SELECT active FROM pg_replication_slots WHERE "
+                           "slot_name = %s", (session.pipeline.slot_name,)) == [(True,)],
+             message="the stream to start")
+        execute(env.source_url, "INSERT INTO public.quiet VALUES (0, 'first')")
+        wait(lambda: env.converged("public.quiet") and fetch(
+            env.destination_url, "SELECT count(*) FROM replica.quiet")[0][0] == 1,
+             message="the first row to arrive")
+        capture = session._capture  # noqa: SLF001 - the engine's own objects are the point
+        assert isinstance(capture, DebeziumCapture), capture
+        assert capture.event_summaries_off is not None
+        field = jpype.JClass("io.debezium.pipeline.ChangeEventSourceCoordinator").class_ \
+            .getDeclaredField("streamingMetrics")
+        field.setAccessible(True)
+        metrics = field.get(capture.event_summaries_off.coordinator())
+        seen, last = int(metrics.getTotalNumberOfEventsSeen()), metrics.getLastEvent()
+        execute(env.source_url, "INSERT INTO public.quiet SELECT g, 'v' || g "
+                "FROM generate_series(1, 50) g")
+        execute(env.source_url, "UPDATE public.quiet SET v = 'w' WHERE id <= 10")
+        wait(lambda: env.converged("public.quiet") and fetch(
+            env.destination_url, "SELECT count(*) FROM replica.quiet WHERE v = 'w'")[0][0] == 11,
+             message="the changes to arrive")
+        assert int(metrics.getTotalNumberOfEventsSeen()) == seen
+        assert metrics.getLastEvent() == last
+    assert _jpype._collect not in gc.callbacks

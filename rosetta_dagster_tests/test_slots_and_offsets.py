@@ -367,17 +367,19 @@ def test_offsets_are_stored_only_at_the_end_of_a_complete_lsn_group() -> None:
     assert complete_prefix([10, 20, ENDS_GROUPS]) == 3  # a heartbeat after the commit
     assert complete_prefix([ENDS_GROUPS, 20, 20]) == 1
     assert complete_prefix([20]) == 0 and complete_prefix([]) == 0
+    # The last record of the complete prefix is marked (the engine keeps the latest offset).
     marking = OffsetMarking()
-    assert marking.markable(["a", "b", "c"], [10, 20, 20]) == ["a"]
-    assert marking.markable(["d"], [20]) == []  # the group goes on in the next batch
-    assert marking.markable(["e", "f"], [30, 40]) == ["b", "c", "d", "e"]
-    assert marking.markable(["g"], [ENDS_GROUPS]) == ["f", "g"]
+    assert marking.markable(["a", "b", "c"], [10, 20, 20]) == "a"
+    assert marking.markable(["d"], [20]) is None  # the group goes on in the next batch
+    assert marking.markable(["e", "f"], [30, 40]) == "e"
+    assert marking.markable(["g"], [ENDS_GROUPS]) == "g"
     # Timer heartbeats (where replays are told apart) are passed over and never marked.
     assert complete_prefix([10, NEVER_MARKED, 10, 20]) == 3
     assert complete_prefix([10, NEVER_MARKED, 20]) == 2
-    assert marking.markable(["h", "i", "j", "k"], [50, NEVER_MARKED, 60, NEVER_MARKED]) == ["h"]
-    assert marking.markable(["l"], [ENDS_GROUPS]) == ["j", "l"]
-
+    assert marking.markable(["h", "i", "j", "k"], [50, NEVER_MARKED, 60, NEVER_MARKED]) == "h"
+    assert marking.markable(["l"], [NEVER_MARKED]) is None  # j's group may go on
+    assert marking.markable(["m"], [ENDS_GROUPS]) == "m"
+    assert marking.markable(["n", "o"], [70, NEVER_MARKED]) is None
 
 @pytest.mark.parametrize("engine", ["debezium"])
 @pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "keyless"])

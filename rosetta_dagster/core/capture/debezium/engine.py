@@ -8,6 +8,7 @@ Connector failures that the engine reports through its completion callback are s
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ import jpype
 from rosetta_dagster.core.capture import BatchHandler, CaptureBatch, PositionLost
 from rosetta_dagster.core.capture.debezium.events import (
     TimerHeartbeat,
+    decode_batch,
     decode_event,
     mark_key_changes,
 )
@@ -132,17 +134,19 @@ def connector_properties(
     }
 
 
-def schema_tokens(ends: Mapping[TableRef, Sequence[Any]]) -> dict[TableRef, list[int]]:
+def schema_tokens(records: Sequence[Any], ends: Mapping[TableRef, Sequence[int]]
+                  ) -> dict[TableRef, list[int]]:
     """Per table, the identities of the value schemas Debezium built for it, of its first and
-    last record in a batch (without a repeat). Debezium builds a new schema object whenever a
-    relation message describes the table differently, so a change within the batch shows as
-    two tokens. A few JPype calls per table, not per record."""
+    last record in a batch (``ends``: their indexes in ``records``; without a repeat).
+    Debezium builds a new schema object whenever a relation message describes the table
+    differently, so a change within the batch shows as two tokens. A few JPype calls per
+    table, not per record."""
     identity = jpype.JClass("java.lang.System").identityHashCode
     tokens: dict[TableRef, list[int]] = {}
-    for table, records in ends.items():
+    for table, indexes in ends.items():
         seen = tokens[table] = []
-        for record in records[:1] if records[0] is records[-1] else records:
-            token = int(identity(record.sourceRecord().valueSchema()))
+        for index in sorted(set(indexes)):
+            token = int(identity(records[index].sourceRecord().valueSchema()))
             if not seen or seen[-1] != token:
                 seen.append(token)
     return tokens
@@ -167,28 +171,121 @@ class _CompletionCallback:
         self.message = mask_secrets(text)
 
 
+@functools.cache
+def _private_field(class_name: str, name: str) -> Any:
+    field = jpype.JClass(class_name).class_.getDeclaredField(name)
+    field.setAccessible(True)
+    return field
+
+
+@functools.cache
+def _no_op_listener() -> Any:
+    return jpype.JClass("io.debezium.pipeline.source.spi.DataChangeEventListener").NO_OP()
+
+
+class EventSummariesOff:
+    """Debezium's change-event metrics (for JMX, which nothing here reads) make a text summary
+    of every event: ``CommonEventMeter.onEvent`` prints its key, before and after as JSON,
+    each with a new Jackson ``ObjectMapper``. That was a quarter of the reader thread's CPU in
+    W1, and no setting turns it off (``statistics.metrics.enabled`` covers other numbers). So
+    the event dispatcher's listener is swapped for Debezium's own no-op listener, checked
+    once per batch because the coordinator sets it again at each phase (snapshot,
+    streaming). Reached by reflection into Debezium 3.6's classes: should a later version
+    rename them, the stream goes on with the summaries, saying so once."""
+
+    def __init__(self, engine: Any, pipeline: str) -> None:
+        self._engine = engine
+        self._pipeline = pipeline
+        self._dispatcher: Any = None
+        self._given_up = False
+
+    def coordinator(self) -> Any:
+        """The connector task's ChangeEventSourceCoordinator (it runs snapshot and stream)."""
+        tasks = _private_field("io.debezium.embedded.async.AsyncEmbeddedEngine",
+                               "tasks").get(self._engine)
+        return _private_field("io.debezium.connector.common.BaseSourceTask",
+                              "coordinator").get(tasks.get(0).connectTask())
+
+    def dispatcher(self) -> Any:
+        if self._dispatcher is None:
+            self._dispatcher = _private_field("io.debezium.pipeline.ChangeEventSourceCoordinator",
+                                              "eventDispatcher").get(self.coordinator())
+        return self._dispatcher
+
+    def ensure(self) -> None:
+        if self._given_up:
+            return
+        try:
+            listener = _private_field("io.debezium.pipeline.EventDispatcher", "eventListener")
+            dispatcher = self.dispatcher()
+            if not listener.get(dispatcher).equals(_no_op_listener()):
+                listener.set(dispatcher, _no_op_listener())
+        except (jpype.JException, AttributeError, TypeError) as exc:
+            self._given_up = True
+            logger.info("Pipeline %s: Debezium's per-event metrics summaries stay on (%s)",
+                        self._pipeline, exc)
+
+
+@functools.cache
+def _values_as_json_array() -> Callable[[Any], str]:
+    """A function of an engine batch (a Java list of change events) to its values as one
+    JSON array, built in Java: ``ChangeEvent::value`` as a method handle behind a Java
+    ``Function``, the values joined by a ``Collector``. A batch crosses into Python as one
+    string instead of a Python object, a Java string and its conversion per record (which
+    also fed JPype's reference queue: its thread was a sixth of the stream's CPU)."""
+    lookup = jpype.JClass("java.lang.invoke.MethodHandles").publicLookup()
+    value = lookup.findVirtual(
+        jpype.JClass("io.debezium.engine.ChangeEvent"), "value",
+        jpype.JClass("java.lang.invoke.MethodType").methodType(jpype.JClass("java.lang.Object")))
+    to_value = jpype.JClass("java.lang.invoke.MethodHandleProxies").asInterfaceInstance(
+        jpype.JClass("java.util.function.Function"), value)
+    # A record without a value is joined as "null" (StringJoiner's text of null).
+    as_array = jpype.JClass("java.util.stream.Collectors").joining(",", "[", "]")
+
+    def join(records: Any) -> str:
+        return str(records.stream().map(to_value).collect(as_array))
+
+    return join
+
+
+class EngineBatch:
+    """One engine batch: every record's parsed value, and the Java records themselves, read
+    by index only where needed (markers, each table's first and last record, the record to
+    mark, deliveries)."""
+
+    def __init__(self, records: Any) -> None:
+        self._records = records
+        self.payloads = decode_batch(_values_as_json_array()(records))
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    def __getitem__(self, index: int) -> Any:
+        return self._records.get(index)
+
+
 @jpype.JImplements("io.debezium.engine.DebeziumEngine$ChangeConsumer", deferred=True)
 class _BatchConsumer:
-    """Hands each engine batch to ``handle``, then marks processed (the engine stores their
-    offsets) the records whose LSN group is complete (see :mod:`.marking`). The batch list
-    crosses JPype once (toArray), for both; a failure is kept for the caller's thread and ends
-    the engine, with nothing of the batch marked."""
+    """Hands each engine batch to ``handle``, then marks processed (the engine stores its
+    offset) the last record whose LSN group is complete (see :mod:`.marking`). A failure is
+    kept for the caller's thread and ends the engine, with nothing of the batch marked."""
 
-    def __init__(self, handle: Callable[[Sequence[Any]], list[Group]]) -> None:
+    def __init__(self, handle: Callable[[EngineBatch], list[Group]]) -> None:
         self.handle = handle
         self.marking = OffsetMarking()
         self.error: BaseException | None = None
 
     @jpype.JOverride
     def handleBatch(self, records: Any, committer: Any) -> None:  # noqa: N802 (Java names)
-        array = records.toArray()
         try:
-            groups = self.handle(array)
+            batch = EngineBatch(records)
+            groups = self.handle(batch)
         except Exception as exc:  # noqa: BLE001 - reported by DebeziumCapture.raise_if_failed
             self.error = exc
             jpype.JClass("java.lang.Thread").currentThread().interrupt()
             return
-        for record in self.marking.markable(array, groups):
+        record = self.marking.markable(batch, groups)
+        if record is not None:
             committer.markProcessed(record)
         committer.markBatchFinished()
 
@@ -233,8 +330,10 @@ class DebeziumCapture:
         self.offset_storage = offset_storage
         self.on_batch = on_batch
         self.snapshot_mode = snapshot_mode
+        self._tables = {(table.schema, table.name): table for table in pipeline.tables}
         self._engine: Any = None
         self._consumer: _BatchConsumer | None = None
+        self.event_summaries_off: EventSummariesOff | None = None
         self._thread: threading.Thread | None = None
         self._completion: _CompletionCallback | None = None
         self._run_error: BaseException | None = None
@@ -260,41 +359,44 @@ class DebeziumCapture:
         self._consumer = _BatchConsumer(self._handle)
         self._engine = (JDebeziumEngine.create(EngineFormat.JSON).using(properties)
                         .using(self._completion).notifying(self._consumer).build())
+        self.event_summaries_off = EventSummariesOff(self._engine, self.pipeline.name)
         self._thread = threading.Thread(
             target=self._run, name=f"debezium-{self.pipeline.name}", daemon=True
         )
         self._thread.start()
 
-    def _handle(self, records: Sequence[Any]) -> list[Group]:
+    def _handle(self, batch: EngineBatch) -> list[Group]:
         """One engine batch: decoded, completed (key moves, re-read values, type changes) and
         handed to ``on_batch``. Returns each record's LSN group (see :mod:`.marking`)."""
+        if self.event_summaries_off is not None:
+            self.event_summaries_off.ensure()
         events: list[ChangeEvent | Watermark] = []
         groups: list[Group] = []
         marker: PositionMarker | None = None
-        # Per table, its first and last streamed record: their schemas tell whether the
-        # table's schema changed before or within the batch (see TypeWatch).
-        ends: dict[TableRef, list[Any]] = {}
+        # Per table, the index of its first and last streamed record: their schemas tell
+        # whether the table's schema changed before or within the batch (see TypeWatch).
+        ends: dict[TableRef, list[int]] = {}
         deliveries: list[Delivery] | None = [] if self.deliveries else None
-        for record in records:
-            value = record.value()
+        for index, payload in enumerate(batch.payloads):
             # No destination() call: heartbeats are told by their shape.
-            event = None if value is None else decode_event(str(value))
+            event = None if payload is None else decode_event(payload, self._tables)
             if event is None or isinstance(event, TimerHeartbeat):
                 # Not a record of the WAL: never delivered again (see .marking).
-                groups.append(heartbeat_group(record) if deliveries is None else NEVER_MARKED)
+                groups.append(heartbeat_group(batch[index]) if deliveries is None
+                              else NEVER_MARKED)
                 marker = event or marker
                 continue
             if deliveries is not None:
-                deliveries.append(self._delivery(record))
+                deliveries.append(self._delivery(batch[index]))
                 if isinstance(event, ChangeEvent):
                     event.delivery = deliveries[-1]
             if isinstance(event, PositionMarker):
-                groups.append(heartbeat_group(record))
+                groups.append(heartbeat_group(batch[index]))
                 marker = event
                 continue
             events.append(event)
             if isinstance(event, Watermark):
-                groups.append(heartbeat_group(record))
+                groups.append(heartbeat_group(batch[index]))
                 marker = PositionMarker(event.source_ts_ms)
             elif event.from_snapshot:
                 groups.append(ENDS_GROUPS)
@@ -302,15 +404,16 @@ class DebeziumCapture:
                 groups.append(event.lsn)
                 span = ends.get(event.table)  # no list built per event
                 if span is None:
-                    ends[event.table] = [record, record]
+                    ends[event.table] = [index, index]
                 else:
-                    span[1] = record
+                    span[1] = index
         events = mark_key_changes(events)
         if self.reread is not None and events:
             events = self.reread.fill(self._source_rows, events)
         if self.type_watch is not None and events:
             events = list(self.type_watch.with_schema_events(
-                self._source_rows.connection(), events, schema_tokens(ends)))
+                self._source_rows.connection(), events,
+                schema_tokens(batch, ends)))
         if events or marker is not None or deliveries:
             self.on_batch(CaptureBatch(events, marker, deliveries=tuple(deliveries or ())))
         return groups

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import orjson
 
@@ -23,13 +24,23 @@ class TimerHeartbeat(PositionMarker):
     __slots__ = ()
 
 
-def decode_event(value: str) -> ChangeEvent | PositionMarker | Watermark:
-    """Parse one Debezium JSON envelope (schemas disabled).
+def decode_batch(values: str) -> list[dict[str, Any] | None]:
+    """A batch of Debezium JSON envelopes joined as one JSON array (one parse, see
+    engine._values_as_json_array); a record without a value is None."""
+    decoded: list[dict[str, Any] | None] = orjson.loads(values)
+    return decoded
+
+
+def decode_event(payload: dict[str, Any], tables: dict[tuple[str, str], TableRef] | None = None
+                 ) -> ChangeEvent | PositionMarker | Watermark:
+    """One parsed Debezium JSON envelope (schemas disabled) as a change, marker or watermark.
+    ``tables``: the pipeline's tables by (schema, name), so that a change names the same
+    TableRef object every table-keyed dict holds (found by identity, not by comparison);
+    another table is added to it.
 
     Logical messages (op ``m``) are the heartbeat action's ``pg_logical_emit_message``: they
     move the slot forward but carry no row; Debezium's heartbeat records (no ``op``) neither.
     """
-    payload = orjson.loads(value)
     op = payload.get("op")
     if op is None:  # a heartbeat record: {"ts_ms": ...}
         return TimerHeartbeat(payload.get("ts_ms"))
@@ -41,8 +52,14 @@ def decode_event(value: str) -> ChangeEvent | PositionMarker | Watermark:
             return watermark_from_message(bytes.fromhex(message["content"]), ts_ms)
         return PositionMarker(ts_ms)
     source = payload["source"]
+    name = (source["schema"], source["table"])
+    table = None if tables is None else tables.get(name)
+    if table is None:
+        table = TableRef(*name)
+        if tables is not None:
+            tables[name] = table
     return ChangeEvent(
-        table=TableRef(source["schema"], source["table"]),
+        table=table,
         op=payload["op"],
         before=payload.get("before"),
         after=payload.get("after"),

@@ -50,17 +50,31 @@ def complete_prefix(groups: Sequence[Group]) -> int:
 
 class OffsetMarking:
     """The records of a stream, across batches, whose offsets may be stored now; holds back
-    the tail that may belong to an unfinished group."""
+    the tail that may belong to an unfinished group.
+
+    Only the last markable record is marked: the engine's offset writer keeps the latest
+    offset per source partition (one for PostgreSQL) and the PostgreSQL task's
+    ``commitRecord`` does nothing, so marking the last record of a complete prefix stores what
+    marking each of them would, with one call into Java per batch instead of one per record.
+    """
 
     def __init__(self) -> None:
         self._held: list[Any] = []
         self._held_groups: list[Group] = []
 
-    def markable(self, records: Sequence[Any], groups: Sequence[Group]) -> list[Any]:
-        """After ``records`` were applied: the records (held ones first) to mark processed."""
-        pending = [*self._held, *records]
+    def markable(self, records: Sequence[Any], groups: Sequence[Group]) -> Any | None:
+        """After ``records`` (indexable; read only where needed) were applied: the record
+        (a held one or one of these) to mark processed, if any."""
+        held = len(self._held)
         pending_groups = [*self._held_groups, *groups]
+
+        def record(index: int) -> Any:
+            return self._held[index] if index < held else records[index - held]
+
         count = complete_prefix(pending_groups)
-        self._held, self._held_groups = pending[count:], pending_groups[count:]
-        return [record for record, group in zip(pending[:count], pending_groups[:count],
-                                                strict=True) if group != NEVER_MARKED]
+        last = next((index for index in range(count - 1, -1, -1)
+                     if pending_groups[index] != NEVER_MARKED), None)
+        marked = None if last is None else record(last)
+        self._held = [record(index) for index in range(count, len(pending_groups))]
+        self._held_groups = pending_groups[count:]
+        return marked
