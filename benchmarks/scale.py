@@ -22,6 +22,7 @@ source commit to the row being visible in the destination. Reported per shape:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import signal
@@ -56,8 +57,10 @@ def _table(pipeline: int, table: int) -> str:
 class _Deployment:
     """A cluster with source, destination, config and Dagster databases, and `dg dev`."""
 
-    def __init__(self, root: Path, engine: str, pipelines: int, tables: int) -> None:
+    def __init__(self, root: Path, engine: str, pipelines: int, tables: int,
+                 streaming: dict[str, Any] | None = None) -> None:
         self.root, self.engine, self.pipelines, self.tables = root, engine, pipelines, tables
+        self.streaming = streaming or {}
         # Room for every pipeline's slot and walsender, plus lag measurements' temporary copies.
         slots = str(pipelines + 10)
         self.cluster = LocalPostgresCluster(root / "pg", password="bench", settings={
@@ -92,7 +95,7 @@ class _Deployment:
             "pipelines": {
                 name: {"source": "src", "destinations": ["dst"],
                        "tables": [f"public.{_table(p, t)}" for t in range(self.tables)],
-                       "streaming": {"engine": self.engine}}
+                       "streaming": {"engine": self.engine, **self.streaming}}
                 for p, name in enumerate(self.names())},
             "operations": {"supervisor_interval_seconds": 5},
         }))
@@ -297,10 +300,11 @@ def _percentile(values: list[float], share: float) -> float:
     return values[min(len(values) - 1, int(share * len(values)))] if values else float("nan")
 
 
-def measure(engine: str, pipelines: int, tables: int, rate: int, seconds: int) -> dict[str, Any]:
+def measure(engine: str, pipelines: int, tables: int, rate: int, seconds: int,
+            streaming: dict[str, Any] | None = None) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="rosetta-scale-"))
     root.chmod(0o755)  # the server runs as its own OS user under root
-    deployment = _Deployment(root, engine, pipelines, tables)
+    deployment = _Deployment(root, engine, pipelines, tables, streaming)
     try:
         deployment.create_source(rows=1000)
         config = deployment.write_config()
@@ -396,20 +400,26 @@ def main() -> None:
                         help="pipelines x tables per pipeline, comma separated")
     parser.add_argument("--rate", type=int, default=500, help="row changes per second in total")
     parser.add_argument("--seconds", type=int, default=30, help="length of the write phase")
+    parser.add_argument("--streaming", type=json.loads, default={},
+                        help='more streaming settings for every pipeline, as JSON '
+                             '(e.g. \'{"poll_interval_ms": 50}\')')
     args = parser.parse_args()
     engines = ("pgoutput", "debezium") if args.engine == "both" else (args.engine,)
     results = []
     for engine in engines:
         for shape in args.shapes.split(","):
             pipelines, tables = (int(n) for n in shape.split("x"))
-            result = measure(engine, pipelines, tables, args.rate, args.seconds)
+            result = measure(engine, pipelines, tables, args.rate, args.seconds,
+                             args.streaming)
             emit(result)
             results.append(result)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     write_results_section("scale", (
         f"## Scale (`python -m benchmarks.scale`)\n\nMeasured {stamp}: `dg dev` with every "
         f"pipeline START, {args.rate} row changes/s in total over every table for "
-        f"{args.seconds} s, 5 latency probes/s.\n\n{table(results)}\n"))
+        f"{args.seconds} s, 5 latency probes/s"
+        + (f", streaming settings {json.dumps(args.streaming)}" if args.streaming else "")
+        + f".\n\n{table(results)}\n"))
     print(table(results))
 
 

@@ -204,3 +204,24 @@ def test_destination_assets_and_check_specs_are_the_target_tables(tmp_path: Path
     assert AssetKey(["destination", "wh", "copy", "orders"]) not in keys
     (checks,) = build_pipeline_checks(pipeline, PipelineFile(path))
     assert {key.asset_key for key in checks.check_keys} <= keys
+
+
+def test_the_poll_interval_is_longer_on_a_host_of_many_debezium_pipelines(
+        tmp_path: Path) -> None:
+    """Unset, ``poll_interval_ms`` is 20 ms, or 50 ms in a configuration of more than ten
+    Debezium pipelines (their idle polling; docs/benchmarks.md); set, it is kept. pgoutput
+    pipelines do not count."""
+    def config(debezium: int, pgoutput: int = 0) -> dict[str, int]:
+        entries = [f"  d{i}: {{source: shop, destinations: [wh], tables: [public.t{i}]}}"
+                   for i in range(debezium)]
+        entries += [f"  p{i}: {{source: shop, destinations: [wh], tables: [public.u{i}], "
+                    "streaming: {engine: pgoutput}}" for i in range(pgoutput)]
+        entries.append("  fixed: {source: shop, destinations: [wh], tables: [public.x], "
+                       "streaming: {engine: pgoutput, poll_interval_ms: 35}}")
+        text = VALID.split("pipelines:")[0] + "pipelines:\n" + "\n".join(entries) + "\n"
+        loaded = load_config(_write(tmp_path, text), ENV)
+        return {name: p.settings.poll_interval_ms for name, p in loaded.pipelines.items()}
+
+    assert set(config(10, pgoutput=5).values()) == {20, 35}
+    many = config(11)
+    assert {many[f"d{i}"] for i in range(11)} == {50} and many["fixed"] == 35

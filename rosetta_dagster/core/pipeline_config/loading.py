@@ -41,6 +41,7 @@ from rosetta_dagster.core.pipeline_config.records import (
     TableOptions,
     TableRef,
     VerificationSettings,
+    default_poll_interval_ms,
 )
 
 CONFIG_PATH_ENV = "ROSETTA_CONFIG"
@@ -267,6 +268,10 @@ def load_config(
     if not isinstance(raw_pipelines, dict) or not raw_pipelines:
         top.fail("pipelines", "must declare at least one pipeline")
     pipelines: dict[str, PipelineDefinition] = {}
+    poll_interval_ms = default_poll_interval_ms(sum(
+        1 for data in raw_pipelines.values() if isinstance(data, dict)
+        and isinstance(data.get("streaming") or {}, dict)
+        and (data.get("streaming") or {}).get("engine", StreamSettings.engine) == "debezium"))
     for name, data in raw_pipelines.items():
         reader = _Reader(path, f"pipeline '{name}'", data, environ)
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
@@ -307,7 +312,7 @@ def load_config(
             max_batch_size=stream.integer("max_batch_size", StreamSettings.max_batch_size),
             max_queue_size=stream.integer("max_queue_size", StreamSettings.max_queue_size),
             max_queue_mb=stream.integer("max_queue_mb", StreamSettings.max_queue_mb, maximum=4096),
-            poll_interval_ms=stream.integer("poll_interval_ms", StreamSettings.poll_interval_ms),
+            poll_interval_ms=stream.integer("poll_interval_ms", poll_interval_ms),
             offset_flush_interval_ms=stream.integer(
                 "offset_flush_interval_ms", StreamSettings.offset_flush_interval_ms
             ),

@@ -142,6 +142,23 @@ APPLY_ERROR_POLICIES = ("stop", "park")
 OFFSET_STORES = ("file", "config_db")
 
 
+# A Debezium stream's two polling threads (its WAL reader, the engine's queue poll) wake every
+# poll interval even when idle, one JVM per pipeline. With more Debezium pipelines than this in
+# one configuration (one host, in a Dagster deployment) the interval is longer unless set:
+# 20 pipelines x 5 tables at 500 changes/s on 2 cores, lag p50/p99 2.3/10.5 s at 20 ms and
+# 0.36/3.1 s at 50 ms (benchmarks/scale.py, the same hour; docs/benchmarks.md).
+BUSY_HOST_DEBEZIUM_PIPELINES = 10
+BUSY_HOST_POLL_INTERVAL_MS = 50
+
+
+def default_poll_interval_ms(debezium_pipelines: int) -> int:
+    """``poll_interval_ms`` of a pipeline that does not set it, for a configuration with this
+    many Debezium pipelines."""
+    if debezium_pipelines > BUSY_HOST_DEBEZIUM_PIPELINES:
+        return BUSY_HOST_POLL_INTERVAL_MS
+    return StreamSettings.poll_interval_ms
+
+
 @dataclass(frozen=True)
 class StreamSettings:
     """Capture engine tunables; defaults measured on a 2-core machine (see docs/benchmarks.md)."""
@@ -159,8 +176,10 @@ class StreamSettings:
     # pgoutput: the decoded changes held in memory; larger transactions apply in pieces).
     max_queue_mb: int = 64
     # Debezium waits up to this long for a batch to fill: the floor of the latency (measured
-    # p50/p99 at 20 commits/s: 100 ms -> ~100/190 ms, 25 ms -> ~28/53 ms, 20 ms -> ~24/43 ms,
-    # 15 ms -> ~20/38 ms; capacity unchanged). Its reader also sleeps this long when idle.
+    # p50/p99 at 20 commits/s: 100 ms -> ~100/190 ms, 50 ms -> ~58/108 ms, 25 ms -> ~28/53 ms,
+    # 20 ms -> ~24/43 ms, 15 ms -> ~20/38 ms; capacity unchanged). Its reader also sleeps
+    # this long when idle. Unset, it depends on the configuration's Debezium pipelines (see
+    # default_poll_interval_ms).
     poll_interval_ms: int = 20
     offset_flush_interval_ms: int = 1000
     heartbeat_interval_ms: int = 10_000
