@@ -62,11 +62,9 @@ from rosetta_dagster.harness import (
 )
 from rosetta_dagster.harness.random_changes import SEQUENCE_LOG, SEQUENCE_TABLE, random_change
 from rosetta_dagster.harness.type_matrix import (
-    FULL_TABLE,
     INDEX_TABLE,
     change_matrix,
-    create_matrix,
-    families_for,
+    create_keyed_matrix,
     pinned_connection,
     row_differences,
     source_schemas,
@@ -137,9 +135,7 @@ def test_every_type_is_exact_in_duckdb_through_load_stream_and_backfill(
     index too) loaded and streamed into DuckDB, then compared row by row as PostgreSQL text;
     the parity checks read the DuckDB file while the stream owns it; then DuckDB is damaged
     and a backfill of every table (chunks of 3 rows, four jobs at a time) repairs it."""
-    families = families_for(env.engine)
-    tables = [t for t in create_matrix(env.source_url, families, env.engine)
-              if t != f"public.{FULL_TABLE}"]
+    families, tables = create_keyed_matrix(env)
     pipeline = duckdb_pipeline(env, duckdb_path, "ducks", tables)
     store.sync_pipeline(pipeline)
     store.set_pipeline_status("ducks", PipelineStatus.START)
@@ -208,9 +204,7 @@ def test_a_debezium_snapshot_loads_duckdb_and_a_re_snapshot_removes_what_the_sou
     deleted, updated and inserted meanwhile: the re-snapshot records the keys it writes and
     then deletes the rows it did not write (a crash in between keeps the key tables, so the
     next start reconciles)."""
-    families = families_for(env.engine)
-    tables = [t for t in create_matrix(env.source_url, families, env.engine)
-              if t != f"public.{FULL_TABLE}"]
+    families, tables = create_keyed_matrix(env)
     pipeline = dataclasses.replace(
         duckdb_pipeline(env, duckdb_path, "snap", tables),
         settings=dataclasses.replace(env.pipeline("snap", tables).settings,

@@ -42,11 +42,9 @@ from rosetta_dagster.harness.snowflake import (
     snowflake_pipeline,
 )
 from rosetta_dagster.harness.type_matrix import (
-    FULL_TABLE,
     INDEX_TABLE,
     change_matrix,
-    create_matrix,
-    families_for,
+    create_keyed_matrix,
     pinned_connection,
     source_schemas,
 )
@@ -72,9 +70,7 @@ def test_every_type_is_exact_in_the_snowflake_emulator_through_load_stream_and_b
     PostgreSQL text; the parity checks; then the destination is damaged and a backfill of
     every table (chunks of 3 rows, four jobs at a time) repairs it; a filtered job is refused;
     then (pgoutput) a re-sync after the slot was dropped repairs it again."""
-    families = families_for(env.engine)
-    tables = [t for t in create_matrix(env.source_url, families, env.engine)
-              if t != f"public.{FULL_TABLE}"]
+    families, tables = create_keyed_matrix(env)
     pipeline = snowflake_pipeline(env, emulated, "snow", tables)
     store.sync_pipeline(pipeline)
     store.set_pipeline_status("snow", PipelineStatus.START)
@@ -153,9 +149,7 @@ def test_live_snowflake_account(env: StreamingEnv, store: ConfigStore) -> None:
         schema=schema, kind="snowflake", snowflake=SnowflakeAccount(
             account=os.environ["SNOWFLAKE_ACCOUNT"],
             warehouse=os.environ.get("SNOWFLAKE_WAREHOUSE"), role=os.environ.get("SNOWFLAKE_ROLE")))
-    families = families_for(env.engine)
-    tables = [t for t in create_matrix(env.source_url, families, env.engine)
-              if t != f"public.{FULL_TABLE}"]
+    families, tables = create_keyed_matrix(env)
     pipeline = dataclasses.replace(env.pipeline("live", tables), destinations=(destination,))
     schemas = source_schemas(env, tables)
     try:

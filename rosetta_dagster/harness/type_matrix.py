@@ -163,6 +163,15 @@ def table_name(family: Family) -> str:
 INDEX_TABLE, FULL_TABLE = "m_index", "m_full"
 
 
+def create_keyed_matrix(env: StreamingEnv) -> tuple[tuple[Family, ...], list[str]]:
+    """The engine's families, and the matrix's tables created for it except the wide table
+    without a key (warehouse destinations take keyless tables from pgoutput only; they have
+    tests of their own)."""
+    families = families_for(env.engine)
+    return families, [t for t in create_matrix(env.source_url, families, env.engine)
+                      if t != f"public.{FULL_TABLE}"]
+
+
 def create_matrix(url: str, families: tuple[Family, ...] = FAMILIES,
                   engine: str | None = None) -> list[str]:
     """Create and fill every family's table, and the two wide tables without a primary key
