@@ -12,6 +12,7 @@ import gc
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -145,10 +146,8 @@ def _difference(pgoutput: list[tuple[object, ...]], debezium: list[tuple[object,
     return "\n".join(lines)
 
 
-def _run_workload(env: StreamingEnv) -> list[tuple[object, ...]]:
-    execute(env.source_url, TABLE)
-    session = StreamingSession(env.pipeline("contract", ["public.contract"]),
-                               offsets_dir=env.offsets_dir)
+def _recording(session: StreamingSession) -> list[ChangeEvent | Watermark]:
+    """Every item the session's engine delivers from now on, in order (and applied)."""
     recorded: list[ChangeEvent | Watermark] = []
     apply_batch = session.batches.on_batch
 
@@ -157,6 +156,14 @@ def _run_workload(env: StreamingEnv) -> list[tuple[object, ...]]:
         return apply_batch(batch)
 
     session.batches.on_batch = record  # type: ignore[method-assign]
+    return recorded
+
+
+def _run_workload(env: StreamingEnv) -> list[tuple[object, ...]]:
+    execute(env.source_url, TABLE)
+    session = StreamingSession(env.pipeline("contract", ["public.contract"]),
+                               offsets_dir=env.offsets_dir)
+    recorded = _recording(session)
     with streaming(session):
         # Streaming, past the load: the empty table converges before the slot exists, and
         # rows written then would reach the destination by the load's copy, not as items.
@@ -267,6 +274,59 @@ def test_debezium_streams_without_per_event_summaries_or_linked_collectors(
         assert int(metrics.getTotalNumberOfEventsSeen()) == seen
         assert metrics.getLastEvent() == last
     assert _jpype._collect not in gc.callbacks
+
+
+@pytest.mark.parametrize("engine", ["debezium"])
+def test_debezium_prepares_the_next_batch_while_one_is_applied_and_a_stop_marks_both(
+        env: StreamingEnv) -> None:
+    """The engine goes on (converting and preparing the next batch) while the apply thread
+    applies one, which W1's capacity needed (docs/benchmarks.md); a stop that comes meanwhile
+    waits for both, so the offsets stored at the stop include them: the next start delivers
+    only the last change again (its LSN group is complete only when a later record arrives,
+    see .marking), not the first one, whose offset the second batch marked."""
+    execute(env.source_url, "CREATE TABLE public.ahead (id int PRIMARY KEY, v text)")
+    pipeline = env.pipeline("ahead", ["public.ahead"])
+    session = StreamingSession(pipeline, offsets_dir=env.offsets_dir)
+    applying, release = threading.Event(), threading.Event()
+    apply_batch = session.batches.on_batch
+
+    def held(batch: CaptureBatch) -> int | None:
+        if any(isinstance(item, ChangeEvent) and (item.after or {}).get("v") == "held"
+               for item in batch.items):
+            applying.set()
+            assert release.wait(60)
+        return apply_batch(batch)
+
+    session.batches.on_batch = held  # type: ignore[method-assign]
+    try:
+        with streaming(session):
+            wait(lambda: fetch(env.source_url, "SELECT active FROM pg_replication_slots WHERE "
+                               "slot_name = %s", (pipeline.slot_name,)) == [(True,)],
+                 message="the stream to start")
+            execute(env.source_url, "INSERT INTO public.ahead VALUES (1, 'held')")
+            wait(applying.is_set, message="the first batch's apply")
+            execute(env.source_url, "INSERT INTO public.ahead VALUES (2, 'next')")
+            capture = session._capture  # noqa: SLF001 - the engine's own objects are the point
+            assert isinstance(capture, DebeziumCapture), capture
+            consumer = capture._consumer  # noqa: SLF001
+            assert consumer is not None
+            wait(lambda: consumer.applier.waiting == 1,
+                 message="the next batch prepared while the first is applied")
+            threading.Timer(1.0, release.set).start()  # while the stop waits
+    finally:
+        release.set()
+    assert fetch(env.destination_url, "SELECT id, v FROM replica.ahead ORDER BY id") == [
+        (1, "held"), (2, "next")]
+
+    second = StreamingSession(pipeline, offsets_dir=env.offsets_dir)
+    delivered = _recording(second)
+    with streaming(second):
+        execute(env.source_url, "INSERT INTO public.ahead VALUES (3, 'after the restart')")
+        wait(lambda: env.converged("public.ahead") and fetch(
+            env.destination_url, "SELECT count(*) FROM replica.ahead")[0][0] == 3,
+             message="the row written after the restart")
+    assert [(item.op, (item.after or {}).get("id")) for item in delivered
+            if isinstance(item, ChangeEvent)] == [("c", 2), ("c", 3)]
 
 
 def test_the_debezium_engine_starts_its_jvm_without_numpy() -> None:

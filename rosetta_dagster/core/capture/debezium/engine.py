@@ -18,6 +18,7 @@ from typing import Any
 import jpype
 
 from rosetta_dagster.core.capture import BatchHandler, CaptureBatch, PositionLost
+from rosetta_dagster.core.capture.debezium.apply_thread import ApplyThread, PreparedBatch
 from rosetta_dagster.core.capture.debezium.events import (
     TimerHeartbeat,
     decode_batch,
@@ -266,32 +267,62 @@ class EngineBatch:
 
 @jpype.JImplements("io.debezium.engine.DebeziumEngine$ChangeConsumer", deferred=True)
 class _BatchConsumer:
-    """Hands each engine batch to ``handle``, then marks processed (the engine stores its
-    offset) the last record whose LSN group is complete (see :mod:`.marking`). A failure is
-    kept for the caller's thread and ends the engine, with nothing of the batch marked."""
+    """Prepares each engine batch on the engine's thread (``prepare``: decoded and completed,
+    with each record's LSN group) and hands it to an :class:`ApplyThread`, which applies it
+    and then marks processed the last record whose LSN group is complete (see
+    :mod:`.marking`). A failure, preparing or applying, is kept for the caller's thread and
+    ends the engine, with nothing of that batch or a later one marked."""
 
-    def __init__(self, handle: Callable[[EngineBatch], list[Group]]) -> None:
-        self.handle = handle
+    def __init__(self, prepare: Callable[[EngineBatch], tuple[CaptureBatch | None, list[Group]]],
+                 apply: Callable[[CaptureBatch], object], name: str) -> None:
+        self.prepare = prepare
         self.marking = OffsetMarking()
-        self.error: BaseException | None = None
+        self._error: BaseException | None = None
+        self._engine_thread: Any = None  # the Java thread that calls handleBatch
+        self.applier = ApplyThread(apply, self._apply_failed, name=f"{name}-apply",
+                                   on_exit=_detach_from_jvm)
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error or self.applier.error
+
+    def _apply_failed(self, exc: BaseException) -> None:
+        if self._engine_thread is not None:
+            self._engine_thread.interrupt()  # ends the engine (see handleBatch)
 
     @jpype.JOverride
     def handleBatch(self, records: Any, committer: Any) -> None:  # noqa: N802 (Java names)
-        try:
-            batch = EngineBatch(records)
-            groups = self.handle(batch)
-        except Exception as exc:  # noqa: BLE001 - reported by DebeziumCapture.raise_if_failed
-            self.error = exc
-            jpype.JClass("java.lang.Thread").currentThread().interrupt()
-            return
-        record = self.marking.markable(batch, groups)
-        if record is not None:
-            committer.markProcessed(record)
-        committer.markBatchFinished()
+        this_thread = jpype.JClass("java.lang.Thread").currentThread()
+        self._engine_thread = this_thread
+        if self.error is None:
+            try:
+                batch = EngineBatch(records)
+                changes, groups = self.prepare(batch)
+                record = self.marking.markable(batch, groups)
+            except Exception as exc:  # noqa: BLE001 - reported by DebeziumCapture.raise_if_failed
+                self._error = exc
+            else:
+                if self.applier.put(PreparedBatch(changes, functools.partial(
+                        _mark_processed, committer, record))) or self.error is None:
+                    return  # handed over, or dropped unmarked while the engine closes
+        this_thread.interrupt()  # the engine stops at its next wait
 
     @jpype.JOverride
     def supportsTombstoneEvents(self) -> bool:  # noqa: N802 (Java name)
         return True
+
+
+def _mark_processed(committer: Any, record: Any | None) -> None:
+    """The engine stores the offset of ``record`` (None: of nothing new) at its next flush."""
+    if record is not None:
+        committer.markProcessed(record)
+    committer.markBatchFinished()
+
+
+def _detach_from_jvm() -> None:
+    """A Python thread that called into Java leaves the JVM's thread list when it ends."""
+    if jpype.isJVMStarted():
+        jpype.JClass("java.lang.Thread").detach()
 
 
 def heartbeat_group(record: Any) -> Group:
@@ -356,7 +387,8 @@ class DebeziumCapture:
         ).items():
             properties.setProperty(key, value)
         self._completion = _CompletionCallback()
-        self._consumer = _BatchConsumer(self._handle)
+        self._consumer = _BatchConsumer(self._prepare, self.on_batch,
+                                        name=f"debezium-{self.pipeline.name}")
         self._engine = (JDebeziumEngine.create(EngineFormat.JSON).using(properties)
                         .using(self._completion).notifying(self._consumer).build())
         self.event_summaries_off = EventSummariesOff(self._engine, self.pipeline.name)
@@ -365,9 +397,10 @@ class DebeziumCapture:
         )
         self._thread.start()
 
-    def _handle(self, batch: EngineBatch) -> list[Group]:
-        """One engine batch: decoded, completed (key moves, re-read values, type changes) and
-        handed to ``on_batch``. Returns each record's LSN group (see :mod:`.marking`)."""
+    def _prepare(self, batch: EngineBatch) -> tuple[CaptureBatch | None, list[Group]]:
+        """One engine batch, decoded and completed (key moves, re-read values, type changes)
+        for ``on_batch`` (None: nothing to apply); and each record's LSN group (see
+        :mod:`.marking`)."""
         if self.event_summaries_off is not None:
             self.event_summaries_off.ensure()
         events: list[ChangeEvent | Watermark] = []
@@ -415,8 +448,8 @@ class DebeziumCapture:
                 self._source_rows.connection(), events,
                 schema_tokens(batch, ends)))
         if events or marker is not None or deliveries:
-            self.on_batch(CaptureBatch(events, marker, deliveries=tuple(deliveries or ())))
-        return groups
+            return CaptureBatch(events, marker, deliveries=tuple(deliveries or ())), groups
+        return None, groups
 
     def _delivery(self, record: Any) -> Delivery:
         """The record's place in what the engine delivers again: its offset's identity, and
@@ -436,6 +469,10 @@ class DebeziumCapture:
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self._run_error = exc
         finally:
+            if self._consumer is not None:
+                self._consumer.applier.stop()
+                if self._run_error is None and self._consumer.error is not None:
+                    self._run_error = self._consumer.error  # failed after the engine ended
             self._source_rows.close()
             self._ended.set()
 
@@ -456,6 +493,10 @@ class DebeziumCapture:
             return
         self._stopping = True
         deadline = time.monotonic() + timeout_s
+        if self._consumer is not None:
+            # What was handed over is applied and marked first, so the engine's last offset
+            # flush stores it (else the next start would deliver it again).
+            self._consumer.applier.drain(timeout_s / 2)
         # The engine refuses to close while its task is still starting (and does not exist
         # before the thread builds it): retry until it accepts, else it would run on, holding
         # the slot.
