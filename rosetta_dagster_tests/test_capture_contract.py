@@ -281,9 +281,10 @@ def test_debezium_prepares_the_next_batch_while_one_is_applied_and_a_stop_marks_
         env: StreamingEnv) -> None:
     """The engine goes on (converting and preparing the next batch) while the apply thread
     applies one, which W1's capacity needed (docs/benchmarks.md); a stop that comes meanwhile
-    waits for both, so the offsets stored at the stop include them: the next start delivers
-    only the last change again (its LSN group is complete only when a later record arrives,
-    see .marking), not the first one, whose offset the second batch marked."""
+    waits for both, so the offsets stored at the stop include them: the next start does not
+    deliver the first change again, whose offset the second batch marked (the second one may
+    come again: its LSN group is complete only once a later record, such as a heartbeat,
+    arrived; see .marking)."""
     execute(env.source_url, "CREATE TABLE public.ahead (id int PRIMARY KEY, v text)")
     pipeline = env.pipeline("ahead", ["public.ahead"])
     session = StreamingSession(pipeline, offsets_dir=env.offsets_dir)
@@ -325,8 +326,9 @@ def test_debezium_prepares_the_next_batch_while_one_is_applied_and_a_stop_marks_
         wait(lambda: env.converged("public.ahead") and fetch(
             env.destination_url, "SELECT count(*) FROM replica.ahead")[0][0] == 3,
              message="the row written after the restart")
-    assert [(item.op, (item.after or {}).get("id")) for item in delivered
-            if isinstance(item, ChangeEvent)] == [("c", 2), ("c", 3)]
+    again = [(item.op, (item.after or {}).get("id")) for item in delivered
+             if isinstance(item, ChangeEvent)]
+    assert again in ([("c", 2), ("c", 3)], [("c", 3)]), again
 
 
 def test_the_debezium_engine_starts_its_jvm_without_numpy() -> None:
