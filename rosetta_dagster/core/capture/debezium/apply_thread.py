@@ -15,7 +15,6 @@ it are dropped unmarked, so a restart delivers them again.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +22,6 @@ from dataclasses import dataclass
 from rosetta_dagster.core.capture import CaptureBatch
 
 logger = logging.getLogger("rosetta.capture")
-
-_WAKE_S = 0.1  # how often a blocked put or get looks at the stop flag
-
 
 @dataclass(frozen=True)
 class PreparedBatch:
@@ -37,7 +33,8 @@ class PreparedBatch:
 
 
 class ApplyThread:
-    """Applies prepared batches in order, then marks each one's offset."""
+    """Applies prepared batches in order, then marks each one's offset. Nothing polls: an
+    idle stream's apply thread sleeps until a batch comes (one per pipeline on a busy host)."""
 
     def __init__(self, apply: Callable[[CaptureBatch], object],
                  on_failure: Callable[[BaseException], None], *, name: str,
@@ -45,13 +42,12 @@ class ApplyThread:
         self._apply = apply
         self._on_failure = on_failure
         self._on_exit = on_exit
-        self._waiting: queue.Queue[PreparedBatch] = queue.Queue(maxsize=1)
-        self._stopped = threading.Event()
-        self._closing = False
-        # Batches handed over and not yet applied and marked (the waiting one, the one in
-        # hand); told to drain() by the condition.
-        self._unfinished = 0
-        self._finished = threading.Condition()
+        # One condition guards the state below; every change of it is notified.
+        self._changed = threading.Condition()
+        self._waiting: PreparedBatch | None = None
+        self._in_hand = False
+        self._stopped = False  # failed, or stop(): nothing more is applied
+        self._closing = False  # drain(): nothing more is taken
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -59,60 +55,65 @@ class ApplyThread:
     @property
     def waiting(self) -> int:
         """Batches handed over and not yet taken up (0 or 1)."""
-        return self._waiting.qsize()
+        return 0 if self._waiting is None else 1
 
     def put(self, prepared: PreparedBatch) -> bool:
         """Hand a batch over; blocks while another one waits. False once this thread has
         failed, stopped or is draining: the batch is dropped unmarked."""
-        with self._finished:
-            self._unfinished += 1
-        while not self._stopped.is_set() and not self._closing:
-            try:
-                self._waiting.put(prepared, timeout=_WAKE_S)
-                return True
-            except queue.Full:
-                continue
-        self._finish_one()
-        return False
+        with self._changed:
+            self._changed.wait_for(lambda: self._waiting is None or self._stopped
+                                   or self._closing)
+            if self._stopped or self._closing:
+                return False
+            self._waiting = prepared
+            self._changed.notify_all()
+            return True
 
     def drain(self, timeout_s: float) -> bool:
         """Before the engine closes: wait until every handed-over batch is applied and marked
         (so the engine's last offset flush stores them); batches handed over later are
         dropped unmarked. False when that took longer than ``timeout_s``."""
-        self._closing = True
-        with self._finished:
-            return self._finished.wait_for(
-                lambda: self._unfinished == 0 or self._stopped.is_set(), timeout_s)
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+            return self._changed.wait_for(
+                lambda: self._stopped or (self._waiting is None and not self._in_hand),
+                timeout_s)
 
     def stop(self) -> None:
         """After the engine's last batch: the batch in hand is finished, a waiting one is
         dropped unmarked (delivered again on the next start)."""
-        self._stopped.set()
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
         self._thread.join()
 
-    def _finish_one(self) -> None:
-        with self._finished:
-            self._unfinished -= 1
-            self._finished.notify_all()
+    def _take(self) -> PreparedBatch | None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._waiting is not None or self._stopped)
+            if self._stopped:
+                return None
+            prepared, self._waiting = self._waiting, None
+            self._in_hand = True
+            self._changed.notify_all()
+            return prepared
 
     def _run(self) -> None:
         try:
-            while not self._stopped.is_set():
-                try:
-                    prepared = self._waiting.get(timeout=_WAKE_S)
-                except queue.Empty:
-                    continue
+            while (prepared := self._take()) is not None:
                 try:
                     self._apply_and_mark(prepared)
                 finally:
-                    self._finish_one()
+                    with self._changed:
+                        self._in_hand = False
+                        self._changed.notify_all()
         except Exception as exc:  # noqa: BLE001 - reported through on_failure
             self.error = exc
-            self._stopped.set()
+            with self._changed:
+                self._stopped = True
+                self._changed.notify_all()
             self._on_failure(exc)
         finally:
-            with self._finished:
-                self._finished.notify_all()
             self._on_exit()
 
     def _apply_and_mark(self, prepared: PreparedBatch) -> None:
