@@ -120,3 +120,35 @@ def test_a_drain_finishes_what_was_handed_over_and_refuses_what_comes_after(
     finally:
         recorder.release.set()
         applier.stop()
+
+
+def test_a_small_batch_is_applied_on_the_callers_thread_only_while_the_thread_is_idle() -> None:
+    """No hand-over for the single-row transactions of a quiet stream; behind a batch in hand
+    a small one waits its turn, so the order stays."""
+    recorder = _Recorder(hold="b2")
+    applied_on: list[str] = []
+    apply = recorder.apply
+
+    def where(batch: CaptureBatch) -> None:
+        applied_on.append(threading.current_thread().name)
+        apply(batch)
+
+    recorder.apply = where  # type: ignore[method-assign]
+    applier = recorder.thread()
+    try:
+        assert applier.apply_here_or_put(recorder.batch("b1"), small=True)
+        assert applier.apply_here_or_put(recorder.batch("b2"), small=False)
+        assert recorder.holding.wait(10)
+        third, returned = _in_thread(lambda: applier.apply_here_or_put(
+            recorder.batch("b3"), small=True))
+        third.join(10)
+        assert returned == [True] and applier.waiting == 1
+        recorder.release.set()
+        wait_until(lambda: len(recorder.log) == 6, 10, "the three batches")
+        assert recorder.log == ["apply b1", "mark b1", "apply b2", "mark b2", "apply b3",
+                                "mark b3"]
+        caller = threading.current_thread().name
+        assert applied_on == [caller, "test-apply", "test-apply"]
+    finally:
+        recorder.release.set()
+        applier.stop()

@@ -21,6 +21,7 @@ import pytest
 from psycopg2 import sql
 
 from rosetta_dagster.core.capture import CaptureBatch
+from rosetta_dagster.core.capture.debezium import engine as debezium_engine
 from rosetta_dagster.core.capture.debezium.engine import DebeziumCapture
 from rosetta_dagster.core.capture.debezium.events import mark_key_changes
 from rosetta_dagster.core.destination.postgres.applier import PostgresApplier
@@ -278,13 +279,16 @@ def test_debezium_streams_without_per_event_summaries_or_linked_collectors(
 
 @pytest.mark.parametrize("engine", ["debezium"])
 def test_debezium_prepares_the_next_batch_while_one_is_applied_and_a_stop_marks_both(
-        env: StreamingEnv) -> None:
+        env: StreamingEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine goes on (converting and preparing the next batch) while the apply thread
     applies one, which W1's capacity needed (docs/benchmarks.md); a stop that comes meanwhile
     waits for both, so the offsets stored at the stop include them: the next start does not
     deliver the first change again, whose offset the second batch marked (the second one may
     come again: its LSN group is complete only once a later record, such as a heartbeat,
     arrived; see .marking)."""
+    # Every batch through the apply thread, these single rows too (a small batch is applied
+    # on the engine's thread while the apply thread is idle: test_apply_thread).
+    monkeypatch.setattr(debezium_engine, "SMALL_BATCH_RECORDS", 0)
     execute(env.source_url, "CREATE TABLE public.ahead (id int PRIMARY KEY, v text)")
     pipeline = env.pipeline("ahead", ["public.ahead"])
     session = StreamingSession(pipeline, offsets_dir=env.offsets_dir)

@@ -265,13 +265,19 @@ class EngineBatch:
         return self._records.get(index)
 
 
+# Below this many records a batch is applied on the engine's thread when the apply thread is
+# idle (see ApplyThread.apply_here_or_put); a catch-up's batches hold thousands.
+SMALL_BATCH_RECORDS = 64
+
+
 @jpype.JImplements("io.debezium.engine.DebeziumEngine$ChangeConsumer", deferred=True)
 class _BatchConsumer:
     """Prepares each engine batch on the engine's thread (``prepare``: decoded and completed,
-    with each record's LSN group) and hands it to an :class:`ApplyThread`, which applies it
-    and then marks processed the last record whose LSN group is complete (see
-    :mod:`.marking`). A failure, preparing or applying, is kept for the caller's thread and
-    ends the engine, with nothing of that batch or a later one marked."""
+    with each record's LSN group) and hands it to an :class:`ApplyThread` (a small one is
+    applied right there when that thread is idle), which applies it and then marks processed
+    the last record whose LSN group is complete (see :mod:`.marking`). A failure, preparing
+    or applying, is kept for the caller's thread and ends the engine, with nothing of that
+    batch or a later one marked."""
 
     def __init__(self, prepare: Callable[[EngineBatch], tuple[CaptureBatch | None, list[Group]]],
                  apply: Callable[[CaptureBatch], object], name: str) -> None:
@@ -299,12 +305,14 @@ class _BatchConsumer:
                 batch = EngineBatch(records)
                 changes, groups = self.prepare(batch)
                 record = self.marking.markable(batch, groups)
+                handed = self.applier.apply_here_or_put(
+                    PreparedBatch(changes, functools.partial(_mark_processed, committer, record)),
+                    small=len(batch) < SMALL_BATCH_RECORDS)
             except Exception as exc:  # noqa: BLE001 - reported by DebeziumCapture.raise_if_failed
                 self._error = exc
             else:
-                if self.applier.put(PreparedBatch(changes, functools.partial(
-                        _mark_processed, committer, record))) or self.error is None:
-                    return  # handed over, or dropped unmarked while the engine closes
+                if handed or self.error is None:
+                    return  # applied or handed over, or dropped unmarked while closing
         this_thread.interrupt()  # the engine stops at its next wait
 
     @jpype.JOverride
