@@ -397,8 +397,12 @@ class DebeziumCapture:
         self._completion = _CompletionCallback()
         self._consumer = _BatchConsumer(self._prepare, self.on_batch,
                                         name=f"debezium-{self.pipeline.name}")
-        self._engine = (JDebeziumEngine.create(EngineFormat.JSON).using(properties)
-                        .using(self._completion).notifying(self._consumer).build())
+        try:
+            self._engine = (JDebeziumEngine.create(EngineFormat.JSON).using(properties)
+                            .using(self._completion).notifying(self._consumer).build())
+        except BaseException:
+            self._consumer.applier.stop()  # no engine thread will stop it
+            raise
         self.event_summaries_off = EventSummariesOff(self._engine, self.pipeline.name)
         self._thread = threading.Thread(
             target=self._run, name=f"debezium-{self.pipeline.name}", daemon=True
