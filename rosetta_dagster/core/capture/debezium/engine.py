@@ -476,15 +476,13 @@ class DebeziumCapture:
     def _run(self) -> None:
         try:
             self._engine.run()
-            if self._consumer is not None and self._consumer.error is not None:
-                raise self._consumer.error
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self._run_error = exc
         finally:
             if self._consumer is not None:
-                self._consumer.applier.stop()
+                self._consumer.applier.stop()  # its error, if any, is final once stopped
                 if self._run_error is None and self._consumer.error is not None:
-                    self._run_error = self._consumer.error  # failed after the engine ended
+                    self._run_error = self._consumer.error
             self._source_rows.close()
             self._ended.set()
 
