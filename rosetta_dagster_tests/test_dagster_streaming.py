@@ -355,12 +355,16 @@ def test_a_dropped_slot_deletes_the_stale_offset_and_the_resnapshot_converges(
             "DELETE FROM public.orders WHERE id BETWEEN 100 AND 150",
             "UPDATE public.orders SET note = 'while dropped' WHERE id < 10",
             "INSERT INTO public.orders VALUES (3000, 3, 'while dropped')")
-    wait_until(lambda: not offsets.exists(), 180, "the slot guard to delete the stale offset")
+    # The guard deletes the file, logs, then records the cleanup: wait for the record, the last.
+    history_query = "SELECT offset_file, slot_name FROM offset_cleanups"
+    wait_until(lambda: fetch(deployment.config_url, history_query) != [], 180,
+               "the slot guard to delete the stale offset and record it")
+    assert fetch(deployment.config_url, history_query) == [
+        ("tmp/offsets/orders.dat", "rosetta_orders")]
+    assert not offsets.exists()
     output = deployment.output()
     assert "Deleting stale offset file: tmp/offsets/orders.dat" in output
     assert "Deleted stale offset. Debezium will start fresh with snapshot mode." in output
-    history = fetch(deployment.config_url, "SELECT offset_file, slot_name FROM offset_cleanups")
-    assert history == [("tmp/offsets/orders.dat", "rosetta_orders")]
 
     deployment.rosetta("pipeline", "start", "orders")
     deployment.streaming_run("orders")
