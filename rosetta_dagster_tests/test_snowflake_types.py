@@ -1,9 +1,9 @@
 """A Snowflake destination's types, run end to end against ``fakesnow`` (an emulator of
 Snowflake's SQL on DuckDB served to the real connector, not Snowflake itself): the type matrix
-(every family, hostile values) through the initial load, the stream, the parity checks and a
-repairing backfill on both engines, and through Debezium's own snapshot and a re-snapshot; the
-live test runs the matrix against an account when ``SNOWFLAKE_*`` variables name one (else it is
-reported as skipped). Each row is compared with the source's as PostgreSQL text."""
+(every family, hostile values) through the initial load, the stream, the parity checks, a
+repairing backfill and a re-sync (on one engine: see the test); the live test runs the matrix
+against an account when ``SNOWFLAKE_*`` variables name one (else it is reported as skipped).
+Each row is compared with the source's as PostgreSQL text."""
 
 from __future__ import annotations
 
@@ -62,6 +62,12 @@ def _damage(destination: Destination, schemas: list[TableSchema]) -> None:
                         'WHERE "id" < 4')
 
 
+# One engine: what is Snowflake's own here is how PostgreSQL's text becomes a Snowflake value
+# and back, and both engines hand the warehouse writer the same text (Debezium's values of the
+# families kept as text are printed by the source in the writer DuckDB shares, whose type matrix
+# runs on both engines; the native families' texts are PostgreSQL's from either engine).
+# Debezium into Snowflake: its snapshot, key updates over TOAST, random sequences and kill -9.
+@pytest.mark.parametrize("engine", ["pgoutput"])
 def test_every_type_is_exact_in_the_snowflake_emulator_through_load_stream_and_backfill(
     env: StreamingEnv, store: ConfigStore, emulated: Destination
 ) -> None:
@@ -69,7 +75,7 @@ def test_every_type_is_exact_in_the_snowflake_emulator_through_load_stream_and_b
     index too) loaded and streamed into Snowflake (emulated), then compared row by row as
     PostgreSQL text; the parity checks; then the destination is damaged and a backfill of
     every table (chunks of 3 rows, four jobs at a time) repairs it; a filtered job is refused;
-    then (pgoutput) a re-sync after the slot was dropped repairs it again."""
+    then a re-sync after the slot was dropped repairs it again."""
     families, tables = create_keyed_matrix(env)
     pipeline = snowflake_pipeline(env, emulated, "snow", tables)
     store.sync_pipeline(pipeline)
@@ -120,8 +126,6 @@ def test_every_type_is_exact_in_the_snowflake_emulator_through_load_stream_and_b
         left = cur.execute("SELECT count(*) FROM information_schema.tables WHERE "
                            "STARTSWITH(table_name, '_rosetta_chunk')").fetchone()
     assert left == (0,)
-    if env.engine != "pgoutput":
-        return
     # Re-sync: the slot is dropped while stopped and the destination damaged again; the
     # tables, which hold rows, are loaded beside themselves and swapped in. Rosetta's load,
     # the same for both engines (what is engine-specific in a re-sync, the offsets and the

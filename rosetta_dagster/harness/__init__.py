@@ -31,14 +31,22 @@ from rosetta_dagster.core.pipeline_config import (
 )
 from rosetta_dagster.core.streaming import StreamingSession
 
+# Unless told an interval, a wait polls every 0.2 s at first, then less often the longer it
+# lasts (every 0.5 s after 6 s): most predicates open connections, and the long waits of
+# several test workers at once cost a good share of the machine.
+POLL_INITIAL_S, POLL_MAX_S, POLL_GROWTH = 0.2, 0.5, 0.05
+
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 60, message: str = "",
-               interval_s: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout_s
+               interval_s: float | None = None) -> None:
+    started = time.monotonic()
+    deadline = started + timeout_s
     while not predicate():
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {message or predicate}")
-        time.sleep(interval_s)
+        time.sleep(interval_s if interval_s is not None
+                   else min(POLL_MAX_S, POLL_INITIAL_S + (now - started) * POLL_GROWTH))
 
 
 def execute(
