@@ -103,7 +103,13 @@ class Deployment:
                     and state == [("RUNNING", runs[0][0])])
 
         # Generous: under a parallel test run, a run worker can take a while to start.
-        wait_until(one_running, 300, f"one running stream of {pipeline}")
+        try:
+            wait_until(one_running, 300, f"one running stream of {pipeline}")
+        except AssertionError as exc:  # what the supervisor and the runs did, for a flake
+            said = [line for line in self.output().splitlines()
+                    if pipeline in line and ("supervisor" in line or "stream" in line)]
+            raise AssertionError(f"{exc}\nruns: {self.runs(pipeline)}\n"
+                                 + "\n".join(said[-40:])) from None
         return self.active_runs(pipeline)[0]
 
     def rosetta(self, *args: str) -> subprocess.CompletedProcess[str]:
