@@ -36,13 +36,12 @@ from rosetta_dagster.harness import (
 
 
 def _stream_until_converged(env: StreamingEnv, session: StreamingSession, table: str) -> None:
-    """Stream until ``table`` converged and the position is stored (an initial load's rows are
-    visible before it records its position: a stop between the two makes the next start load
-    again), then until the server let the slot go: its walsender can outlive the stopped
-    engine by a moment, and a drop meanwhile is refused (in use)."""
+    """Stream until ``table`` converged and the position is stored, then until the server let
+    the slot go: its walsender can outlive the stopped engine by a moment, and a drop
+    meanwhile is refused (in use)."""
     with streaming(session):
         wait_until(lambda: env.converged(table), message=f"{table} to converge")
-        wait_until(lambda: env.positions(session.pipeline).exists(), message="a stored position")
+        env.wait_for_stored_position(session.pipeline)
     slot = session.pipeline.slot_name
     wait_until(lambda: not fetch(env.source_url, "SELECT 1 FROM pg_replication_slots WHERE "
                                  "slot_name = %s AND active", (slot,)), 30, "the slot's release")

@@ -279,6 +279,7 @@ def test_changing_the_filter_and_columns_of_a_streaming_table_converges_without_
     _started(store, before)
     with streaming(StreamingSession(before, offsets_dir=env.offsets_dir, config_store=store)):
         wait_until(lambda: _converged(env, far_url, COLUMNS, WHERE), 60, "the first projection")
+        env.wait_for_stored_position(before)
     # Behind the stream's back, a row only a new snapshot of customers would remove.
     execute(env.destination_url, "INSERT INTO replica.customers VALUES (-1, 'kept')")
     # Another filter (some rows come in, others go), customer_id left out, secret added.
@@ -319,6 +320,7 @@ def test_a_new_target_for_a_streaming_table_is_loaded_by_a_backfill(
     columns = [*COLUMNS, "secret"]
     with streaming(StreamingSession(before, offsets_dir=env.offsets_dir, config_store=store)):
         _wait_equal(env, "replica.orders_v1", columns, "orders_v1")
+        env.wait_for_stored_position(before)
     after = _pipeline(env, workdir, "retarget", ["public.customers", {**entry,
                                                                        "target": "orders_v2"}])
     known = _job_ids(store, "retarget")

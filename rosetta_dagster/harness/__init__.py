@@ -182,6 +182,13 @@ class StreamingEnv:
         """Where this env's engine keeps the pipeline's stream position."""
         return capture_engine(self.engine).position_store(pipeline, self.offsets_dir)
 
+    def wait_for_stored_position(self, pipeline: PipelineDefinition) -> None:
+        """Until the pipeline's position is stored. An initial load's rows are visible before it
+        records its position: a session stopped between the two loads again at its next start
+        (nothing lost), which a test expecting the stream to resume must not let happen."""
+        wait_until(lambda: self.positions(pipeline).exists(), 60,
+                   f"a stored position of {pipeline.name}")
+
     def write_pipeline_file(
         self, path: Path, name: str, tables: Sequence[str | Mapping[str, object]],
         streaming: dict[str, object] | None = None,
