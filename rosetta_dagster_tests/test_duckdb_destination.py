@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,11 +54,13 @@ from rosetta_dagster.core.streaming import StreamingSession
 from rosetta_dagster.core.table_schema import Column, TableSchema
 from rosetta_dagster.harness import (
     StreamingEnv,
+    TableComparison,
     drop_slots,
     execute,
     run_requested_backfill,
     streaming,
     wait_until,
+    wait_until_tables_equal,
 )
 from rosetta_dagster.harness.random_changes import SEQUENCE_LOG, SEQUENCE_TABLE, random_change
 from rosetta_dagster.harness.type_matrix import (
@@ -83,16 +85,21 @@ def duckdb_rows(path: Path, schema: TableSchema, target_schema: str = "replica",
                 keyed: bool = True) -> list[tuple[int, str]]:
     """``(id, row as PostgreSQL text)`` of the DuckDB table in key order ([] before it
     exists); ``keyed=False``: a table without a key, its rows numbered in no order."""
-    renders = [duck_type(c).render for c in schema.columns]
     if not path.exists():
         return []
     with read_access(str(path)) as conn:
-        exists = conn.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND "
-                              "table_name = ?", [target_schema, schema.table.name]).fetchone()
-        if not exists or not exists[0]:
-            return []
-        rows = conn.execute(f"SELECT * FROM {quote(catalog(conn), target_schema, schema.table.name)}"  # noqa: S608
-                            + (" ORDER BY id" if keyed else "")).fetchall()
+        return _rows_in(conn, schema, target_schema, keyed=keyed)
+
+
+def _rows_in(conn: duckdb.DuckDBPyConnection, schema: TableSchema, target_schema: str = "replica",
+             *, keyed: bool = True) -> list[tuple[int, str]]:
+    renders = [duck_type(c).render for c in schema.columns]
+    exists = conn.execute("SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND "
+                          "table_name = ?", [target_schema, schema.table.name]).fetchone()
+    if not exists or not exists[0]:
+        return []
+    rows = conn.execute(f"SELECT * FROM {quote(catalog(conn), target_schema, schema.table.name)}"  # noqa: S608
+                        + (" ORDER BY id" if keyed else "")).fetchall()
     # A row of another width: the destination has not followed a column added on the source.
     return [(int(row[0]) if keyed else number,
              row_text([None if v is None else render(v)
@@ -101,8 +108,34 @@ def duckdb_rows(path: Path, schema: TableSchema, target_schema: str = "replica",
             for number, row in enumerate(rows)]
 
 
-def duckdb_differences(env: StreamingEnv, path: Path, schemas: list[TableSchema]) -> list[str]:
-    return row_differences(env, schemas, lambda schema: duckdb_rows(path, schema))
+def duckdb_comparison(env: StreamingEnv, path: Path, schemas: Sequence[TableSchema]
+                      ) -> TableComparison:
+    """``schemas``' tables in DuckDB compared with the source's, all read through one hand-off
+    of the file (see ``wait_until_tables_equal``)."""
+    by_name = {schema.table.name: schema for schema in schemas}
+
+    def compare(tables: Sequence[str], first_only: bool) -> dict[str, list[str]]:
+        chosen = [by_name[name] for name in tables]
+        if not path.exists():
+            return row_differences(env, chosen, lambda schema: [], first_only=first_only)
+        with read_access(str(path)) as conn:
+            return row_differences(env, chosen, lambda schema: _rows_in(conn, schema),
+                                   first_only=first_only)
+
+    return compare
+
+
+def duckdb_differences(env: StreamingEnv, path: Path, schemas: Sequence[TableSchema]
+                       ) -> list[str]:
+    compare = duckdb_comparison(env, path, schemas)
+    return [line for lines in compare([s.table.name for s in schemas], False).values()
+            for line in lines]
+
+
+def converge_duckdb(env: StreamingEnv, path: Path, schemas: Sequence[TableSchema], what: str,
+                    timeout_s: float = 90) -> None:
+    wait_until_tables_equal([s.table.name for s in schemas],
+                            duckdb_comparison(env, path, schemas), timeout_s, what)
 
 
 @pytest.fixture
@@ -146,12 +179,9 @@ def test_every_type_is_exact_in_duckdb_through_load_stream_and_backfill(
         return duckdb_differences(env, duckdb_path, schemas)
 
     with streaming(session):
-        wait_until(lambda: not differing(), timeout_s=90, message="the initial load to equal the source")
+        converge_duckdb(env, duckdb_path, schemas, "the initial load")
         change_matrix(env.source_url, families)
-        try:
-            wait_until(lambda: not differing(), timeout_s=90, message="the streamed changes")
-        except AssertionError:
-            raise AssertionError("DuckDB differs:\n" + "\n".join(differing()[:40])) from None
+        converge_duckdb(env, duckdb_path, schemas, "the streamed changes")
         # The parity checks, through the hand-off, while the stream owns the file.
         conn = pinned_connection(env.source_url)
         try:
@@ -189,10 +219,7 @@ def test_every_type_is_exact_in_duckdb_through_load_stream_and_backfill(
             "pg_replication_slots WHERE NOT active AND database = %s", params=(env.source_db,))
     _damage(duckdb_path, schemas)
     with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
-        try:
-            wait_until(lambda: not differing(), 120, "the re-sync")
-        except AssertionError:
-            raise AssertionError("after the re-sync:\n" + "\n".join(differing()[:40])) from None
+        converge_duckdb(env, duckdb_path, schemas, "the re-sync", 120)
 
 
 @pytest.mark.parametrize("engine", ["debezium"])
@@ -211,15 +238,8 @@ def test_a_debezium_snapshot_loads_duckdb_and_a_re_snapshot_removes_what_the_sou
                                      initial_load="debezium"))
     schemas = source_schemas(env, tables)
 
-    def differing() -> list[str]:
-        return duckdb_differences(env, duckdb_path, schemas)
-
     def converge(what: str) -> None:
-        try:
-            wait_until(lambda: not differing(), timeout_s=90, message=what)
-        except AssertionError:
-            raise AssertionError(f"{what}: DuckDB differs:\n" + "\n".join(differing()[:40])
-                                 ) from None
+        converge_duckdb(env, duckdb_path, schemas, what)
 
     with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
         converge("the snapshot")

@@ -32,6 +32,7 @@ from rosetta_dagster.harness import (
     new_streaming_env,
     streaming,
     wait_until,
+    wait_until_tables_equal,
 )
 from rosetta_dagster.harness.type_matrix import (
     FULL_TABLE,
@@ -40,6 +41,8 @@ from rosetta_dagster.harness.type_matrix import (
     create_matrix,
     differences,
     families_for,
+    matrix_comparison,
+    matrix_tables,
     pinned_connection,
     rows_as_text,
     type_table,
@@ -159,14 +162,14 @@ def test_every_type_is_exact_through_load_and_stream(
     def differing() -> list[str]:
         return differences(env.source_url, env.destination_url, "replica", families)
 
+    def converge(what: str, timeout_s: float = 60) -> None:
+        wait_until_tables_equal(matrix_tables(families), matrix_comparison(
+            env.source_url, env.destination_url, "replica"), timeout_s, what)
+
     with streaming(session):
-        wait_until(lambda: not differing(), timeout_s=60,
-                   message="the initial load to equal the source")
+        converge("the initial load")
         change_matrix(env.source_url, families)
-        try:
-            wait_until(lambda: not differing(), timeout_s=60, message="the streamed changes")
-        except AssertionError:
-            raise AssertionError("destination differs:\n" + "\n".join(differing()[:40])) from None
+        converge("the streamed changes")
         # Backfill: chunks of 3 rows, so chunk bounds and the compare/delete run on every type;
         # four jobs at a time, as the backfill sensor runs them (one run per job).
         _damage(env, tables)
@@ -181,7 +184,7 @@ def test_every_type_is_exact_through_load_and_stream(
             "pg_replication_slots WHERE NOT active AND database = %s", params=(env.source_db,))
     _damage(env, tables)
     with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir, config_store=store)):
-        wait_until(lambda: not differing(), timeout_s=120, message="the re-sync")
+        converge("the re-sync", 120)
     assert not differing()
     # The restart compared every destination column's type with the source's: none differed
     # (a difference would have altered the column and requested one more backfill).
@@ -208,15 +211,9 @@ def test_every_type_is_exact_through_the_engines_snapshot(env: StreamingEnv) -> 
     tables.remove(f"public.{FULL_TABLE}")
     pipeline = env.pipeline("snapshotted", tables, initial_load="debezium")
 
-    def differing() -> list[str]:
-        return differences(env.source_url, env.destination_url, "replica", families)
-
     def converge(what: str) -> None:
-        try:
-            wait_until(lambda: not differing(), timeout_s=90, message=what)
-        except AssertionError:
-            raise AssertionError(f"{what}: destination differs:\n"
-                                 + "\n".join(differing()[:40])) from None
+        wait_until_tables_equal(matrix_tables(families), matrix_comparison(
+            env.source_url, env.destination_url, "replica"), 90, what)
 
     with streaming(StreamingSession(pipeline, offsets_dir=env.offsets_dir)):
         converge("the snapshot")

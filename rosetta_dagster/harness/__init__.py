@@ -37,6 +37,10 @@ from rosetta_dagster.core.streaming import StreamingSession
 POLL_INITIAL_S, POLL_MAX_S, POLL_GROWTH = 0.2, 0.5, 0.05
 
 
+def _poll_interval(waited_s: float) -> float:
+    return min(POLL_MAX_S, POLL_INITIAL_S + waited_s * POLL_GROWTH)
+
+
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 60, message: str = "",
                interval_s: float | None = None) -> None:
     started = time.monotonic()
@@ -45,8 +49,36 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 60, message: st
         now = time.monotonic()
         if now > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {message or predicate}")
-        time.sleep(interval_s if interval_s is not None
-                   else min(POLL_MAX_S, POLL_INITIAL_S + (now - started) * POLL_GROWTH))
+        time.sleep(interval_s if interval_s is not None else _poll_interval(now - started))
+
+
+# ``compare(tables, first_only)``: for each of ``tables`` (names) whose destination rows differ
+# from the source's, in order, the lines saying how; with ``first_only``, for the first only.
+TableComparison = Callable[[Sequence[str], bool], dict[str, list[str]]]
+
+
+def wait_until_tables_equal(tables: Sequence[str], compare: TableComparison, timeout_s: float,
+                            what: str) -> None:
+    """Wait until every one of ``tables`` equals the source, else fail with (up to 40 of) the
+    rows that differ. A table found equal is not read again until every table has been, which
+    spares the many-table matrices most of their reads; then all are compared once more (the
+    stream may have changed one meanwhile) and those that differ are waited for again."""
+    started = time.monotonic()
+    pending = list(tables)
+    while True:
+        if pending:
+            differing = compare(pending, True)
+            pending = pending[pending.index(next(iter(differing))):] if differing else []
+        if not pending:
+            pending = list(compare(tables, False))
+            if not pending:
+                return
+        waited = time.monotonic() - started
+        if waited > timeout_s:
+            lines = [line for found in compare(tables, False).values() for line in found]
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; the rows "
+                                 "that differ:\n" + "\n".join(lines[:40]))
+        time.sleep(_poll_interval(waited))
 
 
 def execute(

@@ -6,6 +6,7 @@ text and comparing them with the source."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from rosetta_dagster.core.destination.snowflake.connection import cursor
@@ -14,7 +15,7 @@ from rosetta_dagster.core.destination.snowflake.types import snow_type
 from rosetta_dagster.core.destination.warehouse.reader import row_text
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
 from rosetta_dagster.core.table_schema import TableSchema
-from rosetta_dagster.harness import StreamingEnv, wait_until
+from rosetta_dagster.harness import StreamingEnv, TableComparison, wait_until_tables_equal
 from rosetta_dagster.harness.type_matrix import row_differences
 
 
@@ -48,22 +49,32 @@ def snowflake_rows(cur: Any, destination: Destination, schema: TableSchema,
             for row in rows]
 
 
+def snowflake_comparison(env: StreamingEnv, destination: Destination,
+                         schemas: Sequence[TableSchema]) -> TableComparison:
+    """``schemas``' tables in Snowflake compared with the source's (see ``wait_until_tables_equal``)."""
+    by_name = {schema.table.name: schema for schema in schemas}
+
+    def compare(tables: Sequence[str], first_only: bool) -> dict[str, list[str]]:
+        with cursor(destination) as cur:
+            existing = existing_tables(cur, destination)
+            return row_differences(
+                env, [by_name[name] for name in tables],
+                lambda schema: snowflake_rows(cur, destination, schema, existing),
+                first_only=first_only)
+
+    return compare
+
+
 def snowflake_differences(env: StreamingEnv, destination: Destination,
-                          schemas: list[TableSchema], *, first_table_only: bool = False
-                          ) -> list[str]:
-    with cursor(destination) as cur:
-        existing = existing_tables(cur, destination)
-        return row_differences(env, schemas,
-                               lambda schema: snowflake_rows(cur, destination, schema, existing),
-                               first_table_only=first_table_only)
+                          schemas: Sequence[TableSchema]) -> list[str]:
+    """Every row that differs between the source and Snowflake."""
+    compare = snowflake_comparison(env, destination, schemas)
+    return [line for lines in compare([s.table.name for s in schemas], False).values()
+            for line in lines]
 
 
-def converge(env: StreamingEnv, destination: Destination, schemas: list[TableSchema],
-             what: str) -> None:
+def converge(env: StreamingEnv, destination: Destination, schemas: Sequence[TableSchema],
+             what: str, timeout_s: float = 120) -> None:
     """Wait until the destination equals the source, else fail listing what differs."""
-    try:
-        wait_until(lambda: not snowflake_differences(env, destination, schemas,
-                                                     first_table_only=True), 120, what)
-    except AssertionError:
-        raise AssertionError(f"{what}: Snowflake differs:\n" + "\n".join(
-            snowflake_differences(env, destination, schemas)[:40])) from None
+    wait_until_tables_equal([s.table.name for s in schemas],
+                            snowflake_comparison(env, destination, schemas), timeout_s, what)

@@ -8,8 +8,9 @@ settings, so "equal" means exactly what the product promises.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ from rosetta_dagster.core.dsn import pinned_options
 
 if TYPE_CHECKING:
     from rosetta_dagster.core.table_schema import TableSchema
-    from rosetta_dagster.harness import StreamingEnv
+    from rosetta_dagster.harness import StreamingEnv, TableComparison
 
 USER_TYPES = """
 CREATE TYPE public.mood AS ENUM ('sad', 'ok', 'happy', 'it''s "complicated"');
@@ -328,31 +329,56 @@ def multiset_rows(conn: psycopg2.extensions.connection, schema: str, table: str)
         return []
 
 
-def differences(
-    source_url: str, destination_url: str, schema: str, families: tuple[Family, ...] = FAMILIES
-) -> list[str]:
-    """Every row that differs, as ``table id: source text != destination text`` (one
-    connection per side: tests poll this while they wait)."""
-    found = []
+def matrix_tables(families: tuple[Family, ...] = FAMILIES) -> list[str]:
+    """The matrix's table names: a family's each, the index-keyed one, the keyless one."""
+    return [*(table_name(f) for f in families), INDEX_TABLE, FULL_TABLE]
+
+
+def matrix_differences(source_url: str, destination_url: str, schema: str,
+                       tables: Sequence[str], first_only: bool = False) -> dict[str, list[str]]:
+    """For each of the matrix's ``tables`` that differs, in order, its rows that differ, as
+    ``table id: source text != destination text`` (the keyless table as a multiset);
+    ``first_only``: the first such table's only (one connection per side: tests poll this)."""
+    found: dict[str, list[str]] = {}
     source_conn, destination_conn = pinned_connection(source_url), pinned_connection(destination_url)
     try:
-        for table in [*(table_name(f) for f in families), INDEX_TABLE]:
-            source = dict(rows_as_text(source_conn, "public", table))
-            destination = dict(rows_as_text(destination_conn, schema, table))
-            for key in sorted(set(source) | set(destination)):
-                if source.get(key) != destination.get(key):
-                    found.append(f"{table} id {key}: source {source.get(key)!r} != "
-                                 f"destination {destination.get(key)!r}")
-        source_rows = Counter(multiset_rows(source_conn, "public", FULL_TABLE))
-        destination_rows = Counter(multiset_rows(destination_conn, schema, FULL_TABLE))
-        found += [f"{FULL_TABLE}: {count} more time(s) at the source: {row!r}"
-                  for row, count in (source_rows - destination_rows).items()]
-        found += [f"{FULL_TABLE}: {count} more time(s) at the destination: {row!r}"
-                  for row, count in (destination_rows - source_rows).items()]
+        for table in tables:
+            if found and first_only:
+                break
+            if table == FULL_TABLE:
+                source_rows = Counter(multiset_rows(source_conn, "public", table))
+                destination_rows = Counter(multiset_rows(destination_conn, schema, table))
+                lines = [f"{table}: {count} more time(s) at the source: {row!r}"
+                         for row, count in (source_rows - destination_rows).items()]
+                lines += [f"{table}: {count} more time(s) at the destination: {row!r}"
+                          for row, count in (destination_rows - source_rows).items()]
+            else:
+                source = dict(rows_as_text(source_conn, "public", table))
+                destination = dict(rows_as_text(destination_conn, schema, table))
+                lines = [f"{table} id {key}: source {source.get(key)!r} != "
+                         f"destination {destination.get(key)!r}"
+                         for key in sorted(set(source) | set(destination))
+                         if source.get(key) != destination.get(key)]
+            if lines:
+                found[table] = lines
     finally:
         source_conn.close()
         destination_conn.close()
     return found
+
+
+def differences(
+    source_url: str, destination_url: str, schema: str, families: tuple[Family, ...] = FAMILIES
+) -> list[str]:
+    """Every row of the matrix that differs (see :func:`matrix_differences`)."""
+    return [line for lines in matrix_differences(source_url, destination_url, schema,
+                                                 matrix_tables(families)).values()
+            for line in lines]
+
+
+def matrix_comparison(source_url: str, destination_url: str, schema: str) -> TableComparison:
+    """The matrix's tables compared for :func:`wait_until_tables_equal`."""
+    return functools.partial(matrix_differences, source_url, destination_url, schema)
 
 
 def type_table(url: str) -> str:
@@ -399,24 +425,25 @@ def source_schemas(env: StreamingEnv, tables: list[str]) -> list[TableSchema]:
         conn.close()
 
 
-def row_differences(env: StreamingEnv, schemas: list[TableSchema],
+def row_differences(env: StreamingEnv, schemas: Sequence[TableSchema],
                     destination_rows: Callable[[TableSchema], list[tuple[int, str]]],
-                    *, first_table_only: bool = False) -> list[str]:
-    """Each row that differs between the source and a destination, both as PostgreSQL's row
-    text by id (``destination_rows``: a table's ``(id, row text)`` at the destination);
-    ``first_table_only``: those of the first table that differs (enough while waiting)."""
-    found: list[str] = []
+                    *, first_only: bool = False) -> dict[str, list[str]]:
+    """For each of ``schemas``' tables whose rows differ between the source and a destination,
+    in order, those rows, both as PostgreSQL's row text by id (``destination_rows``: a table's
+    ``(id, row text)`` at the destination); ``first_only``: the first such table's only."""
+    found: dict[str, list[str]] = {}
     conn = pinned_connection(env.source_url)
     try:
         for schema in schemas:
-            if found and first_table_only:
+            if found and first_only:
                 break
             source = dict(rows_as_text(conn, "public", schema.table.name))
             target = dict(destination_rows(schema))
-            for key in sorted(set(source) | set(target)):
-                if source.get(key) != target.get(key):
-                    found.append(f"{schema.table.name} {key}: {source.get(key)!r} != "
-                                 f"{target.get(key)!r}")
+            lines = [f"{schema.table.name} {key}: {source.get(key)!r} != {target.get(key)!r}"
+                     for key in sorted(set(source) | set(target))
+                     if source.get(key) != target.get(key)]
+            if lines:
+                found[schema.table.name] = lines
     finally:
         conn.close()
     return found
