@@ -34,8 +34,10 @@ from rosetta_dagster.core.destination.snowflake.statements import (
     batch_statements,
     bound_parameters,
     chunk_merge_statements,
+    columns_statements,
     keyless_statements,
     quote,
+    schema_columns,
 )
 from rosetta_dagster.core.destination.snowflake.types import snow_type
 from rosetta_dagster.core.destination.warehouse.reader import row_text
@@ -280,6 +282,12 @@ def test_snowflake_statements_golden() -> None:
     assert chunk.fill_excluded == (
         'INSERT INTO "r"."_x" SELECT CAST(k0 AS NUMBER(19, 0)), CAST(k1 AS NUMBER(10, 0)) '
         'FROM "r"."_xr"')
+    # A stream's prepare reads the schema's catalog and column records once for every table.
+    assert schema_columns('re"plica') == (
+        "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE "
+        "table_schema = ?", ['re"plica'])
+    assert columns_statements('re"plica').read_all == (
+        'SELECT table_name, column_name, source_type FROM "re""plica"."_rosetta_columns"')
 
 
 def test_a_pipeline_file_with_a_snowflake_destination(tmp_path: Path) -> None:

@@ -73,6 +73,7 @@ class ColumnsStatements:
     table: str  # rows: table name, column name, source type
     create: str
     read: str  # column, source type (parameter: the table's name)
+    read_all: str  # table, column, source type: every table's
 
     def forget(self, columns: int) -> str:
         """Delete the records of ``columns`` columns (parameters: the table, the columns)."""
@@ -87,6 +88,7 @@ def columns_statements(schema_name: str) -> ColumnsStatements:
         create=(f"CREATE TABLE IF NOT EXISTS {table} (table_name VARCHAR NOT NULL, "
                 "column_name VARCHAR NOT NULL, source_type VARCHAR NOT NULL)"),
         read=f"SELECT column_name, source_type FROM {table} WHERE table_name = ?",
+        read_all=f"SELECT table_name, column_name, source_type FROM {table}",
     )
 
 
@@ -104,6 +106,12 @@ def table_columns(schema_name: str) -> tuple[str, list[str]]:
     """The destination table's columns and their types (parameters, then the table's name)."""
     return ("SELECT column_name, data_type FROM information_schema.columns WHERE "
             f"{IN_SCHEMA} AND table_name = ? ORDER BY ordinal_position", in_schema(schema_name))
+
+
+def schema_columns(schema_name: str) -> tuple[str, list[str]]:
+    """Every destination table's columns and their types, of one schema (parameters)."""
+    return ("SELECT table_name, column_name, data_type FROM information_schema.columns WHERE "
+            f"{IN_SCHEMA}", in_schema(schema_name))
 
 
 def raw_columns(schema: TableSchema) -> list[str]:
