@@ -317,10 +317,12 @@ class InitialLoader:
         which waits for it): their schema becomes the snapshot's, so every column the snapshot
         holds is copied. Returns them."""
         changed = set()
-        for table in tables:
-            with self._snapshot_transaction(snapshot.name) as conn:  # the catalog as of then
-                current = read_table_schema(conn, table, f"source {self.pipeline.source.name}",
-                                            self.pipeline.options(table))
+        with self._snapshot_transaction(snapshot.name) as conn:  # the catalog as of then
+            current_schemas = {table: read_table_schema(conn, table,
+                                                        f"source {self.pipeline.source.name}",
+                                                        self.pipeline.options(table))
+                               for table in tables}
+        for table, current in current_schemas.items():
             if current.columns != self.schemas[table].columns:
                 self.log.info("Initial load of pipeline %s: %s has columns %s at the snapshot",
                               self.pipeline.name, table.qualified,
