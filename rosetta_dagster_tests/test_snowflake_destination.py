@@ -164,6 +164,8 @@ def test_a_table_without_a_key_from_debezium_is_refused_by_snowflake(
         "Pipeline logs: public.log has no key, and destination dst is Snowflake, which compares "
         "the rows of such a table by their PostgreSQL text: it takes them from the pgoutput "
         "engine only; nothing was written.")
+    with cursor(emulated) as cur:
+        assert existing_tables(cur, emulated) == set()
 
 
 @pytest.mark.parametrize("engine", ["pgoutput"])  # Debezium: refused (the test above)

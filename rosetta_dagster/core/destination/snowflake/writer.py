@@ -195,6 +195,10 @@ class SnowflakeWriter(WarehouseWriter):
     def prepare(self, schemas: Iterable[TableSchema]) -> None:
         """Every table's plan, the destination schemas read once for all (not per table)."""
         schemas = list(schemas)
+        for schema in schemas:
+            self._refuse(schema)
+        if not schemas:
+            return
         names = {schema.target(self.name, self.target_schema).schema for schema in schemas}
         with self.database.connection() as conn:
             self._catalogs = {name: read_schema_catalog(conn, name) for name in sorted(names)}

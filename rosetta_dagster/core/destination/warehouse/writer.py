@@ -217,10 +217,14 @@ class WarehouseWriter:
         self.database.batch_done()
 
     def _ensure(self, conn: Any, schema: TableSchema) -> TablePlan:
+        self._refuse(schema)
+        return self._plan(conn, schema)
+
+    def _refuse(self, schema: TableSchema) -> None:
+        """Raise, before anything is made for it, when this destination cannot take the table."""
         why = self.refusal(schema)
         if why is not None:
             raise RosettaError(f"Pipeline {self.pipeline}: {why}; nothing was written.")
-        return self._plan(conn, schema)
 
     def _needs_plan(self, event: ChangeEvent) -> bool:
         plan = self._plans.get(event.table)
