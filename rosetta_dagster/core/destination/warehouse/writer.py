@@ -499,8 +499,9 @@ class WarehouseWriter:
         return printed
 
     def _read_back(self, conn: Any, plan: TablePlan) -> None:
-        """Left-out values no destination row holds: read back from the source (a row gone
-        from the source since becomes a delete: its own delete follows)."""
+        """Left-out values no destination row holds: read back from the source. A row gone
+        from the source since (its own delete or key move follows) stays when only re-read
+        values are missing, else becomes a delete."""
         schema = plan.schema
         unresolved = conn.execute(plan.statements.unresolved_rows).fetchall()
         if not unresolved:
@@ -523,12 +524,20 @@ class WarehouseWriter:
             found = self.source_rows.read(schema, columns, key_texts)
             fill = fill_left_out(self.kept, schema, plan.stage, columns,
                                  text_parameter=self.text_parameter)
+            # A row gone from the source whose only missing values are ones the engine reads
+            # from the source at each of the row's events stays, those NULL for now: the
+            # change that took it away follows, and when that is a key move, its left-out
+            # values come from this row (a delete here would leave them to be read back at
+            # the new key, which another row may hold by then).
+            reread_only = all(self.values.reread(schema.column(name)) for name in columns)
             for key in key_texts:
                 values = found.get(key)
-                if values is None:
-                    conn.execute(gone, list(key))
-                else:
+                if values is not None:
                     conn.execute(fill, [*values, *key])
+                elif reread_only:
+                    conn.execute(fill, [*(None for _ in columns), *key])
+                else:
+                    conn.execute(gone, list(key))
         logger.info("Destination %s: %d change(s) of %s had values left out that no destination "
                     "row held; read them back from the source", self.name, len(unresolved),
                     schema.table.qualified)
