@@ -55,6 +55,7 @@ from rosetta_dagster.core.table_schema import Column, TableSchema
 from rosetta_dagster.harness import (
     StreamingEnv,
     TableComparison,
+    differing_rows,
     drop_slots,
     execute,
     run_requested_backfill,
@@ -127,9 +128,7 @@ def duckdb_comparison(env: StreamingEnv, path: Path, schemas: Sequence[TableSche
 
 def duckdb_differences(env: StreamingEnv, path: Path, schemas: Sequence[TableSchema]
                        ) -> list[str]:
-    compare = duckdb_comparison(env, path, schemas)
-    return [line for lines in compare([s.table.name for s in schemas], False).values()
-            for line in lines]
+    return differing_rows([s.table.name for s in schemas], duckdb_comparison(env, path, schemas))
 
 
 def converge_duckdb(env: StreamingEnv, path: Path, schemas: Sequence[TableSchema], what: str,

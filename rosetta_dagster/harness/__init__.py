@@ -57,6 +57,11 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 60, message: st
 TableComparison = Callable[[Sequence[str], bool], dict[str, list[str]]]
 
 
+def differing_rows(tables: Sequence[str], compare: TableComparison) -> list[str]:
+    """Every row of ``tables`` that differs, as ``compare`` says it."""
+    return [line for lines in compare(tables, False).values() for line in lines]
+
+
 def wait_until_tables_equal(tables: Sequence[str], compare: TableComparison, timeout_s: float,
                             what: str) -> None:
     """Wait until every one of ``tables`` equals the source, else fail with (up to 40 of) the
@@ -75,9 +80,8 @@ def wait_until_tables_equal(tables: Sequence[str], compare: TableComparison, tim
                 return
         waited = time.monotonic() - started
         if waited > timeout_s:
-            lines = [line for found in compare(tables, False).values() for line in found]
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; the rows "
-                                 "that differ:\n" + "\n".join(lines[:40]))
+                                 "that differ:\n" + "\n".join(differing_rows(tables, compare)[:40]))
         time.sleep(_poll_interval(waited))
 
 

@@ -15,7 +15,12 @@ from rosetta_dagster.core.destination.snowflake.types import snow_type
 from rosetta_dagster.core.destination.warehouse.reader import row_text
 from rosetta_dagster.core.pipeline_config import Destination, PipelineDefinition
 from rosetta_dagster.core.table_schema import TableSchema
-from rosetta_dagster.harness import StreamingEnv, TableComparison, wait_until_tables_equal
+from rosetta_dagster.harness import (
+    StreamingEnv,
+    TableComparison,
+    differing_rows,
+    wait_until_tables_equal,
+)
 from rosetta_dagster.harness.type_matrix import row_differences
 
 
@@ -68,9 +73,8 @@ def snowflake_comparison(env: StreamingEnv, destination: Destination,
 def snowflake_differences(env: StreamingEnv, destination: Destination,
                           schemas: Sequence[TableSchema]) -> list[str]:
     """Every row that differs between the source and Snowflake."""
-    compare = snowflake_comparison(env, destination, schemas)
-    return [line for lines in compare([s.table.name for s in schemas], False).values()
-            for line in lines]
+    return differing_rows([s.table.name for s in schemas],
+                          snowflake_comparison(env, destination, schemas))
 
 
 def converge(env: StreamingEnv, destination: Destination, schemas: Sequence[TableSchema],

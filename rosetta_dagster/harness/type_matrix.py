@@ -371,9 +371,10 @@ def differences(
     source_url: str, destination_url: str, schema: str, families: tuple[Family, ...] = FAMILIES
 ) -> list[str]:
     """Every row of the matrix that differs (see :func:`matrix_differences`)."""
-    return [line for lines in matrix_differences(source_url, destination_url, schema,
-                                                 matrix_tables(families)).values()
-            for line in lines]
+    from rosetta_dagster.harness import differing_rows  # the harness imports this module
+
+    return differing_rows(matrix_tables(families),
+                          matrix_comparison(source_url, destination_url, schema))
 
 
 def matrix_comparison(source_url: str, destination_url: str, schema: str) -> TableComparison:
